@@ -1,0 +1,43 @@
+# graft: `make serve` sets up and runs the service; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup weights data serve test test-all bench clean
+
+setup: $(STAMP)
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+weights: setup
+	$(PY) -m service.provision
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+
+data: setup $(FASHION_MNIST)
+	$(PY) benchmarks/sample_data.py
+
+serve: setup weights
+	$(VENV)/bin/bentoml serve
+
+test: setup weights data
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup weights data
+	$(PY) -m pytest -q
+
+bench: setup weights data
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/training_cost.py
+
+clean:
+	rm -rf $(VENV) var .cache

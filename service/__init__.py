@@ -1,0 +1,1 @@
+"""graft: transfer learning as a service."""

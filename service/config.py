@@ -1,0 +1,52 @@
+"""Service settings, read from ``GRAFT_*`` environment variables with embedded defaults.
+
+The defaults run the whole service on one machine with nothing installed beside
+it: a SQLite registry and a blob folder under ``./var``, and the device picked
+automatically (CUDA when present, else CPU).
+"""
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root folder for blobs, feature cache and the SQLite registry.")
+    registry_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    default_backbone: str = "mobilenet_v2"
+
+    # Upload limits: every one of them is checked before anything is stored.
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard (width x height).")
+    max_images_per_dataset: int = Field(50_000, gt=0)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
+
+    # Serving.
+    max_batch_size: int = Field(32, gt=0, description="Images per trunk pass when serving.")
+    max_latency_ms: float = Field(2.0, ge=0, description="Longest wait for a batch to fill after its first image.")
+    max_queue_images: int = Field(1024, gt=0, description="Queued images per backbone before 'resource exhausted'.")
+    head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")
+    max_images_per_request: int = Field(64, gt=0)
+    max_heads_per_request: int = Field(16, gt=0)
+
+    # Training.
+    feature_batch_size: int = Field(64, gt=0, description="Images per trunk pass when extracting features.")
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+
+    @cached_property
+    def resolved_registry_url(self) -> str:
+        return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def feature_dir(self) -> Path:
+        return self.data_dir / "features"
