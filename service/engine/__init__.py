@@ -1,0 +1,1 @@
+"""The engine: backbones, weights, devices and (later) preprocessing and batching."""

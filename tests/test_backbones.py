@@ -1,0 +1,113 @@
+"""Real pretrained backbones: verified weights, ImageNet sanity, split points."""
+
+import hashlib
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from service.engine.backbones import Backbone, get_spec, load_backbone
+from service.engine.device import choose_placement
+from service.engine.weights import PinnedWeights, WeightsUnavailable, ensure_weights, sha256_of
+from service.errors import InvalidArgument, NotFound
+
+
+def top5(backbone: Backbone, image) -> list[str]:
+    x = backbone.preprocess(Image.fromarray(image).convert("RGB"))[None]
+    indices = backbone.imagenet_logits(x)[0].topk(5).indices
+    return [backbone.spec.categories[i] for i in indices]
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected", "within_top"),
+    [
+        ("chelsea", {"tabby", "tiger cat", "Egyptian cat"}, 1),
+        ("coffee", {"espresso", "cup", "coffee mug"}, 1),
+        ("camera", {"tripod", "reflex camera", "Polaroid camera"}, 1),
+        ("rocket", {"space shuttle", "missile", "projectile"}, 5),
+    ],
+)
+def test_pretrained_mobilenet_recognises_real_photos(mobilenet, photo, expected, within_top):
+    predictions = top5(mobilenet, getattr(skimage.data, photo)())
+    assert expected & set(predictions[:within_top]), predictions
+
+
+def test_pooled_features_have_the_documented_size(mobilenet):
+    x = torch.randn(2, 3, 224, 224)
+    assert mobilenet.features(x).shape == (2, 1280)
+
+
+def test_trunk_then_fresh_tail_equals_the_whole_trunk(mobilenet):
+    """A finetune adapter's untrained tail continues exactly where the frozen trunk stopped."""
+    x = torch.randn(2, 3, 224, 224)
+    split = mobilenet.split_for_blocks(4)
+    tail = mobilenet.fresh_tail(split).eval()
+    with torch.no_grad():
+        continued = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tail(mobilenet.features(x, split)), 1), 1)
+    torch.testing.assert_close(continued, mobilenet.features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_features_can_resume_from_a_split_point(mobilenet):
+    x = torch.randn(1, 3, 224, 224)
+    mid = mobilenet.features(x, 15)
+    assert mid.shape == (1, 160, 7, 7)
+    torch.testing.assert_close(mobilenet.features(mid, start=15), mobilenet.features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_trunk_has_no_trainable_parameters(mobilenet):
+    assert not any(p.requires_grad for p in mobilenet.model.parameters())
+    assert all(p.requires_grad for p in mobilenet.fresh_tail(15).parameters())
+
+
+def test_split_points_are_validated(mobilenet):
+    assert mobilenet.split_for_blocks(4) == 15
+    assert mobilenet.info().split_points[-1] == mobilenet.num_blocks
+    with pytest.raises(InvalidArgument, match="finetune_blocks must be in"):
+        mobilenet.split_for_blocks(40)
+    with pytest.raises(InvalidArgument, match="split point 3 is not valid"):
+        mobilenet.check_split(3)
+
+
+def test_unknown_backbone_is_not_found():
+    with pytest.raises(NotFound, match="unknown backbone 'resnet9000'"):
+        get_spec("resnet9000")
+
+
+def test_untrained_plumbing_backbone_says_so():
+    backbone = load_backbone("mobilenet_v3_small-untrained", choose_placement("cpu"))
+    info = backbone.info()
+    assert not info.pretrained and "untrained" in info.weights_source
+    assert backbone.features(torch.randn(1, 3, 224, 224)).shape == (1, 576)
+
+
+def test_cached_checkpoint_matches_the_pinned_sha256():
+    pin = get_spec("mobilenet_v2").weights
+    assert sha256_of(ensure_weights(pin, allow_download=False)) == pin.sha256
+
+
+def test_corrupt_cached_checkpoint_is_replaced_by_a_verified_copy(tmp_path, monkeypatch):
+    real = ensure_weights(get_spec("mobilenet_v2").weights, allow_download=False)
+    pin = PinnedWeights(filename="m.pth", sha256=sha256_of(real), url=real.as_uri())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "m.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not the checkpoint")
+    assert ensure_weights(pin) == cached
+    assert sha256_of(cached) == pin.sha256
+
+
+def test_checkpoint_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
+    source = tmp_path / "evil.pth"
+    source.write_bytes(b"tampered")
+    pin = PinnedWeights(filename="evil.pth", sha256=hashlib.sha256(b"genuine").hexdigest(), url=source.as_uri())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(WeightsUnavailable, match="does not match the pin"):
+        ensure_weights(pin)
+    assert not (tmp_path / "home" / "hub" / "checkpoints" / "evil.pth").exists()
+
+
+def test_missing_checkpoint_without_download_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable, match="make weights"):
+        ensure_weights(get_spec("mobilenet_v2").weights, allow_download=False)
