@@ -1,0 +1,206 @@
+"""Read a class-folder dataset layout from a zip archive or a directory on disk.
+
+The layout is ``<class>/<image>``, optionally inside one common top folder
+(``photos/cats/1.jpg``). Structure and declared sizes are checked for the whole
+upload before a single image is read, so a zip bomb or a path like
+``../../etc/passwd`` is refused without decompressing anything. Images
+themselves are validated later, by ``DatasetStore.create``.
+"""
+
+import io
+import os
+import stat
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from service.config import Settings
+from service.errors import InvalidArgument
+
+# (name for messages, image bytes, label): what DatasetStore.create consumes.
+Example = tuple[str, bytes, str]
+
+LAYOUT_HINT = "lay images out as <class>/<image> (optionally inside one top folder)"
+
+
+def examples_from_zip(zip_data: bytes | Path, settings: Settings) -> Iterator[Example]:
+    """Check the archive's structure and sizes now; return an iterator that reads images lazily."""
+    size = len(zip_data) if isinstance(zip_data, bytes) else Path(zip_data).stat().st_size
+    _check_total(size, settings, what="the zip archive")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(zip_data) if isinstance(zip_data, bytes) else zip_data)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"the upload is not a readable zip archive ({exc}); create it with 'zip -r'") from None
+    try:
+        files, dirs = _zip_entries(archive)
+        labelled = _label_files(list(files), dirs)
+        _check_count(len(labelled), settings)
+        _check_total(sum(files[path].file_size for path, _ in labelled), settings, what="the images, uncompressed,")
+    except BaseException:
+        archive.close()
+        raise
+    return _read_zip(archive, [(files[path], label) for path, label in labelled], settings)
+
+
+def examples_from_folder(root: Path, settings: Settings) -> Iterator[Example]:
+    """Check the folder's structure and sizes now; return an iterator that reads images lazily."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidArgument(f"'{root}' is not a directory; pass the folder that holds one sub-folder per class")
+    files, dirs = _folder_entries(root)
+    labelled = _label_files(list(files), dirs)
+    _check_count(len(labelled), settings)
+    _check_total(sum(files[path] for path, _ in labelled), settings, what="the images")
+    return _read_folder(root, labelled, settings)
+
+
+# -- listing entries ---------------------------------------------------------
+
+
+def _zip_entries(archive: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], list[str]]:
+    """Files by normalised path, and directory paths; unsafe entries are refused, junk skipped."""
+    files: dict[str, zipfile.ZipInfo] = {}
+    dirs: list[str] = []
+    for info in archive.infolist():
+        path = _safe_relative(info.filename)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise InvalidArgument(f"zip entry '{info.filename}' is a symbolic link; archive the file itself")
+        if _is_junk(path):
+            continue
+        if info.flag_bits & 0x1:
+            raise InvalidArgument(f"zip entry '{info.filename}' is encrypted; archive it without a password")
+        if info.is_dir():
+            dirs.append(path)
+        else:
+            files[path] = info
+    return files, dirs
+
+
+def _folder_entries(root: Path) -> tuple[dict[str, int], list[str]]:
+    """Files (relative posix path -> size) and directories under root; links must stay inside root."""
+    real_root = root.resolve()
+    files: dict[str, int] = {}
+    dirs: list[str] = []
+    seen: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real_dir = _inside(Path(dirpath), real_root, root)
+        if real_dir in seen:  # a link back to a folder already walked
+            dirnames.clear()
+            continue
+        seen.add(real_dir)
+        relative_dir = Path(dirpath).relative_to(root).as_posix()
+        dirnames[:] = [d for d in dirnames if not _is_junk(d)]
+        if relative_dir != ".":
+            dirs.append(relative_dir)
+        for filename in filenames:
+            if _is_junk(filename):
+                continue
+            real_file = _inside(Path(dirpath) / filename, real_root, root)
+            relative = (Path(dirpath) / filename).relative_to(root).as_posix()
+            if not real_file.is_file():
+                raise InvalidArgument(f"'{relative}' is not a regular file; datasets hold image files only")
+            files[relative] = real_file.stat().st_size
+    return files, dirs
+
+
+def _inside(path: Path, real_root: Path, root: Path) -> Path:
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        raise InvalidArgument(
+            f"'{path.relative_to(root)}' links outside the dataset folder; copy the file into the folder instead"
+        )
+    return real
+
+
+def _safe_relative(name: str) -> str:
+    """Normalise an archive member name, refusing anything that could escape the extraction root."""
+    path = name.replace("\\", "/")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/") or (len(path) >= 2 and path[1] == ":") or ".." in parts:
+        raise InvalidArgument(
+            f"zip entry '{name}' has an absolute or parent-relative path; use paths relative to the archive root"
+        )
+    return "/".join(parts)
+
+
+def _is_junk(path: str) -> bool:
+    """macOS resource forks and hidden files (``.DS_Store``) are not images."""
+    return any(part == "__MACOSX" or part.startswith(".") for part in PurePosixPath(path).parts)
+
+
+# -- layout --------------------------------------------------------------------
+
+
+def _label_files(files: list[str], dirs: list[str]) -> list[tuple[str, str]]:
+    """Pair each file with its class (its folder); refuse root files, deep nesting and empty classes."""
+    top = _common_top_folder(files)
+    labelled: list[tuple[str, str]] = []
+    for path in sorted(files):
+        parts = _strip_top(path, top)
+        if len(parts) == 1:
+            raise InvalidArgument(f"'{path}' is not inside a class folder; {LAYOUT_HINT}")
+        if len(parts) > 2:
+            raise InvalidArgument(f"'{path}' is nested deeper than <class>/<image>; {LAYOUT_HINT}")
+        labelled.append((path, parts[0]))
+
+    classes = {label for _, label in labelled}
+    for path in dirs:
+        parts = _strip_top(path, top)
+        if len(parts) == 1 and parts[0] not in classes:
+            raise InvalidArgument(f"class '{parts[0]}' has no examples; add images to it or remove the folder")
+        if len(parts) > 1:
+            raise InvalidArgument(f"folder '{path}' is nested deeper than <class>/; {LAYOUT_HINT}")
+    return labelled
+
+
+def _common_top_folder(files: list[str]) -> str | None:
+    """The one folder every file sits in at depth 3 (``top/class/image``), if there is one."""
+    split = [path.split("/") for path in files]
+    tops = {parts[0] for parts in split}
+    if len(tops) == 1 and all(len(parts) == 3 for parts in split):
+        return tops.pop()
+    return None
+
+
+def _strip_top(path: str, top: str | None) -> list[str]:
+    parts = path.split("/")
+    return parts[1:] if top is not None and parts[0] == top else parts
+
+
+# -- limits and reading ----------------------------------------------------------
+
+
+def _check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_images_per_dataset:
+        raise InvalidArgument(
+            f"the upload has {count:,} images, over the limit of {settings.max_images_per_dataset:,} "
+            "per dataset; split it into smaller datasets"
+        )
+
+
+def _check_total(total: int, settings: Settings, *, what: str) -> None:
+    if total > settings.max_upload_bytes:
+        raise InvalidArgument(
+            f"{what} total {total:,} bytes, over the upload limit of {settings.max_upload_bytes:,} bytes; "
+            "split the upload into smaller datasets"
+        )
+
+
+def _read_zip(
+    archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str]], settings: Settings
+) -> Iterator[Example]:
+    with archive:
+        for info, label in members:
+            try:
+                with archive.open(info) as member:
+                    data = member.read(settings.max_image_bytes + 1)  # never more than one image's limit
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+                raise InvalidArgument(f"zip entry '{info.filename}' cannot be extracted ({exc})") from None
+            yield info.filename, data, label
+
+
+def _read_folder(root: Path, labelled: list[tuple[str, str]], settings: Settings) -> Iterator[Example]:
+    for path, label in labelled:
+        with open(root / path, "rb") as file:
+            yield path, file.read(settings.max_image_bytes + 1), label

@@ -1,0 +1,223 @@
+"""Datasets: validated, labelled images owned by a tenant.
+
+``create`` checks the whole upload before storing anything: a dataset either
+exists completely or not at all. Image bytes go to the content-addressed blob
+store (identical images are stored once); rows for the dataset and its examples
+are committed in one transaction after the blobs are written.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.errors import InvalidArgument, NotFound
+from service.store.archives import Example, examples_from_folder, examples_from_zip
+from service.store.blobs import BlobStore
+from service.store.db import Database, DatasetRow, ExampleRow, utcnow
+from service.store.images import inspect_image
+from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
+
+MAX_LABEL_CHARS = 128
+MAX_NAME_CHARS = 256
+
+
+class DatasetInfo(BaseModel):
+    id: str
+    name: str
+    tenant: str
+    created_at: datetime
+    num_examples: int
+    classes: list[str]
+    counts: dict[str, int]
+
+
+class DatasetStore:
+    def __init__(self, db: Database, blobs: BlobStore, settings: Settings) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.settings = settings
+
+    # -- create ------------------------------------------------------------------
+
+    def create(self, tenant: str, name: str, examples: Iterable[Example]) -> DatasetInfo:
+        """Validate every (file name, image bytes, label), then store them all in one go."""
+        _check_text("dataset name", name, MAX_NAME_CHARS)
+        images: dict[str, bytes] = {}
+        labelled: list[tuple[str, str]] = []
+        total_bytes = 0
+        for file_name, data, label in examples:
+            if len(labelled) == self.settings.max_images_per_dataset:
+                raise InvalidArgument(
+                    f"the upload has more than {self.settings.max_images_per_dataset:,} images, the limit "
+                    "per dataset; split it into smaller datasets"
+                )
+            total_bytes += len(data)
+            if total_bytes > self.settings.max_upload_bytes:
+                raise InvalidArgument(
+                    f"the upload exceeds the limit of {self.settings.max_upload_bytes:,} bytes at file "
+                    f"'{file_name}'; split it into smaller datasets"
+                )
+            _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
+            info = inspect_image(
+                data,
+                name=file_name,
+                max_bytes=self.settings.max_image_bytes,
+                max_pixels=self.settings.max_image_pixels,
+            )
+            images.setdefault(info.sha256, data)
+            labelled.append((info.sha256, label))
+        _check_classes(Counter(label for _, label in labelled))
+
+        for data in images.values():
+            self.blobs.put(data)
+        row = DatasetRow(
+            id=f"ds_{uuid.uuid4().hex}",
+            tenant=tenant,
+            name=name,
+            created_at=utcnow(),
+            num_examples=len(labelled),
+            classes=sorted({label for _, label in labelled}),
+        )
+        row.examples = [
+            ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(labelled)
+        ]
+        with self.db.session() as session:
+            session.add(row)
+        return _info(row, Counter(label for _, label in labelled))
+
+    def create_from_labelled(
+        self, tenant: str, name: str, files: list[tuple[str, bytes]], labels: list[str]
+    ) -> DatasetInfo:
+        """Multipart uploads: files and labels arrive as two parallel lists."""
+        if len(labels) != len(files):
+            raise InvalidArgument(
+                f"{len(labels)} labels for {len(files)} files; send exactly one label per file, in the same order"
+            )
+        return self.create(tenant, name, ((n, data, label) for (n, data), label in zip(files, labels)))
+
+    def create_from_zip(self, tenant: str, name: str, zip_data: bytes | Path) -> DatasetInfo:
+        return self.create(tenant, name, examples_from_zip(zip_data, self.settings))
+
+    def create_from_folder(self, tenant: str, name: str, root: Path) -> DatasetInfo:
+        return self.create(tenant, name, examples_from_folder(root, self.settings))
+
+    # -- read ----------------------------------------------------------------------
+
+    def get(self, tenant: str, id: str) -> DatasetInfo:
+        with self.db.session() as session:
+            row = _owned(session, tenant, id)
+            return _info(row, _counts(session, [row.id])[row.id])
+
+    def list(
+        self, tenant: str, page_size: int = 50, page_token: str | None = None
+    ) -> tuple[list[DatasetInfo], str | None]:
+        """Oldest first; the token is the (created_at, id) of the last dataset returned."""
+        check_page_size(page_size)
+        query = select(DatasetRow).where(DatasetRow.tenant == tenant)
+        if page_token:
+            created_at, last_id = decode_token(page_token, 2)
+            try:
+                after = datetime.fromisoformat(created_at)
+            except ValueError:
+                raise malformed_token(page_token) from None
+            query = query.where(
+                or_(
+                    DatasetRow.created_at > after,
+                    and_(DatasetRow.created_at == after, DatasetRow.id > last_id),
+                )
+            )
+        query = query.order_by(DatasetRow.created_at, DatasetRow.id).limit(page_size + 1)
+        with self.db.session() as session:
+            rows = list(session.scalars(query))
+            page, more = rows[:page_size], len(rows) > page_size
+            counts = _counts(session, [row.id for row in page])
+            infos = [_info(row, counts[row.id]) for row in page]
+        next_token = encode_token(page[-1].created_at.isoformat(), page[-1].id) if more else None
+        return infos, next_token
+
+    def examples(self, tenant: str, id: str) -> list[tuple[str, str]]:
+        """(image sha256, label) pairs in upload order."""
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            query = select(ExampleRow.image_sha256, ExampleRow.label).where(ExampleRow.dataset_id == id)
+            return [(sha, label) for sha, label in session.execute(query.order_by(ExampleRow.position))]
+
+    def read_image(self, sha: str) -> bytes:
+        return self.blobs.get(sha)
+
+    # -- delete ----------------------------------------------------------------------
+
+    def delete(self, tenant: str, id: str) -> None:
+        """Drop the dataset's rows, then the images no other dataset refers to."""
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            shas = set(session.scalars(select(ExampleRow.image_sha256).where(ExampleRow.dataset_id == id)))
+            session.execute(delete(ExampleRow).where(ExampleRow.dataset_id == id))
+            session.execute(delete(DatasetRow).where(DatasetRow.id == id))
+        with self.db.session() as session:
+            still_used = set(
+                session.scalars(select(ExampleRow.image_sha256).where(ExampleRow.image_sha256.in_(shas)))
+            )
+        for sha in shas - still_used:
+            self.blobs.delete(sha)
+
+
+def _owned(session: Session, tenant: str, id: str) -> DatasetRow:
+    """The tenant's dataset; another tenant's id gets the same NotFound as an unknown one."""
+    row = session.scalar(select(DatasetRow).where(DatasetRow.id == id, DatasetRow.tenant == tenant))
+    if row is None:
+        raise NotFound(f"dataset '{id}' not found; list your datasets to see valid ids", dataset_id=id)
+    return row
+
+
+def _counts(session: Session, ids: list[str]) -> dict[str, Counter[str]]:
+    counts: dict[str, Counter[str]] = {id: Counter() for id in ids}
+    query = (
+        select(ExampleRow.dataset_id, ExampleRow.label, func.count())
+        .where(ExampleRow.dataset_id.in_(ids))
+        .group_by(ExampleRow.dataset_id, ExampleRow.label)
+    )
+    for dataset_id, label, count in session.execute(query):
+        counts[dataset_id][label] = count
+    return counts
+
+
+def _info(row: DatasetRow, counts: Counter[str]) -> DatasetInfo:
+    return DatasetInfo(
+        id=row.id,
+        name=row.name,
+        tenant=row.tenant,
+        created_at=row.created_at,
+        num_examples=row.num_examples,
+        classes=list(row.classes),
+        counts={label: counts[label] for label in sorted(counts)},
+    )
+
+
+def _check_text(what: str, value: object, max_chars: int) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument(f"{what} is empty; give it a non-blank text value")
+    if len(value) > max_chars:
+        raise InvalidArgument(f"{what} is {len(value)} characters, over the limit of {max_chars}; shorten it")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise InvalidArgument(f"{what} {value!r} contains control characters; remove them")
+
+
+def _check_classes(counts: Counter[str]) -> None:
+    if not counts:
+        raise InvalidArgument("the dataset has no examples; upload labelled images of at least two classes")
+    if len(counts) < 2:
+        (only,) = counts
+        raise InvalidArgument(
+            f"the dataset has only one class ('{only}'); add examples of at least one more class to train a classifier"
+        )

@@ -1,0 +1,104 @@
+"""Image validation and decoding for untrusted uploads.
+
+Every image is checked before anything is stored: it must be non-empty, within
+the byte limit, one of the allowed formats, within the pixel limit (checked from
+the header, before any pixels are decoded, so a small file that claims to be
+100000 x 100000 is refused cheaply) and it must decode completely.
+"""
+
+import hashlib
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps
+from pydantic import BaseModel
+
+from service.errors import InvalidArgument
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+class ImageInfo(BaseModel):
+    sha256: str
+    format: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+def inspect_image(data: bytes, *, name: str, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Validate one uploaded image fully; raise InvalidArgument naming ``name`` if it is unusable."""
+    _check_size(data, name=name, max_bytes=max_bytes)
+    image = _open_fully(data, name=name, max_pixels=max_pixels)
+    return ImageInfo(
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=image.format or "",
+        width=image.width,
+        height=image.height,
+        size_bytes=len(data),
+    )
+
+
+def decode_rgb(data: bytes, *, max_pixels: int, max_bytes: int | None = None, name: str = "image") -> Image.Image:
+    """Decode to an RGB image (first frame of an animation, EXIF rotation applied).
+
+    Stored images were checked on upload; request images pass ``max_bytes``
+    so that they meet the same limits.
+    """
+    _check_size(data, name=name, max_bytes=max_bytes)
+    image = _open_fully(data, name=name, max_pixels=max_pixels)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
+    return image.convert("RGB")
+
+
+def _check_size(data: bytes, *, name: str, max_bytes: int | None) -> None:
+    if not data:
+        raise InvalidArgument(f"file '{name}' is empty (0 bytes); send the image's contents", file=name)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidArgument(
+            f"file '{name}' is {len(data):,} bytes, over the limit of {max_bytes:,} bytes per image; "
+            "shrink or re-encode it",
+            file=name,
+        )
+
+
+def _open_fully(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
+    """Open ``data`` as an allowed format, check its size from the header, then decode it all."""
+    allowed = ", ".join(ALLOWED_FORMATS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(name, max_pixels, str(exc)) from None
+        except Image.UnidentifiedImageError as exc:
+            raise InvalidArgument(
+                f"file '{name}' is not a decodable image in an allowed format ({allowed}) ({exc})", file=name
+            ) from None
+        except Exception as exc:  # PIL raises many types for hostile input
+            raise InvalidArgument(
+                f"file '{name}' is a corrupt or truncated image ({exc}); re-export it", file=name
+            ) from None
+
+        if image.width * image.height > max_pixels:
+            raise _bomb(name, max_pixels, f"{image.width} x {image.height} pixels")
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated uploads would pass")
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(name, max_pixels, str(exc)) from None
+        except Exception as exc:
+            raise InvalidArgument(
+                f"file '{name}' is a corrupt or truncated {image.format} image ({exc}); re-export it", file=name
+            ) from None
+    return image
+
+
+def _bomb(name: str, max_pixels: int, detail: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"file '{name}' has too many pixels ({detail}); the limit is {max_pixels:,} pixels, resize it",
+        file=name,
+    )
