@@ -1,0 +1,97 @@
+"""Evaluation of a head's logits on labelled examples."""
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import Tensor
+
+from service.errors import InvalidArgument
+
+# Equal-width confidence bins for the expected calibration error (the usual 15).
+ECE_BINS = 15
+
+
+class ClassMetrics(BaseModel):
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvalMetrics(BaseModel):
+    accuracy: float
+    per_class: list[ClassMetrics]
+    confusion: list[list[int]]  # rows = true class, columns = predicted class
+    ece: float
+    num_examples: int
+    loss: float  # mean cross-entropy
+
+
+def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetrics:
+    """Accuracy, per-class precision/recall/F1, confusion, calibration and loss."""
+    num_classes = len(class_names)
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise InvalidArgument(
+            f"logits must have shape [N, {num_classes}] for {num_classes} classes, got {list(logits.shape)}"
+        )
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.shape[0] == 0:
+        raise InvalidArgument(
+            f"labels must be a non-empty 1-D tensor with one label per row of logits, "
+            f"got {list(labels.shape)} for {logits.shape[0]} rows"
+        )
+    logits = logits.detach().to("cpu", torch.float32)
+    labels = labels.detach().to("cpu", torch.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise InvalidArgument(f"labels must lie in [0, {num_classes - 1}]")
+
+    probabilities = logits.softmax(dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    correct = predicted == labels
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
+
+    return EvalMetrics(
+        accuracy=correct.float().mean().item(),
+        per_class=_per_class(confusion, class_names),
+        confusion=confusion.tolist(),
+        ece=_expected_calibration_error(confidence, correct),
+        num_examples=labels.shape[0],
+        loss=F.cross_entropy(logits, labels).item(),
+    )
+
+
+def _per_class(confusion: Tensor, class_names: list[str]) -> list[ClassMetrics]:
+    """Precision, recall and F1 per class; an empty denominator counts as 0, never NaN."""
+    true_positives = confusion.diag().double()
+    predicted_counts = confusion.sum(dim=0).double()
+    support = confusion.sum(dim=1)
+    precision = true_positives / predicted_counts.clamp(min=1)
+    recall = true_positives / support.double().clamp(min=1)
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(precision)
+    )
+    return [
+        ClassMetrics(
+            label=name,
+            precision=precision[i].item(),
+            recall=recall[i].item(),
+            f1=f1[i].item(),
+            support=int(support[i]),
+        )
+        for i, name in enumerate(class_names)
+    ]
+
+
+def _expected_calibration_error(confidence: Tensor, correct: Tensor) -> float:
+    """Weighted gap between confidence and accuracy over equal-width bins (lo, hi]."""
+    inner_edges = torch.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1]
+    bin_of = torch.bucketize(confidence, inner_edges)
+    ece = 0.0
+    for bin_index in range(ECE_BINS):
+        in_bin = bin_of == bin_index
+        if in_bin.any():
+            gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs().item()
+            ece += gap * in_bin.float().mean().item()
+    return ece

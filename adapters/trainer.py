@@ -1,0 +1,348 @@
+"""Training one head on pre-computed backbone features.
+
+Each head kind gets the optimiser that suits it:
+
+* linear: full-batch L-BFGS on the convex, L2-penalised cross-entropy of the
+  standardised features (the same problem scikit-learn's LogisticRegression
+  solves, so the result matches it);
+* mlp and finetune: mini-batch AdamW with a one-cycle schedule, keeping the
+  weights of the epoch with the best validation accuracy.
+
+Bad hyperparameters fail when the `HyperParams` model is built, with a pydantic
+ValidationError that names the field; the service maps it to InvalidArgument.
+"""
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from adapters.heads import FinetuneHead, HeadKind, LinearHead, MLPHead, standardisation_stats
+from service.errors import Cancelled, InvalidArgument
+
+# L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, so the
+# cancel flag and progress are checked between rounds.
+LBFGS_ITERATIONS_PER_ROUND = 50
+# A round that lowers the linear objective by less than this means it converged.
+LBFGS_CONVERGED = 1e-7
+# Rows per forward pass when only predicting (validation, scoring).
+PREDICT_BATCH = 1024
+
+
+class HyperParams(BaseModel):
+    """Training knobs. Out-of-range, NaN or infinite values fail validation.
+
+    For a linear head `lr` scales the L-BFGS step (1.0 is the natural value),
+    `epochs` counts L-BFGS rounds, and batch_size/patience are unused (it trains
+    full-batch to convergence). `hidden` is a search dimension for mlp heads:
+    the trainer takes the head as built, so it only matters to `tune`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    lr: float = Field(gt=0.0, le=10.0)
+    weight_decay: float = Field(ge=0.0, le=10.0)
+    epochs: int = Field(ge=1, le=500)
+    batch_size: int = Field(ge=1, le=4096)
+    hidden: int | None = Field(default=None, ge=1, le=8192)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    patience: int = Field(default=10, ge=1, le=500)
+
+
+def default_hyperparams(kind: HeadKind) -> HyperParams:
+    if kind is HeadKind.LINEAR:
+        return HyperParams(lr=1.0, weight_decay=1e-3, epochs=10, batch_size=4096)
+    if kind is HeadKind.MLP:
+        return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=60, batch_size=64, hidden=512, patience=10)
+    return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=15, batch_size=64, label_smoothing=0.1, patience=15)
+
+
+class ProgressEvent(BaseModel):
+    phase: str  # "fit" for one training run, "search" across tuning trials
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str
+    metrics: dict[str, float] = {}
+
+
+Progress = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], bool]
+
+
+class FitResult(BaseModel):
+    epochs_run: int
+    best_val_accuracy: float | None  # None when no validation data was given
+    train_loss: float  # mean cross-entropy on the training set, without the L2 term
+
+
+def class_weights_for(y: Tensor, num_classes: int) -> Tensor:
+    """Inverse class frequency, normalised to mean 1 over the classes present.
+
+    Passed to the cross-entropy so that a rare class costs as much in total as
+    a common one. Absent classes get weight 0 (they contribute no terms anyway).
+    """
+    counts = torch.bincount(y.detach().to("cpu", torch.int64), minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = 1.0 / counts[present]
+    weights[present] /= weights[present].mean()
+    return weights.float()
+
+
+@contextmanager
+def training_mode() -> Iterator[None]:
+    """Autograd on, even when the caller is inside no_grad or inference_mode."""
+    with torch.inference_mode(False), torch.set_grad_enabled(True):
+        yield
+
+
+def as_training_tensor(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A normal tensor (float32 unless told otherwise) that autograd can use.
+
+    Features extracted under inference_mode are "inference tensors" that
+    autograd refuses to save for backward; those are cloned. Call inside
+    `training_mode()`.
+    """
+    x = x.detach().to(dtype)
+    return x.clone() if x.is_inference() else x
+
+
+def predict_logits(head: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> Tensor:
+    """Logits in eval mode, in chunks so large feature maps fit in memory."""
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([head(x[start : start + batch_size]) for start in range(0, x.shape[0], batch_size)])
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return (logits.argmax(dim=1) == y).float().mean().item()
+
+
+def fit(
+    head: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    hp: HyperParams,
+    *,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> FitResult:
+    """Train `head` in place on the device x_train lives on, leaving it in eval mode.
+
+    Linear and mlp heads take pooled features [N, D] and fit their
+    standardisation on x_train first; finetune heads take feature maps
+    [N, C, H, W]. Raises Cancelled as soon as `cancelled()` is true at an
+    epoch boundary. Features may come from inference_mode; the head itself
+    must be built outside it, since its weights are updated in place.
+    """
+    torch.manual_seed(seed)
+    with training_mode():
+        device = x_train.device
+        head.to(device=device, dtype=torch.float32)
+        feature_dims = 4 if isinstance(head, FinetuneHead) else 2
+        x_train, y_train = check_examples(x_train, y_train, head.num_classes, feature_dims, "training")
+        if (x_val is None) != (y_val is None):
+            raise InvalidArgument("give both x_val and y_val, or neither")
+        if x_val is not None and y_val is not None:
+            x_val, y_val = check_examples(
+                x_val.to(device), y_val.to(device), head.num_classes, feature_dims, "validation"
+            )
+        weights = check_class_weights(class_weights, head.num_classes, device)
+
+        if isinstance(head, LinearHead):
+            head.set_standardisation(*standardisation_stats(x_train))
+            z_val = head.standardise(x_val) if x_val is not None else None
+            result = fit_linear_layer(
+                head.linear,
+                head.standardise(x_train),
+                y_train,
+                hp,
+                z_val=z_val,
+                y_val=y_val,
+                class_weights=weights,
+                progress=progress,
+                cancelled=cancelled,
+            )
+        else:
+            if isinstance(head, MLPHead):
+                head.set_standardisation(*standardisation_stats(x_train))
+            result = _fit_minibatch(head, x_train, y_train, hp, x_val, y_val, weights, progress, cancelled, seed)
+    head.eval()
+    return result
+
+
+def fit_linear_layer(
+    linear: nn.Linear,
+    z_train: Tensor,
+    y_train: Tensor,
+    hp: HyperParams,
+    *,
+    z_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+) -> FitResult:
+    """Multinomial logistic regression on already-standardised features.
+
+    Minimises mean cross-entropy + weight_decay * ||W||^2 / 2 (bias not
+    penalised) with full-batch L-BFGS. That is scikit-learn's objective with
+    C = 1 / (weight_decay * n_train), so the two agree. Exposed separately so
+    that tuning can standardise once and reuse the features for every trial.
+    """
+    with training_mode():
+        device = z_train.device
+        z_train, y_train = as_training_tensor(z_train), y_train.to(device, torch.int64)
+        if class_weights is not None:
+            class_weights = as_training_tensor(class_weights.to(device))
+        optimizer = torch.optim.LBFGS(
+            linear.parameters(),
+            lr=hp.lr,
+            max_iter=LBFGS_ITERATIONS_PER_ROUND,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def objective() -> Tensor:
+            data_loss = F.cross_entropy(
+                linear(z_train), y_train, weight=class_weights, label_smoothing=hp.label_smoothing
+            )
+            return data_loss + 0.5 * hp.weight_decay * linear.weight.square().sum()
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = objective()
+            loss.backward()
+            return loss
+
+        previous = math.inf
+        rounds = 0
+        for rounds in range(1, hp.epochs + 1):
+            raise_if_cancelled(cancelled)
+            optimizer.step(closure)
+            with torch.no_grad():
+                current = objective().item()
+            _report(progress, "fit", rounds / hp.epochs, f"L-BFGS round {rounds}/{hp.epochs}", objective=current)
+            if previous - current < LBFGS_CONVERGED:
+                break
+            previous = current
+
+        with torch.no_grad():
+            train_loss = F.cross_entropy(linear(z_train), y_train).item()
+            val_accuracy = None
+            if z_val is not None and y_val is not None:
+                val_accuracy = accuracy(linear(z_val.to(device)), y_val.to(device))
+    _report(progress, "fit", 1.0, "done", **_summary(train_loss, val_accuracy))
+    return FitResult(epochs_run=rounds, best_val_accuracy=val_accuracy, train_loss=train_loss)
+
+
+def _fit_minibatch(
+    head: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    hp: HyperParams,
+    x_val: Tensor | None,
+    y_val: Tensor | None,
+    class_weights: Tensor | None,
+    progress: Progress | None,
+    cancelled: CancelCheck | None,
+    seed: int,
+) -> FitResult:
+    """AdamW + one-cycle; with validation data, early-stop and keep the best epoch."""
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+    n = x_train.shape[0]
+    steps_per_epoch = math.ceil(n / hp.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=hp.epochs * steps_per_epoch)
+    shuffler = torch.Generator().manual_seed(seed)
+
+    best_accuracy: float | None = None
+    best_state: dict[str, Tensor] | None = None
+    epochs_without_gain = 0
+    epoch = 0
+    for epoch in range(1, hp.epochs + 1):
+        raise_if_cancelled(cancelled)
+        head.train()
+        order = torch.randperm(n, generator=shuffler).to(x_train.device)
+        loss_sum = torch.zeros((), device=x_train.device)  # summed on device: no sync per step
+        for start in range(0, n, hp.batch_size):
+            batch = order[start : start + hp.batch_size]
+            loss = F.cross_entropy(
+                head(x_train[batch]), y_train[batch], weight=class_weights, label_smoothing=hp.label_smoothing
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * batch.shape[0]
+        metrics = {"train_loss": loss_sum.item() / n}
+
+        if x_val is not None and y_val is not None:
+            val_accuracy = accuracy(predict_logits(head, x_val), y_val)
+            metrics["val_accuracy"] = val_accuracy
+            if best_accuracy is None or val_accuracy > best_accuracy:
+                best_accuracy, best_state, epochs_without_gain = val_accuracy, copy.deepcopy(head.state_dict()), 0
+            else:
+                epochs_without_gain += 1
+        _report(progress, "fit", epoch / hp.epochs, f"epoch {epoch}/{hp.epochs}", **metrics)
+        if epochs_without_gain >= hp.patience:
+            break
+
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    train_loss = F.cross_entropy(predict_logits(head, x_train), y_train).item()
+    _report(progress, "fit", 1.0, "done", **_summary(train_loss, best_accuracy))
+    return FitResult(epochs_run=epoch, best_val_accuracy=best_accuracy, train_loss=train_loss)
+
+
+def check_examples(x: Tensor, y: Tensor, num_classes: int, feature_dims: int, role: str) -> tuple[Tensor, Tensor]:
+    """Shapes, label range and finiteness, checked before any optimiser sees them.
+
+    Returns training-ready copies (see `as_training_tensor`); call inside `training_mode()`.
+    """
+    if x.dim() != feature_dims:
+        raise InvalidArgument(f"{role} features must have {feature_dims} dimensions, got shape {list(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.shape[0] == 0:
+        raise InvalidArgument(
+            f"{role} labels must be a non-empty 1-D tensor with one label per example, "
+            f"got {list(y.shape)} for {x.shape[0]} examples"
+        )
+    if y.min() < 0 or y.max() >= num_classes:
+        raise InvalidArgument(f"{role} labels must lie in [0, {num_classes - 1}]")
+    x = as_training_tensor(x)
+    if not torch.isfinite(x).all():
+        raise InvalidArgument(f"{role} features contain NaN or infinite values")
+    return x, as_training_tensor(y, torch.int64)
+
+
+def check_class_weights(class_weights: Tensor | None, num_classes: int, device: torch.device) -> Tensor | None:
+    if class_weights is None:
+        return None
+    if class_weights.shape != (num_classes,) or not torch.isfinite(class_weights).all() or (class_weights < 0).any():
+        raise InvalidArgument(f"class_weights must be {num_classes} finite, non-negative numbers")
+    return as_training_tensor(class_weights.to(device))
+
+
+def raise_if_cancelled(cancelled: CancelCheck | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled("training was cancelled")
+
+
+def _summary(train_loss: float, val_accuracy: float | None) -> dict[str, float]:
+    summary = {"train_loss": train_loss}
+    if val_accuracy is not None:
+        summary["val_accuracy"] = val_accuracy
+    return summary
+
+
+def _report(progress: Progress | None, phase: str, fraction: float, message: str, **metrics: float) -> None:
+    if progress is not None:
+        progress(ProgressEvent(phase=phase, fraction=min(fraction, 1.0), message=message, metrics=metrics))

@@ -1,0 +1,215 @@
+"""Hyperparameter search: train one head per configuration, keep the best on validation.
+
+The winning head is returned as trained on the training split (no refit on
+train + validation), so the validation score reported for it is the one it
+really earned.
+"""
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, standardisation_stats
+from adapters.trainer import (
+    CancelCheck,
+    HyperParams,
+    Progress,
+    ProgressEvent,
+    accuracy,
+    check_class_weights,
+    check_examples,
+    default_hyperparams,
+    fit,
+    fit_linear_layer,
+    predict_logits,
+    raise_if_cancelled,
+    training_mode,
+)
+from service.errors import InvalidArgument
+
+MAX_TRIALS = 64
+
+
+class SearchSpace(BaseModel):
+    """Values to try, as a grid. Bounds match `HyperParams`; bad values fail validation.
+
+    When the grid has more points than `max_trials`, a fixed-seed random sample
+    of `max_trials` points is tried instead.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    lr: list[Annotated[float, Field(gt=0.0, le=10.0)]] = Field(min_length=1)
+    weight_decay: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(min_length=1)
+    hidden: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(default=None, min_length=1)
+    max_trials: int = Field(default=MAX_TRIALS, ge=1, le=MAX_TRIALS)
+
+    @model_validator(mode="after")
+    def _grid_is_bounded(self) -> "SearchSpace":
+        if len(self.grid()) > MAX_TRIALS:
+            raise ValueError(f"the search grid has {len(self.grid())} combinations; at most {MAX_TRIALS} are allowed")
+        return self
+
+    def grid(self) -> list[tuple[float, float, int | None]]:
+        """Every (lr, weight_decay, hidden) combination, in a stable order."""
+        return list(itertools.product(self.lr, self.weight_decay, self.hidden or [None]))
+
+
+def default_search_space(kind: HeadKind) -> SearchSpace:
+    if kind is HeadKind.LINEAR:
+        # L2 strength is what matters for logistic regression; lr is L-BFGS's step scale.
+        return SearchSpace(lr=[1.0], weight_decay=[1e-5, 4e-5, 1.5e-4, 5e-4, 2e-3, 7e-3, 3e-2, 1e-1])
+    if kind is HeadKind.MLP:
+        return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4, 1e-2], hidden=[256, 512])
+    # Finetuning is expensive: two runs.
+    return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4])
+
+
+class Trial(BaseModel):
+    hp: HyperParams
+    val_accuracy: float
+    val_loss: float  # mean cross-entropy on validation, without class weights
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    head: nn.Module  # the best trial's head, trained on the training split, in eval mode
+    config: HeadConfig  # the best head's config (for mlp, `hidden` is the winning width)
+    best: HyperParams
+    trials: list[Trial]
+
+
+def tune(
+    config: HeadConfig,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    space: SearchSpace,
+    base: HyperParams | None = None,
+    tail_factory: Callable[[], nn.Module] | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> TuneResult:
+    """Train one head per search point on train, score each on val, return the best.
+
+    `base` supplies everything the space does not vary (epochs, batch size...).
+    Finetune heads need `tail_factory` to get a fresh copy of the tail per trial.
+    Ties on validation accuracy go to the lower validation loss.
+    """
+    if config.kind is HeadKind.FINETUNE and tail_factory is None:
+        raise InvalidArgument("tuning a finetune head needs a tail_factory that copies the backbone's tail")
+    if config.kind is not HeadKind.MLP and space.hidden is not None:
+        raise InvalidArgument(f"`hidden` can only be searched for mlp heads, not {config.kind.value}")
+    candidates = _candidates(space, base or default_hyperparams(config.kind))
+
+    with training_mode():
+        feature_dims = 4 if config.kind is HeadKind.FINETUNE else 2
+        x_train, y_train = check_examples(x_train, y_train, config.num_classes, feature_dims, "training")
+        x_val, y_val = check_examples(
+            x_val.to(x_train.device), y_val.to(x_train.device), config.num_classes, feature_dims, "validation"
+        )
+        class_weights = check_class_weights(class_weights, config.num_classes, x_train.device)
+        if config.kind is HeadKind.LINEAR:
+            # Standardise once: every linear trial then only re-runs L-BFGS.
+            mean, std = standardisation_stats(x_train)
+            z_train = (x_train - mean) / std
+
+        best: tuple[Trial, nn.Module, HeadConfig] | None = None
+        trials: list[Trial] = []
+        for index, hp in enumerate(candidates):
+            raise_if_cancelled(cancelled)
+            trial_progress = _trial_progress(progress, index, len(candidates))
+            trial_config = config
+            if config.kind is HeadKind.MLP and hp.hidden is not None:
+                trial_config = HeadConfig.model_validate(config.model_dump() | {"hidden": hp.hidden})
+
+            torch.manual_seed(seed)
+            head = build_head(trial_config, tail_factory() if tail_factory is not None else None)
+            if isinstance(head, LinearHead):
+                head.to(x_train.device)
+                head.set_standardisation(mean, std)
+                fit_linear_layer(
+                    head.linear,
+                    z_train,
+                    y_train,
+                    hp,
+                    class_weights=class_weights,
+                    progress=trial_progress,
+                    cancelled=cancelled,
+                )
+            else:
+                fit(
+                    head,
+                    x_train,
+                    y_train,
+                    hp,
+                    x_val=x_val,
+                    y_val=y_val,
+                    class_weights=class_weights,
+                    progress=trial_progress,
+                    cancelled=cancelled,
+                    seed=seed,
+                )
+
+            logits = predict_logits(head, x_val)
+            trial = Trial(hp=hp, val_accuracy=accuracy(logits, y_val), val_loss=F.cross_entropy(logits, y_val).item())
+            trials.append(trial)
+            if best is None or (trial.val_accuracy, -trial.val_loss) > (best[0].val_accuracy, -best[0].val_loss):
+                best = (trial, head, trial_config)
+            if progress is not None:
+                progress(
+                    ProgressEvent(
+                        phase="search",
+                        fraction=(index + 1) / len(candidates),
+                        message=f"trial {index + 1}/{len(candidates)} done",
+                        metrics={"val_accuracy": trial.val_accuracy, "val_loss": trial.val_loss},
+                    )
+                )
+
+    assert best is not None  # a SearchSpace always yields at least one candidate
+    best_trial, best_head, best_config = best
+    return TuneResult(head=best_head.eval(), config=best_config, best=best_trial.hp, trials=trials)
+
+
+def _candidates(space: SearchSpace, base: HyperParams) -> list[HyperParams]:
+    """The hyperparameters of each trial: `base` with the searched values swapped in."""
+    grid = space.grid()
+    if len(grid) > space.max_trials:
+        kept = sorted(random.Random(0).sample(range(len(grid)), space.max_trials))
+        grid = [grid[i] for i in kept]
+    candidates = []
+    for lr, weight_decay, hidden in grid:
+        overrides = {"lr": lr, "weight_decay": weight_decay}
+        if hidden is not None:
+            overrides["hidden"] = hidden
+        candidates.append(HyperParams.model_validate(base.model_dump() | overrides))
+    return candidates
+
+
+def _trial_progress(progress: Progress | None, index: int, count: int) -> Progress | None:
+    """Rescale one trial's fit progress into its slice of the whole search."""
+    if progress is None:
+        return None
+
+    def report(event: ProgressEvent) -> None:
+        progress(
+            ProgressEvent(
+                phase="search",
+                fraction=(index + event.fraction) / count,
+                message=f"trial {index + 1}/{count}: {event.message}",
+                metrics=event.metrics,
+            )
+        )
+
+    return report

@@ -1,0 +1,450 @@
+"""Heads, training, tuning, metrics and splits, on scikit-learn's digits as stand-in features."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, head_state, load_head
+from adapters.metrics import evaluate
+from adapters.splits import stratified_split
+from adapters.trainer import (
+    HyperParams,
+    ProgressEvent,
+    accuracy,
+    class_weights_for,
+    default_hyperparams,
+    fit,
+    predict_logits,
+)
+from adapters.tuning import SearchSpace, default_search_space, tune
+from service.errors import Cancelled, InvalidArgument
+
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+class Digits:
+    """The 8x8 digits as 64-d "pooled features" and as [N, 1, 8, 8] "feature maps"."""
+
+    def __init__(self) -> None:
+        features, labels = load_digits(return_X_y=True)
+        self.train_idx, self.holdout_idx = stratified_split(labels.tolist(), holdout_fraction=0.2, seed=0)
+        self.x = torch.tensor(features, dtype=torch.float32)
+        self.y = torch.tensor(labels, dtype=torch.int64)
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[self.train_idx], self.y[self.train_idx], self.x[self.holdout_idx], self.y[self.holdout_idx]
+
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = (self.x / 16.0).reshape(-1, 1, 8, 8)
+        return images[self.train_idx], self.y[self.train_idx], images[self.holdout_idx], self.y[self.holdout_idx]
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return Digits()
+
+
+def tiny_tail() -> nn.Module:
+    """A stand-in for the backbone's last blocks: conv + batchnorm + relu, twice."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+    )
+
+
+LINEAR = HeadConfig(kind=HeadKind.LINEAR, in_features=64, num_classes=10)
+MLP = HeadConfig(kind=HeadKind.MLP, in_features=64, num_classes=10, hidden=128)
+FINETUNE = HeadConfig(kind=HeadKind.FINETUNE, in_features=1, num_classes=10, tail_blocks=2, tail_out_channels=32)
+FAST_MLP = default_hyperparams(HeadKind.MLP).model_copy(update={"epochs": 20})
+FAST_FINETUNE = default_hyperparams(HeadKind.FINETUNE).model_copy(update={"epochs": 6})
+
+
+@pytest.fixture(scope="module")
+def linear_head(digits: Digits) -> nn.Module:
+    x_train, y_train, _, _ = digits.pooled()
+    head = build_head(LINEAR)
+    fit(head, x_train, y_train, default_hyperparams(HeadKind.LINEAR))
+    return head
+
+
+@pytest.fixture(scope="module")
+def mlp_head(digits: Digits) -> nn.Module:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    head = build_head(MLP)
+    fit(head, x_train, y_train, FAST_MLP, x_val=x_val, y_val=y_val)
+    return head
+
+
+@pytest.fixture(scope="module")
+def finetune_head(digits: Digits) -> nn.Module:
+    x_train, y_train, x_val, y_val = digits.maps()
+    head = build_head(FINETUNE, tiny_tail())
+    fit(head, x_train, y_train, FAST_FINETUNE, x_val=x_val, y_val=y_val)
+    return head
+
+
+# --- splits -------------------------------------------------------------------------
+
+
+def test_stratified_split_puts_every_class_on_both_sides() -> None:
+    labels = [0] * 10 + [1] * 2 + [2] * 50
+    train_idx, holdout_idx = stratified_split(labels, holdout_fraction=0.2, seed=3)
+
+    labels_array = np.array(labels)
+    assert set(labels_array[train_idx]) == {0, 1, 2}
+    assert set(labels_array[holdout_idx]) == {0, 1, 2}
+    assert sorted(np.concatenate([train_idx, holdout_idx]).tolist()) == list(range(len(labels)))
+
+
+def test_stratified_split_sends_a_singleton_class_to_train() -> None:
+    labels = [0] * 10 + [1]
+    train_idx, holdout_idx = stratified_split(labels)
+    assert 10 in train_idx
+    assert 10 not in holdout_idx
+
+
+def test_stratified_split_is_deterministic_for_a_seed() -> None:
+    labels = np.random.default_rng(0).integers(0, 5, size=200).tolist()
+    first = stratified_split(labels, seed=7)
+    second = stratified_split(labels, seed=7)
+    other_seed = stratified_split(labels, seed=8)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.array_equal(first[1], other_seed[1])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, float("nan")])
+def test_stratified_split_rejects_a_fraction_outside_zero_one(fraction: float) -> None:
+    with pytest.raises(InvalidArgument):
+        stratified_split([0, 0, 1, 1], holdout_fraction=fraction)
+
+
+# --- head configs ---------------------------------------------------------------------
+
+
+def test_head_config_defaults_dropout_by_kind() -> None:
+    assert LINEAR.dropout == 0.0
+    assert MLP.dropout == 0.2
+    assert FINETUNE.dropout == 0.2
+
+
+def test_head_config_round_trips_through_json() -> None:
+    for config in (LINEAR, MLP, FINETUNE):
+        assert HeadConfig.model_validate_json(config.model_dump_json()) == config
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": "mlp", "in_features": 64, "num_classes": 10},  # no hidden
+        {"kind": "linear", "in_features": 64, "num_classes": 10, "hidden": 32},
+        {"kind": "linear", "in_features": 64, "num_classes": 10, "dropout": 0.5},
+        {"kind": "finetune", "in_features": 8, "num_classes": 10, "tail_blocks": 1},  # no tail_out_channels
+        {"kind": "mlp", "in_features": 64, "num_classes": 10, "hidden": 32, "dropout": float("nan")},
+        {"kind": "linear", "in_features": 64, "num_classes": 1},
+    ],
+)
+def test_head_config_rejects_fields_that_do_not_fit_the_kind(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        HeadConfig(**fields)
+
+
+def test_building_a_finetune_head_without_a_tail_is_rejected() -> None:
+    with pytest.raises(InvalidArgument):
+        build_head(FINETUNE)
+
+
+# --- training quality -----------------------------------------------------------------
+
+
+def test_linear_head_learns_digits(digits: Digits, linear_head: nn.Module) -> None:
+    _, _, x_val, y_val = digits.pooled()
+    assert accuracy(predict_logits(linear_head, x_val), y_val) >= 0.85
+
+
+def test_linear_head_matches_sklearn_logistic_regression(digits: Digits, linear_head: nn.Module) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    weight_decay = default_hyperparams(HeadKind.LINEAR).weight_decay
+    scaler = StandardScaler().fit(x_train.numpy())
+    reference = LogisticRegression(C=1.0 / (weight_decay * len(y_train)), max_iter=5000)
+    reference.fit(scaler.transform(x_train.numpy()), y_train.numpy())
+
+    sklearn_accuracy = reference.score(scaler.transform(x_val.numpy()), y_val.numpy())
+    ours = accuracy(predict_logits(linear_head, x_val), y_val)
+    assert abs(ours - sklearn_accuracy) <= 0.015
+
+
+def test_mlp_head_learns_digits(digits: Digits, mlp_head: nn.Module) -> None:
+    _, _, x_val, y_val = digits.pooled()
+    assert accuracy(predict_logits(mlp_head, x_val), y_val) >= 0.85
+
+
+def test_finetune_head_learns_digit_feature_maps(digits: Digits, finetune_head: nn.Module) -> None:
+    _, _, x_val, y_val = digits.maps()
+    assert accuracy(predict_logits(finetune_head, x_val), y_val) > 0.5
+
+
+def test_fit_reports_validation_accuracy_and_returns_an_eval_mode_head(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    head = build_head(MLP)
+    result = fit(head, x_train, y_train, FAST_MLP.model_copy(update={"epochs": 3}), x_val=x_val, y_val=y_val)
+    assert result.best_val_accuracy is not None and 0.0 < result.best_val_accuracy <= 1.0
+    assert 1 <= result.epochs_run <= 3
+    assert not head.training
+
+
+def test_fit_trains_on_features_made_under_inference_mode(digits: Digits) -> None:
+    x_train, y_train, _, _ = digits.pooled()
+    head = build_head(LINEAR)
+    with torch.inference_mode():
+        frozen_features = x_train * 1.0
+        result = fit(head, frozen_features, y_train, default_hyperparams(HeadKind.LINEAR))
+    assert math.isfinite(result.train_loss)
+
+
+def test_fit_is_deterministic_for_a_seed(digits: Digits) -> None:
+    x_train, y_train, x_val, _ = digits.pooled()
+    hp = FAST_MLP.model_copy(update={"epochs": 2})
+    logits = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        head = build_head(MLP)
+        fit(head, x_train, y_train, hp, seed=5)
+        logits.append(predict_logits(head, x_val))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_fit_rejects_labels_outside_the_head_classes(digits: Digits) -> None:
+    x_train, y_train, _, _ = digits.pooled()
+    with pytest.raises(InvalidArgument):
+        fit(build_head(LINEAR), x_train, y_train + 10, default_hyperparams(HeadKind.LINEAR))
+
+
+# --- the linear head's folded form and storage ---------------------------------------
+
+
+def test_effective_weight_bias_reproduces_the_forward_logits(digits: Digits, linear_head: LinearHead) -> None:
+    _, _, x_val, _ = digits.pooled()
+    weight, bias = linear_head.effective_weight_bias()
+    torch.testing.assert_close(x_val @ weight.T + bias, predict_logits(linear_head, x_val), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "finetune"])
+def test_saved_head_reloads_with_identical_logits(kind: str, request: pytest.FixtureRequest, digits: Digits) -> None:
+    head = request.getfixturevalue(f"{kind}_head")
+    config = {"linear": LINEAR, "mlp": MLP, "finetune": FINETUNE}[kind]
+    tail = tiny_tail() if kind == "finetune" else None
+    _, _, x_val, _ = digits.maps() if kind == "finetune" else digits.pooled()
+
+    stored = save_safetensors(head_state(head))
+    reloaded = load_head(HeadConfig.model_validate_json(config.model_dump_json()), load_safetensors(stored), tail)
+
+    assert not reloaded.training
+    assert torch.equal(predict_logits(reloaded, x_val), predict_logits(head, x_val))
+
+
+def test_loading_weights_of_another_shape_is_rejected(linear_head: nn.Module) -> None:
+    wider = HeadConfig(kind=HeadKind.LINEAR, in_features=32, num_classes=10)
+    with pytest.raises(InvalidArgument):
+        load_head(wider, head_state(linear_head))
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def one_hot_logits(predicted: list[int], num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predicted), num_classes).float() * 10.0
+
+
+def test_evaluate_counts_a_known_confusion() -> None:
+    true = torch.tensor([0, 0, 0, 1, 1, 2])
+    predicted = [0, 0, 1, 1, 0, 2]
+    metrics = evaluate(one_hot_logits(predicted, 3), true, ["cat", "dog", "eel"])
+
+    assert metrics.confusion == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert metrics.accuracy == pytest.approx(4 / 6)
+    assert metrics.num_examples == 6
+    cat, dog, eel = metrics.per_class
+    assert (cat.label, cat.support) == ("cat", 3)
+    assert cat.precision == pytest.approx(2 / 3) and cat.recall == pytest.approx(2 / 3)
+    assert dog.precision == pytest.approx(1 / 2) and dog.recall == pytest.approx(1 / 2)
+    assert dog.f1 == pytest.approx(1 / 2)
+    assert (eel.precision, eel.recall, eel.f1) == (1.0, 1.0, 1.0)
+
+
+def test_evaluate_gives_zero_not_nan_for_a_class_never_predicted() -> None:
+    metrics = evaluate(one_hot_logits([0, 0, 0], 2), torch.tensor([0, 1, 1]), ["a", "b"])
+    b = metrics.per_class[1]
+    assert (b.precision, b.recall, b.f1) == (0.0, 0.0, 0.0)
+    assert all(math.isfinite(value) for c in metrics.per_class for value in (c.precision, c.recall, c.f1))
+
+
+def test_evaluate_finds_no_calibration_error_when_confidence_matches_accuracy() -> None:
+    # Every prediction is class 0 with confidence 0.75, and 3 of 4 are right.
+    logits = torch.tensor([[math.log(3.0), 0.0]] * 4)
+    metrics = evaluate(logits, torch.tensor([0, 0, 0, 1]), ["a", "b"])
+    assert metrics.ece == pytest.approx(0.0, abs=1e-6)
+    assert metrics.loss == pytest.approx(-(3 * math.log(0.75) + math.log(0.25)) / 4, rel=1e-5)
+
+
+def test_evaluate_measures_overconfidence() -> None:
+    # Confidence ~1.0 but only half right: the calibration error is ~0.5.
+    metrics = evaluate(one_hot_logits([0, 0, 0, 0], 2), torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    assert metrics.ece == pytest.approx(0.5, abs=1e-3)
+
+
+def test_evaluate_rejects_logits_that_do_not_match_the_class_names() -> None:
+    with pytest.raises(InvalidArgument):
+        evaluate(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64), ["a", "b"])
+
+
+# --- hyperparameters and search spaces ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"lr": -0.1},
+        {"lr": 0.0},
+        {"lr": 11.0},
+        {"weight_decay": -1e-4},
+        {"weight_decay": float("nan")},
+        {"epochs": 0},
+        {"epochs": 501},
+        {"batch_size": 0},
+        {"batch_size": 5000},
+        {"hidden": 0},
+        {"label_smoothing": 0.5},
+        {"patience": 0},
+    ],
+)
+def test_hyperparams_reject_unsafe_values(override: dict) -> None:
+    with pytest.raises(ValidationError):
+        HyperParams.model_validate(default_hyperparams(HeadKind.MLP).model_dump() | override)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"lr": [float("nan")], "weight_decay": [0.0]},
+        {"lr": [1e-3], "weight_decay": [float("inf")]},
+        {"lr": [-1e-3], "weight_decay": [0.0]},
+        {"lr": [], "weight_decay": [0.0]},
+        {"lr": [1e-3], "weight_decay": [0.0], "hidden": [0]},
+        {"lr": [1e-3] * 5, "weight_decay": [1e-4] * 5, "hidden": [8, 16, 32]},  # 75 combinations
+        {"lr": [1e-3], "weight_decay": [0.0], "max_trials": 65},
+    ],
+)
+def test_search_space_rejects_unsafe_or_oversized_grids(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        SearchSpace(**fields)
+
+
+def test_default_search_spaces_have_the_documented_sizes() -> None:
+    assert len(default_search_space(HeadKind.LINEAR).grid()) == 8
+    assert len(default_search_space(HeadKind.MLP).grid()) == 8
+    assert len(default_search_space(HeadKind.FINETUNE).grid()) == 2
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+def test_fit_raises_cancelled_when_asked_to_stop(digits: Digits) -> None:
+    x_train, y_train, _, _ = digits.pooled()
+    with pytest.raises(Cancelled):
+        fit(build_head(MLP), x_train, y_train, FAST_MLP, cancelled=lambda: True)
+
+
+def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    polls = iter(range(1000))
+
+    def stop() -> bool:
+        return next(polls) >= 3
+
+    with pytest.raises(Cancelled):
+        tune(LINEAR, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.LINEAR), cancelled=stop)
+
+
+# --- tuning -----------------------------------------------------------------------------
+
+
+def test_tune_returns_the_best_trial_and_reports_progress_to_completion(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    events: list[ProgressEvent] = []
+    space = default_search_space(HeadKind.LINEAR)
+    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=space, progress=events.append)
+
+    assert len(result.trials) == 8
+    best_accuracy = max(trial.val_accuracy for trial in result.trials)
+    assert result.best in [trial.hp for trial in result.trials if trial.val_accuracy == best_accuracy]
+    assert accuracy(predict_logits(result.head, x_val), y_val) == pytest.approx(best_accuracy)
+    assert best_accuracy >= 0.85
+
+    fractions = [event.fraction for event in events]
+    assert all(event.phase == "search" for event in events)
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+
+
+def test_tune_of_an_mlp_returns_the_config_of_the_winning_width(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    space = SearchSpace(lr=[3e-3], weight_decay=[1e-4], hidden=[4, 64])
+    result = tune(MLP, x_train, y_train, x_val, y_val, space=space, base=FAST_MLP.model_copy(update={"epochs": 4}))
+
+    assert [trial.hp.hidden for trial in result.trials] == [4, 64]
+    assert result.config.hidden == result.best.hidden
+    reloaded = load_head(result.config, head_state(result.head))
+    assert torch.equal(predict_logits(reloaded, x_val), predict_logits(result.head, x_val))
+
+
+def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.maps()
+    with pytest.raises(InvalidArgument):
+        tune(FINETUNE, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.FINETUNE))
+
+
+# --- class weights ------------------------------------------------------------------------
+
+
+def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
+    weights = class_weights_for(torch.tensor([0, 0, 0, 1]), num_classes=2)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1.5]))
+
+
+def test_class_weights_raise_minority_recall_on_an_imbalanced_problem() -> None:
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(majority: int, minority: int) -> tuple[torch.Tensor, torch.Tensor]:
+        common = torch.randn(majority, 4, generator=generator)
+        rare = torch.randn(minority, 4, generator=generator) + 1.0
+        x = torch.cat([common, rare])
+        y = torch.cat([torch.zeros(majority, dtype=torch.int64), torch.ones(minority, dtype=torch.int64)])
+        return x, y
+
+    x_train, y_train = sample(1000, 30)
+    x_test, y_test = sample(500, 500)
+    config = HeadConfig(kind=HeadKind.LINEAR, in_features=4, num_classes=2)
+    hp = default_hyperparams(HeadKind.LINEAR)
+
+    def minority_recall(class_weights: torch.Tensor | None) -> float:
+        head = build_head(config)
+        fit(head, x_train, y_train, hp, class_weights=class_weights)
+        return evaluate(predict_logits(head, x_test), y_test, ["common", "rare"]).per_class[1].recall
+
+    assert minority_recall(class_weights_for(y_train, 2)) > minority_recall(None) + 0.2
