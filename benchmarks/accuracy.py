@@ -1,0 +1,104 @@
+"""Accuracy of graft's adapters on Fashion-MNIST, against scikit-learn on the same features.
+
+2,000 train / 2,000 test images (200 per class, stratified, from the official
+splits). graft trains each adapter kind with its default search; scikit-learn's
+LogisticRegression (lbfgs) picks C on graft's own validation split of the same
+pooled MobileNetV2 features, so the comparison isolates the classifier.
+
+    python benchmarks/accuracy.py            # prints one JSON object last
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from adapters.heads import HeadKind, HeadConfig, load_head
+from adapters.splits import stratified_split
+from adapters.tuning import default_search_space
+from sample_data import fashion_mnist_pngs
+from service.config import Settings
+from service.core import Core
+from service.training import TrainRequest
+
+TENANT = "bench"
+
+
+def sklearn_logreg_accuracy(x_train, y_train, x_test, y_test, holdout_fraction: float, seed: int) -> tuple[float, float]:
+    """Pick C on graft's validation split (same grid as graft's linear search), test the winner."""
+    fit_idx, val_idx = stratified_split(y_train.tolist(), holdout_fraction, seed)
+    scaler = StandardScaler().fit(x_train[fit_idx])
+    xs_fit, xs_val, xs_test = (scaler.transform(x) for x in (x_train[fit_idx], x_train[val_idx], x_test))
+    best = (-1.0, None)
+    for weight_decay in default_search_space(HeadKind.LINEAR).weight_decay:
+        c = 1.0 / (weight_decay * len(fit_idx))
+        model = LogisticRegression(C=c, max_iter=2000).fit(xs_fit, y_train[fit_idx])
+        best = max(best, (model.score(xs_val, y_train[val_idx]), model), key=lambda t: t[0])
+    return float(best[1].score(xs_test, y_test)), float(best[1].C)
+
+
+def head_accuracy(core: Core, version, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
+    backbone = core.backbones[version.backbone]
+    tail = backbone.fresh_tail(version.split_point) if version.kind == HeadKind.FINETUNE else None
+    head = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version), tail)
+    with torch.no_grad():
+        predictions = head(x_test).argmax(1)
+    return float((predictions == y_test).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=200, help="images per class in train and in test")
+    parser.add_argument("--kinds", default="linear,mlp,finetune")
+    parser.add_argument("--data-dir", type=Path, default=None, help="keep graft's storage (and feature cache) here")
+    args = parser.parse_args()
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
+    core = Core.open(Settings(data_dir=data_dir))
+    backbone = core.backbones["mobilenet_v2"]
+    train_files = fashion_mnist_pngs("train", args.per_class, seed=0)
+    test_files = fashion_mnist_pngs("test", args.per_class, seed=0)
+    train = core.datasets.create(TENANT, "fmnist-train", [(f"train/{i}.png", b, l) for i, (b, l) in enumerate(train_files)])
+    test = core.datasets.create(TENANT, "fmnist-test", [(f"test/{i}.png", b, l) for i, (b, l) in enumerate(test_files)])
+    class_index = {name: i for i, name in enumerate(train.classes)}
+    test_examples = core.datasets.examples(TENANT, test.id)
+    y_test = torch.tensor([class_index[label] for _, label in test_examples])
+    test_shas = [sha for sha, _ in test_examples]
+
+    result: dict[str, float | int | str] = {"train_images": len(train_files), "test_images": len(test_files)}
+    timings = {}
+    for kind in args.kinds.split(","):
+        request = TrainRequest(dataset_id=train.id, head_name=f"fmnist-{kind}", kind=HeadKind(kind))
+        started = time.perf_counter()
+        version = core.trainer.train(TENANT, request, progress=lambda e: print(
+            f"  {kind} {e.phase} {e.fraction:.2f} {e.message}", file=sys.stderr))
+        timings[f"{kind}_train_s"] = round(time.perf_counter() - started, 1)
+        x_test = core.extractor.features(backbone, version.split_point, test_shas)
+        result[f"{kind}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
+        result[f"{kind}_hyperparams"] = json.dumps(version.hyperparams, sort_keys=True)
+        print(f"{kind}: {result[f'{kind}_acc']}", file=sys.stderr)
+
+    if "linear" in args.kinds:
+        train_examples = core.datasets.examples(TENANT, train.id)
+        y_train = np.array([class_index[label] for _, label in train_examples])
+        x_train = core.extractor.features(backbone, backbone.num_blocks, [sha for sha, _ in train_examples]).numpy()
+        x_test = core.extractor.features(backbone, backbone.num_blocks, test_shas).numpy()
+        acc, c = sklearn_logreg_accuracy(x_train, y_train, x_test, y_test.numpy(), 0.2, 0)
+        result["sklearn_logreg_acc"] = round(acc, 4)
+        result["sklearn_logreg_C"] = c
+        result["linear_minus_sklearn_points"] = round(100 * (result["linear_acc"] - acc), 2)
+    if "finetune" in args.kinds and "linear" in args.kinds:
+        result["finetune_minus_linear_points"] = round(100 * (result["finetune_acc"] - result["linear_acc"]), 2)
+    result.update(timings)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

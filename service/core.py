@@ -1,0 +1,53 @@
+"""The core graft assembles from its settings: storage, backbones and the trainer.
+
+Both doors (HTTP and gRPC), benchmarks and tests build exactly this object, so
+there is one wiring of the parts and no transport-specific logic.
+"""
+
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.engine.backbones import Backbone, load_backbone
+from service.engine.device import Placement, choose_placement, configure_cpu_threads
+from service.engine.extraction import FeatureExtractor
+from service.store.blobs import BlobStore
+from service.store.datasets import DatasetStore
+from service.store.db import Database
+from service.store.features import FeatureCache
+from service.store.heads import HeadRegistry
+from service.training import Trainer
+
+
+@dataclass
+class Core:
+    settings: Settings
+    placement: Placement
+    db: Database
+    blobs: BlobStore
+    datasets: DatasetStore
+    heads: HeadRegistry
+    extractor: FeatureExtractor
+    backbones: dict[str, Backbone]
+    trainer: Trainer
+
+    @classmethod
+    def open(cls, settings: Settings | None = None, backbones: list[str] | None = None) -> "Core":
+        """Open storage under ``settings.data_dir`` and load the backbones (default: the default one)."""
+        settings = settings or Settings()
+        placement = choose_placement(settings.device)
+        if placement.device.type == "cpu":
+            configure_cpu_threads(settings.torch_threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.resolved_registry_url)
+        blobs = BlobStore(settings.blob_dir)
+        datasets = DatasetStore(db, blobs, settings)
+        heads = HeadRegistry(db, blobs)
+        extractor = FeatureExtractor(
+            blobs,
+            FeatureCache(settings.feature_dir),
+            batch_size=settings.feature_batch_size,
+            max_pixels=settings.max_image_pixels,
+        )
+        loaded = {name: load_backbone(name, placement) for name in backbones or [settings.default_backbone]}
+        trainer = Trainer(loaded, datasets, extractor, heads)
+        return cls(settings, placement, db, blobs, datasets, heads, extractor, loaded, trainer)

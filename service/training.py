@@ -1,0 +1,158 @@
+"""The transfer-learning recipe, end to end, for one dataset and one head.
+
+dataset -> cached trunk features at the split point -> stratified hold-out ->
+hyper-parameter search (each trial trained on the train part, scored on the
+hold-out) -> metrics of the best trial on the hold-out -> a new head version.
+
+Jobs (background, cancellable, with progress) call :meth:`Trainer.train`; so do
+benchmarks and tests, directly.
+"""
+
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from adapters.heads import HeadConfig, HeadKind, head_state
+from adapters.metrics import evaluate
+from adapters.splits import stratified_split
+from adapters.trainer import HyperParams, ProgressEvent, class_weights_for, default_hyperparams
+from adapters.tuning import SearchSpace, default_search_space, tune
+from service.engine.backbones import Backbone
+from service.engine.extraction import FeatureExtractor
+from service.errors import FailedPrecondition, InvalidArgument
+from service.store.datasets import DatasetStore
+from service.store.heads import HeadRegistry, HeadVersionInfo
+
+DEFAULT_FINETUNE_BLOCKS = 4
+
+
+class TrainRequest(BaseModel):
+    """What a client asks for when it wants a head trained."""
+
+    dataset_id: str
+    head_name: str
+    backbone: str = "mobilenet_v2"
+    kind: HeadKind = HeadKind.LINEAR
+    finetune_blocks: int | None = Field(None, description="finetune only: how many last blocks to train (default 4)")
+    search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
+    hyperparams: HyperParams | None = Field(None, description="fixed settings the search varies around")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _blocks_only_for_finetune(self) -> "TrainRequest":
+        if self.finetune_blocks is not None and self.kind != HeadKind.FINETUNE:
+            raise ValueError("finetune_blocks applies to kind 'finetune' only")
+        return self
+
+
+Progress = Callable[[ProgressEvent], None]
+
+# Share of a job's progress bar spent extracting features (the rest is training).
+EXTRACTION_SHARE = 0.5
+
+
+class Trainer:
+    def __init__(
+        self,
+        backbones: dict[str, Backbone],
+        datasets: DatasetStore,
+        extractor: FeatureExtractor,
+        heads: HeadRegistry,
+    ) -> None:
+        self.backbones = backbones
+        self.datasets = datasets
+        self.extractor = extractor
+        self.heads = heads
+
+    def backbone(self, name: str) -> Backbone:
+        try:
+            return self.backbones[name]
+        except KeyError:
+            raise InvalidArgument(
+                f"backbone '{name}' is not loaded by this service; loaded: {', '.join(sorted(self.backbones))}"
+            ) from None
+
+    def split_point(self, request: TrainRequest) -> int:
+        backbone = self.backbone(request.backbone)
+        if request.kind == HeadKind.FINETUNE:
+            return backbone.split_for_blocks(request.finetune_blocks or DEFAULT_FINETUNE_BLOCKS)
+        return backbone.num_blocks
+
+    def train(
+        self,
+        tenant: str,
+        request: TrainRequest,
+        *,
+        job_id: str | None = None,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> HeadVersionInfo:
+        report = progress or (lambda event: None)
+        backbone = self.backbone(request.backbone)
+        split = self.split_point(request)
+        dataset = self.datasets.get(tenant, request.dataset_id)
+        examples = self.datasets.examples(tenant, request.dataset_id)
+        class_index = {name: i for i, name in enumerate(dataset.classes)}
+        labels = torch.tensor([class_index[label] for _, label in examples])
+
+        def extraction_progress(done: int, total: int) -> None:
+            report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * done / total,
+                                 message=f"features for {done}/{total} new images", metrics={}))
+
+        features = self.extractor.features(
+            backbone, split, [sha for sha, _ in examples], progress=extraction_progress, cancelled=cancelled
+        )
+        train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
+        if len(holdout_idx) == 0:
+            raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
+
+        base = request.hyperparams or default_hyperparams(request.kind)
+        finetune = request.kind == HeadKind.FINETUNE
+        config = HeadConfig(
+            kind=request.kind,
+            in_features=int(features.shape[1]),
+            num_classes=len(dataset.classes),
+            hidden=base.hidden if request.kind == HeadKind.MLP else None,
+            tail_blocks=backbone.num_blocks - split if finetune else None,
+            tail_out_channels=backbone.spec.feature_dim if finetune else None,
+        )
+        tail_factory = (lambda: backbone.fresh_tail(split)) if finetune else None
+
+        def training_progress(event: ProgressEvent) -> None:
+            report(event.model_copy(update={"fraction": EXTRACTION_SHARE + (1 - EXTRACTION_SHARE) * event.fraction}))
+
+        x_train, y_train = features[train_idx], labels[train_idx]
+        x_holdout, y_holdout = features[holdout_idx], labels[holdout_idx]
+        result = tune(
+            config,
+            x_train,
+            y_train,
+            x_holdout,
+            y_holdout,
+            space=request.search or default_search_space(request.kind),
+            base=base,
+            tail_factory=tail_factory,
+            class_weights=class_weights_for(y_train, config.num_classes),
+            progress=training_progress,
+            cancelled=cancelled,
+        )
+        head = result.head.eval()
+        with torch.no_grad():
+            metrics = evaluate(head(x_holdout), y_holdout, dataset.classes)
+        report(ProgressEvent(phase="save", fraction=1.0, message="saving head", metrics={"accuracy": metrics.accuracy}))
+        return self.heads.create_version(
+            tenant,
+            request.head_name,
+            tensors=head_state(head),
+            backbone=backbone.name,
+            split_point=split,
+            kind=request.kind.value,
+            classes=dataset.classes,
+            config=result.config.model_dump(mode="json"),
+            hyperparams=result.best.model_dump(mode="json"),
+            metrics={**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]},
+            dataset_id=dataset.id,
+            job_id=job_id,
+        )

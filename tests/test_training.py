@@ -1,0 +1,97 @@
+"""The whole recipe on real images: dataset -> cached features -> tuned head -> registry."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.heads import HeadConfig, HeadKind, load_head
+from adapters.tuning import SearchSpace
+from service.config import Settings
+from service.core import Core
+from service.errors import Cancelled, InvalidArgument, NotFound
+from service.training import TrainRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from sample_data import fashion_mnist_pngs  # noqa: E402
+
+TENANT = "acme"
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory, mobilenet) -> Core:
+    core = Core.open(Settings(data_dir=tmp_path_factory.mktemp("graft")), backbones=[])
+    core.backbones["mobilenet_v2"] = mobilenet  # share the session's loaded backbone
+    return core
+
+
+@pytest.fixture(scope="module")
+def fashion(core):
+    files = fashion_mnist_pngs("train", per_class=12, seed=3)
+    return core.datasets.create(TENANT, "fashion", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
+
+
+@pytest.mark.parametrize(
+    ("kind", "search", "min_accuracy"),
+    [
+        (HeadKind.LINEAR, None, 0.5),
+        (HeadKind.MLP, SearchSpace(lr=[3e-3], weight_decay=[1e-4], hidden=[256]), 0.5),
+        (HeadKind.FINETUNE, SearchSpace(lr=[1e-3], weight_decay=[1e-4]), 0.4),
+    ],
+)
+def test_each_head_kind_learns_fashion_mnist_well_above_chance(core, fashion, kind, search, min_accuracy):
+    request = TrainRequest(dataset_id=fashion.id, head_name=f"fashion-{kind.value}", kind=kind, search=search,
+                           finetune_blocks=2 if kind is HeadKind.FINETUNE else None)
+    version = core.trainer.train(TENANT, request)
+    assert version.kind == kind.value
+    assert version.metrics["accuracy"] >= min_accuracy  # chance is 0.1
+    assert len(version.metrics["confusion"]) == 10
+
+    # The stored head reloads and reproduces its hold-out predictions.
+    backbone = core.backbones["mobilenet_v2"]
+    tail = backbone.fresh_tail(version.split_point) if kind is HeadKind.FINETUNE else None
+    head = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version), tail)
+    shas = [sha for sha, _ in core.datasets.examples(TENANT, fashion.id)]
+    with torch.no_grad():
+        logits = head(core.extractor.features(backbone, version.split_point, shas))
+    assert logits.shape == (len(shas), 10)
+
+
+def test_retraining_reads_cached_features_instead_of_running_the_trunk(core, fashion):
+    request = TrainRequest(dataset_id=fashion.id, head_name="cached", search=SearchSpace(lr=[1.0], weight_decay=[1e-3]))
+    core.trainer.train(TENANT, request)
+    phases = []
+    core.trainer.train(TENANT, request, progress=lambda event: phases.append(event.phase))
+    assert "extract" not in phases
+    assert core.heads.get(TENANT, "cached").latest_version == 2
+
+
+def test_progress_rises_to_one(core, fashion):
+    fractions = []
+    request = TrainRequest(dataset_id=fashion.id, head_name="progress", search=SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]))
+    core.trainer.train(TENANT, request, progress=lambda event: fractions.append(event.fraction))
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_cancelled_training_stores_no_head(core, fashion):
+    request = TrainRequest(dataset_id=fashion.id, head_name="never")
+    with pytest.raises(Cancelled):
+        core.trainer.train(TENANT, request, cancelled=lambda: True)
+    with pytest.raises(NotFound):
+        core.heads.get(TENANT, "never")
+
+
+def test_another_tenants_dataset_is_not_found(core, fashion):
+    with pytest.raises(NotFound):
+        core.trainer.train("intruder", TrainRequest(dataset_id=fashion.id, head_name="stolen"))
+
+
+def test_unloaded_backbone_is_rejected(core, fashion):
+    with pytest.raises(InvalidArgument, match="not loaded"):
+        core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="x", backbone="resnet50"))
+
+
+def test_finetune_blocks_only_apply_to_finetune():
+    with pytest.raises(ValueError, match="finetune_blocks applies to kind 'finetune' only"):
+        TrainRequest(dataset_id="ds_1", head_name="x", kind=HeadKind.LINEAR, finetune_blocks=2)
