@@ -1,20 +1,15 @@
 """The whole recipe on real images: dataset -> cached features -> tuned head -> registry."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from adapters.heads import HeadConfig, HeadKind, load_head
+from sample_data import fashion_mnist_pngs
 from adapters.tuning import SearchSpace
 from service.config import Settings
 from service.core import Core
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from sample_data import fashion_mnist_pngs  # noqa: E402
 
 TENANT = "acme"
 

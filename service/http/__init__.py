@@ -1,0 +1,1 @@
+"""The HTTP door: a FastAPI app mounted into the BentoML service."""
