@@ -32,7 +32,7 @@ class Core:
 
     @classmethod
     def open(cls, settings: Settings | None = None, backbones: list[str] | None = None) -> "Core":
-        """Open storage under ``settings.data_dir`` and load the backbones (default: the default one)."""
+        """Open storage under ``settings.data_dir`` and load the backbones (default: ``settings.backbones``)."""
         settings = settings or Settings()
         placement = choose_placement(settings.device)
         if placement.device.type == "cpu":
@@ -48,6 +48,7 @@ class Core:
             batch_size=settings.feature_batch_size,
             max_pixels=settings.max_image_pixels,
         )
-        loaded = {name: load_backbone(name, placement) for name in backbones or [settings.default_backbone]}
+        names = settings.backbones if backbones is None else backbones
+        loaded = {name: load_backbone(name, placement, settings.weights_dir) for name in names}
         trainer = Trainer(loaded, datasets, extractor, heads)
         return cls(settings, placement, db, blobs, datasets, heads, extractor, loaded, trainer)

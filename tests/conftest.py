@@ -12,3 +12,9 @@ def mobilenet() -> Backbone:
     """The real MobileNetV2 with verified ImageNet weights (``make weights`` provisions them)."""
     torch.manual_seed(0)
     return load_backbone("mobilenet_v2", choose_placement("cpu"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the loop BentoML and grpc.aio use."""
+    return "asyncio"

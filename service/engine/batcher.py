@@ -1,0 +1,162 @@
+"""The dynamic batcher: one per backbone, shared by every caller and both doors.
+
+Requests (one image each, with the heads it wants) wait in a bounded queue. A
+single worker takes up to ``max_batch_size`` of them, waiting at most
+``max_latency_ms`` after the first for the batch to fill, and runs the batch
+in its own thread so the event loop keeps accepting work. While a batch runs,
+the next one gathers, so under load batches fill without waiting.
+
+``group_by_head`` makes each batch hold one head only: that is how per-model
+servers (e.g. Ray Serve's model multiplexing) batch, kept as a baseline for
+the benchmarks.
+"""
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine.backbones import Backbone
+from service.engine.execution import BatchOutput, run_batch
+from service.engine.head_cache import LoadedHead
+from service.errors import ResourceExhausted
+
+
+@dataclass(eq=False)
+class _Request:
+    image: torch.Tensor
+    heads: list[LoadedHead]
+    want_embedding: bool
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def group(self) -> tuple:
+        return tuple(head.key for head in self.heads)
+
+
+@dataclass(frozen=True)
+class RowResult:
+    logits: list[torch.Tensor]  # per requested head, over that head's classes (CPU)
+    embedding: torch.Tensor | None
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    images: int = 0
+
+
+class Batcher:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        max_batch_size: int = 32,
+        max_latency_ms: float = 2.0,
+        max_queue: int = 1024,
+        group_by_head: bool = False,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``on_batch(batch_size, queue_depth)`` is called as each batch starts (for metrics)."""
+        self.backbone = backbone
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_ms / 1000
+        self.max_queue = max_queue
+        self.group_by_head = group_by_head
+        self.on_batch = on_batch
+        self.stats = BatcherStats()
+        self._queue: deque[_Request] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"trunk-{backbone.name}")
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.backbone.name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        for request in self._queue:
+            request.future.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=False)
+
+    async def submit(self, image: torch.Tensor, heads: list[LoadedHead], want_embedding: bool = False) -> RowResult:
+        """Queue one preprocessed image [3, H, W]; refuse at once when the queue is full."""
+        if len(self._queue) >= self.max_queue:
+            raise ResourceExhausted(
+                f"the prediction queue for {self.backbone.name} is full ({self.max_queue} images); retry shortly"
+            )
+        self.start()
+        request = _Request(image, heads, want_embedding, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._arrived.set()
+        return await request.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if self.on_batch is not None:
+                self.on_batch(len(batch), len(self._queue))
+            try:
+                output = await loop.run_in_executor(self._executor, self._execute, batch)
+            except Exception as exc:  # a failed batch fails its requests, not the worker
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            for request, result in zip(batch, output, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+
+    async def _next_batch(self) -> list[_Request]:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = time.monotonic() + self.max_latency_s
+        while len(self._queue) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        return self._take()
+
+    def _take(self) -> list[_Request]:
+        if not self.group_by_head:
+            count = min(self.max_batch_size, len(self._queue))
+            return [self._queue.popleft() for _ in range(count)]
+        group = self._queue[0].group
+        batch, rest = [], deque()
+        while self._queue:
+            request = self._queue.popleft()
+            (batch if request.group == group and len(batch) < self.max_batch_size else rest).append(request)
+        self._queue = rest
+        return batch
+
+    def _execute(self, batch: list[_Request]) -> list[RowResult]:
+        images = torch.stack([request.image for request in batch])
+        want_embeddings = any(request.want_embedding for request in batch)
+        output: BatchOutput = run_batch(self.backbone, images, [request.heads for request in batch], want_embeddings)
+        self.stats.batches += 1
+        self.stats.images += len(batch)
+        embeddings = output.embeddings.cpu() if output.embeddings is not None else None
+        return [
+            RowResult(
+                logits=[logits.float().cpu() for logits in output.logits[i]],
+                embedding=embeddings[i] if embeddings is not None and request.want_embedding else None,
+            )
+            for i, request in enumerate(batch)
+        ]

@@ -1,0 +1,126 @@
+"""Trained heads, loaded lazily from the registry and kept in an LRU bounded by bytes.
+
+A head is cached under its exact version, and a reference (``name``,
+``name@3``, ``name:prod``) is resolved against the registry on every request,
+so moving an alias takes effect on the next request and a deleted head is
+"not found" at once. Loading runs in a worker thread: it never blocks other
+requests' batches.
+"""
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.heads import HeadConfig, HeadKind, LinearHead, load_head
+from service.engine.backbones import Backbone
+from service.errors import FailedPrecondition
+from service.store.heads import HeadRegistry, HeadVersionInfo
+
+HeadKey = tuple[str, str, int]  # (tenant, name, version)
+
+
+@dataclass(eq=False, slots=True)
+class LoadedHead:
+    """A head ready to run on its backbone's device.
+
+    Linear heads keep only their folded weight and bias (the engine gathers
+    them into one batched matmul); other kinds keep their module.
+    """
+
+    key: HeadKey
+    backbone: str
+    kind: HeadKind
+    split_point: int
+    classes: tuple[str, ...]
+    weight: torch.Tensor | None  # linear: [C, D], standardisation folded in
+    bias: torch.Tensor | None  # linear: [C]
+    module: nn.Module | None  # mlp and finetune
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return self.key[1]
+
+    @property
+    def version(self) -> int:
+        return self.key[2]
+
+
+def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbone: Backbone) -> LoadedHead:
+    """Registry row + stored tensors -> a LoadedHead on the backbone's device."""
+    config = HeadConfig.model_validate(info.config)
+    tail = backbone.fresh_tail(info.split_point) if config.kind is HeadKind.FINETUNE else None
+    head = load_head(config, tensors, tail).to(backbone.placement.device)
+    head.requires_grad_(False)
+    weight = bias = module = None
+    if isinstance(head, LinearHead):
+        weight, bias = (t.contiguous() for t in head.effective_weight_bias())
+        nbytes = weight.nbytes + bias.nbytes
+    else:
+        module = head
+        nbytes = sum(t.nbytes for t in head.state_dict().values())
+    return LoadedHead(
+        key=(info.tenant, info.name, info.version),
+        backbone=info.backbone,
+        kind=config.kind,
+        split_point=info.split_point,
+        classes=tuple(info.classes),
+        weight=weight,
+        bias=bias,
+        module=module,
+        nbytes=nbytes,
+    )
+
+
+class HeadCache:
+    def __init__(self, registry: HeadRegistry, backbones: dict[str, Backbone], max_bytes: int) -> None:
+        self.registry = registry
+        self.backbones = backbones
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._heads: OrderedDict[HeadKey, LoadedHead] = OrderedDict()
+        self._loading: dict[HeadKey, asyncio.Future[LoadedHead]] = {}
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+    async def get(self, tenant: str, ref: str) -> LoadedHead:
+        info = await asyncio.to_thread(self.registry.resolve, tenant, ref)
+        key: HeadKey = (info.tenant, info.name, info.version)
+        head = self._heads.get(key)
+        if head is not None:
+            self._heads.move_to_end(key)
+            return head
+        if key in self._loading:  # another request is loading it: share that load
+            return await asyncio.shield(self._loading[key])
+        future: asyncio.Future[LoadedHead] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            head = await asyncio.to_thread(self._load, info)
+            self._insert(head)
+            future.set_result(head)
+            return head
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            del self._loading[key]
+
+    def _load(self, info: HeadVersionInfo) -> LoadedHead:
+        backbone = self.backbones.get(info.backbone)
+        if backbone is None:
+            raise FailedPrecondition(
+                f"head '{info.name}' needs backbone '{info.backbone}', which this service does not load"
+            )
+        return materialise(info, self.registry.load_tensors(info), backbone)
+
+    def _insert(self, head: LoadedHead) -> None:
+        self._heads[head.key] = head
+        self.bytes += head.nbytes
+        while self.bytes > self.max_bytes and len(self._heads) > 1:
+            _, evicted = self._heads.popitem(last=False)
+            self.bytes -= evicted.nbytes

@@ -1,0 +1,134 @@
+"""The engine's predict API: images x head references -> top-k labels per image per head.
+
+Both doors call :meth:`Predictor.predict`. Heads are resolved and loaded
+first (so a bad reference fails before any image is decoded), images are
+decoded and preprocessed in worker threads, and every image goes through its
+backbone's shared batcher once, however many heads it asks for.
+"""
+
+import asyncio
+from typing import Protocol
+
+import torch
+from pydantic import BaseModel
+
+from service.config import Settings
+from service.engine.backbones import Backbone
+from service.engine.batcher import Batcher
+from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
+from service.engine.preprocess import prepare_image
+from service.errors import InvalidArgument
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class HeadPrediction(BaseModel):
+    head: str
+    version: int
+    top: list[LabelScore]
+
+
+class ImagePrediction(BaseModel):
+    heads: list[HeadPrediction]
+    embedding: list[float] | None = None
+
+
+class EngineMetrics(Protocol):
+    """Where the engine reports what it does (Prometheus in the service; nothing in tests)."""
+
+    def batch(self, backbone: str, size: int, queue_depth: int) -> None: ...
+
+    def predictions(self, kind: str, door: str, count: int) -> None: ...
+
+
+class Predictor:
+    def __init__(
+        self,
+        backbones: dict[str, Backbone],
+        heads: HeadCache,
+        settings: Settings,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.backbones = backbones
+        self.heads = heads
+        self.settings = settings
+        self.metrics = metrics
+        self.batchers = {
+            name: Batcher(
+                backbone,
+                max_batch_size=settings.max_batch_size,
+                max_latency_ms=settings.max_latency_ms,
+                max_queue=settings.max_queue_images,
+                on_batch=(lambda size, depth, name=name: metrics.batch(name, size, depth)) if metrics else None,
+            )
+            for name, backbone in backbones.items()
+        }
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(batcher.stop() for batcher in self.batchers.values()))
+
+    async def predict(
+        self,
+        tenant: str,
+        images: list[bytes],
+        head_refs: list[str],
+        *,
+        top_k: int = 5,
+        embedding: bool = False,
+        door: str = "engine",
+    ) -> list[ImagePrediction]:
+        """``door`` names the caller ("http", "grpc") for metrics only."""
+        self._check_request(images, head_refs, top_k)
+        heads = [await self.heads.get(tenant, ref) for ref in dict.fromkeys(head_refs)]
+        by_backbone: dict[str, list[LoadedHead]] = {}
+        for head in heads:
+            by_backbone.setdefault(head.backbone, []).append(head)
+
+        async def one_image(index: int, data: bytes) -> ImagePrediction:
+            results: dict[HeadKey, HeadPrediction] = {}
+            pooled: list[float] | None = None
+            for backbone_name, group in by_backbone.items():
+                backbone = self.backbones[backbone_name]
+                tensor = await asyncio.to_thread(
+                    prepare_image, backbone, data, name=f"image {index}",
+                    max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
+                )  # fmt: skip
+                row = await self.batchers[backbone_name].submit(tensor, group, want_embedding=embedding)
+                for head, logits in zip(group, row.logits, strict=True):
+                    results[head.key] = _top_k(head, logits, top_k)
+                if row.embedding is not None and pooled is None:
+                    pooled = row.embedding.tolist()
+            return ImagePrediction(heads=[results[head.key] for head in heads], embedding=pooled)
+
+        predictions = list(await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images))))
+        if self.metrics is not None:
+            for head in heads:
+                self.metrics.predictions(head.kind.value, door, len(images))
+        return predictions
+
+    def _check_request(self, images: list[bytes], head_refs: list[str], top_k: int) -> None:
+        if not images:
+            raise InvalidArgument("send at least one image")
+        if len(images) > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+        if not head_refs:
+            raise InvalidArgument("name at least one head (e.g. 'my-head', 'my-head@2' or 'my-head:prod')")
+        if len(head_refs) > self.settings.max_heads_per_request:
+            raise InvalidArgument(f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}")
+        if not 1 <= top_k <= 1000:
+            raise InvalidArgument(f"top_k must be between 1 and 1000, got {top_k}")
+
+
+def _top_k(head: LoadedHead, logits: torch.Tensor, k: int) -> HeadPrediction:
+    scores = torch.softmax(logits.float(), dim=0)
+    best = scores.topk(min(k, scores.shape[0]))
+    return HeadPrediction(
+        head=head.name,
+        version=head.version,
+        top=[LabelScore(label=head.classes[i], score=float(s)) for s, i in zip(best.values, best.indices, strict=True)],
+    )

@@ -1,0 +1,195 @@
+"""The inference engine: heterogeneous batches, the head cache, the batcher and predict."""
+
+import asyncio
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from adapters.heads import HeadConfig, HeadKind, build_head, head_state
+from service.config import Settings
+from service.core import Core
+from service.engine.batcher import Batcher
+from service.engine.execution import run_batch
+from service.engine.head_cache import HeadCache, materialise
+from service.engine.predictor import Predictor
+from service.errors import InvalidArgument, NotFound, ResourceExhausted
+
+TENANT = "acme"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def core(tmp_path, mobilenet) -> Core:
+    core = Core.open(Settings(data_dir=tmp_path), backbones=[])
+    core.backbones["mobilenet_v2"] = mobilenet
+    return core
+
+
+def save_random_head(core: Core, name: str, kind: HeadKind, *, classes: int = 4, seed: int = 0, blocks: int = 2):
+    """A head with random weights in the registry: enough to check the engine's arithmetic."""
+    torch.manual_seed(seed)
+    backbone = core.backbones["mobilenet_v2"]
+    finetune = kind is HeadKind.FINETUNE
+    split = backbone.num_blocks - blocks if finetune else backbone.num_blocks
+    config = HeadConfig(
+        kind=kind,
+        in_features=1280 if not finetune else backbone.features(torch.zeros(1, 3, 224, 224), split).shape[1],
+        num_classes=classes,
+        hidden=64 if kind is HeadKind.MLP else None,
+        tail_blocks=blocks if finetune else None,
+        tail_out_channels=1280 if finetune else None,
+    )
+    head = build_head(config, backbone.fresh_tail(split) if finetune else None)
+    if kind is not HeadKind.FINETUNE:
+        head.set_standardisation(torch.randn(1280) * 0.1, torch.rand(1280) + 0.5)
+    return core.heads.create_version(
+        TENANT, name, tensors=head_state(head), backbone="mobilenet_v2", split_point=split, kind=kind.value,
+        classes=[f"c{i}" for i in range(classes)], config=config.model_dump(mode="json"), hyperparams={},
+        metrics={}, dataset_id="ds_test",
+    )  # fmt: skip
+
+
+def loaded(core: Core, info):
+    return materialise(info, core.heads.load_tensors(info), core.backbones["mobilenet_v2"])
+
+
+def png(seed: int) -> bytes:
+    torch.manual_seed(seed)
+    pixels = (torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_mixed_batch_gives_the_same_logits_as_one_image_and_one_head_at_a_time(core):
+    backbone = core.backbones["mobilenet_v2"]
+    heads = [
+        loaded(core, save_random_head(core, "lin-a", HeadKind.LINEAR, classes=3, seed=1)),
+        loaded(core, save_random_head(core, "lin-b", HeadKind.LINEAR, classes=7, seed=2)),
+        loaded(core, save_random_head(core, "mlp", HeadKind.MLP, classes=5, seed=3)),
+        loaded(core, save_random_head(core, "ft2", HeadKind.FINETUNE, classes=4, seed=4, blocks=2)),
+        loaded(core, save_random_head(core, "ft4", HeadKind.FINETUNE, classes=6, seed=5, blocks=4)),
+    ]
+    images = torch.randn(6, 3, 224, 224)
+    row_heads = [heads, [heads[0]], [heads[1], heads[3]], [heads[4]], [heads[2], heads[0]], [heads[3], heads[1]]]
+
+    batched = run_batch(backbone, images, row_heads, want_embeddings=True)
+
+    for row, wanted in enumerate(row_heads):
+        for slot, head in enumerate(wanted):
+            alone = run_batch(backbone, images[row : row + 1], [[head]], want_embeddings=False).logits[0][0]
+            assert batched.logits[row][slot].shape == (len(head.classes),)
+            torch.testing.assert_close(batched.logits[row][slot], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched.embeddings, backbone.features(images), rtol=1e-4, atol=1e-4)
+
+
+def test_gathered_linear_heads_equal_the_stored_head_module(core):
+    """The folded, gathered matmul reproduces the trained module's own forward pass."""
+    backbone = core.backbones["mobilenet_v2"]
+    info = save_random_head(core, "lin", HeadKind.LINEAR, classes=5)
+    module = build_head(HeadConfig.model_validate(info.config))
+    module.load_state_dict(core.heads.load_tensors(info))
+    images = torch.randn(3, 224 // 1, 224).expand(2, 3, 224, 224)
+    logits = run_batch(backbone, images, [[loaded(core, info)]] * 2, want_embeddings=False).logits
+    with torch.no_grad():
+        expected = module.eval()(backbone.features(images))
+    torch.testing.assert_close(torch.stack([row[0] for row in logits]), expected, rtol=1e-4, atol=1e-4)
+
+
+async def test_a_moved_alias_is_picked_up_on_the_next_request(core):
+    save_random_head(core, "shop", HeadKind.LINEAR, seed=1)
+    save_random_head(core, "shop", HeadKind.LINEAR, seed=2)
+    cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 30)
+    core.heads.set_alias(TENANT, "shop", "prod", 1)
+    assert (await cache.get(TENANT, "shop:prod")).version == 1
+    core.heads.set_alias(TENANT, "shop", "prod", 2)
+    assert (await cache.get(TENANT, "shop:prod")).version == 2
+
+
+async def test_a_deleted_head_is_not_found_even_when_cached(core):
+    save_random_head(core, "gone", HeadKind.LINEAR)
+    cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 30)
+    await cache.get(TENANT, "gone")
+    core.heads.delete_head(TENANT, "gone")
+    with pytest.raises(NotFound):
+        await cache.get(TENANT, "gone")
+
+
+async def test_the_cache_evicts_least_recently_used_heads_by_bytes(core):
+    for i in range(3):
+        save_random_head(core, f"h{i}", HeadKind.LINEAR, classes=4, seed=i)
+    one_head = (1280 * 4 + 4) * 4
+    cache = HeadCache(core.heads, core.backbones, max_bytes=2 * one_head)
+    first = await cache.get(TENANT, "h0")
+    await cache.get(TENANT, "h1")
+    await cache.get(TENANT, "h0")  # h0 is now the most recently used
+    await cache.get(TENANT, "h2")  # evicts h1
+    assert len(cache) == 2 and cache.bytes <= 2 * one_head
+    assert await cache.get(TENANT, "h0") is first
+    assert {key[1] for key in cache._heads} == {"h0", "h2"}
+
+
+async def test_concurrent_first_requests_load_a_head_once(core):
+    save_random_head(core, "popular", HeadKind.LINEAR)
+    cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 30)
+    heads = await asyncio.gather(*(cache.get(TENANT, "popular") for _ in range(5)))
+    assert all(head is heads[0] for head in heads)
+
+
+async def test_a_full_queue_refuses_new_work_with_resource_exhausted(core):
+    head = loaded(core, save_random_head(core, "busy", HeadKind.LINEAR))
+    batcher = Batcher(core.backbones["mobilenet_v2"], max_batch_size=2, max_queue=2)
+    image = torch.randn(3, 224, 224)
+    results = await asyncio.gather(*(batcher.submit(image, [head]) for _ in range(4)), return_exceptions=True)
+    await batcher.stop()
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert len(refused) == 2 and "queue" in str(refused[0])
+    assert all(len(r.logits) == 1 for r in results if not isinstance(r, Exception))
+
+
+async def test_batcher_groups_concurrent_requests_into_shared_batches(core):
+    heads = [loaded(core, save_random_head(core, f"t{i}", HeadKind.LINEAR, seed=i)) for i in range(4)]
+    batcher = Batcher(core.backbones["mobilenet_v2"], max_batch_size=8, max_latency_ms=50)
+    image = torch.randn(3, 224, 224)
+    await asyncio.gather(*(batcher.submit(image, [heads[i % 4]]) for i in range(8)))
+    await batcher.stop()
+    assert batcher.stats.images == 8 and batcher.stats.batches < 8
+
+
+async def test_predict_returns_top_k_per_image_per_head_and_the_embedding(core):
+    save_random_head(core, "colours", HeadKind.LINEAR, classes=6)
+    save_random_head(core, "shapes", HeadKind.MLP, classes=3)
+    predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
+    try:
+        out = await predictor.predict(TENANT, [png(1), png(2)], ["colours", "shapes@1"], top_k=2, embedding=True)
+    finally:
+        await predictor.stop()
+    assert len(out) == 2
+    assert [p.head for p in out[0].heads] == ["colours", "shapes"]
+    assert [len(p.top) for p in out[0].heads] == [2, 2]
+    assert out[0].heads[0].top[0].score >= out[0].heads[0].top[1].score
+    assert len(out[0].embedding) == 1280
+
+
+async def test_predict_rejects_bad_requests_before_doing_any_work(core):
+    save_random_head(core, "ok", HeadKind.LINEAR)
+    predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
+    try:
+        with pytest.raises(InvalidArgument, match="not a decodable image"):
+            await predictor.predict(TENANT, [b"this is text"], ["ok"])
+        with pytest.raises(InvalidArgument, match="empty"):
+            await predictor.predict(TENANT, [b""], ["ok"])
+        with pytest.raises(InvalidArgument, match="at least one head"):
+            await predictor.predict(TENANT, [png(1)], [])
+        with pytest.raises(InvalidArgument, match="top_k"):
+            await predictor.predict(TENANT, [png(1)], ["ok"], top_k=0)
+        with pytest.raises(InvalidArgument, match="images in one request"):
+            await predictor.predict(TENANT, [png(1)] * 65, ["ok"])
+        with pytest.raises(InvalidArgument, match="malformed|invalid|head reference"):
+            await predictor.predict(TENANT, [png(1)], ["Bad Ref!!"])
+        with pytest.raises(NotFound):
+            await predictor.predict("other-tenant", [png(1)], ["ok"])
+    finally:
+        await predictor.stop()
