@@ -1,13 +1,14 @@
 """Serving throughput as the number of distinct heads grows, against the raw trunk.
 
 All measured in one run, on pre-decoded 224x224 inputs, with the same batch size:
-- raw trunk: a plain torch loop over full batches (the limit);
+- raw trunk: a plain loop of trunk calls over full batches (the limit; on CPU
+  the trunk runs each batch as micro-batches of 4, see service/engine/device.py);
 - the engine (one shared batcher, heterogeneous batches) with 1, 100 and 1,000
   distinct linear heads, requests spread uniformly over the heads;
 - "one batch per head" (how per-model servers such as Ray Serve's multiplexing
   group work) with the same heads;
 - resident memory per extra linear head with 10,000 heads loaded.
-Draws benchmarks/out/serving.png (throughput against number of heads).
+Draws benchmarks/results/serving.png (throughput against number of heads).
 
     python benchmarks/serving.py             # prints one JSON object last
 """
@@ -27,7 +28,7 @@ from engine_setup import TENANT, create_linear_heads, head_param_bytes, open_cor
 from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parent / "results"
 
 
 def raw_trunk_ips(backbone, images: torch.Tensor, batch_size: int) -> float:
@@ -86,6 +87,7 @@ async def main() -> None:
     parser.add_argument("--images", type=int, default=320, help="requests per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--memory-heads", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     core = open_core()
@@ -95,12 +97,20 @@ async def main() -> None:
     names = create_linear_heads(core, 1000)
     print("heads created", file=sys.stderr)
 
-    result: dict = {"device": str(core.placement.device), "batch_size": args.batch_size, "images": args.images}
-    result["raw_trunk_ips"] = round(raw_trunk_ips(backbone, images, args.batch_size), 2)
-    for count in (1, 100, 1000):
-        for grouped, key in ((False, f"heads_{count}_ips"), (True, f"per_head_batches_{count}_ips")):
-            result[key] = round(await engine_ips(core, images, names[:count], args.batch_size, grouped), 2)
-            print(key, result[key], file=sys.stderr)
+    result: dict = {"device": str(core.placement.device), "batch_size": args.batch_size, "images": args.images,
+                    "trunk_micro_batch": core.placement.micro_batch, "rounds": args.rounds}
+    # Every configuration is measured once per round, rounds interleaved, and
+    # the best round kept: the machine is shared, and noise only ever slows.
+    best: dict[str, float] = {}
+    for round_ in range(args.rounds):
+        samples = {"raw_trunk_ips": raw_trunk_ips(backbone, images, args.batch_size)}
+        for count in (1, 100, 1000):
+            for grouped, key in ((False, f"heads_{count}_ips"), (True, f"per_head_batches_{count}_ips")):
+                samples[key] = await engine_ips(core, images, names[:count], args.batch_size, grouped)
+        for key, value in samples.items():
+            best[key] = max(best.get(key, 0.0), value)
+        print(f"round {round_ + 1}: " + ", ".join(f"{k}={v:.1f}" for k, v in samples.items()), file=sys.stderr)
+    result.update({key: round(value, 2) for key, value in best.items()})
     result["heads_1000_over_1"] = round(result["heads_1000_ips"] / result["heads_1_ips"], 3)
     result["heads_1_over_raw"] = round(result["heads_1_ips"] / result["raw_trunk_ips"], 3)
     result["heads_1000_over_per_head_batches"] = round(result["heads_1000_ips"] / result["per_head_batches_1000_ips"], 2)

@@ -186,6 +186,10 @@ class Backbone:
         float32 on the backbone's device.
         """
         split = self.num_blocks if split is None else split
+        chunk = self.placement.micro_batch or max(len(images), 1)
+        return torch.cat([self._run_blocks(part, start, split) for part in images.split(chunk)])
+
+    def _run_blocks(self, images: torch.Tensor, start: int, split: int) -> torch.Tensor:
         x = images.to(self.placement.device, self.placement.dtype, non_blocking=True)
         if self.placement.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
