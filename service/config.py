@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     # Training.
     feature_batch_size: int = Field(64, gt=0, description="Images per trunk pass when extracting features.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+    max_concurrent_jobs: int = Field(1, ge=1, description="Training jobs run at once per worker; the rest wait queued.")
+
+    # Tenancy.
+    auth: Literal["keys", "open"] = Field(
+        "keys", description="'keys': every call needs an API key; 'open': no keys, every caller is tenant "
+        "'default' (local development only)."
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="Bearer key for the admin endpoints (tenants, API keys); unset disables them."
+    )
 
     @cached_property
     def resolved_registry_url(self) -> str:

@@ -85,7 +85,7 @@ class HeadRegistry:
         job_id: str | None = None,
     ) -> HeadVersionInfo:
         """Store the weights, then commit the row as version max+1 of ``name``."""
-        _check_name("head name", name)
+        check_name("head name", name)
         # clone(): safetensors refuses tensors that share storage
         weights = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
         blob_key = f"heads/{uuid.uuid4().hex}.safetensors"
@@ -246,7 +246,8 @@ class HeadRegistry:
             self.blobs.delete_named(key)
 
 
-def _check_name(what: str, value: str) -> None:
+def check_name(what: str, value: str) -> None:
+    """Names of heads, aliases and tenants share one rule (URL- and metric-label-safe)."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise InvalidArgument(
             f"{what} {value!r} is invalid; use 1-63 lowercase letters, digits and '-', starting with a letter"
@@ -254,7 +255,7 @@ def _check_name(what: str, value: str) -> None:
 
 
 def _check_alias(alias: str) -> None:
-    _check_name("alias", alias)
+    check_name("alias", alias)
     if alias == LATEST:
         raise InvalidArgument("alias 'latest' always means the newest version and cannot be set or removed")
 
