@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-all bench clean
+.PHONY: setup weights data serve test test-all bench bento clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ $(FASHION_MNIST):
 data: setup $(FASHION_MNIST)
 	$(PY) benchmarks/sample_data.py
 
+# Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys).
 serve: setup weights
-	$(VENV)/bin/bentoml serve
+	GRAFT_AUTH=$${GRAFT_AUTH:-open} $(VENV)/bin/bentoml serve
+
+# Build the Bento (code + verified backbone weights) and check the weights inside it.
+bento: setup
+	$(PY) scripts/build_bento.py
 
 test: setup weights data
 	$(PY) -m pytest -q -m "not slow"
@@ -38,6 +43,8 @@ test-all: setup weights data
 bench: setup weights data
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/training_cost.py
+	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/latency.py
 
 clean:
 	rm -rf $(VENV) var .cache

@@ -1,27 +1,63 @@
 """`python -m service.provision`: fetch and verify every pretrained backbone's weights.
 
 Run once on a machine (``make weights``); the service then loads the verified
-files from torch's cache without touching the network.
+files from torch's cache without touching the network. With ``--bentoml`` the
+verified files are also imported into the BentoML model store as
+``graft-backbone-weights``, which ``bentoml build`` packs into the Bento so
+that its container starts with no network (``make bento``).
 """
 
+import argparse
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 from service.engine.backbones import BACKBONES
 from service.engine.weights import WeightsUnavailable, ensure_weights
 
+BENTO_WEIGHTS_MODEL = "graft-backbone-weights"
+
+
+def provision() -> list[Path]:
+    return [ensure_weights(spec.weights) for spec in BACKBONES.values() if spec.weights is not None]
+
+
+def import_into_bentoml(paths: list[Path]) -> str:
+    """Store the checkpoints as one BentoML model; returns its tag."""
+    import bentoml
+
+    with bentoml.models.create(BENTO_WEIGHTS_MODEL, labels={"project": "graft"},
+                               metadata={path.name: "sha256-verified" for path in paths}) as model:
+        for path in paths:
+            shutil.copyfile(path, Path(model.path) / path.name)
+    return str(model.tag)
+
+
+def bento_weights_dir() -> Path | None:
+    """The packed checkpoints' folder when running from a Bento (or a local store that has them)."""
+    import bentoml
+
+    try:
+        return Path(bentoml.models.get(f"{BENTO_WEIGHTS_MODEL}:latest").path)
+    except bentoml.exceptions.NotFound:
+        return None
+
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bentoml", action="store_true", help="also import them into the BentoML model store")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for spec in BACKBONES.values():
-        if spec.weights is None:
-            continue
-        try:
-            path = ensure_weights(spec.weights)
-        except WeightsUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"{spec.name}: {path} (sha256 verified)")
+    try:
+        paths = provision()
+    except WeightsUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"{path} (sha256 verified)")
+    if args.bentoml:
+        print(f"imported into the BentoML model store as {import_into_bentoml(paths)}")
     return 0
 
 

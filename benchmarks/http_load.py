@@ -1,0 +1,131 @@
+"""HTTP prediction throughput and latency against a real ``bentoml serve``, beside the engine itself.
+
+One run, loopback only, bounded in time:
+- the in-process engine (decode + batcher + trunk + head, no transport) at
+  saturation: the ceiling for the service;
+- ``bentoml serve`` with JPEG predictions (JSON, base64) at concurrency 1, 8
+  and 32, against one head and against 100 heads (requests spread uniformly).
+The client shares the machine's cores with the server, so its own CPU use is
+reported too.
+
+    python benchmarks/http_load.py           # prints one JSON object last
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from engine_setup import create_linear_heads
+from sample_data import textile_files
+from servers import start_server
+from service.config import Settings
+from service.core import Core
+from service.engine.head_cache import HeadCache
+from service.engine.predictor import Predictor
+
+TENANT = "default"  # the tenant of GRAFT_AUTH=open
+
+
+async def engine_ips(core: Core, jpegs: list[bytes], heads: list[str], concurrency: int, seconds: float) -> float:
+    predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
+    for name in heads:  # warm cache
+        await predictor.predict(TENANT, jpegs[:1], [name])
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(worker: int) -> None:
+        nonlocal done
+        i = worker
+        while time.perf_counter() < deadline:
+            await predictor.predict(TENANT, [jpegs[i % len(jpegs)]], [heads[i % len(heads)]])
+            done += 1
+            i += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await predictor.stop()
+    return done / elapsed
+
+
+async def http_level(url: str, bodies: list[bytes], heads: list[str], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    me = psutil.Process()
+    cpu_before = sum(me.cpu_times()[:2])
+
+    async def client(http: httpx.AsyncClient, worker: int) -> None:
+        nonlocal errors
+        i = worker
+        while time.perf_counter() < deadline:
+            body = bodies[(i // len(heads)) % len(bodies)].replace(b"__HEAD__", heads[i % len(heads)].encode())
+            started = time.perf_counter()
+            response = await http.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors += response.status_code != 200
+            i += concurrency
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    client_cpu = (sum(me.cpu_times()[:2]) - cpu_before) / elapsed
+    return {
+        "ips": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "requests": len(latencies),
+        "errors": errors,
+        "client_cpu_cores": round(client_cpu, 2),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="per measurement")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="graft-http-load-"))
+    settings = Settings(data_dir=data_dir, auth="open")
+    core = Core.open(settings)
+    heads = create_linear_heads(core, 100)
+    jpegs = [data for _, data, _ in textile_files(per_class=10)]
+    bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
+              for j in jpegs]
+
+    result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "heads_total": len(heads)}
+    result["engine_ips"] = round(await engine_ips(core, jpegs, heads[:1], 32, args.seconds), 2)
+    print(f"engine {result['engine_ips']} images/s", file=sys.stderr)
+    del core  # free its memory before the server starts
+
+    server = start_server(data_dir, GRAFT_AUTH="open")
+    try:
+        for label, used in (("heads_1", heads[:1]), ("heads_100", heads)):
+            await http_level(server.http_url, bodies, used, 8, 3)  # warm-up: loads heads, fills caches
+            result[label] = {}
+            for concurrency in (1, 8, 32):
+                level = await http_level(server.http_url, bodies, used, concurrency, args.seconds)
+                result[label][f"c{concurrency}"] = level
+                print(label, concurrency, level, file=sys.stderr)
+    finally:
+        server.stop()
+
+    saturation = max(level["ips"] for level in result["heads_1"].values())
+    result["http_ips_saturation"] = saturation
+    result["ratio"] = round(saturation / result["engine_ips"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

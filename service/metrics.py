@@ -1,0 +1,47 @@
+"""graft's own Prometheus metrics, exported on BentoML's ``/metrics`` beside its built-in ones."""
+
+from typing import TYPE_CHECKING
+
+import bentoml
+
+if TYPE_CHECKING:
+    from service.jobs import JobInfo
+
+PREDICTIONS = bentoml.metrics.Counter(
+    name="graft_predictions_total",
+    documentation="Image x head predictions served, by head kind and door.",
+    labelnames=["kind", "door"],
+)
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="graft_batch_size",
+    documentation="Images per trunk pass of the serving batcher.",
+    labelnames=["backbone"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+QUEUE_DEPTH = bentoml.metrics.Gauge(
+    name="graft_queue_depth",
+    documentation="Images waiting in the serving batcher.",
+    labelnames=["backbone"],
+)
+JOB_SECONDS = bentoml.metrics.Histogram(
+    name="graft_job_duration_seconds",
+    documentation="Wall time of finished training jobs, by final state.",
+    labelnames=["state"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600),
+)
+
+
+class PrometheusMetrics:
+    """The engine's reports (service.engine.predictor.EngineMetrics) as Prometheus series."""
+
+    def batch(self, backbone: str, size: int, queue_depth: int) -> None:
+        BATCH_SIZE.labels(backbone=backbone).observe(size)
+        QUEUE_DEPTH.labels(backbone=backbone).set(queue_depth)
+
+    def predictions(self, kind: str, door: str, count: int) -> None:
+        PREDICTIONS.labels(kind=kind, door=door).inc(count)
+
+    def job_finished(self, job: "JobInfo") -> None:
+        if job.finished_at is not None:
+            seconds = (job.finished_at - (job.started_at or job.created_at)).total_seconds()
+            JOB_SECONDS.labels(state=job.state.value).observe(seconds)
