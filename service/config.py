@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, gt=0)
     max_heads_per_request: int = Field(16, gt=0)
 
+    # gRPC door.
+    grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest gRPC message either way.")
+
     # Training.
     feature_batch_size: int = Field(64, gt=0, description="Images per trunk pass when extracting features.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
