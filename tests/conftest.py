@@ -1,8 +1,13 @@
 """Shared fixtures: one real pretrained backbone per test session, fresh storage per test."""
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
+from service.config import Settings
+from service.core import Core
 from service.engine.backbones import Backbone, load_backbone
 from service.engine.device import choose_placement
 
@@ -18,3 +23,15 @@ def mobilenet() -> Backbone:
 def anyio_backend() -> str:
     """Async tests run on asyncio, the loop BentoML and grpc.aio use."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def make_core(mobilenet) -> Callable[[Path], Core]:
+    """A Core on fresh storage in ``data_dir`` that shares the session's backbone (loading one takes seconds)."""
+
+    def make(data_dir: Path) -> Core:
+        core = Core.open(Settings(data_dir=data_dir), backbones=[])
+        core.backbones[mobilenet.name] = mobilenet
+        return core
+
+    return make

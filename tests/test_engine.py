@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from adapters.heads import HeadConfig, HeadKind, build_head, head_state
-from service.config import Settings
 from service.core import Core
 from service.engine.batcher import Batcher
 from service.engine.execution import run_batch
@@ -21,10 +20,8 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def core(tmp_path, mobilenet) -> Core:
-    core = Core.open(Settings(data_dir=tmp_path), backbones=[])
-    core.backbones["mobilenet_v2"] = mobilenet
-    return core
+def core(tmp_path, make_core) -> Core:
+    return make_core(tmp_path)
 
 
 def save_random_head(core: Core, name: str, kind: HeadKind, *, classes: int = 4, seed: int = 0, blocks: int = 2):

@@ -13,7 +13,6 @@ import pytest
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
 from sample_data import fashion_mnist_pngs
-from service.config import Settings
 from service.core import Core
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.jobs import RESTARTED, JobInfo, JobRunner, JobState
@@ -28,10 +27,8 @@ TWO_TRIALS = SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2])  # the cancel flag
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory, mobilenet) -> Core:
-    core = Core.open(Settings(data_dir=tmp_path_factory.mktemp("graft")), backbones=[])
-    core.backbones["mobilenet_v2"] = mobilenet  # share the session's loaded backbone
-    return core
+def core(tmp_path_factory, make_core) -> Core:
+    return make_core(tmp_path_factory.mktemp("graft"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import torch
 from adapters.heads import HeadConfig, HeadKind, load_head
 from sample_data import fashion_mnist_pngs
 from adapters.tuning import SearchSpace
-from service.config import Settings
 from service.core import Core
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest
@@ -15,10 +14,8 @@ TENANT = "acme"
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory, mobilenet) -> Core:
-    core = Core.open(Settings(data_dir=tmp_path_factory.mktemp("graft")), backbones=[])
-    core.backbones["mobilenet_v2"] = mobilenet  # share the session's loaded backbone
-    return core
+def core(tmp_path_factory, make_core) -> Core:
+    return make_core(tmp_path_factory.mktemp("graft"))
 
 
 @pytest.fixture(scope="module")
