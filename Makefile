@@ -45,6 +45,8 @@ bench: setup weights data
 	$(PY) benchmarks/training_cost.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/http_load.py
+	$(PY) benchmarks/grpc_load.py
 
 clean:
 	rm -rf $(VENV) var .cache

@@ -20,7 +20,7 @@ def open_core(**settings) -> Core:
     return Core.open(Settings(data_dir=Path(tempfile.mkdtemp(prefix="graft-bench-")), **settings))
 
 
-def create_linear_heads(core: Core, count: int, prefix: str = "h") -> list[str]:
+def create_linear_heads(core: Core, count: int, prefix: str = "h", tenant: str = TENANT) -> list[str]:
     """``count`` linear heads of ``CLASSES`` classes on the pooled features; returns their names."""
     backbone = core.backbones[core.settings.default_backbone]
     config = HeadConfig(kind=HeadKind.LINEAR, in_features=backbone.spec.feature_dim, num_classes=CLASSES)
@@ -30,7 +30,7 @@ def create_linear_heads(core: Core, count: int, prefix: str = "h") -> list[str]:
         head = build_head(config)
         name = f"{prefix}{i}"
         core.heads.create_version(
-            TENANT, name, tensors=head_state(head), backbone=backbone.name, split_point=backbone.num_blocks,
+            tenant, name, tensors=head_state(head), backbone=backbone.name, split_point=backbone.num_blocks,
             kind="linear", classes=[f"class-{c}" for c in range(CLASSES)], config=config.model_dump(mode="json"),
             hyperparams={}, metrics={}, dataset_id="ds_bench",
         )  # fmt: skip

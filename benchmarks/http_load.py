@@ -99,7 +99,7 @@ async def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="graft-http-load-"))
     settings = Settings(data_dir=data_dir, auth="open")
     core = Core.open(settings)
-    heads = create_linear_heads(core, 100)
+    heads = create_linear_heads(core, 100, tenant=TENANT)
     jpegs = [data for _, data, _ in textile_files(per_class=10)]
     bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
               for j in jpegs]
