@@ -186,3 +186,14 @@ def test_bad_inputs_get_the_right_status_codes(channel, keys, trained):
     expect(grpc.StatusCode.INVALID_ARGUMENT, jobs.CreateJob, api.CreateJobRequest(spec=negative), me, "lr")
     expect(grpc.StatusCode.NOT_FOUND, jobs.GetJob, api.GetJobRequest(name="jobs/job_0"), me)
     assert len(datasets.ListDatasets(api.ListDatasetsRequest(), metadata=me).datasets) == 1  # nothing stored
+
+
+def test_a_malformed_protobuf_is_refused_and_the_server_keeps_serving(channel, keys):
+    raw = channel.unary_unary("/graft.v1.PredictionService/Predict", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as error:
+        raw(b"\xff\xff\xff\xff not a protobuf", metadata=auth(keys["carol"]))
+    # grpc.aio rejects it before graft's code runs, as UNKNOWN with a message naming the problem.
+    assert error.value.code() == grpc.StatusCode.UNKNOWN
+    assert "Error parsing message with type 'graft.v1.PredictRequest'" in error.value.details()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
