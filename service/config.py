@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest gRPC message either way.")
 
     # Training.
-    feature_batch_size: int = Field(64, gt=0, description="Images per trunk pass when extracting features.")
+    feature_batch_size: int = Field(
+        16, gt=0, description="Images per trunk pass when extracting features (serving may cut in between)."
+    )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
     max_concurrent_jobs: int = Field(1, ge=1, description="Training jobs run at once per worker; the rest wait queued.")
 

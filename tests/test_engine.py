@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from service.engine.batcher import Batcher
 from service.engine.execution import run_batch
 from service.engine.head_cache import HeadCache, materialise
 from service.engine.predictor import Predictor
+from service.engine.priority import TrunkPriority
 from service.errors import InvalidArgument, NotFound, ResourceExhausted
 
 TENANT = "acme"
@@ -190,3 +192,20 @@ async def test_predict_rejects_bad_requests_before_doing_any_work(core):
             await predictor.predict("other-tenant", [png(1)], ["ok"])
     finally:
         await predictor.stop()
+
+
+def test_training_work_waits_while_a_prediction_batch_holds_the_trunk():
+    priority = TrunkPriority(max_wait_s=60)
+    went_ahead = threading.Event()
+    worker = threading.Thread(target=lambda: (priority.yield_to_serving(), went_ahead.set()))
+    with priority.serving():
+        worker.start()
+        assert not went_ahead.wait(0.3)  # still waiting while the batch runs
+    assert went_ahead.wait(10)  # released as soon as it ends
+    worker.join()
+
+
+def test_training_is_never_starved_by_constant_prediction_load():
+    priority = TrunkPriority(max_wait_s=0.01)
+    with priority.serving():
+        priority.yield_to_serving()  # returns after its bounded wait instead of blocking for ever

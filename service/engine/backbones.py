@@ -19,6 +19,7 @@ from torchvision import models
 from torchvision.transforms import v2 as T
 
 from service.engine.device import Placement
+from service.engine.priority import TrunkPriority
 from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
 from service.errors import InvalidArgument, NotFound
 
@@ -114,6 +115,7 @@ class Backbone:
     def __init__(self, spec: BackboneSpec, placement: Placement, weights_dir: Path | None = None) -> None:
         self.spec = spec
         self.placement = placement
+        self.priority = TrunkPriority()  # serving batches before training's extraction
         self._cpu_model = spec.build()
         if spec.weights is not None:
             self._cpu_model.load_state_dict(load_state_dict(spec.weights, weights_dir))

@@ -149,7 +149,8 @@ class Batcher:
     def _execute(self, batch: list[_Request]) -> list[RowResult]:
         images = torch.stack([request.image for request in batch])
         want_embeddings = any(request.want_embedding for request in batch)
-        output: BatchOutput = run_batch(self.backbone, images, [request.heads for request in batch], want_embeddings)
+        with self.backbone.priority.serving():
+            output: BatchOutput = run_batch(self.backbone, images, [r.heads for r in batch], want_embeddings)
         self.stats.batches += 1
         self.stats.images += len(batch)
         embeddings = output.embeddings.cpu() if output.embeddings is not None else None

@@ -2,7 +2,7 @@
 
 Training never runs the trunk on an image whose features are already cached
 (DESIGN.md decision 4): retraining, searches and new heads on the same images
-only read the cache.
+only read the cache. Each chunk first yields to running prediction batches.
 """
 
 from collections.abc import Callable
@@ -42,6 +42,7 @@ class FeatureExtractor:
         for start in range(0, len(todo), self.batch_size):
             if cancelled is not None and cancelled():
                 raise Cancelled("job cancelled while extracting features")
+            backbone.priority.yield_to_serving()
             chunk = todo[start : start + self.batch_size]
             batch = torch.stack(
                 [backbone.preprocess(decode_rgb(self.blobs.get(sha), max_pixels=self.max_pixels)) for sha in chunk]
