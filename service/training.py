@@ -96,6 +96,9 @@ class Trainer:
         examples = self.datasets.examples(tenant, request.dataset_id)
         class_index = {name: i for i, name in enumerate(dataset.classes)}
         labels = torch.tensor([class_index[label] for _, label in examples])
+        train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
+        if len(holdout_idx) == 0:  # checked before the costly extraction
+            raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
 
         def extraction_progress(done: int, total: int) -> None:
             report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * done / total,
@@ -104,10 +107,6 @@ class Trainer:
         features = self.extractor.features(
             backbone, split, [sha for sha, _ in examples], progress=extraction_progress, cancelled=cancelled
         )
-        train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
-        if len(holdout_idx) == 0:
-            raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
-
         base = request.hyperparams or default_hyperparams(request.kind)
         finetune = request.kind == HeadKind.FINETUNE
         config = HeadConfig(

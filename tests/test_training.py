@@ -7,7 +7,7 @@ from adapters.heads import HeadConfig, HeadKind, load_head
 from sample_data import fashion_mnist_pngs
 from adapters.tuning import SearchSpace
 from service.core import Core
-from service.errors import Cancelled, InvalidArgument, NotFound
+from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from service.training import TrainRequest
 
 TENANT = "acme"
@@ -87,3 +87,13 @@ def test_unloaded_backbone_is_rejected(core, fashion):
 def test_finetune_blocks_only_apply_to_finetune():
     with pytest.raises(ValueError, match="finetune_blocks applies to kind 'finetune' only"):
         TrainRequest(dataset_id="ds_1", head_name="x", kind=HeadKind.LINEAR, finetune_blocks=2)
+
+
+def test_a_dataset_too_small_to_hold_out_fails_before_any_extraction(core):
+    files = fashion_mnist_pngs("test", per_class=1, seed=9)[:2]
+    tiny = core.datasets.create(TENANT, "tiny", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
+    phases = []
+    with pytest.raises(FailedPrecondition, match="at least 2 examples per class"):
+        core.trainer.train(TENANT, TrainRequest(dataset_id=tiny.id, head_name="tiny"),
+                           progress=lambda event: phases.append(event.phase))
+    assert phases == []
