@@ -65,7 +65,7 @@ class SearchSpace(BaseModel):
 def default_search_space(kind: HeadKind) -> SearchSpace:
     if kind is HeadKind.LINEAR:
         # L2 strength is what matters for logistic regression; lr is L-BFGS's step scale.
-        return SearchSpace(lr=[1.0], weight_decay=[1e-5, 4e-5, 1.5e-4, 5e-4, 2e-3, 7e-3, 3e-2, 1e-1])
+        return SearchSpace(lr=[1.0], weight_decay=[1e-4, 4e-4, 1.5e-3, 5e-3, 2e-2, 7e-2, 0.25, 1.0])
     if kind is HeadKind.MLP:
         return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4, 1e-2], hidden=[256, 512])
     # Finetuning is expensive: two runs.
