@@ -9,7 +9,7 @@ import asyncio
 import grpc
 from google.protobuf import empty_pb2
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, NotFound
 from service.grpc import convert
 from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -34,7 +34,9 @@ class BackboneService(_Door, rpc.BackboneServiceServicer):
     async def GetBackbone(self, request, context):
         self.tenant(context)
         name = convert.resource_id(request.name, "backbones")
-        return convert.backbone(self.core.trainer.backbone(name).info())
+        if name not in self.core.backbones:
+            raise NotFound(f"backbone '{name}' is not served here; served: {', '.join(sorted(self.core.backbones))}")
+        return convert.backbone(self.core.backbones[name].info())
 
     @mapped_errors
     async def ListBackbones(self, request, context):
@@ -45,9 +47,12 @@ class BackboneService(_Door, rpc.BackboneServiceServicer):
 class DatasetService(_Door, rpc.DatasetServiceServicer):
     @mapped_errors
     async def CreateDataset(self, request_iterator, context):
+        """Images are held until the store validates them all, so the byte limit is checked as they arrive."""
         tenant = self.tenant(context)
+        limit = self.core.settings.max_upload_bytes
         header = None
         examples: list[tuple[str, bytes, str]] = []
+        received = 0
         async for message in request_iterator:
             part = message.WhichOneof("part")
             if part == "header":
@@ -62,7 +67,14 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
                         f"more than {self.core.settings.max_images_per_dataset} images; that is the limit per dataset"
                     )
                 image = message.image
-                examples.append((image.file_name or f"image {len(examples)}", image.data, image.label))
+                file_name = image.file_name or f"image {len(examples)}"
+                received += len(image.data)
+                if received > limit:
+                    raise InvalidArgument(
+                        f"the upload exceeds the limit of {limit:,} bytes at file '{file_name}'; "
+                        "split it into smaller datasets"
+                    )
+                examples.append((file_name, image.data, image.label))
             else:
                 raise InvalidArgument("each message must carry a header or an image")
         if header is None:
@@ -162,12 +174,18 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
         return api.PredictResponse(predictions=[convert.image_prediction(p) for p in predictions])
 
     async def StreamPredict(self, request_iterator, context):
-        """Each request is predicted concurrently; a failed image answers with its error, the stream goes on."""
+        """Each request is predicted concurrently; a failed image answers with its error, the stream goes on.
+
+        One stream has at most ``max_images_per_request`` requests between being read and being answered
+        (as many as one Predict call): past that it stops reading, so a client that sends faster than the
+        engine predicts is slowed by flow control instead of queueing unbounded work.
+        """
         try:
             tenant = self.tenant(context)
         except Exception as exc:
             await context.abort(*status_of(exc))
         responses: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(self.core.settings.max_images_per_request)
 
         async def answer(message) -> None:
             try:
@@ -187,13 +205,18 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
             try:
                 async with asyncio.TaskGroup() as group:
                     async for message in request_iterator:
+                        await window.acquire()
                         group.create_task(answer(message))
             finally:
                 await responses.put(None)  # every request answered (or the stream broke)
 
         reader = asyncio.create_task(read_all())
-        while (response := await responses.get()) is not None:
-            yield response
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+                window.release()
+        finally:
+            reader.cancel()  # a no-op once every request was answered; else the client left: drop its work
         await reader  # surfaces a broken request stream
 
 
