@@ -9,7 +9,7 @@ vector that linear and MLP heads read.
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class BackboneSpec:
     min_finetune_blocks: int = 1
     max_finetune_blocks: int = 6
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def pretrained(self) -> bool:

@@ -74,10 +74,6 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"trunk-{backbone.name}")
         self._worker: asyncio.Task | None = None
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.backbone.name}")

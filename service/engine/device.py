@@ -19,10 +19,6 @@ class Placement:
     # are run as consecutive micro-batches. None: the whole batch at once (GPU).
     micro_batch: int | None = None
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
-
 
 def choose_placement(requested: str = "auto") -> Placement:
     """CUDA when asked or available (bf16/fp16 + channels_last), else CPU in float32."""

@@ -2,22 +2,6 @@
 
 Everything here is backend-neutral: SQLAlchemy for rows (SQLite or PostgreSQL)
 and a directory for blobs. Callers pass a tenant to every call; nothing here
-returns another tenant's data.
+returns another tenant's data. (Import the modules themselves: re-exporting
+them here would load torch for every importer, the admin CLI included.)
 """
-
-from service.store.blobs import BlobStore
-from service.store.datasets import DatasetInfo, DatasetStore
-from service.store.db import Database
-from service.store.features import FeatureCache
-from service.store.heads import HeadInfo, HeadRegistry, HeadVersionInfo
-
-__all__ = [
-    "BlobStore",
-    "Database",
-    "DatasetInfo",
-    "DatasetStore",
-    "FeatureCache",
-    "HeadInfo",
-    "HeadRegistry",
-    "HeadVersionInfo",
-]
