@@ -7,9 +7,10 @@ there is one wiring of the parts and no transport-specific logic.
 from dataclasses import dataclass
 
 from service.config import Settings
-from service.engine.backbones import Backbone, load_backbone
+from service.engine.backbones import Backbone, BackboneInfo, load_backbone
 from service.engine.device import Placement, choose_placement, configure_cpu_threads
 from service.engine.extraction import FeatureExtractor
+from service.errors import NotFound
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database
@@ -29,6 +30,12 @@ class Core:
     extractor: FeatureExtractor
     backbones: dict[str, Backbone]
     trainer: Trainer
+
+    def backbone_info(self, name: str) -> BackboneInfo:
+        """The ``backbones/{name}`` resource, for either door; NotFound if this service does not load it."""
+        if name not in self.backbones:
+            raise NotFound(f"backbone '{name}' is not served here; served: {', '.join(sorted(self.backbones))}")
+        return self.backbones[name].info()
 
     @classmethod
     def open(cls, settings: Settings | None = None, backbones: list[str] | None = None) -> "Core":

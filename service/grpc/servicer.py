@@ -9,7 +9,7 @@ import asyncio
 import grpc
 from google.protobuf import empty_pb2
 
-from service.errors import InvalidArgument, NotFound
+from service.errors import InvalidArgument
 from service.grpc import convert
 from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -33,10 +33,7 @@ class BackboneService(_Door, rpc.BackboneServiceServicer):
     @mapped_errors
     async def GetBackbone(self, request, context):
         self.tenant(context)
-        name = convert.resource_id(request.name, "backbones")
-        if name not in self.core.backbones:
-            raise NotFound(f"backbone '{name}' is not served here; served: {', '.join(sorted(self.core.backbones))}")
-        return convert.backbone(self.core.backbones[name].info())
+        return convert.backbone(self.core.backbone_info(convert.resource_id(request.name, "backbones")))
 
     @mapped_errors
     async def ListBackbones(self, request, context):

@@ -3,7 +3,6 @@
 from fastapi import APIRouter, Depends
 
 from service.engine.backbones import BackboneInfo
-from service.errors import NotFound
 from service.http.deps import runtime, tenant
 from service.runtime import Runtime
 
@@ -17,6 +16,4 @@ def list_backbones(rt: Runtime = Depends(runtime)) -> list[BackboneInfo]:
 
 @router.get("/{name}", response_model=BackboneInfo)
 def get_backbone(name: str, rt: Runtime = Depends(runtime)) -> BackboneInfo:
-    if name not in rt.core.backbones:
-        raise NotFound(f"backbone '{name}' is not served here; served: {', '.join(sorted(rt.core.backbones))}")
-    return rt.core.backbones[name].info()
+    return rt.core.backbone_info(name)
