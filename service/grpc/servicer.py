@@ -15,6 +15,7 @@ from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.runtime import Runtime
+from service.store.datasets import UploadBudget
 
 EXPORT_CHUNK_BYTES = 1 << 20
 
@@ -46,10 +47,9 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
     async def CreateDataset(self, request_iterator, context):
         """Images are held until the store validates them all, so the byte limit is checked as they arrive."""
         tenant = self.tenant(context)
-        limit = self.core.settings.max_upload_bytes
+        budget = UploadBudget(self.core.settings)
         header = None
         examples: list[tuple[str, bytes, str]] = []
-        received = 0
         async for message in request_iterator:
             part = message.WhichOneof("part")
             if part == "header":
@@ -59,18 +59,9 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             elif part == "image":
                 if header is None:
                     raise InvalidArgument("the first message must carry the header (display_name)")
-                if len(examples) >= self.core.settings.max_images_per_dataset:
-                    raise InvalidArgument(
-                        f"more than {self.core.settings.max_images_per_dataset} images; that is the limit per dataset"
-                    )
                 image = message.image
                 file_name = image.file_name or f"image {len(examples)}"
-                received += len(image.data)
-                if received > limit:
-                    raise InvalidArgument(
-                        f"the upload exceeds the limit of {limit:,} bytes at file '{file_name}'; "
-                        "split it into smaller datasets"
-                    )
+                budget.take(file_name, len(image.data))
                 examples.append((file_name, image.data, image.label))
             else:
                 raise InvalidArgument("each message must carry a header or an image")

@@ -41,6 +41,33 @@ class DatasetInfo(BaseModel):
     counts: dict[str, int]
 
 
+class UploadBudget:
+    """The per-upload limits on image count and bytes, checked file by file as an upload arrives.
+
+    Streaming doors use it too, so they can refuse before holding the rest.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_images = settings.max_images_per_dataset
+        self.max_bytes = settings.max_upload_bytes
+        self.images = 0
+        self.bytes = 0
+
+    def take(self, file_name: str, size: int) -> None:
+        if self.images == self.max_images:
+            raise InvalidArgument(
+                f"the upload has more than {self.max_images:,} images, the limit per dataset; "
+                "split it into smaller datasets"
+            )
+        self.images += 1
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            raise InvalidArgument(
+                f"the upload exceeds the limit of {self.max_bytes:,} bytes at file '{file_name}'; "
+                "split it into smaller datasets"
+            )
+
+
 class DatasetStore:
     def __init__(self, db: Database, blobs: BlobStore, settings: Settings) -> None:
         self.db = db
@@ -54,19 +81,9 @@ class DatasetStore:
         _check_text("dataset name", name, MAX_NAME_CHARS)
         images: dict[str, bytes] = {}
         labelled: list[tuple[str, str]] = []
-        total_bytes = 0
+        budget = UploadBudget(self.settings)
         for file_name, data, label in examples:
-            if len(labelled) == self.settings.max_images_per_dataset:
-                raise InvalidArgument(
-                    f"the upload has more than {self.settings.max_images_per_dataset:,} images, the limit "
-                    "per dataset; split it into smaller datasets"
-                )
-            total_bytes += len(data)
-            if total_bytes > self.settings.max_upload_bytes:
-                raise InvalidArgument(
-                    f"the upload exceeds the limit of {self.settings.max_upload_bytes:,} bytes at file "
-                    f"'{file_name}'; split it into smaller datasets"
-                )
+            budget.take(file_name, len(data))
             _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
             info = inspect_image(
                 data,
