@@ -48,6 +48,41 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
     max_concurrent_jobs: int = Field(1, ge=1, description="Training jobs run at once per worker; the rest wait queued.")
 
+    # Bounds on what one request can make the server hold or do (docs/architecture.md, "No tenant can hurt
+    # another"): each is checked before the work, from sizes and counts, never after buffering.
+    max_classes: int = Field(1000, ge=2, description="Most classes a dataset (and so a head) may have.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest HTTP request body other than a dataset upload."
+    )
+    max_inflight_upload_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."
+    )
+    upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
+
+    # Jobs across replicas: claimed from the database under a lease.
+    job_lease_s: float = Field(30.0, gt=0, description="A running job's lease; its replica renews it every third.")
+    max_job_attempts: int = Field(3, ge=1, description="Runs of one job (after replica deaths) before it fails.")
+    max_job_seconds: float = Field(3600.0, gt=0, description="Wall-clock limit of one job run.")
+    max_job_work: int = Field(
+        50_000_000, gt=0, description="Bound on epochs x training images x trials of one job."
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to finish in-flight work.")
+
+    # Per-tenant quotas, enforced over both doors.
+    quota_stored_bytes: int = Field(2 * 1024**3, gt=0, description="Dataset images + head weights per tenant.")
+    quota_datasets: int = Field(100, gt=0, description="Datasets per tenant.")
+    quota_heads: int = Field(100, gt=0, description="Head names per tenant.")
+    quota_head_versions: int = Field(1000, gt=0, description="Stored head versions per tenant, all heads.")
+    quota_queued_jobs: int = Field(20, gt=0, description="Queued + running jobs per tenant.")
+    quota_predict_images_per_s: float = Field(200.0, gt=0, description="Sustained prediction rate per tenant.")
+    quota_predict_burst: int = Field(400, gt=0, description="Images a tenant may predict in one burst.")
+
+    # Storage housekeeping.
+    blob_grace_s: float = Field(
+        3600.0, gt=0, description="Unreferenced blobs younger than this are kept (uploads in flight)."
+    )
+    gc_interval_s: float = Field(600.0, gt=0, description="How often a replica collects orphaned blobs.")
+
     # Tenancy.
     auth: Literal["keys", "open"] = Field(
         "keys", description="'keys': every call needs an API key; 'open': no keys, every caller is tenant "
@@ -56,6 +91,7 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for the admin endpoints (tenants, API keys); unset disables them."
     )
+    key_recheck_s: float = Field(60.0, gt=0, description="Open streams re-check their API key this often.")
 
     @cached_property
     def resolved_registry_url(self) -> str:

@@ -11,6 +11,7 @@ from service.engine.backbones import Backbone, BackboneInfo, load_backbone
 from service.engine.device import Placement, choose_placement, configure_cpu_threads
 from service.engine.extraction import FeatureExtractor
 from service.errors import NotFound
+from service.quotas import Quotas
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database
@@ -24,6 +25,7 @@ class Core:
     settings: Settings
     placement: Placement
     db: Database
+    quotas: Quotas
     blobs: BlobStore
     datasets: DatasetStore
     heads: HeadRegistry
@@ -46,9 +48,10 @@ class Core:
             configure_cpu_threads(settings.torch_threads)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_registry_url)
+        quotas = Quotas(settings)
         blobs = BlobStore(settings.blob_dir)
-        datasets = DatasetStore(db, blobs, settings)
-        heads = HeadRegistry(db, blobs)
+        datasets = DatasetStore(db, blobs, settings, quotas)
+        heads = HeadRegistry(db, blobs, quotas)
         extractor = FeatureExtractor(
             blobs,
             FeatureCache(settings.feature_dir),
@@ -58,4 +61,4 @@ class Core:
         names = settings.backbones if backbones is None else backbones
         loaded = {name: load_backbone(name, placement, settings.weights_dir) for name in names}
         trainer = Trainer(loaded, datasets, extractor, heads)
-        return cls(settings, placement, db, blobs, datasets, heads, extractor, loaded, trainer)
+        return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer)

@@ -43,8 +43,30 @@ class FailedPrecondition(GraftError):
     code = "failed_precondition"
 
 
+class PayloadTooLarge(InvalidArgument):
+    """A body or upload over its size limit (HTTP 413), refused before it was read whole."""
+
+    code = "payload_too_large"
+
+
 class ResourceExhausted(GraftError):
+    """A quota, rate or queue is full. ``retry_after_s``, when known, says when trying again may work."""
+
     code = "resource_exhausted"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(GraftError):
+    """This replica cannot serve now (draining, or its registry is unreachable): retry, maybe elsewhere."""
+
+    code = "unavailable"
+
+
+class DeadlineExceeded(GraftError):
+    code = "deadline_exceeded"
 
 
 class Cancelled(GraftError):

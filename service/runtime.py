@@ -30,8 +30,7 @@ class Runtime:
         heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
         metrics = PrometheusMetrics()
         predictor = Predictor(core.backbones, heads, core.settings, metrics)
-        jobs = JobRunner(core.db, core.trainer, max_concurrent=core.settings.max_concurrent_jobs,
-                         on_finished=metrics.job_finished)
+        jobs = JobRunner(core.db, core.trainer, core.settings, core.quotas, on_finished=metrics.job_finished)
         tenants = Tenants(core.db, core.settings)
         return cls(core, predictor, jobs, tenants)
 

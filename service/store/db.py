@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
 )
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
@@ -49,6 +49,7 @@ class DatasetRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     num_examples: Mapped[int] = mapped_column(Integer)
     classes: Mapped[list[str]]
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # its distinct images' bytes (quotas)
 
     examples: Mapped[list["ExampleRow"]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True, order_by="ExampleRow.position"
@@ -65,6 +66,38 @@ class ExampleRow(Base):
     position: Mapped[int] = mapped_column(Integer)
 
     dataset: Mapped[DatasetRow] = relationship(back_populates="examples")
+
+
+class BlobRow(Base):
+    """A content-addressed blob (a dataset image), for mark-and-sweep collection.
+
+    An uploader pins the row (``pinned_until`` in the future) *before* writing the
+    file; the collector deletes, in one transaction, only rows that no example
+    refers to and whose pin has expired, and unlinks their files before that
+    transaction commits. So a blob another upload is about to use is never
+    collected, and a crash leaves at most an expired pin for the next sweep.
+    """
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    pinned_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HeadNameRow(Base):
+    """Every head name a tenant ever used, with the last version number handed out.
+
+    Kept when versions (or the whole head) are deleted, so a version number is
+    never given twice: ``name@3`` always means the same weights, or nothing.
+    """
+
+    __tablename__ = "head_names"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class HeadVersionRow(Base):
@@ -85,6 +118,7 @@ class HeadVersionRow(Base):
     dataset_id: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(String(512))
+    weights_sha256: Mapped[str] = mapped_column(String(64))  # identity of the weights: caches key on it
     param_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -101,7 +135,13 @@ class HeadAliasRow(Base):
 
 
 class JobRow(Base):
-    """A training job. ``worker`` and ``heartbeat_at`` let replicas tell live jobs from orphans."""
+    """A training job, claimed from here by whichever replica has a free slot.
+
+    A running job is held under a lease (``worker``, ``lease_expires_at``) that
+    its replica renews; a job whose lease expired is requeued by any replica
+    (``attempts`` counts runs, bounded), and only the lease holder may publish
+    the job's head.
+    """
 
     __tablename__ = "jobs"
 
@@ -117,8 +157,10 @@ class JobRow(Base):
     head_version: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    worker: Mapped[str] = mapped_column(String(300))  # host:pid of the process that runs it
+    worker: Mapped[str | None] = mapped_column(String(300))  # host:pid of the replica running it, if any
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started so far
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

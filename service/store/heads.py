@@ -9,6 +9,7 @@ are safely on disk; a failed commit removes the blob again.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections import defaultdict
@@ -89,7 +90,9 @@ class HeadRegistry:
         # clone(): safetensors refuses tensors that share storage
         weights = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
         blob_key = f"heads/{uuid.uuid4().hex}.safetensors"
-        self.blobs.put_named(blob_key, safetensors.torch.save(weights))
+        data = safetensors.torch.save(weights)
+        self.blobs.put_named(blob_key, data)
+        weights_sha256 = hashlib.sha256(data).hexdigest()
 
         def make_row(version: int) -> HeadVersionRow:
             return HeadVersionRow(
@@ -106,6 +109,7 @@ class HeadRegistry:
                 dataset_id=dataset_id,
                 job_id=job_id,
                 blob_key=blob_key,
+                weights_sha256=weights_sha256,
                 param_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
                 created_at=utcnow(),
             )
