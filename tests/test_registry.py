@@ -1,6 +1,9 @@
 """HeadRegistry: versions, aliases, refs, tenancy and atomic writes of head weights."""
 
+import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -10,10 +13,13 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.errors import InvalidArgument, NotFound
+from service.config import Settings
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.quotas import Quotas
 from service.store.blobs import BlobStore
 from service.store.db import Database, HeadVersionRow
-from service.store.heads import HeadRegistry, HeadVersionInfo
+from service.store.heads import MAX_VERSION, HeadRegistry, HeadVersionInfo
+from service.store.pages import encode_token
 
 TENANT = "acme"
 
@@ -29,8 +35,8 @@ def db(tmp_path: Path) -> Database:
 
 
 @pytest.fixture
-def registry(db: Database, blobs: BlobStore) -> HeadRegistry:
-    return HeadRegistry(db, blobs)
+def registry(db: Database, blobs: BlobStore, tmp_path: Path) -> HeadRegistry:
+    return HeadRegistry(db, blobs, Quotas(Settings(data_dir=tmp_path)))
 
 
 def create(registry: HeadRegistry, name: str = "cats", tenant: str = TENANT, **overrides: Any) -> HeadVersionInfo:
@@ -73,7 +79,7 @@ def test_weights_round_trip_through_safetensors(registry: HeadRegistry) -> None:
     assert "blob_key" not in info.model_dump()
 
 
-@pytest.mark.parametrize("name", ["Cats", "1cats", "", "cats_v2", "a" * 64, "../x", "cats@1"])
+@pytest.mark.parametrize("name", ["Cats", "1cats", "", "cats_v2", "a" * 64, "../x", "cats@1", "cats\n", "ca\x00ts"])
 def test_invalid_head_names_are_refused(registry: HeadRegistry, blobs: BlobStore, name: str) -> None:
     with pytest.raises(InvalidArgument, match="head name .* is invalid"):
         create(registry, name)
@@ -93,7 +99,9 @@ def test_resolve_name_version_and_alias(registry: HeadRegistry) -> None:
 
 
 @pytest.mark.parametrize(
-    "ref", ["", "cats@", "cats@x", "cats:", "cats@1:prod", "Cats", "cats@-1", "cats:Prod", " cats"]
+    "ref",
+    ["", "cats@", "cats@x", "cats:", "cats@1:prod", "Cats", "cats@-1", "cats:Prod", " cats", "cats\n", "cats@1\n",
+     "cats:prod\n", "cats@\u00b2", "cats\x00", "cats@1\x00", "cats:pr\x00od"],
 )
 def test_malformed_refs_are_invalid_argument(registry: HeadRegistry, ref: str) -> None:
     create(registry)
@@ -101,7 +109,7 @@ def test_malformed_refs_are_invalid_argument(registry: HeadRegistry, ref: str) -
         registry.resolve(TENANT, ref)
 
 
-@pytest.mark.parametrize("ref", ["dogs", "cats@9", "cats@0", "cats:prod"])
+@pytest.mark.parametrize("ref", ["dogs", "cats@9", "cats@2147483647", "cats:prod"])
 def test_unknown_refs_are_not_found(registry: HeadRegistry, ref: str) -> None:
     create(registry)
     with pytest.raises(NotFound):
@@ -165,7 +173,7 @@ def test_delete_version_drops_its_aliases_and_weights(registry: HeadRegistry, bl
     with pytest.raises(NotFound):
         registry.head_blob_bytes(second)
     assert registry.load_tensors(first).keys() == {"weight", "bias"}
-    assert create(registry).version == 2  # numbers continue from the highest remaining version
+    assert create(registry).version == 3  # a deleted version's number is never given again
 
 
 def test_delete_head_removes_everything(registry: HeadRegistry, blobs: BlobStore) -> None:
@@ -176,7 +184,8 @@ def test_delete_head_removes_everything(registry: HeadRegistry, blobs: BlobStore
     with pytest.raises(NotFound):
         registry.get(TENANT, "cats")
     assert named_blob_files(blobs) == []
-    assert create(registry).version == 1 and create(registry).aliases == ["latest"]
+    again = create(registry)
+    assert again.version == 3 and again.aliases == ["latest"]  # numbers of the deleted head are not reused
 
 
 def test_failed_commit_leaves_no_row_and_no_blob(
@@ -199,28 +208,13 @@ def test_failed_commit_leaves_no_row_and_no_blob(
     assert registry.get(TENANT, "cats").latest_version == 1
 
 
-def test_concurrent_writer_taking_the_version_number_is_retried(
-    registry: HeadRegistry, db: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another replica commits version 2 after we read max() == 1 but before our commit."""
-    create(registry)
-    other_replica = HeadRegistry(Database(str(db.engine.url)), registry.blobs)
-    real_session = db.session
-    raced: list[HeadVersionInfo] = []
-
-    @contextmanager
-    def racing_session() -> Iterator[Session]:
-        with real_session() as session:
-            yield session
-            if not raced:
-                raced.append(create(other_replica))
-
-    monkeypatch.setattr(db, "session", racing_session)
-    info = create(registry)
-
-    assert raced[0].version == 2 and info.version == 3
-    assert [v.version for v in registry.get(TENANT, "cats").versions] == [1, 2, 3]
-    assert registry.load_tensors(info).keys() == {"weight", "bias"}
+def test_concurrent_creators_of_a_new_head_get_distinct_versions(registry: HeadRegistry, db: Database) -> None:
+    """Two replicas creating the same head at once: each gets its own number, none is lost."""
+    other_replica = HeadRegistry(Database(str(db.engine.url)), registry.blobs, registry.quotas)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        infos = list(pool.map(lambda i: create(registry if i % 2 else other_replica), range(8)))
+    assert sorted(info.version for info in infos) == list(range(1, 9))
+    assert [v.version for v in registry.get(TENANT, "cats").versions] == list(range(1, 9))
 
 
 def test_list_pages_walk_every_head_once(registry: HeadRegistry) -> None:
@@ -241,5 +235,109 @@ def test_list_pages_walk_every_head_once(registry: HeadRegistry) -> None:
 
 @pytest.mark.parametrize("token", ["%%%", "bm90IGpzb24", "WyJhIiwgImIiXQ", "WzFd"])
 def test_malformed_head_page_token_is_invalid_argument(registry: HeadRegistry, token: str) -> None:
+    with pytest.raises(InvalidArgument, match="page_token"):
+        registry.list(TENANT, page_token=token)
+
+
+def test_a_deleted_versions_number_is_never_given_again(registry: HeadRegistry) -> None:
+    create(registry)
+    create(registry)
+    registry.delete_version(TENANT, "cats", 2)
+    assert create(registry).version == 3
+    registry.delete_head(TENANT, "cats")
+    assert create(registry).version == 4
+
+
+def test_a_guard_that_raises_commits_nothing_and_removes_the_blob(
+    registry: HeadRegistry, db: Database, blobs: BlobStore
+) -> None:
+    class LeaseLost(Exception):
+        pass
+
+    def lost_lease(session: Session) -> None:
+        assert session.scalar(select(func.count()).select_from(HeadVersionRow)) == 0  # runs inside the transaction
+        raise LeaseLost("job lease expired")
+
+    with pytest.raises(LeaseLost):
+        create(registry, guard=lost_lease)
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(HeadVersionRow)) == 0
+    assert named_blob_files(blobs) == []
+    assert create(registry, guard=lambda session: None).version == 1  # the refused attempt used no number
+
+
+def test_head_quotas_are_enforced_when_the_version_is_inserted(
+    db: Database, blobs: BlobStore, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, quota_head_versions=2, quota_heads=1)
+    registry = HeadRegistry(db, blobs, Quotas(settings))
+    create(registry)
+    with pytest.raises(ResourceExhausted, match="GRAFT_QUOTA_HEADS"):
+        create(registry, "dogs")
+    create(registry)
+    with pytest.raises(ResourceExhausted, match="GRAFT_QUOTA_HEAD_VERSIONS"):
+        create(registry)
+    assert len(named_blob_files(blobs)) == 2
+    assert [v.version for v in registry.get(TENANT, "cats").versions] == [1, 2]
+
+
+def test_corrupt_weights_are_a_clear_error_not_garbage(registry: HeadRegistry, blobs: BlobStore) -> None:
+    info = create(registry)
+    (path,) = named_blob_files(blobs)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a tensor: still a loadable safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(FailedPrecondition, match="version 1 are corrupt.*train it again"):
+        registry.load_tensors(info)
+
+
+def test_collect_orphans_removes_only_old_unreferenced_weight_files(
+    registry: HeadRegistry, blobs: BlobStore
+) -> None:
+    kept = create(registry)
+    orphan = blobs.root / "named" / "heads" / "crashed-before-commit.safetensors"
+    orphan.write_bytes(b"weights of a version whose row was never committed")
+    assert registry.collect_orphans(grace_s=3600) == 0  # young: may belong to a version being created
+    old = time.time() - 7200
+    for path in named_blob_files(blobs):
+        os.utime(path, (old, old))
+    assert registry.collect_orphans(grace_s=3600) == 1
+    assert not orphan.exists()
+    assert registry.load_tensors(kept).keys() == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("version", [0, -1, MAX_VERSION + 1, 10**20, True])
+def test_version_numbers_out_of_range_are_invalid_argument(registry: HeadRegistry, version: int) -> None:
+    create(registry)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        registry.delete_version(TENANT, "cats", version)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        registry.set_alias(TENANT, "cats", "prod", version)
+
+
+@pytest.mark.parametrize("ref", ["cats@0", "cats@2147483648", "cats@99999999999", "cats@" + "9" * 5000])
+def test_references_to_versions_out_of_range_are_invalid_argument(registry: HeadRegistry, ref: str) -> None:
+    create(registry)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        registry.resolve(TENANT, ref)
+
+
+@pytest.mark.parametrize("name", ["cats\x00", "cats\n", "Cats"])
+def test_every_lookup_refuses_an_invalid_name_before_the_database(registry: HeadRegistry, name: str) -> None:
+    create(registry)
+    for call in (
+        lambda: registry.get(TENANT, name),
+        lambda: registry.delete_head(TENANT, name),
+        lambda: registry.delete_version(TENANT, name, 1),
+        lambda: registry.set_alias(TENANT, name, "prod", 1),
+        lambda: registry.set_alias(TENANT, "cats", name, 1),
+        lambda: registry.remove_alias(TENANT, name, "prod"),
+    ):
+        with pytest.raises(InvalidArgument, match="is invalid"):
+            call()
+
+
+def test_a_page_token_holding_a_non_name_is_invalid_argument(registry: HeadRegistry) -> None:
+    token = encode_token("cats\x00")
     with pytest.raises(InvalidArgument, match="page_token"):
         registry.list(TENANT, page_token=token)

@@ -4,13 +4,19 @@ A head is a name (``cats``) with numbered versions (``cats@3``) and movable
 aliases (``cats:prod``); ``latest`` is the implicit alias of the highest
 version. Weights are safetensors (never pickle). The blob is written first and
 the registry row committed last, so a version is visible only once its weights
-are safely on disk; a failed commit removes the blob again.
+are safely on disk; a failed commit removes the blob again, and a crash in
+between leaves a file that :meth:`HeadRegistry.collect_orphans` removes later.
+
+Version numbers are never reused: ``head_names.last_version`` is bumped in the
+transaction that inserts the version and survives deletes, so ``name@3``
+always means the same weights (identified by ``weights_sha256``) or nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,20 +26,23 @@ from typing import Any
 import safetensors.torch
 import torch
 from pydantic import BaseModel, Field
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.errors import InvalidArgument, NotFound
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.quotas import Quotas
 from service.store.blobs import BlobStore
-from service.store.db import Database, HeadAliasRow, HeadVersionRow, utcnow
-from service.store.pages import check_page_size, decode_token, encode_token
+from service.store.db import Database, HeadAliasRow, HeadNameRow, HeadVersionRow, utcnow
+from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
 
 NAME_PATTERN = r"[a-z][a-z0-9-]{0,62}"
-_NAME = re.compile(rf"^{NAME_PATTERN}$")
-_REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?:@(?P<version>[0-9]{{1,9}})|:(?P<alias>{NAME_PATTERN}))?$")
+_NAME = re.compile(NAME_PATTERN)  # always fullmatch: "$" would accept a trailing newline
+_REF = re.compile(rf"(?P<name>{NAME_PATTERN})(?:@(?P<version>[0-9]+)|:(?P<alias>{NAME_PATTERN}))?")
 LATEST = "latest"
-_COMMIT_ATTEMPTS = 5  # concurrent creators of the same head race for the next version number
+MAX_VERSION = 2**31 - 1  # the column is a 32-bit integer on every backend
+HEADS_FOLDER = "heads"  # named-blob folder that holds every version's weights
+_COMMIT_ATTEMPTS = 5  # concurrent first creators of a head race to insert its head_names row
 
 
 class HeadVersionInfo(BaseModel):
@@ -53,6 +62,7 @@ class HeadVersionInfo(BaseModel):
     created_at: datetime
     aliases: list[str]
     blob_key: str = Field(exclude=True)  # storage detail: never sent to clients
+    weights_sha256: str = Field(exclude=True)  # identity of the weights: what caches key on
 
 
 class HeadInfo(BaseModel):
@@ -63,9 +73,10 @@ class HeadInfo(BaseModel):
 
 
 class HeadRegistry:
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, quotas: Quotas) -> None:
         self.db = db
         self.blobs = blobs
+        self.quotas = quotas
 
     # -- create ------------------------------------------------------------------
 
@@ -84,18 +95,31 @@ class HeadRegistry:
         metrics: dict[str, Any],
         dataset_id: str,
         job_id: str | None = None,
+        guard: Callable[[Session], None] | None = None,
     ) -> HeadVersionInfo:
-        """Store the weights, then commit the row as version max+1 of ``name``."""
+        """Store the weights, then commit the row under the next never-used version number of ``name``.
+
+        ``guard(session)`` runs inside the inserting transaction, before the
+        insert (a job checks it still holds its lease there): if it raises,
+        nothing is committed, the blob is removed and the exception propagates.
+        """
         check_name("head name", name)
         # clone(): safetensors refuses tensors that share storage
         weights = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
-        blob_key = f"heads/{uuid.uuid4().hex}.safetensors"
+        param_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        blob_key = f"{HEADS_FOLDER}/{uuid.uuid4().hex}.safetensors"
         data = safetensors.torch.save(weights)
         self.blobs.put_named(blob_key, data)
         weights_sha256 = hashlib.sha256(data).hexdigest()
 
-        def make_row(version: int) -> HeadVersionRow:
-            return HeadVersionRow(
+        def insert(session: Session) -> HeadVersionRow:
+            # the counter first: on SQLite that takes the write lock before anything is read, so the
+            # guard and the quota see the rows as they will be committed
+            version = _next_version(session, tenant, name)
+            if guard is not None:
+                guard(session)
+            self.quotas.check_new_head_version(session, tenant, name, param_bytes)
+            row = HeadVersionRow(
                 tenant=tenant,
                 name=name,
                 version=version,
@@ -110,57 +134,73 @@ class HeadRegistry:
                 job_id=job_id,
                 blob_key=blob_key,
                 weights_sha256=weights_sha256,
-                param_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
+                param_bytes=param_bytes,
                 created_at=utcnow(),
             )
+            session.add(row)
+            return row
 
         try:
-            row = self._insert_next_version(tenant, name, make_row)
+            row = self._commit_retrying(insert)
         except BaseException:
             self.blobs.delete_named(blob_key)
             raise
         return _version_info(row, aliases=[LATEST])
 
-    def _insert_next_version(
-        self, tenant: str, name: str, make_row: Callable[[int], HeadVersionRow]
-    ) -> HeadVersionRow:
-        """Commit ``make_row(max + 1)``; retry when a concurrent writer took that number first."""
+    def _commit_retrying(self, insert: Callable[[Session], HeadVersionRow]) -> HeadVersionRow:
+        """Commit ``insert``; retry when a concurrent first creator inserted the head_names row first."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 with self.db.session() as session:
-                    latest = session.scalar(
-                        select(func.max(HeadVersionRow.version)).where(
-                            HeadVersionRow.tenant == tenant, HeadVersionRow.name == name
-                        )
-                    )
-                    row = make_row((latest or 0) + 1)
-                    session.add(row)
-                return row
+                    return insert(session)
             except IntegrityError:
                 if attempt == _COMMIT_ATTEMPTS:
                     raise
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def collect_orphans(self, grace_s: float) -> int:
+        """Delete weight files no version refers to that are older than ``grace_s``; return how many.
+
+        Such files are left by a crash between writing the blob and committing
+        its row. The grace keeps the blob of a version being created right now.
+        """
+        folder = self.blobs.root / "named" / HEADS_FOLDER
+        if not folder.is_dir():
+            return 0
+        cutoff = time.time() - grace_s
+        candidates = [path for path in folder.iterdir() if path.is_file() and path.stat().st_mtime < cutoff]
+        if not candidates:
+            return 0
+        with self.db.session() as session:
+            referenced = set(session.scalars(select(HeadVersionRow.blob_key)))
+        removed = 0
+        for path in candidates:
+            if f"{HEADS_FOLDER}/{path.name}" not in referenced:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # -- read ----------------------------------------------------------------------
 
     def resolve(self, tenant: str, ref: str) -> HeadVersionInfo:
         """Resolve ``name`` (latest), ``name@3`` or ``name:alias`` to one version."""
-        match = _REF.match(ref)
+        match = _REF.fullmatch(ref) if isinstance(ref, str) else None
         if not match:
             raise InvalidArgument(
-                f"head reference '{ref}' is malformed; use 'name', 'name@<version>' or 'name:<alias>' "
+                f"head reference {_shown(ref)} is malformed; use 'name', 'name@<version>' or 'name:<alias>' "
                 "with a name of lowercase letters, digits and '-'"
             )
         name, version, alias = match["name"], match["version"], match["alias"]
+        number = _parse_version(version) if version is not None else None
         head = self.get(tenant, name)
-        if version is not None:
-            number = int(version)
-        elif alias is not None:
+        if alias is not None:
             if alias not in head.aliases:
                 raise NotFound(f"head '{name}' has no alias '{alias}'; its aliases are {sorted(head.aliases)}")
             number = head.aliases[alias]
-        else:
+        elif number is None:
             number = head.latest_version
         for info in head.versions:
             if info.version == number:
@@ -170,6 +210,7 @@ class HeadRegistry:
         )
 
     def get(self, tenant: str, name: str) -> HeadInfo:
+        check_name("head name", name)
         with self.db.session() as session:
             heads = _load_heads(session, tenant, [name])
         if not heads:
@@ -184,6 +225,8 @@ class HeadRegistry:
         query = select(HeadVersionRow.name).where(HeadVersionRow.tenant == tenant).distinct()
         if page_token:
             (last_name,) = decode_token(page_token, 1)
+            if not _NAME.fullmatch(last_name):
+                raise malformed_token(page_token)
             query = query.where(HeadVersionRow.name > last_name)
         with self.db.session() as session:
             names = list(session.scalars(query.order_by(HeadVersionRow.name).limit(page_size + 1)))
@@ -192,7 +235,16 @@ class HeadRegistry:
         return heads, next_token
 
     def load_tensors(self, info: HeadVersionInfo) -> dict[str, torch.Tensor]:
-        return safetensors.torch.load(self.head_blob_bytes(info))
+        """The version's tensors, after checking the file is the one its row recorded."""
+        data = self.head_blob_bytes(info)
+        if hashlib.sha256(data).hexdigest() != info.weights_sha256:
+            raise FailedPrecondition(
+                f"the stored weights of head '{info.name}' version {info.version} are corrupt (their sha256 "
+                "differs from the one recorded when they were saved); delete this version and train it again",
+                head=info.name,
+                version=info.version,
+            )
+        return safetensors.torch.load(data)
 
     def head_blob_bytes(self, info: HeadVersionInfo) -> bytes:
         """The version's safetensors file, as stored (for export)."""
@@ -202,7 +254,9 @@ class HeadRegistry:
 
     def set_alias(self, tenant: str, name: str, alias: str, version: int) -> None:
         """Point ``alias`` at ``version``, moving it if it already points elsewhere."""
+        check_name("head name", name)
         _check_alias(alias)
+        check_version(version)
         with self.db.session() as session:
             if _version_row(session, tenant, name, version) is None:
                 raise NotFound(f"head '{name}' has no version {version}; set the alias to an existing version")
@@ -213,6 +267,7 @@ class HeadRegistry:
                 row.version = version
 
     def remove_alias(self, tenant: str, name: str, alias: str) -> None:
+        check_name("head name", name)
         _check_alias(alias)
         with self.db.session() as session:
             row = _alias_row(session, tenant, name, alias)
@@ -223,7 +278,9 @@ class HeadRegistry:
     # -- delete --------------------------------------------------------------------
 
     def delete_version(self, tenant: str, name: str, version: int) -> None:
-        """Delete one version and the aliases pointing at it; then its weights."""
+        """Delete one version and the aliases pointing at it; then its weights. Its number is never reused."""
+        check_name("head name", name)
+        check_version(version)
         with self.db.session() as session:
             row = _version_row(session, tenant, name, version)
             if row is None:
@@ -238,7 +295,8 @@ class HeadRegistry:
         self.blobs.delete_named(blob_key)
 
     def delete_head(self, tenant: str, name: str) -> None:
-        """Delete every version and alias of ``name``; then the weights."""
+        """Delete every version and alias of ``name``; then the weights. Its version numbers are never reused."""
+        check_name("head name", name)
         with self.db.session() as session:
             where = (HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
             blob_keys = list(session.scalars(select(HeadVersionRow.blob_key).where(*where)))
@@ -251,11 +309,50 @@ class HeadRegistry:
 
 
 def check_name(what: str, value: str) -> None:
-    """Names of heads, aliases and tenants share one rule (URL- and metric-label-safe)."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    """Names of heads, aliases and tenants share one rule (URL- and metric-label-safe, no NUL or newline)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidArgument(
-            f"{what} {value!r} is invalid; use 1-63 lowercase letters, digits and '-', starting with a letter"
+            f"{what} {_shown(value)} is invalid; use 1-63 lowercase letters, digits and '-', starting with a letter"
         )
+
+
+def check_version(version: int) -> None:
+    """Version numbers are 1..2^31-1: anything else is the client's mistake, never a database error."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise InvalidArgument(f"version {_shown(version)} is out of range; versions are 1 to {MAX_VERSION}")
+
+
+def _parse_version(digits: str) -> int:
+    """A reference's ``@<digits>`` as a checked version number (length first: int() of a huge string is slow)."""
+    if len(digits) > len(str(MAX_VERSION)):
+        raise InvalidArgument(f"version {digits[:20]}... is out of range; versions are 1 to {MAX_VERSION}")
+    number = int(digits)
+    check_version(number)
+    return number
+
+
+def _shown(value: object) -> str:
+    """A client's value for an error message: quoted, escaped (NUL, newline) and cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _next_version(session: Session, tenant: str, name: str) -> int:
+    """Bump and return ``name``'s never-reused version counter, creating it on first use.
+
+    The conditional UPDATE takes the row lock (PostgreSQL) or the write lock
+    (SQLite), so concurrent creators get distinct numbers. A head created
+    before the counter existed starts from its highest stored version.
+    """
+    where = (HeadNameRow.tenant == tenant, HeadNameRow.name == name)
+    bumped = session.execute(update(HeadNameRow).where(*where).values(last_version=HeadNameRow.last_version + 1))
+    if bumped.rowcount == 0:
+        highest = session.scalar(
+            select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
+        )
+        session.add(HeadNameRow(tenant=tenant, name=name, last_version=(highest or 0) + 1))
+        session.flush()  # a concurrent first creator makes this an IntegrityError: the caller retries
+    return session.scalar(select(HeadNameRow.last_version).where(*where))
 
 
 def _check_alias(alias: str) -> None:
@@ -332,4 +429,5 @@ def _version_info(row: HeadVersionRow, *, aliases: list[str]) -> HeadVersionInfo
         created_at=row.created_at,
         aliases=aliases,
         blob_key=row.blob_key,
+        weights_sha256=row.weights_sha256,
     )
