@@ -1,15 +1,17 @@
 """Trained heads, loaded lazily from the registry and kept in an LRU bounded by bytes.
 
-A head is cached under its exact version, and a reference (``name``,
+A head is cached under the identity of its weights (their sha256, with the
+tenant, name and version it was loaded as), and a reference (``name``,
 ``name@3``, ``name:prod``) is resolved against the registry on every request,
-so moving an alias takes effect on the next request and a deleted head is
-"not found" at once. Loading runs in a worker thread: it never blocks other
-requests' batches.
+so moving an alias takes effect on the next request, a deleted head is "not
+found" at once, and weights that were deleted or replaced are never served.
+Loading runs in a worker thread: it never blocks other requests' batches.
 """
 
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +21,15 @@ from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
-HeadKey = tuple[str, str, int]  # (tenant, name, version)
+
+
+class HeadKey(NamedTuple):
+    """What a loaded head is: the weights' identity, and the version it answers as."""
+
+    tenant: str
+    name: str
+    version: int
+    weights_sha256: str
 
 
 @dataclass(eq=False, slots=True)
@@ -42,16 +52,21 @@ class LoadedHead:
 
     @property
     def name(self) -> str:
-        return self.key[1]
+        return self.key.name
 
     @property
     def version(self) -> int:
-        return self.key[2]
+        return self.key.version
 
 
 def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbone: Backbone) -> LoadedHead:
     """Registry row + stored tensors -> a LoadedHead on the backbone's device."""
     config = HeadConfig.model_validate(info.config)
+    if config.num_classes != len(info.classes):
+        raise FailedPrecondition(
+            f"head '{info.name}' version {info.version} is inconsistent: {config.num_classes} outputs but "
+            f"{len(info.classes)} class names; delete this version and train it again"
+        )
     tail = backbone.fresh_tail(info.split_point) if config.kind is HeadKind.FINETUNE else None
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
@@ -63,7 +78,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         module = head
         nbytes = sum(t.nbytes for t in head.state_dict().values())
     return LoadedHead(
-        key=(info.tenant, info.name, info.version),
+        key=head_key(info),
         backbone=info.backbone,
         kind=config.kind,
         split_point=info.split_point,
@@ -73,6 +88,10 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         module=module,
         nbytes=nbytes,
     )
+
+
+def head_key(info: HeadVersionInfo) -> HeadKey:
+    return HeadKey(info.tenant, info.name, info.version, info.weights_sha256)
 
 
 class HeadCache:
@@ -89,7 +108,7 @@ class HeadCache:
 
     async def get(self, tenant: str, ref: str) -> LoadedHead:
         info = await asyncio.to_thread(self.registry.resolve, tenant, ref)
-        key: HeadKey = (info.tenant, info.name, info.version)
+        key = head_key(info)
         head = self._heads.get(key)
         if head is not None:
             self._heads.move_to_end(key)

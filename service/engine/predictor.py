@@ -1,9 +1,11 @@
 """The engine's predict API: images x head references -> top-k labels per image per head.
 
-Both doors call :meth:`Predictor.predict`. Heads are resolved and loaded
-first (so a bad reference fails before any image is decoded), images are
-decoded and preprocessed in worker threads, and every image goes through its
-backbone's shared batcher once, however many heads it asks for.
+Both doors call :meth:`Predictor.predict`. The tenant's prediction rate is
+charged after the cheap shape checks; heads are resolved and loaded next (so a
+bad reference fails before any image is decoded), and references naming the
+same version (``h``, ``h@1``, ``h:latest``, an alias) run as one head. Images
+are decoded and preprocessed in worker threads, and every image goes through
+its backbone's shared batcher once, however many heads it asks for.
 """
 
 import asyncio
@@ -18,6 +20,7 @@ from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
 from service.errors import InvalidArgument
+from service.quotas import PredictionRate
 
 
 class LabelScore(BaseModel):
@@ -56,6 +59,7 @@ class Predictor:
         self.heads = heads
         self.settings = settings
         self.metrics = metrics
+        self.rate = PredictionRate(settings)
         self.batchers = {
             name: Batcher(
                 backbone,
@@ -80,9 +84,14 @@ class Predictor:
         embedding: bool = False,
         door: str = "engine",
     ) -> list[ImagePrediction]:
-        """``door`` names the caller ("http", "grpc") for metrics only."""
+        """One answer per image, listing one prediction per entry of ``head_refs``, in order.
+
+        ``door`` names the caller ("http", "grpc") for metrics only.
+        """
         self._check_request(images, head_refs, top_k)
-        heads = [await self.heads.get(tenant, ref) for ref in dict.fromkeys(head_refs)]
+        self.rate.take(tenant, len(images))
+        by_ref = await self._load_heads(tenant, head_refs)
+        heads = list({head.key: head for head in by_ref.values()}.values())  # one per version, however named
         by_backbone: dict[str, list[LoadedHead]] = {}
         for head in heads:
             by_backbone.setdefault(head.backbone, []).append(head)
@@ -101,13 +110,22 @@ class Predictor:
                     results[head.key] = _top_k(head, logits, top_k)
                 if row.embedding is not None and pooled is None:
                     pooled = row.embedding.tolist()
-            return ImagePrediction(heads=[results[head.key] for head in heads], embedding=pooled)
+            return ImagePrediction(heads=[results[by_ref[ref].key] for ref in head_refs], embedding=pooled)
 
         predictions = list(await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images))))
         if self.metrics is not None:
             for head in heads:
                 self.metrics.predictions(head.kind.value, door, len(images))
         return predictions
+
+    async def _load_heads(self, tenant: str, head_refs: list[str]) -> dict[str, LoadedHead]:
+        """Each distinct reference's head; the first failing reference in request order raises."""
+        refs = list(dict.fromkeys(head_refs))
+        loaded = await asyncio.gather(*(self.heads.get(tenant, ref) for ref in refs), return_exceptions=True)
+        for outcome in loaded:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return dict(zip(refs, loaded, strict=True))
 
     def _check_request(self, images: list[bytes], head_refs: list[str], top_k: int) -> None:
         if not images:
