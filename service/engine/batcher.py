@@ -114,7 +114,11 @@ class Batcher:
                         request.future.set_exception(exc)
                 continue
             for request, result in zip(batch, output, strict=True):
-                if not request.future.done():
+                if request.future.done():
+                    continue
+                if isinstance(result, Exception):  # one of its heads failed: the rest of the batch is fine
+                    request.future.set_exception(result)
+                else:
                     request.future.set_result(result)
 
     async def _next_batch(self) -> list[_Request]:
@@ -142,7 +146,7 @@ class Batcher:
         self._queue = rest
         return batch
 
-    def _execute(self, batch: list[_Request]) -> list[RowResult]:
+    def _execute(self, batch: list[_Request]) -> list[RowResult | Exception]:
         images = torch.stack([request.image for request in batch])
         want_embeddings = any(request.want_embedding for request in batch)
         with self.backbone.priority.serving():
@@ -150,10 +154,16 @@ class Batcher:
         self.stats.batches += 1
         self.stats.images += len(batch)
         embeddings = output.embeddings.cpu() if output.embeddings is not None else None
-        return [
-            RowResult(
-                logits=[logits.float().cpu() for logits in output.logits[i]],
-                embedding=embeddings[i] if embeddings is not None and request.want_embedding else None,
+        results: list[RowResult | Exception] = []
+        for i, request in enumerate(batch):
+            error = output.errors[i]
+            if error is not None:
+                results.append(error)
+                continue
+            results.append(
+                RowResult(
+                    logits=[logits.float().cpu() for logits in output.logits[i]],
+                    embedding=embeddings[i] if embeddings is not None and request.want_embedding else None,
+                )
             )
-            for i, request in enumerate(batch)
-        ]
+        return results

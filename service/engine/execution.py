@@ -5,10 +5,18 @@ Rows may ask for any mix of heads and kinds (DESIGN.md decisions 2 and 3):
   the pooled output when a linear or mlp head (or an embedding) needs it;
 - a finetune head's rows continue from there to its own split point, then
   through its tail;
-- all linear (row, head) pairs are one batched matmul over gathered weights,
-  so a batch of 1,000 different linear heads costs about as much as one.
+- linear (row, head) pairs are batched matmuls over gathered weights, so a
+  batch of 1,000 different linear heads costs about as much as one. Heads are
+  grouped by size class (class count rounded up to a power of two) and each
+  step gathers at most ``GATHER_BUDGET_BYTES`` of weights, so one tenant's
+  1,000-class head neither pads everybody's 2-class heads nor balloons memory.
+
+A head whose computation fails fails only the rows that asked for it; the
+other rows of the batch still get their answers.
 """
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +24,26 @@ import torch
 from adapters.heads import HeadKind
 from service.engine.backbones import Backbone
 from service.engine.head_cache import LoadedHead
+from service.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+GATHER_BUDGET_BYTES = 32 * 1024 * 1024  # gathered linear weights one step may hold
+
+Pair = tuple[int, int, LoadedHead]  # (row, slot in that row's heads, head)
 
 
 @dataclass
 class BatchOutput:
-    """Per row, per requested head (in request order): logits over that head's classes."""
+    """Per row, per requested head (in request order): logits over that head's classes.
 
-    logits: list[list[torch.Tensor]]
+    ``errors[row]`` is set when a head that row asked for failed; its logits
+    are then incomplete and must not be used.
+    """
+
+    logits: list[list[torch.Tensor | None]]
     embeddings: torch.Tensor | None  # [N, D] pooled features, when asked for
+    errors: list[FailedPrecondition | None]
 
 
 @torch.inference_mode()
@@ -38,10 +58,12 @@ def run_batch(
     pooled = (stem if first == n else backbone.features(stem, n, start=first)) if needs_pooled else None
 
     logits: list[list[torch.Tensor | None]] = [[None] * len(heads) for heads in row_heads]
-    linear = [(row, slot, head) for row, slot, head in pairs if head.kind is HeadKind.LINEAR]
+    failures: dict[int, FailedPrecondition] = {}  # id(head) -> why it failed
+
+    linear = [pair for pair in pairs if pair[2].kind is HeadKind.LINEAR]
     if linear:
-        for (row, slot, _), row_logits in zip(linear, _gathered_linear(pooled, linear), strict=True):
-            logits[row][slot] = row_logits
+        for chunk in linear_chunks(linear, pooled.shape[1], pooled.element_size()):
+            _run_linear_chunk(pooled, chunk, logits, failures)
 
     by_head: dict[int, list[tuple[int, int]]] = {}
     modules: dict[int, LoadedHead] = {}
@@ -52,23 +74,88 @@ def run_batch(
     for head_id, places in by_head.items():
         head = modules[head_id]
         rows = torch.tensor([row for row, _ in places], device=stem.device)
-        if head.kind is HeadKind.MLP:
-            inputs = pooled[rows]
-        else:
-            inputs = stem[rows] if head.split_point == first else backbone.features(stem[rows], head.split_point, start=first)
-        out = head.module(inputs.float())
-        for (row, slot), row_logits in zip(places, out, strict=True):
-            logits[row][slot] = row_logits
 
-    return BatchOutput(logits=logits, embeddings=pooled if want_embeddings else None)  # type: ignore[arg-type]
+        def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
+            if head.kind is HeadKind.MLP:
+                inputs = pooled[rows]
+            elif head.split_point == first:
+                inputs = stem[rows]
+            else:
+                inputs = backbone.features(stem[rows], head.split_point, start=first)
+            return head.module(inputs.float())
+
+        out = _guarded(head, len(places), forward, failures)
+        if out is not None:
+            for (row, slot), row_logits in zip(places, out, strict=True):
+                logits[row][slot] = row_logits
+
+    errors: list[FailedPrecondition | None] = [None] * len(row_heads)
+    for row, _, head in pairs:
+        if errors[row] is None and id(head) in failures:
+            errors[row] = failures[id(head)]
+    return BatchOutput(logits=logits, embeddings=pooled if want_embeddings else None, errors=errors)
 
 
-def _gathered_linear(pooled: torch.Tensor, pairs: list[tuple[int, int, LoadedHead]]) -> list[torch.Tensor]:
+def linear_chunks(
+    pairs: list[Pair], dim: int, element_size: int, budget: int | None = None
+) -> list[list[Pair]]:
+    """Split linear pairs into steps: one size class per step, at most ``budget`` bytes of gathered weights.
+
+    Within a size class a head is padded to at most twice its width. A step
+    holds the distinct heads' stacked weights and one gathered copy per pair,
+    each at most ``budget`` (default ``GATHER_BUDGET_BYTES``); a single pair
+    over the budget is a step of its own.
+    """
+    budget = GATHER_BUDGET_BYTES if budget is None else budget
+    by_class: dict[int, list[Pair]] = {}
+    for pair in sorted(pairs, key=lambda pair: id(pair[2])):  # a head's pairs together: fewer distinct per step
+        by_class.setdefault(_size_class(pair[2]), []).append(pair)
+    chunks: list[list[Pair]] = []
+    for size_class in sorted(by_class):
+        group = by_class[size_class]
+        widest = max(len(head.classes) for _, _, head in group)
+        per_step = max(1, budget // (widest * dim * element_size))
+        chunks += [group[i : i + per_step] for i in range(0, len(group), per_step)]
+    return chunks
+
+
+def _size_class(head: LoadedHead) -> int:
+    """ceil(log2(classes)): heads within a class differ in width by less than 2x."""
+    return (len(head.classes) - 1).bit_length()
+
+
+def _run_linear_chunk(
+    pooled: torch.Tensor,
+    chunk: list[Pair],
+    logits: list[list[torch.Tensor | None]],
+    failures: dict[int, FailedPrecondition],
+) -> None:
+    """One batched matmul for the chunk; if it fails, each head alone so only a broken one fails."""
+    try:
+        outputs = _gathered_linear(pooled, chunk)
+    except Exception:
+        heads = {id(head): head for _, _, head in chunk}
+        for head_id, head in heads.items():
+            places = [(row, slot) for row, slot, other in chunk if id(other) == head_id]
+            rows = torch.tensor([row for row, _ in places], device=pooled.device)
+            def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
+                return pooled[rows] @ head.weight.T + head.bias
+
+            out = _guarded(head, len(places), forward, failures)
+            if out is not None:
+                for (row, slot), row_logits in zip(places, out, strict=True):
+                    logits[row][slot] = row_logits
+        return
+    for (row, slot, _), row_logits in zip(chunk, outputs, strict=True):
+        logits[row][slot] = row_logits
+
+
+def _gathered_linear(pooled: torch.Tensor, pairs: list[Pair]) -> list[torch.Tensor]:
     """Logits of every (row, linear head) pair from one batched matmul.
 
-    The distinct heads' weights are padded to the widest head and stacked once
-    per batch; each pair then indexes its head's slice. Padding classes get a
-    bias of -inf and are cut off before anyone sees them.
+    The distinct heads' weights are padded to the widest head and stacked once;
+    each pair then indexes its head's slice. Padding classes get a bias of -inf
+    and are cut off before anyone sees them.
     """
     distinct: dict[int, int] = {}
     heads: list[LoadedHead] = []
@@ -88,3 +175,23 @@ def _gathered_linear(pooled: torch.Tensor, pairs: list[tuple[int, int, LoadedHea
     rows = torch.tensor([row for row, _, _ in pairs], device=pooled.device)
     out = torch.baddbmm(biases[which].unsqueeze(2), weights[which], pooled[rows].unsqueeze(2)).squeeze(2)
     return [out[i, : len(head.classes)] for i, (_, _, head) in enumerate(pairs)]
+
+
+def _guarded(
+    head: LoadedHead, rows: int, forward: Callable[[], torch.Tensor], failures: dict[int, FailedPrecondition]
+) -> torch.Tensor | None:
+    """Run one head's ``forward`` on its rows; on any failure record a client-safe error and return None."""
+    try:
+        out = forward()
+        if tuple(out.shape) != (rows, len(head.classes)):
+            raise ValueError(f"output shape {tuple(out.shape)}, expected {(rows, len(head.classes))}")
+        return out
+    except Exception as exc:
+        log.warning("head %s failed in a batch; only its requests fail", head.key, exc_info=exc)
+        failures[id(head)] = FailedPrecondition(
+            f"head '{head.name}' version {head.version} could not be run: its stored weights do not fit "
+            f"backbone '{head.backbone}' or are damaged; delete this version and train it again",
+            head=head.name,
+            version=head.version,
+        )
+        return None
