@@ -151,7 +151,7 @@ async def test_a_full_queue_refuses_new_work_with_resource_exhausted(core):
     results = await asyncio.gather(*(batcher.submit(image, [head]) for _ in range(4)), return_exceptions=True)
     await batcher.stop()
     refused = [r for r in results if isinstance(r, ResourceExhausted)]
-    assert len(refused) == 2 and "queue" in str(refused[0])
+    assert len(refused) == 2 and "GRAFT_MAX_QUEUE_IMAGES" in str(refused[0]) and refused[0].retry_after_s > 0
     assert all(len(r.logits) == 1 for r in results if not isinstance(r, Exception))
 
 

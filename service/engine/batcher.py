@@ -92,7 +92,9 @@ class Batcher:
         """Queue one preprocessed image [3, H, W]; refuse at once when the queue is full."""
         if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(
-                f"the prediction queue for {self.backbone.name} is full ({self.max_queue} images); retry shortly"
+                f"the prediction queue for {self.backbone.name} is full ({self.max_queue} images, "
+                "GRAFT_MAX_QUEUE_IMAGES); retry shortly",
+                retry_after_s=1.0,
             )
         self.start()
         request = _Request(image, heads, want_embedding, asyncio.get_running_loop().create_future())
