@@ -1,5 +1,8 @@
 """Evaluation of a head's logits on labelled examples."""
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
@@ -95,3 +98,18 @@ def _expected_calibration_error(confidence: Tensor, correct: Tensor) -> float:
             gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs().item()
             ece += gap * in_bin.float().mean().item()
     return ece
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, through dicts and lists.
+
+    Metrics end up in JSON and protobuf Structs, which have no NaN or infinity:
+    a diverged training run must read as "no number", not fail the response.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value

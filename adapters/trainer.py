@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from adapters.heads import FinetuneHead, HeadKind, LinearHead, MLPHead, standardisation_stats
 from service.errors import Cancelled, InvalidArgument
 
-# L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, so the
-# cancel flag and progress are checked between rounds.
+# L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, and
+# progress is reported between rounds. The cancel flag is checked at every
+# objective evaluation, so a stop never waits for a whole round.
 LBFGS_ITERATIONS_PER_ROUND = 50
 # A round that lowers the linear objective by less than this means it converged.
 LBFGS_CONVERGED = 1e-7
@@ -139,8 +140,9 @@ def fit(
 
     Linear and mlp heads take pooled features [N, D] and fit their
     standardisation on x_train first; finetune heads take feature maps
-    [N, C, H, W]. Raises Cancelled as soon as `cancelled()` is true at an
-    epoch boundary. Features may come from inference_mode; the head itself
+    [N, C, H, W]. Raises Cancelled as soon as `cancelled()` is true; it is
+    checked before every mini-batch (every L-BFGS evaluation), so a stop takes
+    effect well within an epoch. Features may come from inference_mode; the head itself
     must be built outside it, since its weights are updated in place.
     """
     torch.manual_seed(seed)
@@ -218,6 +220,7 @@ def fit_linear_layer(
             return data_loss + 0.5 * hp.weight_decay * linear.weight.square().sum()
 
         def closure() -> Tensor:
+            raise_if_cancelled(cancelled)
             optimizer.zero_grad()
             loss = objective()
             loss.backward()
@@ -269,11 +272,11 @@ def _fit_minibatch(
     epochs_without_gain = 0
     epoch = 0
     for epoch in range(1, hp.epochs + 1):
-        raise_if_cancelled(cancelled)
         head.train()
         order = torch.randperm(n, generator=shuffler).to(x_train.device)
         loss_sum = torch.zeros((), device=x_train.device)  # summed on device: no sync per step
         for start in range(0, n, hp.batch_size):
+            raise_if_cancelled(cancelled)
             batch = order[start : start + hp.batch_size]
             loss = F.cross_entropy(
                 head(x_train[batch]), y_train[batch], weight=class_weights, label_smoothing=hp.label_smoothing

@@ -5,7 +5,7 @@ train + validation), so the validation score reported for it is the one it
 really earned.
 """
 
-import itertools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, standardisation_stats
@@ -35,31 +35,57 @@ from adapters.trainer import (
 from service.errors import InvalidArgument
 
 MAX_TRIALS = 64
+# Values per searched list. The grid is never enumerated (its size is a product,
+# its points are decoded from indices), so this bounds only the request's size.
+MAX_GRID_VALUES = 64
+# Which grid points a search larger than `max_trials` tries: fixed, so a request
+# always trains the same trials.
+SAMPLE_SEED = 0
+
+GridPoint = tuple[float, float, int | None]  # (lr, weight_decay, hidden)
 
 
 class SearchSpace(BaseModel):
     """Values to try, as a grid. Bounds match `HyperParams`; bad values fail validation.
 
-    When the grid has more points than `max_trials`, a fixed-seed random sample
-    of `max_trials` points is tried instead.
+    Each list holds at most `MAX_GRID_VALUES` values. When the grid has more
+    points than `max_trials`, a fixed-seed random sample of `max_trials` points
+    is tried instead, picked by index without building the grid.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    lr: list[Annotated[float, Field(gt=0.0, le=10.0)]] = Field(min_length=1)
-    weight_decay: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(min_length=1)
-    hidden: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(default=None, min_length=1)
+    lr: list[Annotated[float, Field(gt=0.0, le=10.0)]] = Field(min_length=1, max_length=MAX_GRID_VALUES)
+    weight_decay: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(min_length=1, max_length=MAX_GRID_VALUES)
+    hidden: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GRID_VALUES
+    )
     max_trials: int = Field(default=MAX_TRIALS, ge=1, le=MAX_TRIALS)
 
-    @model_validator(mode="after")
-    def _grid_is_bounded(self) -> "SearchSpace":
-        if len(self.grid()) > MAX_TRIALS:
-            raise ValueError(f"the search grid has {len(self.grid())} combinations; at most {MAX_TRIALS} are allowed")
-        return self
+    @property
+    def size(self) -> int:
+        """How many (lr, weight_decay, hidden) combinations the grid has."""
+        return len(self.lr) * len(self.weight_decay) * len(self.hidden or [None])
 
-    def grid(self) -> list[tuple[float, float, int | None]]:
-        """Every (lr, weight_decay, hidden) combination, in a stable order."""
-        return list(itertools.product(self.lr, self.weight_decay, self.hidden or [None]))
+    @property
+    def trials(self) -> int:
+        """How many of them a search trains."""
+        return min(self.size, self.max_trials)
+
+    def points(self) -> list[GridPoint]:
+        """The combinations a search trains, in grid order: all, or the fixed sample of `max_trials`."""
+        if self.size <= self.max_trials:
+            indices: list[int] | range = range(self.size)
+        else:
+            indices = sorted(random.Random(SAMPLE_SEED).sample(range(self.size), self.max_trials))
+        return [self._point(index) for index in indices]
+
+    def _point(self, index: int) -> GridPoint:
+        """The grid point at ``index`` of the row-major (lr, weight_decay, hidden) order."""
+        hidden = self.hidden or [None]
+        index, k = divmod(index, len(hidden))
+        i, j = divmod(index, len(self.weight_decay))
+        return self.lr[i], self.weight_decay[j], hidden[k]
 
 
 def default_search_space(kind: HeadKind) -> SearchSpace:
@@ -75,7 +101,9 @@ def default_search_space(kind: HeadKind) -> SearchSpace:
 class Trial(BaseModel):
     hp: HyperParams
     val_accuracy: float
-    val_loss: float  # mean cross-entropy on validation, without class weights
+    # Mean cross-entropy on validation, without class weights; None when the trial
+    # diverged (a non-finite loss), so results stay plain JSON numbers.
+    val_loss: float | None
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,9 @@ def tune(
 
     `base` supplies everything the space does not vary (epochs, batch size...).
     Finetune heads need `tail_factory` to get a fresh copy of the tail per trial.
-    Ties on validation accuracy go to the lower validation loss.
+    Ties on validation accuracy go to the lower validation loss. A trial that
+    diverges (non-finite validation loss) is kept in `trials` with no loss and
+    never wins; if every trial diverges, that is an InvalidArgument.
     """
     if config.kind is HeadKind.FINETUNE and tail_factory is None:
         raise InvalidArgument("tuning a finetune head needs a tail_factory that copies the backbone's tail")
@@ -125,7 +155,7 @@ def tune(
             mean, std = standardisation_stats(x_train)
             z_train = (x_train - mean) / std
 
-        best: tuple[Trial, nn.Module, HeadConfig] | None = None
+        best: tuple[tuple[float, float], Trial, nn.Module, HeadConfig] | None = None
         trials: list[Trial] = []
         for index, hp in enumerate(candidates):
             raise_if_cancelled(cancelled)
@@ -163,34 +193,36 @@ def tune(
                 )
 
             logits = predict_logits(head, x_val)
-            trial = Trial(hp=hp, val_accuracy=accuracy(logits, y_val), val_loss=F.cross_entropy(logits, y_val).item())
+            val_loss = F.cross_entropy(logits, y_val).item()
+            diverged = not math.isfinite(val_loss)
+            trial = Trial(hp=hp, val_accuracy=accuracy(logits, y_val), val_loss=None if diverged else val_loss)
             trials.append(trial)
-            if best is None or (trial.val_accuracy, -trial.val_loss) > (best[0].val_accuracy, -best[0].val_loss):
-                best = (trial, head, trial_config)
+            rank = (trial.val_accuracy, -val_loss)  # higher accuracy, then lower loss
+            if not diverged and (best is None or rank > best[0]):
+                best = (rank, trial, head, trial_config)
             if progress is not None:
                 progress(
                     ProgressEvent(
                         phase="search",
                         fraction=(index + 1) / len(candidates),
-                        message=f"trial {index + 1}/{len(candidates)} done",
-                        metrics={"val_accuracy": trial.val_accuracy, "val_loss": trial.val_loss},
+                        message=f"trial {index + 1}/{len(candidates)} " + ("diverged" if diverged else "done"),
+                        metrics={"val_accuracy": trial.val_accuracy} | ({} if diverged else {"val_loss": val_loss}),
                     )
                 )
 
-    assert best is not None  # a SearchSpace always yields at least one candidate
-    best_trial, best_head, best_config = best
+    if best is None:
+        raise InvalidArgument(
+            f"all {len(trials)} trials diverged (non-finite validation loss); try a smaller lr or weight_decay"
+        )
+    _, best_trial, best_head, best_config = best
     return TuneResult(head=best_head.eval(), config=best_config, best=best_trial.hp, trials=trials)
 
 
 def _candidates(space: SearchSpace, base: HyperParams) -> list[HyperParams]:
     """The hyperparameters of each trial: `base` with the searched values swapped in."""
-    grid = space.grid()
-    if len(grid) > space.max_trials:
-        kept = sorted(random.Random(0).sample(range(len(grid)), space.max_trials))
-        grid = [grid[i] for i in kept]
     candidates = []
-    for lr, weight_decay, hidden in grid:
-        overrides = {"lr": lr, "weight_decay": weight_decay}
+    for lr, weight_decay, hidden in space.points():
+        overrides: dict[str, float | int] = {"lr": lr, "weight_decay": weight_decay}
         if hidden is not None:
             overrides["hidden"] = hidden
         candidates.append(HyperParams.model_validate(base.model_dump() | overrides))

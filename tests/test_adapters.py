@@ -1,5 +1,7 @@
 """Heads, training, tuning, metrics and splits, on scikit-learn's digits as stand-in features."""
 
+import itertools
+import json
 import math
 
 import numpy as np
@@ -14,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, head_state, load_head
-from adapters.metrics import evaluate
+from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
@@ -25,7 +27,7 @@ from adapters.trainer import (
     fit,
     predict_logits,
 )
-from adapters.tuning import SearchSpace, default_search_space, tune
+from adapters.tuning import MAX_GRID_VALUES, SearchSpace, default_search_space, tune
 from service.errors import Cancelled, InvalidArgument
 
 DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -306,6 +308,11 @@ def test_evaluate_measures_overconfidence() -> None:
     assert metrics.ece == pytest.approx(0.5, abs=1e-3)
 
 
+def test_finite_turns_nan_and_infinity_into_none_at_any_depth() -> None:
+    metrics = {"loss": math.nan, "ece": 0.1, "trials": [{"val_loss": math.inf, "val_accuracy": 0.5}], "n": 3}
+    assert finite(metrics) == {"loss": None, "ece": 0.1, "trials": [{"val_loss": None, "val_accuracy": 0.5}], "n": 3}
+
+
 def test_evaluate_rejects_logits_that_do_not_match_the_class_names() -> None:
     with pytest.raises(InvalidArgument):
         evaluate(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64), ["a", "b"])
@@ -346,7 +353,7 @@ def test_hyperparams_reject_unsafe_values(override: dict) -> None:
         {"lr": [-1e-3], "weight_decay": [0.0]},
         {"lr": [], "weight_decay": [0.0]},
         {"lr": [1e-3], "weight_decay": [0.0], "hidden": [0]},
-        {"lr": [1e-3] * 5, "weight_decay": [1e-4] * 5, "hidden": [8, 16, 32]},  # 75 combinations
+        {"lr": [1e-3] * (MAX_GRID_VALUES + 1), "weight_decay": [0.0]},
         {"lr": [1e-3], "weight_decay": [0.0], "max_trials": 65},
     ],
 )
@@ -356,9 +363,37 @@ def test_search_space_rejects_unsafe_or_oversized_grids(fields: dict) -> None:
 
 
 def test_default_search_spaces_have_the_documented_sizes() -> None:
-    assert len(default_search_space(HeadKind.LINEAR).grid()) == 8
-    assert len(default_search_space(HeadKind.MLP).grid()) == 8
-    assert len(default_search_space(HeadKind.FINETUNE).grid()) == 2
+    assert len(default_search_space(HeadKind.LINEAR).points()) == 8
+    assert len(default_search_space(HeadKind.MLP).points()) == 8
+    assert len(default_search_space(HeadKind.FINETUNE).points()) == 2
+
+
+def test_a_billion_point_search_grid_is_refused_without_building_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_enumeration(*args: object) -> None:
+        raise AssertionError("the search grid was enumerated")
+
+    monkeypatch.setattr(itertools, "product", no_enumeration)
+    with pytest.raises(ValidationError, match=f"at most {MAX_GRID_VALUES} items"):
+        SearchSpace(lr=[0.1] * 1000, weight_decay=[0.1] * 1000, hidden=[8] * 1000)
+
+
+def test_a_grid_larger_than_max_trials_trains_the_same_sample_of_max_trials_points() -> None:
+    values = range(1, MAX_GRID_VALUES + 1)
+    fields = {"lr": [v / 1000 for v in values], "weight_decay": [v / 100 for v in values], "hidden": list(values)}
+    space = SearchSpace(**fields)  # 64 x 64 x 64 = 262,144 points
+
+    points = space.points()
+    assert space.size == MAX_GRID_VALUES**3 and space.trials == len(points) == space.max_trials
+    assert len(set(points)) == len(points)
+    assert all(lr in space.lr and wd in space.weight_decay and h in space.hidden for lr, wd, h in points)
+    assert SearchSpace(**fields).points() == points  # a fixed sample: the same request trains the same trials
+    assert len(SearchSpace(**fields, max_trials=5).points()) == 5
+
+
+def test_a_grid_within_max_trials_is_tried_whole_in_grid_order() -> None:
+    space = SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3], hidden=[8, 16])
+    assert space.points() == list(itertools.product(space.lr, space.weight_decay, space.hidden))
+    assert space.trials == space.size == 12
 
 
 # --- cancellation -----------------------------------------------------------------------
@@ -368,6 +403,30 @@ def test_fit_raises_cancelled_when_asked_to_stop(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
     with pytest.raises(Cancelled):
         fit(build_head(MLP), x_train, y_train, FAST_MLP, cancelled=lambda: True)
+
+
+def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -> None:
+    x_train, y_train, _, _ = digits.pooled()
+    checks = itertools.count()
+    epochs_reported: list[ProgressEvent] = []
+    one_long_epoch = FAST_MLP.model_copy(update={"epochs": 1, "batch_size": 8})  # ~180 mini-batches
+
+    with pytest.raises(Cancelled):
+        fit(build_head(MLP), x_train, y_train, one_long_epoch, cancelled=lambda: next(checks) >= 3,
+            progress=epochs_reported.append)
+    assert epochs_reported == []  # stopped before its only epoch ended
+
+
+def test_a_linear_fit_stops_within_an_l_bfgs_round_when_cancelled(digits: Digits) -> None:
+    x_train, y_train, _, _ = digits.pooled()
+    checks = itertools.count()
+    one_round = default_hyperparams(HeadKind.LINEAR).model_copy(update={"epochs": 1})
+    rounds_reported: list[ProgressEvent] = []
+
+    with pytest.raises(Cancelled):
+        fit(build_head(LINEAR), x_train, y_train, one_round, cancelled=lambda: next(checks) >= 3,
+            progress=rounds_reported.append)
+    assert rounds_reported == []
 
 
 def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
@@ -411,6 +470,27 @@ def test_tune_of_an_mlp_returns_the_config_of_the_winning_width(digits: Digits) 
     assert result.config.hidden == result.best.hidden
     reloaded = load_head(result.config, head_state(result.head))
     assert torch.equal(predict_logits(reloaded, x_val), predict_logits(result.head, x_val))
+
+
+def test_tune_keeps_a_diverged_trial_without_a_loss_and_picks_a_converged_one(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    events: list[ProgressEvent] = []
+    space = SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0])  # lr x weight_decay = 100: AdamW blows up
+    result = tune(MLP, x_train, y_train, x_val, y_val, space=space, base=FAST_MLP.model_copy(update={"epochs": 3}),
+                  progress=events.append)
+
+    diverged, converged = result.trials
+    assert diverged.val_loss is None and converged.val_loss is not None and math.isfinite(converged.val_loss)
+    assert result.best == converged.hp
+    json.dumps([trial.model_dump(mode="json") for trial in result.trials], allow_nan=False)
+    assert "trial 1/2 diverged" in {event.message for event in events}
+
+
+def test_tune_refuses_a_search_whose_every_trial_diverges(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    with pytest.raises(InvalidArgument, match="all 1 trials diverged.*smaller lr"):
+        tune(MLP, x_train, y_train, x_val, y_val, space=SearchSpace(lr=[10.0], weight_decay=[10.0]),
+             base=FAST_MLP.model_copy(update={"epochs": 3}))
 
 
 def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
