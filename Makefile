@@ -20,10 +20,14 @@ $(STAMP): pyproject.toml
 weights: setup
 	$(PY) -m service.provision
 
-$(FASHION_MNIST):
-	$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+# Debian packages the tests use: Fashion-MNIST, and a real PostgreSQL server (started by the tests themselves).
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql
+PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
 
-data: setup $(FASHION_MNIST)
+$(FASHION_MNIST) $(PG_CTL):
+	$(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES); }
+
+data: setup $(FASHION_MNIST) $(PG_CTL)
 	$(PY) benchmarks/sample_data.py
 
 # Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys).

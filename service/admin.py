@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_registry_url)
+    db = Database(settings.resolved_registry_url, settings.blob_dir)
     tenants = Tenants(db, settings)
     try:
         if args.command == "create-tenant":

@@ -95,7 +95,11 @@ class Settings(BaseSettings):
 
     @cached_property
     def resolved_registry_url(self) -> str:
-        return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+        """The SQLAlchemy URL; a plain ``postgresql://`` URL gets the installed driver (psycopg 3)."""
+        if not self.registry_url:
+            return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+        scheme, sep, rest = self.registry_url.partition("://")
+        return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else self.registry_url
 
     @property
     def blob_dir(self) -> Path:

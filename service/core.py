@@ -47,7 +47,7 @@ class Core:
         if placement.device.type == "cpu":
             configure_cpu_threads(settings.torch_threads)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.resolved_registry_url)
+        db = Database(settings.resolved_registry_url, settings.blob_dir)
         quotas = Quotas(settings)
         blobs = BlobStore(settings.blob_dir)
         datasets = DatasetStore(db, blobs, settings, quotas)

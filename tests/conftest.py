@@ -1,11 +1,13 @@
 """Shared fixtures: one real pretrained backbone per test session, fresh storage per test."""
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+import postgres
 from service.config import Settings
 from service.core import Core
 from service.engine.backbones import Backbone, load_backbone
@@ -35,3 +37,20 @@ def make_core(mobilenet) -> Callable[[Path], Core]:
         return core
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the session (Debian's package, run as its unprivileged user on loopback)."""
+    server = postgres.start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path) -> str:
+    """An empty registry database on each backend the service supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database(f"test_{uuid.uuid4().hex[:12]}")

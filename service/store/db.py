@@ -1,14 +1,16 @@
 """The registry database: SQLAlchemy 2.0 models and a small ``Database`` wrapper.
 
-SQLite is the embedded default; a ``postgresql://`` URL works unchanged because
-queries use only the ORM and portable SQL. Tables for jobs, tenants and API keys
-belong here too: declare them as further ``Base`` subclasses and ``create_all``
-picks them up.
+SQLite is the embedded default; a ``postgresql+psycopg://`` URL works unchanged
+because queries use only the ORM and portable SQL. The schema is owned by the
+Alembic migrations in ``service/store/migrations`` (run on open): a change to a
+model here needs a new revision there (``tests/test_migrations.py`` fails when
+the two disagree).
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -17,6 +19,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from service.store import migrate
 
 
 def utcnow() -> datetime:
@@ -188,14 +192,15 @@ class ApiKeyRow(Base):
 class Database:
     """Owns the engine and hands out sessions that commit on success and roll back on error."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, blob_dir: Path | None = None) -> None:
+        """Connect and migrate the schema to the newest revision (``blob_dir`` feeds data migrations)."""
         is_sqlite = url.startswith("sqlite")
         connect_args = {"check_same_thread": False} if is_sqlite else {}
-        self.engine: Engine = create_engine(url, connect_args=connect_args)
+        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             event.listen(self.engine, "connect", _configure_sqlite)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        migrate.upgrade(self.engine, blob_dir)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
