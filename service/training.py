@@ -11,10 +11,11 @@ benchmarks and tests, directly.
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
+from sqlalchemy.orm import Session
 
 from adapters.heads import HeadConfig, HeadKind, head_state
-from adapters.metrics import evaluate
+from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
 from adapters.trainer import HyperParams, ProgressEvent, class_weights_for, default_hyperparams
 from adapters.tuning import SearchSpace, default_search_space, tune
@@ -41,13 +42,38 @@ class TrainRequest(BaseModel):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _blocks_only_for_finetune(self) -> "TrainRequest":
+    def _fields_fit_the_kind(self) -> "TrainRequest":
         if self.finetune_blocks is not None and self.kind != HeadKind.FINETUNE:
             raise ValueError("finetune_blocks applies to kind 'finetune' only")
+        if self.search is not None and self.search.hidden is not None and self.kind != HeadKind.MLP:
+            raise ValueError("search.hidden applies to kind 'mlp' only")
         return self
+
+    @property
+    def epochs(self) -> int:
+        return (self.hyperparams or default_hyperparams(self.kind)).epochs
+
+    @property
+    def trials(self) -> int:
+        return (self.search or default_search_space(self.kind)).trials
+
+
+class TrainingCost(BaseModel):
+    """What one run of a request costs, in the unit ``GRAFT_MAX_JOB_WORK`` bounds."""
+
+    epochs: int
+    images: int  # the whole dataset: an upper bound on the training split
+    trials: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def work(self) -> int:
+        return self.epochs * self.images * self.trials
 
 
 Progress = Callable[[ProgressEvent], None]
+# Called inside the transaction that stores the new head version; raising aborts it.
+PublishGuard = Callable[[Session], None]
 
 # Share of a job's progress bar spent extracting features (the rest is training).
 EXTRACTION_SHARE = 0.5
@@ -80,6 +106,12 @@ class Trainer:
             return backbone.split_for_blocks(request.finetune_blocks or DEFAULT_FINETUNE_BLOCKS)
         return backbone.num_blocks
 
+    def cost(self, tenant: str, request: TrainRequest) -> TrainingCost:
+        """Check what would only fail later (backbone, finetune_blocks, dataset) and price one run."""
+        self.split_point(request)
+        dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
+        return TrainingCost(epochs=request.epochs, images=dataset.num_examples, trials=request.trials)
+
     def train(
         self,
         tenant: str,
@@ -88,7 +120,9 @@ class Trainer:
         job_id: str | None = None,
         progress: Progress | None = None,
         cancelled: Callable[[], bool] | None = None,
+        guard: PublishGuard | None = None,
     ) -> HeadVersionInfo:
+        """Train and store a new head version; ``guard`` may veto storing it (a job that lost its lease)."""
         report = progress or (lambda event: None)
         backbone = self.backbone(request.backbone)
         split = self.split_point(request)
@@ -101,8 +135,10 @@ class Trainer:
             raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
 
         def extraction_progress(done: int, total: int) -> None:
+            # Counts over all the dataset's images, cached or not: the cache is shared
+            # across tenants, and "new images" would tell that another tenant has them.
             report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * done / total,
-                                 message=f"features for {done}/{total} new images", metrics={}))
+                                 message=f"features for {done}/{total} images"))
 
         features = self.extractor.features(
             backbone, split, [sha for sha, _ in examples], progress=extraction_progress, cancelled=cancelled
@@ -151,7 +187,10 @@ class Trainer:
             classes=dataset.classes,
             config=result.config.model_dump(mode="json"),
             hyperparams=result.best.model_dump(mode="json"),
-            metrics={**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]},
+            metrics=finite(
+                {**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]}
+            ),
             dataset_id=dataset.id,
             job_id=job_id,
+            guard=guard,
         )

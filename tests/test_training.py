@@ -1,16 +1,20 @@
 """The whole recipe on real images: dataset -> cached features -> tuned head -> registry."""
 
+import json
+
 import pytest
 import torch
 
 from adapters.heads import HeadConfig, HeadKind, load_head
 from sample_data import fashion_mnist_pngs
+from adapters.trainer import HyperParams
 from adapters.tuning import SearchSpace
 from service.core import Core
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from service.training import TrainRequest
+from service.training import TrainingCost, TrainRequest
 
 TENANT = "acme"
+ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +55,32 @@ def test_each_head_kind_learns_fashion_mnist_well_above_chance(core, fashion, ki
 
 
 def test_retraining_reads_cached_features_instead_of_running_the_trunk(core, fashion):
-    request = TrainRequest(dataset_id=fashion.id, head_name="cached", search=SearchSpace(lr=[1.0], weight_decay=[1e-3]))
+    request = TrainRequest(dataset_id=fashion.id, head_name="cached", search=ONE_TRIAL)
     core.trainer.train(TENANT, request)
-    phases = []
-    core.trainer.train(TENANT, request, progress=lambda event: phases.append(event.phase))
-    assert "extract" not in phases
+    written = cache_entries(core)
+    core.trainer.train(TENANT, request)
+    assert cache_entries(core) == written  # no entry was computed and written again
     assert core.heads.get(TENANT, "cached").latest_version == 2
+
+
+def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uploaded(core):
+    """The feature cache is shared: a second tenant with the same images must read the same messages."""
+    files = fashion_mnist_pngs("test", per_class=3, seed=11)
+    examples = [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)]
+    messages = {}
+    for tenant in ("first-uploader", "second-uploader"):
+        dataset = core.datasets.create(tenant, "same-images", examples)
+        seen = []
+        core.trainer.train(tenant, TrainRequest(dataset_id=dataset.id, head_name="h", search=ONE_TRIAL),
+                           progress=lambda event: seen.append(event.message) if event.phase == "extract" else None)
+        messages[tenant] = seen
+    assert messages["first-uploader"] == messages["second-uploader"]
+    assert messages["first-uploader"][-1] == f"features for {len(examples)}/{len(examples)} images"
+
+
+def cache_entries(core) -> dict[str, tuple[int, int]]:
+    """Each feature-cache file with its inode and mtime: a rewrite changes them."""
+    return {str(path): (path.stat().st_ino, path.stat().st_mtime_ns) for path in core.settings.feature_dir.rglob("*.npy")}
 
 
 def test_progress_rises_to_one(core, fashion):
@@ -97,3 +121,41 @@ def test_a_dataset_too_small_to_hold_out_fails_before_any_extraction(core):
         core.trainer.train(TENANT, TrainRequest(dataset_id=tiny.id, head_name="tiny"),
                            progress=lambda event: phases.append(event.phase))
     assert phases == []
+
+
+def test_a_guard_that_refuses_stores_no_head(core, fashion):
+    class Refused(Exception):
+        pass
+
+    def refuse(session):
+        raise Refused
+
+    with pytest.raises(Refused):
+        core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="vetoed", search=ONE_TRIAL),
+                           guard=refuse)
+    with pytest.raises(NotFound):
+        core.heads.get(TENANT, "vetoed")
+
+
+def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion):
+    request = TrainRequest(dataset_id=fashion.id, head_name="priced", kind=HeadKind.MLP,
+                           hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
+                           search=SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3]))
+    assert core.trainer.cost(TENANT, request) == TrainingCost(epochs=7, images=fashion.num_examples, trials=6)
+    assert core.trainer.cost(TENANT, request).work == 7 * fashion.num_examples * 6
+    with pytest.raises(NotFound):
+        core.trainer.cost("intruder", request)
+
+
+def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
+    request = TrainRequest(dataset_id=fashion.id, head_name="diverged", kind=HeadKind.MLP,
+                           hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=8, hidden=32),
+                           search=SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]))
+    version = core.trainer.train(TENANT, request)
+    assert [trial["val_loss"] is None for trial in version.metrics["trials"]] == [True, False]
+    json.dumps(core.heads.resolve(TENANT, "diverged@1").metrics, allow_nan=False)
+
+
+def test_searching_hidden_widths_applies_to_mlp_heads_only():
+    with pytest.raises(ValueError, match="search.hidden applies to kind 'mlp' only"):
+        TrainRequest(dataset_id="ds_1", head_name="x", search=SearchSpace(lr=[1e-3], weight_decay=[0.0], hidden=[8]))
