@@ -3,19 +3,27 @@
 Every image is checked before anything is stored: it must be non-empty, within
 the byte limit, one of the allowed formats, within the pixel limit (checked from
 the header, before any pixels are decoded, so a small file that claims to be
-100000 x 100000 is refused cheaply) and it must decode completely.
+100000 x 100000 is refused cheaply) and it must decode completely, through the
+same ``decode_rgb`` that training and prediction use, so an image accepted on
+upload always decodes later and always to the same pixels.
 """
 
 import hashlib
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from pydantic import BaseModel
 
 from service.errors import InvalidArgument
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+# Modes with more than 8 bits per sample. Of the allowed formats only 16-bit PNG produces them (as I;16, or as
+# I on older Pillow), so every one is read as 16-bit samples; convert("RGB") would clip them to white.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_SIXTEEN_TO_EIGHT = 65535 / 255  # 257: maps 0..65535 onto 0..255 exactly at both ends
 
 
 class ImageInfo(BaseModel):
@@ -30,6 +38,7 @@ def inspect_image(data: bytes, *, name: str, max_bytes: int, max_pixels: int) ->
     """Validate one uploaded image fully; raise InvalidArgument naming ``name`` if it is unusable."""
     _check_size(data, name=name, max_bytes=max_bytes)
     image = _open_fully(data, name=name, max_pixels=max_pixels)
+    _to_rgb(image, name=name)  # what training and prediction will do: refuse now what they could not decode
     return ImageInfo(
         sha256=hashlib.sha256(data).hexdigest(),
         format=image.format or "",
@@ -40,25 +49,48 @@ def inspect_image(data: bytes, *, name: str, max_bytes: int, max_pixels: int) ->
 
 
 def decode_rgb(data: bytes, *, max_pixels: int, max_bytes: int | None = None, name: str = "image") -> Image.Image:
-    """Decode to an RGB image (first frame of an animation, EXIF rotation applied).
+    """Decode to an 8-bit RGB image (first frame of an animation, EXIF rotation applied).
 
-    Stored images were checked on upload; request images pass ``max_bytes``
-    so that they meet the same limits.
+    The one decoder for upload validation, training and prediction. Stored
+    images were checked on upload; request images pass ``max_bytes`` so that
+    they meet the same limits.
     """
     _check_size(data, name=name, max_bytes=max_bytes)
-    image = _open_fully(data, name=name, max_pixels=max_pixels)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
-    return image.convert("RGB")
+    return _to_rgb(_open_fully(data, name=name, max_pixels=max_pixels), name=name)
+
+
+def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
+    """Apply the EXIF orientation and map any mode to 8-bit RGB (16-bit samples scaled, alpha dropped)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a malformed EXIF block raises SyntaxError, struct.error, ...
+        raise InvalidArgument(
+            f"file '{name}' has unreadable EXIF metadata ({exc}); re-export it without EXIF or with valid EXIF",
+            file=name,
+        ) from None
+    try:
+        if image.mode in _WIDE_MODES:
+            samples = np.asarray(image, dtype=np.float64)
+            grey = np.clip(np.rint(samples / _SIXTEEN_TO_EIGHT), 0, 255).astype(np.uint8)
+            return Image.fromarray(grey, "L").convert("RGB")
+        if image.mode in ("P", "PA"):
+            image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
+        return image.convert("RGB")
+    except Exception as exc:
+        raise InvalidArgument(
+            f"file '{name}' has pixel mode {image.mode!r}, which cannot be converted to RGB ({exc}); "
+            "re-export it as 8-bit RGB",
+            file=name,
+        ) from None
 
 
 def _check_size(data: bytes, *, name: str, max_bytes: int | None) -> None:
     if not data:
         raise InvalidArgument(f"file '{name}' is empty (0 bytes); send the image's contents", file=name)
     if max_bytes is not None and len(data) > max_bytes:
+        # "at least": uploads are read with a bound of max_bytes + 1, so the true size may be larger
         raise InvalidArgument(
-            f"file '{name}' is {len(data):,} bytes, over the limit of {max_bytes:,} bytes per image; "
+            f"file '{name}' is at least {len(data):,} bytes, over the limit of {max_bytes:,} bytes per image; "
             "shrink or re-encode it",
             file=name,
         )
