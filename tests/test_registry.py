@@ -1,4 +1,4 @@
-"""HeadRegistry: versions, aliases, refs, tenancy and atomic writes of head weights."""
+"""HeadRegistry: versions, aliases, refs, tenancy and atomic writes of head weights, on SQLite and PostgreSQL."""
 
 import os
 import time
@@ -30,8 +30,9 @@ def blobs(tmp_path: Path) -> BlobStore:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'registry.db'}")
+def db(registry_url: str) -> Database:
+    """Every registry test runs on SQLite and on a real PostgreSQL."""
+    return Database(registry_url)
 
 
 @pytest.fixture
@@ -210,7 +211,7 @@ def test_failed_commit_leaves_no_row_and_no_blob(
 
 def test_concurrent_creators_of_a_new_head_get_distinct_versions(registry: HeadRegistry, db: Database) -> None:
     """Two replicas creating the same head at once: each gets its own number, none is lost."""
-    other_replica = HeadRegistry(Database(str(db.engine.url)), registry.blobs, registry.quotas)
+    other_replica = HeadRegistry(Database(db.engine.url.render_as_string(hide_password=False)), registry.blobs, registry.quotas)
     with ThreadPoolExecutor(max_workers=4) as pool:
         infos = list(pool.map(lambda i: create(registry if i % 2 else other_replica), range(8)))
     assert sorted(info.version for info in infos) == list(range(1, 9))
