@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from service.config import Settings
 from service.errors import InvalidArgument, NotFound
+from service.quotas import Quotas
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database, DatasetRow, ExampleRow
@@ -57,7 +58,7 @@ def db(settings: Settings) -> Database:
 
 @pytest.fixture
 def store(db: Database, settings: Settings) -> DatasetStore:
-    return DatasetStore(db, BlobStore(settings.blob_dir), settings)
+    return DatasetStore(db, BlobStore(settings.blob_dir), settings, Quotas(settings))
 
 
 def good_files() -> tuple[list[tuple[str, bytes]], list[str]]:

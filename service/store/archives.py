@@ -3,16 +3,21 @@
 The layout is ``<class>/<image>``, optionally inside one common top folder
 (``photos/cats/1.jpg``). Structure and declared sizes are checked for the whole
 upload before a single image is read, so a zip bomb or a path like
-``../../etc/passwd`` is refused without decompressing anything. Images
-themselves are validated later, by ``DatasetStore.create``.
+``../../etc/passwd`` is refused without decompressing anything. Even before
+that, the number of entries is read from the end-of-central-directory record
+and counted in the directory itself, so an archive of millions of tiny entries
+is refused before ``zipfile`` builds an object for each. Images themselves are
+validated later, one at a time, by ``DatasetStore.create``.
 """
 
 import io
 import os
 import stat
+import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from service.config import Settings
 from service.errors import InvalidArgument
@@ -23,13 +28,25 @@ Example = tuple[str, bytes, str]
 LAYOUT_HINT = "lay images out as <class>/<image> (optionally inside one top folder)"
 
 
-def examples_from_zip(zip_data: bytes | Path, settings: Settings) -> Iterator[Example]:
-    """Check the archive's structure and sizes now; return an iterator that reads images lazily."""
-    size = len(zip_data) if isinstance(zip_data, bytes) else Path(zip_data).stat().st_size
-    _check_total(size, settings, what="the zip archive")
+def examples_from_zip(zip_data: bytes | Path | BinaryIO, settings: Settings) -> Iterator[Example]:
+    """Check the archive's structure and sizes now; return an iterator that reads images lazily.
+
+    ``zip_data`` is the archive's bytes, its path, or a seekable file object
+    (left open: its owner closes it).
+    """
+    if isinstance(zip_data, bytes):
+        zip_data = io.BytesIO(zip_data)
     try:
-        archive = zipfile.ZipFile(io.BytesIO(zip_data) if isinstance(zip_data, bytes) else zip_data)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        if isinstance(zip_data, Path):
+            _check_total(zip_data.stat().st_size, settings, what="the zip archive")
+            with open(zip_data, "rb") as file:
+                _check_directory(file, settings)
+        else:
+            _check_total(zip_data.seek(0, os.SEEK_END), settings, what="the zip archive")
+            _check_directory(zip_data, settings)
+            zip_data.seek(0)
+        archive = zipfile.ZipFile(zip_data)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         raise InvalidArgument(f"the upload is not a readable zip archive ({exc}); create it with 'zip -r'") from None
     try:
         files, dirs = _zip_entries(archive)
@@ -52,6 +69,84 @@ def examples_from_folder(root: Path, settings: Settings) -> Iterator[Example]:
     _check_count(len(labelled), settings)
     _check_total(sum(files[path] for path, _ in labelled), settings, what="the images")
     return _read_folder(root, labelled, settings)
+
+
+# -- the central directory, before zipfile parses it ------------------------------
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, without its variable parts
+_MAX_COMMENT = 65535
+
+
+def _entry_limit(settings: Settings) -> int:
+    """Entries an archive may have: images plus room for folders and junk (``__MACOSX``, ``.DS_Store``)."""
+    return 2 * settings.max_images_per_dataset + 1000
+
+
+def _check_directory(file: BinaryIO, settings: Settings) -> None:
+    """Refuse an archive whose directory declares, or holds, more entries than ``entry_limit``.
+
+    zipfile reads the directory by its byte size, not its declared count, so
+    the headers are counted too (reading 46 bytes each, skipping the rest).
+    """
+    declared, directory_start, directory_size = _directory(file)
+    limit = _entry_limit(settings)
+    if declared > limit:
+        raise _too_many_entries(f"declares {declared:,} entries", limit)
+    file.seek(directory_start)
+    end = directory_start + directory_size
+    count = 0
+    while file.tell() + _ENTRY.size <= end:
+        header = _ENTRY.unpack(file.read(_ENTRY.size))
+        if header[0] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("bad central directory entry")
+        count += 1
+        if count > limit:
+            raise _too_many_entries(f"has more than {limit:,} entries", limit)
+        file.seek(header[12] + header[13] + header[14], os.SEEK_CUR)  # name, extra field, comment
+
+
+def _directory(file: BinaryIO) -> tuple[int, int, int]:
+    """(declared entries, start, size) of the central directory, located the way zipfile locates it."""
+    size = file.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
+    file.seek(tail_start)
+    tail = file.read()
+    at = len(tail) - _EOCD.size  # the usual case: no archive comment
+    if not (tail[at:].startswith(b"PK\x05\x06") and tail.endswith(b"\0\0")):
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise zipfile.BadZipFile("no end of central directory record")
+    eocd_at = tail_start + at
+    _, _, _, _, entries, directory_size, _, _ = _EOCD.unpack_from(tail, at)
+    directory_end = eocd_at
+    locator_at = eocd_at - _ZIP64_LOCATOR.size
+    if locator_at >= 0:
+        file.seek(locator_at)
+        locator = _ZIP64_LOCATOR.unpack(file.read(_ZIP64_LOCATOR.size))
+        if locator[0] == b"PK\x06\x07":
+            record_at = locator_at - _ZIP64_EOCD.size
+            if record_at < 0:
+                raise zipfile.BadZipFile("truncated ZIP64 end of central directory record")
+            file.seek(record_at)
+            record = _ZIP64_EOCD.unpack(file.read(_ZIP64_EOCD.size))
+            if record[0] != b"PK\x06\x06":
+                raise zipfile.BadZipFile("bad ZIP64 end of central directory record")
+            entries, directory_size, directory_end = record[7], record[8], record_at
+    directory_start = directory_end - directory_size
+    if directory_start < 0:
+        raise zipfile.BadZipFile("the central directory size is larger than the archive")
+    return entries, directory_start, directory_size
+
+
+def _too_many_entries(how_many: str, limit: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"the zip archive {how_many}, over the limit of {limit:,} (2 x "
+        "GRAFT_MAX_IMAGES_PER_DATASET + 1,000, leaving room for folders and junk files); split it into smaller "
+        "datasets"
+    )
 
 
 # -- listing entries ---------------------------------------------------------

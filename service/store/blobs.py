@@ -7,13 +7,18 @@ the content, decides which version is current.
 
 Every write goes to a temp file in the target directory, is fsynced and then
 renamed over the final name, so a crash leaves either the old file or the new
-one, never a torn one.
+one, never a torn one. Directories the write creates are fsynced too (each one
+and its parent), or a power cut could lose the new directory and the file in it.
+
+Which dataset images may be deleted is decided by ``service.store.collector``;
+this module only stores and removes files.
 """
 
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from service.errors import InvalidArgument, NotFound
@@ -28,7 +33,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     ``durable=False`` skips the fsyncs: still atomic for readers, but a power cut
     may lose the file. Right for caches, which can be recomputed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(path.parent)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
@@ -41,11 +46,24 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        touched = {*created, *(d.parent for d in created), path.parent}
+        for directory in sorted(touched, key=lambda d: len(d.parts), reverse=True):  # deepest first
+            _fsync_dir(directory)
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; return the ones this call found missing."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return missing
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
+    """Make the entries of ``directory`` (a rename, a new sub-directory) durable; a no-op where it cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -91,6 +109,12 @@ class BlobStore:
 
     def delete(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
+
+    def content_files(self) -> Iterator[Path]:
+        """Files of the content-addressed tree: blobs (named by their sha256) and temp files of writes (``.*``)."""
+        for path in (self.root / "sha").rglob("*"):
+            if (path.name.startswith(".") or _SHA256.match(path.name)) and path.is_file():
+                yield path
 
     # -- named --------------------------------------------------------------
 

@@ -1,9 +1,12 @@
 """Datasets: validated, labelled images owned by a tenant.
 
-``create`` checks the whole upload before storing anything: a dataset either
-exists completely or not at all. Image bytes go to the content-addressed blob
-store (identical images are stored once); rows for the dataset and its examples
-are committed in one transaction after the blobs are written.
+``create`` consumes an upload lazily and holds one image at a time: each image
+is validated, pinned and written to the content-addressed blob store (identical
+images are stored once, across tenants) as it arrives; the dataset's rows are
+committed in one transaction at the end. A dataset either exists completely or
+not at all: on any failure the images only this upload stored are removed
+again. Which images may be deleted, and when, is ``service.store.collector``'s
+business (mark and sweep), so a delete never races another tenant's upload.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel
 from sqlalchemy import and_, delete, func, or_, select
@@ -21,8 +25,10 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import InvalidArgument, NotFound
+from service.quotas import Quotas
 from service.store.archives import Example, examples_from_folder, examples_from_zip
 from service.store.blobs import BlobStore
+from service.store.collector import BlobCollector, Pin
 from service.store.db import Database, DatasetRow, ExampleRow, utcnow
 from service.store.images import inspect_image
 from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
@@ -69,61 +75,93 @@ class UploadBudget:
 
 
 class DatasetStore:
-    def __init__(self, db: Database, blobs: BlobStore, settings: Settings) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, settings: Settings, quotas: Quotas) -> None:
         self.db = db
         self.blobs = blobs
         self.settings = settings
+        self.quotas = quotas
+        self.collector = BlobCollector(db, blobs, settings.blob_grace_s)
 
     # -- create ------------------------------------------------------------------
 
     def create(self, tenant: str, name: str, examples: Iterable[Example]) -> DatasetInfo:
-        """Validate every (file name, image bytes, label), then store them all in one go."""
+        """Validate and store each (file name, image bytes, label) as it arrives, then commit the rows."""
         _check_text("dataset name", name, MAX_NAME_CHARS)
-        images: dict[str, bytes] = {}
+        pins: dict[str, Pin] = {}
         labelled: list[tuple[str, str]] = []
+        counts: Counter[str] = Counter()
+        stored_bytes = 0
         budget = UploadBudget(self.settings)
-        for file_name, data, label in examples:
-            budget.take(file_name, len(data))
-            _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
-            info = inspect_image(
-                data,
-                name=file_name,
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            )
-            images.setdefault(info.sha256, data)
-            labelled.append((info.sha256, label))
-        _check_classes(Counter(label for _, label in labelled))
+        try:
+            for file_name, data, label in examples:
+                budget.take(file_name, len(data))
+                _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
+                if label not in counts:
+                    self._check_class_count(len(counts) + 1, file_name, label)
+                info = inspect_image(
+                    data,
+                    name=file_name,
+                    max_bytes=self.settings.max_image_bytes,
+                    max_pixels=self.settings.max_image_pixels,
+                )
+                if info.sha256 not in pins:
+                    pins[info.sha256] = self.collector.pin(info.sha256, len(data))
+                    self.blobs.put(data)  # pinned first, so no sweep can take the file away now
+                    stored_bytes += len(data)
+                labelled.append((info.sha256, label))
+                counts[label] += 1
+            _check_classes(counts)
 
-        for data in images.values():
-            self.blobs.put(data)
-        row = DatasetRow(
-            id=f"ds_{uuid.uuid4().hex}",
-            tenant=tenant,
-            name=name,
-            created_at=utcnow(),
-            num_examples=len(labelled),
-            classes=sorted({label for _, label in labelled}),
-        )
-        row.examples = [
-            ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(labelled)
-        ]
-        with self.db.session() as session:
-            session.add(row)
-        return _info(row, Counter(label for _, label in labelled))
+            row = DatasetRow(
+                id=f"ds_{uuid.uuid4().hex}",
+                tenant=tenant,
+                name=name,
+                created_at=utcnow(),
+                num_examples=len(labelled),
+                classes=sorted(counts),
+                stored_bytes=stored_bytes,
+            )
+            row.examples = [
+                ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(labelled)
+            ]
+            with self.db.session() as session:
+                held = self.collector.refresh(session, list(pins.values()))
+                self.quotas.check_new_dataset(session, tenant, stored_bytes)
+                session.add(row)
+        except BaseException:
+            self.collector.abandon(list(pins.values()))
+            raise
+        self.collector.release(held)  # the example rows hold the images now
+        return _info(row, counts)
+
+    def _check_class_count(self, classes: int, file_name: str, label: str) -> None:
+        limit = self.settings.max_classes
+        if classes > limit:
+            raise InvalidArgument(
+                f"the upload has more than {limit:,} classes (class {label!r} of file '{file_name}' is one too "
+                "many), the limit per dataset (GRAFT_MAX_CLASSES); merge classes or split the dataset"
+            )
 
     def create_from_labelled(
-        self, tenant: str, name: str, files: list[tuple[str, bytes]], labels: list[str]
+        self, tenant: str, name: str, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]
     ) -> DatasetInfo:
-        """Multipart uploads: files and labels arrive as two parallel lists."""
+        """Multipart uploads: files (bytes, or file objects read one at a time) and labels as parallel lists."""
         if len(labels) != len(files):
             raise InvalidArgument(
                 f"{len(labels)} labels for {len(files)} files; send exactly one label per file, in the same order"
             )
-        return self.create(tenant, name, ((n, data, label) for (n, data), label in zip(files, labels)))
+        return self.create(tenant, name, self._read_labelled(files, labels))
 
-    def create_from_zip(self, tenant: str, name: str, zip_data: bytes | Path) -> DatasetInfo:
-        return self.create(tenant, name, examples_from_zip(zip_data, self.settings))
+    def _read_labelled(
+        self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]
+    ) -> Iterator[Example]:
+        limit = self.settings.max_image_bytes + 1  # one byte more tells "over the limit" from "at the limit"
+        for (file_name, data), label in zip(files, labels, strict=True):
+            yield file_name, data if isinstance(data, bytes) else data.read(limit), label
+
+    def create_from_zip(self, tenant: str, name: str, archive: bytes | Path | BinaryIO) -> DatasetInfo:
+        """A class-folder zip: bytes, a path, or a seekable file object (never read whole)."""
+        return self.create(tenant, name, examples_from_zip(archive, self.settings))
 
     def create_from_folder(self, tenant: str, name: str, root: Path) -> DatasetInfo:
         return self.create(tenant, name, examples_from_folder(root, self.settings))
@@ -175,18 +213,20 @@ class DatasetStore:
     # -- delete ----------------------------------------------------------------------
 
     def delete(self, tenant: str, id: str) -> None:
-        """Drop the dataset's rows, then the images no other dataset refers to."""
+        """Drop the dataset's rows, then collect its images that nothing refers to or pins any more."""
         with self.db.session() as session:
             _owned(session, tenant, id)
             shas = set(session.scalars(select(ExampleRow.image_sha256).where(ExampleRow.dataset_id == id)))
             session.execute(delete(ExampleRow).where(ExampleRow.dataset_id == id))
             session.execute(delete(DatasetRow).where(DatasetRow.id == id))
-        with self.db.session() as session:
-            still_used = set(
-                session.scalars(select(ExampleRow.image_sha256).where(ExampleRow.image_sha256.in_(shas)))
-            )
-        for sha in shas - still_used:
-            self.blobs.delete(sha)
+        self.collector.collect(shas)
+
+    def collect_garbage(self) -> int:
+        """Sweep every unreferenced image whose pin expired, and files a crash left; how many were removed.
+
+        The runtime calls this every ``GRAFT_GC_INTERVAL_S``, in a thread.
+        """
+        return self.collector.collect_garbage()
 
 
 def _owned(session: Session, tenant: str, id: str) -> DatasetRow:
