@@ -176,16 +176,15 @@ def test_decode_rgb_refuses_bad_input() -> None:
 # -- feature cache ---------------------------------------------------------------
 
 
-def test_feature_cache_round_trip_and_missing(tmp_path: Path) -> None:
+def test_feature_cache_round_trip_leaves_misses_out(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path)
     shas = [f"{i:064x}" for i in range(3)]
     features = {shas[0]: torch.randn(1280), shas[1]: torch.randn(16, 7, 7)}
-    assert cache.missing(shas, "mobilenet_v2", "pooled") == shas
+    assert cache.get_many(shas, "mobilenet_v2", "pooled") == {}
 
     cache.put_many(features, "mobilenet_v2", "pooled")
 
-    assert cache.missing(shas, "mobilenet_v2", "pooled") == [shas[2]]
-    assert cache.missing(shas, "mobilenet_v2", "block15") == shas  # split point is part of the key
+    assert cache.get_many(shas, "mobilenet_v2", "block15") == {}  # split point is part of the key
     got = cache.get_many(shas, "mobilenet_v2", "pooled")
     assert set(got) == set(shas[:2])
     for sha, tensor in got.items():
@@ -209,15 +208,15 @@ def test_feature_cache_corrupt_entry_is_a_miss(tmp_path: Path) -> None:
     (path,) = tmp_path.rglob("*.npy")
     path.write_bytes(b"torn")
     assert cache.get_many([sha], "resnet50", "pooled") == {}
-    assert cache.missing([sha], "resnet50", "pooled") == [sha]
+    assert not path.exists()  # removed, to be recomputed
 
 
 def test_feature_cache_refuses_keys_that_escape_its_root(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path)
     with pytest.raises(InvalidArgument, match="backbone"):
-        cache.missing(["c" * 64], "..", "pooled")
+        cache.get_many(["c" * 64], "..", "pooled")
     with pytest.raises(InvalidArgument, match="sha256"):
-        cache.missing(["../x"], "resnet50", "pooled")
+        cache.get_many(["../x"], "resnet50", "pooled")
 
 
 # -- database -------------------------------------------------------------------

@@ -3,11 +3,17 @@
 Training never runs the trunk on an image whose features are already cached
 (DESIGN.md decision 4): retraining, searches and new heads on the same images
 only read the cache. Each chunk first yields to running prediction batches.
+
+The cache is shared across tenants, so progress never depends on it: it counts
+all of a request's images (a cached one is done at once) and is reported at the
+same points, chunk boundaries of the request's own images, whether or not
+another tenant's job already computed some of them.
 """
 
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
 from service.engine.backbones import Backbone
 from service.errors import Cancelled
@@ -15,7 +21,7 @@ from service.store.blobs import BlobStore
 from service.store.features import FeatureCache
 from service.store.images import decode_rgb
 
-# (images done, images to do) while extracting.
+# (images done, images in the request) while extracting.
 ExtractionProgress = Callable[[int, int], None]
 
 
@@ -38,18 +44,46 @@ class FeatureExtractor:
         """Features of ``shas`` in order, [N, D] or [N, C, H, W], float32 on CPU."""
         key = Backbone.split_key(split, backbone.num_blocks)
         unique = list(dict.fromkeys(shas))
-        todo = self.cache.missing(unique, backbone.name, key)
+        found = self.cache.get_many(unique, backbone.name, key)  # what reads back; a corrupt entry is a miss
+        todo = [sha for sha in unique if sha not in found]
+        reporter = _Reporter(unique, found, self.batch_size, progress)
+        reporter.advance()
         for start in range(0, len(todo), self.batch_size):
             if cancelled is not None and cancelled():
                 raise Cancelled("job cancelled while extracting features")
             backbone.priority.yield_to_serving()
             chunk = todo[start : start + self.batch_size]
-            batch = torch.stack(
-                [backbone.preprocess(decode_rgb(self.blobs.get(sha), max_pixels=self.max_pixels)) for sha in chunk]
-            )
-            feats = backbone.features(batch, split).cpu()
-            self.cache.put_many(dict(zip(chunk, feats, strict=True)), backbone.name, key)
-            if progress is not None:
-                progress(start + len(chunk), len(todo))
-        cached = self.cache.get_many(unique, backbone.name, key)
-        return torch.stack([cached[sha] for sha in shas])
+            batch = torch.stack([backbone.preprocess(self._decode(sha)) for sha in chunk])
+            # Rounded as the cache stores them, so results never depend on whether the cache was warm.
+            feats = backbone.features(batch, split).cpu().to(torch.float16).to(torch.float32)
+            computed = dict(zip(chunk, feats, strict=True))
+            self.cache.put_many(computed, backbone.name, key)
+            found.update(computed)
+            reporter.advance()
+        return torch.stack([found[sha] for sha in shas])
+
+    def _decode(self, sha: str) -> Image.Image:
+        return decode_rgb(self.blobs.get(sha), max_pixels=self.max_pixels, name=f"image {sha}")
+
+
+class _Reporter:
+    """Reports (done, total) at each multiple of the batch size, once, as the done prefix of ``unique`` passes it."""
+
+    def __init__(self, unique: list[str], done: dict[str, torch.Tensor], step: int, progress: ExtractionProgress | None):
+        self.unique = unique
+        self.done = done
+        self.step = step
+        self.progress = progress
+        self.prefix = 0  # unique[:prefix] are all done
+        self.reported = 0
+
+    def advance(self) -> None:
+        while self.prefix < len(self.unique) and self.unique[self.prefix] in self.done:
+            self.prefix += 1
+        total = len(self.unique)
+        while self.progress is not None and self.reported < total:
+            point = min(self.reported + self.step, total)
+            if point > self.prefix:
+                break
+            self.progress(point, total)
+            self.reported = point

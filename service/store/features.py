@@ -6,7 +6,12 @@ Entries are float16 ``.npy`` files (half the disk of float32; ample precision
 for training a head) at ``<root>/<backbone>/<split>/<sha[:2]>/<sha>.npy``.
 
 The cache is disposable: writes are atomic but not fsynced, and an unreadable
-entry counts as a miss and is removed, to be recomputed.
+entry (torn, corrupt, not float16) counts as a miss and is removed, to be
+recomputed. So whether an entry is there is only known by reading it: there is
+no "is it cached" check that could disagree with what a read returns.
+
+The cache is shared by all tenants (one image, one entry), which is why
+``FeatureExtractor`` reports progress in a way that does not depend on it.
 """
 
 import io
@@ -40,6 +45,9 @@ class FeatureCache:
             except (ValueError, OSError, EOFError):  # torn or corrupt entry: recompute it
                 path.unlink(missing_ok=True)
                 continue
+            if array.dtype != np.float16:  # not written by put_many
+                path.unlink(missing_ok=True)
+                continue
             found[sha] = torch.from_numpy(array.astype(np.float32))
         return found
 
@@ -48,10 +56,6 @@ class FeatureCache:
             buffer = io.BytesIO()
             np.save(buffer, tensor.detach().to("cpu", torch.float16).numpy(), allow_pickle=False)
             atomic_write(self._path(sha, backbone, split), buffer.getvalue(), durable=False)
-
-    def missing(self, shas: list[str], backbone: str, split: str) -> list[str]:
-        """The shas (in the given order) that still need a trunk pass."""
-        return [sha for sha in shas if not self._path(sha, backbone, split).is_file()]
 
     def _path(self, sha: str, backbone: str, split: str) -> Path:
         for what, value in (("backbone", backbone), ("split point", split)):
