@@ -33,8 +33,9 @@ def image_bytes(seed: int, size: int = 16) -> bytes:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path)
+def settings(tmp_path: Path, registry_url: str) -> Settings:
+    """On SQLite and on a real PostgreSQL: the protocol relies on each one's locking."""
+    return Settings(data_dir=tmp_path, registry_url=registry_url)
 
 
 @pytest.fixture

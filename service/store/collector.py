@@ -104,17 +104,23 @@ class BlobCollector:
         return refreshed
 
     def release(self, pins: Sequence[Pin]) -> None:
-        """Put each pin back to what it overwrote, unless another upload pinned the image since."""
+        """Put each pin back to what it overwrote, unless another upload pinned the image since.
+
+        Best effort: a pin left in place only delays collection until it expires.
+        """
         statement = (
             update(BlobRow)
             .where(BlobRow.sha256 == bindparam("b_sha"), BlobRow.pinned_until == bindparam("b_until"))
             .values(pinned_until=bindparam("b_restore"))
         )
-        for chunk in _batched(pins, BATCH):
-            with self.db.session() as session:
-                session.connection().execute(
-                    statement, [{"b_sha": p.sha, "b_until": p.until, "b_restore": p.restore} for p in chunk]
-                )
+        try:
+            for chunk in _batched(pins, BATCH):
+                with self.db.session() as session:
+                    session.connection().execute(
+                        statement, [{"b_sha": p.sha, "b_until": p.until, "b_restore": p.restore} for p in chunk]
+                    )
+        except Exception:
+            log.exception("could not release upload pins; the images are collectable once the pins expire")
 
     def abandon(self, pins: Sequence[Pin]) -> None:
         """A failed upload: release its pins and remove the images nothing else uses or pins.
@@ -122,11 +128,11 @@ class BlobCollector:
         Best effort, called while another error propagates: whatever is left is
         collected by the periodic sweep once the pins expire.
         """
+        self.release(pins)
         try:
-            self.release(pins)
             self.collect(pin.sha for pin in pins)
         except Exception:
-            log.exception("could not clean up after a failed upload; the periodic sweep will")
+            log.exception("could not remove the images of a failed upload; the periodic sweep will")
 
     # -- sweep ----------------------------------------------------------------------
 
