@@ -28,7 +28,8 @@ def image_bytes(seed: int) -> bytes:
 @pytest.fixture
 def store(tmp_path: Path) -> DatasetStore:
     settings = Settings(data_dir=tmp_path)
-    return DatasetStore(Database(settings.resolved_registry_url), BlobStore(settings.blob_dir), settings, Quotas(settings))
+    db = Database(settings.resolved_registry_url)
+    return DatasetStore(db, BlobStore(settings.blob_dir), settings, Quotas(settings))
 
 
 def extractor_on(store: DatasetStore, cache_dir: Path, batch_size: int = 2) -> FeatureExtractor:
@@ -58,7 +59,9 @@ def test_a_corrupt_cache_entry_is_recomputed_not_a_failed_extraction(
     assert np.load(entry).dtype == np.float16  # written again
 
 
-def test_a_cache_entry_of_the_wrong_type_is_recomputed(store: DatasetStore, mobilenet: Backbone, tmp_path: Path) -> None:
+def test_a_cache_entry_of_the_wrong_type_is_recomputed(
+    store: DatasetStore, mobilenet: Backbone, tmp_path: Path
+) -> None:
     shas = upload(store, "alice", [1, 2])
     extractor = extractor_on(store, tmp_path / "cache")
     first = extractor.features(mobilenet, mobilenet.num_blocks, shas)
@@ -78,7 +81,11 @@ def test_progress_is_the_same_whether_or_not_another_tenant_warmed_the_cache(
 
     def progress_of(extractor: FeatureExtractor) -> list[tuple[int, int]]:
         calls: list[tuple[int, int]] = []
-        extractor.features(mobilenet, mobilenet.num_blocks, bobs, progress=lambda done, total: calls.append((done, total)))
+
+        def record(done: int, total: int) -> None:
+            calls.append((done, total))
+
+        extractor.features(mobilenet, mobilenet.num_blocks, bobs, progress=record)
         return calls
 
     warm = progress_of(shared)

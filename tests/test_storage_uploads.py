@@ -39,7 +39,8 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
 
 def store_with(tmp_path: Path, **overrides: object) -> DatasetStore:
     settings = Settings(data_dir=tmp_path, **overrides)
-    return DatasetStore(Database(settings.resolved_registry_url), BlobStore(settings.blob_dir), settings, Quotas(settings))
+    db = Database(settings.resolved_registry_url)
+    return DatasetStore(db, BlobStore(settings.blob_dir), settings, Quotas(settings))
 
 
 def stored_files(store: DatasetStore) -> list[Path]:
@@ -73,7 +74,8 @@ def test_a_dataset_with_more_classes_than_the_limit_is_refused_at_the_first_clas
 
 def test_a_dataset_at_the_class_limit_is_accepted(tmp_path: Path) -> None:
     store = store_with(tmp_path, max_classes=3)
-    info = store.create_from_labelled(TENANT, "three", [(f"{i}.png", image_bytes(i)) for i in range(3)], ["a", "b", "c"])
+    files = [(f"{i}.png", image_bytes(i)) for i in range(3)]
+    info = store.create_from_labelled(TENANT, "three", files, ["a", "b", "c"])
     assert info.classes == ["a", "b", "c"]
 
 
@@ -81,7 +83,8 @@ def test_a_dataset_at_the_class_limit_is_accepted(tmp_path: Path) -> None:
 
 
 def many_entries_zip(count: int) -> bytes:
-    return make_zip({"cat/1.png": image_bytes(1), "dog/1.png": image_bytes(2)} | {f"junk/.{i}": b"" for i in range(count)})
+    junk = {f"junk/.{i}": b"" for i in range(count)}  # hidden files: skipped, but entries all the same
+    return make_zip({"cat/1.png": image_bytes(1), "dog/1.png": image_bytes(2)} | junk)
 
 
 def no_directory_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,8 +177,8 @@ def test_labelled_file_objects_are_read_with_a_bound_of_one_image(tmp_path: Path
     assert huge.served == [20_001]
     assert dataset_count(store) == 0 and stored_files(store) == []
 
-    info = store.create_from_labelled(TENANT, "ok", [("a.png", ReadRecorder(image_bytes(1))), ("b.png", image_bytes(2))],
-                                      ["a", "b"])
+    files = [("a.png", ReadRecorder(image_bytes(1))), ("b.png", image_bytes(2))]
+    info = store.create_from_labelled(TENANT, "ok", files, ["a", "b"])
     assert info.counts == {"a": 1, "b": 1}
 
 

@@ -69,7 +69,9 @@ class FeatureExtractor:
 class _Reporter:
     """Reports (done, total) at each multiple of the batch size, once, as the done prefix of ``unique`` passes it."""
 
-    def __init__(self, unique: list[str], done: dict[str, torch.Tensor], step: int, progress: ExtractionProgress | None):
+    def __init__(
+        self, unique: list[str], done: dict[str, torch.Tensor], step: int, progress: ExtractionProgress | None
+    ) -> None:
         self.unique = unique
         self.done = done
         self.step = step
