@@ -1,22 +1,22 @@
-"""Background training jobs on a real backbone and real images: run, watch, list, cancel, recover."""
+"""Background training jobs on a real backbone and real images: run, watch, list, cancel, refuse."""
 
-import asyncio
-import socket
-import subprocess
-import sys
+import json
 import threading
-from datetime import timedelta
 
 import anyio
 import pytest
+from sqlalchemy import event
 
 from adapters.heads import HeadKind
+from adapters.trainer import HyperParams
 from adapters.tuning import SearchSpace
 from sample_data import fashion_mnist_pngs
 from service.core import Core
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.jobs import RESTARTED, JobInfo, JobRunner, JobState
-from service.store.db import JobRow, utcnow
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from service.grpc import convert
+from service.jobs import JobInfo, JobRunner, JobState
+from service.quotas import Quotas
+from service.store.pages import encode_token
 from service.training import Trainer, TrainRequest
 
 pytestmark = pytest.mark.anyio
@@ -26,9 +26,10 @@ ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
 TWO_TRIALS = SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2])  # the cancel flag is checked between trials
 
 
-@pytest.fixture(scope="module")
-def core(tmp_path_factory, make_core) -> Core:
-    return make_core(tmp_path_factory.mktemp("graft"))
+@pytest.fixture
+def core(tmp_path, make_core) -> Core:
+    """Fresh storage per test: jobs a test leaves queued must not be claimed by the next test's runner."""
+    return make_core(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -38,29 +39,37 @@ def images():
     return [(f"{i}.png", data, label) for i, (data, label) in enumerate(files) if label in ("trouser", "bag")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dataset(core, images):
     return core.datasets.create(TENANT, "two-classes", images)
 
 
+def make_runner(core: Core, trainer: Trainer | None = None, **settings) -> JobRunner:
+    """A replica on ``core``'s database; ``settings`` override core's (e.g. a short lease)."""
+    changed = core.settings.model_copy(update=settings)
+    return JobRunner(core.db, trainer or core.trainer, changed, Quotas(changed))
+
+
 @pytest.fixture
 async def runner(core):
-    runner = JobRunner(core.db, core.trainer)
+    runner = make_runner(core)
     await runner.start()
     yield runner
     await runner.stop()
 
 
 class GatedTrainer(Trainer):
-    """The real trainer, except that a job holds at its first progress report until the gate opens."""
+    """The real trainer, except that a run holds at its first progress report until the gate opens."""
 
     def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
         self.started = threading.Event()
         self.gate = threading.Event()
+        self.order: list[str] = []  # head names, in the order their runs started
 
     def train(self, tenant, request, *, progress=None, cancelled=None, **kwargs):
         self.cancelled = cancelled
+        self.order.append(request.head_name)
 
         def held(event):
             self.started.set()
@@ -72,9 +81,9 @@ class GatedTrainer(Trainer):
 
 @pytest.fixture
 async def gated(core):
-    """A runner with one training slot whose trainer is a GatedTrainer."""
+    """A replica with one training slot whose trainer is a GatedTrainer; leases renewed every second."""
     trainer = GatedTrainer(core.trainer)
-    runner = JobRunner(core.db, trainer, heartbeat_s=0.05)
+    runner = make_runner(core, trainer, job_lease_s=3.0)
     await runner.start()
     yield runner, trainer
     trainer.gate.set()
@@ -86,7 +95,8 @@ async def wait_until_held(trainer: GatedTrainer) -> None:
 
 
 async def until_done(runner: JobRunner, tenant: str, job_id: str) -> list[JobInfo]:
-    return [update async for update in runner.watch(tenant, job_id)]
+    with anyio.fail_after(300):
+        return [update async for update in runner.watch(tenant, job_id)]
 
 
 def request(dataset, head_name: str, search: SearchSpace = ONE_TRIAL, **fields) -> TrainRequest:
@@ -110,7 +120,7 @@ async def test_a_job_reports_rising_progress_and_ends_with_a_stored_head(core, d
     assert final.head_version == core.heads.get(TENANT, "watched").latest_version
     assert 0.0 <= final.metrics["accuracy"] <= 1.0
     assert final.error is None and final.started_at <= final.finished_at
-    assert JobRunner(core.db, core.trainer).get(TENANT, job.id) == final  # watchers saw what was stored
+    assert make_runner(core).get(TENANT, job.id) == final  # watchers saw what was stored
 
 
 async def test_watching_a_finished_job_yields_its_final_state_once(dataset, runner):
@@ -133,9 +143,31 @@ async def test_jobs_are_listed_newest_first_in_pages(core, images, runner):
         await until_done(runner, tenant, job_id)
 
 
-async def test_a_malformed_page_token_is_an_invalid_argument(runner):
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-token",
+        encode_token("9999-12-31T23:59:59-12:00", "job_x"),  # past the largest datetime once in UTC
+        encode_token("yesterday", "job_x"),
+    ],
+)
+async def test_a_malformed_page_token_is_an_invalid_argument(core, token):
     with pytest.raises(InvalidArgument, match="page_token"):
-        runner.list(TENANT, page_token="not-a-token")
+        make_runner(core).list(TENANT, page_token=token)
+
+
+async def test_two_replicas_run_each_job_exactly_once(core, dataset):
+    replicas = [make_runner(core), make_runner(core)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        jobs = [await replicas[i % 2].submit(TENANT, request(dataset, f"once-{i}")) for i in range(4)]
+        finals = [(await until_done(replicas[0], TENANT, job.id))[-1] for job in jobs]
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    assert [final.state for final in finals] == [JobState.SUCCEEDED] * 4
+    assert [len(core.heads.get(TENANT, f"once-{i}").versions) for i in range(4)] == [1] * 4
 
 
 # -- bad requests ------------------------------------------------------------------------
@@ -159,6 +191,29 @@ async def test_bad_requests_fail_at_submit_and_store_no_job(dataset, runner, ten
     assert runner.list(tenant)[0] == before
 
 
+async def test_a_job_costing_more_than_the_work_limit_is_refused_at_submit(core, dataset):
+    runner = make_runner(core, max_job_work=10_000)
+    costly = request(dataset, "costly", SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]),
+                     hyperparams=HyperParams(lr=1.0, weight_decay=1e-3, epochs=500, batch_size=64))
+    with pytest.raises(InvalidArgument) as refused:
+        await runner.submit(TENANT, costly)
+    assert refused.value.message == (
+        f"this job would train 500 epochs x {dataset.num_examples} images x 2 trials = "
+        f"{500 * dataset.num_examples * 2:,}, over the limit of 10,000 per job (GRAFT_MAX_JOB_WORK); "
+        "use fewer epochs, fewer search trials or a smaller dataset"
+    )
+    assert runner.list(TENANT)[0] == []
+
+
+async def test_a_tenant_over_its_queued_jobs_quota_is_refused(core, dataset):
+    runner = make_runner(core, quota_queued_jobs=2)  # not started: its jobs stay queued
+    for i in range(2):
+        await runner.submit(TENANT, request(dataset, f"queued-{i}"))
+    with pytest.raises(ResourceExhausted, match="GRAFT_QUOTA_QUEUED_JOBS"):
+        await runner.submit(TENANT, request(dataset, "one-too-many"))
+    assert len(runner.list(TENANT)[0]) == 2
+
+
 async def test_another_tenants_job_is_not_found(dataset, runner):
     job = await runner.submit(TENANT, request(dataset, "private"))
     with pytest.raises(NotFound):
@@ -175,19 +230,50 @@ class BrokenTrainer(Trainer):
         super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
 
     def train(self, tenant, request, **kwargs):
-        raise ZeroDivisionError("a bug")
+        raise ZeroDivisionError("a bug with a secret path /srv/x")
 
 
-async def test_an_unexpected_error_fails_the_job_with_its_type_and_message(core, dataset, caplog):
-    runner = JobRunner(core.db, BrokenTrainer(core.trainer))
+async def test_an_unexpected_error_fails_the_job_with_a_reference_and_logs_the_details(core, dataset, caplog):
+    runner = make_runner(core, BrokenTrainer(core.trainer))
     await runner.start()
     try:
         job = await runner.submit(TENANT, request(dataset, "broken"))
         final = (await until_done(runner, TENANT, job.id))[-1]
     finally:
         await runner.stop()
-    assert (final.state, final.error) == (JobState.FAILED, "internal error: ZeroDivisionError: a bug")
-    assert "ZeroDivisionError" in caplog.text  # logged with its traceback
+    assert final.state is JobState.FAILED
+    assert final.error.startswith("internal error (reference ") and "secret" not in final.error
+    reference = final.error.removeprefix("internal error (reference ").removesuffix(")")
+    assert reference in caplog.text and "ZeroDivisionError: a bug with a secret path" in caplog.text
+
+
+async def test_a_diverged_trial_leaves_every_job_update_encodable_as_json_and_protobuf(core, dataset, runner):
+    diverging = request(dataset, "diverged", SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]), kind=HeadKind.MLP,
+                        hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=4, hidden=16))
+    job = await runner.submit(TENANT, diverging)
+    updates = await until_done(runner, TENANT, job.id)
+
+    assert updates[-1].state is JobState.SUCCEEDED
+    assert None in [trial["val_loss"] for trial in core.heads.resolve(TENANT, "diverged").metrics["trials"]]
+    for update in updates + [runner.get(TENANT, job.id)]:
+        json.dumps(update.model_dump(mode="json"), allow_nan=False)
+        convert.job(update)
+
+
+# -- cost bounds -------------------------------------------------------------------------------
+
+
+async def test_a_run_past_the_wall_clock_limit_fails_naming_the_setting(core, dataset):
+    runner = make_runner(core, max_job_seconds=0.001)
+    await runner.start()
+    try:
+        job = await runner.submit(TENANT, request(dataset, "slow"))
+        final = (await until_done(runner, TENANT, job.id))[-1]
+    finally:
+        await runner.stop()
+    assert final.state is JobState.FAILED and "GRAFT_MAX_JOB_SECONDS" in final.error
+    with pytest.raises(NotFound):
+        core.heads.get(TENANT, "slow")
 
 
 # -- cancelling ----------------------------------------------------------------------------
@@ -196,8 +282,8 @@ async def test_an_unexpected_error_fails_the_job_with_its_type_and_message(core,
 async def test_a_queued_job_is_cancelled_at_once_and_a_running_one_at_its_next_check(core, dataset, gated):
     runner, trainer = gated
     running = await runner.submit(TENANT, request(dataset, "cancelled-running", TWO_TRIALS))
-    queued = await runner.submit(TENANT, request(dataset, "cancelled-queued"))
     await wait_until_held(trainer)
+    queued = await runner.submit(TENANT, request(dataset, "cancelled-queued"))
 
     assert (await runner.cancel(TENANT, queued.id)).state is JobState.CANCELLED
     assert (await runner.cancel(TENANT, running.id)).state is JobState.RUNNING  # until the trainer notices
@@ -224,93 +310,43 @@ async def test_a_job_running_in_another_replica_is_cancelled_and_watched_through
     core, dataset, gated
 ):
     owner, trainer = gated
-    other = JobRunner(core.db, core.trainer)
-    await other.start()
-    try:
-        job = await owner.submit(TENANT, request(dataset, "elsewhere", TWO_TRIALS))
-        await wait_until_held(trainer)
-        assert (await other.cancel(TENANT, job.id)).state is JobState.RUNNING
-        with anyio.fail_after(30):
-            while not trainer.cancelled():  # until the owner's heartbeat has picked up the cancel
-                await asyncio.sleep(0.05)
-        trainer.gate.set()
-        updates = await until_done(other, TENANT, job.id)
-    finally:
-        await other.stop()
+    job = await owner.submit(TENANT, request(dataset, "elsewhere", TWO_TRIALS))
+    await wait_until_held(trainer)
+    other = make_runner(core)  # not started: it claims nothing, but answers calls like any replica
+    assert (await other.cancel(TENANT, job.id)).state is JobState.RUNNING
+    with anyio.fail_after(30):
+        while not trainer.cancelled():  # until the owner's heartbeat has picked up the cancel
+            await anyio.sleep(0.05)
+    trainer.gate.set()
+    updates = await until_done(other, TENANT, job.id)
     assert updates[-1].state is JobState.CANCELLED
 
 
-async def test_stopping_fails_running_and_queued_jobs_so_they_can_be_submitted_again(core, dataset):
-    trainer = GatedTrainer(core.trainer)
-    finished = []
-    runner = JobRunner(core.db, trainer, on_finished=finished.append)
+async def test_the_async_methods_never_touch_the_database_on_the_event_loop(core, dataset, gated):
+    runner, trainer = gated
+    loop_thread = threading.get_ident()
+    queries_on_loop = []
+
+    def record(*args):
+        if threading.get_ident() == loop_thread:
+            queries_on_loop.append(args[2])
+
+    event.listen(core.db.engine, "before_cursor_execute", record)
+    try:
+        job = await runner.submit(TENANT, request(dataset, "off-loop", TWO_TRIALS))
+        await wait_until_held(trainer)
+        await runner.cancel(TENANT, job.id)
+        trainer.gate.set()
+        await until_done(runner, TENANT, job.id)
+    finally:
+        event.remove(core.db.engine, "before_cursor_execute", record)
+    assert queries_on_loop == []
+
+
+async def test_stopping_is_refused_for_new_jobs_with_unavailable(core, dataset):
+    runner = make_runner(core)
     await runner.start()
-    running = await runner.submit(TENANT, request(dataset, "stopped-running", TWO_TRIALS))
-    queued = await runner.submit(TENANT, request(dataset, "stopped-queued"))
-    await wait_until_held(trainer)
-
-    stopping = asyncio.create_task(runner.stop())
-    await asyncio.sleep(0)  # stop() has asked the running job to cancel
-    trainer.gate.set()
-    await stopping
-
-    for job in (running, queued):
-        info = runner.get(TENANT, job.id)
-        assert (info.state, info.error) == (JobState.FAILED, RESTARTED)
-    assert [job.state for job in finished] == [JobState.FAILED, JobState.FAILED]
-    with pytest.raises(FailedPrecondition, match="shutting down"):
+    await runner.stop()
+    with pytest.raises(Unavailable, match="shutting down"):
         await runner.submit(TENANT, request(dataset, "too-late"))
 
-
-# -- recovery after a restart -----------------------------------------------------------------
-
-
-def unfinished_row(core, dataset, *, worker: str, heartbeat_age: timedelta, state: str = "running") -> str:
-    """A job row as a process would have left it, written straight to the database."""
-    now = utcnow()
-    row = JobRow(
-        id=f"job_{worker.replace(':', '-')}-{state}-{int(heartbeat_age.total_seconds())}",
-        tenant="recovery", state=state, phase="search", progress=0.7, message="trial 1/1",
-        request=request(dataset, "recovered").model_dump(mode="json"), metrics={}, head_name="recovered",
-        worker=worker, heartbeat_at=now - heartbeat_age, created_at=now - heartbeat_age,
-    )
-    with core.db.session() as session:
-        session.add(row)
-    return row.id
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-async def test_starting_fails_the_jobs_of_dead_processes_and_leaves_live_ones_alone(core, dataset):
-    host = socket.gethostname()
-    stale = unfinished_row(core, dataset, worker="gone:1", heartbeat_age=timedelta(minutes=5))
-    stale_queued = unfinished_row(core, dataset, worker="gone:1", heartbeat_age=timedelta(minutes=5), state="queued")
-    dead_here = unfinished_row(core, dataset, worker=f"{host}:{dead_pid()}", heartbeat_age=timedelta(0))
-    alive_elsewhere = unfinished_row(core, dataset, worker="busy:1", heartbeat_age=timedelta(seconds=1))
-
-    runner = JobRunner(core.db, core.trainer)
-    await runner.start()
-    try:
-        for job_id in (stale, stale_queued, dead_here):
-            job = runner.get("recovery", job_id)
-            assert (job.state, job.error, job.done) == (JobState.FAILED, RESTARTED, True)
-        assert runner.get("recovery", alive_elsewhere).state is JobState.RUNNING
-    finally:
-        await runner.stop()
-
-
-async def test_running_replicas_also_fail_jobs_whose_heartbeat_goes_stale_later(core, dataset):
-    runner = JobRunner(core.db, core.trainer, heartbeat_s=0.05)
-    await runner.start()
-    try:
-        orphan = unfinished_row(core, dataset, worker="crashed:7", heartbeat_age=timedelta(minutes=2))
-        with anyio.fail_after(30):
-            while not runner.get("recovery", orphan).done:
-                await asyncio.sleep(0.05)
-    finally:
-        await runner.stop()
-    assert runner.get("recovery", orphan).error == RESTARTED

@@ -71,8 +71,11 @@ def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uplo
     for tenant in ("first-uploader", "second-uploader"):
         dataset = core.datasets.create(tenant, "same-images", examples)
         seen = []
-        core.trainer.train(tenant, TrainRequest(dataset_id=dataset.id, head_name="h", search=ONE_TRIAL),
-                           progress=lambda event: seen.append(event.message) if event.phase == "extract" else None)
+        core.trainer.train(
+            tenant,
+            TrainRequest(dataset_id=dataset.id, head_name="h", search=ONE_TRIAL),
+            progress=lambda event: seen.append(event.message) if event.phase == "extract" else None,
+        )
         messages[tenant] = seen
     assert messages["first-uploader"] == messages["second-uploader"]
     assert messages["first-uploader"][-1] == f"features for {len(examples)}/{len(examples)} images"
@@ -80,7 +83,8 @@ def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uplo
 
 def cache_entries(core) -> dict[str, tuple[int, int]]:
     """Each feature-cache file with its inode and mtime: a rewrite changes them."""
-    return {str(path): (path.stat().st_ino, path.stat().st_mtime_ns) for path in core.settings.feature_dir.rglob("*.npy")}
+    files = core.settings.feature_dir.rglob("*.npy")
+    return {str(path): (path.stat().st_ino, path.stat().st_mtime_ns) for path in files}
 
 
 def test_progress_rises_to_one(core, fashion):
