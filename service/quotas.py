@@ -1,7 +1,9 @@
 """Per-tenant quotas: what one tenant may store, queue and predict.
 
 Storage quotas are checked inside the transaction that would go over them, so
-the check and the write see the same rows. The prediction rate is a token
+the check and the write see the same rows: SQLite serialises writers, and on
+PostgreSQL each check first takes a per-tenant advisory lock held until commit,
+so two concurrent writes of one tenant cannot both pass a check only one fits. The prediction rate is a token
 bucket per tenant, kept in this replica's memory: with N replicas behind a load
 balancer a tenant gets at most N times the rate (documented in the README).
 Every refusal is a ResourceExhausted that says which quota, its setting and
@@ -11,7 +13,7 @@ what to do.
 import threading
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -23,6 +25,12 @@ class Quotas:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    @staticmethod
+    def _serialise(session: Session, tenant: str) -> None:
+        """On PostgreSQL: one quota-checked write per tenant at a time (until this transaction ends)."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": f"quota:{tenant}"})
+
     def stored_bytes(self, session: Session, tenant: str) -> int:
         """Bytes charged to ``tenant``: its datasets' distinct images plus its head versions' weights."""
         datasets = session.scalar(select(func.coalesce(func.sum(DatasetRow.stored_bytes), 0)).where(
@@ -32,6 +40,7 @@ class Quotas:
         return int(datasets or 0) + int(heads or 0)
 
     def check_storage(self, session: Session, tenant: str, adding_bytes: int) -> None:
+        self._serialise(session, tenant)
         used = self.stored_bytes(session, tenant)
         limit = self.settings.quota_stored_bytes
         if used + adding_bytes > limit:
@@ -42,6 +51,7 @@ class Quotas:
             )
 
     def check_new_dataset(self, session: Session, tenant: str, adding_bytes: int) -> None:
+        self._serialise(session, tenant)
         count = session.scalar(select(func.count()).select_from(DatasetRow).where(DatasetRow.tenant == tenant)) or 0
         if count >= self.settings.quota_datasets:
             raise ResourceExhausted(
@@ -51,6 +61,7 @@ class Quotas:
         self.check_storage(session, tenant, adding_bytes)
 
     def check_new_head_version(self, session: Session, tenant: str, name: str, adding_bytes: int) -> None:
+        self._serialise(session, tenant)
         where = HeadVersionRow.tenant == tenant
         versions = session.scalar(select(func.count()).select_from(HeadVersionRow).where(where)) or 0
         if versions >= self.settings.quota_head_versions:
@@ -69,6 +80,7 @@ class Quotas:
         self.check_storage(session, tenant, adding_bytes)
 
     def check_new_job(self, session: Session, tenant: str) -> None:
+        self._serialise(session, tenant)
         unfinished = session.scalar(
             select(func.count()).select_from(JobRow).where(
                 JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))
