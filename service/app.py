@@ -22,7 +22,7 @@ if settings.weights_dir is None:
     settings.weights_dir = bento_weights_dir()
 
 
-@bentoml.asgi_app(create_app(settings), path="/")
+@bentoml.asgi_app(create_app(settings, lambda: bentoml.get_current_service().runtime), path="/")
 @bentoml.service(name="graft", traffic={"timeout": 600}, http={"port": 3000})
 class Graft:
     def __init__(self) -> None:
@@ -43,4 +43,5 @@ class Graft:
         await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
-        return self.grpc is not None
+        """Read by /readyz: only a flag the registry probe keeps, never a database call on the event loop."""
+        return self.grpc is not None and self.runtime.registry_reachable

@@ -5,33 +5,80 @@ in test_grpc_e2e.py; these check the door's own limits cheaply, with real parts
 and no backbone loaded.
 """
 
+import asyncio
+import io
+import os
+import threading
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from sqlalchemy import event
 
-from service.auth import Tenants
 from service.config import Settings
-from service.core import Core
-from service.engine.head_cache import HeadCache
-from service.engine.predictor import Predictor
+from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
-from service.grpc.server import start_grpc_server
-from service.jobs import JobRunner
+from service.grpc.server import default_host, start_grpc_server
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
 
+async def serve(runtime: Runtime):
+    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    return server, channel
+
+
 @pytest.fixture
 async def channel(tmp_path):
-    settings = Settings(data_dir=tmp_path, auth="open", max_upload_bytes=1000)
-    core = Core.open(settings, backbones=[])
-    predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 20), settings)
-    runtime = Runtime(core, predictor, JobRunner(core.db, core.trainer), Tenants(core.db, settings))
-    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    runtime = Runtime.open(Settings(data_dir=tmp_path, auth="open", backbones=[], max_upload_bytes=1000))
+    server, channel = await serve(runtime)
+    async with channel:
         yield channel
     await server.stop(grace=1)
+
+
+async def keyed_server(tmp_path, **settings):
+    """A server that needs API keys and re-checks them every 0.1 s; and one key."""
+    runtime = Runtime.open(Settings(data_dir=tmp_path, auth="keys", backbones=[], key_recheck_s=0.1, **settings))
+    runtime.tenants.create_tenant("acme")
+    key = runtime.tenants.create_key("acme")
+    server, channel = await serve(runtime)
+    async with channel:
+        yield runtime, channel, [("authorization", f"Bearer {key.secret}")], key.key_id
+    await server.stop(grace=1)
+
+
+@pytest.fixture
+async def keyed(tmp_path):
+    """Uploads in progress may hold 3,000 bytes together."""
+    async for server in keyed_server(tmp_path, max_inflight_upload_bytes=3000):
+        yield server
+
+
+@pytest.fixture
+async def impatient(tmp_path):
+    """Uploads must end within half a second."""
+    async for server in keyed_server(tmp_path, upload_timeout_s=0.5):
+        yield server
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about 3 * side^2 bytes."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(3 * side * side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def header(name: str = "ds") -> api.CreateDatasetRequest:
+    return api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name=name))
+
+
+def image(name: str, data: bytes, label: str) -> api.CreateDatasetRequest:
+    return api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(file_name=name, label=label, data=data))
 
 
 async def test_an_unknown_backbone_is_not_found(channel):
@@ -45,12 +92,212 @@ async def test_an_upload_is_refused_at_the_file_that_crosses_the_byte_limit(chan
     """Checked as messages arrive, before the images are validated: the rest is never held."""
 
     async def upload():
-        yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name="big"))
+        yield header("big")
         for i in range(50):
-            image = api.CreateDatasetRequest.Image(file_name=f"{i}.png", label="a", data=b"x" * 600)
-            yield api.CreateDatasetRequest(image=image)
+            yield image(f"{i}.png", b"x" * 600, "a")
 
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await rpc.DatasetServiceStub(channel).CreateDataset(upload())
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "limit of 1,000 bytes at file '1.png'" in error.value.details()
+
+
+# -- item 9: unchecked values are INVALID_ARGUMENT, never UNKNOWN or INTERNAL ------------------------
+
+
+async def expect_invalid(call, request, text: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert text in error.value.details()
+
+
+async def test_an_unknown_head_kind_is_invalid_argument(channel):
+    spec = pb.TrainingSpec(dataset="datasets/ds_1", head="h", kind=99)
+    await expect_invalid(rpc.JobServiceStub(channel).CreateJob, api.CreateJobRequest(spec=spec), "kind 99")
+
+
+@pytest.mark.parametrize("name", [
+    "heads/h/versions/²", "heads/h/versions/100000000000000000000", "heads/h/versions/0", "heads/h/versions/1\n",
+    "heads/h\x00/versions/1",
+])
+async def test_a_head_version_name_must_be_ascii_digits_within_32_bits(channel, name):
+    await expect_invalid(rpc.HeadServiceStub(channel).DeleteHeadVersion, api.DeleteHeadVersionRequest(name=name),
+                         "heads/{head}/versions/{version}")
+
+
+async def test_resource_names_with_control_characters_are_invalid_argument(channel):
+    await expect_invalid(rpc.DatasetServiceStub(channel).GetDataset, api.GetDatasetRequest(name="datasets/a\x00b"),
+                         "resource name")
+    await expect_invalid(rpc.JobServiceStub(channel).GetJob, api.GetJobRequest(name="jobs/j\n"), "resource name")
+    await expect_invalid(rpc.HeadServiceStub(channel).SetAlias,
+                         api.SetAliasRequest(name="heads/h", alias="p\x00", version=1), "control characters")
+    await expect_invalid(rpc.PredictionServiceStub(channel).Predict,
+                         api.PredictRequest(images=[b"x"], heads=["h\x00"]), "control characters")
+
+
+@pytest.mark.parametrize("token", ["W" * 5000, "W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0", "WyJcdTAwMDAiXQ"])
+async def test_a_malformed_page_token_is_invalid_argument(channel, token):
+    """Too long, nested lists (json.loads would recurse), a NUL inside a key."""
+    await expect_invalid(rpc.HeadServiceStub(channel).ListHeads, api.ListHeadsRequest(page_token=token), "page_token")
+
+
+# -- item 2: what upload streams may hold, and for how long -----------------------------------------
+
+
+async def test_uploads_in_progress_share_one_byte_budget_and_a_full_budget_says_when_to_retry(keyed):
+    runtime, channel, me, _ = keyed
+    datasets = rpc.DatasetServiceStub(channel)
+    paused, big = asyncio.Event(), noise_png(26)  # ~2 kB of the 3 kB budget, held while its stream pauses
+    assert 2000 < len(big) < 3000
+
+    async def slow_upload():
+        yield header("slow")
+        yield image("big.png", big, "a")
+        await paused.wait()
+
+    slow = asyncio.ensure_future(datasets.CreateDataset(slow_upload(), metadata=me))
+    while not any(path.is_file() for path in runtime.settings.blob_dir.rglob("*")):
+        await asyncio.sleep(0.01)  # until the store has taken the slow stream's image (and it is held)
+    second = [header("second"), image("also-big.png", noise_png(26), "a")]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await datasets.CreateDataset(iter(second), metadata=me)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.value.details()
+    assert "GRAFT_MAX_INFLIGHT_UPLOAD_BYTES" in error.value.details()
+    assert ("retry-after", "5") in tuple(error.value.trailing_metadata())
+    paused.set()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await slow  # one class only: refused, and its bytes are given back
+    small = [header("fits"), image("a.png", noise_png(8), "a"), image("b.png", noise_png(8), "b")]
+    dataset = await datasets.CreateDataset(iter(small), metadata=me)
+    assert dataset.example_count == 2
+
+
+async def test_an_upload_that_does_not_end_in_time_is_deadline_exceeded_and_stores_nothing(impatient):
+    runtime, channel, me, _ = impatient
+    datasets = rpc.DatasetServiceStub(channel)
+
+    async def stalled():
+        yield header("stalled")
+        yield image("a.png", noise_png(8), "a")
+        await asyncio.Event().wait()  # never ends
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await datasets.CreateDataset(stalled(), metadata=me)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "GRAFT_UPLOAD_TIMEOUT_S" in error.value.details()
+    assert list((await datasets.ListDatasets(api.ListDatasetsRequest(), metadata=me)).datasets) == []
+
+
+# -- item 7: nothing waits for the database on the event loop ----------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ListDatasets", "GetDataset", "ListHeads", "GetHead", "DeleteHeadVersion",
+                                    "ListJobs", "GetJob"])
+async def test_the_event_loop_runs_while_a_call_waits_for_the_database(keyed, method):
+    """Every statement waits until the loop itself releases it: a call that blocked the loop would time out."""
+    runtime, channel, me, _ = keyed
+    stub_and_request = {
+        "ListDatasets": (rpc.DatasetServiceStub, api.ListDatasetsRequest()),
+        "GetDataset": (rpc.DatasetServiceStub, api.GetDatasetRequest(name="datasets/ds_0")),
+        "ListHeads": (rpc.HeadServiceStub, api.ListHeadsRequest()),
+        "GetHead": (rpc.HeadServiceStub, api.GetHeadRequest(name="heads/h")),
+        "DeleteHeadVersion": (rpc.HeadServiceStub, api.DeleteHeadVersionRequest(name="heads/h/versions/1")),
+        "ListJobs": (rpc.JobServiceStub, api.ListJobsRequest()),
+        "GetJob": (rpc.JobServiceStub, api.GetJobRequest(name="jobs/job_0")),
+    }
+    stub, request = stub_and_request[method]
+    entered, release, released = threading.Event(), threading.Event(), []
+
+    def wait_for_the_loop(*_):
+        entered.set()
+        released.append(release.wait(timeout=5))
+
+    event.listen(runtime.core.db.engine, "before_cursor_execute", wait_for_the_loop)
+    try:
+        call = asyncio.ensure_future(getattr(stub(channel), method)(request, metadata=me))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)  # the loop gets here only while it is free
+        release.set()
+        await asyncio.gather(call, return_exceptions=True)  # the answer itself does not matter here
+    finally:
+        event.remove(runtime.core.db.engine, "before_cursor_execute", wait_for_the_loop)
+    assert released and all(released), "a database statement ran on the event loop"
+
+
+# -- item 11: revoked keys, readiness, internal errors -----------------------------------------------
+
+
+async def test_a_revoked_key_ends_an_open_prediction_stream(keyed):
+    runtime, channel, me, key_id = keyed
+    requests: asyncio.Queue = asyncio.Queue()
+
+    async def stream():
+        while (message := await requests.get()) is not None:
+            yield message
+
+    call = rpc.PredictionServiceStub(channel).StreamPredict(stream(), metadata=me)
+    await requests.put(api.StreamPredictRequest(request_id="r1", image=b"x", heads=["nobody"]))
+    first = await call.read()
+    assert first.request_id == "r1" and first.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    await asyncio.to_thread(runtime.tenants.revoke_key, key_id)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call.read()  # the stream stays open on the client's side: the server ends it
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_health_is_not_serving_while_the_registry_cannot_be_reached(tmp_path):
+    runtime = Runtime.open(Settings(data_dir=tmp_path, auth="open", backbones=[]))
+    runtime.probe_interval_s = 0.05
+    await runtime.start()
+    server, channel = await serve(runtime)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status_becomes(expected) -> bool:
+        for _ in range(300):
+            if (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == expected:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def unreachable(*_):
+        raise ConnectionError("registry is down (test)")
+
+    try:
+        event.listen(runtime.core.db.engine, "before_cursor_execute", unreachable)
+        assert await status_becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert not runtime.registry_reachable
+        event.remove(runtime.core.db.engine, "before_cursor_execute", unreachable)
+        assert await status_becomes(health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+        await runtime.stop()
+
+
+async def test_an_unexpected_error_is_internal_with_a_reference_and_no_details(keyed, caplog):
+    runtime, channel, me, _ = keyed
+    secret_text = "s3cret connection string"
+
+    def broken(_conn, _cursor, statement, *_):
+        if "datasets" in statement:
+            raise RuntimeError(secret_text)
+
+    event.listen(runtime.core.db.engine, "before_cursor_execute", broken)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await rpc.DatasetServiceStub(channel).ListDatasets(api.ListDatasetsRequest(), metadata=me)
+    finally:
+        event.remove(runtime.core.db.engine, "before_cursor_execute", broken)
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert error.value.details().startswith("internal error (reference ")
+    assert secret_text not in error.value.details()
+    reference = error.value.details().removeprefix("internal error (reference ").rstrip(")")
+    assert any(reference in record.getMessage() for record in caplog.records)
+
+
+async def test_in_open_mode_the_grpc_door_listens_on_loopback_only(tmp_path):
+    open_mode = Runtime.open(Settings(data_dir=tmp_path / "open", auth="open", backbones=[]))
+    with_keys = Runtime.open(Settings(data_dir=tmp_path / "keys", auth="keys", backbones=[]))
+    assert default_host(open_mode) == "127.0.0.1"
+    assert default_host(with_keys) == "0.0.0.0"

@@ -1,5 +1,6 @@
 """Core models <-> graft.v1 messages, and resource names <-> ids."""
 
+import re
 from datetime import datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -20,22 +21,55 @@ from service.training import TrainRequest
 KIND_TO_PB = {HeadKind.LINEAR: pb.HEAD_KIND_LINEAR, HeadKind.MLP: pb.HEAD_KIND_MLP, HeadKind.FINETUNE: pb.HEAD_KIND_FINETUNE}
 PB_TO_KIND = {value: kind for kind, value in KIND_TO_PB.items()}
 
+MAX_VERSION = 2**31 - 1
+MAX_REF_CHARS = 256
+# One path segment of printable characters: no '/', no control characters (PostgreSQL refuses NUL in text).
+_SEGMENT = rf"[^/\x00-\x1f\x7f]{{1,{MAX_REF_CHARS}}}"
+_HEAD_VERSION = re.compile(rf"heads/({_SEGMENT})/versions/([0-9]{{1,10}})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def resource_id(name: str, collection: str) -> str:
     """'datasets/ds_1' -> 'ds_1'; a bare id is accepted too."""
-    prefix = f"{collection}/"
-    value = name.removeprefix(prefix)
-    if not value or "/" in value:
-        raise InvalidArgument(f"'{name}' is not a resource name of the form '{collection}/{{id}}'")
+    value = name.removeprefix(f"{collection}/")
+    if re.fullmatch(_SEGMENT, value) is None:
+        raise InvalidArgument(
+            f"{name[:MAX_REF_CHARS]!r} is not a resource name of the form '{collection}/{{id}}' "
+            f"(at most {MAX_REF_CHARS} printable characters, no '/')"
+        )
     return value
 
 
 def head_version_ref(name: str) -> tuple[str, int]:
-    """'heads/{head}/versions/{version}' -> (head, version)."""
-    parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "heads" or parts[2] != "versions" or not parts[3].isdigit():
-        raise InvalidArgument(f"'{name}' is not of the form 'heads/{{head}}/versions/{{version}}'")
-    return parts[1], int(parts[3])
+    """'heads/{head}/versions/{version}' -> (head, version); the version is 1..2^31-1 in ASCII digits."""
+    match = _HEAD_VERSION.fullmatch(name)
+    if match is None or not 1 <= int(match[2]) <= MAX_VERSION:
+        raise InvalidArgument(
+            f"{name[:MAX_REF_CHARS]!r} is not of the form 'heads/{{head}}/versions/{{version}}' "
+            f"with a version from 1 to {MAX_VERSION}"
+        )
+    return match[1], int(match[2])
+
+
+def head_refs(refs: list[str]) -> list[str]:
+    """Head references ('name', 'name@3', 'name:prod') as given, once they are printable and short."""
+    for ref in refs:
+        check_printable("head reference", ref)
+    return refs
+
+
+def check_printable(what: str, value: str) -> str:
+    if len(value) > MAX_REF_CHARS or _CONTROL.search(value):
+        raise InvalidArgument(f"{what} {value[:MAX_REF_CHARS]!r} must be at most {MAX_REF_CHARS} characters "
+                              "with no control characters")
+    return value
+
+
+def head_kind(value: int) -> HeadKind:
+    if value not in PB_TO_KIND:
+        known = ", ".join(f"{pb.HeadKind.Name(v)} ({v})" for v in PB_TO_KIND)
+        raise InvalidArgument(f"kind {value} is not a known head kind; use one of {known}")
+    return PB_TO_KIND[value]
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -84,7 +118,7 @@ def train_request(spec: pb.TrainingSpec) -> TrainRequest:
     if spec.backbone:
         fields["backbone"] = spec.backbone
     if spec.kind != pb.HEAD_KIND_UNSPECIFIED:
-        fields["kind"] = PB_TO_KIND[spec.kind]
+        fields["kind"] = head_kind(spec.kind)
     if spec.HasField("finetune_blocks"):
         fields["finetune_blocks"] = spec.finetune_blocks
     if spec.HasField("holdout_fraction"):

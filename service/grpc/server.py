@@ -1,9 +1,13 @@
 """Start and stop the grpc.aio server in the serving event loop (DESIGN.md decision 1).
 
 Besides graft.v1 it serves the standard health checking service (SERVING
-once started, which happens after the backbones are loaded; NOT_SERVING while
-draining) and server reflection, so load balancers and grpcurl work as usual.
+once started, which happens after the backbones are loaded, and while the
+registry database answers; NOT_SERVING otherwise and while draining) and server
+reflection, so load balancers and grpcurl work as usual.
 """
+
+import asyncio
+import contextlib
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +19,7 @@ from service.grpc.servicer import SERVICES
 from service.runtime import Runtime
 
 _SERVICE_NAMES = [service.full_name for service in service_pb2.DESCRIPTOR.services_by_name.values()]
+HEALTH_POLL_S = 1.0
 
 
 class GrpcServer:
@@ -22,19 +27,42 @@ class GrpcServer:
         self.server = server
         self.health = health_servicer
         self.port = port
+        self._follower: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *_SERVICE_NAMES]:
             await self.health.set(name, status)
 
+    def follow(self, runtime: Runtime) -> None:
+        """Keep the health status in step with the runtime's registry probe."""
+
+        async def follow_forever() -> None:
+            serving = True
+            while True:
+                if runtime.registry_reachable != serving:
+                    serving = runtime.registry_reachable
+                    await self.set_serving(serving)
+                await asyncio.sleep(HEALTH_POLL_S)
+
+        self._follower = asyncio.get_running_loop().create_task(follow_forever(), name="grpc-health")
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         await self.set_serving(False)
         await self.server.stop(grace)
 
 
-async def start_grpc_server(runtime: Runtime, port: int, host: str = "0.0.0.0") -> GrpcServer:
+def default_host(runtime: Runtime) -> str:
+    """Open mode (no keys) is for local development: only this machine may call. With keys: every interface."""
+    return "127.0.0.1" if runtime.settings.auth == "open" else "0.0.0.0"
+
+
+async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None) -> GrpcServer:
     limit = runtime.settings.grpc_max_message_bytes
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
@@ -46,8 +74,9 @@ async def start_grpc_server(runtime: Runtime, port: int, host: str = "0.0.0.0") 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(f"{host or default_host(runtime)}:{port}")
     await server.start()
     handle = GrpcServer(server, health_servicer, bound)
     await handle.set_serving(True)
+    handle.follow(runtime)
     return handle
