@@ -20,19 +20,22 @@ $(STAMP): pyproject.toml
 weights: setup
 	$(PY) -m service.provision
 
-# Debian packages the tests use: Fashion-MNIST, and a real PostgreSQL server (started by the tests themselves).
-DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql
+# Debian packages the tests use: Fashion-MNIST, and real PostgreSQL and nginx servers (started by the tests).
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql nginx
 PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
+NGINX := /usr/sbin/nginx
 
-$(FASHION_MNIST) $(PG_CTL):
+$(FASHION_MNIST) $(PG_CTL) $(NGINX):
 	$(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES); }
 
-data: setup $(FASHION_MNIST) $(PG_CTL)
+data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX)
 	$(PY) benchmarks/sample_data.py
 
-# Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys).
+# Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys). Without keys
+# both doors listen on 127.0.0.1 only (the gRPC door decides that itself); with keys, on every interface.
 serve: setup weights
-	GRAFT_AUTH=$${GRAFT_AUTH:-open} $(VENV)/bin/bentoml serve
+	auth=$${GRAFT_AUTH:-open}; host=0.0.0.0; [ "$$auth" = open ] && host=127.0.0.1; \
+	GRAFT_AUTH=$$auth $(VENV)/bin/bentoml serve --host $$host
 
 # Build the Bento (code + verified backbone weights) and check the weights inside it.
 bento: setup

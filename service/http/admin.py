@@ -1,9 +1,9 @@
 """``/v1/admin``: tenants and API keys, for the holder of ``GRAFT_ADMIN_KEY``."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from service.http.deps import runtime
+from service.http.deps import admin, runtime
 from service.runtime import Runtime
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -11,10 +11,6 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 class NewTenant(BaseModel):
     name: str
-
-
-def admin(request: Request, rt: Runtime = Depends(runtime)) -> None:
-    rt.tenants.require_admin(request.headers.get("authorization"))
 
 
 @router.post("/tenants", status_code=201, dependencies=[Depends(admin)])

@@ -25,14 +25,18 @@ def create_dataset(
     rt: Runtime = Depends(runtime),
     who: str = Depends(tenant),
 ) -> DatasetInfo:
-    """Upload a dataset. Every file is validated before anything is stored."""
+    """Upload a dataset. Every file is validated before anything is stored.
+
+    The gate bounded the body (GRAFT_MAX_UPLOAD_BYTES) while it streamed to spooled files; the store reads
+    those files one at a time, so the upload is never held in memory whole.
+    """
     if archive is not None and files:
         raise InvalidArgument("send either `files` with `labels` or one zip `archive`, not both")
     if archive is not None:
-        return rt.core.datasets.create_from_zip(who, name, archive.file.read())
+        return rt.core.datasets.create_from_zip(who, name, archive.file)
     if not files:
         raise InvalidArgument("send images as `files` (with one `labels` field each) or a zip as `archive`")
-    uploads = [(upload.filename or f"file {i}", upload.file.read()) for i, upload in enumerate(files)]
+    uploads = [(upload.filename or f"file {i}", upload.file) for i, upload in enumerate(files)]
     return rt.core.datasets.create_from_labelled(who, name, uploads, labels or [])
 
 

@@ -1,8 +1,9 @@
 """``/v1/heads``: trained heads with versions and aliases; export as safetensors or TorchScript."""
 
 from enum import Enum
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from service.export import export_torchscript
@@ -18,8 +19,13 @@ class HeadList(BaseModel):
     next_page_token: str | None = None
 
 
+MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
+
+Version = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a version number, 1 to 2^31-1")]
+
+
 class AliasTarget(BaseModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class ExportFormat(str, Enum):
@@ -71,7 +77,7 @@ def delete_head(name: str, rt: Runtime = Depends(runtime), who: str = Depends(te
 
 
 @router.delete("/{name}/versions/{version}", status_code=204)
-def delete_head_version(name: str, version: int, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> Response:
+def delete_head_version(name: str, version: Version, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> Response:
     rt.core.heads.delete_version(who, name, version)
     return Response(status_code=204)
 

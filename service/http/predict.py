@@ -4,11 +4,13 @@ Two encodings of the same request: JSON with base64 images, or multipart file
 uploads (handy with curl). Both end in the engine's one predict call.
 """
 
+import asyncio
 import base64
 import binascii
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
@@ -18,9 +20,13 @@ from service.runtime import Runtime
 router = APIRouter(prefix="/v1", tags=["predict"])
 
 
+# A head reference is short and printable (PostgreSQL refuses NUL in text; names never hold control characters).
+HeadRef = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
 class PredictRequest(BaseModel):
     images: list[str] = Field(description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
-    heads: list[str] = Field(description="head references: 'name', 'name@3' or 'name:prod'")
+    heads: list[HeadRef] = Field(description="head references: 'name', 'name@3' or 'name:prod'")
     top_k: int = 5
     embedding: bool = Field(False, description="also return the pooled backbone features")
 
@@ -36,9 +42,13 @@ def _decode(index: int, text: str) -> bytes:
         raise InvalidArgument(f"images[{index}] is not valid base64") from None
 
 
+def _decode_all(texts: list[str]) -> list[bytes]:
+    return [_decode(i, text) for i, text in enumerate(texts)]
+
+
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> PredictResponse:
-    images = [_decode(i, text) for i, text in enumerate(body.images)]
+    images = await asyncio.to_thread(_decode_all, body.images)  # up to GRAFT_MAX_REQUEST_BYTES: not on the loop
     out = await rt.predictor.predict(who, images, body.heads, top_k=body.top_k, embedding=body.embedding, door="http")
     return PredictResponse(predictions=out)
 
@@ -46,7 +56,7 @@ async def predict(body: PredictRequest, rt: Runtime = Depends(runtime), who: str
 @router.post("/predict:upload", response_model=PredictResponse)
 async def predict_upload(
     files: list[UploadFile] = File(..., description="image files"),
-    heads: list[str] = Form(..., description="head references; repeat the field for several heads"),
+    heads: list[HeadRef] = Form(..., description="head references; repeat the field for several heads"),
     top_k: int = Form(5),
     embedding: bool = Form(False),
     rt: Runtime = Depends(runtime),

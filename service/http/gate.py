@@ -1,0 +1,113 @@
+"""The HTTP door's gate: who is calling, and how much they may send, decided before a byte of the body is read.
+
+A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
+``/v1/...`` it authenticates the ``Authorization`` header in the store pool
+(the admin key for ``/v1/admin/...``) and puts the tenant into the request
+scope, where the ``tenant`` dependency reads it. Then it bounds the body: a
+declared ``Content-Length`` over the limit is refused at once; a chunked body is
+counted as it streams and refused when it crosses the limit, or when it does
+not end within ``upload_timeout_s``.
+"""
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.calls import authenticate
+from service.config import Settings
+from service.errors import GraftError, InvalidArgument, PayloadTooLarge
+from service.http.errors import error_response
+from service.runtime import Runtime
+
+TENANT = "graft.tenant"  # scope key: the authenticated tenant
+ADMIN = "graft.admin"  # scope key: True once the admin key was checked
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, settings: Settings, runtime: Callable[[], Runtime]) -> None:
+        self.app = app
+        self.settings = settings
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._admit(scope)
+            limit, setting = self._limit(scope)
+            _check_declared_length(Headers(scope=scope), limit, setting)
+        except GraftError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
+
+    async def _admit(self, scope: Scope) -> None:
+        path: str = scope["path"]
+        if _CONTROL.search(path):
+            raise InvalidArgument("the request path contains control characters")
+        if not path.startswith("/v1/"):
+            return  # documentation and unknown paths: nothing to protect
+        authorization = Headers(scope=scope).get("authorization")
+        tenants = self.runtime().tenants
+        if path.startswith("/v1/admin/"):
+            tenants.require_admin(authorization)
+            scope[ADMIN] = True
+        else:
+            scope[TENANT] = await authenticate(tenants, authorization)
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if scope["method"] == "POST" and scope["path"] == "/v1/datasets":
+            return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
+        return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
+
+
+def _check_declared_length(headers: Headers, limit: int, setting: str) -> None:
+    declared = headers.get("content-length")
+    if declared is None:
+        return
+    if not declared.isascii() or not declared.isdigit():
+        raise InvalidArgument(f"Content-Length {declared[:32]!r} is not a number of bytes")
+    if int(declared) > limit:
+        raise PayloadTooLarge(_too_large(f"request body of {int(declared):,} bytes", limit, setting))
+
+
+def _too_large(what: str, limit: int, setting: str) -> str:
+    return f"{what} is over the limit of {limit:,} bytes ({setting}); send less, e.g. split a dataset in parts"
+
+
+def _bounded(receive: Receive, limit: int, setting: str, timeout_s: float) -> Receive:
+    """``receive`` that counts body bytes as they arrive and raises HTTPException(413 or 408) past the limits.
+
+    FastAPI re-raises an HTTPException met while it parses a body; the app's handler answers it. Once the
+    body has ended, messages pass through untouched (a streaming response listens for the disconnect).
+    """
+    received = 0
+    ended = False
+    deadline = time.monotonic() + timeout_s
+
+    async def bounded_receive() -> Message:
+        nonlocal received, ended
+        if ended:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s "
+                                     "(GRAFT_UPLOAD_TIMEOUT_S)") from None
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            ended = not message.get("more_body", False)
+            if received > limit:
+                raise HTTPException(413, _too_large("the request body", limit, setting))
+        else:
+            ended = True
+        return message
+
+    return bounded_receive

@@ -1,0 +1,217 @@
+"""The HTTP door in-process (the real app and runtime, no backbone): the gate, bounds on values, error bodies.
+
+httpx's ASGI transport pulls the request body from the client only when the app
+receives it, so these tests can tell how much of a body the server read.
+"""
+
+import asyncio
+import io
+import threading
+
+import httpx
+import pytest
+from PIL import Image
+from sqlalchemy import event
+
+from service.config import Settings
+from service.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
+from service.http.app import create_app
+from service.http.errors import error_response
+from service.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+
+MAX_REQUEST = 1000
+MAX_UPLOAD = 5000
+
+
+class Body:
+    """A chunked request body (no Content-Length) that counts how many of its bytes were pulled."""
+
+    def __init__(self, total: int, chunk: int = 100, start: bytes = b"") -> None:
+        self.total, self.chunk, self.start, self.pulled = total, chunk, start, 0
+
+    async def __aiter__(self):
+        if self.start:
+            self.pulled += len(self.start)
+            yield self.start
+        while self.pulled < self.total:
+            self.pulled += self.chunk
+            yield b"x" * self.chunk
+
+
+# The start of a multipart body whose one file part goes on for as long as the client likes.
+ENDLESS_ZIP_PART = (b'--b\r\nContent-Disposition: form-data; name="archive"; filename="d.zip"\r\n'
+                    b"Content-Type: application/zip\r\n\r\n")
+
+
+@pytest.fixture
+def runtime(tmp_path) -> Runtime:
+    settings = Settings(data_dir=tmp_path, auth="keys", backbones=[], max_request_bytes=MAX_REQUEST,
+                        max_upload_bytes=MAX_UPLOAD, quota_datasets=1)
+    return Runtime.open(settings)
+
+
+@pytest.fixture
+def key(runtime) -> str:
+    runtime.tenants.create_tenant("acme")
+    return runtime.tenants.create_key("acme").secret
+
+
+@pytest.fixture
+async def client(runtime):
+    app = create_app(runtime.settings, lambda: runtime)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- item 2: authenticated first, bounded while streaming ---------------------------------------------
+
+
+async def test_a_chunked_body_without_a_key_is_refused_before_a_byte_is_read(client):
+    body = Body(10 * MAX_UPLOAD)
+    response = await client.post("/v1/datasets", content=body)
+    assert response.status_code == 401 and response.json()["code"] == "unauthenticated"
+    assert body.pulled == 0
+
+
+async def test_a_chunked_body_is_refused_with_413_as_it_crosses_the_limit(client, key):
+    body = Body(100 * MAX_REQUEST)
+    response = await client.post("/v1/jobs", content=body, headers={**bearer(key), "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json()["code"] == "payload_too_large"
+    assert "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
+    assert body.pulled <= MAX_REQUEST + body.chunk
+
+
+async def test_a_dataset_upload_may_be_larger_than_other_requests_up_to_its_own_limit(client, key):
+    body = Body(100 * MAX_UPLOAD, start=ENDLESS_ZIP_PART)
+    response = await client.post("/v1/datasets", content=body,
+                                 headers={**bearer(key), "Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "GRAFT_MAX_UPLOAD_BYTES" in response.json()["message"]
+    assert MAX_REQUEST < body.pulled <= MAX_UPLOAD + body.chunk
+
+
+async def test_a_declared_length_over_the_limit_is_refused_without_reading(client, key):
+    body = Body(2 * MAX_REQUEST)
+    headers = {**bearer(key), "Content-Length": str(2 * MAX_REQUEST), "Content-Type": "application/json"}
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    assert response.status_code == 413 and "2,000 bytes" in response.json()["message"]
+    assert body.pulled == 0
+
+
+async def test_the_admin_routes_need_the_admin_key_before_the_body_is_read(client, key):
+    body = Body(MAX_REQUEST)
+    response = await client.post("/v1/admin/tenants", content=body, headers=bearer(key))
+    assert response.status_code in (403, 409) and body.pulled == 0  # 409: no admin key configured at all
+
+
+async def test_documentation_needs_no_key(client):
+    assert (await client.get("/openapi.json")).status_code == 200
+
+
+async def test_authentication_does_not_hold_the_event_loop(runtime, client, key):
+    """The key lookup waits until the loop itself releases it: a lookup on the loop would time out."""
+    entered, release, released = threading.Event(), threading.Event(), []
+
+    def wait_for_the_loop(*_):
+        entered.set()
+        released.append(release.wait(timeout=5))
+
+    event.listen(runtime.core.db.engine, "before_cursor_execute", wait_for_the_loop)
+    try:
+        call = asyncio.ensure_future(client.get("/v1/backbones", headers=bearer(key)))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)  # the loop gets here only while it is free
+        release.set()
+        assert (await call).status_code == 200
+    finally:
+        event.remove(runtime.core.db.engine, "before_cursor_execute", wait_for_the_loop)
+    assert released and all(released)
+
+
+# -- item 9: values out of range are 4xx ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["100000000000000000000", "2147483648", "0", "%C2%B2"])
+async def test_a_version_outside_1_to_2_pow_31_is_a_client_error(client, key, version):
+    response = await client.delete(f"/v1/heads/h/versions/{version}", headers=bearer(key))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_argument"
+
+
+@pytest.mark.parametrize("version", [1e20, 2**31, 2**70])
+async def test_an_alias_target_outside_32_bits_is_a_client_error(client, key, version):
+    response = await client.put("/v1/heads/h/aliases/prod", json={"version": version}, headers=bearer(key))
+    assert response.status_code == 422, response.text
+
+
+async def test_control_characters_in_a_path_are_a_client_error(client, key):
+    response = await client.get("/v1/datasets/ds%00x", headers=bearer(key))
+    assert response.status_code == 400 and "control characters" in response.json()["message"]
+
+
+async def test_a_head_reference_with_control_characters_is_a_client_error(client, key):
+    response = await client.post("/v1/predict", json={"images": ["eA=="], "heads": ["h\u0000"]}, headers=bearer(key))
+    assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("token", ["W" * 5000, "W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0"])
+async def test_a_malformed_page_token_is_a_client_error(client, key, token):
+    response = await client.get("/v1/heads", params={"page_token": token}, headers=bearer(key))
+    assert response.status_code == 400 and "page_token" in response.json()["message"]
+
+
+# -- item 11 and 12: error bodies ------------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_is_a_500_with_a_reference_and_no_details(runtime, client, key, caplog):
+    secret_text = "s3cret connection string"
+
+    def broken(_conn, _cursor, statement, *_):
+        if "datasets" in statement:
+            raise RuntimeError(secret_text)
+
+    event.listen(runtime.core.db.engine, "before_cursor_execute", broken)
+    try:
+        response = await client.get("/v1/datasets", headers=bearer(key))
+    finally:
+        event.remove(runtime.core.db.engine, "before_cursor_execute", broken)
+    assert response.status_code == 500
+    body = response.json()
+    assert body["code"] == "internal" and body["message"].startswith("internal error (reference ")
+    assert secret_text not in response.text
+    assert any(body["details"]["reference"] in record.getMessage() for record in caplog.records)
+
+
+async def test_a_quota_refusal_is_429_naming_its_setting(client, key):
+    files = [("files", ("a.png", PNG_RED, "image/png")), ("files", ("b.png", PNG_BLUE, "image/png"))]
+    first = await client.post("/v1/datasets", data={"name": "one", "labels": ["red", "blue"]}, files=files,
+                              headers=bearer(key))
+    assert first.status_code == 201, first.text
+    second = await client.post("/v1/datasets", data={"name": "two", "labels": ["red", "blue"]}, files=files,
+                               headers=bearer(key))
+    assert second.status_code == 429 and "GRAFT_QUOTA_DATASETS" in second.json()["message"]
+
+
+def test_errors_map_to_statuses_and_retry_after_is_whole_seconds_rounded_up():
+    limited = error_response(ResourceExhausted("slow down", retry_after_s=1.2))
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "2"
+    assert "Retry-After" not in error_response(ResourceExhausted("full")).headers
+    assert error_response(PayloadTooLarge("big")).status_code == 413
+    assert error_response(Unavailable("draining")).status_code == 503
+    assert error_response(DeadlineExceeded("late")).status_code == 504
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG_RED, PNG_BLUE = _png((200, 0, 0)), _png((0, 0, 200))
