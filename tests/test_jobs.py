@@ -1,5 +1,6 @@
 """Background training jobs on a real backbone and real images: run, watch, list, cancel, refuse."""
 
+import base64
 import json
 import threading
 
@@ -149,6 +150,7 @@ async def test_jobs_are_listed_newest_first_in_pages(core, images, runner):
         "not-a-token",
         encode_token("9999-12-31T23:59:59-12:00", "job_x"),  # past the largest datetime once in UTC
         encode_token("yesterday", "job_x"),
+        base64.urlsafe_b64encode(b"[" * 2000).decode(),  # nested deeper than json.loads can recurse
     ],
 )
 async def test_a_malformed_page_token_is_an_invalid_argument(core, token):

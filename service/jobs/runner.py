@@ -94,6 +94,7 @@ class JobRunner:
         self._stop_renewing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._claimed = asyncio.Event()  # fires when this replica claims a job: watchers switch to memory
         self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -165,7 +166,8 @@ class JobRunner:
     async def watch(self, tenant: str, id: str) -> AsyncIterator[JobInfo]:
         """The job now, then every change until it ends. A slow reader skips to the latest state.
 
-        A job run here is followed in memory; any other is re-read every ``POLL_S``.
+        A job run here is followed in memory; any other is re-read every ``POLL_S``,
+        or as soon as this replica claims a job (it may be this one).
         """
         job = await asyncio.to_thread(self.get, tenant, id)  # NotFound on the first step, before any yield
         last: JobInfo | None = None
@@ -183,7 +185,8 @@ class JobRunner:
                         await asyncio.wait_for(changed.wait(), POLL_S)
                 job = live.info
             else:
-                await asyncio.sleep(POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._claimed.wait(), POLL_S)
                 job = await asyncio.to_thread(self.get, tenant, id)
 
     # -- submit (in a thread) ------------------------------------------------------------
@@ -255,6 +258,12 @@ class JobRunner:
             run = self._pool.submit(self._run, live)
             self._runs.add(run)
         run.add_done_callback(self._forget)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to watch
+            self._loop.call_soon_threadsafe(self._announce_claim)
+
+    def _announce_claim(self) -> None:
+        claimed, self._claimed = self._claimed, asyncio.Event()
+        claimed.set()
 
     def _forget(self, run: concurrent.futures.Future[None]) -> None:
         with self._lock:

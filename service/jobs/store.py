@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from service.errors import FailedPrecondition, NotFound
 from service.quotas import Quotas
 from service.store.db import Database, JobRow, utcnow
-from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
+from service.store.pages import check_page_size, decode_time, decode_token, encode_token
 from service.training import TrainRequest
 
 # How often claim_next tries again when another replica took the job it picked.
@@ -105,7 +105,8 @@ class JobStore:
         check_page_size(page_size)
         query = select(JobRow).where(JobRow.tenant == tenant)
         if page_token:
-            before, last_id = _page_start(page_token)
+            created_at, last_id = decode_token(page_token, 2)
+            before = decode_time(page_token, created_at)
             query = query.where(
                 or_(JobRow.created_at < before, and_(JobRow.created_at == before, JobRow.id < last_id))
             )
@@ -320,15 +321,6 @@ def _next_queued(session: Session) -> str | None:
         .order_by(JobRow.created_at, JobRow.id)
         .limit(1)
     )
-
-
-def _page_start(token: str) -> tuple[datetime, str]:
-    """The (created_at, id) a page token carries; any timestamp that cannot be compared is malformed."""
-    created_at, last_id = decode_token(token, 2)
-    try:
-        return datetime.fromisoformat(created_at).astimezone(UTC), last_id
-    except (ValueError, OverflowError):
-        raise malformed_token(token) from None
 
 
 def _info(row: JobRow) -> JobInfo:
