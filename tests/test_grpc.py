@@ -242,7 +242,7 @@ async def test_a_revoked_key_ends_an_open_prediction_stream(keyed):
     assert first.request_id == "r1" and first.error_code == grpc.StatusCode.NOT_FOUND.value[0]
     await asyncio.to_thread(runtime.tenants.revoke_key, key_id)
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call.read()  # the stream stays open on the client's side: the server ends it
+        await asyncio.wait_for(call.read(), 60)  # the stream stays open on the client's side: the server ends it
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
