@@ -48,7 +48,7 @@ ENDLESS_ZIP_PART = (b'--b\r\nContent-Disposition: form-data; name="archive"; fil
 @pytest.fixture
 def runtime(tmp_path) -> Runtime:
     settings = Settings(data_dir=tmp_path, auth="keys", backbones=[], max_request_bytes=MAX_REQUEST,
-                        max_upload_bytes=MAX_UPLOAD, quota_datasets=1)
+                        max_upload_bytes=MAX_UPLOAD, quota_datasets=1, max_images_per_dataset=1500)
     return Runtime.open(settings)
 
 
@@ -197,6 +197,17 @@ async def test_a_quota_refusal_is_429_naming_its_setting(client, key):
     second = await client.post("/v1/datasets", data={"name": "two", "labels": ["red", "blue"]}, files=files,
                                headers=bearer(key))
     assert second.status_code == 429 and "GRAFT_QUOTA_DATASETS" in second.json()["message"]
+
+
+async def test_a_multipart_upload_may_have_as_many_files_as_the_dataset_limit_allows(runtime, client, key):
+    """Starlette alone refuses more than 1,000 files; the dataset limit here is 1,500."""
+    runtime.settings.max_upload_bytes = 10_000_000  # the gate reads it per request
+    files = [("files", (f"{i}.png", PNG_RED if i % 2 else PNG_BLUE, "image/png")) for i in range(1200)]
+    labels = ["red" if i % 2 else "blue" for i in range(1200)]
+    response = await client.post("/v1/datasets", data={"name": "many", "labels": labels}, files=files,
+                                 headers=bearer(key))
+    assert response.status_code == 201, response.text
+    assert response.json()["num_examples"] == 1200
 
 
 def test_errors_map_to_statuses_and_retry_after_is_whole_seconds_rounded_up():

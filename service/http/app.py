@@ -19,8 +19,12 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
         description="Transfer learning as a service: upload labelled images, train a head, predict.",
     )
     app.state.runtime = runtime
-    for module in (backbones, datasets, jobs, heads, predict, admin):
+    for module in (backbones, jobs, heads, predict, admin):
         app.include_router(module.router)
+    # A multipart upload has one file and one label field per image: Starlette's default of 1,000 would
+    # refuse uploads the dataset limit allows (the gate bounds their bytes).
+    images = settings.max_images_per_dataset
+    app.include_router(datasets.router, form_limits={"max_files": images + 1, "max_fields": images + 2})
     install_error_handlers(app)
     app.add_middleware(Gate, settings=settings, runtime=runtime)
     app.add_middleware(HideInternalErrors)  # added last: outermost
