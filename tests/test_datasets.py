@@ -17,6 +17,7 @@ from service.quotas import Quotas
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database, DatasetRow, ExampleRow
+from service.store.pages import encode_token
 
 TENANT = "acme"
 
@@ -365,7 +366,12 @@ def test_list_pages_walk_every_dataset_once(store: DatasetStore) -> None:
     assert seen == created and pages == 3
 
 
-@pytest.mark.parametrize("token", ["garbage!", "bm90IGpzb24", "WyJhIl0", "WyJub3QgYSBkYXRlIiwgImRzXzEiXQ", "WzEsIDJd"])
+FAR_FUTURE = encode_token("9999-12-31T23:59:59-05:00", "ds_1")  # overflows when converted to UTC
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage!", "bm90IGpzb24", "WyJhIl0", "WyJub3QgYSBkYXRlIiwgImRzXzEiXQ", "WzEsIDJd", FAR_FUTURE]
+)
 def test_malformed_page_token_is_invalid_argument(store: DatasetStore, token: str) -> None:
     with pytest.raises(InvalidArgument, match="page_token .* is malformed"):
         store.list(TENANT, page_token=token)

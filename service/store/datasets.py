@@ -31,7 +31,7 @@ from service.store.blobs import BlobStore
 from service.store.collector import BlobCollector, Pin
 from service.store.db import Database, DatasetRow, ExampleRow, utcnow
 from service.store.images import inspect_image
-from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
+from service.store.pages import check_page_size, decode_time, decode_token, encode_token
 
 MAX_LABEL_CHARS = 128
 MAX_NAME_CHARS = 256
@@ -181,10 +181,7 @@ class DatasetStore:
         query = select(DatasetRow).where(DatasetRow.tenant == tenant)
         if page_token:
             created_at, last_id = decode_token(page_token, 2)
-            try:
-                after = datetime.fromisoformat(created_at)
-            except ValueError:
-                raise malformed_token(page_token) from None
+            after = decode_time(page_token, created_at)
             query = query.where(
                 or_(
                     DatasetRow.created_at > after,
