@@ -4,9 +4,19 @@
 the startup hook inside the serving event loop: background jobs start and the
 gRPC server starts on its own port in the same loop, so HTTP and gRPC share
 one engine, one batcher and one copy of each backbone.
+
+On SIGTERM (a rolling update, a scale-down) the worker drains before it stops:
+it reports not ready at once (``/readyz`` 503, gRPC health NOT_SERVING),
+refuses new calls so that clients retry on another replica, finishes the calls
+in flight, hands running jobs back to the queue, and only then lets the server
+stop, all within ``GRAFT_SHUTDOWN_GRACE_S``.
 """
 
+import asyncio
 import logging
+import signal
+from collections.abc import Awaitable, Callable
+from types import FrameType
 
 import bentoml
 
@@ -34,14 +44,46 @@ class Graft:
     async def start(self) -> None:
         await self.runtime.start()
         self.grpc = await start_grpc_server(self.runtime, settings.grpc_port)
+        drain_before_stopping_on_sigterm(self.drain)
         log.info("graft gRPC listening on port %d", self.grpc.port)
+
+    async def drain(self) -> None:
+        grace = settings.shutdown_grace_s
+        log.info("SIGTERM: draining for at most %.0f s", grace)
+        grpc_server = self.grpc
+        await asyncio.gather(self.runtime.drain(grace), grpc_server.stop(grace) if grpc_server else asyncio.sleep(0))
+        log.info("drained; stopping")
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
         if self.grpc is not None:
-            await self.grpc.stop(grace=10)
+            await self.grpc.stop(grace=settings.shutdown_grace_s)
         await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
-        """Read by /readyz: only a flag the registry probe keeps, never a database call on the event loop."""
-        return self.grpc is not None and self.runtime.registry_reachable
+        """Read by /readyz: only flags (registry probe, draining), never a database call on the event loop."""
+        return self.grpc is not None and self.runtime.ready
+
+
+def drain_before_stopping_on_sigterm(drain: Callable[[], Awaitable[None]]) -> None:
+    """Put ``drain`` in front of the server's own SIGTERM handler (uvicorn's, which stops it at once).
+
+    Call from the serving loop's thread (the main one). A second SIGTERM goes straight to the server.
+    """
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(server_handler):
+        return  # not run by a server that handles SIGTERM (e.g. a test's in-process runtime)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+
+        async def drain_then_stop() -> None:
+            try:
+                await drain()
+            finally:
+                server_handler(signum, frame)
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop(), name="drain"))
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -4,7 +4,9 @@ Both doors (HTTP and gRPC) receive this object and call only its parts, so a
 behaviour exists once: the core (storage, backbones, trainer), the predictor
 (head cache + one batcher per backbone), background training jobs, and
 tenants with their API keys. It also probes the registry database, so both
-doors' readiness says "not ready" while the database cannot be reached.
+doors' readiness says "not ready" while the database cannot be reached or
+while the worker drains (:meth:`Runtime.drain`), and it collects orphaned
+blobs every ``gc_interval_s``.
 """
 
 import asyncio
@@ -36,7 +38,9 @@ class Runtime:
     tenants: Tenants
     registry_reachable: bool = True
     probe_interval_s: float = PROBE_INTERVAL_S
-    _probe: asyncio.Task[None] | None = field(default=None, repr=False)
+    draining: bool = False  # set on SIGTERM: not ready, new calls refused so clients retry elsewhere
+    http_in_flight: int = 0  # HTTP calls admitted and not yet answered (kept by the HTTP gate)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -52,18 +56,50 @@ class Runtime:
     def settings(self) -> Settings:
         return self.core.settings
 
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` and gRPC health report: the registry answers and the worker is not draining."""
+        return self.registry_reachable and not self.draining
+
     async def start(self) -> None:
         """Call from inside the serving event loop."""
         await self.jobs.start()
-        self._probe = asyncio.get_running_loop().create_task(self._probe_forever(), name="registry-probe")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._probe_forever(), name="registry-probe"),
+                       loop.create_task(self._collect_forever(), name="blob-collector")]  # fmt: skip
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking work and finish what is in flight, within ``grace_s``: new calls are refused
+        (Unavailable: clients retry on another replica), running jobs go back to the queue for another
+        replica, and admitted HTTP calls get their answers."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        await asyncio.gather(self.jobs.stop(), self._http_idle(deadline))
 
     async def stop(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+                await task
         await self.jobs.stop()
         await self.predictor.stop()
+
+    async def _http_idle(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self.http_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _collect_forever(self) -> None:
+        """Orphaned blobs (deleted datasets' images, a crashed upload's or job's files), after their grace."""
+        while True:
+            await asyncio.sleep(self.settings.gc_interval_s)
+            try:
+                images = await in_thread(self.core.datasets.collect_garbage)
+                weights = await in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
+                if images or weights:
+                    log.info("collected %d orphaned image blob(s) and %d weight file(s)", images, weights)
+            except Exception:
+                log.exception("blob collection failed; trying again in %.0f s", self.settings.gc_interval_s)
 
     async def _probe_forever(self) -> None:
         """``SELECT 1`` every few seconds, in a thread; readiness checks only read the flag it keeps."""

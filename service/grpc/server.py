@@ -35,13 +35,13 @@ class GrpcServer:
             await self.health.set(name, status)
 
     def follow(self, runtime: Runtime) -> None:
-        """Keep the health status in step with the runtime's registry probe."""
+        """Keep the health status in step with the runtime's readiness (registry probe, draining)."""
 
         async def follow_forever() -> None:
             serving = True
             while True:
-                if runtime.registry_reachable != serving:
-                    serving = runtime.registry_reachable
+                if runtime.ready != serving:
+                    serving = runtime.ready
                     await self.set_serving(serving)
                 await asyncio.sleep(HEALTH_POLL_S)
 

@@ -6,7 +6,9 @@ A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
 scope, where the ``tenant`` dependency reads it. Then it bounds the body: a
 declared ``Content-Length`` over the limit is refused at once; a chunked body is
 counted as it streams and refused when it crosses the limit, or when it does
-not end within ``upload_timeout_s``.
+not end within ``upload_timeout_s``. While the worker drains, new ``/v1``
+calls are refused with 503 (clients and nginx retry on another replica) and
+the calls already admitted are counted, so the drain can wait for them.
 """
 
 import asyncio
@@ -20,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.calls import authenticate
 from service.config import Settings
-from service.errors import GraftError, InvalidArgument, PayloadTooLarge
+from service.errors import GraftError, InvalidArgument, PayloadTooLarge, Unavailable
 from service.http.errors import error_response
 from service.runtime import Runtime
 
@@ -46,7 +48,16 @@ class Gate:
         except GraftError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
+        if not scope["path"].startswith("/v1/") or scope["path"].endswith(":watch"):
+            # health, docs, and event streams (which a client resumes) do not hold a drain up
+            await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
+            return
+        runtime = self.runtime()
+        runtime.http_in_flight += 1
+        try:
+            await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
+        finally:
+            runtime.http_in_flight -= 1
 
     async def _admit(self, scope: Scope) -> None:
         path: str = scope["path"]
@@ -54,6 +65,8 @@ class Gate:
             raise InvalidArgument("the request path contains control characters")
         if not path.startswith("/v1/"):
             return  # documentation and unknown paths: nothing to protect
+        if self.runtime().draining:
+            raise Unavailable("this replica is shutting down; retry the call (another replica will answer it)")
         authorization = Headers(scope=scope).get("authorization")
         tenants = self.runtime().tenants
         if path.startswith("/v1/admin/"):
