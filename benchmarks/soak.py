@@ -34,7 +34,6 @@ import psutil
 
 from sample_data import textile_files
 from servers import Server, make_tenant_key, start_server
-from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 
