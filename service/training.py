@@ -11,7 +11,7 @@ benchmarks and tests, directly.
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
 from adapters.heads import HeadConfig, HeadKind, head_state
@@ -28,6 +28,20 @@ from service.store.heads import HeadRegistry, HeadVersionInfo
 DEFAULT_FINETUNE_BLOCKS = 4
 
 
+class HyperParamOverrides(BaseModel):
+    """The hyper-parameters a client wants changed; the others keep the kind's defaults (same bounds as HyperParams)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0)
+    epochs: int | None = Field(None, ge=1, le=500)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    hidden: int | None = Field(None, ge=1, le=8192)
+    label_smoothing: float | None = Field(None, ge=0.0, lt=0.5)
+    patience: int | None = Field(None, ge=1, le=500)
+
+
 class TrainRequest(BaseModel):
     """What a client asks for when it wants a head trained."""
 
@@ -37,7 +51,9 @@ class TrainRequest(BaseModel):
     kind: HeadKind = HeadKind.LINEAR
     finetune_blocks: int | None = Field(None, description="finetune only: how many last blocks to train (default 4)")
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
-    hyperparams: HyperParams | None = Field(None, description="fixed settings the search varies around")
+    hyperparams: HyperParamOverrides | None = Field(
+        None, description="fixed settings the search varies around; unset ones take the kind's defaults"
+    )
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     seed: int = Field(0, ge=0)
 
@@ -51,7 +67,12 @@ class TrainRequest(BaseModel):
 
     @property
     def epochs(self) -> int:
-        return (self.hyperparams or default_hyperparams(self.kind)).epochs
+        return self.hyperparameters().epochs
+
+    def hyperparameters(self) -> HyperParams:
+        """The kind's defaults with the client's overrides on top, checked together."""
+        overrides = self.hyperparams.model_dump(exclude_none=True) if self.hyperparams else {}
+        return HyperParams(**(default_hyperparams(self.kind).model_dump() | overrides))
 
     @property
     def trials(self) -> int:
@@ -143,7 +164,7 @@ class Trainer:
         features = self.extractor.features(
             backbone, split, [sha for sha, _ in examples], progress=extraction_progress, cancelled=cancelled
         )
-        base = request.hyperparams or default_hyperparams(request.kind)
+        base = request.hyperparameters()
         finetune = request.kind == HeadKind.FINETUNE
         config = HeadConfig(
             kind=request.kind,
