@@ -1,29 +1,39 @@
-"""graft's own Prometheus metrics, exported on BentoML's ``/metrics`` beside its built-in ones."""
+"""graft's own Prometheus metrics, exported on BentoML's ``/metrics`` beside its built-in ones.
+
+BentoML serves ``/metrics`` from prometheus_client's multiprocess mode: each
+worker starts with ``PROMETHEUS_MULTIPROC_DIR`` in its environment, so series
+made here are written to that folder and merged by BentoML's
+``MultiProcessCollector``. Outside a BentoML worker (tests, benchmarks, the
+library used directly) the variable is unset and the same series live in
+prometheus_client's default registry.
+"""
 
 from typing import TYPE_CHECKING
 
-import bentoml
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from service.jobs import JobInfo
 
-PREDICTIONS = bentoml.metrics.Counter(
+PREDICTIONS = Counter(
     name="graft_predictions_total",
     documentation="Image x head predictions served, by head kind and door.",
     labelnames=["kind", "door"],
 )
-BATCH_SIZE = bentoml.metrics.Histogram(
+BATCH_SIZE = Histogram(
     name="graft_batch_size",
     documentation="Images per trunk pass of the serving batcher.",
     labelnames=["backbone"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
-QUEUE_DEPTH = bentoml.metrics.Gauge(
+# Summed over live workers: one series per backbone, not one per process id.
+QUEUE_DEPTH = Gauge(
     name="graft_queue_depth",
     documentation="Images waiting in the serving batcher.",
     labelnames=["backbone"],
+    multiprocess_mode="livesum",
 )
-JOB_SECONDS = bentoml.metrics.Histogram(
+JOB_SECONDS = Histogram(
     name="graft_job_duration_seconds",
     documentation="Wall time of finished training jobs, by final state.",
     labelnames=["state"],
