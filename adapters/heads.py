@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from service.errors import InvalidArgument
+from adapters.errors import InvalidInput
 
 # A feature whose spread is below this is treated as constant: it is centred but
 # not scaled, the same rule as scikit-learn's StandardScaler.
@@ -165,11 +165,11 @@ def build_head(config: HeadConfig, tail: nn.Module | None = None) -> nn.Module:
     """An untrained head of the configured kind (finetune needs the copied tail)."""
     if config.kind is HeadKind.FINETUNE:
         if tail is None:
-            raise InvalidArgument("a finetune head needs the tail blocks copied from the backbone")
+            raise InvalidInput("a finetune head needs the tail blocks copied from the backbone")
         assert config.tail_out_channels is not None  # guaranteed by HeadConfig
         return FinetuneHead(tail, config.tail_out_channels, config.num_classes, config.dropout)
     if tail is not None:
-        raise InvalidArgument(f"a {config.kind.value} head takes no tail; only finetune heads do")
+        raise InvalidInput(f"a {config.kind.value} head takes no tail; only finetune heads do")
     if config.kind is HeadKind.MLP:
         assert config.hidden is not None  # guaranteed by HeadConfig
         return MLPHead(config.in_features, config.hidden, config.num_classes, config.dropout)
@@ -187,5 +187,5 @@ def load_head(config: HeadConfig, tensors: dict[str, Tensor], tail: nn.Module | 
     try:
         head.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise InvalidArgument(f"stored weights do not match the head config: {error}") from error
+        raise InvalidInput(f"stored weights do not match the head config: {error}") from error
     return head.eval()

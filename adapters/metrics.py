@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
-from service.errors import InvalidArgument
+from adapters.errors import InvalidInput
 
 # Equal-width confidence bins for the expected calibration error (the usual 15).
 ECE_BINS = 15
@@ -35,18 +35,18 @@ def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetr
     """Accuracy, per-class precision/recall/F1, confusion, calibration and loss."""
     num_classes = len(class_names)
     if logits.dim() != 2 or logits.shape[1] != num_classes:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"logits must have shape [N, {num_classes}] for {num_classes} classes, got {list(logits.shape)}"
         )
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.shape[0] == 0:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"labels must be a non-empty 1-D tensor with one label per row of logits, "
             f"got {list(labels.shape)} for {logits.shape[0]} rows"
         )
     logits = logits.detach().to("cpu", torch.float32)
     labels = labels.detach().to("cpu", torch.int64)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise InvalidArgument(f"labels must lie in [0, {num_classes - 1}]")
+        raise InvalidInput(f"labels must lie in [0, {num_classes - 1}]")
 
     probabilities = logits.softmax(dim=1)
     confidence, predicted = probabilities.max(dim=1)

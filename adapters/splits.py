@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import InvalidArgument
+from adapters.errors import InvalidInput
 
 
 def stratified_split(
@@ -18,13 +18,13 @@ def stratified_split(
     least learnable. The same labels and seed always give the same split.
     """
     if not 0.0 < holdout_fraction < 1.0:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"holdout_fraction must be between 0 and 1 (exclusive), got {holdout_fraction}",
             holdout_fraction=holdout_fraction,
         )
     label_array = np.asarray(labels)
     if label_array.ndim != 1 or label_array.size == 0:
-        raise InvalidArgument("labels must be a non-empty flat sequence of class ids")
+        raise InvalidInput("labels must be a non-empty flat sequence of class ids")
 
     rng = np.random.default_rng(seed)
     train_parts: list[np.ndarray] = []

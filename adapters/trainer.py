@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from adapters.errors import InvalidInput, TrainingCancelled
 from adapters.heads import FinetuneHead, HeadKind, LinearHead, MLPHead, standardisation_stats
-from service.errors import Cancelled, InvalidArgument
 
 # L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, and
 # progress is reported between rounds. The cancel flag is checked at every
@@ -140,7 +140,7 @@ def fit(
 
     Linear and mlp heads take pooled features [N, D] and fit their
     standardisation on x_train first; finetune heads take feature maps
-    [N, C, H, W]. Raises Cancelled as soon as `cancelled()` is true; it is
+    [N, C, H, W]. Raises TrainingCancelled as soon as `cancelled()` is true; it is
     checked before every mini-batch (every L-BFGS evaluation), so a stop takes
     effect well within an epoch. Features may come from inference_mode; the head itself
     must be built outside it, since its weights are updated in place.
@@ -152,7 +152,7 @@ def fit(
         feature_dims = 4 if isinstance(head, FinetuneHead) else 2
         x_train, y_train = check_examples(x_train, y_train, head.num_classes, feature_dims, "training")
         if (x_val is None) != (y_val is None):
-            raise InvalidArgument("give both x_val and y_val, or neither")
+            raise InvalidInput("give both x_val and y_val, or neither")
         if x_val is not None and y_val is not None:
             x_val, y_val = check_examples(
                 x_val.to(device), y_val.to(device), head.num_classes, feature_dims, "validation"
@@ -312,17 +312,17 @@ def check_examples(x: Tensor, y: Tensor, num_classes: int, feature_dims: int, ro
     Returns training-ready copies (see `as_training_tensor`); call inside `training_mode()`.
     """
     if x.dim() != feature_dims:
-        raise InvalidArgument(f"{role} features must have {feature_dims} dimensions, got shape {list(x.shape)}")
+        raise InvalidInput(f"{role} features must have {feature_dims} dimensions, got shape {list(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0] or y.shape[0] == 0:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"{role} labels must be a non-empty 1-D tensor with one label per example, "
             f"got {list(y.shape)} for {x.shape[0]} examples"
         )
     if y.min() < 0 or y.max() >= num_classes:
-        raise InvalidArgument(f"{role} labels must lie in [0, {num_classes - 1}]")
+        raise InvalidInput(f"{role} labels must lie in [0, {num_classes - 1}]")
     x = as_training_tensor(x)
     if not torch.isfinite(x).all():
-        raise InvalidArgument(f"{role} features contain NaN or infinite values")
+        raise InvalidInput(f"{role} features contain NaN or infinite values")
     return x, as_training_tensor(y, torch.int64)
 
 
@@ -330,13 +330,13 @@ def check_class_weights(class_weights: Tensor | None, num_classes: int, device: 
     if class_weights is None:
         return None
     if class_weights.shape != (num_classes,) or not torch.isfinite(class_weights).all() or (class_weights < 0).any():
-        raise InvalidArgument(f"class_weights must be {num_classes} finite, non-negative numbers")
+        raise InvalidInput(f"class_weights must be {num_classes} finite, non-negative numbers")
     return as_training_tensor(class_weights.to(device))
 
 
 def raise_if_cancelled(cancelled: CancelCheck | None) -> None:
     if cancelled is not None and cancelled():
-        raise Cancelled("training was cancelled")
+        raise TrainingCancelled("training was cancelled")
 
 
 def _summary(train_loss: float, val_accuracy: float | None) -> dict[str, float]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from adapters.errors import InvalidInput
 from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, standardisation_stats
 from adapters.trainer import (
     CancelCheck,
@@ -32,7 +33,6 @@ from adapters.trainer import (
     raise_if_cancelled,
     training_mode,
 )
-from service.errors import InvalidArgument
 
 MAX_TRIALS = 64
 # Values per searched list. The grid is never enumerated (its size is a product,
@@ -135,12 +135,12 @@ def tune(
     Finetune heads need `tail_factory` to get a fresh copy of the tail per trial.
     Ties on validation accuracy go to the lower validation loss. A trial that
     diverges (non-finite validation loss) is kept in `trials` with no loss and
-    never wins; if every trial diverges, that is an InvalidArgument.
+    never wins; if every trial diverges, that is an InvalidInput.
     """
     if config.kind is HeadKind.FINETUNE and tail_factory is None:
-        raise InvalidArgument("tuning a finetune head needs a tail_factory that copies the backbone's tail")
+        raise InvalidInput("tuning a finetune head needs a tail_factory that copies the backbone's tail")
     if config.kind is not HeadKind.MLP and space.hidden is not None:
-        raise InvalidArgument(f"`hidden` can only be searched for mlp heads, not {config.kind.value}")
+        raise InvalidInput(f"`hidden` can only be searched for mlp heads, not {config.kind.value}")
     candidates = _candidates(space, base or default_hyperparams(config.kind))
 
     with training_mode():
@@ -211,7 +211,7 @@ def tune(
                 )
 
     if best is None:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"all {len(trials)} trials diverged (non-finite validation loss); try a smaller lr or weight_decay"
         )
     _, best_trial, best_head, best_config = best

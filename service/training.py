@@ -8,12 +8,14 @@ Jobs (background, cancellable, with progress) call :meth:`Trainer.train`; so do
 benchmarks and tests, directly.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
+from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, head_state
 from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
@@ -21,7 +23,7 @@ from adapters.trainer import HyperParams, ProgressEvent, class_weights_for, defa
 from adapters.tuning import SearchSpace, default_search_space, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
-from service.errors import FailedPrecondition, InvalidArgument
+from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument
 from service.store.datasets import DatasetStore
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
@@ -99,6 +101,26 @@ PublishGuard = Callable[[Session], None]
 # Share of a job's progress bar spent extracting features (the rest is training).
 EXTRACTION_SHARE = 0.5
 
+# The core's error for each kind of error adapters raise (adapters/errors.py); one not listed is internal.
+_ADAPTER_ERRORS: dict[type[AdapterError], type[GraftError]] = {
+    InvalidInput: InvalidArgument,
+    TrainingCancelled: Cancelled,
+    AdapterError: GraftError,
+}
+
+
+@contextmanager
+def adapter_errors_translated() -> Iterator[None]:
+    """Adapters know nothing of the service: their errors become the core's taxonomy here, in one place.
+
+    Works as a ``with`` block and as a decorator (``@adapter_errors_translated()``).
+    """
+    try:
+        yield
+    except AdapterError as error:
+        kind = next(cls for cls in type(error).__mro__ if cls in _ADAPTER_ERRORS)
+        raise _ADAPTER_ERRORS[kind](error.message, **error.details) from error
+
 
 class Trainer:
     def __init__(
@@ -133,6 +155,7 @@ class Trainer:
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
         return TrainingCost(epochs=request.epochs, images=dataset.num_examples, trials=request.trials)
 
+    @adapter_errors_translated()
     def train(
         self,
         tenant: str,

@@ -1,8 +1,10 @@
 """Heads, training, tuning, metrics and splits, on scikit-learn's digits as stand-in features."""
 
+import ast
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from adapters.errors import InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, head_state, load_head
 from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
@@ -28,8 +31,11 @@ from adapters.trainer import (
     predict_logits,
 )
 from adapters.tuning import MAX_GRID_VALUES, SearchSpace, default_search_space, tune
-from service.errors import Cancelled, InvalidArgument
+from sample_data import fashion_mnist_pngs
+from service.errors import Cancelled, InvalidArgument, NotFound
+from service.training import TrainRequest, adapter_errors_translated
 
+REPO = Path(__file__).resolve().parents[1]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
@@ -130,7 +136,7 @@ def test_stratified_split_is_deterministic_for_a_seed() -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, float("nan")])
 def test_stratified_split_rejects_a_fraction_outside_zero_one(fraction: float) -> None:
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         stratified_split([0, 0, 1, 1], holdout_fraction=fraction)
 
 
@@ -165,7 +171,7 @@ def test_head_config_rejects_fields_that_do_not_fit_the_kind(fields: dict) -> No
 
 
 def test_building_a_finetune_head_without_a_tail_is_rejected() -> None:
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         build_head(FINETUNE)
 
 
@@ -231,7 +237,7 @@ def test_fit_is_deterministic_for_a_seed(digits: Digits) -> None:
 
 def test_fit_rejects_labels_outside_the_head_classes(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         fit(build_head(LINEAR), x_train, y_train + 10, default_hyperparams(HeadKind.LINEAR))
 
 
@@ -260,7 +266,7 @@ def test_saved_head_reloads_with_identical_logits(kind: str, request: pytest.Fix
 
 def test_loading_weights_of_another_shape_is_rejected(linear_head: nn.Module) -> None:
     wider = HeadConfig(kind=HeadKind.LINEAR, in_features=32, num_classes=10)
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         load_head(wider, head_state(linear_head))
 
 
@@ -314,7 +320,7 @@ def test_finite_turns_nan_and_infinity_into_none_at_any_depth() -> None:
 
 
 def test_evaluate_rejects_logits_that_do_not_match_the_class_names() -> None:
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         evaluate(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64), ["a", "b"])
 
 
@@ -401,7 +407,7 @@ def test_a_grid_within_max_trials_is_tried_whole_in_grid_order() -> None:
 
 def test_fit_raises_cancelled_when_asked_to_stop(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         fit(build_head(MLP), x_train, y_train, FAST_MLP, cancelled=lambda: True)
 
 
@@ -411,7 +417,7 @@ def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -
     epochs_reported: list[ProgressEvent] = []
     one_long_epoch = FAST_MLP.model_copy(update={"epochs": 1, "batch_size": 8})  # ~180 mini-batches
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         fit(build_head(MLP), x_train, y_train, one_long_epoch, cancelled=lambda: next(checks) >= 3,
             progress=epochs_reported.append)
     assert epochs_reported == []  # stopped before its only epoch ended
@@ -423,7 +429,7 @@ def test_a_linear_fit_stops_within_an_l_bfgs_round_when_cancelled(digits: Digits
     one_round = default_hyperparams(HeadKind.LINEAR).model_copy(update={"epochs": 1})
     rounds_reported: list[ProgressEvent] = []
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         fit(build_head(LINEAR), x_train, y_train, one_round, cancelled=lambda: next(checks) >= 3,
             progress=rounds_reported.append)
     assert rounds_reported == []
@@ -436,7 +442,7 @@ def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
     def stop() -> bool:
         return next(polls) >= 3
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         tune(LINEAR, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.LINEAR), cancelled=stop)
 
 
@@ -488,14 +494,14 @@ def test_tune_keeps_a_diverged_trial_without_a_loss_and_picks_a_converged_one(di
 
 def test_tune_refuses_a_search_whose_every_trial_diverges(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
-    with pytest.raises(InvalidArgument, match="all 1 trials diverged.*smaller lr"):
+    with pytest.raises(InvalidInput, match="all 1 trials diverged.*smaller lr"):
         tune(MLP, x_train, y_train, x_val, y_val, space=SearchSpace(lr=[10.0], weight_decay=[10.0]),
              base=FAST_MLP.model_copy(update={"epochs": 3}))
 
 
 def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.maps()
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         tune(FINETUNE, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.FINETUNE))
 
 
@@ -528,3 +534,66 @@ def test_class_weights_raise_minority_recall_on_an_imbalanced_problem() -> None:
         return evaluate(predict_logits(head, x_test), y_test, ["common", "rare"]).per_class[1].recall
 
     assert minority_recall(class_weights_for(y_train, 2)) > minority_recall(None) + 0.2
+
+
+# --- adapters' own errors, and the one place the service translates them ------------------
+
+
+def test_no_adapter_module_imports_the_service() -> None:
+    """adapters/ is a library of heads: it must work, and be tested, without the service."""
+    offenders = []
+    for path in sorted((REPO / "adapters").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {module}"
+                          for module in modules if module == "service" or module.startswith("service.")]
+    assert offenders == []
+
+
+def test_an_adapter_refusal_becomes_the_cores_invalid_argument_with_its_message_and_details() -> None:
+    with pytest.raises(InvalidArgument, match="holdout_fraction must be between 0 and 1") as refused:
+        with adapter_errors_translated():
+            stratified_split([0, 1, 0, 1], holdout_fraction=1.5)
+    assert refused.value.code == "invalid_argument"
+    assert refused.value.details == {"holdout_fraction": 1.5}
+    assert isinstance(refused.value.__cause__, InvalidInput)
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory, make_core):
+    return make_core(tmp_path_factory.mktemp("graft"))
+
+
+@pytest.fixture(scope="module")
+def fashion(core):
+    files = fashion_mnist_pngs("train", per_class=3, seed=5)
+    return core.datasets.create("acme", "fashion", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
+
+
+def test_a_search_whose_every_trial_diverges_reaches_the_client_as_invalid_argument(core, fashion) -> None:
+    one_step_per_image = {**default_hyperparams(HeadKind.MLP).model_dump(), "epochs": 3, "batch_size": 1}
+    request = TrainRequest(dataset_id=fashion.id, head_name="diverges", kind=HeadKind.MLP,
+                           search=SearchSpace(lr=[10.0], weight_decay=[10.0]),  # lr x weight_decay = 100
+                           hyperparams=one_step_per_image)
+    with pytest.raises(InvalidArgument, match="all 1 trials diverged") as refused:
+        core.trainer.train("acme", request)
+    assert refused.value.code == "invalid_argument"
+    assert isinstance(refused.value.__cause__, InvalidInput)
+
+
+def test_a_stop_asked_for_during_fitting_reaches_the_client_as_cancelled(core, fashion) -> None:
+    fitting = []  # set once the features are extracted: the stop comes from the adapters, not the extractor
+    request = TrainRequest(dataset_id=fashion.id, head_name="stopped", kind=HeadKind.MLP,
+                           search=SearchSpace(lr=[1e-3], weight_decay=[1e-4]))
+    with pytest.raises(Cancelled) as stopped:
+        core.trainer.train("acme", request, cancelled=lambda: bool(fitting),
+                           progress=lambda event: fitting.append(event) if event.phase != "extract" else None)
+    assert stopped.value.code == "cancelled"
+    assert isinstance(stopped.value.__cause__, TrainingCancelled)
+    with pytest.raises(NotFound):
+        core.heads.get("acme", "stopped")
