@@ -3,12 +3,22 @@
 Both doors call :meth:`Predictor.predict`. The tenant's prediction rate is
 charged after the cheap shape checks; heads are resolved and loaded next (so a
 bad reference fails before any image is decoded), and references naming the
-same version (``h``, ``h@1``, ``h:latest``, an alias) run as one head. Images
-are decoded and preprocessed in worker threads, and every image goes through
-its backbone's shared batcher once, however many heads it asks for.
+same version (``h``, ``h@1``, ``h:latest``, an alias) run as one head. Every
+image goes through its backbone's shared batcher once, however many heads it
+asks for.
+
+Throughput must stay flat however many requests are in flight, so two bounds
+hold: images are decoded in a small pool of their own (half the cores), never
+in as many threads as there are requests fighting the trunk for the same cores;
+and the images admitted (decoding, queued or in a batch) never exceed
+``GRAFT_MAX_QUEUE_IMAGES``: beyond that a request is refused at once with
+"resource exhausted" (HTTP 429, gRPC RESOURCE_EXHAUSTED) instead of waiting.
 """
 
 import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -19,7 +29,7 @@ from service.engine.backbones import Backbone
 from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, ResourceExhausted
 from service.quotas import PredictionRate
 
 
@@ -70,9 +80,13 @@ class Predictor:
             )
             for name, backbone in backbones.items()
         }
+        self.decode_workers = decode_workers()
+        self._decode = ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="decode")
+        self._admitted = 0  # images between admission and their answer
 
     async def stop(self) -> None:
         await asyncio.gather(*(batcher.stop() for batcher in self.batchers.values()))
+        self._decode.shutdown(wait=False, cancel_futures=True)
 
     async def predict(
         self,
@@ -90,21 +104,43 @@ class Predictor:
         """
         self._check_request(images, head_refs, top_k)
         self.rate.take(tenant, len(images))
+        self._admit(len(images))
+        try:
+            return await self._predict(tenant, images, head_refs, top_k, embedding, door)
+        finally:
+            self._admitted -= len(images)
+
+    def _admit(self, count: int) -> None:
+        limit = self.settings.max_queue_images
+        if self._admitted + count > limit:
+            raise ResourceExhausted(
+                f"this replica is already working on {self._admitted} images (limit {limit}, "
+                "GRAFT_MAX_QUEUE_IMAGES); retry shortly",
+                retry_after_s=1.0,
+            )
+        self._admitted += count
+
+    async def _predict(
+        self, tenant: str, images: list[bytes], head_refs: list[str], top_k: int, embedding: bool, door: str
+    ) -> list[ImagePrediction]:
         by_ref = await self._load_heads(tenant, head_refs)
         heads = list({head.key: head for head in by_ref.values()}.values())  # one per version, however named
         by_backbone: dict[str, list[LoadedHead]] = {}
         for head in heads:
             by_backbone.setdefault(head.backbone, []).append(head)
 
+        loop = asyncio.get_running_loop()
+
         async def one_image(index: int, data: bytes) -> ImagePrediction:
             results: dict[HeadKey, HeadPrediction] = {}
             pooled: list[float] | None = None
             for backbone_name, group in by_backbone.items():
                 backbone = self.backbones[backbone_name]
-                tensor = await asyncio.to_thread(
+                prepare = partial(
                     prepare_image, backbone, data, name=f"image {index}",
                     max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
                 )  # fmt: skip
+                tensor = await loop.run_in_executor(self._decode, prepare)
                 row = await self.batchers[backbone_name].submit(tensor, group, want_embedding=embedding)
                 for head, logits in zip(group, row.logits, strict=True):
                     results[head.key] = _top_k(head, logits, top_k)
@@ -112,7 +148,12 @@ class Predictor:
                     pooled = row.embedding.tolist()
             return ImagePrediction(heads=[results[by_ref[ref].key] for ref in head_refs], embedding=pooled)
 
-        predictions = list(await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images))))
+        # Every image ends (answered or failed) before the request does: its slots are free once given back.
+        outcomes = await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images)), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        predictions: list[ImagePrediction] = list(outcomes)
         if self.metrics is not None:
             for head in heads:
                 self.metrics.predictions(head.kind.value, door, len(images))
@@ -140,6 +181,12 @@ class Predictor:
             raise InvalidArgument(f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}")
         if not 1 <= top_k <= 1000:
             raise InvalidArgument(f"top_k must be between 1 and 1000, got {top_k}")
+
+
+def decode_workers() -> int:
+    """Half the cores this process may use (at least one): the trunk needs the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def _top_k(head: LoadedHead, logits: torch.Tensor, k: int) -> HeadPrediction:
