@@ -1,0 +1,150 @@
+"""graft against Ray Serve model multiplexing, side by side in one run, over HTTP on loopback.
+
+Both serve the same MobileNetV2 trunk and the same 1, 100 and 1,000 linear
+heads (Ray reads graft's own safetensors files), to the same client sending
+the same JSON bodies (one base64 250x250 JPEG each) at the same concurrency.
+The servers run one after the other, never together (2 cores), each bounded
+in time: the whole run stops itself after ``--max-minutes``.
+Ray's configuration (``benchmarks/ray_peer.py``) is printed in the JSON.
+Draws benchmarks/results/peers.png (throughput against concurrency, 1,000 heads).
+
+    python benchmarks/peers.py               # prints one JSON object last
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from engine_setup import create_linear_heads
+from http_load import http_level
+from ray_peer import RayPeerConfig, deploy, head_file
+from sample_data import textile_files
+from servers import REPO, free_port, start_server
+from service.config import Settings
+from service.core import Core
+
+TENANT = "default"  # the tenant of GRAFT_AUTH=open
+OUT = Path(__file__).resolve().parent / "results"
+# (heads, concurrency levels); a system's figure for a head count is its best level.
+PLAN = ((1, (8, 32)), (100, (32,)), (1000, (1, 8, 32, 128)))
+
+Level = Callable[[list[str], int, float], Awaitable[dict]]
+
+
+async def measure(system: str, level: Level, heads: list[str], seconds: float) -> dict:
+    result: dict = {}
+    for count, concurrencies in PLAN:
+        used = heads[:count]
+        await level(used, 8, 3)  # warm-up: loads the heads, fills caches
+        result[f"heads_{count}"] = {}
+        for concurrency in concurrencies:
+            figures = await level(used, concurrency, seconds)
+            result[f"heads_{count}"][f"c{concurrency}"] = figures
+            print(system, count, concurrency, figures, file=sys.stderr)
+    return result
+
+
+async def run_graft(data_dir: Path, bodies: list[bytes], heads: list[str], seconds: float) -> dict:
+    server = start_server(data_dir, GRAFT_AUTH="open")
+    try:
+        return await measure("graft", lambda used, c, s: http_level(server.http_url, bodies, used, c, s), heads, seconds)
+    finally:
+        server.stop()
+
+
+async def run_ray(config: RayPeerConfig, bodies: list[bytes], heads: list[str], seconds: float) -> dict:
+    import ray
+    from ray import serve
+
+    # Ray's workers import the deployment from this folder and graft's trunk from the repo.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False)
+    try:
+        port = free_port()
+        deploy(config, port)
+        url = f"http://127.0.0.1:{port}"
+
+        def level(used: list[str], concurrency: int, secs: float) -> Awaitable[dict]:
+            return http_level(url, bodies, used, concurrency, secs, path="/", model_header="serve_multiplexed_model_id")
+
+        return await measure("ray", level, heads, seconds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def best(levels: dict) -> float:
+    return max(figures["ips"] for figures in levels.values())
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, marker in (("graft", "o-"), ("ray", "s--")):
+        levels = result[system]["heads_1000"]
+        concurrencies = [int(key[1:]) for key in levels]
+        ax.plot(concurrencies, [levels[f"c{c}"]["ips"] for c in concurrencies], marker,
+                label="graft" if system == "graft" else "Ray Serve (multiplexed + batched)")
+    ax.set(xscale="log", xlabel="requests in flight", ylabel="images / s",
+           title="HTTP, 1,000 linear heads, MobileNetV2, CPU")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def stop_after(minutes: float) -> None:
+    """End the whole run (both servers are children of it) if it overruns."""
+
+    def overrun() -> None:
+        print(f"peers.py: still running after {minutes} minutes; stopping", file=sys.stderr)
+        os._exit(3)
+
+    timer = threading.Timer(minutes * 60, overrun)
+    timer.daemon = True
+    timer.start()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--max-minutes", type=float, default=20.0, help="the run stops itself after this")
+    args = parser.parse_args()
+    stop_after(args.max_minutes)
+
+    data_dir = Path(tempfile.mkdtemp(prefix="graft-peers-"))
+    core = Core.open(Settings(data_dir=data_dir, auth="open"))
+    heads = create_linear_heads(core, max(count for count, _ in PLAN), tenant=TENANT)
+    files = {name: head_file(core.blobs.root, core.heads.resolve(TENANT, name).blob_key) for name in heads}
+    del core  # free its memory before the servers start
+    jpegs = [data for _, data, _ in textile_files(per_class=10)]
+    bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
+              for j in jpegs]
+    config = RayPeerConfig(head_files=files)
+
+    result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "ray_config": config.described()}
+    result["graft"] = await run_graft(data_dir, bodies, heads, args.seconds)
+    result["ray"] = await run_ray(config, bodies, heads, args.seconds)
+    for count, _ in PLAN:
+        result[f"graft_http_ips_{count}"] = best(result["graft"][f"heads_{count}"])
+        result[f"ray_http_ips_{count}"] = best(result["ray"][f"heads_{count}"])
+    result["ratio_1"] = round(result["graft_http_ips_1"] / result["ray_http_ips_1"], 3)
+    result["ratio_1000"] = round(result["graft_http_ips_1000"] / result["ray_http_ips_1000"], 3)
+    OUT.mkdir(exist_ok=True)
+    draw(result, OUT / "peers.png")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,105 @@
+"""The Ray Serve peer: per-customer linear heads served the way Ray Serve's documentation recommends.
+
+- ``@serve.multiplexed``: each replica keeps an LRU of loaded heads, keyed by
+  the model id the client sends in the ``serve_multiplexed_model_id`` header;
+  a miss reads the head's safetensors file (the very file graft stores);
+- ``@serve.batch``: requests for any head are batched for the shared trunk,
+  then each row goes through its own head.
+The trunk is graft's own ``Backbone`` (same MobileNetV2 weights, same
+preprocessing, same CPU micro-batching), so the comparison measures serving
+architecture, not model code. Decoding and the trunk run in threads, so the
+replica's event loop keeps accepting requests while a batch runs.
+"""
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from pydantic import BaseModel
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.engine.backbones import load_backbone
+from service.engine.device import choose_placement
+from service.store.images import decode_rgb
+
+
+MAX_BATCH_SIZE = 32  # graft's GRAFT_MAX_BATCH_SIZE
+BATCH_WAIT_TIMEOUT_S = 0.002  # graft's GRAFT_MAX_LATENCY_MS
+MAX_MODELS_PER_REPLICA = 1000  # the LRU holds every head measured: Ray never reloads a head
+
+
+class RayPeerConfig(BaseModel):
+    """Ray's configuration for the run; reported beside its figures."""
+
+    num_replicas: int = 1
+    torch_threads: int = 2
+    max_ongoing_requests: int = 256  # above the highest concurrency measured: no proxy-side queueing
+    head_files: dict[str, str] = {}  # model id -> safetensors path
+
+    def described(self) -> dict:
+        return {**self.model_dump(exclude={"head_files"}), "max_batch_size": MAX_BATCH_SIZE,
+                "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S, "max_num_models_per_replica": MAX_MODELS_PER_REPLICA}
+
+
+@dataclass(frozen=True)
+class _Head:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    classes: list[str]
+
+
+@serve.deployment
+class HeadServer:
+    def __init__(self, config: RayPeerConfig) -> None:
+        torch.set_num_threads(config.torch_threads)
+        self.backbone = load_backbone("mobilenet_v2", choose_placement("cpu"))
+        self.files = config.head_files
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_head(self, model_id: str) -> _Head:
+        """Read the head's file and fold its standardisation into the linear layer, as graft's cache does."""
+        tensors = await asyncio.to_thread(safetensors.torch.load_file, self.files[model_id])
+        weight = tensors["linear.weight"] / tensors["std"]
+        bias = tensors["linear.bias"] - weight @ tensors["mean"]
+        return _Head(weight, bias, [f"class-{c}" for c in range(weight.shape[0])])
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    async def classify(self, images: list[torch.Tensor], heads: list[_Head], top_ks: list[int]) -> list[list[dict]]:
+        pooled = await asyncio.to_thread(self.backbone.features, torch.stack(images))
+        answers = []
+        for row, head, k in zip(pooled, heads, top_ks, strict=True):
+            scores = torch.softmax(row @ head.weight.T + head.bias, dim=0).topk(k)
+            answers.append([{"label": head.classes[i], "score": float(s)} for s, i in zip(*scores, strict=True)])
+        return answers
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        body = json.loads(await request.body())
+        head = await self.get_head(serve.get_multiplexed_model_id())
+        image = await asyncio.to_thread(self._prepare, base64.b64decode(body["images"][0]))
+        top = await self.classify(image, head, min(int(body.get("top_k", 5)), len(head.classes)))
+        return JSONResponse({"predictions": [{"top": top}]})
+
+    def _prepare(self, data: bytes) -> torch.Tensor:
+        return self.backbone.preprocess(decode_rgb(data, name="image", max_bytes=20 << 20, max_pixels=40_000_000))
+
+
+def deploy(config: RayPeerConfig, port: int) -> None:
+    """Start Ray Serve's HTTP proxy on loopback ``port`` with the peer deployment at ``/``."""
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = HeadServer.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config)
+    serve.run(app, name="peer", route_prefix="/", blocking=False)
+
+
+def head_file(blob_root: Path, blob_key: str) -> str:
+    """Where graft's blob store keeps a named blob (``BlobStore`` layout: ``<root>/named/<key>``)."""
+    return str(blob_root / "named" / blob_key)
