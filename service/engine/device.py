@@ -1,4 +1,4 @@
-"""Pick the device and numeric precision the trunks run with (DESIGN.md decision 9)."""
+"""Pick the device and numeric precision the trunks run with (docs/architecture.md, decision 9)."""
 
 import os
 from dataclasses import dataclass

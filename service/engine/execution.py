@@ -1,6 +1,6 @@
 """One heterogeneous batch: the trunk once for all rows, then every head on its rows.
 
-Rows may ask for any mix of heads and kinds (DESIGN.md decisions 2 and 3):
+Rows may ask for any mix of heads and kinds (docs/architecture.md, decisions 2 and 3):
 - the trunk runs once up to the earliest split point any head needs, and on to
   the pooled output when a linear or mlp head (or an embedding) needs it;
 - a finetune head's rows continue from there to its own split point, then

@@ -1,7 +1,7 @@
 """Trunk features for training, computed once per (image, backbone, split point).
 
 Training never runs the trunk on an image whose features are already cached
-(DESIGN.md decision 4): retraining, searches and new heads on the same images
+(docs/architecture.md, decision 4): retraining, searches and new heads on the same images
 only read the cache. Each chunk first yields to running prediction batches.
 
 The cache is shared across tenants, so progress never depends on it: it counts

@@ -1,4 +1,4 @@
-"""Training never starves serving (DESIGN.md decision 10).
+"""Training never starves serving (docs/architecture.md, decision 10).
 
 Serving batches and training's feature extraction share one trunk. A serving
 batch marks itself while it runs; extraction waits for a moment with no

@@ -1,4 +1,4 @@
-"""Start and stop the grpc.aio server in the serving event loop (DESIGN.md decision 1).
+"""Start and stop the grpc.aio server in the serving event loop (docs/architecture.md, decision 1).
 
 Besides graft.v1 it serves the standard health checking service (SERVING
 once started, which happens after the backbones are loaded, and while the

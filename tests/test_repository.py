@@ -1,0 +1,34 @@
+"""The repository stands alone: a clone has every file its code, docs and tests refer to."""
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Notes kept beside the working copy while graft was built; a clone does not have them.
+# Spelled in pieces so that this file does not match itself.
+OUTSIDE = ["../" + "shared", "shared " + "DATA.md", "DESIGN" + ".md"]
+
+
+def project_files() -> list[Path]:
+    """Tracked files and new ones not ignored: what a commit of this working copy would hold."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode()
+    return [REPO / name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+def test_no_file_of_the_project_refers_to_notes_outside_the_repository() -> None:
+    references = []
+    for path in project_files():
+        data = path.read_bytes()
+        if b"\0" in data:  # binary
+            continue
+        for number, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
+            references += [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for ref in OUTSIDE if ref in line]
+    assert references == []
+
+
+def test_the_architecture_the_readme_and_code_cite_is_in_the_repository() -> None:
+    assert (REPO / "docs" / "architecture.md").is_file()
+    assert "docs/architecture.md" in (REPO / "README.md").read_text()
