@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     registry_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     default_backbone: str = "mobilenet_v2"
-    backbones: list[str] = Field(["mobilenet_v2"], description="Backbones to load, e.g. '[\"mobilenet_v2\"]'.")
+    backbones: list[str] = Field(
+        ["mobilenet_v2", "efficientnet_lite2"], description="Backbones to load, e.g. '[\"mobilenet_v2\"]'."
+    )
     weights_dir: Path | None = Field(None, description="Extra folder with pinned checkpoints (a Bento's model).")
 
     # Upload limits: every one of them is checked before anything is stored.

@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 import skimage.data
+import timm
 import torch
 from PIL import Image
 
@@ -81,11 +82,6 @@ def test_untrained_plumbing_backbone_says_so():
     assert backbone.features(torch.randn(1, 3, 224, 224)).shape == (1, 576)
 
 
-def test_cached_checkpoint_matches_the_pinned_sha256():
-    pin = get_spec("mobilenet_v2").weights
-    assert sha256_of(ensure_weights(pin, allow_download=False)) == pin.sha256
-
-
 def test_corrupt_cached_checkpoint_is_replaced_by_a_verified_copy(tmp_path, monkeypatch):
     real = ensure_weights(get_spec("mobilenet_v2").weights, allow_download=False)
     pin = PinnedWeights(filename="m.pth", sha256=sha256_of(real), url=real.as_uri())
@@ -107,7 +103,87 @@ def test_checkpoint_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "home" / "hub" / "checkpoints" / "evil.pth").exists()
 
 
-def test_missing_checkpoint_without_download_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+# -- EfficientNet-Lite2: a third-party conversion of the TensorFlow checkpoint, on timm's architecture ----------
+
+
+@pytest.fixture(scope="module")
+def efficientnet() -> Backbone:
+    return load_backbone("efficientnet_lite2", choose_placement("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [
+        ("chelsea", {"tabby", "tiger cat", "Egyptian cat"}),
+        ("coffee", {"espresso"}),
+        ("camera", {"tripod"}),
+    ],
+)
+def test_converted_efficientnet_lite2_names_real_photos(efficientnet, photo, expected):
+    predictions = top5(efficientnet, getattr(skimage.data, photo)())
+    assert predictions[0] in expected, predictions
+
+
+def test_efficientnet_lite2_preprocesses_like_timm():
+    config = timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite2", pretrained=False))
+    spec = get_spec("efficientnet_lite2")
+    assert (3, spec.crop_size, spec.crop_size) == config["input_size"]
+    assert spec.resize_size == int(spec.crop_size / config["crop_pct"])
+    assert (spec.mean, spec.std) == (config["mean"], config["std"])
+    assert spec.interpolation.value == config["interpolation"]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite2"])
+def test_imagenet_classifier_on_pooled_features_is_the_whole_model(request, name):
+    backbone = request.getfixturevalue({"mobilenet_v2": "mobilenet", "efficientnet_lite2": "efficientnet"}[name])
+    x = backbone.preprocess(Image.fromarray(skimage.data.coffee()))[None]
+    weight, bias = backbone.imagenet_classifier()
+    torch.testing.assert_close(backbone.features(x) @ weight.T + bias, backbone.imagenet_logits(x))
+
+
+def test_efficientnet_lite2_finetunes_its_last_blocks(efficientnet):
+    x = torch.randn(1, 3, 260, 260)
+    split = efficientnet.split_for_blocks(4)
+    assert split in efficientnet.info().split_points and efficientnet.info().pretrained
+    tail = efficientnet.fresh_tail(split).eval()
+    with torch.no_grad():
+        continued = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tail(efficientnet.features(x, split)), 1), 1)
+    torch.testing.assert_close(continued, efficientnet.features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_the_conversion(mobilenet):
+    spec = get_spec("efficientnet_lite2")
+    with pytest.raises(ValueError, match="checkpoint has"):
+        spec.convert(spec.build(), mobilenet.model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite2"])
+def test_every_pinned_checkpoint_is_cached_and_verified(name):
+    pin = get_spec(name).weights
+    assert sha256_of(ensure_weights(pin, allow_download=False)) == pin.sha256
+
+
+def test_tampered_efficientnet_checkpoint_is_refused(tmp_path, monkeypatch):
+    """One flipped byte of the real file: the pinned hash refuses it, from the cache and from a source."""
+    pin = get_spec("efficientnet_lite2").weights
+    tampered = bytearray(ensure_weights(pin, allow_download=False).read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "hub" / "checkpoints" / pin.filename
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(tampered)
     with pytest.raises(WeightsUnavailable, match="make weights"):
-        ensure_weights(get_spec("mobilenet_v2").weights, allow_download=False)
+        ensure_weights(pin, allow_download=False)
+    source = tmp_path / "source.pth"
+    source.write_bytes(tampered)
+    from_source = PinnedWeights(filename=pin.filename, sha256=pin.sha256, url=source.as_uri())
+    with pytest.raises(WeightsUnavailable, match="does not match the pin"):
+        ensure_weights(from_source)
+    assert cached.read_bytes() == tampered  # never replaced by an unverified copy
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite2"])
+def test_missing_checkpoint_of_any_backbone_names_the_fix(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable, match=f"missing checkpoint {get_spec(name).weights.filename}.*make weights"):
+        ensure_weights(get_spec(name).weights, allow_download=False)

