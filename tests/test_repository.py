@@ -1,6 +1,8 @@
-"""The repository stands alone: a clone has every file its code, docs and tests refer to."""
+"""Habits of the whole repository: it stands alone, and graft's own deprecated calls fail the tests."""
 
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,24 @@ def test_no_file_of_the_project_refers_to_notes_outside_the_repository() -> None
 def test_the_architecture_the_readme_and_code_cite_is_in_the_repository() -> None:
     assert (REPO / "docs" / "architecture.md").is_file()
     assert "docs/architecture.md" in (REPO / "README.md").read_text()
+
+
+def test_a_deprecation_warning_from_grafts_own_code_fails_the_run_and_a_third_partys_does_not(tmp_path: Path) -> None:
+    """pyproject's filterwarnings: graft fixes its deprecated calls; it cannot fix BentoML's or torch's."""
+    (tmp_path / "test_warnings.py").write_text(textwrap.dedent(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("module", ["service.engine.batcher", "adapters.heads", "client", "bentoml.metrics"])
+        def test_warns_from(module):
+            exec("import warnings; warnings.warn('old API', DeprecationWarning)", {"__name__": module})
+        """
+    ))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"),
+         "--rootdir", str(REPO), str(tmp_path / "test_warnings.py")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    failed = {line.split("[")[1].split("]")[0] for line in run.stdout.splitlines() if line.startswith("FAILED")}
+    assert failed == {"service.engine.batcher", "adapters.heads", "client"}, run.stdout
+    assert "1 passed" in run.stdout, run.stdout
