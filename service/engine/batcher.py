@@ -149,7 +149,7 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Request]) -> list[RowResult | Exception]:
-        images = torch.stack([request.image for request in batch])
+        images = _stack([request.image for request in batch], pin=self.backbone.placement.pin_memory)
         want_embeddings = any(request.want_embedding for request in batch)
         with self.backbone.priority.serving():
             output: BatchOutput = run_batch(self.backbone, images, [r.heads for r in batch], want_embeddings)
@@ -169,3 +169,11 @@ class Batcher:
                 )
             )
         return results
+
+
+def _stack(images: list[torch.Tensor], *, pin: bool) -> torch.Tensor:
+    """One [N, 3, H, W] batch; in page-locked memory when ``pin``, so the trunk's copy to the GPU is asynchronous."""
+    if not pin:
+        return torch.stack(images)
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+    return torch.stack(images, out=out)
