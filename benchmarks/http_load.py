@@ -3,8 +3,15 @@
 One run, loopback only, bounded in time:
 - the in-process engine (decode + batcher + trunk + head, no transport) at
   saturation: the ceiling for the service;
-- ``bentoml serve`` with JPEG predictions (JSON, base64) at concurrency 1, 8
-  and 32, against one head and against 100 heads (requests spread uniformly).
+- ``bentoml serve`` with JPEG predictions (JSON, base64) at concurrency 1, 8,
+  32 and 128, against one head and against 100 heads (requests spread
+  uniformly). Flat throughput means images/s at 32 and 128 stay near the best
+  level (``ips_at_*_over_best``), and p99 grows only as the queue does: each
+  level reports p99 over the time a closed loop must wait behind the requests
+  in flight (concurrency / images/s, Little's law);
+- overload: a second server whose queue holds 16 images, at 128 in flight:
+  what does not fit is refused at once with 429, and the answered keep a
+  short p99.
 The client shares the machine's cores with the server, so its own CPU use is
 reported too.
 
@@ -33,6 +40,10 @@ from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 
 TENANT = "default"  # the tenant of GRAFT_AUTH=open
+LEVELS = (1, 8, 32, 128)
+# Quotas are tenant policy, not capacity: lifted so that many heads fit and the rate limit never binds.
+UNLIMITED_QUOTAS = {"GRAFT_QUOTA_HEADS": "100000", "GRAFT_QUOTA_HEAD_VERSIONS": "100000",
+                    "GRAFT_QUOTA_PREDICT_IMAGES_PER_S": "1000000", "GRAFT_QUOTA_PREDICT_BURST": "1000000"}
 
 
 async def engine_ips(core: Core, jpegs: list[bytes], heads: list[str], concurrency: int, seconds: float) -> float:
@@ -63,13 +74,13 @@ async def http_level(
 ) -> dict:
     """``concurrency`` clients in a closed loop for ``seconds``; ``model_header`` also names the head in a header."""
     latencies: list[float] = []
-    errors = 0
+    errors = refused = 0
     deadline = time.perf_counter() + seconds
     me = psutil.Process()
     cpu_before = sum(me.cpu_times()[:2])
 
     async def client(http: httpx.AsyncClient, worker: int) -> None:
-        nonlocal errors
+        nonlocal errors, refused
         i = worker
         while time.perf_counter() < deadline:
             head = heads[i % len(heads)]
@@ -79,6 +90,7 @@ async def http_level(
             response = await http.post(path, content=body, headers=headers)
             latencies.append((time.perf_counter() - started) * 1000)
             errors += response.status_code != 200
+            refused += response.status_code == 429
             i += concurrency
 
     limits = httpx.Limits(max_connections=concurrency)
@@ -87,12 +99,16 @@ async def http_level(
         await asyncio.gather(*(client(http, w) for w in range(concurrency)))
         elapsed = time.perf_counter() - started
     client_cpu = (sum(me.cpu_times()[:2]) - cpu_before) / elapsed
+    ips = (len(latencies) - errors) / elapsed  # answered images only
+    p99 = float(np.percentile(latencies, 99))
     return {
-        "ips": round((len(latencies) - errors) / elapsed, 2),  # answered images only
+        "ips": round(ips, 2),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "p99_ms": round(p99, 1),
+        "p99_over_queue_wait": round(p99 / (1000 * concurrency / ips), 2) if ips else None,
         "requests": len(latencies),
         "errors": errors,
+        "refused_429": refused,
         "client_cpu_cores": round(client_cpu, 2),
     }
 
@@ -103,7 +119,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-http-load-"))
-    settings = Settings(data_dir=data_dir, auth="open")
+    settings = Settings(data_dir=data_dir, auth="open", quota_predict_images_per_s=1e6, quota_predict_burst=10**6)
     core = Core.open(settings)
     heads = create_linear_heads(core, 100, tenant=TENANT)
     jpegs = [data for _, data, _ in textile_files(per_class=10)]
@@ -115,21 +131,34 @@ async def main() -> None:
     print(f"engine {result['engine_ips']} images/s", file=sys.stderr)
     del core  # free its memory before the server starts
 
-    server = start_server(data_dir, GRAFT_AUTH="open")
+    server = start_server(data_dir, GRAFT_AUTH="open", **UNLIMITED_QUOTAS)
     try:
         for label, used in (("heads_1", heads[:1]), ("heads_100", heads)):
             await http_level(server.http_url, bodies, used, 8, 3)  # warm-up: loads heads, fills caches
             result[label] = {}
-            for concurrency in (1, 8, 32):
+            for concurrency in LEVELS:
                 level = await http_level(server.http_url, bodies, used, concurrency, args.seconds)
                 result[label][f"c{concurrency}"] = level
                 print(label, concurrency, level, file=sys.stderr)
     finally:
         server.stop()
 
+    server = start_server(data_dir, GRAFT_AUTH="open", GRAFT_MAX_QUEUE_IMAGES="16", **UNLIMITED_QUOTAS)
+    try:
+        await http_level(server.http_url, bodies, heads[:1], 8, 3)
+        result["overload_queue_16_c128"] = await http_level(server.http_url, bodies, heads[:1], 128, args.seconds)
+        print("overload", result["overload_queue_16_c128"], file=sys.stderr)
+    finally:
+        server.stop()
+
     saturation = max(level["ips"] for level in result["heads_1"].values())
     result["http_ips_saturation"] = saturation
     result["ratio"] = round(saturation / result["engine_ips"], 3)
+    for label in ("heads_1", "heads_100"):
+        best = max(level["ips"] for level in result[label].values())
+        prefix = "" if label == "heads_1" else "heads_100_"
+        for concurrency in (32, 128):
+            result[f"{prefix}ips_at_{concurrency}_over_best"] = round(result[label][f"c{concurrency}"]["ips"] / best, 3)
     print(json.dumps(result))
 
 

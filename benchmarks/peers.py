@@ -3,8 +3,10 @@
 Both serve the same MobileNetV2 trunk and the same 1, 100 and 1,000 linear
 heads (Ray reads graft's own safetensors files), to the same client sending
 the same JSON bodies (one base64 250x250 JPEG each) at the same concurrency.
-The servers run one after the other, never together (2 cores), each bounded
-in time: the whole run stops itself after ``--max-minutes``.
+Both servers are up for the whole run, and each level is measured on graft
+then at once on Ray (the idle one only waits), so both see the same machine
+load: this machine is shared and drifts. The run stops itself (and both
+servers) after ``--max-minutes``.
 Ray's configuration (``benchmarks/ray_peer.py``) is printed in the JSON.
 Draws benchmarks/results/peers.png (throughput against concurrency, 1,000 heads).
 
@@ -19,11 +21,12 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine_setup import create_linear_heads
-from http_load import http_level
+from http_load import UNLIMITED_QUOTAS, http_level
 from ray_peer import RayPeerConfig, deploy, head_file
 from sample_data import textile_files
 from servers import REPO, free_port, start_server
@@ -38,46 +41,54 @@ PLAN = ((1, (8, 32)), (100, (32,)), (1000, (1, 8, 32, 128)))
 Level = Callable[[list[str], int, float], Awaitable[dict]]
 
 
-async def measure(system: str, level: Level, heads: list[str], seconds: float) -> dict:
-    result: dict = {}
+async def compare(systems: dict[str, Level], heads: list[str], seconds: float) -> dict:
+    """Every (heads, concurrency) level on each system in turn; warm-ups load every head first."""
+    result: dict = {system: {} for system in systems}
     for count, concurrencies in PLAN:
         used = heads[:count]
-        await level(used, 8, 3)  # warm-up: loads the heads, fills caches
-        result[f"heads_{count}"] = {}
+        for system, level in systems.items():
+            await level(used, 8, 3)  # warm-up: loads the heads, fills caches
+            result[system][f"heads_{count}"] = {}
         for concurrency in concurrencies:
-            figures = await level(used, concurrency, seconds)
-            result[f"heads_{count}"][f"c{concurrency}"] = figures
-            print(system, count, concurrency, figures, file=sys.stderr)
+            for system, level in systems.items():
+                figures = await level(used, concurrency, seconds)
+                result[system][f"heads_{count}"][f"c{concurrency}"] = figures
+                print(system, count, concurrency, figures, file=sys.stderr)
     return result
 
 
-async def run_graft(data_dir: Path, bodies: list[bytes], heads: list[str], seconds: float) -> dict:
-    server = start_server(data_dir, GRAFT_AUTH="open")
-    try:
-        return await measure("graft", lambda used, c, s: http_level(server.http_url, bodies, used, c, s), heads, seconds)
-    finally:
-        server.stop()
-
-
-async def run_ray(config: RayPeerConfig, bodies: list[bytes], heads: list[str], seconds: float) -> dict:
+@contextmanager
+def ray_serve(config: RayPeerConfig) -> Iterator[str]:
+    """A local Ray cluster with the peer deployed; yields its URL and shuts it all down after."""
     import ray
     from ray import serve
 
     # Ray's workers import the deployment from this folder and graft's trunk from the repo.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False)
+    ray.init(num_cpus=config.cpus, num_gpus=config.gpus, include_dashboard=False, object_store_memory=256 << 20,
+             log_to_driver=False)  # fmt: skip
     try:
         port = free_port()
         deploy(config, port)
-        url = f"http://127.0.0.1:{port}"
-
-        def level(used: list[str], concurrency: int, secs: float) -> Awaitable[dict]:
-            return http_level(url, bodies, used, concurrency, secs, path="/", model_header="serve_multiplexed_model_id")
-
-        return await measure("ray", level, heads, seconds)
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+async def run(data_dir: Path, config: RayPeerConfig, bodies: list[bytes], heads: list[str], seconds: float) -> dict:
+    server = start_server(data_dir, GRAFT_AUTH="open", GRAFT_DEVICE=config.device, **UNLIMITED_QUOTAS)
+    try:
+        with ray_serve(config) as ray_url:
+            systems: dict[str, Level] = {
+                "graft": lambda used, c, s: http_level(server.http_url, bodies, used, c, s),
+                "ray": lambda used, c, s: http_level(
+                    ray_url, bodies, used, c, s, path="/", model_header="serve_multiplexed_model_id"
+                ),
+            }
+            return await compare(systems, heads, seconds)
+    finally:
+        server.stop()
 
 
 def best(levels: dict) -> float:
@@ -120,22 +131,22 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--max-minutes", type=float, default=20.0, help="the run stops itself after this")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both servers run the trunk")
     args = parser.parse_args()
     stop_after(args.max_minutes)
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-peers-"))
-    core = Core.open(Settings(data_dir=data_dir, auth="open"))
+    core = Core.open(Settings(data_dir=data_dir, auth="open", quota_heads=100_000, quota_head_versions=100_000))
     heads = create_linear_heads(core, max(count for count, _ in PLAN), tenant=TENANT)
     files = {name: head_file(core.blobs.root, core.heads.resolve(TENANT, name).blob_key) for name in heads}
     del core  # free its memory before the servers start
     jpegs = [data for _, data, _ in textile_files(per_class=10)]
     bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
               for j in jpegs]
-    config = RayPeerConfig(head_files=files)
+    config = RayPeerConfig.for_device(args.device, files)
 
     result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "ray_config": config.described()}
-    result["graft"] = await run_graft(data_dir, bodies, heads, args.seconds)
-    result["ray"] = await run_ray(config, bodies, heads, args.seconds)
+    result.update(await run(data_dir, config, bodies, heads, args.seconds))
     for count, _ in PLAN:
         result[f"graft_http_ips_{count}"] = best(result["graft"][f"heads_{count}"])
         result[f"ray_http_ips_{count}"] = best(result["ray"][f"heads_{count}"])

@@ -14,6 +14,7 @@ replica's event loop keeps accepting requests while a batch runs.
 import asyncio
 import base64
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,18 @@ MAX_MODELS_PER_REPLICA = 1000  # the LRU holds every head measured: Ray never re
 class RayPeerConfig(BaseModel):
     """Ray's configuration for the run; reported beside its figures."""
 
-    num_replicas: int = 1
+    device: str = "cpu"
+    cpus: int = 2  # the Ray cluster's CPUs: the machine's
+    gpus: int = 0
+    num_replicas: int = 1  # one replica owns the cores, as graft's one worker does
     torch_threads: int = 2
     max_ongoing_requests: int = 256  # above the highest concurrency measured: no proxy-side queueing
     head_files: dict[str, str] = {}  # model id -> safetensors path
+
+    @classmethod
+    def for_device(cls, device: str, head_files: dict[str, str]) -> "RayPeerConfig":
+        cpus = len(os.sched_getaffinity(0))
+        return cls(device=device, cpus=cpus, gpus=int(device == "cuda"), torch_threads=cpus, head_files=head_files)
 
     def described(self) -> dict:
         return {**self.model_dump(exclude={"head_files"}), "max_batch_size": MAX_BATCH_SIZE,
@@ -58,7 +67,8 @@ class _Head:
 class HeadServer:
     def __init__(self, config: RayPeerConfig) -> None:
         torch.set_num_threads(config.torch_threads)
-        self.backbone = load_backbone("mobilenet_v2", choose_placement("cpu"))
+        self.backbone = load_backbone("mobilenet_v2", choose_placement(config.device))
+        self.device = self.backbone.placement.device
         self.files = config.head_files
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
@@ -67,15 +77,16 @@ class HeadServer:
         tensors = await asyncio.to_thread(safetensors.torch.load_file, self.files[model_id])
         weight = tensors["linear.weight"] / tensors["std"]
         bias = tensors["linear.bias"] - weight @ tensors["mean"]
-        return _Head(weight, bias, [f"class-{c}" for c in range(weight.shape[0])])
+        return _Head(weight.to(self.device), bias.to(self.device), [f"class-{c}" for c in range(weight.shape[0])])
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def classify(self, images: list[torch.Tensor], heads: list[_Head], top_ks: list[int]) -> list[list[dict]]:
         pooled = await asyncio.to_thread(self.backbone.features, torch.stack(images))
         answers = []
         for row, head, k in zip(pooled, heads, top_ks, strict=True):
-            scores = torch.softmax(row @ head.weight.T + head.bias, dim=0).topk(k)
-            answers.append([{"label": head.classes[i], "score": float(s)} for s, i in zip(*scores, strict=True)])
+            best = torch.softmax(row @ head.weight.T + head.bias, dim=0).topk(k)
+            scores, indices = best.values.tolist(), best.indices.tolist()
+            answers.append([{"label": head.classes[i], "score": s} for s, i in zip(scores, indices, strict=True)])
         return answers
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -95,7 +106,7 @@ def deploy(config: RayPeerConfig, port: int) -> None:
     app = HeadServer.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "num_gpus": config.gpus / config.num_replicas},
     ).bind(config)
     serve.run(app, name="peer", route_prefix="/", blocking=False)
 

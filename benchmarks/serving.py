@@ -7,7 +7,9 @@ All measured in one run, on pre-decoded 224x224 inputs, with the same batch size
   distinct linear heads, requests spread uniformly over the heads;
 - "one batch per head" (how per-model servers such as Ray Serve's multiplexing
   group work) with the same heads;
-- resident memory per extra linear head with 10,000 heads loaded.
+- resident memory per extra linear head with 10,000 heads loaded;
+- every other pretrained backbone that loads here: raw trunk against the
+  engine with one head (``backbones`` in the JSON).
 Draws benchmarks/results/serving.png (throughput against number of heads).
 
     python benchmarks/serving.py             # prints one JSON object last
@@ -26,10 +28,13 @@ import psutil
 import torch
 
 from engine_setup import TENANT, create_linear_heads, head_param_bytes, open_core
+from service.engine.backbones import BACKBONES
 from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache
 
 OUT = Path(__file__).resolve().parent / "results"
+MAIN_BACKBONE = "mobilenet_v2"
+QUOTAS = {"quota_heads": 100_000, "quota_head_versions": 100_000}  # tenant policy, lifted for 10,000 heads
 
 
 def raw_trunk_ips(backbone, images: torch.Tensor, batch_size: int) -> float:
@@ -43,7 +48,7 @@ def raw_trunk_ips(backbone, images: torch.Tensor, batch_size: int) -> float:
 async def engine_ips(core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool) -> float:
     cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
     heads = [await cache.get(TENANT, name) for name in names]  # loaded before timing: a warm cache
-    batcher = Batcher(core.backbones["mobilenet_v2"], max_batch_size=batch_size, max_latency_ms=2,
+    batcher = Batcher(core.backbones[core.settings.default_backbone], max_batch_size=batch_size, max_latency_ms=2,
                       max_queue=len(images) + 1, group_by_head=group_by_head)
     # Warm-up with one full batch, as the raw loop gets: this worker thread's first
     # trunk call at a new shape pays one-time set-up costs.
@@ -85,6 +90,25 @@ def draw(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+async def one_head_against_raw(name: str, args: argparse.Namespace) -> dict:
+    """Raw trunk and the engine with one head on backbone ``name``, rounds interleaved; or why it did not load."""
+    try:
+        core = open_core(backbones=[name], default_backbone=name)
+    except Exception as exc:  # e.g. its pinned weights are not provisioned on this machine
+        return {"error": str(exc).splitlines()[0]}
+    backbone = core.backbones[name]
+    torch.manual_seed(0)
+    images = torch.randn(args.images, 3, backbone.spec.crop_size, backbone.spec.crop_size)
+    names = create_linear_heads(core, 1)
+    raw, served = [], []
+    for _ in range(max(3, args.rounds // 2)):
+        raw.append(raw_trunk_ips(backbone, images, args.batch_size))
+        served.append(await engine_ips(core, images, names, args.batch_size, False))
+    print(f"{name}: raw {raw}, one head {served}", file=sys.stderr)
+    return {"raw_trunk_ips": round(statistics.median(raw), 2), "heads_1_ips": round(statistics.median(served), 2),
+            "heads_1_over_raw": round(statistics.median(a / b for a, b in zip(served, raw)), 3)}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=192, help="requests per measurement")
@@ -93,10 +117,10 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
-    core = open_core()
-    backbone = core.backbones["mobilenet_v2"]
+    core = open_core(backbones=[MAIN_BACKBONE], **QUOTAS)
+    backbone = core.backbones[MAIN_BACKBONE]
     torch.manual_seed(0)
-    images = torch.randn(args.images, 3, 224, 224)
+    images = torch.randn(args.images, 3, backbone.spec.crop_size, backbone.spec.crop_size)
     names = create_linear_heads(core, 1000)
     print("heads created", file=sys.stderr)
 
@@ -127,6 +151,12 @@ async def main() -> None:
     result["bytes_per_head_10000"] = round(await bytes_per_head(core, memory_names))
     result["head_param_bytes"] = head_param_bytes()
     result["bytes_per_head_budget"] = 2 * head_param_bytes() + 4096
+    del core
+
+    result["backbones"] = {MAIN_BACKBONE: {key: result[key] for key in ("raw_trunk_ips", "heads_1_ips", "heads_1_over_raw")}}
+    for name, spec in BACKBONES.items():
+        if spec.pretrained and name != MAIN_BACKBONE:
+            result["backbones"][name] = await one_head_against_raw(name, args)
 
     OUT.mkdir(exist_ok=True)
     draw(result, OUT / "serving.png")
