@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-all bench bento clean
+.PHONY: setup weights data serve test test-all fuzz bench bento clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ test: setup weights data
 
 test-all: setup weights data
 	$(PY) -m pytest -q
+
+# The OpenAPI document against a running service: schemathesis, every check (FUZZ_EXAMPLES per operation).
+FUZZ_EXAMPLES ?= 25
+fuzz: setup weights
+	GRAFT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_openapi.py
 
 bench: setup weights data
 	$(PY) benchmarks/accuracy.py

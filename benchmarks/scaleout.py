@@ -50,7 +50,7 @@ def log(message: str) -> None:
 def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/jobs/{job_id.removeprefix('jobs/')}").json()
         if job["done"]:
             return job
         time.sleep(0.3)
@@ -90,8 +90,8 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
     client = httpx.Client(base_url=cluster.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
     files = [("files", (name, data, "image/jpeg")) for name, data, _ in textile_files(per_class=12)]
     labels = [label for *_, label in textile_files(per_class=12)]
-    dataset = client.post("/v1/datasets", data={"name": "bench", "labels": labels}, files=files).json()["id"]
-    wait_for_job(client, client.post("/v1/jobs", json={"dataset_id": dataset, "head_name": "probe", **QUICK}).json()["id"])
+    dataset = client.post("/v1/datasets", data={"display_name": "bench", "labels": labels}, files=files).json()["name"]
+    wait_for_job(client, client.post("/v1/jobs", json={"dataset": dataset, "head": "probe", **QUICK}).json()["name"])
     _, image, _ = textile_files(per_class=1, offset=300)[0]
 
     both = list(cluster.replicas)
@@ -110,7 +110,7 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
         resolve_ms.append((time.perf_counter() - started) * 1000)
 
     log("20 jobs through nginx")
-    ids = [client.post("/v1/jobs", json={"dataset_id": dataset, "head_name": f"job-{i}", **QUICK}).json()["id"]
+    ids = [client.post("/v1/jobs", json={"dataset": dataset, "head": f"job-{i}", **QUICK}).json()["name"].removeprefix("jobs/")
            for i in range(20)]  # fmt: skip
     for job_id in ids:
         wait_for_job(client, job_id)
@@ -123,7 +123,7 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
     log("SIGKILL the replica running a finetune job")
     spec = {"kind": "finetune", "finetune_blocks": 2, "search": {"lr": [1e-3], "weight_decay": [1e-4]},
             "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60}}
-    job_id = client.post("/v1/jobs", json={"dataset_id": dataset, "head_name": "tuned", **spec}).json()["id"]
+    job_id = client.post("/v1/jobs", json={"dataset": dataset, "head": "tuned", **spec}).json()["name"].removeprefix("jobs/")
     worker = poll_job(engine, job_id, lambda state, worker, attempts: state == "running" and worker)
     victim = cluster.replica_of_worker(worker)
     killed = time.monotonic()

@@ -131,23 +131,23 @@ def answer_of_pb(head) -> Answer:
 
 def upload_http(client: httpx.Client, examples, name: str) -> str:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    response = client.post("/v1/datasets", data={"name": name, "labels": [label for *_, label in examples]},
+    response = client.post("/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]},
                            files=files)  # fmt: skip
     response.raise_for_status()
-    return response.json()["id"]
+    return response.json()["name"]
 
 
 def train_http(client: httpx.Client, dataset_id: str, head: str, **spec) -> int:
     """Submit a job and poll it to the end; returns the head version it stored."""
-    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "head_name": head, **spec})
+    response = client.post("/v1/jobs", json={"dataset": dataset_id, "head": head, **spec})
     response.raise_for_status()
-    job_id = response.json()["id"]
+    job_id = response.json()["name"]
     while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/{job_id}").json()
         if job["done"]:
             if job["state"] != "succeeded":
                 raise RuntimeError(f"job {job_id} ended {job['state']}: {job.get('error')}")
-            return job["head_version"]
+            return int(job["head_version"].rsplit("/", 1)[1])  # heads/{head}/versions/{version}
         time.sleep(0.5)
 
 

@@ -5,6 +5,8 @@
 
 protoc writes imports as ``from graft.v1 import ...``; they are rewritten to
 ``service.grpc.gen.graft.v1`` so the generated package imports like any other.
+``google/api/annotations.proto`` (the HTTP routes) comes from googleapis-common-protos,
+which also provides its Python module at run time.
 """
 
 import re
@@ -14,6 +16,7 @@ import tempfile
 from importlib.resources import files
 from pathlib import Path
 
+from google.api import annotations_pb2
 from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +29,8 @@ def generate(out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
         well_known = str(files("grpc_tools") / "_proto")
-        code = protoc.main(["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={tmp}",
+        googleapis = str(Path(annotations_pb2.__file__).resolve().parent.parent.parent)  # holds google/api/*.proto
+        code = protoc.main(["protoc", f"-I{PROTOS}", f"-I{well_known}", f"-I{googleapis}", f"--python_out={tmp}",
                             f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *sources])
         if code != 0:
             raise SystemExit(f"protoc failed with exit code {code}")

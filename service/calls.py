@@ -1,4 +1,5 @@
-"""What both doors do around a call: authenticate and reach the store off the event loop, re-check open streams.
+"""What both doors do around a call: authenticate, reach the store off the event loop, re-check open streams,
+and the calls themselves (``Calls``), so that a door only decodes a request, calls, and encodes the result.
 
 The event loop also runs the batcher, so one database round trip on it stalls
 every prediction in flight. Store calls (authentication included) run in their
@@ -11,10 +12,35 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from service.auth import Tenants
-from service.errors import Unauthenticated
+from service.engine.predictor import ImagePrediction
+from service.errors import InvalidArgument, Unauthenticated
+from service.export import export_torchscript
+from service.resources import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_TOP_K,
+    MAX_PAGE_SIZE,
+    Backbone,
+    Dataset,
+    ExportedHead,
+    ExportFormat,
+    Head,
+    Job,
+    ListBackbonesResponse,
+    ListDatasetsResponse,
+    ListHeadsResponse,
+    ListJobsResponse,
+    TrainingSpec,
+    head_ref,
+    head_version_ref,
+    resource_id,
+)
+from service.store.datasets import DatasetInfo
+
+if TYPE_CHECKING:  # the runtime uses in_thread too
+    from service.runtime import Runtime
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,3 +105,127 @@ async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncItera
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class Calls:
+    """What a caller can do, door-independent: each door decodes a request, calls one method, encodes the result.
+
+    Defaults (page size, top_k), pagination, and running store calls off the event
+    loop live here once; the results are the contract's resources (service/resources.py).
+    """
+
+    def __init__(self, runtime: "Runtime", key: KeyCheck) -> None:
+        self.runtime = runtime
+        self.core = runtime.core
+        self.key = key  # streams check it again while they are open
+        self.tenant = key.tenant
+
+    @classmethod
+    async def authenticate(cls, runtime: "Runtime", authorization: str | None) -> "Calls":
+        """The caller's calls; the key lookup hits the database, so it runs in the store pool."""
+        tenant = await authenticate(runtime.tenants, authorization)
+        return cls(runtime, KeyCheck(runtime.tenants, authorization, tenant, runtime.settings.key_recheck_s))
+
+    # -- backbones -------------------------------------------------------------------
+
+    def list_backbones(self) -> ListBackbonesResponse:
+        return ListBackbonesResponse(backbones=[Backbone.of(b.info()) for b in self.core.backbones.values()])
+
+    def get_backbone(self, name: str) -> Backbone:
+        return Backbone.of(self.core.backbone_info(resource_id(name, "backbones")))
+
+    # -- datasets --------------------------------------------------------------------
+
+    async def create_dataset(self, create: Callable[..., DatasetInfo], *args: object) -> Dataset:
+        """``create(tenant, *args)``: one of the store's create_from_* methods, run in the store pool."""
+        return Dataset.of(await in_thread(create, self.tenant, *args))
+
+    async def get_dataset(self, name: str) -> Dataset:
+        return Dataset.of(await in_thread(self.core.datasets.get, self.tenant, resource_id(name, "datasets")))
+
+    async def list_datasets(self, page_size: int, page_token: str) -> ListDatasetsResponse:
+        datasets, token = await in_thread(self.core.datasets.list, self.tenant, *_page(page_size, page_token))
+        return ListDatasetsResponse(datasets=[Dataset.of(d) for d in datasets], next_page_token=token or "")
+
+    async def delete_dataset(self, name: str) -> None:
+        await in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def create_job(self, spec: TrainingSpec) -> Job:
+        return Job.of(await self.runtime.jobs.submit(self.tenant, spec.request()))
+
+    async def get_job(self, name: str) -> Job:
+        return Job.of(await in_thread(self.runtime.jobs.get, self.tenant, resource_id(name, "jobs")))
+
+    async def list_jobs(self, page_size: int, page_token: str) -> ListJobsResponse:
+        jobs, token = await in_thread(self.runtime.jobs.list, self.tenant, *_page(page_size, page_token))
+        return ListJobsResponse(jobs=[Job.of(j) for j in jobs], next_page_token=token or "")
+
+    async def cancel_job(self, name: str) -> Job:
+        return Job.of(await self.runtime.jobs.cancel(self.tenant, resource_id(name, "jobs")))
+
+    async def watch_job(self, name: str) -> AsyncIterator[Job]:
+        """The job now (NotFound before anything is sent), then on every change until done; Unauthenticated
+        once the key is revoked."""
+        updates = self.runtime.jobs.watch(self.tenant, resource_id(name, "jobs"))
+        first = await anext(updates)
+
+        async def jobs() -> AsyncIterator[Job]:
+            yield Job.of(first)
+            async for job in while_key_valid(updates, self.key):
+                yield Job.of(job)
+
+        return jobs()
+
+    # -- heads -----------------------------------------------------------------------
+
+    async def get_head(self, name: str) -> Head:
+        return Head.of(await in_thread(self.core.heads.get, self.tenant, resource_id(name, "heads")))
+
+    async def list_heads(self, page_size: int, page_token: str) -> ListHeadsResponse:
+        heads, token = await in_thread(self.core.heads.list, self.tenant, *_page(page_size, page_token))
+        return ListHeadsResponse(heads=[Head.of(h) for h in heads], next_page_token=token or "")
+
+    async def delete_head(self, name: str) -> None:
+        await in_thread(self.core.heads.delete_head, self.tenant, resource_id(name, "heads"))
+
+    async def delete_head_version(self, name: str) -> None:
+        await in_thread(self.core.heads.delete_version, self.tenant, *head_version_ref(name))
+
+    async def set_alias(self, name: str, alias: str, version: int) -> Head:
+        head = resource_id(name, "heads")
+        await in_thread(self.core.heads.set_alias, self.tenant, head, alias, version)
+        return await self.get_head(head)
+
+    async def remove_alias(self, name: str, alias: str) -> None:
+        await in_thread(self.core.heads.remove_alias, self.tenant, resource_id(name, "heads"), alias)
+
+    async def export_head(self, ref: str, format: ExportFormat) -> ExportedHead:
+        """Safetensors weights, or a TorchScript model of backbone + head (traced in the store pool: seconds)."""
+        heads = self.core.heads
+        info = await in_thread(heads.resolve, self.tenant, head_ref(ref))
+        if format is ExportFormat.SAFETENSORS:
+            data, suffix = await in_thread(heads.head_blob_bytes, info), "safetensors"
+        else:
+            backbone = self.core.trainer.backbone(info.backbone)
+            tensors = await in_thread(heads.load_tensors, info)
+            data, suffix = await asyncio.to_thread(export_torchscript, backbone, info, tensors), "pt"
+        return ExportedHead(file_name=f"{info.name}-v{info.version}.{suffix}", data=data)
+
+    # -- predictions -----------------------------------------------------------------
+
+    async def predict(
+        self, images: list[bytes], heads: list[str], top_k: int, include_embedding: bool, door: str
+    ) -> list[ImagePrediction]:
+        refs = [head_ref(ref) for ref in heads]
+        return await self.runtime.predictor.predict(self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K,
+                                                    embedding=include_embedding, door=door)
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, str | None]:
+    """A list call's page: 0 means the default size; an empty token, the first page."""
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size {page_size} must be from 1 to {MAX_PAGE_SIZE} (0: the default, "
+                              f"{DEFAULT_PAGE_SIZE})")
+    return page_size or DEFAULT_PAGE_SIZE, page_token or None

@@ -86,9 +86,9 @@ def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(server,
 def test_a_tenant_over_its_dataset_quota_gets_429_over_http_and_resource_exhausted_over_grpc(server, key, channel):
     files = [("files", ("a.png", png("red"), "image/png")), ("files", ("b.png", png("blue"), "image/png"))]
     http = httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-    first = http.post("/v1/datasets", data={"name": "one", "labels": ["red", "blue"]}, files=files)
+    first = http.post("/v1/datasets", data={"display_name": "one", "labels": ["red", "blue"]}, files=files)
     assert first.status_code == 201, first.text
-    second = http.post("/v1/datasets", data={"name": "two", "labels": ["red", "blue"]}, files=files)
+    second = http.post("/v1/datasets", data={"display_name": "two", "labels": ["red", "blue"]}, files=files)
     assert second.status_code == 429 and "GRAFT_QUOTA_DATASETS" in second.json()["message"]
 
     def stream():

@@ -131,9 +131,9 @@ async def test_resource_names_with_control_characters_are_invalid_argument(chann
                          "resource name")
     await expect_invalid(rpc.JobServiceStub(channel).GetJob, api.GetJobRequest(name="jobs/j\n"), "resource name")
     await expect_invalid(rpc.HeadServiceStub(channel).SetAlias,
-                         api.SetAliasRequest(name="heads/h", alias="p\x00", version=1), "control characters")
+                         api.SetAliasRequest(name="heads/h", alias="p\x00", version=1), "alias 'p\\x00' is invalid")
     await expect_invalid(rpc.PredictionServiceStub(channel).Predict,
-                         api.PredictRequest(images=[b"x"], heads=["h\x00"]), "control characters")
+                         api.PredictRequest(images=[b"x"], heads=["h\x00"]), "head reference 'h\\x00'")
 
 
 @pytest.mark.parametrize("token", ["W" * 5000, "W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0", "WyJcdTAwMDAiXQ"])

@@ -116,9 +116,9 @@ def test_alias_export_and_delete(channel, keys, trained):
 
 def test_a_head_trained_over_http_predicts_over_grpc_and_the_reverse(server, channel, keys, trained):
     http = httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {keys['carol']}"}, timeout=120)
-    job = http.post("/v1/jobs", json={"dataset_id": trained["dataset"].name.removeprefix("datasets/"),
-                                      "head_name": "from-http", "search": {"lr": [1.0], "weight_decay": [0.01]}}).json()
-    with http.stream("GET", f"/v1/jobs/{job['id']}:watch") as events:
+    job = http.post("/v1/jobs", json={"dataset": trained["dataset"].name,
+                                      "head": "from-http", "search": {"lr": [1.0], "weight_decay": [0.01]}}).json()
+    with http.stream("GET", f"/v1/{job['name']}:watch") as events:
         for _ in events.iter_lines():
             pass
     _, data, _ = textile_files(per_class=1, offset=320)[0]

@@ -54,12 +54,12 @@ def bob(server) -> httpx.Client:
 
 def upload(client: httpx.Client, examples, name="textiles") -> httpx.Response:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    return client.post("/v1/datasets", data={"name": name, "labels": [label for _, _, label in examples]}, files=files)
+    return client.post("/v1/datasets", data={"display_name": name, "labels": [label for _, _, label in examples]}, files=files)
 
 
-def watch_until_done(client: httpx.Client, job_id: str) -> list[dict]:
+def watch_until_done(client: httpx.Client, job: str) -> list[dict]:
     events = []
-    with client.stream("GET", f"/v1/jobs/{job_id}:watch") as response:
+    with client.stream("GET", f"/v1/{job}:watch") as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -73,16 +73,16 @@ def trained(alice) -> dict:
     response = upload(alice, textile_files(per_class=24))
     assert response.status_code == 201, response.text
     dataset = response.json()
-    job = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "head_name": "textiles"})
+    job = alice.post("/v1/jobs", json={"dataset": dataset["name"], "head": "textiles"})
     assert job.status_code == 202, job.text
-    events = watch_until_done(alice, job.json()["id"])
+    events = watch_until_done(alice, job.json()["name"])
     return {"dataset": dataset, "job": job.json(), "events": events}
 
 
 def test_uploaded_dataset_reports_examples_per_class(alice, trained):
-    dataset = alice.get(f"/v1/datasets/{trained['dataset']['id']}").json()
-    assert dataset["counts"] == {"global": 24, "local": 24, "nominal": 24}
-    assert dataset["num_examples"] == 72
+    dataset = alice.get(f"/v1/{trained['dataset']['name']}").json()
+    assert dataset["examples_per_class"] == {"global": 24, "local": 24, "nominal": 24}
+    assert dataset["example_count"] == 72
 
 
 def test_training_progress_is_visible_until_the_job_succeeds(trained):
@@ -91,7 +91,7 @@ def test_training_progress_is_visible_until_the_job_succeeds(trained):
     progress = [event["progress"] for event in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert len(events) >= 3
-    assert events[-1]["head_version"] == 1
+    assert events[-1]["head_version"] == "heads/textiles/versions/1"
 
 
 def test_predictions_on_held_out_images_beat_chance_by_far(alice, trained):
@@ -106,7 +106,7 @@ def test_predictions_on_held_out_images_beat_chance_by_far(alice, trained):
 
 def test_json_predict_takes_base64_images_and_several_heads(alice, trained):
     _, data, _ = textile_files(per_class=1, offset=300)[0]
-    body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles", "textiles@1"], "top_k": 3, "embedding": True}
+    body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles", "textiles@1"], "top_k": 3, "include_embedding": True}
     prediction = alice.post("/v1/predict", json=body).json()["predictions"][0]
     assert [h["head"] for h in prediction["heads"]] == ["textiles", "textiles"]
     assert len(prediction["heads"][0]["top"]) == 3
@@ -115,9 +115,9 @@ def test_json_predict_takes_base64_images_and_several_heads(alice, trained):
 
 
 def test_alias_moves_and_predictions_follow_it(alice, trained):
-    job = alice.post("/v1/jobs", json={"dataset_id": trained["dataset"]["id"], "head_name": "textiles",
+    job = alice.post("/v1/jobs", json={"dataset": trained["dataset"]["name"], "head": "textiles",
                                        "search": {"lr": [1.0], "weight_decay": [0.01]}})
-    watch_until_done(alice, job.json()["id"])
+    watch_until_done(alice, job.json()["name"])
     _, data, _ = textile_files(per_class=1, offset=301)[0]
     body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles:prod"]}
     for version in (1, 2):
@@ -139,26 +139,26 @@ def test_export_gives_safetensors_and_a_standalone_torchscript_model(alice, trai
 
 
 def test_deleting_a_head_makes_it_unknown(alice, trained):
-    alice.post("/v1/jobs", json={"dataset_id": trained["dataset"]["id"], "head_name": "short-lived",
+    alice.post("/v1/jobs", json={"dataset": trained["dataset"]["name"], "head": "short-lived",
                                  "search": {"lr": [1.0], "weight_decay": [0.01]}})
     job = alice.get("/v1/jobs").json()["jobs"][0]
-    watch_until_done(alice, job["id"])
+    watch_until_done(alice, job["name"])
     assert alice.delete("/v1/heads/short-lived").status_code == 204
     assert alice.get("/v1/heads/short-lived").status_code == 404
 
 
 def test_tenants_cannot_see_or_use_each_others_resources(alice, bob, trained):
-    dataset_id = trained["dataset"]["id"]
-    assert bob.get(f"/v1/datasets/{dataset_id}").status_code == 404
-    assert bob.get(f"/v1/jobs/{trained['job']['id']}").status_code == 404
+    dataset = trained["dataset"]["name"]
+    assert bob.get(f"/v1/{dataset}").status_code == 404
+    assert bob.get(f"/v1/{trained['job']['name']}").status_code == 404
     assert bob.get("/v1/heads/textiles").status_code == 404
-    assert bob.post("/v1/jobs", json={"dataset_id": dataset_id, "head_name": "stolen"}).status_code == 404
+    assert bob.post("/v1/jobs", json={"dataset": dataset, "head": "stolen"}).status_code == 404
     _, data, _ = textile_files(per_class=1)[0]
     body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles"]}
     assert bob.post("/v1/predict", json=body).status_code == 404
-    assert bob.delete(f"/v1/datasets/{dataset_id}").status_code == 404
+    assert bob.delete(f"/v1/{dataset}").status_code == 404
     assert bob.get("/v1/datasets").json()["datasets"] == []
-    assert alice.get(f"/v1/datasets/{dataset_id}").status_code == 200
+    assert alice.get(f"/v1/{dataset}").status_code == 200
 
 
 def test_missing_or_wrong_api_key_is_unauthenticated(server):
@@ -239,7 +239,7 @@ def test_bad_upload_is_rejected_and_nothing_is_stored(alice, case):
 
 def test_labels_that_do_not_match_files_are_rejected(alice):
     files = [("files", (name, data, "image/png")) for name, data, _ in GOOD]
-    response = alice.post("/v1/datasets", data={"name": "x", "labels": ["red"]}, files=files)
+    response = alice.post("/v1/datasets", data={"display_name": "x", "labels": ["red"]}, files=files)
     assert response.status_code == 400 and "1 labels for 2 files" in response.json()["message"]
 
 
@@ -253,14 +253,14 @@ def test_labels_that_do_not_match_files_are_rejected(alice):
 )
 def test_bad_zip_archive_is_rejected_and_nothing_is_stored(alice, entries, message):
     before = alice.get("/v1/datasets").json()["datasets"]
-    response = alice.post("/v1/datasets", data={"name": "zip"}, files={"archive": ("d.zip", zip_bytes(entries))})
+    response = alice.post("/v1/datasets", data={"display_name": "zip"}, files={"archive": ("d.zip", zip_bytes(entries))})
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
     assert alice.get("/v1/datasets").json()["datasets"] == before
 
 
 def test_upload_over_the_size_limit_is_refused_before_reading(alice):
-    response = alice.post("/v1/datasets", data={"name": "huge"},
+    response = alice.post("/v1/datasets", data={"display_name": "huge"},
                           files={"archive": ("d.zip", b"\0" * (MAX_UPLOAD + 1))})
     assert response.status_code == 413 and "over the limit" in response.json()["message"]
 
@@ -287,22 +287,31 @@ def test_malformed_json_is_a_clear_422(alice):
         ({"holdout_fraction": 1.5}, "holdout_fraction"),
         ({"kind": "finetune", "finetune_blocks": 99}, "finetune_blocks"),
         ({"backbone": "resnet9000"}, "resnet9000"),
-        ({"head_name": "Bad Name!"}, "name"),
+        ({"head": "Bad Name!"}, "head"),
     ],
 )
 def test_bad_training_requests_are_rejected_before_a_job_exists(alice, trained, override, message):
     jobs_before = len(alice.get("/v1/jobs").json()["jobs"])
-    body = json.dumps({"dataset_id": trained["dataset"]["id"], "head_name": "bad", **override})  # NaN stays NaN
+    body = json.dumps({"dataset": trained["dataset"]["name"], "head": "bad", **override})  # NaN stays NaN
     response = alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert 400 <= response.status_code < 500, response.text
     assert message in response.text
     assert len(alice.get("/v1/jobs").json()["jobs"]) == jobs_before
 
 
+def test_hyperparams_may_override_one_field_and_the_kind_defaults_fill_the_rest(alice, trained):
+    body = {"dataset": trained["dataset"]["name"], "head": "partial", "hyperparams": {"epochs": 3},
+            "search": {"lr": [1.0], "weight_decay": [0.01]}}
+    response = alice.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["hyperparams"] == {"epochs": 3}
+    assert watch_until_done(alice, response.json()["name"])[-1]["state"] == "succeeded"
+
+
 def test_bad_predict_requests_are_rejected(alice, trained):
-    assert alice.post("/v1/predict", json={"images": ["***"], "heads": ["textiles"]}).status_code == 400
+    assert alice.post("/v1/predict", json={"images": ["***"], "heads": ["textiles"]}).status_code == 422  # schema
     body = {"images": [base64.b64encode(b"not an image").decode()], "heads": ["textiles"]}
     response = alice.post("/v1/predict", json=body)
     assert response.status_code == 400 and "image 0" in response.json()["message"]
     body = {"images": [base64.b64encode(png_bytes()).decode()], "heads": ["textiles"], "top_k": 0}
-    assert alice.post("/v1/predict", json=body).status_code == 400
+    assert alice.post("/v1/predict", json=body).status_code == 422  # the schema says 1..1000

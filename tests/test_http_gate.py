@@ -191,10 +191,10 @@ async def test_an_unexpected_error_is_a_500_with_a_reference_and_no_details(runt
 
 async def test_a_quota_refusal_is_429_naming_its_setting(client, key):
     files = [("files", ("a.png", PNG_RED, "image/png")), ("files", ("b.png", PNG_BLUE, "image/png"))]
-    first = await client.post("/v1/datasets", data={"name": "one", "labels": ["red", "blue"]}, files=files,
+    first = await client.post("/v1/datasets", data={"display_name": "one", "labels": ["red", "blue"]}, files=files,
                               headers=bearer(key))
     assert first.status_code == 201, first.text
-    second = await client.post("/v1/datasets", data={"name": "two", "labels": ["red", "blue"]}, files=files,
+    second = await client.post("/v1/datasets", data={"display_name": "two", "labels": ["red", "blue"]}, files=files,
                                headers=bearer(key))
     assert second.status_code == 429 and "GRAFT_QUOTA_DATASETS" in second.json()["message"]
 
@@ -204,10 +204,10 @@ async def test_a_multipart_upload_may_have_as_many_files_as_the_dataset_limit_al
     runtime.settings.max_upload_bytes = 10_000_000  # the gate reads it per request
     files = [("files", (f"{i}.png", PNG_RED if i % 2 else PNG_BLUE, "image/png")) for i in range(1200)]
     labels = ["red" if i % 2 else "blue" for i in range(1200)]
-    response = await client.post("/v1/datasets", data={"name": "many", "labels": labels}, files=files,
+    response = await client.post("/v1/datasets", data={"display_name": "many", "labels": labels}, files=files,
                                  headers=bearer(key))
     assert response.status_code == 201, response.text
-    assert response.json()["num_examples"] == 1200
+    assert response.json()["example_count"] == 1200
 
 
 def test_errors_map_to_statuses_and_retry_after_is_whole_seconds_rounded_up():

@@ -60,7 +60,7 @@ def registry(cluster: Cluster) -> sa.Engine:
 def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/{job_id}").json()  # job_id: the name, jobs/{id}
         if job["done"]:
             return job
         time.sleep(0.5)
@@ -69,7 +69,7 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300) -> d
 
 def upload_http(client: httpx.Client, examples, name: str) -> dict:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    response = client.post("/v1/datasets", data={"name": name, "labels": [label for *_, label in examples]},
+    response = client.post("/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]},
                            files=files)  # fmt: skip
     assert response.status_code == 201, response.text
     return response.json()
@@ -99,12 +99,12 @@ def test_uploads_over_both_doors_train_and_predict_through_the_load_balancer(clu
     assert dict(over_grpc.examples_per_class) == {"global": 6, "local": 6, "nominal": 6}
     for replica in range(2):  # stored once, visible from every replica
         with replica_client(cluster, replica, key) as direct:
-            assert direct.get(f"/v1/datasets/{dataset['id']}").status_code == 200
-            assert direct.get(f"/v1/datasets/{over_grpc.name.removeprefix('datasets/')}").status_code == 200
+            assert direct.get(f"/v1/{dataset['name']}").status_code == 200
+            assert direct.get(f"/v1/{over_grpc.name}").status_code == 200
 
-    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "head_name": "weave", **QUICK}).json()
+    job = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": "weave", **QUICK}).json()
     events = []  # followed through nginx, whichever replica runs the job
-    with client.stream("GET", f"/v1/jobs/{job['id']}:watch") as stream:
+    with client.stream("GET", f"/v1/{job['name']}:watch") as stream:
         events = [line for line in stream.iter_lines() if line.startswith("data: ")]
     assert '"state":"succeeded"' in events[-1].replace(" ", "")
     _, image, label = textile_files(per_class=1, offset=300)[0]
@@ -118,8 +118,8 @@ def test_an_alias_moved_and_a_version_deleted_on_one_replica_are_seen_by_the_oth
     cluster, key, client, dataset
 ):
     for _ in range(2):
-        job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "head_name": "shared", **QUICK}).json()
-        assert wait_for_job(client, job["id"])["state"] == "succeeded"
+        job = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": "shared", **QUICK}).json()
+        assert wait_for_job(client, job["name"])["state"] == "succeeded"
     _, image, _ = textile_files(per_class=1, offset=301)[0]
     with replica_client(cluster, 0, key) as first, replica_client(cluster, 1, key) as second:
         for version in (1, 2):  # warm both replicas' caches on both versions
@@ -138,9 +138,9 @@ def test_an_alias_moved_and_a_version_deleted_on_one_replica_are_seen_by_the_oth
 def test_twenty_jobs_each_run_exactly_once_across_the_replicas(cluster, client, dataset):
     ids = []
     for i in range(20):
-        response = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "head_name": f"many-{i}", **QUICK})
+        response = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": f"many-{i}", **QUICK})
         assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
+        ids.append(response.json()["name"].removeprefix("jobs/"))
     jobs = [wait_for_job(client, job_id) for job_id in ids]
     assert [job["state"] for job in jobs] == ["succeeded"] * 20
     with registry(cluster).connect() as db:
@@ -154,13 +154,13 @@ def test_twenty_jobs_each_run_exactly_once_across_the_replicas(cluster, client, 
 def test_a_finetune_job_on_a_killed_replica_is_finished_by_the_other(cluster, client, dataset, tmp_path):
     spec = {"kind": "finetune", "finetune_blocks": 2, "search": {"lr": [1e-3], "weight_decay": [1e-4]},
             "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60}}
-    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "head_name": "tuned", **spec}).json()
+    job = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": "tuned", **spec}).json()
     engine = registry(cluster)
     deadline = time.monotonic() + 120
     worker = None
     while worker is None and time.monotonic() < deadline:
         with engine.connect() as db:
-            state, worker = db.execute(sa.text("SELECT state, worker FROM jobs WHERE id = :id"), {"id": job["id"]}).one()
+            state, worker = db.execute(sa.text("SELECT state, worker FROM jobs WHERE id = :id"), {"id": job["name"].removeprefix("jobs/")}).one()
         if state != "running":
             worker = None
             time.sleep(0.2)
@@ -168,11 +168,11 @@ def test_a_finetune_job_on_a_killed_replica_is_finished_by_the_other(cluster, cl
     victim = cluster.replica_of_worker(worker)
     cluster.kill(victim)
 
-    finished = wait_for_job(client, job["id"], timeout_s=600)
+    finished = wait_for_job(client, job["name"], timeout_s=600)
     assert finished["state"] == "succeeded", finished
     with engine.connect() as db:
         attempts, last_worker = db.execute(sa.text("SELECT attempts, worker FROM jobs WHERE id = :id"),
-                                           {"id": job["id"]}).one()  # fmt: skip
+                                           {"id": job["name"].removeprefix("jobs/")}).one()  # fmt: skip
     assert attempts == 2 and last_worker != worker
     cluster.replace(victim, tmp_path / "replacement")
 

@@ -1,24 +1,27 @@
-"""graft.v1 services: parse, authenticate, call the runtime, map the result.
+"""graft.v1 services: each method decodes its request, makes one call of service/calls.py, encodes the result.
 
-No behaviour lives here that HTTP lacks; errors map to status codes in
-service/grpc/errors.py. Nothing here touches the database on the event loop
-(it also runs the batcher): authentication and store calls go through
-service/calls.py.
+Authentication and error mapping wrap every method once (``door_method``); the
+calls run store work off the event loop (it also runs the batcher). No behaviour
+lives here that HTTP lacks; errors map to status codes in service/grpc/errors.py.
 """
 
 import asyncio
+import functools
+import inspect
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 from google.protobuf import empty_pb2
 
-from service.calls import KeyCheck, authenticate, in_thread, while_key_valid
+from service.calls import Calls, while_key_valid
 from service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from service.grpc import convert
 from service.grpc.errors import mapped_errors, status_of
+from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
+from service.resources import Dataset
 from service.runtime import Runtime
 from service.store.archives import Example
 from service.store.datasets import UploadBudget
@@ -33,30 +36,38 @@ class _Door:
         self.runtime = runtime
         self.core = runtime.core
 
-    async def tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return await authenticate(self.runtime.tenants, _authorization(context))
 
-    async def key_check(self, context: grpc.aio.ServicerContext) -> KeyCheck:
-        """Authenticate a stream's caller, keeping the key to check again while the stream is open."""
-        authorization = _authorization(context)
-        tenant = await authenticate(self.runtime.tenants, authorization)
-        return KeyCheck(self.runtime.tenants, authorization, tenant, self.core.settings.key_recheck_s)
+def door_method(method: Callable) -> Callable:
+    """A servicer method ``(self, request, context, calls)``: the caller authenticated first, errors mapped."""
 
+    async def calls(self: _Door, context: grpc.aio.ServicerContext) -> Calls:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        return await Calls.authenticate(self.runtime, authorization)
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    return dict(context.invocation_metadata() or ()).get("authorization")
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def streaming(self, request, context):
+            async for item in method(self, request, context, await calls(self, context)):
+                yield item
+
+        return mapped_errors(streaming)
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        return await method(self, request, context, await calls(self, context))
+
+    return mapped_errors(unary)
 
 
 class BackboneService(_Door, rpc.BackboneServiceServicer):
-    @mapped_errors
-    async def GetBackbone(self, request, context):
-        await self.tenant(context)
-        return convert.backbone(self.core.backbone_info(convert.resource_id(request.name, "backbones")))
+    @door_method
+    async def GetBackbone(self, request, context, calls: Calls):
+        return convert.message(calls.get_backbone(request.name), pb.Backbone)
 
-    @mapped_errors
-    async def ListBackbones(self, request, context):
-        await self.tenant(context)
-        return api.ListBackbonesResponse(backbones=[convert.backbone(b.info()) for b in self.core.backbones.values()])
+    @door_method
+    async def ListBackbones(self, request, context, calls: Calls):
+        return convert.message(calls.list_backbones(), api.ListBackbonesResponse)
 
 
 class InflightBytes:
@@ -87,30 +98,28 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         super().__init__(runtime)
         self.inflight = InflightBytes(runtime.settings.max_inflight_upload_bytes)
 
-    @mapped_errors
-    async def CreateDataset(self, request_iterator, context):
+    @door_method
+    async def CreateDataset(self, request_iterator, context, calls: Calls):
         """The store validates images as they arrive, a few at a time, so a stream never holds the whole upload."""
-        tenant = await self.tenant(context)
         limit = self.core.settings.upload_timeout_s
         try:
             async with asyncio.timeout(limit):
-                return convert.dataset(await self._create(tenant, request_iterator))
+                return convert.message(await self._create(calls, request_iterator), pb.Dataset)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the upload did not finish within {limit:g} s (GRAFT_UPLOAD_TIMEOUT_S); "
                 "send smaller datasets or a faster stream"
             ) from None
 
-    async def _create(self, tenant: str, request_iterator: AsyncIterator[api.CreateDatasetRequest]):
+    async def _create(self, calls: Calls, request_iterator: AsyncIterator[api.CreateDatasetRequest]) -> Dataset:
         first = await anext(request_iterator, None)
         if first is None:
             raise InvalidArgument("the stream was empty: send a header, then the images")
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header (display_name)")
         queue: asyncio.Queue = asyncio.Queue(UPLOAD_QUEUE_IMAGES)
-        store = asyncio.ensure_future(in_thread(
-            self.core.datasets.create, tenant, first.header.display_name,
-            self._examples(queue, asyncio.get_running_loop()),
+        store = asyncio.ensure_future(calls.create_dataset(
+            self.core.datasets.create, first.header.display_name, self._examples(queue, asyncio.get_running_loop()),
         ))  # fmt: skip
         try:
             budget = UploadBudget(self.core.settings)
@@ -149,23 +158,18 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         finally:
             self.inflight.give_back(held)
 
-    @mapped_errors
-    async def GetDataset(self, request, context):
-        tenant = await self.tenant(context)
-        return convert.dataset(await in_thread(self.core.datasets.get, tenant,
-                                               convert.resource_id(request.name, "datasets")))
+    @door_method
+    async def GetDataset(self, request, context, calls: Calls):
+        return convert.message(await calls.get_dataset(request.name), pb.Dataset)
 
-    @mapped_errors
-    async def ListDatasets(self, request, context):
-        tenant = await self.tenant(context)
-        datasets, token = await in_thread(self.core.datasets.list, tenant, request.page_size or 50,
-                                          request.page_token or None)
-        return api.ListDatasetsResponse(datasets=[convert.dataset(d) for d in datasets], next_page_token=token or "")
+    @door_method
+    async def ListDatasets(self, request, context, calls: Calls):
+        return convert.message(await calls.list_datasets(request.page_size, request.page_token),
+                               api.ListDatasetsResponse)
 
-    @mapped_errors
-    async def DeleteDataset(self, request, context):
-        tenant = await self.tenant(context)
-        await in_thread(self.core.datasets.delete, tenant, convert.resource_id(request.name, "datasets"))
+    @door_method
+    async def DeleteDataset(self, request, context, calls: Calls):
+        await calls.delete_dataset(request.name)
         return empty_pb2.Empty()
 
 
@@ -203,87 +207,68 @@ def _abandon(queue: asyncio.Queue, inflight: InflightBytes) -> None:
 
 
 class JobService(_Door, rpc.JobServiceServicer):
-    @mapped_errors
-    async def CreateJob(self, request, context):
-        tenant = await self.tenant(context)
-        return convert.job(await self.runtime.jobs.submit(tenant, convert.train_request(request.spec)))
+    @door_method
+    async def CreateJob(self, request, context, calls: Calls):
+        return convert.message(await calls.create_job(convert.training_spec(request.spec)), pb.Job)
 
-    @mapped_errors
-    async def GetJob(self, request, context):
-        tenant = await self.tenant(context)
-        return convert.job(await in_thread(self.runtime.jobs.get, tenant, convert.resource_id(request.name, "jobs")))
+    @door_method
+    async def GetJob(self, request, context, calls: Calls):
+        return convert.message(await calls.get_job(request.name), pb.Job)
 
-    @mapped_errors
-    async def ListJobs(self, request, context):
-        tenant = await self.tenant(context)
-        jobs, token = await in_thread(self.runtime.jobs.list, tenant, request.page_size or 50,
-                                      request.page_token or None)
-        return api.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=token or "")
+    @door_method
+    async def ListJobs(self, request, context, calls: Calls):
+        return convert.message(await calls.list_jobs(request.page_size, request.page_token), api.ListJobsResponse)
 
-    @mapped_errors
-    async def CancelJob(self, request, context):
-        tenant = await self.tenant(context)
-        return convert.job(await self.runtime.jobs.cancel(tenant, convert.resource_id(request.name, "jobs")))
+    @door_method
+    async def CancelJob(self, request, context, calls: Calls):
+        return convert.message(await calls.cancel_job(request.name), pb.Job)
 
-    @mapped_errors
-    async def WatchJob(self, request, context):
-        key = await self.key_check(context)
-        updates = self.runtime.jobs.watch(key.tenant, convert.resource_id(request.name, "jobs"))
-        async for job in while_key_valid(updates, key):
-            yield convert.job(job)
+    @door_method
+    async def WatchJob(self, request, context, calls: Calls):
+        async for job in await calls.watch_job(request.name):
+            yield convert.message(job, pb.Job)
 
 
 class HeadService(_Door, rpc.HeadServiceServicer):
-    @mapped_errors
-    async def GetHead(self, request, context):
-        tenant = await self.tenant(context)
-        return convert.head(await in_thread(self.core.heads.get, tenant, convert.resource_id(request.name, "heads")))
+    @door_method
+    async def GetHead(self, request, context, calls: Calls):
+        return convert.message(await calls.get_head(request.name), pb.Head)
 
-    @mapped_errors
-    async def ListHeads(self, request, context):
-        tenant = await self.tenant(context)
-        heads, token = await in_thread(self.core.heads.list, tenant, request.page_size or 50,
-                                       request.page_token or None)
-        return api.ListHeadsResponse(heads=[convert.head(h) for h in heads], next_page_token=token or "")
+    @door_method
+    async def ListHeads(self, request, context, calls: Calls):
+        return convert.message(await calls.list_heads(request.page_size, request.page_token), api.ListHeadsResponse)
 
-    @mapped_errors
-    async def DeleteHead(self, request, context):
-        tenant = await self.tenant(context)
-        await in_thread(self.core.heads.delete_head, tenant, convert.resource_id(request.name, "heads"))
+    @door_method
+    async def DeleteHead(self, request, context, calls: Calls):
+        await calls.delete_head(request.name)
         return empty_pb2.Empty()
 
-    @mapped_errors
-    async def DeleteHeadVersion(self, request, context):
-        name, version = convert.head_version_ref(request.name)
-        tenant = await self.tenant(context)
-        await in_thread(self.core.heads.delete_version, tenant, name, version)
+    @door_method
+    async def DeleteHeadVersion(self, request, context, calls: Calls):
+        await calls.delete_head_version(request.name)
         return empty_pb2.Empty()
 
-    @mapped_errors
-    async def SetAlias(self, request, context):
-        name = convert.resource_id(request.name, "heads")
-        alias = convert.check_printable("alias", request.alias)
-        tenant = await self.tenant(context)
-        await in_thread(self.core.heads.set_alias, tenant, name, alias, request.version)
-        return convert.head(await in_thread(self.core.heads.get, tenant, name))
+    @door_method
+    async def SetAlias(self, request, context, calls: Calls):
+        return convert.message(await calls.set_alias(request.name, request.alias, request.version), pb.Head)
 
-    @mapped_errors
-    async def ExportHead(self, request, context):
-        [ref] = convert.head_refs([request.head])
-        tenant = await self.tenant(context)
-        info = await in_thread(self.core.heads.resolve, tenant, ref)
-        data = await in_thread(self.core.heads.head_blob_bytes, info)
-        for start in range(0, len(data), EXPORT_CHUNK_BYTES):
-            yield api.ExportHeadResponse(chunk=data[start : start + EXPORT_CHUNK_BYTES])
+    @door_method
+    async def RemoveAlias(self, request, context, calls: Calls):
+        await calls.remove_alias(request.name, request.alias)
+        return empty_pb2.Empty()
+
+    @door_method
+    async def ExportHead(self, request, context, calls: Calls):
+        exported = await calls.export_head(request.head, convert.export_format(request.format))
+        for start in range(0, len(exported.data), EXPORT_CHUNK_BYTES):
+            yield api.ExportHeadResponse(chunk=exported.data[start : start + EXPORT_CHUNK_BYTES])
 
 
 class PredictionService(_Door, rpc.PredictionServiceServicer):
-    @mapped_errors
-    async def Predict(self, request, context):
-        heads = convert.head_refs(list(request.heads))
-        tenant = await self.tenant(context)
-        work = self.runtime.predictor.predict(tenant, list(request.images), heads,
-                                              top_k=request.top_k or 5, embedding=request.include_embedding, door="grpc")
+    @door_method
+    async def Predict(self, request, context, calls: Calls):
+        work = calls.predict(list(request.images), list(request.heads), request.top_k, request.include_embedding,
+                             door="grpc")  # fmt: skip
         remaining = context.time_remaining()
         try:
             predictions = await (asyncio.wait_for(work, remaining) if remaining is not None else work)
@@ -291,8 +276,8 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
             raise DeadlineExceeded("the deadline passed before the prediction was ready") from None
         return api.PredictResponse(predictions=[convert.image_prediction(p) for p in predictions])
 
-    @mapped_errors
-    async def StreamPredict(self, request_iterator, context):
+    @door_method
+    async def StreamPredict(self, request_iterator, context, calls: Calls):
         """Each request is predicted concurrently; a failed image answers with its error, the stream goes on.
 
         One stream has at most ``max_images_per_request`` requests between being read and being answered
@@ -300,16 +285,13 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
         engine predicts is slowed by flow control instead of queueing unbounded work. The key is checked
         again every ``key_recheck_s``: revoking it ends the stream with UNAUTHENTICATED.
         """
-        key = await self.key_check(context)
         responses: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.core.settings.max_images_per_request)
 
         async def answer(message) -> None:
             try:
-                [prediction] = await self.runtime.predictor.predict(
-                    key.tenant, [message.image], convert.head_refs(list(message.heads)), top_k=message.top_k or 5,
-                    embedding=message.include_embedding, door="grpc",
-                )  # fmt: skip
+                [prediction] = await calls.predict([message.image], list(message.heads), message.top_k,
+                                                   message.include_embedding, door="grpc")  # fmt: skip
                 response = api.StreamPredictResponse(request_id=message.request_id,
                                                      prediction=convert.image_prediction(prediction))
             except Exception as exc:
@@ -333,7 +315,7 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
 
         reader = asyncio.create_task(read_all())
         try:
-            async for response in while_key_valid(answers(), key):
+            async for response in while_key_valid(answers(), calls.key):
                 yield response
                 window.release()
         finally:

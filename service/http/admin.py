@@ -4,9 +4,10 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from service.http.deps import admin, runtime
+from service.http.errors import COMMON_ERRORS, error_responses
 from service.runtime import Runtime
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(*COMMON_ERRORS, 403, 404, 409))
 
 
 class NewTenant(BaseModel):

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.config import Settings
 from service.http import admin, backbones, datasets, heads, jobs, predict
@@ -13,10 +14,13 @@ from service.runtime import Runtime
 
 def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     """``runtime`` returns this worker's runtime when a request comes (BentoML creates it after the app)."""
-    app = FastAPI(
+    # /docs serves Swagger UI's assets from the installation (fastapi-offline), not a CDN: the service and
+    # its container run without internet. One schema per model: requests and responses share the contract's.
+    app = FastAPIOffline(
         title="graft",
         version="1",
         description="Transfer learning as a service: upload labelled images, train a head, predict.",
+        separate_input_output_schemas=False,
     )
     app.state.runtime = runtime
     for module in (backbones, jobs, heads, predict, admin):

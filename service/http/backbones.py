@@ -1,19 +1,22 @@
-"""``/v1/backbones``: what the service can train heads on."""
+"""``/v1/backbones``: what the service can train heads on (BackboneService)."""
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
 
-from service.engine.backbones import BackboneInfo
-from service.http.deps import runtime, tenant
-from service.runtime import Runtime
+from fastapi import APIRouter, Depends, Path
 
-router = APIRouter(prefix="/v1/backbones", tags=["backbones"], dependencies=[Depends(tenant)])
+from service.calls import Calls
+from service.http.deps import calls
+from service.http.errors import COMMON_ERRORS, error_responses
+from service.resources import ID_PATTERN, Backbone, ListBackbonesResponse
 
-
-@router.get("", response_model=list[BackboneInfo])
-def list_backbones(rt: Runtime = Depends(runtime)) -> list[BackboneInfo]:
-    return [backbone.info() for backbone in rt.core.backbones.values()]
+router = APIRouter(prefix="/v1/backbones", tags=["backbones"], responses=error_responses(*COMMON_ERRORS))
 
 
-@router.get("/{name}", response_model=BackboneInfo)
-def get_backbone(name: str, rt: Runtime = Depends(runtime)) -> BackboneInfo:
-    return rt.core.backbone_info(name)
+@router.get("", response_model=ListBackbonesResponse)
+def list_backbones(api: Calls = Depends(calls)) -> ListBackbonesResponse:
+    return api.list_backbones()
+
+
+@router.get("/{backbone}", response_model=Backbone, responses=error_responses(404))
+def get_backbone(backbone: Annotated[str, Path(pattern=ID_PATTERN)], api: Calls = Depends(calls)) -> Backbone:
+    return api.get_backbone(backbone)

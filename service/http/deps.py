@@ -1,7 +1,8 @@
-"""What every HTTP handler needs: this worker's runtime and the caller's tenant (found by the gate)."""
+"""What every HTTP handler needs: the caller's ``Calls`` (tenant found by the gate), or the runtime for admin."""
 
 from fastapi import Request
 
+from service.calls import Calls, KeyCheck
 from service.errors import PermissionDenied, Unauthenticated
 from service.http.gate import ADMIN, TENANT
 from service.runtime import Runtime
@@ -12,11 +13,13 @@ def runtime(request: Request) -> Runtime:
     return request.app.state.runtime()
 
 
-def tenant(request: Request) -> str:
-    """The tenant whose API key the gate checked (core checks ownership)."""
+def calls(request: Request) -> Calls:
+    """The calls of the tenant whose API key the gate checked (the core checks ownership)."""
     if TENANT not in request.scope:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    return request.scope[TENANT]
+    rt = runtime(request)
+    key = KeyCheck(rt.tenants, request.headers.get("authorization"), request.scope[TENANT], rt.settings.key_recheck_s)
+    return Calls(rt, key)
 
 
 def admin(request: Request) -> None:

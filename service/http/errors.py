@@ -8,11 +8,12 @@ details under that reference, never the response.
 import logging
 import math
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +37,42 @@ HTTP_STATUS: dict[type[errors.GraftError], int] = {
 
 # Statuses Starlette and FastAPI raise themselves (unknown route, wrong method, the gate's body limits).
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "deadline_exceeded", 413: "payload_too_large"}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the HTTP door (and the data of an SSE ``event: error``)."""
+
+    code: str = Field(description="the kind of error, e.g. invalid_argument, not_found, resource_exhausted")
+    message: str = Field(description="what went wrong and what to do about it, for a person")
+    details: dict[str, Any] = Field(description="machine-readable context, e.g. the problems of a malformed request")
+
+
+_MEANING = {
+    400: "invalid argument (a bad name, value, image or page token)",
+    401: "missing or invalid API key",
+    403: "not the admin key",
+    404: "not found (also another tenant's resources)",
+    405: "method not allowed",
+    408: "the request body did not arrive in time",
+    409: "failed precondition or already exists",
+    413: "request body too large",
+    422: "malformed request (details.problems lists each field)",
+    429: "resource exhausted: a quota, rate or queue limit; retry after Retry-After seconds",
+    500: "internal error (the log has the details under details.reference)",
+    503: "this replica is shutting down; retry (another replica answers)",
+    504: "deadline exceeded",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds after which retrying may work", "schema": {"type": "integer"}}}
+# What any /v1 call can answer, whatever it does.
+COMMON_ERRORS = (400, 401, 408, 413, 422, 500, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the ErrorBody model."""
+    return {
+        status: {"model": ErrorBody, "description": _MEANING[status]} | ({"headers": _RETRY_AFTER} if status == 429 else {})
+        for status in statuses
+    }
 
 
 def error_body(code: str, message: str, details: dict) -> dict:

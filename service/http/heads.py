@@ -1,97 +1,86 @@
-"""``/v1/heads``: trained heads with versions and aliases; export as safetensors or TorchScript."""
+"""``/v1/heads`` (HeadService): trained heads with versions and aliases; export as safetensors or TorchScript."""
 
-from enum import Enum
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from service.export import export_torchscript
-from service.http.deps import runtime, tenant
-from service.runtime import Runtime
-from service.store.heads import HeadInfo
+from service.calls import Calls
+from service.http.deps import calls
+from service.http.errors import COMMON_ERRORS, error_responses
+from service.resources import (
+    ALIAS_PATTERN,
+    DEFAULT_PAGE_SIZE,
+    HEAD_NAME_PATTERN,
+    MAX_PAGE_SIZE,
+    NAME_PATTERN,
+    NOT_LATEST,
+    ExportFormat,
+    Head,
+    ListHeadsResponse,
+    Version,
+)
 
-router = APIRouter(prefix="/v1/heads", tags=["heads"])
+router = APIRouter(prefix="/v1/heads", tags=["heads"], responses=error_responses(*COMMON_ERRORS))
 
-
-class HeadList(BaseModel):
-    heads: list[HeadInfo]
-    next_page_token: str | None = None
-
-
-MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
-
-Version = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a version number, 1 to 2^31-1")]
+HeadName = Annotated[str, Path(pattern=HEAD_NAME_PATTERN, description="the head in heads/{head}")]
+Alias = Annotated[str, Path(pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST,
+                            description="an alias; 'latest' is implicit and reserved")]
+HeadRef = Annotated[str, Path(pattern=rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$",
+                              description="'name' (latest), 'name@3' or 'name:alias'")]  # fmt: skip
 
 
 class AliasTarget(BaseModel):
-    version: int = Field(ge=1, le=MAX_VERSION)
+    version: Version
 
 
-class ExportFormat(str, Enum):
-    SAFETENSORS = "safetensors"
-    TORCHSCRIPT = "torchscript"
+@router.get("", response_model=ListHeadsResponse)
+async def list_heads(
+    page_size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
+    page_token: str = "",
+    api: Calls = Depends(calls),
+) -> ListHeadsResponse:
+    return await api.list_heads(page_size, page_token)
 
 
-@router.get("", response_model=HeadList)
-def list_heads(
-    page_size: int = Query(50, ge=1, le=1000),
-    page_token: str | None = None,
-    rt: Runtime = Depends(runtime),
-    who: str = Depends(tenant),
-) -> HeadList:
-    heads, token = rt.core.heads.list(who, page_size, page_token)
-    return HeadList(heads=heads, next_page_token=token)
+# Declared before /{head}: a path like 'name@2:export' would match that route too.
+@router.get("/{head}:export", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}} | error_responses(404))  # fmt: skip
+async def export_head(head: HeadRef, format: ExportFormat = ExportFormat.SAFETENSORS, api: Calls = Depends(calls)) -> Response:
+    """Download a head: its safetensors weights, or a standalone TorchScript model of backbone + head
+    (probabilities out)."""
+    exported = await api.export_head(head, format)
+    return Response(exported.data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{exported.file_name}"'})
 
 
-# Declared before /{name}: a path like 'name@2:export' would match that route too.
-@router.get("/{ref}:export", response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-def export_head(
-    ref: str,
-    format: ExportFormat = ExportFormat.SAFETENSORS,
-    rt: Runtime = Depends(runtime),
-    who: str = Depends(tenant),
-) -> Response:
-    """Download a head (``name``, ``name@3`` or ``name:prod``): its safetensors weights, or a
-    standalone TorchScript model of backbone + head (probabilities out)."""
-    info = rt.core.heads.resolve(who, ref)
-    if format is ExportFormat.SAFETENSORS:
-        body, suffix = rt.core.heads.head_blob_bytes(info), "safetensors"
-    else:
-        backbone = rt.core.trainer.backbone(info.backbone)
-        body, suffix = export_torchscript(backbone, info, rt.core.heads.load_tensors(info)), "pt"
-    filename = f"{info.name}-v{info.version}.{suffix}"
-    return Response(body, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+@router.get("/{head}", response_model=Head, responses=error_responses(404))
+async def get_head(head: HeadName, api: Calls = Depends(calls)) -> Head:
+    return await api.get_head(head)
 
 
-@router.get("/{name}", response_model=HeadInfo)
-def get_head(name: str, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> HeadInfo:
-    return rt.core.heads.get(who, name)
-
-
-@router.delete("/{name}", status_code=204)
-def delete_head(name: str, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> Response:
-    rt.core.heads.delete_head(who, name)
+@router.delete("/{head}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+async def delete_head(head: HeadName, api: Calls = Depends(calls)) -> Response:
+    await api.delete_head(head)
     return Response(status_code=204)
 
 
-@router.delete("/{name}/versions/{version}", status_code=204)
-def delete_head_version(name: str, version: Version, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> Response:
-    rt.core.heads.delete_version(who, name, version)
+@router.delete("/{head}/versions/{version}", status_code=204, response_class=Response,
+               responses=error_responses(404, 409))  # fmt: skip
+async def delete_head_version(head: HeadName, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+                              api: Calls = Depends(calls)) -> Response:  # fmt: skip
+    await api.delete_head_version(f"heads/{head}/versions/{version}")
     return Response(status_code=204)
 
 
-@router.put("/{name}/aliases/{alias}", response_model=HeadInfo)
-def set_alias(
-    name: str, alias: str, target: AliasTarget, rt: Runtime = Depends(runtime), who: str = Depends(tenant)
-) -> HeadInfo:
+@router.put("/{head}/aliases/{alias}", response_model=Head, responses=error_responses(404, 409))
+async def set_alias(head: HeadName, alias: Alias, target: AliasTarget, api: Calls = Depends(calls)) -> Head:
     """Point ``alias`` (e.g. ``prod``) at a version; predictions by ``name:alias`` follow at once."""
-    rt.core.heads.set_alias(who, name, alias, target.version)
-    return rt.core.heads.get(who, name)
+    return await api.set_alias(head, alias, target.version)
 
 
-@router.delete("/{name}/aliases/{alias}", status_code=204)
-def remove_alias(name: str, alias: str, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> Response:
-    rt.core.heads.remove_alias(who, name, alias)
+@router.delete("/{head}/aliases/{alias}", status_code=204, response_class=Response,
+               responses=error_responses(404, 409))  # fmt: skip
+async def remove_alias(head: HeadName, alias: Alias, api: Calls = Depends(calls)) -> Response:
+    await api.remove_alias(head, alias)
     return Response(status_code=204)

@@ -1,7 +1,7 @@
-"""``/v1/predict``: images x heads -> top-k labels per image per head.
+"""``/v1/predict`` (PredictionService.Predict): images x heads -> top-k labels per image per head.
 
 Two encodings of the same request: JSON with base64 images, or multipart file
-uploads (handy with curl). Both end in the engine's one predict call.
+uploads (handy with curl). Both end in the one ``Calls.predict``.
 """
 
 import asyncio
@@ -10,29 +10,28 @@ import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.engine.predictor import ImagePrediction
+from service.calls import Calls
 from service.errors import InvalidArgument
-from service.http.deps import runtime, tenant
-from service.runtime import Runtime
+from service.http.deps import calls
+from service.http.errors import COMMON_ERRORS, error_responses
+from service.resources import DEFAULT_TOP_K, HEAD_REF_PATTERN, PredictResponse
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+router = APIRouter(prefix="/v1", tags=["predict"], responses=error_responses(*COMMON_ERRORS, 404, 429, 504))
 
-
-# A head reference is short and printable (PostgreSQL refuses NUL in text; names never hold control characters).
-HeadRef = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+HeadRef = Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]
+Base64 = Annotated[str, StringConstraints(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")]
+TopK = Annotated[int, Field(ge=1, le=1000)]
 
 
 class PredictRequest(BaseModel):
-    images: list[str] = Field(description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
-    heads: list[HeadRef] = Field(description="head references: 'name', 'name@3' or 'name:prod'")
-    top_k: int = 5
-    embedding: bool = Field(False, description="also return the pooled backbone features")
+    model_config = ConfigDict(extra="forbid")
 
-
-class PredictResponse(BaseModel):
-    predictions: list[ImagePrediction]
+    images: list[Base64] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
+    heads: list[HeadRef] = Field(min_length=1, description="head references: 'name', 'name@3' or 'name:prod'")
+    top_k: TopK = DEFAULT_TOP_K
+    include_embedding: bool = Field(False, description="also return the pooled backbone features")
 
 
 def _decode(index: int, text: str) -> bytes:
@@ -47,9 +46,9 @@ def _decode_all(texts: list[str]) -> list[bytes]:
 
 
 @router.post("/predict", response_model=PredictResponse)
-async def predict(body: PredictRequest, rt: Runtime = Depends(runtime), who: str = Depends(tenant)) -> PredictResponse:
+async def predict(body: PredictRequest, api: Calls = Depends(calls)) -> PredictResponse:
     images = await asyncio.to_thread(_decode_all, body.images)  # up to GRAFT_MAX_REQUEST_BYTES: not on the loop
-    out = await rt.predictor.predict(who, images, body.heads, top_k=body.top_k, embedding=body.embedding, door="http")
+    out = await api.predict(images, body.heads, body.top_k, body.include_embedding, door="http")
     return PredictResponse(predictions=out)
 
 
@@ -57,11 +56,10 @@ async def predict(body: PredictRequest, rt: Runtime = Depends(runtime), who: str
 async def predict_upload(
     files: list[UploadFile] = File(..., description="image files"),
     heads: list[HeadRef] = Form(..., description="head references; repeat the field for several heads"),
-    top_k: int = Form(5),
-    embedding: bool = Form(False),
-    rt: Runtime = Depends(runtime),
-    who: str = Depends(tenant),
+    top_k: TopK = Form(DEFAULT_TOP_K),
+    include_embedding: bool = Form(False),
+    api: Calls = Depends(calls),
 ) -> PredictResponse:
     images = [await upload.read() for upload in files]
-    out = await rt.predictor.predict(who, images, heads, top_k=top_k, embedding=embedding, door="http")
+    out = await api.predict(images, heads, top_k, include_embedding, door="http")
     return PredictResponse(predictions=out)

@@ -96,7 +96,7 @@ class HyperParams(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., patience: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed")
+    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class TrainingSpec(_message.Message):
     HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     head: str
     backbone: str
@@ -115,7 +116,8 @@ class TrainingSpec(_message.Message):
     hyperparams: HyperParams
     holdout_fraction: float
     seed: int
-    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    latency_budget_ms: float
+    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "state", "done", "phase", "progress", "message", "spec", "metrics", "head_version", "error", "create_time", "start_time", "end_time")

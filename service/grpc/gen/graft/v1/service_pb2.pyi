@@ -1,12 +1,23 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from service.grpc.gen.graft.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TORCHSCRIPT: _ClassVar[ExportFormat]
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_SAFETENSORS: ExportFormat
+EXPORT_FORMAT_TORCHSCRIPT: ExportFormat
 
 class GetBackboneRequest(_message.Message):
     __slots__ = ("name",)
@@ -158,11 +169,21 @@ class SetAliasRequest(_message.Message):
     version: int
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class RemoveAliasRequest(_message.Message):
+    __slots__ = ("name", "alias")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    alias: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
 class ExportHeadRequest(_message.Message):
-    __slots__ = ("head",)
+    __slots__ = ("head", "format")
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     head: str
-    def __init__(self, head: _Optional[str] = ...) -> None: ...
+    format: ExportFormat
+    def __init__(self, head: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
 
 class ExportHeadResponse(_message.Message):
     __slots__ = ("chunk",)

@@ -28,7 +28,10 @@ if _version_not_supported:
 
 
 class BackboneServiceStub:
-    """Authentication for every method: metadata "authorization: Bearer <API key>".
+    """The contract of both doors. Each method's `google.api.http` option is its
+    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    Authentication for every method: "authorization: Bearer <API key>"
+    (gRPC metadata, or the HTTP header).
 
     """
 
@@ -51,7 +54,10 @@ class BackboneServiceStub:
 
 
 class BackboneServiceServicer:
-    """Authentication for every method: metadata "authorization: Bearer <API key>".
+    """The contract of both doors. Each method's `google.api.http` option is its
+    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    Authentication for every method: "authorization: Bearer <API key>"
+    (gRPC metadata, or the HTTP header).
 
     """
 
@@ -89,7 +95,10 @@ def add_BackboneServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BackboneService:
-    """Authentication for every method: metadata "authorization: Bearer <API key>".
+    """The contract of both doors. Each method's `google.api.http` option is its
+    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    Authentication for every method: "authorization: Bearer <API key>"
+    (gRPC metadata, or the HTTP header).
 
     """
 
@@ -184,7 +193,8 @@ class DatasetServiceServicer:
 
     def CreateDataset(self, request_iterator, context):
         """Client stream: first a message with `header`, then one message per image
-        (`image`); a large dataset never sits in one message.
+        (`image`); a large dataset never sits in one message. Over HTTP: one
+        multipart body (`display_name`, then `files` + `labels`, or one zip `archive`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -415,7 +425,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """The job now, then on every change, until it is done.
+        """The job now, then on every change, until it is done (HTTP: server-sent events).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -630,6 +640,11 @@ class HeadServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_resources__pb2.Head.FromString,
                 _registered_method=True)
+        self.RemoveAlias = channel.unary_unary(
+                '/graft.v1.HeadService/RemoveAlias',
+                request_serializer=graft_dot_v1_dot_service__pb2.RemoveAliasRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.ExportHead = channel.unary_stream(
                 '/graft.v1.HeadService/ExportHead',
                 request_serializer=graft_dot_v1_dot_service__pb2.ExportHeadRequest.SerializeToString,
@@ -670,8 +685,15 @@ class HeadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportHead(self, request, context):
-        """The head's safetensors file, in chunks.
+        """The head as a file, in chunks: its safetensors weights, or a standalone
+        TorchScript model of backbone + head (probabilities out).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -704,6 +726,11 @@ def add_HeadServiceServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=graft_dot_v1_dot_service__pb2.SetAliasRequest.FromString,
                     response_serializer=graft_dot_v1_dot_resources__pb2.Head.SerializeToString,
+            ),
+            'RemoveAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAlias,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.RemoveAliasRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'ExportHead': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportHead,
@@ -857,6 +884,33 @@ class HeadService:
             _registered_method=True)
 
     @staticmethod
+    def RemoveAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/RemoveAlias',
+            graft_dot_v1_dot_service__pb2.RemoveAliasRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ExportHead(request,
             target,
             options=(),
@@ -916,7 +970,8 @@ class PredictionServiceServicer:
 
     def StreamPredict(self, request_iterator, context):
         """One image per request, answered as each is ready (maybe out of order,
-        matched by request_id): for high-throughput clients.
+        matched by request_id): for high-throughput clients. gRPC only: HTTP/1.1
+        has no bidirectional stream; over HTTP send several images to Predict.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,256 @@
+"""The resources both doors serve, with the field names and meanings of protos/graft/v1 (the contract).
+
+The HTTP door sends these models as JSON; the gRPC door builds its messages from
+the same models (service/grpc/convert.py), so the two doors cannot drift apart,
+and tests/test_contract.py compares the OpenAPI document with the protos. Names
+follow AIP-122: ``name`` is always a resource name (``datasets/{id}``,
+``heads/{head}/versions/{version}``); what a person called a thing is
+``display_name``. Enum values are lowercase here (``linear``, ``queued``) and
+``HEAD_KIND_LINEAR`` / ``QUEUED`` in the protos.
+"""
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from adapters.heads import HeadKind
+from adapters.tuning import SearchSpace
+from service.engine.backbones import BackboneInfo
+from service.engine.predictor import ImagePrediction
+from service.errors import InvalidArgument
+from service.jobs import JobInfo, JobState
+from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
+from service.store.heads import NAME_PATTERN, HeadInfo, HeadVersionInfo
+from service.training import HyperParamOverrides, TrainRequest
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_TOP_K = 5
+MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
+MAX_REF_CHARS = 256
+
+# One resource id: printable, no '/' (PostgreSQL refuses NUL in text).
+ID_PATTERN = rf"^[^/\x00-\x1f\x7f]{{1,{MAX_REF_CHARS}}}$"
+HEAD_NAME_PATTERN = rf"^{NAME_PATTERN}$"
+# An alias is a head name other than 'latest' (the implicit alias of the newest version): a JSON schema
+# `not` says so, since pydantic's regex engine has no look-ahead.
+ALIAS_PATTERN = HEAD_NAME_PATTERN
+NOT_LATEST = {"not": {"const": "latest"}}
+HEAD_REF_PATTERN = rf"^(heads/)?{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
+DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+ResourceId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+HeadName = Annotated[str, StringConstraints(pattern=HEAD_NAME_PATTERN)]
+HeadRef = Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS, pattern=DISPLAY_NAME_PATTERN)]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+
+_HEAD_VERSION = re.compile(rf"heads/({NAME_PATTERN})/versions/([0-9]{{1,10}})")
+
+
+def resource_id(name: str, collection: str) -> str:
+    """'datasets/ds_1' -> 'ds_1'; a bare id is accepted too."""
+    value = name.removeprefix(f"{collection}/")
+    if re.fullmatch(ID_PATTERN.strip("^$"), value) is None:
+        raise InvalidArgument(
+            f"{name[:MAX_REF_CHARS]!r} is not a resource name of the form '{collection}/{{id}}' "
+            f"(at most {MAX_REF_CHARS} printable characters, no '/')"
+        )
+    return value
+
+
+def head_version_ref(name: str) -> tuple[str, int]:
+    """'heads/{head}/versions/{version}' -> (head, version); the version is 1..2^31-1 in ASCII digits."""
+    match = _HEAD_VERSION.fullmatch(name)
+    if match is None or not 1 <= int(match[2]) <= MAX_VERSION:
+        raise InvalidArgument(
+            f"{name[:MAX_REF_CHARS]!r} is not of the form 'heads/{{head}}/versions/{{version}}' "
+            f"with a version from 1 to {MAX_VERSION}"
+        )
+    return match[1], int(match[2])
+
+
+def head_ref(ref: str) -> str:
+    """A head reference ('name', 'name@3', 'name:prod', maybe with 'heads/') as the core reads it."""
+    if re.fullmatch(HEAD_REF_PATTERN.strip("^$"), ref) is None:
+        raise InvalidArgument(
+            f"head reference {ref[:MAX_REF_CHARS]!r} must be 'name', 'name@3' or 'name:alias' "
+            f"(names match {NAME_PATTERN})"
+        )
+    return ref.removeprefix("heads/")
+
+
+class Backbone(BaseModel):
+    """``backbones/{backbone}``: a frozen, pretrained backbone heads are trained on."""
+
+    name: str
+    pretrained: bool
+    weights_source: str
+    feature_dim: int
+    num_blocks: int
+    split_points: list[int]
+    input_size: int
+    notes: str
+
+    @classmethod
+    def of(cls, info: BackboneInfo) -> "Backbone":
+        return cls(**(info.model_dump() | {"name": f"backbones/{info.name}"}))
+
+
+class Dataset(BaseModel):
+    """``datasets/{dataset}``: labelled images owned by one tenant."""
+
+    name: str = Field(description="datasets/{dataset}")
+    display_name: str
+    create_time: datetime
+    example_count: int
+    classes: list[str]
+    examples_per_class: dict[str, int]
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> "Dataset":
+        return cls(name=f"datasets/{info.id}", display_name=info.name, create_time=info.created_at,
+                   example_count=info.num_examples, classes=info.classes, examples_per_class=info.counts)
+
+
+class TrainingSpec(BaseModel):
+    """What to train. Unset fields take the service's defaults (shown in the job's ``spec``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
+        description="datasets/{dataset}"
+    )
+    head: HeadName = Field(description="the head to create a version of")
+    backbone: str | None = Field(
+        None, description="a backbone (GET /v1/backbones), or 'auto': the best cross-validated linear probe among them"
+    )
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image"
+    )
+    kind: HeadKind | None = Field(None, description="default linear")
+    finetune_blocks: int | None = Field(None, ge=1, description="finetune only: how many last blocks to train")
+    search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
+    hyperparams: HyperParamOverrides | None = Field(
+        None, description="fixed settings the search varies around; unset ones take the kind's defaults"
+    )
+    holdout_fraction: float | None = Field(None, gt=0.0, lt=0.9)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    def request(self) -> TrainRequest:
+        """The core's request: what is unset here takes TrainRequest's defaults."""
+        fields = self.model_dump(exclude_none=True, exclude={"dataset", "head"})
+        return TrainRequest(dataset_id=resource_id(self.dataset, "datasets"), head_name=self.head, **fields)
+
+    @classmethod
+    def of(cls, request: TrainRequest) -> "TrainingSpec":
+        """The spec with every default filled in; a TrainRequest field missing here fails (extra="forbid")."""
+        fields = request.model_dump(exclude={"dataset_id", "head_name"}, exclude_none=True)
+        return cls.model_validate(fields | {"dataset": f"datasets/{request.dataset_id}", "head": request.head_name})
+
+
+class Job(BaseModel):
+    """``jobs/{job}``: a training run, a long-running operation."""
+
+    name: str = Field(description="jobs/{job}")
+    state: JobState
+    done: bool
+    phase: str
+    progress: float
+    message: str
+    spec: TrainingSpec
+    metrics: dict[str, Any]
+    head_version: str | None = Field(description="heads/{head}/versions/{version}, once the job succeeded")
+    error: str | None
+    create_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+
+    @classmethod
+    def of(cls, info: JobInfo) -> "Job":
+        return cls(
+            name=f"jobs/{info.id}", state=info.state, done=info.done, phase=info.phase, progress=info.progress,
+            message=info.message, spec=TrainingSpec.of(info.request), metrics=info.metrics,
+            head_version=f"heads/{info.head}/versions/{info.head_version}" if info.head_version else None,
+            error=info.error, create_time=info.created_at, start_time=info.started_at, end_time=info.finished_at,
+        )  # fmt: skip
+
+
+class HeadVersion(BaseModel):
+    """``heads/{head}/versions/{version}``: one trained version of a head."""
+
+    name: str = Field(description="heads/{head}/versions/{version}")
+    version: int
+    backbone: str
+    split_point: int | None
+    kind: HeadKind
+    classes: list[str]
+    hyperparams: dict[str, Any]
+    metrics: dict[str, Any]
+    dataset: str = Field(description="datasets/{dataset}")
+    job: str | None = Field(description="jobs/{job}")
+    param_bytes: int
+    aliases: list[str]
+    create_time: datetime
+
+    @classmethod
+    def of(cls, info: HeadVersionInfo) -> "HeadVersion":
+        return cls(
+            name=f"heads/{info.name}/versions/{info.version}", version=info.version, backbone=info.backbone,
+            split_point=info.split_point, kind=HeadKind(info.kind), classes=info.classes,
+            hyperparams=info.hyperparams, metrics=info.metrics, dataset=f"datasets/{info.dataset_id}",
+            job=f"jobs/{info.job_id}" if info.job_id else None, param_bytes=info.param_bytes,
+            aliases=info.aliases, create_time=info.created_at,
+        )  # fmt: skip
+
+
+class Head(BaseModel):
+    """``heads/{head}``: a tenant's named head with its versions and aliases."""
+
+    name: str = Field(description="heads/{head}")
+    latest_version: int
+    versions: list[HeadVersion]
+    aliases: dict[str, int]
+
+    @classmethod
+    def of(cls, info: HeadInfo) -> "Head":
+        return cls(name=f"heads/{info.name}", latest_version=info.latest_version,
+                   versions=[HeadVersion.of(v) for v in info.versions], aliases=info.aliases)
+
+
+class ExportFormat(str, Enum):
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+
+
+class ExportedHead(BaseModel):
+    """A head as a file: what ExportHead streams and ``GET /v1/heads/{ref}:export`` downloads."""
+
+    file_name: str
+    data: bytes
+
+
+class ListBackbonesResponse(BaseModel):
+    backbones: list[Backbone]
+
+
+class ListDatasetsResponse(BaseModel):
+    datasets: list[Dataset]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListJobsResponse(BaseModel):
+    jobs: list[Job]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListHeadsResponse(BaseModel):
+    heads: list[Head]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ImagePrediction]
