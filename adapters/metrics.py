@@ -22,11 +22,22 @@ class ClassMetrics(BaseModel):
     support: int
 
 
+class ReliabilityBin(BaseModel):
+    """One confidence bin (lo, hi] of the reliability curve: how sure the head was against how often it was right."""
+
+    lo: float
+    hi: float
+    count: int
+    confidence: float | None  # mean top-1 probability in the bin; None when it is empty
+    accuracy: float | None
+
+
 class EvalMetrics(BaseModel):
     accuracy: float
     per_class: list[ClassMetrics]
     confusion: list[list[int]]  # rows = true class, columns = predicted class
     ece: float
+    reliability: list[ReliabilityBin]  # the ECE_BINS bins the ECE sums over, for a reliability diagram
     num_examples: int
     loss: float  # mean cross-entropy
 
@@ -54,12 +65,14 @@ def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetr
     confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(
         num_classes, num_classes
     )
+    bins = _reliability(confidence, correct)
 
     return EvalMetrics(
         accuracy=correct.float().mean().item(),
         per_class=_per_class(confusion, class_names),
         confusion=confusion.tolist(),
-        ece=_expected_calibration_error(confidence, correct),
+        ece=_expected_calibration_error(bins),
+        reliability=bins,
         num_examples=labels.shape[0],
         loss=F.cross_entropy(logits, labels).item(),
     )
@@ -87,17 +100,26 @@ def _per_class(confusion: Tensor, class_names: list[str]) -> list[ClassMetrics]:
     ]
 
 
-def _expected_calibration_error(confidence: Tensor, correct: Tensor) -> float:
-    """Weighted gap between confidence and accuracy over equal-width bins (lo, hi]."""
-    inner_edges = torch.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1]
-    bin_of = torch.bucketize(confidence, inner_edges)
-    ece = 0.0
-    for bin_index in range(ECE_BINS):
-        in_bin = bin_of == bin_index
-        if in_bin.any():
-            gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs().item()
-            ece += gap * in_bin.float().mean().item()
-    return ece
+def _reliability(confidence: Tensor, correct: Tensor) -> list[ReliabilityBin]:
+    """Mean confidence and accuracy in each of ECE_BINS equal-width bins (lo, hi]."""
+    edges = torch.linspace(0.0, 1.0, ECE_BINS + 1)
+    bin_of = torch.bucketize(confidence, edges[1:-1])
+    bins = []
+    for index in range(ECE_BINS):
+        in_bin = bin_of == index
+        count = int(in_bin.sum())
+        bins.append(ReliabilityBin(
+            lo=edges[index].item(), hi=edges[index + 1].item(), count=count,
+            confidence=confidence[in_bin].mean().item() if count else None,
+            accuracy=correct[in_bin].float().mean().item() if count else None,
+        ))  # fmt: skip
+    return bins
+
+
+def _expected_calibration_error(bins: list[ReliabilityBin]) -> float:
+    """Gap between confidence and accuracy, weighted by each bin's share of the examples."""
+    total = sum(b.count for b in bins)
+    return sum(b.count / total * abs(b.accuracy - b.confidence) for b in bins if b.count)  # type: ignore[operator]
 
 
 def finite(value: Any) -> Any:
