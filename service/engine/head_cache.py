@@ -1,4 +1,4 @@
-"""Trained heads, loaded lazily from the registry and kept in an LRU bounded by bytes.
+"""Heads, loaded lazily from the registry and kept in an LRU bounded by bytes.
 
 A head is cached under the identity of its weights (their sha256, with the
 tenant, name and version it was loaded as), and a reference (``name``,
@@ -6,6 +6,11 @@ tenant, name and version it was loaded as), and a reference (``name``,
 so moving an alias takes effect on the next request, a deleted head is "not
 found" at once, and weights that were deleted or replaced are never served.
 Loading runs in a worker thread: it never blocks other requests' batches.
+
+``imagenet@<backbone>`` is the backbone's own ImageNet classifier: a linear
+head on the pooled features, built once from the backbone's weights and shared
+by every tenant, outside the LRU. It rides the batch's gathered linear heads,
+so asking for it beside a tenant's heads costs no extra trunk pass.
 """
 
 import asyncio
@@ -18,9 +23,11 @@ from torch import nn
 
 from adapters.heads import HeadConfig, HeadKind, LinearHead, load_head
 from service.engine.backbones import Backbone
-from service.errors import FailedPrecondition
-from service.store.heads import HeadRegistry, HeadVersionInfo
+from service.errors import FailedPrecondition, NotFound
+from service.store.heads import HeadRegistry, HeadVersionInfo, imagenet_backbone
 
+IMAGENET_TENANT = ""  # no tenant's name is empty: built-in heads never collide with a tenant's
+IMAGENET_VERSION = 1  # the classifier as published; it never changes
 
 
 class HeadKey(NamedTuple):
@@ -102,11 +109,14 @@ class HeadCache:
         self.bytes = 0
         self._heads: OrderedDict[HeadKey, LoadedHead] = OrderedDict()
         self._loading: dict[HeadKey, asyncio.Future[LoadedHead]] = {}
+        self._imagenet: dict[str, LoadedHead] = {}
 
     def __len__(self) -> int:
         return len(self._heads)
 
     async def get(self, tenant: str, ref: str) -> LoadedHead:
+        if (backbone := imagenet_backbone(ref)) is not None:
+            return self.imagenet(backbone)
         info = await asyncio.to_thread(self.registry.resolve, tenant, ref)
         key = head_key(info)
         head = self._heads.get(key)
@@ -143,3 +153,31 @@ class HeadCache:
         while self.bytes > self.max_bytes and len(self._heads) > 1:
             _, evicted = self._heads.popitem(last=False)
             self.bytes -= evicted.nbytes
+
+    def imagenet(self, backbone_name: str) -> LoadedHead:
+        """``imagenet@<backbone>``: the backbone's own 1,000-class classifier as a shared linear head."""
+        head = self._imagenet.get(backbone_name)
+        if head is not None:
+            return head
+        backbone = self.backbones.get(backbone_name)
+        usable = sorted(name for name, b in self.backbones.items() if b.spec.pretrained)
+        if backbone is None or not backbone.spec.pretrained:
+            why = "is not loaded by this service" if backbone is None else "is untrained: it has no ImageNet classifier"
+            raise NotFound(
+                f"backbone '{backbone_name}' {why}; ImageNet heads here: "
+                + (", ".join(f"'imagenet@{name}'" for name in usable) or "none")
+            )
+        weight, bias = backbone.imagenet_classifier()
+        head = LoadedHead(
+            key=HeadKey(IMAGENET_TENANT, f"imagenet@{backbone_name}", IMAGENET_VERSION, backbone.spec.weights.sha256),
+            backbone=backbone_name,
+            kind=HeadKind.LINEAR,
+            split_point=backbone.num_blocks,
+            classes=backbone.spec.categories,
+            weight=weight,
+            bias=bias,
+            module=None,
+            nbytes=weight.nbytes + bias.nbytes,
+        )
+        self._imagenet[backbone_name] = head
+        return head

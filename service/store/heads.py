@@ -10,6 +10,10 @@ between leaves a file that :meth:`HeadRegistry.collect_orphans` removes later.
 Version numbers are never reused: ``head_names.last_version`` is bumped in the
 transaction that inserts the version and survives deletes, so ``name@3``
 always means the same weights (identified by ``weights_sha256``) or nothing.
+
+``imagenet@<backbone>`` names a backbone's own ImageNet classifier, which every
+tenant may use in predictions; it lives in the backbone, not here, so the name
+``imagenet`` is reserved and no tenant can shadow it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ NAME_PATTERN = r"[a-z][a-z0-9-]{0,62}"
 _NAME = re.compile(NAME_PATTERN)  # always fullmatch: "$" would accept a trailing newline
 _REF = re.compile(rf"(?P<name>{NAME_PATTERN})(?:@(?P<version>[0-9]+)|:(?P<alias>{NAME_PATTERN}))?")
 LATEST = "latest"
+IMAGENET_HEAD = "imagenet"  # reserved: imagenet@<backbone> is that backbone's own ImageNet classifier
+_IMAGENET_REF = re.compile(rf"{IMAGENET_HEAD}@(?P<backbone>[a-z][a-z0-9_.-]{{0,62}})")
 MAX_VERSION = 2**31 - 1  # the column is a 32-bit integer on every backend
 HEADS_FOLDER = "heads"  # named-blob folder that holds every version's weights
 _COMMIT_ATTEMPTS = 5  # concurrent first creators of a head race to insert its head_names row
@@ -104,6 +110,11 @@ class HeadRegistry:
         nothing is committed, the blob is removed and the exception propagates.
         """
         check_name("head name", name)
+        if name == IMAGENET_HEAD:
+            raise InvalidArgument(
+                f"head name '{IMAGENET_HEAD}' is reserved for the backbones' own ImageNet classifiers "
+                f"('{IMAGENET_HEAD}@<backbone>'); choose another name"
+            )
         # clone(): safetensors refuses tensors that share storage
         weights = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
         param_bytes = sum(t.numel() * t.element_size() for t in weights.values())
@@ -187,6 +198,11 @@ class HeadRegistry:
 
     def resolve(self, tenant: str, ref: str) -> HeadVersionInfo:
         """Resolve ``name`` (latest), ``name@3`` or ``name:alias`` to one version."""
+        if (backbone := imagenet_backbone(ref)) is not None:
+            raise InvalidArgument(
+                f"'{ref}' is backbone '{backbone}''s own ImageNet classifier: use it in predictions; it has no "
+                "stored versions, aliases or export"
+            )
         match = _REF.fullmatch(ref) if isinstance(ref, str) else None
         if not match:
             raise InvalidArgument(
@@ -306,6 +322,12 @@ class HeadRegistry:
             session.execute(delete(HeadVersionRow).where(*where))
         for key in blob_keys:
             self.blobs.delete_named(key)
+
+
+def imagenet_backbone(ref: str) -> str | None:
+    """The backbone whose ImageNet classifier ``ref`` names (``imagenet@mobilenet_v2``), else None."""
+    match = _IMAGENET_REF.fullmatch(ref) if isinstance(ref, str) else None
+    return match["backbone"] if match else None
 
 
 def check_name(what: str, value: str) -> None:
