@@ -176,7 +176,7 @@ def test_health_and_openapi_are_served(server):
     assert httpx.get(f"{server.http_url}/livez").status_code == 200
     assert httpx.get(f"{server.http_url}/readyz").status_code == 200
     paths = httpx.get(f"{server.http_url}/openapi.json").json()["paths"]
-    for path in ("/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}:watch", "/v1/heads/{name}", "/v1/predict"):
+    for path in ("/v1/datasets", "/v1/jobs", "/v1/jobs/{job}:watch", "/v1/heads/{head}", "/v1/predict"):
         assert path in paths
 
 
