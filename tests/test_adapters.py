@@ -556,9 +556,11 @@ def test_no_adapter_module_imports_the_service() -> None:
 
 
 def test_an_adapter_refusal_becomes_the_cores_invalid_argument_with_its_message_and_details() -> None:
-    with pytest.raises(InvalidArgument, match="holdout_fraction must be between 0 and 1") as refused:
-        with adapter_errors_translated():
-            stratified_split([0, 1, 0, 1], holdout_fraction=1.5)
+    with (
+        pytest.raises(InvalidArgument, match="holdout_fraction must be between 0 and 1") as refused,
+        adapter_errors_translated(),
+    ):
+        stratified_split([0, 1, 0, 1], holdout_fraction=1.5)
     assert refused.value.code == "invalid_argument"
     assert refused.value.details == {"holdout_fraction": 1.5}
     assert isinstance(refused.value.__cause__, InvalidInput)
