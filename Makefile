@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-all fuzz bench bento clean
+.PHONY: setup weights data serve test test-all fuzz screenshots bench bento clean
 
 setup: $(STAMP)
 
@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml
 weights: setup
 	$(PY) -m service.provision
 
-# Debian packages the tests use: Fashion-MNIST, and real PostgreSQL and nginx servers (started by the tests).
-DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql nginx
+# Debian packages the tests use: Fashion-MNIST, real PostgreSQL and nginx servers (started by the tests), and
+# chromium, the browser Playwright drives in tests/test_ui.py (Playwright's own browser download needs the internet).
+DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql nginx chromium
 PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
 NGINX := /usr/sbin/nginx
+CHROMIUM := /usr/bin/chromium
 
-$(FASHION_MNIST) $(PG_CTL) $(NGINX):
+$(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM):
 	$(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES); }
 
-data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX)
+data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM)
 	$(PY) benchmarks/sample_data.py
 
 # Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys). Without keys
@@ -51,6 +53,10 @@ test-all: setup weights data
 FUZZ_EXAMPLES ?= 25
 fuzz: setup weights
 	GRAFT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_openapi.py
+
+# Refresh the README's screenshots of the web page (taken by its browser test at desktop and phone sizes).
+screenshots: setup weights data
+	GRAFT_SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest -q tests/test_ui.py
 
 bench: setup weights data
 	$(PY) benchmarks/accuracy.py
