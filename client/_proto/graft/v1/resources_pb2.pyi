@@ -1,0 +1,213 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HeadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HEAD_KIND_UNSPECIFIED: _ClassVar[HeadKind]
+    HEAD_KIND_LINEAR: _ClassVar[HeadKind]
+    HEAD_KIND_MLP: _ClassVar[HeadKind]
+    HEAD_KIND_FINETUNE: _ClassVar[HeadKind]
+HEAD_KIND_UNSPECIFIED: HeadKind
+HEAD_KIND_LINEAR: HeadKind
+HEAD_KIND_MLP: HeadKind
+HEAD_KIND_FINETUNE: HeadKind
+
+class Backbone(_message.Message):
+    __slots__ = ("name", "pretrained", "weights_source", "feature_dim", "num_blocks", "split_points", "input_size", "notes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRETRAINED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_POINTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pretrained: bool
+    weights_source: str
+    feature_dim: int
+    num_blocks: int
+    split_points: _containers.RepeatedScalarFieldContainer[int]
+    input_size: int
+    notes: str
+    def __init__(self, name: _Optional[str] = ..., pretrained: _Optional[bool] = ..., weights_source: _Optional[str] = ..., feature_dim: _Optional[int] = ..., num_blocks: _Optional[int] = ..., split_points: _Optional[_Iterable[int]] = ..., input_size: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("name", "display_name", "create_time", "example_count", "classes", "examples_per_class")
+    class ExamplesPerClassEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    display_name: str
+    create_time: _timestamp_pb2.Timestamp
+    example_count: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    examples_per_class: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., example_count: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., examples_per_class: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class SearchSpace(_message.Message):
+    __slots__ = ("lr", "weight_decay", "hidden", "max_trials")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    lr: _containers.RepeatedScalarFieldContainer[float]
+    weight_decay: _containers.RepeatedScalarFieldContainer[float]
+    hidden: _containers.RepeatedScalarFieldContainer[int]
+    max_trials: int
+    def __init__(self, lr: _Optional[_Iterable[float]] = ..., weight_decay: _Optional[_Iterable[float]] = ..., hidden: _Optional[_Iterable[int]] = ..., max_trials: _Optional[int] = ...) -> None: ...
+
+class HyperParams(_message.Message):
+    __slots__ = ("lr", "weight_decay", "epochs", "batch_size", "hidden", "label_smoothing", "patience")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    hidden: int
+    label_smoothing: float
+    patience: int
+    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., patience: _Optional[int] = ...) -> None: ...
+
+class TrainingSpec(_message.Message):
+    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    head: str
+    backbone: str
+    kind: HeadKind
+    finetune_blocks: int
+    search: SearchSpace
+    hyperparams: HyperParams
+    holdout_fraction: float
+    seed: int
+    latency_budget_ms: float
+    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("name", "state", "done", "phase", "progress", "message", "spec", "metrics", "head_version", "error", "create_time", "start_time", "end_time")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        QUEUED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        SUCCEEDED: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    QUEUED: Job.State
+    RUNNING: Job.State
+    SUCCEEDED: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: Job.State
+    done: bool
+    phase: str
+    progress: float
+    message: str
+    spec: TrainingSpec
+    metrics: _struct_pb2.Struct
+    head_version: str
+    error: str
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., phase: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., head_version: _Optional[str] = ..., error: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class HeadVersion(_message.Message):
+    __slots__ = ("name", "version", "backbone", "split_point", "kind", "classes", "hyperparams", "metrics", "dataset", "job", "param_bytes", "aliases", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_POINT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    backbone: str
+    split_point: int
+    kind: HeadKind
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    hyperparams: _struct_pb2.Struct
+    metrics: _struct_pb2.Struct
+    dataset: str
+    job: str
+    param_bytes: int
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., backbone: _Optional[str] = ..., split_point: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., classes: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[str] = ..., job: _Optional[str] = ..., param_bytes: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Head(_message.Message):
+    __slots__ = ("name", "latest_version", "versions", "aliases")
+    class AliasesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    latest_version: int
+    versions: _containers.RepeatedCompositeFieldContainer[HeadVersion]
+    aliases: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., latest_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, int]] = ...) -> None: ...

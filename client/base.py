@@ -1,0 +1,201 @@
+"""What every graft client does, whichever transport carries it (HTTP or gRPC).
+
+Subclasses implement the calls one by one; this class holds what is the same:
+turning a dataset source into a stream of examples, cutting predictions into
+concurrent batches, following a job to its end.
+"""
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from client import sources
+from client.errors import Unavailable
+from client.models import Backbone, Dataset, Head, HyperParams, ImagePrediction, Job, SearchSpace, TrainingSpec
+from client.retry import RetryPolicy
+from client.sources import Example
+
+# (bytes sent, images sent) so far; called as an upload goes.
+UploadProgress = Callable[[int, int], None]
+DatasetSource = str | os.PathLike | Iterable[tuple[Any, str]]
+Image = str | os.PathLike | bytes | Any  # a path, encoded bytes, or a PIL image
+
+DEFAULT_TIMEOUT_S = 60.0
+PREDICT_BATCH = 16  # images per request (the server takes up to GRAFT_MAX_IMAGES_PER_REQUEST, 64 by default)
+
+
+class Client(ABC):
+    """A graft client; ``client.connect(url)`` makes one. Every call raises a ``client.errors.GraftError``."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float, retry: RetryPolicy) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.retry = retry
+
+    # Datasets -----------------------------------------------------------------------------------------------------
+
+    def create_dataset(self, source: DatasetSource, display_name: str,
+                       progress: UploadProgress | None = None) -> Dataset:  # fmt: skip
+        """Upload a class-folder directory, a zip, a CSV of ``path,label`` or in-memory (image, label) pairs.
+
+        Images are read one at a time as they are sent. A file source is retried where it is safe
+        (the server was unavailable or busy); an in-memory iterable is read once and never retried.
+        """
+        if isinstance(source, str | os.PathLike):
+            path = Path(source)
+            if path.is_dir():
+                examples = sources.from_directory(path)
+            elif path.suffix.lower() == ".zip":
+                return self.retry.call(lambda: self._upload_zip(display_name, path, progress))
+            elif path.suffix.lower() == ".csv":
+                examples = sources.from_csv(path)
+            else:
+                raise ValueError(f"{path}: give a class-folder directory, a .zip or a .csv of path,label")
+            return self.retry.call(lambda: self._upload_examples(display_name, examples, progress))
+        return self._upload_examples(display_name, sources.from_memory(source), progress)
+
+    @abstractmethod
+    def _upload_examples(self, display_name: str, examples: Iterable[Example],
+                         progress: UploadProgress | None) -> Dataset: ...  # fmt: skip
+
+    @abstractmethod
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset: ...
+
+    @abstractmethod
+    def get_dataset(self, name: str) -> Dataset: ...
+
+    @abstractmethod
+    def list_datasets(self) -> list[Dataset]: ...
+
+    @abstractmethod
+    def delete_dataset(self, name: str) -> None: ...
+
+    # Jobs ---------------------------------------------------------------------------------------------------------
+
+    def train(self, dataset: str, head: str, *, kind: str | None = None, backbone: str | None = None,
+              search: SearchSpace | dict | None = None, hyperparams: HyperParams | dict | None = None,
+              **spec: Any) -> Job:  # fmt: skip
+        """Queue a training job (returns at once, state ``queued``); ``wait`` or ``watch`` follows it."""
+        name = dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
+        fields = {"kind": kind, "backbone": backbone, "search": search, "hyperparams": hyperparams, **spec}
+        return self.create_job(TrainingSpec(dataset=name, head=head, **{k: v for k, v in fields.items() if v is not None}))
+
+    @abstractmethod
+    def create_job(self, spec: TrainingSpec) -> Job: ...
+
+    @abstractmethod
+    def get_job(self, name: str) -> Job: ...
+
+    @abstractmethod
+    def list_jobs(self) -> list[Job]: ...
+
+    @abstractmethod
+    def cancel_job(self, name: str) -> Job: ...
+
+    def watch(self, name: str) -> Iterator[Job]:
+        """The job now, then on every change, until it is done; a stream the network drops is opened again."""
+        attempt = 0
+        while True:
+            try:
+                for job in self._watch_once(name):
+                    attempt = 0
+                    yield job
+                    if job.done:
+                        return
+                return
+            except Unavailable as error:
+                attempt += 1
+                if attempt >= self.retry.attempts:
+                    raise
+                time.sleep(self.retry.delay(attempt - 1, error))
+
+    @abstractmethod
+    def _watch_once(self, name: str) -> Iterator[Job]: ...
+
+    def wait(self, name: str, on_update: Callable[[Job], None] | None = None) -> Job:
+        """Follow the job until it ends and return its last state (check ``state``: it may have failed)."""
+        job = None
+        for job in self.watch(name):
+            if on_update is not None:
+                on_update(job)
+        assert job is not None  # a watch yields the job at least once
+        return job
+
+    # Heads --------------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def list_heads(self) -> list[Head]: ...
+
+    @abstractmethod
+    def get_head(self, name: str) -> Head: ...
+
+    @abstractmethod
+    def delete_head(self, name: str) -> None: ...
+
+    @abstractmethod
+    def delete_head_version(self, name: str, version: int) -> None: ...
+
+    @abstractmethod
+    def set_alias(self, head: str, alias: str, version: int) -> Head: ...
+
+    @abstractmethod
+    def remove_alias(self, head: str, alias: str) -> None: ...
+
+    @abstractmethod
+    def export(self, head: str, format: str = "safetensors") -> bytes:
+        """The head as a file: ``safetensors`` weights, or ``torchscript`` (backbone + head, probabilities out)."""
+
+    # Prediction ---------------------------------------------------------------------------------------------------
+
+    def predict(self, images: Iterable[Image], heads: str | list[str], *, top_k: int = 5,
+                include_embedding: bool = False, batch_size: int = PREDICT_BATCH,
+                concurrency: int = 4) -> list[ImagePrediction]:  # fmt: skip
+        """Top-k labels of each image for each head (``name``, ``name@3`` or ``name:alias``), in order.
+
+        Images are sent in batches of ``batch_size``, ``concurrency`` batches at once; one trunk pass on
+        the server serves every head named here.
+        """
+        head_list = [heads] if isinstance(heads, str) else list(heads)
+        batches: list[list[Image]] = []
+        for image in images:
+            if not batches or len(batches[-1]) == batch_size:
+                batches.append([])
+            batches[-1].append(image)
+
+        def run(batch: list[Image]) -> list[ImagePrediction]:
+            data = [_image_bytes(image) for image in batch]
+            return self.retry.call(lambda: self._predict(data, head_list, top_k, include_embedding))
+
+        with ThreadPoolExecutor(max(1, min(concurrency, len(batches)))) as pool:
+            return [prediction for answer in pool.map(run, batches) for prediction in answer]
+
+    @abstractmethod
+    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
+                 include_embedding: bool) -> list[ImagePrediction]: ...  # fmt: skip
+
+    # Backbones ----------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def list_backbones(self) -> list[Backbone]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _image_bytes(image: Image) -> bytes:
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    return sources.image_reader(image)()

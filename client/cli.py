@@ -1,0 +1,368 @@
+"""graft: from a folder of images to a served head in three commands.
+
+    graft upload my_images/ --name textiles       # class folders, a .zip or a .csv of path,label
+    graft train textiles --head textiles          # live progress until the job ends
+    graft predict textiles photos/                # a table; --json / --csv for pipes
+
+Server, transport and key: --url / --api-key, else GRAFT_URL / GRAFT_API_KEY, else the
+config file (client/config.py). Exit codes: 0 success, 1 the server refused or failed
+(its code and message on one line), 2 a usage error, 3 the server cannot be reached,
+4 the job ended without a head (failed or cancelled), 130 interrupted.
+"""
+
+import argparse
+import csv
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from client import config, connect, sources
+from client.base import Client
+from client.errors import GraftError, Unavailable
+from client.http_client import HttpClient
+from client.models import Dataset, Head, ImagePrediction, Job
+from client.progress import ProgressBar, human_bytes
+from client.retry import RetryPolicy
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the files it names; the message says what to do."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = config.load(args.url, args.api_key, args.timeout)
+        retry = RetryPolicy(attempts=max(args.retries, 0) + 1)
+        with connect(settings.url, settings.api_key, timeout_s=settings.timeout_s, retry=retry) as graft:
+            return args.run(graft, args) or 0
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"graft: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unavailable as exc:
+        print(f"graft: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except GraftError as exc:
+        print(f"graft: {exc}{_hint(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _hint(exc: GraftError) -> str:
+    if exc.code == "unauthenticated":
+        return " (give a valid key: --api-key or GRAFT_API_KEY)"
+    if exc.code == "resource_exhausted":
+        return " (the server is busy or a quota is reached; try again later)"
+    return ""
+
+
+# Commands ---------------------------------------------------------------------------------------------------------
+
+
+def upload(graft: Client, args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    if not source.exists():
+        raise UsageError(f"{source} does not exist: give a class-folder directory, a .zip or a .csv of path,label")
+    if source.is_dir():
+        total_images, total_bytes = _totals(sources.from_directory(source))
+    elif source.suffix.lower() == ".csv":
+        total_images, total_bytes = _totals(sources.from_csv(source))
+    elif source.suffix.lower() == ".zip":
+        total_images, total_bytes = sources.zip_image_count(source), source.stat().st_size
+    else:
+        raise UsageError(f"{source}: give a class-folder directory, a .zip or a .csv of path,label")
+    bar = ProgressBar(total_bytes)
+
+    def progress(sent: int, images: int) -> None:
+        bar.update(sent, f"{images}/{total_images} images  {human_bytes(sent)}/{human_bytes(total_bytes)}",
+                   force=images == total_images)  # fmt: skip
+
+    try:
+        dataset = graft.create_dataset(source, args.name or source.stem, progress=progress)
+    finally:
+        bar.close()
+    if args.json:
+        print(dataset.model_dump_json())
+    else:
+        counts = ", ".join(f"{label} {count}" for label, count in sorted(dataset.examples_per_class.items()))
+        print(f"{dataset.name}  {dataset.display_name!r}: {dataset.example_count} images, "
+              f"{len(dataset.classes)} classes ({counts})")  # fmt: skip
+    return 0
+
+
+def _totals(examples: list[sources.Example]) -> tuple[int, int]:
+    return len(examples), sum(e.size or 0 for e in examples)
+
+
+def train(graft: Client, args: argparse.Namespace) -> int:
+    dataset = _dataset_name(graft, args.dataset)
+    hyperparams = json.loads(args.hyperparams) if args.hyperparams else None
+    job = graft.train(dataset, args.head, kind=args.kind, backbone=args.backbone, hyperparams=hyperparams)
+    print(f"{job.name}: training head {args.head!r} on {dataset}", file=sys.stderr)
+    if args.no_wait:
+        print(job.name)
+        return 0
+    job = _follow(graft, job)
+    if args.json:
+        print(job.model_dump_json())
+    elif job.state == "succeeded":
+        accuracy = job.metrics.get("accuracy")
+        score = f", hold-out accuracy {accuracy:.3f}" if isinstance(accuracy, int | float) else ""
+        print(f"{job.head_version}: {job.state}{score}")
+    else:
+        print(f"{job.name}: {job.state}{': ' + job.error if job.error else ''}")
+    return 0 if job.state == "succeeded" else EXIT_JOB_FAILED
+
+
+def _dataset_name(graft: Client, given: str) -> str:
+    """A dataset by resource name, id or display name (the newest of that name)."""
+    if given.startswith("datasets/") or given.startswith("ds_"):
+        return given if given.startswith("datasets/") else f"datasets/{given}"
+    matches = [d for d in graft.list_datasets() if d.display_name == given]
+    if not matches:
+        raise UsageError(f"no dataset named {given!r}: see `graft datasets`, or upload one with `graft upload`")
+    return max(matches, key=lambda d: d.create_time).name
+
+
+def _follow(graft: Client, job: Job) -> Job:
+    """Watch until the job ends; Ctrl-C asks whether to cancel it (on a pipe it cancels)."""
+    bar = ProgressBar(1.0)
+    best: list[float] = []
+
+    def show(update: Job) -> None:
+        accuracy = update.metrics.get("val_accuracy")
+        if update.phase == "search" and isinstance(accuracy, int | float) and "done" in update.message:
+            best.append(accuracy)
+        best_text = f"  best hold-out accuracy {max(best):.3f}" if best else ""
+        bar.update(update.progress, f"{update.state} {update.phase}: {update.message}{best_text}", force=update.done)
+
+    while True:
+        try:
+            job = graft.wait(job.name, on_update=show)
+            bar.close()
+            return job
+        except KeyboardInterrupt:
+            bar.close()
+            if _confirm(f"cancel {job.name}? [y/N] "):
+                graft.cancel_job(job.name)
+                print(f"{job.name}: cancelling", file=sys.stderr)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C leaves at once
+            bar = ProgressBar(1.0)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return True
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return True
+
+
+def predict(graft: Client, args: argparse.Namespace) -> int:
+    files = list(_image_files([Path(p) for p in args.files]))
+    if not files:
+        raise UsageError("no image files given: name files or a directory of images")
+    heads = args.head.split(",")
+    predictions = graft.predict(files, heads, top_k=args.top_k, batch_size=args.batch_size,
+                                concurrency=args.concurrency)  # fmt: skip
+    rows = list(_prediction_rows(files, predictions))
+    if args.json:
+        for path, prediction in zip(files, predictions, strict=True):
+            print(json.dumps({"file": str(path)} | prediction.model_dump(exclude_none=True)))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "head", "version", "rank", "label", "score"])
+        writer.writerows(rows)
+    else:
+        _table(["file", "head", "label", "score"], [[r[0], f"{r[1]}@{r[2]}", r[4], f"{r[5]:.3f}"] for r in rows if r[3] == 1])
+    return 0
+
+
+def _image_files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in sources.IMAGE_SUFFIXES)
+        elif path.is_file():
+            yield path
+        else:
+            raise UsageError(f"{path} does not exist")
+
+
+def _prediction_rows(files: list[Path], predictions: list[ImagePrediction]) -> Iterator[list[Any]]:
+    for path, prediction in zip(files, predictions, strict=True):
+        for head in prediction.heads:
+            for rank, top in enumerate(head.top, start=1):
+                yield [str(path), head.head, head.version, rank, top.label, top.score]
+
+
+def heads(graft: Client, args: argparse.Namespace) -> int:
+    found = [graft.get_head(args.name)] if args.name else graft.list_heads()
+    if args.json:
+        for head in found:
+            print(head.model_dump_json())
+        return 0
+    rows = []
+    for head in found:
+        aliases = {v: [a for a, n in head.aliases.items() if n == v and a != "latest"] for v in head.aliases.values()}
+        for version in head.versions:
+            accuracy = version.metrics.get("accuracy")
+            rows.append([head.display, str(version.version), version.kind, version.backbone, str(len(version.classes)),
+                         f"{accuracy:.3f}" if isinstance(accuracy, int | float) else "-",
+                         ",".join(aliases.get(version.version, [])) or "-"])  # fmt: skip
+    _table(["head", "version", "kind", "backbone", "classes", "accuracy", "aliases"], rows)
+    return 0
+
+
+def datasets(graft: Client, args: argparse.Namespace) -> int:
+    found = graft.list_datasets()
+    if args.json:
+        for dataset in found:
+            print(dataset.model_dump_json())
+        return 0
+    _table(["dataset", "display name", "images", "classes", "created"],
+           [[d.name, d.display_name, str(d.example_count), str(len(d.classes)), f"{d.create_time:%Y-%m-%d %H:%M}"]
+            for d in found])  # fmt: skip
+    return 0
+
+
+def alias(graft: Client, args: argparse.Namespace) -> int:
+    if args.remove:
+        graft.remove_alias(args.head, args.alias)
+        print(f"removed {args.head}:{args.alias}")
+        return 0
+    if args.version is None:
+        raise UsageError("give the version the alias points at (graft alias HEAD ALIAS VERSION), or --remove")
+    head = graft.set_alias(args.head, args.alias, args.version)
+    print(f"{head.display}:{args.alias} -> version {head.aliases[args.alias]}")
+    return 0
+
+
+def export(graft: Client, args: argparse.Namespace) -> int:
+    data = graft.export(args.head, args.format)
+    suffix = ".pt" if args.format == "torchscript" else ".safetensors"
+    out = Path(args.output or args.head.replace(":", "_").replace("@", "_") + suffix)
+    out.write_bytes(data)
+    print(f"{out} ({human_bytes(len(data))}, {args.format})")
+    return 0
+
+
+def report(graft: Client, args: argparse.Namespace) -> int:
+    from client.report import draw  # matplotlib only for this command
+
+    head = graft.get_head(args.head.split("@")[0].split(":")[0])
+    ref = args.head.partition("@")[2] or args.head.partition(":")[2] or None
+    try:
+        version = head.version(ref)
+    except KeyError as exc:
+        raise UsageError(str(exc).strip("'\"")) from None
+    draw(head, version, Path(args.output))
+    print(f"{args.output}: {head.display}@{version.version}")
+    return 0
+
+
+def admin(graft: Client, args: argparse.Namespace) -> int:
+    if not isinstance(graft, HttpClient):
+        raise UsageError("admin commands use the HTTP door: give --url http://HOST:PORT and the admin key")
+    if args.admin_command == "create-tenant":
+        tenant = graft.create_tenant(args.tenant)
+        print(f"tenant {tenant.name} created")
+    else:
+        key = graft.create_key(args.tenant)
+        print(key.secret)
+        print(f"key {key.key_id} for tenant {key.tenant}: store it now, it is not shown again", file=sys.stderr)
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+# The command line -------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    parser.add_argument("--url", help="http://HOST:PORT or grpc://HOST:PORT (env GRAFT_URL; default "
+                        f"{config.DEFAULT_URL})")  # fmt: skip
+    parser.add_argument("--api-key", help="API key (env GRAFT_API_KEY)")
+    parser.add_argument("--timeout", type=float, help="seconds a call may take (env GRAFT_TIMEOUT_S; default 60)")
+    parser.add_argument("--retries", type=int, default=3, help="retries of a call the server refused for now "
+                        "(unavailable, or 429 with Retry-After); default 3")  # fmt: skip
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[Client, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("upload", upload, "upload a dataset: class folders (label/image.jpg), a .zip or a .csv of path,label")
+    sub.add_argument("source")
+    sub.add_argument("--name", help="display name (default: the folder or file name)")
+    sub.add_argument("--json", action="store_true", help="print the dataset as JSON")
+
+    sub = command("train", train, "train a head on a dataset and follow the job until it ends")
+    sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    sub.add_argument("--head", required=True, help="the head to create a version of")
+    sub.add_argument("--kind", choices=["linear", "mlp", "finetune"])
+    sub.add_argument("--backbone", help="a backbone, or 'auto' (default: the server's)")
+    sub.add_argument("--hyperparams", help='JSON overrides, e.g. \'{"epochs": 10}\'')
+    sub.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
+    sub.add_argument("--json", action="store_true", help="print the finished job as JSON")
+
+    sub = command("predict", predict, "predict labels of image files (or directories) with one or more heads")
+    sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias; several separated by commas")
+    sub.add_argument("files", nargs="+", metavar="FILE|DIR")
+    sub.add_argument("--top-k", type=int, default=1)
+    sub.add_argument("--batch-size", type=int, default=16, help="images per request")
+    sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    output = sub.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per file")
+    output.add_argument("--csv", action="store_true", help="file,head,version,rank,label,score rows")
+
+    sub = command("heads", heads, "list heads with their versions, accuracy and aliases")
+    sub.add_argument("name", nargs="?", help="one head only")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("datasets", datasets, "list datasets")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("alias", alias, "point an alias (e.g. prod) at a head version, or remove it")
+    sub.add_argument("head")
+    sub.add_argument("alias")
+    sub.add_argument("version", type=int, nargs="?")
+    sub.add_argument("--remove", action="store_true")
+
+    sub = command("export", export, "download a head: safetensors weights or a TorchScript model (backbone + head)")
+    sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
+    sub.add_argument("--format", choices=["safetensors", "torchscript"], default="safetensors")
+    sub.add_argument("-o", "--output", help="file to write (default: HEAD.safetensors / HEAD.pt)")
+
+    sub = command("report", report, "draw a head version's evaluation as one PNG")
+    sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
+    sub.add_argument("-o", "--output", default="report.png")
+
+    sub = command("admin", admin, "tenants and API keys (needs the admin key as --api-key)")
+    admin_commands = sub.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
+    admin_commands.add_parser("create-tenant", help="create a tenant").add_argument("tenant")
+    admin_commands.add_parser("create-key", help="create an API key for a tenant (printed once)").add_argument("tenant")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

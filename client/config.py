@@ -1,0 +1,49 @@
+"""Where the CLI finds its server and key: flags, then environment variables, then a config file.
+
+The config file is TOML (``$GRAFT_CONFIG``, default ``~/.config/graft/config.toml``)::
+
+    url = "grpc://graft.example.com:50051"   # or http://…; the scheme picks the transport
+    api_key = "graft_…"
+    timeout_s = 60
+"""
+
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+DEFAULT_URL = "http://localhost:3000"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = DEFAULT_URL
+    api_key: str | None = None
+    timeout_s: float = 60.0
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("GRAFT_CONFIG", Path.home() / ".config" / "graft" / "config.toml"))
+
+
+def load(url: str | None = None, api_key: str | None = None, timeout_s: float | None = None) -> Settings:
+    """Flags win over GRAFT_URL / GRAFT_API_KEY / GRAFT_TIMEOUT_S, which win over the config file."""
+    path = config_path()
+    values: dict = {}
+    if path.is_file():
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML ({exc}): fix or remove it") from None
+    environment = {"url": os.environ.get("GRAFT_URL"), "api_key": os.environ.get("GRAFT_API_KEY"),
+                   "timeout_s": os.environ.get("GRAFT_TIMEOUT_S")}  # fmt: skip
+    flags = {"url": url, "api_key": api_key, "timeout_s": timeout_s}
+    for layer in (environment, flags):
+        values |= {key: value for key, value in layer.items() if value not in (None, "")}
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"bad settings ({problem}); check the flags, GRAFT_* variables and {path}") from None

@@ -1,0 +1,219 @@
+"""The client over the gRPC door (``graft.v1``), with its own stubs in client/_proto.
+
+Messages are turned into the same JSON the HTTP door sends (proto field names,
+enum values lowercase without their prefix), so both transports return the same
+models. Uploads are a client stream of one image per message.
+"""
+
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from client._proto.graft.v1 import resources_pb2 as pb
+from client._proto.graft.v1 import service_pb2 as api
+from client._proto.graft.v1 import service_pb2_grpc as rpc
+from client.base import Client, UploadProgress
+from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
+from client.models import Backbone, Dataset, Head, ImagePrediction, Job, TrainingSpec
+from client.retry import RetryPolicy
+from client.sources import Example, from_directory
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default GRAFT_GRPC_MAX_MESSAGE_BYTES
+PAGE_SIZE = 1000
+_ENUM_FIELDS = {"state", "kind"}  # QUEUED -> queued, HEAD_KIND_LINEAR -> linear, as over HTTP
+_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is HTTP's null
+
+
+class GrpcClient(Client):
+    def __init__(self, target: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy()) -> None:  # fmt: skip
+        super().__init__(f"grpc://{target}", api_key, timeout_s, retry)
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._backbones = rpc.BackboneServiceStub(self._channel)
+        self._datasets = rpc.DatasetServiceStub(self._channel)
+        self._jobs = rpc.JobServiceStub(self._channel)
+        self._heads = rpc.HeadServiceStub(self._channel)
+        self._predictions = rpc.PredictionServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # One call, errors translated ----------------------------------------------------------------------------------
+
+    def _invoke(self, method: Any, request: Any, timeout_s: float | None = -1.0) -> Any:
+        """One call (no retry): its answer, or its status as a GraftError."""
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout_s if timeout_s == -1.0 else timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def _call(self, method: Any, request: Any) -> Any:
+        """A unary call whose retry is safe (UNAVAILABLE, or RESOURCE_EXHAUSTED with a retry-after)."""
+        return self.retry.call(lambda: self._invoke(method, request))
+
+    def _error(self, exc: grpc.RpcError) -> GraftError:
+        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+        message: str = exc.details() or code.name  # type: ignore[attr-defined]
+        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+        retry_after = trailers.get("retry-after")
+        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in message.lower() or "unavailable" == message.lower()):
+            return Unavailable(f"cannot reach graft at {self.url} ({message}): is the server running and the "
+                               "target right (--url or GRAFT_URL)?")  # fmt: skip
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and message == "Deadline Exceeded":
+            return DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s; raise the timeout "
+                                    "(--timeout) or try again")  # fmt: skip
+        return error_for(code.name, message, retry_after_s=float(retry_after) if retry_after else None)
+
+    def _pages(self, method: Any, request_type: type, key: str) -> list[Message]:
+        items: list[Message] = []
+        token = ""
+        while True:
+            page = self._call(method, request_type(page_size=PAGE_SIZE, page_token=token))
+            items += getattr(page, key)
+            token = page.next_page_token
+            if not token:
+                return items
+
+    # Datasets -----------------------------------------------------------------------------------------------------
+
+    def _upload_examples(self, display_name: str, examples: Iterable[Example],
+                         progress: UploadProgress | None) -> Dataset:  # fmt: skip
+        def messages() -> Iterator[api.CreateDatasetRequest]:
+            yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name=display_name))
+            sent = 0
+            for count, example in enumerate(examples, start=1):
+                data = example.read()
+                yield api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(
+                    file_name=example.file_name, label=example.label, data=data))  # fmt: skip
+                sent += len(data)
+                if progress is not None:
+                    progress(sent, count)
+
+        return Dataset.model_validate(_json(self._invoke(self._datasets.CreateDataset, messages(), timeout_s=None)))
+
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset:
+        """gRPC streams images, not archives: the zip is unpacked to a temporary folder, then sent one by one."""
+        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                target = (Path(tmp) / info.filename).resolve()
+                if not target.is_relative_to(Path(tmp).resolve()):
+                    raise ValueError(f"{path}: entry {info.filename!r} points outside the archive")
+            archive.extractall(tmp)
+            return self._upload_examples(display_name, from_directory(Path(tmp)), progress)
+
+    def get_dataset(self, name: str) -> Dataset:
+        return Dataset.model_validate(_json(self._call(self._datasets.GetDataset,
+                                                       api.GetDatasetRequest(name=_named(name, "datasets")))))  # fmt: skip
+
+    def list_datasets(self) -> list[Dataset]:
+        pages = self._pages(self._datasets.ListDatasets, api.ListDatasetsRequest, "datasets")
+        return [Dataset.model_validate(_json(d)) for d in pages]
+
+    def delete_dataset(self, name: str) -> None:
+        self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")))
+
+    # Jobs ---------------------------------------------------------------------------------------------------------
+
+    def create_job(self, spec: TrainingSpec) -> Job:
+        fields = spec.model_dump(mode="json", exclude_none=True)
+        if "kind" in fields:
+            fields["kind"] = f"HEAD_KIND_{fields['kind'].upper()}"
+        request = api.CreateJobRequest(spec=json_format.ParseDict(fields, pb.TrainingSpec()))
+        return Job.model_validate(_json(self._call(self._jobs.CreateJob, request)))
+
+    def get_job(self, name: str) -> Job:
+        return Job.model_validate(_json(self._call(self._jobs.GetJob, api.GetJobRequest(name=_named(name, "jobs")))))
+
+    def list_jobs(self) -> list[Job]:
+        return [Job.model_validate(_json(j)) for j in self._pages(self._jobs.ListJobs, api.ListJobsRequest, "jobs")]
+
+    def cancel_job(self, name: str) -> Job:
+        request = api.CancelJobRequest(name=_named(name, "jobs"))
+        return Job.model_validate(_json(self._call(self._jobs.CancelJob, request)))
+
+    def _watch_once(self, name: str) -> Iterator[Job]:
+        stream = self._invoke(self._jobs.WatchJob, api.WatchJobRequest(name=_named(name, "jobs")), timeout_s=None)
+        try:
+            for update in stream:
+                yield Job.model_validate(_json(update))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            stream.cancel()
+
+    # Heads --------------------------------------------------------------------------------------------------------
+
+    def list_heads(self) -> list[Head]:
+        return [Head.model_validate(_json(h)) for h in self._pages(self._heads.ListHeads, api.ListHeadsRequest, "heads")]
+
+    def get_head(self, name: str) -> Head:
+        return Head.model_validate(_json(self._call(self._heads.GetHead, api.GetHeadRequest(name=_named(name, "heads")))))
+
+    def delete_head(self, name: str) -> None:
+        self._call(self._heads.DeleteHead, api.DeleteHeadRequest(name=_named(name, "heads")))
+
+    def delete_head_version(self, name: str, version: int) -> None:
+        request = api.DeleteHeadVersionRequest(name=f"{_named(name, 'heads')}/versions/{version}")
+        self._call(self._heads.DeleteHeadVersion, request)
+
+    def set_alias(self, head: str, alias: str, version: int) -> Head:
+        request = api.SetAliasRequest(name=_named(head, "heads"), alias=alias, version=version)
+        return Head.model_validate(_json(self._call(self._heads.SetAlias, request)))
+
+    def remove_alias(self, head: str, alias: str) -> None:
+        self._call(self._heads.RemoveAlias, api.RemoveAliasRequest(name=_named(head, "heads"), alias=alias))
+
+    def export(self, head: str, format: str = "safetensors") -> bytes:
+        request = api.ExportHeadRequest(head=head, format=api.ExportFormat.Value(f"EXPORT_FORMAT_{format.upper()}"))
+
+        def download() -> bytes:
+            try:
+                return b"".join(part.chunk for part in self._invoke(self._heads.ExportHead, request))
+            except grpc.RpcError as exc:
+                raise self._error(exc) from None
+
+        return self.retry.call(download)
+
+    # Prediction and backbones -------------------------------------------------------------------------------------
+
+    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
+                 include_embedding: bool) -> list[ImagePrediction]:  # fmt: skip
+        request = api.PredictRequest(images=images, heads=heads, top_k=top_k, include_embedding=include_embedding)
+        reply = self._invoke(self._predictions.Predict, request)
+        # proto3 has no null: an embedding not asked for is an empty list, None over HTTP.
+        return [ImagePrediction.model_validate(_json(p) | ({} if include_embedding else {"embedding": None}))
+                for p in reply.predictions]  # fmt: skip
+
+    def list_backbones(self) -> list[Backbone]:
+        reply = self._call(self._backbones.ListBackbones, api.ListBackbonesRequest())
+        return [Backbone.model_validate(_json(b)) for b in reply.backbones]
+
+
+def _named(name: str, collection: str) -> str:
+    return name if name.startswith(f"{collection}/") else f"{collection}/{name}"
+
+
+def _json(message: Message) -> dict[str, Any]:
+    """The message as the HTTP door's JSON: proto field names, enums lowercase, unset strings as None."""
+    return _plain(json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True))  # fmt: skip
+
+
+def _plain(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v, k) for k, v in value.items() if not (v == "" and k in _UNSET_WHEN_EMPTY)}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if key in _ENUM_FIELDS and isinstance(value, str):
+        value = value.removeprefix("HEAD_KIND_")
+        return None if value.endswith("UNSPECIFIED") else value.lower()
+    return value

@@ -1,0 +1,190 @@
+"""The client over the HTTP door (``/v1``, JSON; uploads as multipart; job watches as server-sent events)."""
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from client.base import Client, UploadProgress
+from client.errors import DeadlineExceeded, Unavailable, error_for_status
+from client.models import Backbone, Dataset, Head, ImagePrediction, Job, NewKey, Tenant, TrainingSpec
+from client.multipart import MultipartBody
+from client.retry import RetryPolicy
+from client.sources import Example, zip_image_count
+
+PAGE_SIZE = 1000
+
+
+class HttpClient(Client):
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy()) -> None:  # fmt: skip
+        super().__init__(url.rstrip("/"), api_key, timeout_s, retry)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # One request, errors translated ----------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s ({type(exc).__name__}); "
+                             "raise the timeout (--timeout) or try again") from None  # fmt: skip
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach graft at {self.url} ({exc or type(exc).__name__}): is the server "
+                              "running and the URL right (--url or GRAFT_URL)?") from None  # fmt: skip
+        _raise_for_error(response)
+        return response
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request whose retry is safe (it has no body stream to replay); the JSON answer or None."""
+        response = self.retry.call(lambda: self._send(method, path, **kwargs))
+        return response.json() if response.content else None
+
+    def _pages(self, path: str, key: str) -> list[dict]:
+        items, token = [], ""
+        while True:
+            page = self._call("GET", path, params={"page_size": PAGE_SIZE, "page_token": token})
+            items += page[key]
+            token = page.get("next_page_token", "")
+            if not token:
+                return items
+
+    # Datasets -----------------------------------------------------------------------------------------------------
+
+    def _upload_examples(self, display_name: str, examples: Iterable[Example],
+                         progress: UploadProgress | None) -> Dataset:  # fmt: skip
+        body = MultipartBody([("display_name", display_name)])
+        stream, length = body.examples(examples, progress)
+        return self._upload(body, stream, length)
+
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset:
+        body = MultipartBody([("display_name", display_name)])
+        stream, length = body.archive(path, progress, zip_image_count(path))
+        return self._upload(body, stream, length)
+
+    def _upload(self, body: MultipartBody, stream: Iterator[bytes], length: int | None) -> Dataset:
+        headers = {"Content-Type": body.content_type} | ({"Content-Length": str(length)} if length is not None else {})
+        # The server validates every image before it answers: reading may take long after the last byte.
+        timeout = httpx.Timeout(self.timeout_s, read=max(self.timeout_s, 600.0))
+        response = self._send("POST", "/v1/datasets", content=stream, headers=headers, timeout=timeout)
+        return Dataset.model_validate(response.json())
+
+    def get_dataset(self, name: str) -> Dataset:
+        return Dataset.model_validate(self._call("GET", f"/v1/{_named(name, 'datasets')}"))
+
+    def list_datasets(self) -> list[Dataset]:
+        return [Dataset.model_validate(d) for d in self._pages("/v1/datasets", "datasets")]
+
+    def delete_dataset(self, name: str) -> None:
+        self._call("DELETE", f"/v1/{_named(name, 'datasets')}")
+
+    # Jobs ---------------------------------------------------------------------------------------------------------
+
+    def create_job(self, spec: TrainingSpec) -> Job:
+        return Job.model_validate(self._call("POST", "/v1/jobs", json=spec.model_dump(mode="json", exclude_none=True)))
+
+    def get_job(self, name: str) -> Job:
+        return Job.model_validate(self._call("GET", f"/v1/{_named(name, 'jobs')}"))
+
+    def list_jobs(self) -> list[Job]:
+        return [Job.model_validate(j) for j in self._pages("/v1/jobs", "jobs")]
+
+    def cancel_job(self, name: str) -> Job:
+        return Job.model_validate(self._call("POST", f"/v1/{_named(name, 'jobs')}:cancel"))
+
+    def _watch_once(self, name: str) -> Iterator[Job]:
+        path = f"/v1/{_named(name, 'jobs')}:watch"
+        try:
+            with self._http.stream("GET", path, timeout=httpx.Timeout(self.timeout_s, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                yield from _server_sent_jobs(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise Unavailable(f"the watch of {name} from {self.url} broke off ({exc or type(exc).__name__})") from None
+
+    # Heads --------------------------------------------------------------------------------------------------------
+
+    def list_heads(self) -> list[Head]:
+        return [Head.model_validate(h) for h in self._pages("/v1/heads", "heads")]
+
+    def get_head(self, name: str) -> Head:
+        return Head.model_validate(self._call("GET", f"/v1/{_named(name, 'heads')}"))
+
+    def delete_head(self, name: str) -> None:
+        self._call("DELETE", f"/v1/{_named(name, 'heads')}")
+
+    def delete_head_version(self, name: str, version: int) -> None:
+        self._call("DELETE", f"/v1/{_named(name, 'heads')}/versions/{version}")
+
+    def set_alias(self, head: str, alias: str, version: int) -> Head:
+        return Head.model_validate(self._call("PUT", f"/v1/{_named(head, 'heads')}/aliases/{alias}",
+                                              json={"version": version}))  # fmt: skip
+
+    def remove_alias(self, head: str, alias: str) -> None:
+        self._call("DELETE", f"/v1/{_named(head, 'heads')}/aliases/{alias}")
+
+    def export(self, head: str, format: str = "safetensors") -> bytes:
+        path = f"/v1/{_named(head, 'heads')}:export"
+        return self.retry.call(lambda: self._send("GET", path, params={"format": format})).content
+
+    # Prediction and backbones -------------------------------------------------------------------------------------
+
+    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
+                 include_embedding: bool) -> list[ImagePrediction]:  # fmt: skip
+        files = [("files", (f"image_{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        data = {"heads": heads, "top_k": str(top_k), "include_embedding": str(include_embedding).lower()}
+        answer = self._send("POST", "/v1/predict:upload", files=files, data=data).json()
+        return [ImagePrediction.model_validate(p) for p in answer["predictions"]]
+
+    def list_backbones(self) -> list[Backbone]:
+        return [Backbone.model_validate(b) for b in self._call("GET", "/v1/backbones")["backbones"]]
+
+    # Admin (HTTP only: the admin key is for the operator's machine) ------------------------------------------------
+
+    def create_tenant(self, name: str) -> Tenant:
+        return Tenant.model_validate(self._call("POST", "/v1/admin/tenants", json={"name": name}))
+
+    def create_key(self, tenant: str) -> NewKey:
+        return NewKey.model_validate(self._call("POST", f"/v1/admin/tenants/{tenant}/keys"))
+
+
+def _named(name: str, collection: str) -> str:
+    """'x' or 'datasets/x' -> 'datasets/x' (users type bare names, the API speaks resource names)."""
+    return name if name.startswith(f"{collection}/") else f"{collection}/{name}"
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        code, message, details = body["code"], body["message"], body.get("details", {})
+    except (ValueError, KeyError, TypeError):
+        code, message, details = None, response.text[:200] or response.reason_phrase, {}
+    retry_after = response.headers.get("Retry-After")
+    raise error_for_status(response.status_code, code, message, details=details,
+                           retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None)  # fmt: skip
+
+
+def _server_sent_jobs(lines: Iterable[str]) -> Iterator[Job]:
+    """``data: <Job JSON>`` events; an ``event: error`` (e.g. the key was revoked) raises its error."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data = json.loads(line.removeprefix("data:"))
+            if event == "error":
+                raise error_for_status(500, data.get("code"), data.get("message", ""), details=data.get("details"))
+            yield Job.model_validate(data)
+        elif not line:
+            event = "message"
+
+

@@ -1,0 +1,154 @@
+"""The resources the server documents (protos/graft/v1, the HTTP JSON), as the client reads them.
+
+The field names and meanings are the contract's, not a second vocabulary:
+``name`` is a resource name (``datasets/{id}``, ``heads/{head}/versions/{v}``),
+``display_name`` what a person called it. Over gRPC the messages are turned into
+the same JSON (proto field names, lowercase enum values), so both transports
+return these models. Unknown fields are ignored: a newer server does not break
+an older client (tests/test_client_models.py checks the names against the protos).
+"""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+HeadKind = Literal["linear", "mlp", "finetune"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Backbone(BaseModel):
+    name: str
+    pretrained: bool = True
+    weights_source: str = ""
+    feature_dim: int = 0
+    num_blocks: int = 0
+    split_points: list[int] = []
+    input_size: int = 0
+    notes: str = ""
+
+
+class Dataset(BaseModel):
+    name: str = Field(description="datasets/{dataset}")
+    display_name: str
+    create_time: datetime
+    example_count: int
+    classes: list[str]
+    examples_per_class: dict[str, int]
+
+    @property
+    def id(self) -> str:
+        return self.name.removeprefix("datasets/")
+
+
+class SearchSpace(BaseModel):
+    lr: list[float] | None = None
+    weight_decay: list[float] | None = None
+    hidden: list[int] | None = None
+    max_trials: int | None = None
+
+
+class HyperParams(BaseModel):
+    """Fixed settings the search varies around; unset ones take the kind's defaults on the server."""
+
+    lr: float | None = None
+    weight_decay: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    hidden: int | None = None
+    label_smoothing: float | None = None
+    patience: int | None = None
+
+
+class TrainingSpec(BaseModel):
+    """What to train (the body of ``POST /v1/jobs``); unset fields take the server's defaults."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    head: str
+    backbone: str | None = None
+    latency_budget_ms: float | None = None
+    kind: HeadKind | None = None
+    finetune_blocks: int | None = None
+    search: SearchSpace | None = None
+    hyperparams: HyperParams | None = None
+    holdout_fraction: float | None = None
+    seed: int | None = None
+
+
+class Job(BaseModel):
+    name: str = Field(description="jobs/{job}")
+    state: JobState
+    done: bool
+    phase: str = ""
+    progress: float = 0.0
+    message: str = ""
+    spec: TrainingSpec
+    metrics: dict[str, Any] = {}
+    head_version: str | None = Field(None, description="heads/{head}/versions/{version} once succeeded")
+    error: str | None = None
+    create_time: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+class HeadVersion(BaseModel):
+    name: str = Field(description="heads/{head}/versions/{version}")
+    version: int
+    backbone: str
+    split_point: int | None = None
+    kind: HeadKind
+    classes: list[str]
+    hyperparams: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    dataset: str = ""
+    job: str | None = None
+    param_bytes: int = 0
+    aliases: list[str] = []
+    create_time: datetime
+
+
+class Head(BaseModel):
+    name: str = Field(description="heads/{head}")
+    latest_version: int
+    versions: list[HeadVersion]
+    aliases: dict[str, int] = {}
+
+    @property
+    def display(self) -> str:
+        """The bare head name, as predictions and the CLI use it."""
+        return self.name.removeprefix("heads/")
+
+    def version(self, ref: str | int | None = None) -> HeadVersion:
+        """A version by number, alias or None (the latest)."""
+        number = self.latest_version if ref in (None, "latest") else self.aliases.get(str(ref), ref)
+        for version in self.versions:
+            if str(version.version) == str(number):
+                return version
+        raise KeyError(f"{self.name} has no version or alias {ref!r}")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class HeadPrediction(BaseModel):
+    head: str
+    version: int
+    top: list[LabelScore]
+
+
+class ImagePrediction(BaseModel):
+    heads: list[HeadPrediction]
+    embedding: list[float] | None = None
+
+
+class Tenant(BaseModel):
+    name: str
+    created_at: datetime | None = None
+
+
+class NewKey(BaseModel):
+    key_id: str
+    tenant: str
+    secret: str = Field(description="shown once: store it now")
