@@ -1,0 +1,97 @@
+// "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export.
+
+import { call, download, listAll } from "./api.js";
+import { el, formatTime, metricsView, percent } from "./widgets.js";
+
+const list = () => document.getElementById("heads-list");
+
+export async function showHeads() {
+  list().replaceChildren(el("p", {}, "Loading your heads…"));
+  let heads;
+  try {
+    heads = await listAll("heads");
+  } catch (error) {
+    list().replaceChildren(el("p", { class: "error", role: "alert" }, `Your heads could not be listed: ${error.message}`));
+    return;
+  }
+  if (heads.length === 0) {
+    list().replaceChildren(el("p", {}, "No heads yet. ", el("a", { href: "#new" }, "Teach a new model"), " to make one."));
+    return;
+  }
+  list().replaceChildren(...heads.map(headCard));
+}
+
+const shortName = (head) => head.name.replace(/^heads\//, "");
+
+function headCard(head) {
+  const name = shortName(head);
+  const status = el("p", { class: "error", role: "alert" });
+  const versions = [...head.versions].sort((a, b) => b.version - a.version);
+  return el("article", { class: "card head", "aria-labelledby": `head-${name}` },
+    el("h2", { id: `head-${name}` }, name),
+    el("p", { class: "hint" }, `latest version ${head.latest_version}`,
+      versions[0] ? ` · ${versions[0].kind} on ${versions[0].backbone} · ${versions[0].classes.join(", ")}` : ""),
+    aliasList(name, head, status),
+    el("div", { class: "scroll" }, versionTable(name, versions, status)),
+    versions.map((v) => el("details", { class: "version-metrics" },
+      el("summary", {}, `Hold-out metrics of version ${v.version}`), metricsView(v.metrics, v.classes))),
+    aliasForm(name, versions, status),
+    status);
+}
+
+function aliasList(name, head, status) {
+  const entries = Object.entries(head.aliases).filter(([alias]) => alias !== "latest");
+  if (entries.length === 0) return el("p", { class: "aliases" }, "No aliases yet.");
+  return el("ul", { class: "aliases", "aria-label": `aliases of ${name}` }, entries.map(([alias, version]) =>
+    el("li", { class: "alias" }, el("code", {}, `${name}:${alias}`), ` → version ${version} `,
+      el("button", { type: "button", class: "quiet", "aria-label": `Remove alias ${alias} of ${name}`,
+        onclick: () => act(status, () => call(`heads/${name}/aliases/${alias}`, { method: "DELETE" })) }, "Remove"))));
+}
+
+function versionTable(name, versions, status) {
+  return el("table", { class: "versions" },
+    el("caption", { class: "visually-hidden" }, `Versions of ${name}`),
+    el("thead", {}, el("tr", {}, ["version", "kind", "backbone", "accuracy", "trained", "aliases", "export"]
+      .map((title) => el("th", { scope: "col" }, title)))),
+    el("tbody", {}, versions.map((v) => el("tr", {},
+      el("th", { scope: "row" }, String(v.version)),
+      el("td", {}, v.kind), el("td", {}, v.backbone),
+      el("td", {}, v.metrics.accuracy === undefined ? "–" : percent(v.metrics.accuracy)),
+      el("td", {}, formatTime(v.create_time)),
+      el("td", {}, v.aliases.join(", ")),
+      el("td", { class: "actions" },
+        el("button", { type: "button", class: "quiet", "aria-label": `Download ${name} version ${v.version} as safetensors`,
+          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=safetensors`), false) }, "weights"),
+        el("button", { type: "button", class: "quiet",
+          "aria-label": `Download ${name} version ${v.version} as TorchScript (backbone and head)`,
+          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=torchscript`), false) }, "TorchScript"),
+        el("a", { href: `#try?${name}@${v.version}`, "aria-label": `Try ${name} version ${v.version}` }, "try"))))));
+}
+
+function aliasForm(name, versions, status) {
+  const aliasId = `alias-${name}`;
+  const versionId = `alias-version-${name}`;
+  const alias = el("input", { id: aliasId, required: true, pattern: "[a-z][a-z0-9\\-]{0,62}", placeholder: "prod",
+    autocomplete: "off", spellcheck: "false" });
+  const version = el("select", { id: versionId }, versions.map((v) => el("option", { value: v.version }, `version ${v.version}`)));
+  return el("form", { class: "inline", "aria-label": `Set an alias of ${name}`, onsubmit: (event) => {
+    event.preventDefault();
+    act(status, () => call(`heads/${name}/aliases/${alias.value.trim()}`,
+      { method: "PUT", json: { version: Number(version.value) } }));
+  } },
+  el("label", { for: aliasId }, "Alias"), alias,
+  el("label", { for: versionId }, "points at"), version,
+  el("button", { type: "submit" }, "Set alias"));
+}
+
+/** Run a change; show the server's message if it fails, else redraw the list. */
+async function act(status, change, redraw = true) {
+  status.textContent = "";
+  try {
+    await change();
+  } catch (error) {
+    status.textContent = error.message;
+    return;
+  }
+  if (redraw) await showHeads();
+}

@@ -1,0 +1,190 @@
+"""The web page (service/ui) in a real headless browser against a real ``bentoml serve`` in keys mode.
+
+Playwright drives Debian's ``chromium`` (``make data`` installs it; Playwright's own browser download does
+not work offline). Each test takes screenshots of the pages it reaches, at desktop and phone sizes, into a
+temporary folder, or into ``GRAFT_SCREENSHOTS_DIR`` (``make screenshots`` refreshes ``docs/screenshots``).
+"""
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from sample_data import textile_files
+from servers import Server, make_tenant_key, start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+CLASSES = ("global", "local", "nominal")  # the textile folders, as textile_files orders them
+TIMEOUT_MS = 120_000  # uploads and training on 2 busy cores
+# Every text the training status shows, as the job's server-sent events arrive.
+SEEN_PROGRESS = """() => {
+  window.seenProgress = [];
+  const status = document.getElementById("train-text");
+  new MutationObserver(() => window.seenProgress.push(status.textContent))
+    .observe(status, { childList: true, characterData: true, subtree: true });
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("ui"), GRAFT_AUTH="keys", GRAFT_BACKBONES='["mobilenet_v2"]')
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server: Server) -> str:
+    return make_tenant_key(server, "ui")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (`make data` does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = os.environ.get("GRAFT_SCREENSHOTS_DIR")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shoot(page: Page, folder: Path, name: str) -> None:
+    """The page at desktop and phone width: ``{name}-desktop.png`` and ``{name}-phone.png``."""
+    for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(viewport)
+        page.screenshot(path=folder / f"{name}-{size}.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def sign_in(page: Page, server: Server, key: str) -> None:
+    page.goto(server.http_url)
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Your heads")).to_be_visible()
+
+
+def open_page(page: Page, name: str) -> None:
+    page.get_by_role("navigation", name="Pages").get_by_role("link", name=name).click()
+
+
+def image(name: str, data: bytes, mime: str = "image/jpeg") -> dict:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def add_classes(page: Page, per_class: int) -> None:
+    """Three classes of textile images, through each class's file picker (the page starts with two)."""
+    page.get_by_role("button", name="Add a class").click()
+    for n, label in enumerate(CLASSES, start=1):
+        page.locator(f"#class-name-{n}").fill(label)
+        files = [image(name.split("/")[1], data) for name, data, lbl in textile_files(per_class) if lbl == label]
+        page.locator(f"#class-files-{n}").set_input_files(files)
+        expect(page.locator(".class-card").nth(n - 1).locator(".count")).to_have_text(f"{per_class} images")
+
+
+def test_page_refuses_a_wrong_key_with_the_servers_message_and_accepts_a_valid_one(page, server, key, screenshots):
+    page.goto(server.http_url)  # "/" sends the browser to the page
+    expect(page).to_have_url(f"{server.http_url}/ui/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    shoot(page, screenshots, "sign-in")
+
+    page.get_by_label("API key").fill("graft_not-a-real-key")
+    page.get_by_role("button", name="Sign in").click()
+    refusal = page.get_by_role("alert").filter(has_text="The service refused this key")
+    expect(refusal).to_be_visible()
+    expect(page.get_by_role("navigation", name="Pages")).to_be_hidden()
+
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Your heads")).to_be_visible()
+    expect(page.get_by_text("No heads yet")).to_be_visible()
+
+
+def test_a_file_the_server_refuses_shows_its_message_next_to_it(page, server, key):
+    sign_in(page, server, key)
+    open_page(page, "New model")
+    page.get_by_label("Model name").fill("refused")
+    add_classes(page, per_class=2)
+    page.locator("#class-files-2").set_input_files([image("broken.jpg", b"this is not a JPEG")])
+    page.get_by_role("button", name="Upload and train").click()
+
+    broken = page.locator(".thumb").filter(has_text="broken.jpg")
+    expect(broken.locator(".file-error")).to_contain_text("file 'local/broken.jpg' is not a decodable image")
+    expect(page.locator("#new-error")).to_contain_text("refused a file")
+    assert page.locator(".file-error:not(:empty)").count() == 1, "only the refused file shows an error"
+    assert httpx.get(f"{server.http_url}/v1/datasets", headers={"Authorization": f"Bearer {key}"}).json()[
+        "datasets"] == [], "nothing was stored"  # fmt: skip
+
+
+def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(page, server, key, screenshots):
+    sign_in(page, server, key)
+    open_page(page, "New model")
+    expect(page.get_by_label("Backbone", exact=True)).to_have_value("mobilenet_v2")
+    page.get_by_label("Model name").fill("weave")
+    add_classes(page, per_class=30)
+    shoot(page, screenshots, "new-model")
+
+    page.evaluate(SEEN_PROGRESS)
+    page.get_by_role("button", name="Upload and train").click()
+    expect(page.locator("#upload-text")).to_have_text("90 images stored", timeout=TIMEOUT_MS)
+    expect(page.locator("#train-text")).to_have_text("done: weave version 1", timeout=TIMEOUT_MS)
+    seen = page.evaluate("window.seenProgress")
+    assert any(text.startswith("running: extract") for text in seen), f"no live progress shown: {seen}"
+    results = page.get_by_role("region", name="Results")
+    expect(results.locator(".accuracy")).to_have_text(re.compile(r"^\d+\.\d %$"))
+    matrix = results.locator(".confusion-matrix")
+    expect(matrix.locator("tbody tr")).to_have_count(3)
+    expect(matrix.locator("tbody td")).to_have_count(9)
+    shoot(page, screenshots, "trained")
+
+    open_page(page, "Your heads")
+    expect(page.get_by_role("heading", name="weave")).to_be_visible()
+    page.get_by_label("Alias", exact=True).fill("prod")
+    page.get_by_role("button", name="Set alias").click()
+    expect(page.get_by_text("weave:prod")).to_be_visible()
+    page.get_by_text("Hold-out metrics of version 1").click()
+    shoot(page, screenshots, "heads")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download weave version 1 as safetensors").click()
+    assert download.value.suggested_filename.endswith(".safetensors")
+
+    # A held-out image of 'global' (whole-fabric defects), the class this small head tells apart on every
+    # hold-out image; small 'local' defects are sometimes taken for 'nominal' at 224 px.
+    name, data, label = textile_files(per_class=1, offset=400)[0]
+    open_page(page, "Try it")
+    expect(page.get_by_label("weave (latest, v1)")).to_be_checked()
+    page.get_by_label("weave:prod (v1)").check()
+    page.locator("#try-file").set_input_files([image(name.split("/")[1], data)])
+    answers = page.locator(".result")
+    expect(answers).to_have_count(2)  # latest and prod, side by side
+    top_label = answers.first.locator(".top-label").inner_text()
+    shoot(page, screenshots, "try")
+
+    reply = httpx.post(f"{server.http_url}/v1/predict:upload", files={"files": (name, data)},
+                       data={"heads": "weave"}, headers={"Authorization": f"Bearer {key}"}).json()  # fmt: skip
+    assert top_label == reply["predictions"][0]["heads"][0]["top"][0]["label"] == label
+    expect(answers.nth(1).locator(".top-label")).to_have_text(top_label)
