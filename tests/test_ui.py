@@ -92,6 +92,13 @@ def open_page(page: Page, name: str) -> None:
     page.get_by_role("navigation", name="Pages").get_by_role("link", name=name).click()
 
 
+def unlabelled_controls(page: Page) -> list[str]:
+    """Form controls on the shown page that a screen reader could not name."""
+    return page.evaluate("""() => [...document.querySelectorAll("input, select, textarea")]
+        .filter((control) => control.labels.length === 0 && !control.getAttribute("aria-label"))
+        .map((control) => control.outerHTML)""")
+
+
 def image(name: str, data: bytes, mime: str = "image/jpeg") -> dict:
     return {"name": name, "mimeType": mime, "buffer": data}
 
@@ -110,16 +117,16 @@ def test_page_refuses_a_wrong_key_with_the_servers_message_and_accepts_a_valid_o
     page.goto(server.http_url)  # "/" sends the browser to the page
     expect(page).to_have_url(f"{server.http_url}/ui/")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
-    shoot(page, screenshots, "sign-in")
 
     page.get_by_label("API key").fill("graft_not-a-real-key")
     page.get_by_role("button", name="Sign in").click()
     refusal = page.get_by_role("alert").filter(has_text="The service refused this key")
     expect(refusal).to_be_visible()
+    shoot(page, screenshots, "sign-in")
     expect(page.get_by_role("navigation", name="Pages")).to_be_hidden()
 
     page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("API key").press("Enter")  # the keyboard is enough
     expect(page.get_by_role("heading", name="Your heads")).to_be_visible()
     expect(page.get_by_text("No heads yet")).to_be_visible()
 
@@ -146,6 +153,7 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     expect(page.get_by_label("Backbone", exact=True)).to_have_value("mobilenet_v2")
     page.get_by_label("Model name").fill("weave")
     add_classes(page, per_class=30)
+    assert unlabelled_controls(page) == []
     shoot(page, screenshots, "new-model")
 
     page.evaluate(SEEN_PROGRESS)
@@ -181,6 +189,7 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     page.locator("#try-file").set_input_files([image(name.split("/")[1], data)])
     answers = page.locator(".result")
     expect(answers).to_have_count(2)  # latest and prod, side by side
+    assert unlabelled_controls(page) == []
     top_label = answers.first.locator(".top-label").inner_text()
     shoot(page, screenshots, "try")
 

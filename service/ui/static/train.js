@@ -44,11 +44,10 @@ function addClass() {
     multiple: true, accept: "image/*", onchange: (event) => { addFiles(entry, event.target.files); event.target.value = ""; } });
   const folder = el("input", { id: `class-folder-${n}`, class: "visually-hidden class-folder", type: "file",
     webkitdirectory: true, onchange: (event) => { addFiles(entry, event.target.files); event.target.value = ""; } });
-  const drop = el("div", { class: "drop", tabindex: 0, "aria-describedby": `class-drop-help-${n}`,
-    onkeydown: (event) => { if (event.key === "Enter" || event.key === " ") { event.preventDefault(); pick.click(); } } },
-    el("p", { id: `class-drop-help-${n}` }, "Drop images here, or"),
-    el("label", { class: "button secondary", for: pick.id }, "choose images"), pick,
-    el("label", { class: "button secondary", for: folder.id }, "choose a folder"), folder);
+  const drop = el("div", { class: "drop" },
+    el("p", {}, "Drop images here, or"),
+    el("label", { class: "button secondary", for: pick.id }, "choose images", el("span", { class: "visually-hidden" }, ` of class ${n}`)), pick,
+    el("label", { class: "button secondary", for: folder.id }, "choose a folder", el("span", { class: "visually-hidden" }, ` of class ${n}`)), folder);
   acceptDrops(drop, (files) => addFiles(entry, files));
   entry.card = el("fieldset", { class: "card class-card" },
     el("legend", {}, `Class ${n}`),

@@ -13,9 +13,6 @@ export function setUpTry() {
     event.target.value = "";
   });
   acceptDrops($("try-drop"), (files) => { if (files[0]) useImage(files[0]); });
-  $("try-drop").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("try-file").click(); }
-  });
   document.addEventListener("paste", (event) => {
     if ($("page-try").hidden) return;
     const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
