@@ -53,10 +53,10 @@ export function confusionMatrix(confusion, classes) {
     const total = row.reduce((a, b) => a + b, 0) || 1;
     return el("tr", {}, el("th", { scope: "row" }, classes[i]), row.map((count, j) => {
       const share = count / total;
-      const dark = share > 0.55;
+      // At most half-strength colour, so dark text keeps a contrast above 7:1 on every cell.
       return el("td", {
-        class: `${i === j ? "diagonal" : ""} ${dark ? "dark" : ""}`,
-        style: `background: rgba(${i === j ? "22, 101, 52" : "153, 27, 27"}, ${(0.08 + 0.92 * share).toFixed(2)})`,
+        class: i === j ? "diagonal" : null,
+        style: `background: rgba(${i === j ? "22, 101, 52" : "153, 27, 27"}, ${(0.05 + 0.45 * share).toFixed(2)})`,
         title: `${count} of ${total} ${classes[i]} images predicted as ${classes[j]}`,
       }, String(count));
     }));
