@@ -57,14 +57,15 @@ def registry(cluster: Cluster) -> sa.Engine:
     return sa.create_engine(cluster.postgres.url)
 
 
-def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300) -> dict:
+def wait_for_job(client: httpx.Client, name: str, timeout_s: float = 300) -> dict:
+    """Poll the job ``name`` (jobs/{id}) until it is done."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/{job_id}").json()  # job_id: the name, jobs/{id}
+        job = client.get(f"/v1/{name}").json()
         if job["done"]:
             return job
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish within {timeout_s} s")
+    raise AssertionError(f"job {name} did not finish within {timeout_s} s")
 
 
 def upload_http(client: httpx.Client, examples, name: str) -> dict:
@@ -136,12 +137,13 @@ def test_an_alias_moved_and_a_version_deleted_on_one_replica_are_seen_by_the_oth
 
 
 def test_twenty_jobs_each_run_exactly_once_across_the_replicas(cluster, client, dataset):
-    ids = []
+    names = []
     for i in range(20):
         response = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": f"many-{i}", **QUICK})
         assert response.status_code == 202, response.text
-        ids.append(response.json()["name"].removeprefix("jobs/"))
-    jobs = [wait_for_job(client, job_id) for job_id in ids]
+        names.append(response.json()["name"])
+    jobs = [wait_for_job(client, name) for name in names]
+    ids = [name.removeprefix("jobs/") for name in names]
     assert [job["state"] for job in jobs] == ["succeeded"] * 20
     with registry(cluster).connect() as db:
         rows = db.execute(sa.text("SELECT id, attempts, worker FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}).all()
