@@ -144,6 +144,8 @@ def _follow(graft: Client, job: Job) -> Job:
         accuracy = update.metrics.get("val_accuracy")
         if update.phase == "search" and isinstance(accuracy, int | float) and "done" in update.message:
             best.append(accuracy)
+        if update.done and isinstance(update.metrics.get("accuracy"), int | float):
+            best.append(update.metrics["accuracy"])  # the chosen head's: updates in between may have been skipped
         best_text = f"  best hold-out accuracy {max(best):.3f}" if best else ""
         bar.update(update.progress, f"{update.state} {update.phase}: {update.message}{best_text}", force=update.done)
 

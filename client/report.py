@@ -93,7 +93,7 @@ def _reliability(ax: Any, bins: list[dict[str, Any]]) -> None:
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability curve (numbers: images per bin)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="best")
 
 
 def _trials(ax: Any, trials: list[dict[str, Any]]) -> None:
