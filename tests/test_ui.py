@@ -48,7 +48,9 @@ def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (`make data` does)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        # Chromium's fake camera (a test pattern) stands in for a webcam, allowed without asking.
+        args = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
         yield browser
         browser.close()
 
@@ -197,3 +199,11 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
                        data={"heads": "weave"}, headers={"Authorization": f"Bearer {key}"}).json()  # fmt: skip
     assert top_label == reply["predictions"][0]["heads"][0]["top"][0]["label"] == label
     expect(answers.nth(1).locator(".top-label")).to_have_text(top_label)
+
+    first_answer = answers.first.element_handle()
+    page.get_by_role("button", name="Use the webcam").click()
+    page.get_by_role("button", name="Take a picture").click()
+    page.wait_for_function("answer => !answer.isConnected", arg=first_answer)  # the picture's answers replace it
+    expect(answers).to_have_count(2)
+    expect(answers.first.locator(".top-label")).to_have_text(re.compile(f"^({'|'.join(CLASSES)})$"))
+    page.get_by_role("button", name="Stop the webcam").click()

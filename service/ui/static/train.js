@@ -213,5 +213,5 @@ async function train(spec, head) {
     metricsView(trained.metrics, trained.classes));
   $("result-try").href = `#try?${name}@${version}`;
   $("result").hidden = false;
-  $("result-title").focus?.();
+  $("result-title").focus();  // screen readers announce the results
 }
