@@ -49,6 +49,9 @@ def images(tmp_path_factory) -> Path:
     for name in HELD_OUT:
         (root / "held_out" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(textile_dir() / name, root / "held_out" / name)
+    shutil.make_archive(str(root / "train"), "zip", root / "train")  # the same images as a zip ...
+    rows = [f"train/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((root / "train").glob("*/*.jpg"))]
+    (root / "train.csv").write_text("path,label\n" + "\n".join(rows) + "\n")  # ... and as a CSV
     return root
 
 
@@ -153,6 +156,9 @@ def test_the_python_client_uploads_trains_and_predicts(server, images, tenant, t
         assert dataset.example_count == 3 * TRAIN_PER_CLASS and dataset.examples_per_class == dict.fromkeys(
             CLASSES, TRAIN_PER_CLASS)
         assert sent[-1][1] == 3 * TRAIN_PER_CLASS and sent == sorted(sent)
+        for other in (images / "train.zip", images / "train.csv"):
+            same = client.create_dataset(other, f"{other.suffix}-{transport}")
+            assert (same.example_count, same.examples_per_class) == (dataset.example_count, dataset.examples_per_class)
 
         job = client.train(dataset.name, f"weave-{transport}", hyperparams={"epochs": 5})
         assert job.state == "queued" and job.spec.dataset == dataset.name
