@@ -11,13 +11,13 @@ from client.base import Client
 from client.errors import GraftError
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
-from client.retry import RetryPolicy
+from client.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["Client", "GraftError", "GrpcClient", "HttpClient", "RetryPolicy", "connect"]
 
 
 def connect(url: str, api_key: str | None = None, *, timeout_s: float = 60.0,
-            retry: RetryPolicy = RetryPolicy()) -> Client:  # fmt: skip
+            retry: RetryPolicy = DEFAULT_RETRY) -> Client:  # fmt: skip
     """A client for ``http(s)://host:port`` (the HTTP door) or ``grpc://host:port`` (the gRPC door)."""
     if url.startswith("grpc://"):
         return GrpcClient(url.removeprefix("grpc://"), api_key, timeout_s, retry)

@@ -11,11 +11,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from client import sources
 from client.errors import Unavailable
-from client.models import Backbone, Dataset, Head, HyperParams, ImagePrediction, Job, SearchSpace, TrainingSpec
+from client.models import (
+    Backbone,
+    Dataset,
+    Head,
+    HyperParams,
+    ImagePrediction,
+    Job,
+    SearchSpace,
+    TrainingSpec,
+)
 from client.retry import RetryPolicy
 from client.sources import Example
 
@@ -186,7 +195,7 @@ class Client(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:

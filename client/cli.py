@@ -23,7 +23,7 @@ from client import config, connect, sources
 from client.base import Client
 from client.errors import GraftError, Unavailable
 from client.http_client import HttpClient
-from client.models import Dataset, Head, ImagePrediction, Job
+from client.models import ImagePrediction, Job
 from client.progress import ProgressBar, human_bytes
 from client.retry import RetryPolicy
 
@@ -127,7 +127,7 @@ def train(graft: Client, args: argparse.Namespace) -> int:
 
 def _dataset_name(graft: Client, given: str) -> str:
     """A dataset by resource name, id or display name (the newest of that name)."""
-    if given.startswith("datasets/") or given.startswith("ds_"):
+    if given.startswith(("datasets/", "ds_")):
         return given if given.startswith("datasets/") else f"datasets/{given}"
     matches = [d for d in graft.list_datasets() if d.display_name == given]
     if not matches:

@@ -21,7 +21,7 @@ from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import Client, UploadProgress
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
 from client.models import Backbone, Dataset, Head, ImagePrediction, Job, TrainingSpec
-from client.retry import RetryPolicy
+from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, from_directory
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default GRAFT_GRPC_MAX_MESSAGE_BYTES
@@ -32,7 +32,7 @@ _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is
 
 class GrpcClient(Client):
     def __init__(self, target: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = RetryPolicy()) -> None:  # fmt: skip
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
         super().__init__(f"grpc://{target}", api_key, timeout_s, retry)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip

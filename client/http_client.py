@@ -9,9 +9,18 @@ import httpx
 
 from client.base import Client, UploadProgress
 from client.errors import DeadlineExceeded, Unavailable, error_for_status
-from client.models import Backbone, Dataset, Head, ImagePrediction, Job, NewKey, Tenant, TrainingSpec
+from client.models import (
+    Backbone,
+    Dataset,
+    Head,
+    ImagePrediction,
+    Job,
+    NewKey,
+    Tenant,
+    TrainingSpec,
+)
 from client.multipart import MultipartBody
-from client.retry import RetryPolicy
+from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, zip_image_count
 
 PAGE_SIZE = 1000
@@ -19,7 +28,7 @@ PAGE_SIZE = 1000
 
 class HttpClient(Client):
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = RetryPolicy()) -> None:  # fmt: skip
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
         super().__init__(url.rstrip("/"), api_key, timeout_s, retry)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)

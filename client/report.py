@@ -11,10 +11,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from client.models import Head, HeadVersion  # noqa: E402
+from client.models import Head, HeadVersion
 
 
 def draw(head: Head, version: HeadVersion, out: Path) -> None:

@@ -47,4 +47,4 @@ def retryable(error: GraftError) -> bool:
     return isinstance(error, Unavailable) or error.retry_after_s is not None
 
 
-NO_RETRY = RetryPolicy(attempts=1)
+DEFAULT_RETRY = RetryPolicy()

@@ -59,7 +59,7 @@ def graft(*args: str, url: str, key: str | None, **kwargs) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")} | {"GRAFT_URL": url}
     env |= {"GRAFT_API_KEY": key} if key else {}
     env["GRAFT_CONFIG"] = "/nonexistent/graft.toml"
-    return subprocess.run([GRAFT, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run([GRAFT, *args], env=env, capture_output=True, text=True, timeout=300, check=False, **kwargs)
 
 
 def graft_in_terminal(*args: str, url: str, key: str, answer_interrupt: str | None = None) -> tuple[int, str]:
