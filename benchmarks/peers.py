@@ -25,6 +25,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import ray
+from ray import serve
+
 from engine_setup import create_linear_heads
 from http_load import UNLIMITED_QUOTAS, http_level
 from ray_peer import RayPeerConfig, deploy, head_file
@@ -42,7 +45,10 @@ Level = Callable[[list[str], int, float], Awaitable[dict]]
 
 
 async def compare(systems: dict[str, Level], heads: list[str], seconds: float) -> dict:
-    """Every (heads, concurrency) level on each system in turn; warm-ups load every head first."""
+    """Every (heads, concurrency) level on each system in turn, after a short warm-up of each.
+
+    Heads the warm-up did not reach are loaded on first use, by both systems alike.
+    """
     result: dict = {system: {} for system in systems}
     for count, concurrencies in PLAN:
         used = heads[:count]
@@ -60,9 +66,6 @@ async def compare(systems: dict[str, Level], heads: list[str], seconds: float) -
 @contextmanager
 def ray_serve(config: RayPeerConfig) -> Iterator[str]:
     """A local Ray cluster with the peer deployed; yields its URL and shuts it all down after."""
-    import ray
-    from ray import serve
-
     # Ray's workers import the deployment from this folder and graft's trunk from the repo.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=config.cpus, num_gpus=config.gpus, include_dashboard=False, object_store_memory=256 << 20,
