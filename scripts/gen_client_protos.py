@@ -37,7 +37,7 @@ def generate(out_dir: Path) -> None:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         for path in Path(tmp).rglob("*.py*"):
-            text = re.sub(r"^from graft\.v1 import", f"from {PACKAGE}.graft.v1 import", path.read_text(), flags=re.M)
+            text = re.sub(r"^from graft\.v1 import", f"from {PACKAGE}.graft.v1 import", path.read_text(), flags=re.MULTILINE)
             target = out_dir / path.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)

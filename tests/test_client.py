@@ -11,7 +11,15 @@ from adapters.metrics import ECE_BINS, evaluate
 from client import models
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2 as api
-from client.errors import GraftError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, error_for, error_for_status
+from client.errors import (
+    GraftError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_for,
+    error_for_status,
+)
 from client.report import draw
 from client.retry import RetryPolicy
 
