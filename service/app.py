@@ -23,6 +23,7 @@ import bentoml
 from service.config import Settings
 from service.grpc.server import GrpcServer, start_grpc_server
 from service.http.app import create_app
+from service.http.errors import ErrorBodyOutsideTheApp
 from service.provision import bento_weights_dir
 from service.runtime import Runtime
 
@@ -63,6 +64,10 @@ class Graft:
     def __is_ready__(self) -> bool:
         """Read by /readyz: only flags (registry probe, draining), never a database call on the event loop."""
         return self.grpc is not None and self.runtime.ready
+
+
+# Unknown routes and BentoML's own routes answer errors in the HTTP door's error body too.
+Graft.add_asgi_middleware(ErrorBodyOutsideTheApp)
 
 
 def drain_before_stopping_on_sigterm(drain: Callable[[], Awaitable[None]]) -> None:

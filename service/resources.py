@@ -32,15 +32,19 @@ DEFAULT_TOP_K = 5
 MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
 MAX_REF_CHARS = 256
 
-# One resource id: printable, no '/' (PostgreSQL refuses NUL in text).
-ID_PATTERN = rf"^[^/\x00-\x1f\x7f]{{1,{MAX_REF_CHARS}}}$"
+# One resource id: printable (PostgreSQL refuses NUL in text), no '/' (a name's separator) and no ':' (a custom
+# method's, as in jobs/{job}:cancel).
+ID_PATTERN = rf"^[^/:\x00-\x1f\x7f]{{1,{MAX_REF_CHARS}}}$"
 HEAD_NAME_PATTERN = rf"^{NAME_PATTERN}$"
 # An alias is a head name other than 'latest' (the implicit alias of the newest version): a JSON schema
 # `not` says so, since pydantic's regex engine has no look-ahead.
 ALIAS_PATTERN = HEAD_NAME_PATTERN
 NOT_LATEST = {"not": {"const": "latest"}}
 HEAD_REF_PATTERN = rf"^(heads/)?{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
-DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# Display names and labels: some character that is not a space, and no control character (Unicode Cc).
+DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# A page token is base64url (service/store/pages.py), opaque: only a next_page_token the service returned is valid.
+PAGE_TOKEN_PATTERN = r"^[A-Za-z0-9_-]{0,4096}$"
 
 ResourceId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 HeadName = Annotated[str, StringConstraints(pattern=HEAD_NAME_PATTERN)]
@@ -57,7 +61,7 @@ def resource_id(name: str, collection: str) -> str:
     if re.fullmatch(ID_PATTERN.strip("^$"), value) is None:
         raise InvalidArgument(
             f"{name[:MAX_REF_CHARS]!r} is not a resource name of the form '{collection}/{{id}}' "
-            f"(at most {MAX_REF_CHARS} printable characters, no '/')"
+            f"(at most {MAX_REF_CHARS} printable characters, no '/' or ':')"
         )
     return value
 
@@ -116,10 +120,22 @@ class Dataset(BaseModel):
                    example_count=info.num_examples, classes=info.classes, examples_per_class=info.counts)
 
 
+def _only_with(field: str, is_set: dict, then: str, value: str) -> dict:
+    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), ``then`` must be ``value``."""
+    return {"if": {"required": [field], "properties": {field: is_set}},
+            "then": {"required": [then], "properties": {then: {"const": value}}}}  # fmt: skip
+
+
 class TrainingSpec(BaseModel):
     """What to train. Unset fields take the service's defaults (shown in the job's ``spec``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The core's cross-field rules (TrainRequest), stated in the schema too.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value),
+        _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
+        _only_with("search", {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
+                   "kind", HeadKind.MLP.value),
+    ]})  # fmt: skip
 
     dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
         description="datasets/{dataset}"

@@ -161,10 +161,11 @@ async def test_a_head_reference_with_control_characters_is_a_client_error(client
     assert response.status_code == 422, response.text
 
 
-@pytest.mark.parametrize("token", ["W" * 5000, "W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0"])
-async def test_a_malformed_page_token_is_a_client_error(client, key, token):
+# Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).
+@pytest.mark.parametrize(("token", "status"), [("W" * 5000, 422), ("é", 422), ("W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0", 400)])
+async def test_a_malformed_page_token_is_a_client_error(client, key, token, status):
     response = await client.get("/v1/heads", params={"page_token": token}, headers=bearer(key))
-    assert response.status_code == 400 and "page_token" in response.json()["message"]
+    assert response.status_code == status and "page_token" in response.json()["message"]
 
 
 # -- item 11 and 12: error bodies ------------------------------------------------------------------------

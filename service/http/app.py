@@ -29,7 +29,8 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     # refuse uploads the dataset limit allows (the gate bounds their bytes).
     images = settings.max_images_per_dataset
     app.include_router(datasets.router, form_limits={"max_files": images + 1, "max_fields": images + 2})
-    install_error_handlers(app)
+    routers = (backbones, datasets, jobs, heads, predict, admin)
+    install_error_handlers(app, [route for module in routers for route in module.router.routes])
     app.add_middleware(Gate, settings=settings, runtime=runtime)
     app.add_middleware(HideInternalErrors)  # added last: outermost
     return app

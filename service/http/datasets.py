@@ -2,33 +2,45 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
+from pydantic import StringConstraints
 
 from service.calls import Calls
 from service.errors import InvalidArgument
-from service.http.deps import calls
+from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
 from service.resources import (
     DEFAULT_PAGE_SIZE,
     DISPLAY_NAME_PATTERN,
     ID_PATTERN,
-    MAX_PAGE_SIZE,
     Dataset,
     ListDatasetsResponse,
 )
-from service.store.datasets import MAX_NAME_CHARS
+from service.store.datasets import MAX_LABEL_CHARS, MAX_NAME_CHARS
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*COMMON_ERRORS))
 
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS, pattern=DISPLAY_NAME_PATTERN)]
 DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in datasets/{dataset}")]
 
 
-@router.post("", response_model=Dataset, status_code=201, responses=error_responses(409, 429))
+# Either images with their labels or one zip, never both: a rule of the body as a whole, which FastAPI's
+# per-field schema cannot state, so the operation adds it beside the generated schema.
+_FILES_OR_ARCHIVE = {
+    "oneOf": [
+        {"required": ["files", "labels"], "not": {"required": ["archive"]}},
+        {"required": ["archive"], "not": {"anyOf": [{"required": ["files"]}, {"required": ["labels"]}]}},
+    ]
+}
+
+
+@router.post("", response_model=Dataset, status_code=201, responses=error_responses(409, 429),
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _FILES_OR_ARCHIVE}}}})
 async def create_dataset(
     display_name: str = Form(..., min_length=1, max_length=MAX_NAME_CHARS, pattern=DISPLAY_NAME_PATTERN),
-    files: list[UploadFile] | None = File(None, description="images; give one `labels` field per file, in order"),
-    labels: list[str] | None = Form(None, description="one label per file, in the same order"),
-    archive: UploadFile | None = File(None, description="or: a zip in class-folder layout (label/image.jpg)"),
+    files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order"),
+    labels: list[Label] = Form([], description="one label per file, in the same order"),
+    archive: UploadFile = File(None, description="or: a zip in class-folder layout (label/image.jpg)"),
     api: Calls = Depends(calls),
 ) -> Dataset:
     """Upload a dataset: `files` with `labels`, or one zip `archive`. Every file is validated before anything is stored.
@@ -49,8 +61,8 @@ async def create_dataset(
 
 @router.get("", response_model=ListDatasetsResponse)
 async def list_datasets(
-    page_size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
-    page_token: str = "",
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = "",
     api: Calls = Depends(calls),
 ) -> ListDatasetsResponse:
     return await api.list_datasets(page_size, page_token)

@@ -1,11 +1,19 @@
 """What every HTTP handler needs: the caller's ``Calls`` (tenant found by the gate), or the runtime for admin."""
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Query, Request
 
 from service.calls import Calls, KeyCheck
 from service.errors import PermissionDenied, Unauthenticated
 from service.http.gate import ADMIN, TENANT
+from service.resources import MAX_PAGE_SIZE, PAGE_TOKEN_PATTERN
 from service.runtime import Runtime
+
+# The query parameters of every List method.
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+PageToken = Annotated[str, Query(pattern=PAGE_TOKEN_PATTERN, description="the previous page's next_page_token, "
+                                 "unchanged (opaque); empty for the first page")]  # fmt: skip
 
 
 def runtime(request: Request) -> Runtime:

@@ -8,13 +8,16 @@ details under that reference, never the response.
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -91,9 +94,22 @@ async def _graft_error(_: Request, exc: errors.GraftError) -> JSONResponse:
     return error_response(exc)
 
 
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "invalid_argument" if exc.status_code < 500 else "internal")
     return JSONResponse(error_body(code, str(exc.detail), {}), status_code=exc.status_code, headers=exc.headers)
+
+
+def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, HTTPException], Awaitable[JSONResponse]]:
+    """405 with every method the path takes in ``Allow``: Starlette's names only the first matching route's."""
+
+    async def handler(request: Request, _: HTTPException) -> JSONResponse:
+        allowed = sorted({m for route in routes if route.matches(request.scope)[0] is not Match.NONE
+                          for m in getattr(route, "methods", None) or ()})  # fmt: skip
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        return JSONResponse(error_body("method_not_allowed", message, {"allowed": allowed}), status_code=405,
+                            headers={"Allow": ", ".join(allowed)})  # fmt: skip
+
+    return handler
 
 
 async def _validation_error(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
@@ -104,9 +120,11 @@ async def _validation_error(_: Request, exc: RequestValidationError | Validation
     return JSONResponse(error_body("invalid_argument", message, {"problems": problems}), status_code=422)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, routes: list[BaseRoute]) -> None:
+    """``routes``: every route of the app's routers (FastAPI nests included routers out of reach of ``app.routes``)."""
     app.add_exception_handler(errors.GraftError, _graft_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(405, _method_not_allowed(routes))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)
 
@@ -138,3 +156,48 @@ class HideInternalErrors:
                 raise  # the response is under way: all that can be done is to break it off
             body = error_body("internal", f"internal error (reference {reference})", {"reference": reference})
             await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+class ErrorBodyOutsideTheApp:
+    """Around BentoML's own app: its plain-text 404 (no route) and 405 (e.g. ``POST /livez``) become the error body.
+
+    The FastAPI app sees only paths it routes (BentoML mounts it passively), so an unknown path never reaches
+    ``install_error_handlers``; this middleware gives those answers the same ``{code, message, details}``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def replacing_send(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and _is_plain_routing_error(message):
+                replaced = True
+                await _routing_error(scope, message)(scope, receive, send)
+                return
+            if replaced:
+                return  # the plain-text body of the replaced answer
+            await send(message)
+
+        await self.app(scope, receive, replacing_send)
+
+
+def _is_plain_routing_error(start: Message) -> bool:
+    headers = Headers(raw=start.get("headers", []))
+    return start["status"] in (404, 405) and headers.get("content-type", "").startswith("text/plain")
+
+
+def _routing_error(scope: Scope, start: Message) -> JSONResponse:
+    method, path = scope["method"], scope["path"]
+    if start["status"] == 404:
+        body = error_body("not_found", f"no route {method} {path}; the API is listed at /openapi.json", {})
+        return JSONResponse(body, status_code=404)
+    allow = Headers(raw=start.get("headers", [])).get("allow", "")
+    body = error_body("method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}",
+                      {"allowed": [m.strip() for m in allow.split(",") if m.strip()]})  # fmt: skip
+    return JSONResponse(body, status_code=405, headers={"Allow": allow})

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.calls import authenticate
@@ -70,6 +71,8 @@ class Gate:
         authorization = Headers(scope=scope).get("authorization")
         tenants = self.runtime().tenants
         if path.startswith("/v1/admin/"):
+            if not _has_route(scope):
+                return  # an unknown route or method: the router answers 404 or 405, the body unread
             tenants.require_admin(authorization)
             scope[ADMIN] = True
         else:
@@ -79,6 +82,11 @@ class Gate:
         if scope["method"] == "POST" and scope["path"] == "/v1/datasets":
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
         return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
+
+
+def _has_route(scope: Scope) -> bool:
+    """Whether a route of the app takes this path and method."""
+    return any(route.matches(scope)[0] is Match.FULL for route in scope["app"].router.routes)
 
 
 def _check_declared_length(headers: Headers, limit: int, setting: str) -> None:

@@ -2,17 +2,17 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel
 
 from service.calls import Calls
-from service.http.deps import calls
+from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
+from service.http.routing import ResourceRoute
 from service.resources import (
     ALIAS_PATTERN,
     DEFAULT_PAGE_SIZE,
     HEAD_NAME_PATTERN,
-    MAX_PAGE_SIZE,
     NAME_PATTERN,
     NOT_LATEST,
     ExportFormat,
@@ -21,7 +21,9 @@ from service.resources import (
     Version,
 )
 
-router = APIRouter(prefix="/v1/heads", tags=["heads"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(
+    prefix="/v1/heads", tags=["heads"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
+)
 
 HeadName = Annotated[str, Path(pattern=HEAD_NAME_PATTERN, description="the head in heads/{head}")]
 Alias = Annotated[str, Path(pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST,
@@ -36,8 +38,8 @@ class AliasTarget(BaseModel):
 
 @router.get("", response_model=ListHeadsResponse)
 async def list_heads(
-    page_size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
-    page_token: str = "",
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = "",
     api: Calls = Depends(calls),
 ) -> ListHeadsResponse:
     return await api.list_heads(page_size, page_token)

@@ -4,16 +4,25 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import StreamingResponse
 
 from service.calls import Calls
 from service.errors import Unauthenticated
-from service.http.deps import calls
+from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_body, error_responses
-from service.resources import DEFAULT_PAGE_SIZE, ID_PATTERN, MAX_PAGE_SIZE, Job, ListJobsResponse, TrainingSpec
+from service.http.routing import ResourceRoute
+from service.resources import (
+    DEFAULT_PAGE_SIZE,
+    ID_PATTERN,
+    Job,
+    ListJobsResponse,
+    TrainingSpec,
+)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
+)
 
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in jobs/{job}")]
 
@@ -26,8 +35,8 @@ async def create_job(spec: TrainingSpec, api: Calls = Depends(calls)) -> Job:
 
 @router.get("", response_model=ListJobsResponse)
 async def list_jobs(
-    page_size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
-    page_token: str = "",
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = "",
     api: Calls = Depends(calls),
 ) -> ListJobsResponse:
     return await api.list_jobs(page_size, page_token)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.calls import Calls
+from service.config import Settings
 from service.errors import InvalidArgument
 from service.http.deps import calls
 from service.http.errors import COMMON_ERRORS, error_responses
@@ -22,14 +23,20 @@ router = APIRouter(prefix="/v1", tags=["predict"], responses=error_responses(*CO
 
 HeadRef = Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]
 Base64 = Annotated[str, StringConstraints(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")]
-TopK = Annotated[int, Field(ge=1, le=1000)]
+MAX_TOP_K = 1000
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]
+# The schema states the default limits; GRAFT_MAX_IMAGES_PER_REQUEST and GRAFT_MAX_HEADS_PER_REQUEST change them.
+MAX_IMAGES = Settings.model_fields["max_images_per_request"].default
+MAX_HEADS = Settings.model_fields["max_heads_per_request"].default
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    images: list[Base64] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
-    heads: list[HeadRef] = Field(min_length=1, description="head references: 'name', 'name@3' or 'name:prod'")
+    images: list[Base64] = Field(min_length=1, max_length=MAX_IMAGES,
+                                 description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
+    heads: list[HeadRef] = Field(min_length=1, max_length=MAX_HEADS,
+                                 description="head references: 'name', 'name@3' or 'name:prod'")
     top_k: TopK = DEFAULT_TOP_K
     include_embedding: bool = Field(False, description="also return the pooled backbone features")
 
@@ -54,10 +61,11 @@ async def predict(body: PredictRequest, api: Calls = Depends(calls)) -> PredictR
 
 @router.post("/predict:upload", response_model=PredictResponse)
 async def predict_upload(
-    files: list[UploadFile] = File(..., description="image files"),
-    heads: list[HeadRef] = Form(..., description="head references; repeat the field for several heads"),
-    top_k: TopK = Form(DEFAULT_TOP_K),
-    include_embedding: bool = Form(False),
+    files: Annotated[list[UploadFile], File(min_length=1, max_length=MAX_IMAGES, description="image files")],
+    heads: Annotated[list[HeadRef], Form(min_length=1, max_length=MAX_HEADS,
+                                         description="head references; repeat the field per head")],
+    top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = DEFAULT_TOP_K,
+    include_embedding: Annotated[bool, Form()] = False,
     api: Calls = Depends(calls),
 ) -> PredictResponse:
     images = [await upload.read() for upload in files]
