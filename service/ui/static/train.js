@@ -36,7 +36,7 @@ export async function showNewModel() {
 function addClass() {
   const n = nextClass++;
   const entry = { files: [] };
-  entry.name = el("input", { id: `class-name-${n}`, class: "class-name", required: true, autocomplete: "off",
+  entry.name = el("input", { id: `class-name-${n}`, class: "class-name", required: true, maxlength: 128, autocomplete: "off",
     spellcheck: "false" });
   entry.count = el("p", { class: "count", "aria-live": "polite" }, "no images yet");
   entry.thumbs = el("ul", { class: "thumbs", "aria-label": `images of class ${n}` });

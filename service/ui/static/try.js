@@ -102,9 +102,12 @@ async function startWebcam() {
     $("try-error").textContent = `The webcam could not be opened: ${failure.message}`;
     return;
   }
-  $("webcam-video").srcObject = stream;
+  const video = $("webcam-video");
+  const button = $("webcam-snap");
+  button.disabled = true;  // until the first frame: a picture before it would be empty
+  video.addEventListener("playing", () => { button.disabled = false; button.focus(); }, { once: true });
+  video.srcObject = stream;
   $("webcam").hidden = false;
-  $("webcam-snap").focus();
 }
 
 function stopWebcam() {
