@@ -11,11 +11,13 @@ benchmarks and tests, directly.
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
+from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.heads import HeadConfig, HeadKind, head_state
 from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
@@ -28,6 +30,7 @@ from service.store.datasets import DatasetStore
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
 DEFAULT_FINETUNE_BLOCKS = 4
+AUTO = "auto"  # the `backbone` that asks graft to choose, by cross-validated linear probes
 
 
 class HyperParamOverrides(BaseModel):
@@ -49,7 +52,12 @@ class TrainRequest(BaseModel):
 
     dataset_id: str
     head_name: str
-    backbone: str = "mobilenet_v2"
+    backbone: str = Field(
+        "mobilenet_v2", description="a loaded backbone, or 'auto': the best cross-validated linear probe among them"
+    )
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image here"
+    )
     kind: HeadKind = HeadKind.LINEAR
     finetune_blocks: int | None = Field(None, description="finetune only: how many last blocks to train (default 4)")
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
@@ -65,6 +73,8 @@ class TrainRequest(BaseModel):
             raise ValueError("finetune_blocks applies to kind 'finetune' only")
         if self.search is not None and self.search.hidden is not None and self.kind != HeadKind.MLP:
             raise ValueError("search.hidden applies to kind 'mlp' only")
+        if self.latency_budget_ms is not None and self.backbone != AUTO:
+            raise ValueError("latency_budget_ms applies to backbone 'auto' only")
         return self
 
     @property
@@ -143,15 +153,27 @@ class Trainer:
                 f"backbone '{name}' is not loaded by this service; loaded: {', '.join(sorted(self.backbones))}"
             ) from None
 
-    def split_point(self, request: TrainRequest) -> int:
-        backbone = self.backbone(request.backbone)
+    def candidates(self, request: TrainRequest) -> list[Backbone]:
+        """The backbones a request may train on: the one it names, or for 'auto' every pretrained one loaded."""
+        if request.backbone != AUTO:
+            return [self.backbone(request.backbone)]
+        pretrained = [backbone for backbone in self.backbones.values() if backbone.spec.pretrained]
+        if not pretrained:
+            raise FailedPrecondition(
+                f"backbone 'auto' chooses among pretrained backbones, and this service loads none "
+                f"(loaded: {', '.join(sorted(self.backbones))}); set GRAFT_BACKBONES"
+            )
+        return pretrained
+
+    def split_point(self, request: TrainRequest, backbone: Backbone) -> int:
         if request.kind == HeadKind.FINETUNE:
             return backbone.split_for_blocks(request.finetune_blocks or DEFAULT_FINETUNE_BLOCKS)
         return backbone.num_blocks
 
     def cost(self, tenant: str, request: TrainRequest) -> TrainingCost:
         """Check what would only fail later (backbone, finetune_blocks, dataset) and price one run."""
-        self.split_point(request)
+        for backbone in self.candidates(request):
+            self.split_point(request, backbone)
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
         return TrainingCost(epochs=request.epochs, images=dataset.num_examples, trials=request.trials)
 
@@ -168,8 +190,9 @@ class Trainer:
     ) -> HeadVersionInfo:
         """Train and store a new head version; ``guard`` may veto storing it (a job that lost its lease)."""
         report = progress or (lambda event: None)
-        backbone = self.backbone(request.backbone)
-        split = self.split_point(request)
+        candidates = self.candidates(request)
+        for candidate in candidates:
+            self.split_point(request, candidate)
         dataset = self.datasets.get(tenant, request.dataset_id)
         examples = self.datasets.examples(tenant, request.dataset_id)
         class_index = {name: i for i, name in enumerate(dataset.classes)}
@@ -178,14 +201,30 @@ class Trainer:
         if len(holdout_idx) == 0:  # checked before the costly extraction
             raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
 
-        def extraction_progress(done: int, total: int) -> None:
-            # Counts over all the dataset's images, cached or not: the cache is shared
-            # across tenants, and "new images" would tell that another tenant has them.
-            report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * done / total,
-                                 message=f"features for {done}/{total} images"))
+        shas = [sha for sha, _ in examples]
+        # 'auto' extracts for every candidate, then for the winner: each its slice of the extraction share.
+        slices = len(candidates) + 1 if request.backbone == AUTO else 1
 
+        def extraction_progress(part: int, name: str) -> Callable[[int, int], None]:
+            def report_part(done: int, total: int) -> None:
+                # Counts over all the dataset's images, cached or not: the cache is shared
+                # across tenants, and "new images" would tell that another tenant has them.
+                report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * (part + done / total) / slices,
+                                     message=f"features for {done}/{total} images"
+                                     + (f" ({name})" if slices > 1 else "")))
+
+            return report_part
+
+        choice = None
+        if request.backbone == AUTO:
+            choice = self._choose_backbone(request, candidates, shas, labels[train_idx], train_idx,
+                                           len(dataset.classes), extraction_progress, report, cancelled)
+            backbone = self.backbone(choice.chosen)
+        else:
+            backbone = candidates[0]
+        split = self.split_point(request, backbone)
         features = self.extractor.features(
-            backbone, split, [sha for sha, _ in examples], progress=extraction_progress, cancelled=cancelled
+            backbone, split, shas, progress=extraction_progress(slices - 1, backbone.name), cancelled=cancelled
         )
         base = request.hyperparameters()
         finetune = request.kind == HeadKind.FINETUNE
@@ -233,8 +272,59 @@ class Trainer:
             hyperparams=result.best.model_dump(mode="json"),
             metrics=finite(
                 {**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]}
+                | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
             ),
             dataset_id=dataset.id,
             job_id=job_id,
             guard=guard,
         )
+
+    def _choose_backbone(
+        self,
+        request: TrainRequest,
+        candidates: list[Backbone],
+        shas: list[str],
+        y_train: torch.Tensor,
+        train_idx: np.ndarray,
+        num_classes: int,
+        extraction_progress: Callable[[int, str], Callable[[int, int], None]],
+        report: Progress,
+        cancelled: Callable[[], bool] | None,
+    ) -> Choice:
+        """'auto': k-fold cross-validate a linear probe on each candidate's pooled features of the training split.
+
+        The hold-out split stays out of it, so the metrics reported for the
+        winner are as honest as with a named backbone. The features land in the
+        cache, so the winner's training reads them back instead of running its trunk again.
+        """
+        if request.latency_budget_ms is not None:
+            measured = {backbone.name: backbone.latency_ms() for backbone in candidates}
+            candidates = [b for b in candidates if measured[b.name] <= request.latency_budget_ms]
+            if not candidates:
+                shown = ", ".join(f"{name} {ms:.0f} ms" for name, ms in sorted(measured.items()))
+                raise FailedPrecondition(
+                    f"no backbone runs one image within latency_budget_ms={request.latency_budget_ms:g} here "
+                    f"(measured: {shown}); raise the budget or name a backbone"
+                )
+        scores = {}
+        for part, backbone in enumerate(candidates):
+            pooled = self.extractor.features(
+                backbone, backbone.num_blocks, shas, progress=extraction_progress(part, backbone.name),
+                cancelled=cancelled,
+            )
+            scores[backbone.name] = cross_validate_linear(
+                pooled[train_idx], y_train, num_classes, seed=request.seed, cancelled=cancelled
+            )
+        choice = choose(scores, {backbone.name: backbone.spec.gflops for backbone in candidates})
+        report(ProgressEvent(phase="choose", fraction=EXTRACTION_SHARE * len(candidates) / (len(candidates) + 1),
+                             message=choice.reason, metrics=choice_metrics(choice)))
+        return choice
+
+
+def choice_metrics(choice: Choice) -> dict[str, float]:
+    """Each candidate's cross-validated linear-probe accuracy and spread, as the job's numeric metrics."""
+    metrics = {}
+    for name, score in choice.scores.items():
+        metrics[f"cv_accuracy_{name}"] = score.mean
+        metrics[f"cv_std_{name}"] = score.std
+    return metrics
