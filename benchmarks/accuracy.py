@@ -5,6 +5,10 @@ splits). graft trains each adapter kind with its default search; scikit-learn's
 LogisticRegression (lbfgs) picks C on graft's own validation split of the same
 pooled MobileNetV2 features, so the comparison isolates the classifier.
 
+Backbones: linear heads on MobileNetV2, on EfficientNet-Lite2 and with
+``backbone: "auto"`` (graft's cross-validated choice), on the same Fashion-MNIST
+split and on 300 train / 300 test textile images (stratified, seed 0).
+
     python benchmarks/accuracy.py            # prints one JSON object last
 """
 
@@ -18,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from adapters.heads import HeadKind, HeadConfig, load_head
 from adapters.splits import stratified_split
 from adapters.tuning import default_search_space
-from sample_data import fashion_mnist_pngs
+from sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
 from service.training import TrainRequest
@@ -53,11 +58,45 @@ def head_accuracy(core: Core, version, x_test: torch.Tensor, y_test: torch.Tenso
     return float((predictions == y_test).float().mean())
 
 
+BACKBONE_KEYS = {"mobilenet_v2": "mobilenet", "efficientnet_lite2": "effnet", "auto": "auto"}
+
+
+def backbone_comparison(core: Core, prefix: str, train_items: list, test_items: list) -> dict[str, float | str]:
+    """Linear heads on each backbone and on `auto`, each scored on the test images through its own backbone."""
+    train = core.datasets.create(TENANT, f"{prefix}-train", train_items)
+    test = core.datasets.create(TENANT, f"{prefix}-test", test_items)
+    class_index = {name: i for i, name in enumerate(train.classes)}
+    test_examples = core.datasets.examples(TENANT, test.id)
+    y_test = torch.tensor([class_index[label] for _, label in test_examples])
+    result: dict[str, float | str] = {}
+    for backbone, key in BACKBONE_KEYS.items():
+        request = TrainRequest(dataset_id=train.id, head_name=f"{prefix}-{key}", backbone=backbone)
+        version = core.trainer.train(TENANT, request)
+        trunk = core.backbones[version.backbone]
+        x_test = core.extractor.features(trunk, trunk.num_blocks, [sha for sha, _ in test_examples])
+        result[f"{prefix}_{key}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
+        print(f"{prefix} {backbone}: {result[f'{prefix}_{key}_acc']} ({version.backbone})", file=sys.stderr)
+        if backbone == "auto":
+            result[f"{prefix}_auto_backbone"] = version.backbone
+            result[f"{prefix}_auto_reason"] = version.metrics["backbone_choice"]["reason"]
+    best = max(result[f"{prefix}_mobilenet_acc"], result[f"{prefix}_effnet_acc"])
+    result[f"{prefix}_auto_minus_best_points"] = round(100 * (result[f"{prefix}_auto_acc"] - best), 2)
+    return result
+
+
+def textile_split(train_size: int, test_size: int, seed: int) -> tuple[list, list]:
+    """Disjoint train and test textile images, stratified by class."""
+    files = textile_files(10_000)
+    return train_test_split(files, train_size=train_size, test_size=test_size,
+                            stratify=[label for _, _, label in files], random_state=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=200, help="images per class in train and in test")
     parser.add_argument("--kinds", default="linear,mlp,finetune")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep graft's storage (and feature cache) here")
+    parser.add_argument("--no-backbones", action="store_true", help="skip the MobileNetV2 / EfficientNet-Lite2 / auto runs")
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
@@ -96,6 +135,11 @@ def main() -> None:
         result["linear_minus_sklearn_points"] = round(100 * (result["linear_acc"] - acc), 2)
     if "finetune" in args.kinds and "linear" in args.kinds:
         result["finetune_minus_linear_points"] = round(100 * (result["finetune_acc"] - result["linear_acc"]), 2)
+    if not args.no_backbones:
+        fashion = [[(f"{split}/{i}.png", b, l) for i, (b, l) in enumerate(fashion_mnist_pngs(split, args.per_class, 0))]
+                   for split in ("train", "test")]
+        result.update(backbone_comparison(core, "fashion", *fashion))
+        result.update(backbone_comparison(core, "textile", *textile_split(300, 300, seed=0)))
     result.update(timings)
     print(json.dumps(result))
 
