@@ -137,16 +137,16 @@ def upload_http(client: httpx.Client, examples, name: str) -> str:
     return response.json()["name"]
 
 
-def train_http(client: httpx.Client, dataset_id: str, head: str, **spec) -> int:
-    """Submit a job and poll it to the end; returns the head version it stored."""
-    response = client.post("/v1/jobs", json={"dataset": dataset_id, "head": head, **spec})
+def train_http(client: httpx.Client, dataset: str, head: str, **spec) -> int:
+    """Submit a job on ``dataset`` (datasets/{id}) and poll it to the end; returns the head version it stored."""
+    response = client.post("/v1/jobs", json={"dataset": dataset, "head": head, **spec})
     response.raise_for_status()
-    job_id = response.json()["name"]
+    name = response.json()["name"]
     while True:
-        job = client.get(f"/v1/{job_id}").json()
+        job = client.get(f"/v1/{name}").json()
         if job["done"]:
             if job["state"] != "succeeded":
-                raise RuntimeError(f"job {job_id} ended {job['state']}: {job.get('error')}")
+                raise RuntimeError(f"job {name} ended {job['state']}: {job.get('error')}")
             return int(job["head_version"].rsplit("/", 1)[1])  # heads/{head}/versions/{version}
         time.sleep(0.5)
 
@@ -269,7 +269,7 @@ class Writer:
                     image = api.CreateDatasetRequest.Image(file_name=file_name, label=label, data=data)
                     yield api.CreateDatasetRequest(image=image)
             dataset = rpc.DatasetServiceStub(channel).CreateDataset(messages(), metadata=self.metadata, timeout=120)
-        return dataset.name.removeprefix("datasets/")
+        return dataset.name
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
