@@ -48,7 +48,9 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.nd
     label_array = np.asarray(labels)
     counts = np.bincount(label_array)
     if k < 2:
-        raise InvalidInput(f"cross-validation needs at least 2 folds, got {k}")
+        raise InvalidInput(
+            f"cross-validation needs at least 2 folds, got {k}: add at least 2 training examples of every class"
+        )
     if counts[counts > 0].min() < k:
         raise InvalidInput(
             f"{k}-fold cross-validation needs at least {k} examples of every class; "
@@ -76,9 +78,15 @@ def cross_validate_linear(
     seed: int = 0,
     cancelled: CancelCheck | None = None,
 ) -> CrossValScore:
-    """Cross-validated accuracy of the linear probe on pooled features ``x`` [N, D]."""
+    """Cross-validated accuracy of the linear probe on pooled features ``x`` [N, D].
+
+    A class with fewer examples than ``folds`` lowers the number of folds to its
+    size (at least 2), so small datasets still get an estimate.
+    """
     x = x.float()
     y = y.to(torch.int64)
+    counts = torch.bincount(y)
+    folds = min(folds, int(counts[counts > 0].min()))
     path = sorted(weight_decays, reverse=True)  # strong to weak: each fit starts near its answer
     scores = np.zeros((len(path), folds))
     for f, val_idx in enumerate(stratified_folds(y.tolist(), folds, seed)):

@@ -101,3 +101,10 @@ def test_auto_needs_a_pretrained_backbone(tmp_path):
 def test_a_latency_budget_needs_backbone_auto():
     with pytest.raises(ValueError, match="latency_budget_ms applies to backbone 'auto' only"):
         TrainRequest(dataset_id="ds", head_name="h", latency_budget_ms=10)
+
+
+def test_a_class_smaller_than_the_folds_gets_fewer_folds():
+    torch.manual_seed(0)
+    y = torch.tensor([0] * 10 + [1] * 3)
+    x = torch.randn(13, 4) + torch.nn.functional.one_hot(y, 4).float() * 5
+    assert len(cross_validate_linear(x, y, 2).folds) == 3
