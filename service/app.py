@@ -17,6 +17,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import cast
 
 import bentoml
 
@@ -66,8 +67,9 @@ class Graft:
         return self.grpc is not None and self.runtime.ready
 
 
-# Unknown routes and BentoML's own routes answer errors in the HTTP door's error body too.
-Graft.add_asgi_middleware(ErrorBodyOutsideTheApp)
+# Unknown routes and BentoML's own routes answer errors in the HTTP door's error body too. (The decorators made
+# Graft a bentoml.Service; their stubs keep the class's type.)
+cast("bentoml.Service[Graft]", Graft).add_asgi_middleware(ErrorBodyOutsideTheApp)
 
 
 def drain_before_stopping_on_sigterm(drain: Callable[[], Awaitable[None]]) -> None:

@@ -90,19 +90,22 @@ def error_response(exc: errors.GraftError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status, headers=headers)
 
 
-async def _graft_error(_: Request, exc: errors.GraftError) -> JSONResponse:
+# Starlette types every handler's exception as Exception; each is registered for one kind, asserted here.
+async def _graft_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.GraftError)
     return error_response(exc)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "invalid_argument" if exc.status_code < 500 else "internal")
     return JSONResponse(error_body(code, str(exc.detail), {}), status_code=exc.status_code, headers=exc.headers)
 
 
-def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, HTTPException], Awaitable[JSONResponse]]:
+def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     """405 with every method the path takes in ``Allow``: Starlette's names only the first matching route's."""
 
-    async def handler(request: Request, _: HTTPException) -> JSONResponse:
+    async def handler(request: Request, _: Exception) -> JSONResponse:
         allowed = sorted({m for route in routes if route.matches(request.scope)[0] is not Match.NONE
                           for m in getattr(route, "methods", None) or ()})  # fmt: skip
         message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
@@ -112,7 +115,8 @@ def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, HTTPExcep
     return handler
 
 
-async def _validation_error(_: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError | ValidationError)
     problems = [
         {"field": ".".join(str(part) for part in e["loc"]), "problem": e["msg"]} for e in exc.errors()
     ]
@@ -197,7 +201,8 @@ def _routing_error(scope: Scope, start: Message) -> JSONResponse:
     if start["status"] == 404:
         body = error_body("not_found", f"no route {method} {path}; the API is listed at /openapi.json", {})
         return JSONResponse(body, status_code=404)
-    allow = Headers(raw=start.get("headers", [])).get("allow", "")
-    body = error_body("method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}",
-                      {"allowed": [m.strip() for m in allow.split(",") if m.strip()]})  # fmt: skip
+    declared = Headers(raw=start.get("headers", [])).get("allow", "")
+    allowed = sorted(m.strip() for m in declared.split(",") if m.strip())  # sorted: Starlette's order is a set's
+    allow = ", ".join(allowed)
+    body = error_body("method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}", {"allowed": allowed})
     return JSONResponse(body, status_code=405, headers={"Allow": allow})

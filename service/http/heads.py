@@ -47,7 +47,7 @@ async def list_heads(
 
 # Declared before /{head}: a path like 'name@2:export' would match that route too.
 @router.get("/{head}:export", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}} | error_responses(404))  # fmt: skip
+            responses=error_responses(404) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
 async def export_head(head: HeadRef, format: ExportFormat = ExportFormat.SAFETENSORS, api: Calls = Depends(calls)) -> Response:
     """Download a head: its safetensors weights, or a standalone TorchScript model of backbone + head
     (probabilities out)."""

@@ -43,7 +43,7 @@ async def list_jobs(
 
 
 @router.get("/{job}:watch", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}} | error_responses(404))  # fmt: skip
+            responses=error_responses(404) | {200: {"content": {"text/event-stream": {}}}})  # fmt: skip
 async def watch_job(job: JobId, api: Calls = Depends(calls)) -> StreamingResponse:
     """Server-sent events: one ``data: <Job JSON>`` per change, until the job ends.
 
