@@ -10,6 +10,7 @@ from service.http import admin, backbones, datasets, heads, jobs, predict
 from service.http.errors import HideInternalErrors, install_error_handlers
 from service.http.gate import Gate
 from service.runtime import Runtime
+from service.ui import mount_ui
 
 
 def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
@@ -31,6 +32,7 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     app.include_router(datasets.router, form_limits={"max_files": images + 1, "max_fields": images + 2})
     routers = (backbones, datasets, jobs, heads, predict, admin)
     install_error_handlers(app, [route for module in routers for route in module.router.routes])
+    mount_ui(app)  # the web page at /ui (static files; it calls the /v1 API like any client)
     app.add_middleware(Gate, settings=settings, runtime=runtime)
     app.add_middleware(HideInternalErrors)  # added last: outermost
     return app
