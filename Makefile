@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-all fuzz screenshots bench bento clean
+.PHONY: setup weights data serve test test-unit test-all lint fuzz screenshots bench bento clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ weights: setup
 	$(PY) -m service.provision
 
 # Debian packages the tests use: Fashion-MNIST, real PostgreSQL and nginx servers (started by the tests), and
-# chromium, the browser Playwright drives in tests/test_ui.py (Playwright's own browser download needs the internet).
+# chromium, the browser Playwright drives in tests/e2e/test_ui.py (Playwright's own browser download needs the internet).
 DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql nginx chromium
 PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
 NGINX := /usr/sbin/nginx
@@ -31,7 +31,7 @@ $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM):
 	$(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES); }
 
 data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM)
-	$(PY) benchmarks/sample_data.py
+	$(PY) -m harness.sample_data
 
 # Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys). Without keys
 # both doors listen on 127.0.0.1 only (the gRPC door decides that itself); with keys, on every interface.
@@ -43,20 +43,31 @@ serve: setup weights
 bento: setup
 	$(PY) scripts/build_bento.py
 
+# tests/unit: in-process (real backbone, real SQLite and PostgreSQL); tests/e2e: against real `bentoml serve`
+# processes, nginx, a Bento and a browser. `make test` runs both; `slow` marks what only `make test-all` runs.
 test: setup weights data
 	$(PY) -m pytest -q -m "not slow"
+
+test-unit: setup weights data
+	$(PY) -m pytest -q -m "not slow" tests/unit
 
 test-all: setup weights data
 	$(PY) -m pytest -q
 
+# ruff (lint and format) and mypy, configured in pyproject.toml; .ci/run runs this before the tests.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
 # The OpenAPI document against a running service: schemathesis, every check (FUZZ_EXAMPLES per operation).
 FUZZ_EXAMPLES ?= 25
 fuzz: setup weights
-	GRAFT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_openapi.py
+	GRAFT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/e2e/test_openapi.py
 
 # Refresh the README's screenshots of the web page (taken by its browser test at desktop and phone sizes).
 screenshots: setup weights data
-	GRAFT_SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest -q tests/test_ui.py
+	GRAFT_SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest -q tests/e2e/test_ui.py
 
 bench: setup weights data
 	$(PY) benchmarks/accuracy.py
@@ -65,6 +76,10 @@ bench: setup weights data
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/http_load.py
 	$(PY) benchmarks/grpc_load.py
+	$(PY) benchmarks/soak.py
+	$(PY) benchmarks/scaleout.py
+	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/cold.py
 
 clean:
 	rm -rf $(VENV) var .cache

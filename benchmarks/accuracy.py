@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from adapters.heads import HeadKind, HeadConfig, load_head
 from adapters.splits import stratified_split
 from adapters.tuning import default_search_space
-from sample_data import fashion_mnist_pngs, textile_files
+from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
 from service.training import TrainRequest
@@ -104,8 +104,8 @@ def main() -> None:
     backbone = core.backbones["mobilenet_v2"]
     train_files = fashion_mnist_pngs("train", args.per_class, seed=0)
     test_files = fashion_mnist_pngs("test", args.per_class, seed=0)
-    train = core.datasets.create(TENANT, "fmnist-train", [(f"train/{i}.png", b, l) for i, (b, l) in enumerate(train_files)])
-    test = core.datasets.create(TENANT, "fmnist-test", [(f"test/{i}.png", b, l) for i, (b, l) in enumerate(test_files)])
+    train = core.datasets.create(TENANT, "fmnist-train", [(f"train/{i}.png", data, label) for i, (data, label) in enumerate(train_files)])
+    test = core.datasets.create(TENANT, "fmnist-test", [(f"test/{i}.png", data, label) for i, (data, label) in enumerate(test_files)])
     class_index = {name: i for i, name in enumerate(train.classes)}
     test_examples = core.datasets.examples(TENANT, test.id)
     y_test = torch.tensor([class_index[label] for _, label in test_examples])
@@ -116,7 +116,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         request = TrainRequest(dataset_id=train.id, head_name=f"fmnist-{kind}", kind=HeadKind(kind))
         started = time.perf_counter()
-        version = core.trainer.train(TENANT, request, progress=lambda e: print(
+        version = core.trainer.train(TENANT, request, progress=lambda e, kind=kind: print(
             f"  {kind} {e.phase} {e.fraction:.2f} {e.message}", file=sys.stderr))
         timings[f"{kind}_train_s"] = round(time.perf_counter() - started, 1)
         x_test = core.extractor.features(backbone, version.split_point, test_shas)
@@ -136,7 +136,7 @@ def main() -> None:
     if "finetune" in args.kinds and "linear" in args.kinds:
         result["finetune_minus_linear_points"] = round(100 * (result["finetune_acc"] - result["linear_acc"]), 2)
     if not args.no_backbones:
-        fashion = [[(f"{split}/{i}.png", b, l) for i, (b, l) in enumerate(fashion_mnist_pngs(split, args.per_class, 0))]
+        fashion = [[(f"{split}/{i}.png", data, label) for i, (data, label) in enumerate(fashion_mnist_pngs(split, args.per_class, 0))]
                    for split in ("train", "test")]
         result.update(backbone_comparison(core, "fashion", *fashion))
         result.update(backbone_comparison(core, "textile", *textile_split(300, 300, seed=0)))

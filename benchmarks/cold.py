@@ -28,8 +28,8 @@ import httpx
 import numpy as np
 
 from engine_setup import create_linear_heads, head_param_bytes
-from sample_data import textile_files
-from servers import start_server
+from harness.sample_data import textile_files
+from harness.servers import start_server
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache

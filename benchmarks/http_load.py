@@ -32,8 +32,8 @@ import numpy as np
 import psutil
 
 from engine_setup import create_linear_heads
-from sample_data import textile_files
-from servers import start_server
+from harness.sample_data import textile_files
+from harness.servers import start_server
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from engine_setup import TENANT, create_linear_heads, open_core
-from sample_data import textile_files
+from harness.sample_data import textile_files
 from service.engine.backbones import BACKBONES
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor

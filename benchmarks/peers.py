@@ -31,8 +31,8 @@ from ray import serve
 from engine_setup import create_linear_heads
 from http_load import UNLIMITED_QUOTAS, http_level
 from ray_peer import RayPeerConfig, deploy, head_file
-from sample_data import textile_files
-from servers import REPO, free_port, start_server
+from harness.sample_data import textile_files
+from harness.servers import REPO, free_port, start_server
 from service.config import Settings
 from service.core import Core
 

@@ -1,6 +1,6 @@
 """Replicas behind nginx: throughput with one and two replicas, exactly-once jobs, failover and drain, one run.
 
-The deployment's topology on loopback (benchmarks/cluster.py): a real PostgreSQL, two ``bentoml serve``
+The deployment's topology on loopback (harness/cluster.py): a real PostgreSQL, two ``bentoml serve``
 replicas sharing it and one data folder, nginx running deploy/nginx.conf. Bounded in time, stops by itself.
 
 - ``lb_ips_1_replica`` / ``lb_ips_2_replicas``: prediction images/s through nginx (HTTP + gRPC, one 250x250
@@ -30,9 +30,9 @@ import httpx
 import numpy as np
 import sqlalchemy as sa
 
-from cluster import Cluster, retrying_predictions, start_cluster
-from sample_data import textile_files
-from servers import make_tenant_key
+from harness.cluster import Cluster, retrying_predictions, start_cluster
+from harness.sample_data import textile_files
+from harness.servers import make_tenant_key
 from service.config import Settings
 from service.quotas import Quotas
 from service.store.blobs import BlobStore

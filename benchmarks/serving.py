@@ -106,7 +106,7 @@ async def one_head_against_raw(name: str, args: argparse.Namespace) -> dict:
         served.append(await engine_ips(core, images, names, args.batch_size, False))
     print(f"{name}: raw {raw}, one head {served}", file=sys.stderr)
     return {"raw_trunk_ips": round(statistics.median(raw), 2), "heads_1_ips": round(statistics.median(served), 2),
-            "heads_1_over_raw": round(statistics.median(a / b for a, b in zip(served, raw)), 3)}
+            "heads_1_over_raw": round(statistics.median(a / b for a, b in zip(served, raw, strict=True)), 3)}
 
 
 async def main() -> None:
@@ -145,7 +145,7 @@ async def main() -> None:
         ("heads_1_over_raw", "heads_1_ips", "raw_trunk_ips"),
         ("heads_1000_over_per_head_batches", "heads_1000_ips", "per_head_batches_1000_ips"),
     ):
-        result[name] = round(statistics.median(a / b for a, b in zip(samples[top], samples[bottom])), 3)
+        result[name] = round(statistics.median(a / b for a, b in zip(samples[top], samples[bottom], strict=True)), 3)
 
     memory_names = names + create_linear_heads(core, args.memory_heads - len(names), prefix="m")
     result["bytes_per_head_10000"] = round(await bytes_per_head(core, memory_names))

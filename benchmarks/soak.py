@@ -13,7 +13,7 @@ Every answer is checked against the expected answer for its image and the head v
 server's resident memory at the end against after warm-up), with the details that explain them.
 
     python benchmarks/soak.py            # the full run quoted in the README (a few minutes)
-    python benchmarks/soak.py --short    # the bounded run that `make test` does (tests/test_soak.py)
+    python benchmarks/soak.py --short    # the bounded run that `make test` does (tests/e2e/test_soak.py)
 """
 
 import argparse
@@ -32,8 +32,8 @@ import httpx
 import numpy as np
 import psutil
 
-from sample_data import textile_files
-from servers import Server, make_tenant_key, start_server
+from harness.sample_data import textile_files
+from harness.servers import Server, make_tenant_key, start_server
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace, default_search_space
-from sample_data import fashion_mnist_pngs
+from harness.sample_data import fashion_mnist_pngs
 from service.config import Settings
 from service.core import Core
 from service.training import TrainRequest
@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="graft-cost-") as tmp:
         core = Core.open(Settings(data_dir=Path(tmp)))
         files = fashion_mnist_pngs("train", args.per_class, seed=1)
-        dataset = core.datasets.create(TENANT, "fmnist", [(f"{i}.png", b, l) for i, (b, l) in enumerate(files)])
+        dataset = core.datasets.create(TENANT, "fmnist", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
         grid = default_search_space(HeadKind.LINEAR)
         one_config = SearchSpace(lr=grid.lr[:1], weight_decay=grid.weight_decay[:1])
 

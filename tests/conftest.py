@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import postgres
+from harness import postgres
 from service.config import Settings
 from service.core import Core
 from service.engine.backbones import Backbone, load_backbone

@@ -5,7 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Notes kept beside the working copy while graft was built; a clone does not have them.
 # Spelled in pieces so that this file does not match itself.
 OUTSIDE = ["../" + "shared", "shared " + "DATA.md", "DESIGN" + ".md"]

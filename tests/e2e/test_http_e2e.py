@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from sample_data import textile_files
-from servers import make_tenant_key, start_server
+from harness.sample_data import textile_files
+from harness.servers import make_tenant_key, start_server
 
 MAX_IMAGE_BYTES = 200_000
 MAX_IMAGES = 300
@@ -100,7 +100,7 @@ def test_predictions_on_held_out_images_beat_chance_by_far(alice, trained):
     response = alice.post("/v1/predict:upload", data={"heads": ["textiles"], "top_k": "1"}, files=files)
     assert response.status_code == 200, response.text
     predicted = [p["heads"][0]["top"][0]["label"] for p in response.json()["predictions"]]
-    accuracy = sum(p == label for p, (_, _, label) in zip(predicted, held_out)) / len(held_out)
+    accuracy = sum(p == label for p, (_, _, label) in zip(predicted, held_out, strict=True)) / len(held_out)
     assert accuracy >= 0.55  # chance is 1/3
 
 

@@ -1,7 +1,7 @@
 """Replicas behind a load balancer act as one service, tested for real.
 
 A real PostgreSQL, two ``bentoml serve`` replicas sharing it and one data folder, and nginx running
-``deploy/nginx.conf`` in front, all on loopback (benchmarks/cluster.py). Calls go through nginx, except where a
+``deploy/nginx.conf`` in front, all on loopback (harness/cluster.py). Calls go through nginx, except where a
 test talks to one replica on purpose. The tests run in file order: the last two kill and drain replicas.
 """
 
@@ -15,9 +15,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from cluster import Cluster, LoadResult, retrying_predictions, start_cluster
-from sample_data import textile_files
-from servers import make_tenant_key
+from harness.cluster import Cluster, LoadResult, retrying_predictions, start_cluster
+from harness.sample_data import textile_files
+from harness.servers import make_tenant_key
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 
@@ -189,7 +189,7 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_request_of_a_retryin
         await asyncio.sleep(3)
         drained = cluster.replicas[0]
         drained.process.send_signal(signal.SIGTERM)
-        async with httpx.AsyncClient(timeout=2) as probe:  # not ready from the signal on, until it is gone
+        async with httpx.AsyncClient(timeout=2) as probe:  # readiness until it is gone
             while drained.process.poll() is None:
                 try:
                     readiness.append((await probe.get(f"{drained.http_url}/readyz")).status_code)
@@ -205,4 +205,5 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_request_of_a_retryin
     result = asyncio.run(run())
     assert result.failed == 0, result
     assert result.ok > 20, result
-    assert 200 not in readiness, readiness
+    # the signal reaches the worker through `bentoml serve` a moment after it is sent; from then on, not ready
+    assert 503 in readiness and 200 not in readiness[readiness.index(503):], readiness

@@ -31,11 +31,11 @@ from adapters.trainer import (
     predict_logits,
 )
 from adapters.tuning import MAX_GRID_VALUES, SearchSpace, default_search_space, tune
-from sample_data import fashion_mnist_pngs
+from harness.sample_data import fashion_mnist_pngs
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest, adapter_errors_translated
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
@@ -130,7 +130,7 @@ def test_stratified_split_is_deterministic_for_a_seed() -> None:
     first = stratified_split(labels, seed=7)
     second = stratified_split(labels, seed=7)
     other_seed = stratified_split(labels, seed=8)
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert not np.array_equal(first[1], other_seed[1])
 
 

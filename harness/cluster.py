@@ -1,7 +1,7 @@
 """Several graft replicas behind nginx, sharing one PostgreSQL registry and one data folder, all on loopback.
 
 The topology of a deployment (deploy/compose.yaml), for the end-to-end test of replicas and
-``benchmarks/scaleout.py``: a real PostgreSQL (benchmarks/postgres.py), ``bentoml serve`` replicas started with
+``benchmarks/scaleout.py``: a real PostgreSQL (harness/postgres.py), ``bentoml serve`` replicas started with
 the settings a deployment gives them, and nginx running ``deploy/nginx.conf`` with only the upstream addresses
 and listen ports swapped for loopback ones.
 """
@@ -22,8 +22,8 @@ import grpc
 import httpx
 import psutil
 
-from postgres import PostgresServer, start_postgres
-from servers import REPO, Server, free_port, start_server
+from harness.postgres import PostgresServer, start_postgres
+from harness.servers import REPO, Server, free_port, start_server
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 

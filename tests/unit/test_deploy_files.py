@@ -1,6 +1,6 @@
 """The deployment files name the same ports, settings and paths as the code, so they cannot drift apart.
 
-deploy/nginx.conf is also run for real by tests/test_replicas_e2e.py; these checks cover compose and Kubernetes,
+deploy/nginx.conf is also run for real by tests/e2e/test_replicas_e2e.py; these checks cover compose and Kubernetes,
 which need Docker or a cluster to run.
 """
 
@@ -12,7 +12,7 @@ import yaml
 from service.app import Graft
 from service.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {f"GRAFT_{name.upper()}" for name in Settings.model_fields}
 HTTP_PORT = Graft.config["http"]["port"]
 GRPC_PORT = Settings.model_fields["grpc_port"].default

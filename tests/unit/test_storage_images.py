@@ -78,7 +78,7 @@ def test_every_mode_decodes_to_8_bit_rgb(image: Image.Image, fmt: str, expected:
     inspect_image(data, name="x", **LIMITS)  # accepted on upload
     decoded = decode_rgb(data, max_pixels=LIMITS["max_pixels"])
     assert decoded.mode == "RGB" and decoded.size == (4, 4)
-    assert all(abs(got - want) <= 2 for got, want in zip(decoded.getpixel((1, 1)), expected))
+    assert all(abs(got - want) <= 2 for got, want in zip(decoded.getpixel((1, 1)), expected, strict=True))
 
 
 def broken_exif_png() -> bytes:

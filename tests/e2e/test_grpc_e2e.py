@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from sample_data import textile_files
-from servers import make_tenant_key, start_server
+from harness.sample_data import textile_files
+from harness.servers import make_tenant_key, start_server
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from servers import make_tenant_key, start_server
+from harness.servers import make_tenant_key, start_server
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 

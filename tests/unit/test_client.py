@@ -23,7 +23,7 @@ from client.errors import (
 from client.report import draw
 from client.retry import RetryPolicy
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN = REPO / "client" / "_proto"
 
 

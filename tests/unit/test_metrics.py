@@ -13,7 +13,7 @@ from service.jobs import JobInfo, JobState
 from service.metrics import PrometheusMetrics
 from service.training import TrainRequest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sample(name: str, labels: dict[str, str]) -> float:

@@ -9,7 +9,7 @@ from sklearn.model_selection import train_test_split
 
 from adapters.crossval import CrossValScore, choose, cross_validate_linear, stratified_folds
 from adapters.errors import InvalidInput
-from sample_data import fashion_mnist_pngs, textile_files
+from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
 from service.errors import FailedPrecondition

@@ -9,16 +9,15 @@ import pytest
 from sqlalchemy import event
 
 from adapters.heads import HeadKind
-from adapters.trainer import HyperParams
 from adapters.tuning import SearchSpace
-from sample_data import fashion_mnist_pngs
+from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from service.grpc import convert
 from service.jobs import JobInfo, JobRunner, JobState
 from service.quotas import Quotas
 from service.store.pages import encode_token
-from service.training import Trainer, TrainRequest
+from service.training import HyperParamOverrides, Trainer, TrainRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -196,7 +195,7 @@ async def test_bad_requests_fail_at_submit_and_store_no_job(dataset, runner, ten
 async def test_a_job_costing_more_than_the_work_limit_is_refused_at_submit(core, dataset):
     runner = make_runner(core, max_job_work=10_000)
     costly = request(dataset, "costly", SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]),
-                     hyperparams=HyperParams(lr=1.0, weight_decay=1e-3, epochs=500, batch_size=64))
+                     hyperparams=HyperParamOverrides(lr=1.0, weight_decay=1e-3, epochs=500, batch_size=64))
     with pytest.raises(InvalidArgument) as refused:
         await runner.submit(TENANT, costly)
     assert refused.value.message == (
@@ -251,7 +250,7 @@ async def test_an_unexpected_error_fails_the_job_with_a_reference_and_logs_the_d
 
 async def test_a_diverged_trial_leaves_every_job_update_encodable_as_json_and_protobuf(core, dataset, runner):
     diverging = request(dataset, "diverged", SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]), kind=HeadKind.MLP,
-                        hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=4, hidden=16))
+                        hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=4, hidden=16))
     job = await runner.submit(TENANT, diverging)
     updates = await until_done(runner, TENANT, job.id)
 

@@ -18,7 +18,7 @@ from service.errors import (
 from service.store.db import Database
 
 ADMIN_KEY = "admin-secret-for-tests"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import make_tenant_key, start_server
+from harness.servers import make_tenant_key, start_server
 
 FUZZ_EXAMPLES = int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "8"))
 
@@ -67,7 +67,7 @@ CONFIG = """
 enabled = true
 
 # A page token is minted by the service (opaque base64url of a sort key): a generated one is refused with 400,
-# rightly. Lists are fuzzed from the first page; tests/test_http_e2e.py follows real tokens.
+# rightly. Lists are fuzzed from the first page; tests/e2e/test_http_e2e.py follows real tokens.
 [parameters]
 "query.page_token" = ""
 

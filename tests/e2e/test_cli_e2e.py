@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sample_data import textile_dir
-from servers import ADMIN_KEY, free_port, start_server
+from harness.sample_data import textile_dir
+from harness.servers import ADMIN_KEY, free_port, start_server
 
 from client import RetryPolicy, connect
 from client.errors import NotFound, ResourceExhausted, Unauthenticated, Unavailable

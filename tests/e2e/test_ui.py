@@ -14,8 +14,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from sample_data import textile_files
-from servers import Server, make_tenant_key, start_server
+from harness.sample_data import textile_files
+from harness.servers import Server, make_tenant_key, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 DESKTOP = {"width": 1280, "height": 900}

