@@ -5,7 +5,7 @@ The field names and meanings are the contract's, not a second vocabulary:
 ``display_name`` what a person called it. Over gRPC the messages are turned into
 the same JSON (proto field names, lowercase enum values), so both transports
 return these models. Unknown fields are ignored: a newer server does not break
-an older client (tests/test_client_models.py checks the names against the protos).
+an older client (tests/unit/test_client.py checks the names against the protos).
 """
 
 from datetime import datetime

@@ -2,7 +2,7 @@
 
 The HTTP door sends these models as JSON; the gRPC door builds its messages from
 the same models (service/grpc/convert.py), so the two doors cannot drift apart,
-and tests/test_contract.py compares the OpenAPI document with the protos. Names
+and tests/unit/test_contract.py compares the OpenAPI document with the protos. Names
 follow AIP-122: ``name`` is always a resource name (``datasets/{id}``,
 ``heads/{head}/versions/{version}``); what a person called a thing is
 ``display_name``. Enum values are lowercase here (``linear``, ``queued``) and

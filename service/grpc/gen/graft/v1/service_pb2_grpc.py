@@ -29,7 +29,7 @@ if _version_not_supported:
 
 class BackboneServiceStub:
     """The contract of both doors. Each method's `google.api.http` option is its
-    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    HTTP route (tests/unit/test_contract.py fails when the HTTP door drifts from it).
     Authentication for every method: "authorization: Bearer <API key>"
     (gRPC metadata, or the HTTP header).
 
@@ -55,7 +55,7 @@ class BackboneServiceStub:
 
 class BackboneServiceServicer:
     """The contract of both doors. Each method's `google.api.http` option is its
-    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    HTTP route (tests/unit/test_contract.py fails when the HTTP door drifts from it).
     Authentication for every method: "authorization: Bearer <API key>"
     (gRPC metadata, or the HTTP header).
 
@@ -96,7 +96,7 @@ def add_BackboneServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BackboneService:
     """The contract of both doors. Each method's `google.api.http` option is its
-    HTTP route (tests/test_contract.py fails when the HTTP door drifts from it).
+    HTTP route (tests/unit/test_contract.py fails when the HTTP door drifts from it).
     Authentication for every method: "authorization: Bearer <API key>"
     (gRPC metadata, or the HTTP header).
 
