@@ -161,7 +161,10 @@ class FinetuneHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-def build_head(config: HeadConfig, tail: nn.Module | None = None) -> nn.Module:
+Head = LinearHead | MLPHead | FinetuneHead  # every trainable head kind
+
+
+def build_head(config: HeadConfig, tail: nn.Module | None = None) -> Head:
     """An untrained head of the configured kind (finetune needs the copied tail)."""
     if config.kind is HeadKind.FINETUNE:
         if tail is None:
@@ -181,7 +184,7 @@ def head_state(head: nn.Module) -> dict[str, Tensor]:
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in head.state_dict().items()}
 
 
-def load_head(config: HeadConfig, tensors: dict[str, Tensor], tail: nn.Module | None = None) -> nn.Module:
+def load_head(config: HeadConfig, tensors: dict[str, Tensor], tail: nn.Module | None = None) -> Head:
     """Rebuild a trained head from its config and stored tensors, in eval mode."""
     head = build_head(config, tail)
     try:

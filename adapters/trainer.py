@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import FinetuneHead, HeadKind, LinearHead, MLPHead, standardisation_stats
+from adapters.heads import FinetuneHead, Head, HeadKind, LinearHead, MLPHead, standardisation_stats
 
 # L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, and
 # progress is reported between rounds. The cancel flag is checked at every
@@ -124,7 +124,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 
 
 def fit(
-    head: nn.Module,
+    head: Head,
     x_train: Tensor,
     y_train: Tensor,
     hp: HyperParams,

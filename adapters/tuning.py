@@ -82,7 +82,7 @@ class SearchSpace(BaseModel):
 
     def _point(self, index: int) -> GridPoint:
         """The grid point at ``index`` of the row-major (lr, weight_decay, hidden) order."""
-        hidden = self.hidden or [None]
+        hidden: list[int | None] = [*self.hidden] if self.hidden else [None]
         index, k = divmod(index, len(hidden))
         i, j = divmod(index, len(self.weight_decay))
         return self.lr[i], self.weight_decay[j], hidden[k]

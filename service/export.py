@@ -32,9 +32,10 @@ class StandaloneModel(nn.Module):
 
 def export_torchscript(backbone: Backbone, info: HeadVersionInfo, tensors: dict[str, torch.Tensor]) -> bytes:
     config = HeadConfig.model_validate(info.config)
-    tail = backbone.fresh_tail(info.split_point) if config.kind is HeadKind.FINETUNE else None
+    split = backbone.num_blocks if info.split_point is None else info.split_point  # None: the pooled features
+    tail = backbone.fresh_tail(split) if config.kind is HeadKind.FINETUNE else None
     head = load_head(config, tensors, tail)
-    model = StandaloneModel(backbone.cpu_copy(0, info.split_point), info.split_point == backbone.num_blocks, head).eval()
+    model = StandaloneModel(backbone.cpu_copy(0, split), split == backbone.num_blocks, head).eval()
     size = backbone.spec.crop_size
     with torch.no_grad():
         scripted = torch.jit.trace(model, torch.zeros(1, 3, size, size))

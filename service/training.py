@@ -228,14 +228,14 @@ class Trainer:
         )
         base = request.hyperparameters()
         finetune = request.kind == HeadKind.FINETUNE
-        config = HeadConfig(
-            kind=request.kind,
-            in_features=int(features.shape[1]),
-            num_classes=len(dataset.classes),
-            hidden=base.hidden if request.kind == HeadKind.MLP else None,
-            tail_blocks=backbone.num_blocks - split if finetune else None,
-            tail_out_channels=backbone.spec.feature_dim if finetune else None,
-        )
+        config = HeadConfig.model_validate({  # validated: dropout takes the kind's default
+            "kind": request.kind,
+            "in_features": int(features.shape[1]),
+            "num_classes": len(dataset.classes),
+            "hidden": base.hidden if request.kind == HeadKind.MLP else None,
+            "tail_blocks": backbone.num_blocks - split if finetune else None,
+            "tail_out_channels": backbone.spec.feature_dim if finetune else None,
+        })
         tail_factory = (lambda: backbone.fresh_tail(split)) if finetune else None
 
         def training_progress(event: ProgressEvent) -> None:

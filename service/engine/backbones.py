@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -71,15 +72,18 @@ class BackboneInfo(BaseModel):
     notes: str
 
 
-def _features_blocks(model: nn.Module) -> list[nn.Module]:
+# The model's own structure (torchvision's ``features``/``classifier``, timm's ``blocks``...) is the untyped part.
+
+
+def _features_blocks(model: Any) -> list[nn.Module]:
     return list(model.features)
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
+def _last_linear(model: Any) -> nn.Linear:
     return model.classifier[-1]
 
 
-def _timm_efficientnet_blocks(model: nn.Module) -> list[nn.Module]:
+def _timm_efficientnet_blocks(model: Any) -> list[nn.Module]:
     """Stem, every inverted-residual block (finer split points than timm's 7 stages), head conv."""
     return [
         nn.Sequential(model.conv_stem, model.bn1),
@@ -132,7 +136,7 @@ _EFFICIENTNET_LITE2 = BackboneSpec(
     name="efficientnet_lite2",
     build=lambda: timm.create_model("tf_efficientnet_lite2", pretrained=False),
     blocks=_timm_efficientnet_blocks,
-    classifier=lambda model: model.classifier,
+    classifier=lambda model: cast(nn.Linear, model.classifier),
     feature_dim=1280,
     weights=PinnedWeights(
         filename="efficientnet-lite2-9656183e.pth",

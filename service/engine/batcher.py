@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -141,7 +142,8 @@ class Batcher:
             count = min(self.max_batch_size, len(self._queue))
             return [self._queue.popleft() for _ in range(count)]
         group = self._queue[0].group
-        batch, rest = [], deque()
+        batch: list[_Request] = []
+        rest: deque[_Request] = deque()
         while self._queue:
             request = self._queue.popleft()
             (batch if request.group == group and len(batch) < self.max_batch_size else rest).append(request)
@@ -162,9 +164,10 @@ class Batcher:
             if error is not None:
                 results.append(error)
                 continue
+            row_logits = cast(list[torch.Tensor], output.logits[i])  # a row without an error has every head's
             results.append(
                 RowResult(
-                    logits=[logits.float().cpu() for logits in output.logits[i]],
+                    logits=[logits.float().cpu() for logits in row_logits],
                     embedding=embeddings[i] if embeddings is not None and request.want_embedding else None,
                 )
             )

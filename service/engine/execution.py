@@ -62,6 +62,7 @@ def run_batch(
 
     linear = [pair for pair in pairs if pair[2].kind is HeadKind.LINEAR]
     if linear:
+        assert pooled is not None  # linear heads read the pooled features, so they were computed
         for chunk in linear_chunks(linear, pooled.shape[1], pooled.element_size()):
             _run_linear_chunk(pooled, chunk, logits, failures)
 
@@ -77,12 +78,13 @@ def run_batch(
 
         def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
             if head.kind is HeadKind.MLP:
+                assert pooled is not None  # mlp heads read the pooled features
                 inputs = pooled[rows]
             elif head.split_point == first:
                 inputs = stem[rows]
             else:
                 inputs = backbone.features(stem[rows], head.split_point, start=first)
-            return head.module(inputs.float())
+            return head.layers(inputs.float())
 
         out = _guarded(head, len(places), forward, failures)
         if out is not None:
@@ -139,7 +141,8 @@ def _run_linear_chunk(
             places = [(row, slot) for row, slot, other in chunk if id(other) == head_id]
             rows = torch.tensor([row for row, _ in places], device=pooled.device)
             def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
-                return pooled[rows] @ head.weight.T + head.bias
+                weight, bias = head.linear
+                return pooled[rows] @ weight.T + bias
 
             out = _guarded(head, len(places), forward, failures)
             if out is not None:
@@ -163,14 +166,15 @@ def _gathered_linear(pooled: torch.Tensor, pairs: list[Pair]) -> list[torch.Tens
         if id(head) not in distinct:
             distinct[id(head)] = len(heads)
             heads.append(head)
-    widest = max(head.weight.shape[0] for head in heads)
+    widest = max(head.linear[0].shape[0] for head in heads)
     dim = pooled.shape[1]
     weights = pooled.new_zeros((len(heads), widest, dim))
     biases = pooled.new_full((len(heads), widest), float("-inf"))
     for i, head in enumerate(heads):
-        classes = head.weight.shape[0]
-        weights[i, :classes] = head.weight
-        biases[i, :classes] = head.bias
+        weight, bias = head.linear
+        classes = weight.shape[0]
+        weights[i, :classes] = weight
+        biases[i, :classes] = bias
     which = torch.tensor([distinct[id(head)] for _, _, head in pairs], device=pooled.device)
     rows = torch.tensor([row for row, _, _ in pairs], device=pooled.device)
     out = torch.baddbmm(biases[which].unsqueeze(2), weights[which], pooled[rows].unsqueeze(2)).squeeze(2)

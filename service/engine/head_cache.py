@@ -65,6 +65,20 @@ class LoadedHead:
     def version(self) -> int:
         return self.key.version
 
+    @property
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear head's folded (weight [C, D], bias [C])."""
+        if self.weight is None or self.bias is None:
+            raise TypeError(f"head {self.name} is {self.kind.value}, not linear")
+        return self.weight, self.bias
+
+    @property
+    def layers(self) -> nn.Module:
+        """An mlp or finetune head's module."""
+        if self.module is None:
+            raise TypeError(f"head {self.name} is linear: it has no module")
+        return self.module
+
 
 def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbone: Backbone) -> LoadedHead:
     """Registry row + stored tensors -> a LoadedHead on the backbone's device."""
@@ -74,7 +88,8 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
             f"head '{info.name}' version {info.version} is inconsistent: {config.num_classes} outputs but "
             f"{len(info.classes)} class names; delete this version and train it again"
         )
-    tail = backbone.fresh_tail(info.split_point) if config.kind is HeadKind.FINETUNE else None
+    split = backbone.num_blocks if info.split_point is None else info.split_point  # None: the pooled features
+    tail = backbone.fresh_tail(split) if config.kind is HeadKind.FINETUNE else None
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
     weight = bias = module = None
@@ -88,7 +103,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         key=head_key(info),
         backbone=info.backbone,
         kind=config.kind,
-        split_point=info.split_point,
+        split_point=split,
         classes=tuple(info.classes),
         weight=weight,
         bias=bias,
@@ -161,15 +176,16 @@ class HeadCache:
             return head
         backbone = self.backbones.get(backbone_name)
         usable = sorted(name for name, b in self.backbones.items() if b.spec.pretrained)
-        if backbone is None or not backbone.spec.pretrained:
+        if backbone is None or backbone.spec.weights is None:
             why = "is not loaded by this service" if backbone is None else "is untrained: it has no ImageNet classifier"
             raise NotFound(
                 f"backbone '{backbone_name}' {why}; ImageNet heads here: "
                 + (", ".join(f"'imagenet@{name}'" for name in usable) or "none")
             )
+        weights = backbone.spec.weights
         weight, bias = backbone.imagenet_classifier()
         head = LoadedHead(
-            key=HeadKey(IMAGENET_TENANT, f"imagenet@{backbone_name}", IMAGENET_VERSION, backbone.spec.weights.sha256),
+            key=HeadKey(IMAGENET_TENANT, f"imagenet@{backbone_name}", IMAGENET_VERSION, weights.sha256),
             backbone=backbone_name,
             kind=HeadKind.LINEAR,
             split_point=backbone.num_blocks,

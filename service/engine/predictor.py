@@ -16,6 +16,7 @@ and the images admitted (decoding, queued or in a batch) never exceed
 """
 
 import asyncio
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -76,7 +77,7 @@ class Predictor:
                 max_batch_size=settings.max_batch_size,
                 max_latency_ms=settings.max_latency_ms,
                 max_queue=settings.max_queue_images,
-                on_batch=(lambda size, depth, name=name: metrics.batch(name, size, depth)) if metrics else None,
+                on_batch=functools.partial(metrics.batch, name) if metrics else None,
             )
             for name, backbone in backbones.items()
         }
@@ -150,10 +151,11 @@ class Predictor:
 
         # Every image ends (answered or failed) before the request does: its slots are free once given back.
         outcomes = await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images)), return_exceptions=True)
+        predictions: list[ImagePrediction] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        predictions: list[ImagePrediction] = list(outcomes)
+            predictions.append(outcome)
         if self.metrics is not None:
             for head in heads:
                 self.metrics.predictions(head.kind.value, door, len(images))
@@ -162,11 +164,13 @@ class Predictor:
     async def _load_heads(self, tenant: str, head_refs: list[str]) -> dict[str, LoadedHead]:
         """Each distinct reference's head; the first failing reference in request order raises."""
         refs = list(dict.fromkeys(head_refs))
-        loaded = await asyncio.gather(*(self.heads.get(tenant, ref) for ref in refs), return_exceptions=True)
-        for outcome in loaded:
+        outcomes = await asyncio.gather(*(self.heads.get(tenant, ref) for ref in refs), return_exceptions=True)
+        loaded: dict[str, LoadedHead] = {}
+        for ref, outcome in zip(refs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise outcome
-        return dict(zip(refs, loaded, strict=True))
+            loaded[ref] = outcome
+        return loaded
 
     def _check_request(self, images: list[bytes], head_refs: list[str], top_k: int) -> None:
         if not images:

@@ -55,7 +55,7 @@ def training_spec(spec: pb.TrainingSpec) -> TrainingSpec:
     return TrainingSpec.model_validate(fields)
 
 
-def export_format(value: int) -> ExportFormat:
+def export_format(value: api.ExportFormat) -> ExportFormat:
     if value not in EXPORT_FORMATS:
         raise InvalidArgument(f"format {value} is not a known export format; use one of "
                               f"{', '.join(api.ExportFormat.keys()[1:])}")  # fmt: skip

@@ -11,6 +11,7 @@ lost its lease can no longer write anything to the job.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, NotFound
 from service.quotas import Quotas
-from service.store.db import Database, JobRow, utcnow
+from service.store.db import Database, JobRow, rows_changed, utcnow
 from service.store.pages import check_page_size, decode_time, decode_token, encode_token
 from service.training import TrainRequest
 
@@ -174,19 +175,19 @@ class JobStore:
                 if job_id is None:
                     return None
                 now = utcnow()
-                won = session.execute(
+                won = rows_changed(session.execute(
                     update(JobRow)
                     .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
                     .values(state=JobState.RUNNING.value, phase="starting", message="starting", progress=0.0,
                             metrics={}, worker=worker, attempts=JobRow.attempts + 1, started_at=now,
                             heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-                ).rowcount == 1
+                )) == 1
                 if won:
                     row = session.get_one(JobRow, job_id, populate_existing=True)
                     return Claim(Holder(row.id, worker, row.attempts), _info(row), row.cancel_requested)
         return None
 
-    def requeue_expired(self, max_attempts: int) -> list[str]:
+    def requeue_expired(self, max_attempts: int) -> builtins.list[str]:
         """Requeue running jobs whose lease expired (their replica died), or fail them after ``max_attempts`` runs.
 
         Returns one line per job changed, for the log.
@@ -212,29 +213,29 @@ class JobStore:
                     )
                     values = {"state": JobState.FAILED.value, "message": "failed", "error": error,
                               "worker": None, "lease_expires_at": None, "finished_at": now}
-                done = session.execute(
+                done = rows_changed(session.execute(
                     update(JobRow)
                     .where(JobRow.id == id, JobRow.state == JobState.RUNNING.value, JobRow.attempts == attempts,
                            or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now))
                     .values(**values)
-                ).rowcount == 1
+                )) == 1
                 if done:
                     changed.append(f"{id}: {values.get('error') or values['message']}")
         return changed
 
     # -- by the holder of a run ------------------------------------------------------------
 
-    def renew(self, holders: list[Holder], lease_s: float) -> tuple[set[str], set[str]]:
+    def renew(self, holders: builtins.list[Holder], lease_s: float) -> tuple[set[str], set[str]]:
         """Extend the leases still held; returns (ids whose lease was lost, ids a client asked to cancel)."""
         now = utcnow()
         lost = set()
         with self.db.session() as session:
             for holder in holders:
-                renewed = session.execute(
+                renewed = rows_changed(session.execute(
                     update(JobRow)
                     .where(_holds(holder))
                     .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-                ).rowcount == 1
+                )) == 1
                 if not renewed:
                     lost.add(holder.job_id)
             ids = [holder.job_id for holder in holders]
@@ -244,32 +245,32 @@ class JobStore:
     def write_progress(self, holder: Holder, job: JobInfo) -> bool:
         """False when ``holder`` no longer holds the run (nothing is written)."""
         with self.db.session() as session:
-            return session.execute(
+            return rows_changed(session.execute(
                 update(JobRow)
                 .where(_holds(holder))
                 .values(phase=job.phase, progress=job.progress, message=job.message, metrics=job.metrics)
-            ).rowcount == 1
+            )) == 1
 
     def finish(self, holder: Holder, job: JobInfo) -> tuple[bool, JobInfo]:
         """Write ``job``'s final state if ``holder`` still holds the run; returns (written, the row now)."""
         with self.db.session() as session:
-            written = session.execute(
+            written = rows_changed(session.execute(
                 update(JobRow)
                 .where(_holds(holder))
                 .values(state=job.state.value, phase=job.phase, progress=job.progress, message=job.message,
                         metrics=job.metrics, head_version=job.head_version, error=job.error,
                         finished_at=job.finished_at, lease_expires_at=None)
-            ).rowcount == 1
+            )) == 1
             return written, (job if written else _info(session.get_one(JobRow, job.id, populate_existing=True)))
 
     def hand_back(self, holder: Holder, message: str) -> bool:
         """Requeue a run this replica interrupted (shutdown); it does not count against the job's attempts."""
         with self.db.session() as session:
-            return session.execute(
+            return rows_changed(session.execute(
                 update(JobRow)
                 .where(_holds(holder))
                 .values(attempts=JobRow.attempts - 1, **_queued(message))
-            ).rowcount == 1
+            )) == 1
 
     def check_holder(self, session: Session, holder: Holder) -> None:
         """Inside the transaction that publishes the job's head: raise LeaseLost unless ``holder`` still holds it."""

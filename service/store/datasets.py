@@ -11,6 +11,7 @@ business (mark and sweep), so a delete never races another tenant's upload.
 
 from __future__ import annotations
 
+import builtins
 import unicodedata
 import uuid
 from collections import Counter
@@ -197,7 +198,7 @@ class DatasetStore:
         next_token = encode_token(page[-1].created_at.isoformat(), page[-1].id) if more else None
         return infos, next_token
 
-    def examples(self, tenant: str, id: str) -> list[tuple[str, str]]:
+    def examples(self, tenant: str, id: str) -> builtins.list[tuple[str, str]]:
         """(image sha256, label) pairs in upload order."""
         with self.db.session() as session:
             _owned(session, tenant, id)

@@ -3,7 +3,7 @@
 SQLite is the embedded default; a ``postgresql+psycopg://`` URL works unchanged
 because queries use only the ORM and portable SQL. The schema is owned by the
 Alembic migrations in ``service/store/migrations`` (run on open): a change to a
-model here needs a new revision there (``tests/test_migrations.py`` fails when
+model here needs a new revision there (``tests/unit/test_migrations.py`` fails when
 the two disagree).
 """
 
@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
 )
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import CursorResult, Dialect, Engine, Result
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -187,6 +187,11 @@ class ApiKeyRow(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE changed (``Session.execute`` is typed as a plain Result)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 class Database:

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.quotas import Quotas
 from service.store.blobs import BlobStore
-from service.store.db import Database, HeadAliasRow, HeadNameRow, HeadVersionRow, utcnow
+from service.store.db import Database, HeadAliasRow, HeadNameRow, HeadVersionRow, rows_changed, utcnow
 from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
 
 NAME_PATTERN = r"[a-z][a-z0-9-]{0,62}"
@@ -368,13 +368,13 @@ def _next_version(session: Session, tenant: str, name: str) -> int:
     """
     where = (HeadNameRow.tenant == tenant, HeadNameRow.name == name)
     bumped = session.execute(update(HeadNameRow).where(*where).values(last_version=HeadNameRow.last_version + 1))
-    if bumped.rowcount == 0:
+    if rows_changed(bumped) == 0:
         highest = session.scalar(
             select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
         )
         session.add(HeadNameRow(tenant=tenant, name=name, last_version=(highest or 0) + 1))
         session.flush()  # a concurrent first creator makes this an IntegrityError: the caller retries
-    return session.scalar(select(HeadNameRow.last_version).where(*where))
+    return session.scalar(select(HeadNameRow.last_version).where(*where)) or 0
 
 
 def _check_alias(alias: str) -> None:
