@@ -19,9 +19,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from adapters.errors import InvalidInput
 from adapters.heads import standardisation_stats
 from adapters.trainer import CancelCheck, HyperParams, accuracy, class_weights_for, fit_linear_layer
-from adapters.errors import InvalidInput
 
 DEFAULT_FOLDS = 5
 # A coarser path than the linear search's (8 values): the choice between backbones
@@ -139,23 +139,28 @@ def choose(scores: dict[str, CrossValScore], costs: dict[str, float]) -> Choice:
 
     ties = [name for name in scores if costs[name] < costs[leader] and ties_with_leader(name)]
     if len(scores) == 1:
-        return Choice(chosen=leader, reason=f"{leader} is the only candidate ({_shown(lead)})",
-                      scores=scores, costs=costs)
+        return Choice(
+            chosen=leader, reason=f"{leader} is the only candidate ({_shown(lead)})", scores=scores, costs=costs
+        )
     if ties:
         cheapest = min(ties, key=lambda name: costs[name])
         gap, error = _paired_gap(lead, scores[cheapest])
-        reason = (f"tie: {leader} ({_shown(lead)}) leads {cheapest} ({_shown(scores[cheapest])}) by "
-                  f"{100 * gap:.1f} points, within the standard error of the per-fold differences "
-                  f"({100 * error:.1f}); the cheaper {cheapest} wins ({costs[cheapest]:g} against "
-                  f"{costs[leader]:g} GFLOPs)")
+        reason = (
+            f"tie: {leader} ({_shown(lead)}) leads {cheapest} ({_shown(scores[cheapest])}) by "
+            f"{100 * gap:.1f} points, within the standard error of the per-fold differences "
+            f"({100 * error:.1f}); the cheaper {cheapest} wins ({costs[cheapest]:g} against "
+            f"{costs[leader]:g} GFLOPs)"
+        )
         return Choice(chosen=cheapest, reason=reason, scores=scores, costs=costs)
     runner_up = max((name for name in scores if name != leader), key=lambda name: scores[name].mean)
     gap, error = _paired_gap(lead, scores[runner_up])
-    reason = (f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
-              f"points, more than the standard error of the per-fold differences ({100 * error:.1f})"
-              if costs[runner_up] < costs[leader] else
-              f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
-              f"points and is no more expensive")
+    reason = (
+        f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
+        f"points, more than the standard error of the per-fold differences ({100 * error:.1f})"
+        if costs[runner_up] < costs[leader]
+        else f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
+        f"points and is no more expensive"
+    )
     return Choice(chosen=leader, reason=reason, scores=scores, costs=costs)
 
 

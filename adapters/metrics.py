@@ -85,9 +85,7 @@ def _per_class(confusion: Tensor, class_names: list[str]) -> list[ClassMetrics]:
     support = confusion.sum(dim=1)
     precision = true_positives / predicted_counts.clamp(min=1)
     recall = true_positives / support.double().clamp(min=1)
-    f1 = torch.where(
-        precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(precision)
-    )
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(precision))
     return [
         ClassMetrics(
             label=name,

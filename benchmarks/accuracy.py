@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from adapters.heads import HeadKind, HeadConfig, load_head
+from adapters.heads import HeadConfig, HeadKind, load_head
 from adapters.splits import stratified_split
 from adapters.tuning import default_search_space
 from harness.sample_data import fashion_mnist_pngs, textile_files
@@ -36,7 +36,9 @@ from service.training import TrainRequest
 TENANT = "bench"
 
 
-def sklearn_logreg_accuracy(x_train, y_train, x_test, y_test, holdout_fraction: float, seed: int) -> tuple[float, float]:
+def sklearn_logreg_accuracy(
+    x_train, y_train, x_test, y_test, holdout_fraction: float, seed: int
+) -> tuple[float, float]:
     """Pick C on graft's validation split (same grid as graft's linear search), test the winner."""
     fit_idx, val_idx = stratified_split(y_train.tolist(), holdout_fraction, seed)
     scaler = StandardScaler().fit(x_train[fit_idx])
@@ -87,8 +89,9 @@ def backbone_comparison(core: Core, prefix: str, train_items: list, test_items: 
 def textile_split(train_size: int, test_size: int, seed: int) -> tuple[list, list]:
     """Disjoint train and test textile images, stratified by class."""
     files = textile_files(10_000)
-    return train_test_split(files, train_size=train_size, test_size=test_size,
-                            stratify=[label for _, _, label in files], random_state=seed)
+    return train_test_split(
+        files, train_size=train_size, test_size=test_size, stratify=[label for _, _, label in files], random_state=seed
+    )
 
 
 def main() -> None:
@@ -96,7 +99,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200, help="images per class in train and in test")
     parser.add_argument("--kinds", default="linear,mlp,finetune")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep graft's storage (and feature cache) here")
-    parser.add_argument("--no-backbones", action="store_true", help="skip the MobileNetV2 / EfficientNet-Lite2 / auto runs")
+    parser.add_argument(
+        "--no-backbones", action="store_true", help="skip the MobileNetV2 / EfficientNet-Lite2 / auto runs"
+    )
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
@@ -104,8 +109,12 @@ def main() -> None:
     backbone = core.backbones["mobilenet_v2"]
     train_files = fashion_mnist_pngs("train", args.per_class, seed=0)
     test_files = fashion_mnist_pngs("test", args.per_class, seed=0)
-    train = core.datasets.create(TENANT, "fmnist-train", [(f"train/{i}.png", data, label) for i, (data, label) in enumerate(train_files)])
-    test = core.datasets.create(TENANT, "fmnist-test", [(f"test/{i}.png", data, label) for i, (data, label) in enumerate(test_files)])
+    train = core.datasets.create(
+        TENANT, "fmnist-train", [(f"train/{i}.png", data, label) for i, (data, label) in enumerate(train_files)]
+    )
+    test = core.datasets.create(
+        TENANT, "fmnist-test", [(f"test/{i}.png", data, label) for i, (data, label) in enumerate(test_files)]
+    )
     class_index = {name: i for i, name in enumerate(train.classes)}
     test_examples = core.datasets.examples(TENANT, test.id)
     y_test = torch.tensor([class_index[label] for _, label in test_examples])
@@ -116,8 +125,11 @@ def main() -> None:
     for kind in args.kinds.split(","):
         request = TrainRequest(dataset_id=train.id, head_name=f"fmnist-{kind}", kind=HeadKind(kind))
         started = time.perf_counter()
-        version = core.trainer.train(TENANT, request, progress=lambda e, kind=kind: print(
-            f"  {kind} {e.phase} {e.fraction:.2f} {e.message}", file=sys.stderr))
+        version = core.trainer.train(
+            TENANT,
+            request,
+            progress=lambda e, kind=kind: print(f"  {kind} {e.phase} {e.fraction:.2f} {e.message}", file=sys.stderr),
+        )
         timings[f"{kind}_train_s"] = round(time.perf_counter() - started, 1)
         x_test = core.extractor.features(backbone, version.split_point, test_shas)
         result[f"{kind}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
@@ -136,8 +148,13 @@ def main() -> None:
     if "finetune" in args.kinds and "linear" in args.kinds:
         result["finetune_minus_linear_points"] = round(100 * (result["finetune_acc"] - result["linear_acc"]), 2)
     if not args.no_backbones:
-        fashion = [[(f"{split}/{i}.png", data, label) for i, (data, label) in enumerate(fashion_mnist_pngs(split, args.per_class, 0))]
-                   for split in ("train", "test")]
+        fashion = [
+            [
+                (f"{split}/{i}.png", data, label)
+                for i, (data, label) in enumerate(fashion_mnist_pngs(split, args.per_class, 0))
+            ]
+            for split in ("train", "test")
+        ]
         result.update(backbone_comparison(core, "fashion", *fashion))
         result.update(backbone_comparison(core, "textile", *textile_split(300, 300, seed=0)))
     result.update(timings)

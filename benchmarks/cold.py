@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from engine_setup import create_linear_heads, head_param_bytes
+
 from harness.sample_data import textile_files
 from harness.servers import start_server
 from service.config import Settings

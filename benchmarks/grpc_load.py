@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-
 from engine_setup import create_linear_heads
+
 from harness.sample_data import textile_files
 from harness.servers import start_server
 from service.config import Settings
@@ -94,8 +94,9 @@ async def http_json(url: str, jpegs: list[bytes], head: str, concurrency: int, s
             i = worker
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
-                response = await http.post("/v1/predict", content=bodies[i % len(bodies)],
-                                           headers={"Content-Type": "application/json"})
+                response = await http.post(
+                    "/v1/predict", content=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}
+                )
                 response.raise_for_status()
                 latencies.append((time.perf_counter() - started) * 1000)
                 i += concurrency

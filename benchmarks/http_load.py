@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-
 from engine_setup import create_linear_heads
+
 from harness.sample_data import textile_files
 from harness.servers import start_server
 from service.config import Settings
@@ -42,8 +42,12 @@ from service.engine.predictor import Predictor
 TENANT = "default"  # the tenant of GRAFT_AUTH=open
 LEVELS = (1, 8, 32, 128)
 # Quotas are tenant policy, not capacity: lifted so that many heads fit and the rate limit never binds.
-UNLIMITED_QUOTAS = {"GRAFT_QUOTA_HEADS": "100000", "GRAFT_QUOTA_HEAD_VERSIONS": "100000",
-                    "GRAFT_QUOTA_PREDICT_IMAGES_PER_S": "1000000", "GRAFT_QUOTA_PREDICT_BURST": "1000000"}
+UNLIMITED_QUOTAS = {
+    "GRAFT_QUOTA_HEADS": "100000",
+    "GRAFT_QUOTA_HEAD_VERSIONS": "100000",
+    "GRAFT_QUOTA_PREDICT_IMAGES_PER_S": "1000000",
+    "GRAFT_QUOTA_PREDICT_BURST": "1000000",
+}
 
 
 async def engine_ips(core: Core, jpegs: list[bytes], heads: list[str], concurrency: int, seconds: float) -> float:
@@ -69,8 +73,14 @@ async def engine_ips(core: Core, jpegs: list[bytes], heads: list[str], concurren
 
 
 async def http_level(
-    url: str, bodies: list[bytes], heads: list[str], concurrency: int, seconds: float,
-    *, path: str = "/v1/predict", model_header: str | None = None,
+    url: str,
+    bodies: list[bytes],
+    heads: list[str],
+    concurrency: int,
+    seconds: float,
+    *,
+    path: str = "/v1/predict",
+    model_header: str | None = None,
 ) -> dict:
     """``concurrency`` clients in a closed loop for ``seconds``; ``model_header`` also names the head in a header."""
     latencies: list[float] = []
@@ -123,8 +133,10 @@ async def main() -> None:
     core = Core.open(settings)
     heads = create_linear_heads(core, 100, tenant=TENANT)
     jpegs = [data for _, data, _ in textile_files(per_class=10)]
-    bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
-              for j in jpegs]
+    bodies = [
+        json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
+        for j in jpegs
+    ]
 
     result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "heads_total": len(heads)}
     result["engine_ips"] = round(await engine_ips(core, jpegs, heads[:1], 32, args.seconds), 2)

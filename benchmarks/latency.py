@@ -17,8 +17,8 @@ import statistics
 import time
 
 import numpy as np
-
 from engine_setup import TENANT, create_linear_heads, open_core
+
 from harness.sample_data import textile_files
 from service.engine.backbones import BACKBONES
 from service.engine.head_cache import HeadCache
@@ -40,8 +40,9 @@ async def measure(backbone_name: str, requests: int) -> dict:
     head = await cache.get(TENANT, name)
 
     def raw_once(data: bytes) -> None:
-        image = prepare_image(backbone, data, name="x", max_bytes=settings.max_image_bytes,
-                              max_pixels=settings.max_image_pixels)
+        image = prepare_image(
+            backbone, data, name="x", max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
         pooled = backbone.features(image[None])
         (pooled @ head.weight.T + head.bias).softmax(1).topk(5)
 

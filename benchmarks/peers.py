@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ray
-from ray import serve
-
 from engine_setup import create_linear_heads
 from http_load import UNLIMITED_QUOTAS, http_level
+from ray import serve
 from ray_peer import RayPeerConfig, deploy, head_file
+
 from harness.sample_data import textile_files
 from harness.servers import REPO, free_port, start_server
 from service.config import Settings
@@ -108,10 +108,18 @@ def draw(result: dict, path: Path) -> None:
     for system, marker in (("graft", "o-"), ("ray", "s--")):
         levels = result[system]["heads_1000"]
         concurrencies = [int(key[1:]) for key in levels]
-        ax.plot(concurrencies, [levels[f"c{c}"]["ips"] for c in concurrencies], marker,
-                label="graft" if system == "graft" else "Ray Serve (multiplexed + batched)")
-    ax.set(xscale="log", xlabel="requests in flight", ylabel="images / s",
-           title="HTTP, 1,000 linear heads, MobileNetV2, CPU")
+        ax.plot(
+            concurrencies,
+            [levels[f"c{c}"]["ips"] for c in concurrencies],
+            marker,
+            label="graft" if system == "graft" else "Ray Serve (multiplexed + batched)",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="requests in flight",
+        ylabel="images / s",
+        title="HTTP, 1,000 linear heads, MobileNetV2, CPU",
+    )
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
@@ -144,8 +152,10 @@ async def main() -> None:
     files = {name: head_file(core.blobs.root, core.heads.resolve(TENANT, name).blob_key) for name in heads}
     del core  # free its memory before the servers start
     jpegs = [data for _, data, _ in textile_files(per_class=10)]
-    bodies = [json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
-              for j in jpegs]
+    bodies = [
+        json.dumps({"images": [base64.b64encode(j).decode()], "heads": ["__HEAD__"], "top_k": 5}).encode()
+        for j in jpegs
+    ]
     config = RayPeerConfig.for_device(args.device, files)
 
     result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "ray_config": config.described()}

@@ -29,7 +29,6 @@ from service.engine.backbones import load_backbone
 from service.engine.device import choose_placement
 from service.store.images import decode_rgb
 
-
 MAX_BATCH_SIZE = 32  # graft's GRAFT_MAX_BATCH_SIZE
 BATCH_WAIT_TIMEOUT_S = 0.002  # graft's GRAFT_MAX_LATENCY_MS
 MAX_MODELS_PER_REPLICA = 1000  # the LRU holds every head measured: Ray never reloads a head
@@ -52,8 +51,12 @@ class RayPeerConfig(BaseModel):
         return cls(device=device, cpus=cpus, gpus=int(device == "cuda"), torch_threads=cpus, head_files=head_files)
 
     def described(self) -> dict:
-        return {**self.model_dump(exclude={"head_files"}), "max_batch_size": MAX_BATCH_SIZE,
-                "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S, "max_num_models_per_replica": MAX_MODELS_PER_REPLICA}
+        return {
+            **self.model_dump(exclude={"head_files"}),
+            "max_batch_size": MAX_BATCH_SIZE,
+            "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S,
+            "max_num_models_per_replica": MAX_MODELS_PER_REPLICA,
+        }
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="graft-scaleout-") as tmp:
-        cluster = start_cluster(Path(tmp), GRAFT_JOB_LEASE_S=str(LEASE_S), GRAFT_QUOTA_QUEUED_JOBS="100",
-                                GRAFT_QUOTA_PREDICT_IMAGES_PER_S="100000", GRAFT_QUOTA_PREDICT_BURST="100000")  # fmt: skip
+        cluster = start_cluster(
+            Path(tmp),
+            GRAFT_JOB_LEASE_S=str(LEASE_S),
+            GRAFT_QUOTA_QUEUED_JOBS="100",
+            GRAFT_QUOTA_PREDICT_IMAGES_PER_S="100000",
+            GRAFT_QUOTA_PREDICT_BURST="100000",
+        )
         try:
             print(json.dumps(measure(cluster, Path(tmp), args.seconds, args.concurrency)))
         finally:
@@ -110,20 +115,30 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
         resolve_ms.append((time.perf_counter() - started) * 1000)
 
     log("20 jobs through nginx")
-    ids = [client.post("/v1/jobs", json={"dataset": dataset, "head": f"job-{i}", **QUICK}).json()["name"].removeprefix("jobs/")
-           for i in range(20)]  # fmt: skip
+    jobs = [client.post("/v1/jobs", json={"dataset": dataset, "head": f"job-{i}", **QUICK}).json() for i in range(20)]
+    ids = [job["name"].removeprefix("jobs/") for job in jobs]
     for job_id in ids:
         wait_for_job(client, job_id)
     engine = sa.create_engine(cluster.postgres.url)
     with engine.connect() as db:
-        runs = db.execute(sa.text("SELECT coalesce(sum(attempts), 0) FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}).scalar()
-        versions = db.execute(sa.text("SELECT count(*) FROM head_versions WHERE job_id = ANY(:ids)"), {"ids": ids}).scalar()
+        runs = db.execute(
+            sa.text("SELECT coalesce(sum(attempts), 0) FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}
+        ).scalar()
+        versions = db.execute(
+            sa.text("SELECT count(*) FROM head_versions WHERE job_id = ANY(:ids)"), {"ids": ids}
+        ).scalar()
     duplicate_runs = int(runs) - len(ids) + max(0, int(versions) - len(ids))
 
     log("SIGKILL the replica running a finetune job")
-    spec = {"kind": "finetune", "finetune_blocks": 2, "search": {"lr": [1e-3], "weight_decay": [1e-4]},
-            "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60}}
-    job_id = client.post("/v1/jobs", json={"dataset": dataset, "head": "tuned", **spec}).json()["name"].removeprefix("jobs/")
+    spec = {
+        "kind": "finetune",
+        "finetune_blocks": 2,
+        "search": {"lr": [1e-3], "weight_decay": [1e-4]},
+        "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60},
+    }
+    job_id = (
+        client.post("/v1/jobs", json={"dataset": dataset, "head": "tuned", **spec}).json()["name"].removeprefix("jobs/")
+    )
     worker = poll_job(engine, job_id, lambda state, worker, attempts: state == "running" and worker)
     victim = cluster.replica_of_worker(worker)
     killed = time.monotonic()
@@ -174,7 +189,8 @@ def poll_job(engine: sa.Engine, job_id: str, until, timeout_s: float = 300):
     while time.monotonic() < deadline:
         with engine.connect() as db:
             state, worker, attempts = db.execute(
-                sa.text("SELECT state, worker, attempts FROM jobs WHERE id = :id"), {"id": job_id}).one()
+                sa.text("SELECT state, worker, attempts FROM jobs WHERE id = :id"), {"id": job_id}
+            ).one()
         if until(state, worker, attempts):
             return worker
         time.sleep(0.1)

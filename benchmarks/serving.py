@@ -26,8 +26,8 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from engine_setup import TENANT, create_linear_heads, head_param_bytes, open_core
+
 from service.engine.backbones import BACKBONES
 from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache
@@ -48,8 +48,13 @@ def raw_trunk_ips(backbone, images: torch.Tensor, batch_size: int) -> float:
 async def engine_ips(core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool) -> float:
     cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
     heads = [await cache.get(TENANT, name) for name in names]  # loaded before timing: a warm cache
-    batcher = Batcher(core.backbones[core.settings.default_backbone], max_batch_size=batch_size, max_latency_ms=2,
-                      max_queue=len(images) + 1, group_by_head=group_by_head)
+    batcher = Batcher(
+        core.backbones[core.settings.default_backbone],
+        max_batch_size=batch_size,
+        max_latency_ms=2,
+        max_queue=len(images) + 1,
+        group_by_head=group_by_head,
+    )
     # Warm-up with one full batch, as the raw loop gets: this worker thread's first
     # trunk call at a new shape pays one-time set-up costs.
     await asyncio.gather(*(batcher.submit(image, [heads[0]]) for image in images[:batch_size]))
@@ -82,8 +87,12 @@ def draw(result: dict, path: Path) -> None:
     ax.plot(counts, [result[f"heads_{n}_ips"] for n in counts], "o-", label="graft (heterogeneous batches)")
     ax.plot(counts, [result[f"per_head_batches_{n}_ips"] for n in counts], "s--", label="one batch per head")
     ax.axhline(result["raw_trunk_ips"], color="grey", linestyle=":", label="raw trunk (limit)")
-    ax.set(xscale="log", xlabel="distinct heads in the traffic", ylabel="images / s",
-           title=f"MobileNetV2 on {result['device']}, batch {result['batch_size']}")
+    ax.set(
+        xscale="log",
+        xlabel="distinct heads in the traffic",
+        ylabel="images / s",
+        title=f"MobileNetV2 on {result['device']}, batch {result['batch_size']}",
+    )
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
@@ -105,8 +114,11 @@ async def one_head_against_raw(name: str, args: argparse.Namespace) -> dict:
         raw.append(raw_trunk_ips(backbone, images, args.batch_size))
         served.append(await engine_ips(core, images, names, args.batch_size, False))
     print(f"{name}: raw {raw}, one head {served}", file=sys.stderr)
-    return {"raw_trunk_ips": round(statistics.median(raw), 2), "heads_1_ips": round(statistics.median(served), 2),
-            "heads_1_over_raw": round(statistics.median(a / b for a, b in zip(served, raw, strict=True)), 3)}
+    return {
+        "raw_trunk_ips": round(statistics.median(raw), 2),
+        "heads_1_ips": round(statistics.median(served), 2),
+        "heads_1_over_raw": round(statistics.median(a / b for a, b in zip(served, raw, strict=True)), 3),
+    }
 
 
 async def main() -> None:
@@ -124,8 +136,13 @@ async def main() -> None:
     names = create_linear_heads(core, 1000)
     print("heads created", file=sys.stderr)
 
-    result: dict = {"device": str(core.placement.device), "batch_size": args.batch_size, "images": args.images,
-                    "trunk_micro_batch": core.placement.micro_batch, "rounds": args.rounds}
+    result: dict = {
+        "device": str(core.placement.device),
+        "batch_size": args.batch_size,
+        "images": args.images,
+        "trunk_micro_batch": core.placement.micro_batch,
+        "rounds": args.rounds,
+    }
     # Every configuration is measured once per round, rounds interleaved, and
     # the median round kept: the machine is shared and its noise drifts.
     samples: dict[str, list[float]] = {}
@@ -153,7 +170,9 @@ async def main() -> None:
     result["bytes_per_head_budget"] = 2 * head_param_bytes() + 4096
     del core
 
-    result["backbones"] = {MAIN_BACKBONE: {key: result[key] for key in ("raw_trunk_ips", "heads_1_ips", "heads_1_over_raw")}}
+    result["backbones"] = {
+        MAIN_BACKBONE: {key: result[key] for key in ("raw_trunk_ips", "heads_1_ips", "heads_1_over_raw")}
+    }
     for name, spec in BACKBONES.items():
         if spec.pretrained and name != MAIN_BACKBONE:
             result["backbones"][name] = await one_head_against_raw(name, args)

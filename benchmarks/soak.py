@@ -92,9 +92,7 @@ def same_answer(got: Answer, expected: Answer) -> bool:
     for (label, score), (want_label, want_score) in zip(got, expected, strict=True):
         if abs(score - want_score) > SCORE_TOLERANCE:
             return False
-        if label != want_label and not any(
-            abs(s - score) <= SCORE_TOLERANCE for lbl, s in expected if lbl == label
-        ):
+        if label != want_label and not any(abs(s - score) <= SCORE_TOLERANCE for lbl, s in expected if lbl == label):
             return False
     return True
 
@@ -231,7 +229,14 @@ class Writer:
     """
 
     def __init__(self, server: Server, key: str, door: str, profile: Profile, probes: list[bytes], tally: Tally):
-        self.server, self.key, self.door, self.profile, self.probes, self.tally = server, key, door, profile, probes, tally
+        self.server, self.key, self.door, self.profile, self.probes, self.tally = (
+            server,
+            key,
+            door,
+            profile,
+            probes,
+            tally,
+        )
         self.expected: dict[int, list[Answer]] = {}  # version -> answers for the probes
         self.deleted: set[int] = set()
 
@@ -263,11 +268,13 @@ class Writer:
         if self.door == "http":
             return upload_http(client, examples, "writer")
         with grpc.insecure_channel(self.server.grpc_target) as channel:
+
             def messages():
                 yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name="writer"))
                 for file_name, data, label in examples:
                     image = api.CreateDatasetRequest.Image(file_name=file_name, label=label, data=data)
                     yield api.CreateDatasetRequest(image=image)
+
             dataset = rpc.DatasetServiceStub(channel).CreateDataset(messages(), metadata=self.metadata, timeout=120)
         return dataset.name
 
@@ -287,7 +294,8 @@ class Writer:
         with grpc.insecure_channel(self.server.grpc_target) as channel:
             try:
                 reply = rpc.PredictionServiceStub(channel).Predict(
-                    api.PredictRequest(images=self.probes, heads=[ref], top_k=3), metadata=self.metadata, timeout=60)
+                    api.PredictRequest(images=self.probes, heads=[ref], top_k=3), metadata=self.metadata, timeout=60
+                )
             except grpc.RpcError as exc:
                 return "not_found" if exc.code() == grpc.StatusCode.NOT_FOUND else grpc_outcome(exc.code()), []
         return "ok", [(p.heads[0].version, answer_of_pb(p.heads[0])) for p in reply.predictions]
@@ -298,7 +306,11 @@ class Writer:
             self.tally.count("wrong_answers" if outcome == "not_found" else outcome, f"w:prod refused: {outcome}")
             return
         for (version, got), image in zip(answers, range(len(self.probes)), strict=True):
-            ok = version in self.expected and version not in self.deleted and same_answer(got, self.expected[version][image])
+            ok = (
+                version in self.expected
+                and version not in self.deleted
+                and same_answer(got, self.expected[version][image])
+            )
             self.tally.count("ok" if ok else "wrong_answers", None if ok else f"w:prod answered v{version}: {got}")
 
     def check_deleted_is_gone(self, client: httpx.Client, version: int) -> None:

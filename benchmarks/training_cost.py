@@ -38,7 +38,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="graft-cost-") as tmp:
         core = Core.open(Settings(data_dir=Path(tmp)))
         files = fashion_mnist_pngs("train", args.per_class, seed=1)
-        dataset = core.datasets.create(TENANT, "fmnist", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
+        dataset = core.datasets.create(
+            TENANT, "fmnist", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)]
+        )
         grid = default_search_space(HeadKind.LINEAR)
         one_config = SearchSpace(lr=grid.lr[:1], weight_decay=grid.weight_decay[:1])
 
@@ -47,15 +49,19 @@ def main() -> None:
         retrain = timed_train(core, single)
         search8 = timed_train(core, single.model_copy(update={"search": grid}))
 
-    print(json.dumps({
-        "images": len(files),
-        "search_configs": len(grid.lr) * len(grid.weight_decay),
-        "first_train_s": round(first, 3),
-        "retrain_s": round(retrain, 3),
-        "search8_s": round(search8, 3),
-        "retrain_speedup": round(first / retrain, 1),
-        "search8_over_first": round(search8 / first, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "images": len(files),
+                "search_configs": len(grid.lr) * len(grid.weight_decay),
+                "first_train_s": round(first, 3),
+                "retrain_s": round(retrain, 3),
+                "search8_s": round(search8, 3),
+                "retrain_speedup": round(first / retrain, 1),
+                "search8_over_first": round(search8 / first, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

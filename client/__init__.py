@@ -1,10 +1,10 @@
 """The graft client: the same calls over HTTP or gRPC, without torch or the server's code.
 
-    from client import connect
-    with connect("http://localhost:3000", api_key="graft_…") as graft:   # or "grpc://localhost:50051"
-        dataset = graft.create_dataset("my_images/", "textiles")         # label/image.jpg folders, .zip or .csv
-        job = graft.wait(graft.train(dataset.name, "textiles").name)
-        print(graft.predict(["a.jpg"], "textiles")[0].heads[0].top)
+from client import connect
+with connect("http://localhost:3000", api_key="graft_…") as graft:   # or "grpc://localhost:50051"
+    dataset = graft.create_dataset("my_images/", "textiles")         # label/image.jpg folders, .zip or .csv
+    job = graft.wait(graft.train(dataset.name, "textiles").name)
+    print(graft.predict(["a.jpg"], "textiles")[0].heads[0].top)
 """
 
 from client.base import Client

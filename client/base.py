@@ -92,7 +92,9 @@ class Client(ABC):
         """Queue a training job (returns at once, state ``queued``); ``wait`` or ``watch`` follows it."""
         name = dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
         fields = {"kind": kind, "backbone": backbone, "search": search, "hyperparams": hyperparams, **spec}
-        return self.create_job(TrainingSpec(dataset=name, head=head, **{k: v for k, v in fields.items() if v is not None}))
+        return self.create_job(
+            TrainingSpec(dataset=name, head=head, **{k: v for k, v in fields.items() if v is not None})
+        )
 
     @abstractmethod
     def create_job(self, spec: TrainingSpec) -> Job: ...

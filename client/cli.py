@@ -188,7 +188,10 @@ def predict(graft: Client, args: argparse.Namespace) -> int:
         writer.writerow(["file", "head", "version", "rank", "label", "score"])
         writer.writerows(rows)
     else:
-        _table(["file", "head", "label", "score"], [[r[0], f"{r[1]}@{r[2]}", r[4], f"{r[5]:.3f}"] for r in rows if r[3] == 1])
+        _table(
+            ["file", "head", "label", "score"],
+            [[r[0], f"{r[1]}@{r[2]}", r[4], f"{r[5]:.3f}"] for r in rows if r[3] == 1],
+        )
     return 0
 
 
@@ -323,7 +326,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--head", required=True, help="the head to create a version of")
     sub.add_argument("--kind", choices=["linear", "mlp", "finetune"])
     sub.add_argument("--backbone", help="a backbone, or 'auto' (default: the server's)")
-    sub.add_argument("--hyperparams", help='JSON overrides, e.g. \'{"epochs": 10}\'')
+    sub.add_argument("--hyperparams", help="JSON overrides, e.g. '{\"epochs\": 10}'")
     sub.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
     sub.add_argument("--json", action="store_true", help="print the finished job as JSON")
 

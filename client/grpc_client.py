@@ -111,8 +111,9 @@ class GrpcClient(Client):
             return self._upload_examples(display_name, from_directory(Path(tmp)), progress)
 
     def get_dataset(self, name: str) -> Dataset:
-        return Dataset.model_validate(_json(self._call(self._datasets.GetDataset,
-                                                       api.GetDatasetRequest(name=_named(name, "datasets")))))  # fmt: skip
+        return Dataset.model_validate(
+            _json(self._call(self._datasets.GetDataset, api.GetDatasetRequest(name=_named(name, "datasets"))))
+        )
 
     def list_datasets(self) -> list[Dataset]:
         pages = self._pages(self._datasets.ListDatasets, api.ListDatasetsRequest, "datasets")
@@ -153,10 +154,14 @@ class GrpcClient(Client):
     # Heads --------------------------------------------------------------------------------------------------------
 
     def list_heads(self) -> list[Head]:
-        return [Head.model_validate(_json(h)) for h in self._pages(self._heads.ListHeads, api.ListHeadsRequest, "heads")]
+        return [
+            Head.model_validate(_json(h)) for h in self._pages(self._heads.ListHeads, api.ListHeadsRequest, "heads")
+        ]
 
     def get_head(self, name: str) -> Head:
-        return Head.model_validate(_json(self._call(self._heads.GetHead, api.GetHeadRequest(name=_named(name, "heads")))))
+        return Head.model_validate(
+            _json(self._call(self._heads.GetHead, api.GetHeadRequest(name=_named(name, "heads"))))
+        )
 
     def delete_head(self, name: str) -> None:
         self._call(self._heads.DeleteHead, api.DeleteHeadRequest(name=_named(name, "heads")))

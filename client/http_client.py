@@ -178,8 +178,13 @@ def _raise_for_error(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         code, message, details = None, response.text[:200] or response.reason_phrase, {}
     retry_after = response.headers.get("Retry-After")
-    raise error_for_status(response.status_code, code, message, details=details,
-                           retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None)  # fmt: skip
+    raise error_for_status(
+        response.status_code,
+        code,
+        message,
+        details=details,
+        retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
+    )
 
 
 def _server_sent_jobs(lines: Iterable[str]) -> Iterator[Job]:
@@ -195,5 +200,3 @@ def _server_sent_jobs(lines: Iterable[str]) -> Iterator[Job]:
             yield Job.model_validate(data)
         elif not line:
             event = "message"
-
-

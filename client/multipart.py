@@ -44,9 +44,13 @@ class MultipartBody:
         """The body of ``files`` + ``labels`` parts, and its length if every example's size is known."""
         length = None
         if isinstance(examples, list) and all(e.size is not None for e in examples):
-            length = len(self._head()) + len(self._tail()) + sum(
-                len(self._file_head("files", e.file_name)) + e.size + 2 + len(self._field("labels", e.label))
-                for e in examples
+            length = (
+                len(self._head())
+                + len(self._tail())
+                + sum(
+                    len(self._file_head("files", e.file_name)) + e.size + 2 + len(self._field("labels", e.label))
+                    for e in examples
+                )
             )
 
         def body() -> Iterator[bytes]:
@@ -54,7 +58,9 @@ class MultipartBody:
             yield self._head()
             for count, example in enumerate(examples, start=1):
                 data = example.read()
-                yield self._file_head("files", example.file_name) + data + b"\r\n" + self._field("labels", example.label)
+                yield (
+                    self._file_head("files", example.file_name) + data + b"\r\n" + self._field("labels", example.label)
+                )
                 sent += len(data)
                 if progress is not None:
                     progress(sent, count)

@@ -55,8 +55,15 @@ def _confusion(ax: Any, classes: list[str], confusion: list[list[int]]) -> None:
     if len(classes) <= 20:
         for i in ticks:
             for j in ticks:
-                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
-                        color="white" if shares[i, j] > 0.5 else "black", fontsize=11 if len(classes) <= 10 else 7)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(counts[i, j])}",
+                    ha="center",
+                    va="center",
+                    color="white" if shares[i, j] > 0.5 else "black",
+                    fontsize=11 if len(classes) <= 10 else 7,
+                )
 
 
 def _per_class(ax: Any, per_class: list[dict[str, Any]]) -> None:
@@ -104,20 +111,24 @@ def _trials(ax: Any, trials: list[dict[str, Any]]) -> None:
     accuracies = [t.get("val_accuracy") or 0.0 for t in trials]
     best = max(range(len(trials)), key=lambda i: (accuracies[i], -(trials[i].get("val_loss") or float("inf"))))
     varied = [k for k in trials[0].get("hp", {}) if len({repr(t["hp"].get(k)) for t in trials}) > 1]
-    labels = [", ".join(f"{_short(k)}={t['hp'][k]:.2g}" if isinstance(t["hp"][k], float) else f"{_short(k)}={t['hp'][k]}"
-                        for k in varied) or f"trial {i + 1}" for i, t in enumerate(trials)]  # fmt: skip
+    labels = [", ".join(_setting(k, t["hp"][k]) for k in varied) or f"trial {i + 1}" for i, t in enumerate(trials)]
     colours = ["#55a868" if i == best else "#8c8c8c" for i in range(len(trials))]
     y = np.arange(len(trials))
     ax.barh(y, accuracies, color=colours)
     for i, t in enumerate(trials):
         loss = t.get("val_loss")
-        ax.text(accuracies[i] + 0.01, i, f"{accuracies[i]:.3f}" + (f"  (loss {loss:.3f})" if loss is not None else "  (diverged)"),
-                va="center", fontsize=8)  # fmt: skip
+        outcome = f"  (loss {loss:.3f})" if loss is not None else "  (diverged)"
+        ax.text(accuracies[i] + 0.01, i, f"{accuracies[i]:.3f}{outcome}", va="center", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.25)
     ax.set_xlabel("validation accuracy")
     ax.set_title(f"Hyper-parameter search: {len(trials)} trials (green: chosen)")
+
+
+def _setting(key: str, value: object) -> str:
+    """One searched hyper-parameter as a short label, e.g. ``wd=0.01``."""
+    return f"{_short(key)}={value:.2g}" if isinstance(value, float) else f"{_short(key)}={value}"
 
 
 def _short(key: str) -> str:

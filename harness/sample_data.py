@@ -22,7 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "data"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 ]
 TEXTILE_WHEEL = "conformal-clip-data==0.1.4"
 TEXTILE_PREFIX = "conformal_clip_data/data/textile_images/simulated/"

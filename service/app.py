@@ -40,7 +40,9 @@ class Graft:
     def __init__(self) -> None:
         self.runtime = Runtime.open(settings)
         self.grpc: GrpcServer | None = None
-        log.info("graft loaded backbones %s on %s", list(self.runtime.core.backbones), self.runtime.core.placement.device)
+        log.info(
+            "graft loaded backbones %s on %s", list(self.runtime.core.backbones), self.runtime.core.placement.device
+        )
 
     @bentoml.on_startup
     async def start(self) -> None:

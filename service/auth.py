@@ -18,7 +18,11 @@ from sqlalchemy import select
 
 from service.config import Settings
 from service.errors import (
-    AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unauthenticated,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
 )
 from service.store.db import ApiKeyRow, Database, TenantRow, utcnow
 from service.store.heads import check_name

@@ -219,13 +219,15 @@ class Calls:
         self, images: list[bytes], heads: list[str], top_k: int, include_embedding: bool, door: str
     ) -> list[ImagePrediction]:
         refs = [head_ref(ref) for ref in heads]
-        return await self.runtime.predictor.predict(self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K,
-                                                    embedding=include_embedding, door=door)
+        return await self.runtime.predictor.predict(
+            self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K, embedding=include_embedding, door=door
+        )
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, str | None]:
     """A list call's page: 0 means the default size; an empty token, the first page."""
     if not 0 <= page_size <= MAX_PAGE_SIZE:
-        raise InvalidArgument(f"page_size {page_size} must be from 1 to {MAX_PAGE_SIZE} (0: the default, "
-                              f"{DEFAULT_PAGE_SIZE})")
+        raise InvalidArgument(
+            f"page_size {page_size} must be from 1 to {MAX_PAGE_SIZE} (0: the default, {DEFAULT_PAGE_SIZE})"
+        )
     return page_size or DEFAULT_PAGE_SIZE, page_token or None

@@ -65,9 +65,7 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(30.0, gt=0, description="A running job's lease; its replica renews it every third.")
     max_job_attempts: int = Field(3, ge=1, description="Runs of one job (after replica deaths) before it fails.")
     max_job_seconds: float = Field(3600.0, gt=0, description="Wall-clock limit of one job run.")
-    max_job_work: int = Field(
-        50_000_000, gt=0, description="Bound on epochs x training images x trials of one job."
-    )
+    max_job_work: int = Field(50_000_000, gt=0, description="Bound on epochs x training images x trials of one job.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to finish in-flight work.")
 
     # Per-tenant quotas, enforced over both doors.
@@ -87,8 +85,9 @@ class Settings(BaseSettings):
 
     # Tenancy.
     auth: Literal["keys", "open"] = Field(
-        "keys", description="'keys': every call needs an API key; 'open': no keys, every caller is tenant "
-        "'default' (local development only)."
+        "keys",
+        description="'keys': every call needs an API key; 'open': no keys, every caller is tenant "
+        "'default' (local development only).",
     )
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for the admin endpoints (tenants, API keys); unset disables them."

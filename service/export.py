@@ -44,7 +44,12 @@ def export_torchscript(backbone: Backbone, info: HeadVersionInfo, tensors: dict[
         "version": info.version,
         "backbone": info.backbone,
         "classes": info.classes,
-        "input": {"size": size, "resize": backbone.spec.resize_size, "mean": backbone.spec.mean, "std": backbone.spec.std},
+        "input": {
+            "size": size,
+            "resize": backbone.spec.resize_size,
+            "mean": backbone.spec.mean,
+            "std": backbone.spec.std,
+        },
         "output": "class probabilities [N, C] in the order of 'classes'",
     }
     buffer = io.BytesIO()

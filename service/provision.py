@@ -27,8 +27,9 @@ def import_into_bentoml(paths: list[Path]) -> str:
     """Store the checkpoints as one BentoML model; returns its tag."""
     import bentoml
 
-    with bentoml.models.create(BENTO_WEIGHTS_MODEL, labels={"project": "graft"},
-                               metadata={path.name: "sha256-verified" for path in paths}) as model:
+    with bentoml.models.create(
+        BENTO_WEIGHTS_MODEL, labels={"project": "graft"}, metadata={path.name: "sha256-verified" for path in paths}
+    ) as model:
         for path in paths:
             shutil.copyfile(path, Path(model.path) / path.name)
     return str(model.tag)

@@ -33,10 +33,12 @@ class Quotas:
 
     def stored_bytes(self, session: Session, tenant: str) -> int:
         """Bytes charged to ``tenant``: its datasets' distinct images plus its head versions' weights."""
-        datasets = session.scalar(select(func.coalesce(func.sum(DatasetRow.stored_bytes), 0)).where(
-            DatasetRow.tenant == tenant))
-        heads = session.scalar(select(func.coalesce(func.sum(HeadVersionRow.param_bytes), 0)).where(
-            HeadVersionRow.tenant == tenant))
+        datasets = session.scalar(
+            select(func.coalesce(func.sum(DatasetRow.stored_bytes), 0)).where(DatasetRow.tenant == tenant)
+        )
+        heads = session.scalar(
+            select(func.coalesce(func.sum(HeadVersionRow.param_bytes), 0)).where(HeadVersionRow.tenant == tenant)
+        )
         return int(datasets or 0) + int(heads or 0)
 
     def check_storage(self, session: Session, tenant: str, adding_bytes: int) -> None:

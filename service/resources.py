@@ -116,8 +116,14 @@ class Dataset(BaseModel):
 
     @classmethod
     def of(cls, info: DatasetInfo) -> "Dataset":
-        return cls(name=f"datasets/{info.id}", display_name=info.name, create_time=info.created_at,
-                   example_count=info.num_examples, classes=info.classes, examples_per_class=info.counts)
+        return cls(
+            name=f"datasets/{info.id}",
+            display_name=info.name,
+            create_time=info.created_at,
+            example_count=info.num_examples,
+            classes=info.classes,
+            examples_per_class=info.counts,
+        )
 
 
 def _only_with(field: str, is_set: dict, then: str, value: str) -> dict:
@@ -233,8 +239,12 @@ class Head(BaseModel):
 
     @classmethod
     def of(cls, info: HeadInfo) -> "Head":
-        return cls(name=f"heads/{info.name}", latest_version=info.latest_version,
-                   versions=[HeadVersion.of(v) for v in info.versions], aliases=info.aliases)
+        return cls(
+            name=f"heads/{info.name}",
+            latest_version=info.latest_version,
+            versions=[HeadVersion.of(v) for v in info.versions],
+            aliases=info.aliases,
+        )
 
 
 class ExportFormat(str, Enum):

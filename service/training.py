@@ -16,8 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
-from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.crossval import Choice, choose, cross_validate_linear
+from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, head_state
 from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
@@ -209,16 +209,29 @@ class Trainer:
             def report_part(done: int, total: int) -> None:
                 # Counts over all the dataset's images, cached or not: the cache is shared
                 # across tenants, and "new images" would tell that another tenant has them.
-                report(ProgressEvent(phase="extract", fraction=EXTRACTION_SHARE * (part + done / total) / slices,
-                                     message=f"features for {done}/{total} images"
-                                     + (f" ({name})" if slices > 1 else "")))
+                report(
+                    ProgressEvent(
+                        phase="extract",
+                        fraction=EXTRACTION_SHARE * (part + done / total) / slices,
+                        message=f"features for {done}/{total} images" + (f" ({name})" if slices > 1 else ""),
+                    )
+                )
 
             return report_part
 
         choice = None
         if request.backbone == AUTO:
-            choice = self._choose_backbone(request, candidates, shas, labels[train_idx], train_idx,
-                                           len(dataset.classes), extraction_progress, report, cancelled)
+            choice = self._choose_backbone(
+                request,
+                candidates,
+                shas,
+                labels[train_idx],
+                train_idx,
+                len(dataset.classes),
+                extraction_progress,
+                report,
+                cancelled,
+            )
             backbone = self.backbone(choice.chosen)
         else:
             backbone = candidates[0]
@@ -228,14 +241,16 @@ class Trainer:
         )
         base = request.hyperparameters()
         finetune = request.kind == HeadKind.FINETUNE
-        config = HeadConfig.model_validate({  # validated: dropout takes the kind's default
-            "kind": request.kind,
-            "in_features": int(features.shape[1]),
-            "num_classes": len(dataset.classes),
-            "hidden": base.hidden if request.kind == HeadKind.MLP else None,
-            "tail_blocks": backbone.num_blocks - split if finetune else None,
-            "tail_out_channels": backbone.spec.feature_dim if finetune else None,
-        })
+        config = HeadConfig.model_validate(
+            {  # validated: dropout takes the kind's default
+                "kind": request.kind,
+                "in_features": int(features.shape[1]),
+                "num_classes": len(dataset.classes),
+                "hidden": base.hidden if request.kind == HeadKind.MLP else None,
+                "tail_blocks": backbone.num_blocks - split if finetune else None,
+                "tail_out_channels": backbone.spec.feature_dim if finetune else None,
+            }
+        )
         tail_factory = (lambda: backbone.fresh_tail(split)) if finetune else None
 
         def training_progress(event: ProgressEvent) -> None:
@@ -309,15 +324,24 @@ class Trainer:
         scores = {}
         for part, backbone in enumerate(candidates):
             pooled = self.extractor.features(
-                backbone, backbone.num_blocks, shas, progress=extraction_progress(part, backbone.name),
+                backbone,
+                backbone.num_blocks,
+                shas,
+                progress=extraction_progress(part, backbone.name),
                 cancelled=cancelled,
             )
             scores[backbone.name] = cross_validate_linear(
                 pooled[train_idx], y_train, num_classes, seed=request.seed, cancelled=cancelled
             )
         choice = choose(scores, {backbone.name: backbone.spec.gflops for backbone in candidates})
-        report(ProgressEvent(phase="choose", fraction=EXTRACTION_SHARE * len(candidates) / (len(candidates) + 1),
-                             message=choice.reason, metrics=choice_metrics(choice)))
+        report(
+            ProgressEvent(
+                phase="choose",
+                fraction=EXTRACTION_SHARE * len(candidates) / (len(candidates) + 1),
+                message=choice.reason,
+                metrics=choice_metrics(choice),
+            )
+        )
         return choice
 
 

@@ -27,7 +27,6 @@ from service.engine.priority import TrunkPriority
 from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
 from service.errors import InvalidArgument, NotFound
 
-
 StateDict = dict[str, torch.Tensor]
 
 
@@ -106,8 +105,10 @@ def _efficientnet_pytorch_to_timm(model: nn.Module, published: StateDict) -> Sta
         raise ValueError(f"checkpoint has {len(theirs)} tensors, the architecture {len(ours)}")
     for mine, other in zip(ours, theirs, strict=True):
         if target[mine].shape != published[other].shape:
-            raise ValueError(f"checkpoint tensor {other} {tuple(published[other].shape)} does not fit "
-                             f"{mine} {tuple(target[mine].shape)}")
+            raise ValueError(
+                f"checkpoint tensor {other} {tuple(published[other].shape)} does not fit "
+                f"{mine} {tuple(target[mine].shape)}"
+            )
         target[mine] = published[other]
     return target
 

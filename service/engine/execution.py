@@ -98,9 +98,7 @@ def run_batch(
     return BatchOutput(logits=logits, embeddings=pooled if want_embeddings else None, errors=errors)
 
 
-def linear_chunks(
-    pairs: list[Pair], dim: int, element_size: int, budget: int | None = None
-) -> list[list[Pair]]:
+def linear_chunks(pairs: list[Pair], dim: int, element_size: int, budget: int | None = None) -> list[list[Pair]]:
     """Split linear pairs into steps: one size class per step, at most ``budget`` bytes of gathered weights.
 
     Within a size class a head is padded to at most twice its width. A step
@@ -140,6 +138,7 @@ def _run_linear_chunk(
         for head_id, head in heads.items():
             places = [(row, slot) for row, slot, other in chunk if id(other) == head_id]
             rows = torch.tensor([row for row, _ in places], device=pooled.device)
+
             def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
                 weight, bias = head.linear
                 return pooled[rows] @ weight.T + bias

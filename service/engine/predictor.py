@@ -182,7 +182,9 @@ class Predictor:
         if not head_refs:
             raise InvalidArgument("name at least one head (e.g. 'my-head', 'my-head@2' or 'my-head:prod')")
         if len(head_refs) > self.settings.max_heads_per_request:
-            raise InvalidArgument(f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}")
+            raise InvalidArgument(
+                f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}"
+            )
         if not 1 <= top_k <= 1000:
             raise InvalidArgument(f"top_k must be between 1 and 1000, got {top_k}")
 

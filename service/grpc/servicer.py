@@ -164,8 +164,9 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
 
     @door_method
     async def ListDatasets(self, request, context, calls: Calls):
-        return convert.message(await calls.list_datasets(request.page_size, request.page_token),
-                               api.ListDatasetsResponse)
+        return convert.message(
+            await calls.list_datasets(request.page_size, request.page_token), api.ListDatasetsResponse
+        )
 
     @door_method
     async def DeleteDataset(self, request, context, calls: Calls):
@@ -292,12 +293,14 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
             try:
                 [prediction] = await calls.predict([message.image], list(message.heads), message.top_k,
                                                    message.include_embedding, door="grpc")  # fmt: skip
-                response = api.StreamPredictResponse(request_id=message.request_id,
-                                                     prediction=convert.image_prediction(prediction))
+                response = api.StreamPredictResponse(
+                    request_id=message.request_id, prediction=convert.image_prediction(prediction)
+                )
             except Exception as exc:
                 code, text = status_of(exc)
-                response = api.StreamPredictResponse(request_id=message.request_id, error_code=code.value[0],
-                                                     error_message=text)
+                response = api.StreamPredictResponse(
+                    request_id=message.request_id, error_code=code.value[0], error_message=text
+                )
             await responses.put(response)
 
         async def read_all() -> None:

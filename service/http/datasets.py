@@ -34,8 +34,13 @@ _FILES_OR_ARCHIVE = {
 }
 
 
-@router.post("", response_model=Dataset, status_code=201, responses=error_responses(409, 429),
-             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _FILES_OR_ARCHIVE}}}})
+@router.post(
+    "",
+    response_model=Dataset,
+    status_code=201,
+    responses=error_responses(409, 429),
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _FILES_OR_ARCHIVE}}}},
+)
 async def create_dataset(
     display_name: str = Form(..., min_length=1, max_length=MAX_NAME_CHARS, pattern=DISPLAY_NAME_PATTERN),
     files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order"),

@@ -73,7 +73,8 @@ COMMON_ERRORS = (400, 401, 408, 413, 422, 500, 503)
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these error statuses, each with the ErrorBody model."""
     return {
-        status: {"model": ErrorBody, "description": _MEANING[status]} | ({"headers": _RETRY_AFTER} if status == 429 else {})
+        status: {"model": ErrorBody, "description": _MEANING[status]}
+        | ({"headers": _RETRY_AFTER} if status == 429 else {})
         for status in statuses
     }
 
@@ -117,9 +118,7 @@ def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError | ValidationError)
-    problems = [
-        {"field": ".".join(str(part) for part in e["loc"]), "problem": e["msg"]} for e in exc.errors()
-    ]
+    problems = [{"field": ".".join(str(part) for part in e["loc"]), "problem": e["msg"]} for e in exc.errors()]
     message = "; ".join(f"{p['field']}: {p['problem']}" for p in problems) or "invalid request"
     return JSONResponse(error_body("invalid_argument", message, {"problems": problems}), status_code=422)
 
@@ -154,8 +153,7 @@ class HideInternalErrors:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             reference = uuid.uuid4().hex[:12]
-            log.error("internal error in %s %s (reference %s)", scope["method"], scope["path"], reference,
-                      exc_info=exc)
+            log.error("internal error in %s %s (reference %s)", scope["method"], scope["path"], reference, exc_info=exc)
             if started:
                 raise  # the response is under way: all that can be done is to break it off
             body = error_body("internal", f"internal error (reference {reference})", {"reference": reference})
@@ -204,5 +202,7 @@ def _routing_error(scope: Scope, start: Message) -> JSONResponse:
     declared = Headers(raw=start.get("headers", [])).get("allow", "")
     allowed = sorted(m.strip() for m in declared.split(",") if m.strip())  # sorted: Starlette's order is a set's
     allow = ", ".join(allowed)
-    body = error_body("method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}", {"allowed": allowed})
+    body = error_body(
+        "method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}", {"allowed": allowed}
+    )
     return JSONResponse(body, status_code=405, headers={"Allow": allow})

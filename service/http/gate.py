@@ -120,8 +120,9 @@ def _bounded(receive: Receive, limit: int, setting: str, timeout_s: float) -> Re
         try:
             message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s "
-                                     "(GRAFT_UPLOAD_TIMEOUT_S)") from None
+            raise HTTPException(
+                408, f"the request body did not arrive within {timeout_s:g} s (GRAFT_UPLOAD_TIMEOUT_S)"
+            ) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             ended = not message.get("more_body", False)

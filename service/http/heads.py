@@ -26,8 +26,12 @@ router = APIRouter(
 )
 
 HeadName = Annotated[str, Path(pattern=HEAD_NAME_PATTERN, description="the head in heads/{head}")]
-Alias = Annotated[str, Path(pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST,
-                            description="an alias; 'latest' is implicit and reserved")]
+Alias = Annotated[
+    str,
+    Path(
+        pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST, description="an alias; 'latest' is implicit and reserved"
+    ),
+]
 HeadRef = Annotated[str, Path(pattern=rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$",
                               description="'name' (latest), 'name@3' or 'name:alias'")]  # fmt: skip
 
@@ -48,12 +52,17 @@ async def list_heads(
 # Declared before /{head}: a path like 'name@2:export' would match that route too.
 @router.get("/{head}:export", response_class=Response,
             responses=error_responses(404) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
-async def export_head(head: HeadRef, format: ExportFormat = ExportFormat.SAFETENSORS, api: Calls = Depends(calls)) -> Response:
+async def export_head(
+    head: HeadRef, format: ExportFormat = ExportFormat.SAFETENSORS, api: Calls = Depends(calls)
+) -> Response:
     """Download a head: its safetensors weights, or a standalone TorchScript model of backbone + head
     (probabilities out)."""
     exported = await api.export_head(head, format)
-    return Response(exported.data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{exported.file_name}"'})
+    return Response(
+        exported.data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{exported.file_name}"'},
+    )
 
 
 @router.get("/{head}", response_model=Head, responses=error_responses(404))

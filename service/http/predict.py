@@ -33,10 +33,12 @@ MAX_HEADS = Settings.model_fields["max_heads_per_request"].default
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    images: list[Base64] = Field(min_length=1, max_length=MAX_IMAGES,
-                                 description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)")
-    heads: list[HeadRef] = Field(min_length=1, max_length=MAX_HEADS,
-                                 description="head references: 'name', 'name@3' or 'name:prod'")
+    images: list[Base64] = Field(
+        min_length=1, max_length=MAX_IMAGES, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF)"
+    )
+    heads: list[HeadRef] = Field(
+        min_length=1, max_length=MAX_HEADS, description="head references: 'name', 'name@3' or 'name:prod'"
+    )
     top_k: TopK = DEFAULT_TOP_K
     include_embedding: bool = Field(False, description="also return the pooled backbone features")
 
@@ -62,8 +64,10 @@ async def predict(body: PredictRequest, api: Calls = Depends(calls)) -> PredictR
 @router.post("/predict:upload", response_model=PredictResponse)
 async def predict_upload(
     files: Annotated[list[UploadFile], File(min_length=1, max_length=MAX_IMAGES, description="image files")],
-    heads: Annotated[list[HeadRef], Form(min_length=1, max_length=MAX_HEADS,
-                                         description="head references; repeat the field per head")],
+    heads: Annotated[
+        list[HeadRef],
+        Form(min_length=1, max_length=MAX_HEADS, description="head references; repeat the field per head"),
+    ],
     top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = DEFAULT_TOP_K,
     include_embedding: Annotated[bool, Form()] = False,
     api: Calls = Depends(calls),

@@ -127,8 +127,11 @@ class JobRunner:
         for job in stuck:
             job.lease_lost = True  # the run may end later: it must not write over the requeued row
             await asyncio.to_thread(self.store.hand_back, job.holder, HANDED_BACK)
-            log.warning("job %s did not stop within %.0f s; handed back to the queue", job.holder.job_id,
-                        self.settings.shutdown_grace_s)
+            log.warning(
+                "job %s did not stop within %.0f s; handed back to the queue",
+                job.holder.job_id,
+                self.settings.shutdown_grace_s,
+            )
         self._stop_renewing.set()
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
@@ -341,12 +344,14 @@ class JobRunner:
         if live.lease_lost:
             return
         before = live.info
-        job = before.model_copy(update={
-            "phase": event.phase,
-            "progress": max(before.progress, event.fraction),
-            "message": event.message,
-            "metrics": finite({**before.metrics, **event.metrics}),
-        })
+        job = before.model_copy(
+            update={
+                "phase": event.phase,
+                "progress": max(before.progress, event.fraction),
+                "message": event.message,
+                "metrics": finite({**before.metrics, **event.metrics}),
+            }
+        )
         now = time.monotonic()
         if job.phase != before.phase or now - live.persisted_at >= PERSIST_EVERY_S:
             if not self.store.write_progress(live.holder, job):

@@ -108,9 +108,7 @@ class JobStore:
         if page_token:
             created_at, last_id = decode_token(page_token, 2)
             before = decode_time(page_token, created_at)
-            query = query.where(
-                or_(JobRow.created_at < before, and_(JobRow.created_at == before, JobRow.id < last_id))
-            )
+            query = query.where(or_(JobRow.created_at < before, and_(JobRow.created_at == before, JobRow.id < last_id)))
         query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(page_size + 1)
         with self.db.session() as session:
             rows = list(session.scalars(query))
@@ -175,13 +173,27 @@ class JobStore:
                 if job_id is None:
                     return None
                 now = utcnow()
-                won = rows_changed(session.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
-                    .values(state=JobState.RUNNING.value, phase="starting", message="starting", progress=0.0,
-                            metrics={}, worker=worker, attempts=JobRow.attempts + 1, started_at=now,
-                            heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-                )) == 1
+                won = (
+                    rows_changed(
+                        session.execute(
+                            update(JobRow)
+                            .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
+                            .values(
+                                state=JobState.RUNNING.value,
+                                phase="starting",
+                                message="starting",
+                                progress=0.0,
+                                metrics={},
+                                worker=worker,
+                                attempts=JobRow.attempts + 1,
+                                started_at=now,
+                                heartbeat_at=now,
+                                lease_expires_at=now + timedelta(seconds=lease_s),
+                            )
+                        )
+                    )
+                    == 1
+                )
                 if won:
                     row = session.get_one(JobRow, job_id, populate_existing=True)
                     return Claim(Holder(row.id, worker, row.attempts), _info(row), row.cancel_requested)
@@ -211,14 +223,29 @@ class JobStore:
                         f"the job was tried {attempts} times and each time the replica running it stopped before it "
                         f"ended (GRAFT_MAX_JOB_ATTEMPTS={max_attempts}); submit it again"
                     )
-                    values = {"state": JobState.FAILED.value, "message": "failed", "error": error,
-                              "worker": None, "lease_expires_at": None, "finished_at": now}
-                done = rows_changed(session.execute(
-                    update(JobRow)
-                    .where(JobRow.id == id, JobRow.state == JobState.RUNNING.value, JobRow.attempts == attempts,
-                           or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now))
-                    .values(**values)
-                )) == 1
+                    values = {
+                        "state": JobState.FAILED.value,
+                        "message": "failed",
+                        "error": error,
+                        "worker": None,
+                        "lease_expires_at": None,
+                        "finished_at": now,
+                    }
+                done = (
+                    rows_changed(
+                        session.execute(
+                            update(JobRow)
+                            .where(
+                                JobRow.id == id,
+                                JobRow.state == JobState.RUNNING.value,
+                                JobRow.attempts == attempts,
+                                or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now),
+                            )
+                            .values(**values)
+                        )
+                    )
+                    == 1
+                )
                 if done:
                     changed.append(f"{id}: {values.get('error') or values['message']}")
         return changed
@@ -231,11 +258,16 @@ class JobStore:
         lost = set()
         with self.db.session() as session:
             for holder in holders:
-                renewed = rows_changed(session.execute(
-                    update(JobRow)
-                    .where(_holds(holder))
-                    .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-                )) == 1
+                renewed = (
+                    rows_changed(
+                        session.execute(
+                            update(JobRow)
+                            .where(_holds(holder))
+                            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
+                        )
+                    )
+                    == 1
+                )
                 if not renewed:
                     lost.add(holder.job_id)
             ids = [holder.job_id for holder in holders]
@@ -245,32 +277,53 @@ class JobStore:
     def write_progress(self, holder: Holder, job: JobInfo) -> bool:
         """False when ``holder`` no longer holds the run (nothing is written)."""
         with self.db.session() as session:
-            return rows_changed(session.execute(
-                update(JobRow)
-                .where(_holds(holder))
-                .values(phase=job.phase, progress=job.progress, message=job.message, metrics=job.metrics)
-            )) == 1
+            return (
+                rows_changed(
+                    session.execute(
+                        update(JobRow)
+                        .where(_holds(holder))
+                        .values(phase=job.phase, progress=job.progress, message=job.message, metrics=job.metrics)
+                    )
+                )
+                == 1
+            )
 
     def finish(self, holder: Holder, job: JobInfo) -> tuple[bool, JobInfo]:
         """Write ``job``'s final state if ``holder`` still holds the run; returns (written, the row now)."""
         with self.db.session() as session:
-            written = rows_changed(session.execute(
-                update(JobRow)
-                .where(_holds(holder))
-                .values(state=job.state.value, phase=job.phase, progress=job.progress, message=job.message,
-                        metrics=job.metrics, head_version=job.head_version, error=job.error,
-                        finished_at=job.finished_at, lease_expires_at=None)
-            )) == 1
+            written = (
+                rows_changed(
+                    session.execute(
+                        update(JobRow)
+                        .where(_holds(holder))
+                        .values(
+                            state=job.state.value,
+                            phase=job.phase,
+                            progress=job.progress,
+                            message=job.message,
+                            metrics=job.metrics,
+                            head_version=job.head_version,
+                            error=job.error,
+                            finished_at=job.finished_at,
+                            lease_expires_at=None,
+                        )
+                    )
+                )
+                == 1
+            )
             return written, (job if written else _info(session.get_one(JobRow, job.id, populate_existing=True)))
 
     def hand_back(self, holder: Holder, message: str) -> bool:
         """Requeue a run this replica interrupted (shutdown); it does not count against the job's attempts."""
         with self.db.session() as session:
-            return rows_changed(session.execute(
-                update(JobRow)
-                .where(_holds(holder))
-                .values(attempts=JobRow.attempts - 1, **_queued(message))
-            )) == 1
+            return (
+                rows_changed(
+                    session.execute(
+                        update(JobRow).where(_holds(holder)).values(attempts=JobRow.attempts - 1, **_queued(message))
+                    )
+                )
+                == 1
+            )
 
     def check_holder(self, session: Session, holder: Holder) -> None:
         """Inside the transaction that publishes the job's head: raise LeaseLost unless ``holder`` still holds it."""
@@ -293,8 +346,16 @@ def _holds(holder: Holder) -> ColumnElement[bool]:
 
 def _queued(message: str) -> dict[str, Any]:
     """The columns of a job going back to the queue."""
-    return {"state": JobState.QUEUED.value, "phase": "queued", "progress": 0.0, "message": message, "metrics": {},
-            "worker": None, "lease_expires_at": None, "started_at": None}
+    return {
+        "state": JobState.QUEUED.value,
+        "phase": "queued",
+        "progress": 0.0,
+        "message": message,
+        "metrics": {},
+        "worker": None,
+        "lease_expires_at": None,
+        "started_at": None,
+    }
 
 
 def _next_queued(session: Session) -> str | None:

@@ -153,9 +153,7 @@ class DatasetStore:
             )
         return self.create(tenant, name, self._read_labelled(files, labels))
 
-    def _read_labelled(
-        self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]
-    ) -> Iterator[Example]:
+    def _read_labelled(self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]) -> Iterator[Example]:
         limit = self.settings.max_image_bytes + 1  # one byte more tells "over the limit" from "at the limit"
         for (file_name, data), label in zip(files, labels, strict=True):
             yield file_name, data if isinstance(data, bytes) else data.read(limit), label

@@ -221,9 +221,7 @@ class HeadRegistry:
         for info in head.versions:
             if info.version == number:
                 return info
-        raise NotFound(
-            f"head '{name}' has no version {number}; its versions are {[v.version for v in head.versions]}"
-        )
+        raise NotFound(f"head '{name}' has no version {number}; its versions are {[v.version for v in head.versions]}")
 
     def get(self, tenant: str, name: str) -> HeadInfo:
         check_name("head name", name)

@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-from harness.sample_data import textile_dir
-from harness.servers import ADMIN_KEY, free_port, start_server
 
 from client import RetryPolicy, connect
 from client.errors import NotFound, ResourceExhausted, Unauthenticated, Unavailable
+from harness.sample_data import textile_dir
+from harness.servers import ADMIN_KEY, free_port, start_server
 
 GRAFT = str(Path(sys.executable).parent / "graft")
 CLASSES = ["global", "local", "nominal"]
 TRAIN_PER_CLASS = 40
-HELD_OUT = [f"{label}/{path.name}" for label in CLASSES for path in sorted((textile_dir() / label).glob("*.jpg"))[100:103]]
+HELD_OUT = [
+    f"{label}/{path.name}" for label in CLASSES for path in sorted((textile_dir() / label).glob("*.jpg"))[100:103]
+]
 # Low enough that one tenant can exhaust it on purpose, high enough for the others' few predictions.
 RATE = {"GRAFT_QUOTA_PREDICT_IMAGES_PER_S": "0.5", "GRAFT_QUOTA_PREDICT_BURST": "64"}
 
@@ -123,7 +125,9 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     as_json = graft("predict", "weave", *(str(images / "held_out" / n) for n in HELD_OUT), "--json",
                     url=server.http_url, key=tenant)  # fmt: skip
     assert [json.loads(line)["heads"][0]["top"][0]["label"] for line in as_json.stdout.splitlines()] == labels
-    as_csv = graft("predict", "weave", str(images / "held_out"), "--csv", "--top-k", "2", url=server.http_url, key=tenant)
+    as_csv = graft(
+        "predict", "weave", str(images / "held_out"), "--csv", "--top-k", "2", url=server.http_url, key=tenant
+    )
     assert as_csv.stdout.splitlines()[0] == "file,head,version,rank,label,score"
     assert len(as_csv.stdout.splitlines()) == 1 + 2 * len(HELD_OUT)
 
@@ -140,8 +144,19 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
 
 
 def test_ctrl_c_during_training_asks_then_cancels_the_job(server, tenant):
-    code, output = graft_in_terminal("train", "textiles", "--head", "slow", "--kind", "mlp", "--hyperparams",
-                                     '{"epochs": 300}', url=server.http_url, key=tenant, answer_interrupt="y")  # fmt: skip
+    code, output = graft_in_terminal(
+        "train",
+        "textiles",
+        "--head",
+        "slow",
+        "--kind",
+        "mlp",
+        "--hyperparams",
+        '{"epochs": 300}',
+        url=server.http_url,
+        key=tenant,
+        answer_interrupt="y",
+    )
     assert "cancel jobs/" in output and "[y/N]" in output
     assert code == 4, output
     assert output.rstrip().endswith("cancelled")
@@ -152,9 +167,12 @@ def test_the_python_client_uploads_trains_and_predicts(server, images, tenant, t
     url = server.http_url if transport == "http" else f"grpc://{server.grpc_target}"
     sent: list[tuple[int, int]] = []
     with connect(url, tenant) as client:
-        dataset = client.create_dataset(images / "train", f"textiles-{transport}", progress=lambda b, n: sent.append((b, n)))
+        dataset = client.create_dataset(
+            images / "train", f"textiles-{transport}", progress=lambda b, n: sent.append((b, n))
+        )
         assert dataset.example_count == 3 * TRAIN_PER_CLASS and dataset.examples_per_class == dict.fromkeys(
-            CLASSES, TRAIN_PER_CLASS)
+            CLASSES, TRAIN_PER_CLASS
+        )
         assert sent[-1][1] == 3 * TRAIN_PER_CLASS and sent == sorted(sent)
         for other in (images / "train.zip", images / "train.csv"):
             same = client.create_dataset(other, f"{other.suffix}-{transport}")

@@ -56,14 +56,18 @@ def png(colour) -> bytes:
 
 
 def test_a_chunked_body_over_the_limit_without_a_key_is_401(server):
-    response = httpx.post(f"{server.http_url}/v1/jobs", content=chunks(10 * MAX_REQUEST),
-                          headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server.http_url}/v1/jobs", content=chunks(10 * MAX_REQUEST), headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 401 and response.json()["code"] == "unauthenticated"
 
 
 def test_a_chunked_body_over_the_limit_with_a_key_is_413(server, key):
-    response = httpx.post(f"{server.http_url}/v1/jobs", content=chunks(10 * MAX_REQUEST),
-                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    response = httpx.post(
+        f"{server.http_url}/v1/jobs",
+        content=chunks(10 * MAX_REQUEST),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     assert response.status_code == 413, response.text
     assert "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
 
@@ -71,8 +75,10 @@ def test_a_chunked_body_over_the_limit_with_a_key_is_413(server, key):
 def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(server, key):
     """Only the head is sent: a server that waited for the body would never answer."""
     url = urlsplit(server.http_url)
-    head = (f"POST /v1/datasets HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {10 * MAX_UPLOAD}\r\n\r\n")
+    head = (
+        f"POST /v1/datasets HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {10 * MAX_UPLOAD}\r\n\r\n"
+    )
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(head.encode())
         answer = sock.makefile("rb")
@@ -94,8 +100,9 @@ def test_a_tenant_over_its_dataset_quota_gets_429_over_http_and_resource_exhaust
     def stream():
         yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name="three"))
         for name, colour in (("a.png", "red"), ("b.png", "blue")):
-            yield api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(file_name=name, label=colour,
-                                                                               data=png(colour)))
+            yield api.CreateDatasetRequest(
+                image=api.CreateDatasetRequest.Image(file_name=name, label=colour, data=png(colour))
+            )
 
     with pytest.raises(grpc.RpcError) as error:
         rpc.DatasetServiceStub(channel).CreateDataset(stream(), metadata=[("authorization", f"Bearer {key}")])
@@ -106,14 +113,18 @@ def test_a_tenant_over_its_dataset_quota_gets_429_over_http_and_resource_exhaust
 def test_a_tenant_over_its_prediction_rate_is_told_when_to_retry_over_both_doors(server, channel):
     key = make_tenant_key(server, "frank")  # a full bucket of 2 images, refilled at 0.01 image/s
     images = [png("red")] * 3
-    http = httpx.post(f"{server.http_url}/v1/predict:upload", headers={"Authorization": f"Bearer {key}"},
-                      files=[("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
-                      data={"heads": ["any"]})
+    http = httpx.post(
+        f"{server.http_url}/v1/predict:upload",
+        headers={"Authorization": f"Bearer {key}"},
+        files=[("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+        data={"heads": ["any"]},
+    )
     assert http.status_code == 429, http.text
     assert int(http.headers["Retry-After"]) >= 1 and "GRAFT_QUOTA_PREDICT_IMAGES_PER_S" in http.json()["message"]
 
     with pytest.raises(grpc.RpcError) as error:
-        rpc.PredictionServiceStub(channel).Predict(api.PredictRequest(images=images, heads=["any"]),
-                                                   metadata=[("authorization", f"Bearer {key}")])
+        rpc.PredictionServiceStub(channel).Predict(
+            api.PredictRequest(images=images, heads=["any"]), metadata=[("authorization", f"Bearer {key}")]
+        )
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert int(dict(error.value.trailing_metadata())["retry-after"]) >= 1

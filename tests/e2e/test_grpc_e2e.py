@@ -46,13 +46,16 @@ def auth(key: str) -> list[tuple[str, str]]:
 def upload_stream(examples, display_name="textiles"):
     yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name=display_name))
     for file_name, data, label in examples:
-        yield api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(file_name=file_name, label=label, data=data))
+        yield api.CreateDatasetRequest(
+            image=api.CreateDatasetRequest.Image(file_name=file_name, label=label, data=data)
+        )
 
 
 def train(channel, key: str, dataset: str, head: str) -> pb.Job:
     jobs = rpc.JobServiceStub(channel)
-    job = jobs.CreateJob(api.CreateJobRequest(spec=pb.TrainingSpec(dataset=dataset, head=head, search=QUICK)),
-                         metadata=auth(key))
+    job = jobs.CreateJob(
+        api.CreateJobRequest(spec=pb.TrainingSpec(dataset=dataset, head=head, search=QUICK)), metadata=auth(key)
+    )
     return list(jobs.WatchJob(api.WatchJobRequest(name=job.name), metadata=auth(key)))
 
 
@@ -90,10 +93,14 @@ def test_unary_predict_answers_per_image_per_head(channel, keys, trained):
 
 def test_stream_predict_answers_every_request_and_reports_bad_images_in_band(channel, keys, trained):
     images = [data for _, data, _ in textile_files(per_class=2, offset=310)]
-    requests = [api.StreamPredictRequest(request_id=f"r{i}", image=data, heads=["weave"]) for i, data in enumerate(images)]
+    requests = [
+        api.StreamPredictRequest(request_id=f"r{i}", image=data, heads=["weave"]) for i, data in enumerate(images)
+    ]
     requests.append(api.StreamPredictRequest(request_id="bad", image=b"not an image", heads=["weave"]))
-    responses = {r.request_id: r for r in rpc.PredictionServiceStub(channel).StreamPredict(iter(requests),
-                                                                                         metadata=auth(keys["carol"]))}
+    responses = {
+        r.request_id: r
+        for r in rpc.PredictionServiceStub(channel).StreamPredict(iter(requests), metadata=auth(keys["carol"]))
+    }
     assert set(responses) == {f"r{i}" for i in range(len(images))} | {"bad"}
     assert all(responses[f"r{i}"].prediction.heads[0].top for i in range(len(images)))
     assert responses["bad"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -102,7 +109,9 @@ def test_stream_predict_answers_every_request_and_reports_bad_images_in_band(cha
 
 def test_alias_export_and_delete(channel, keys, trained):
     heads = rpc.HeadServiceStub(channel)
-    head = heads.SetAlias(api.SetAliasRequest(name="heads/weave", alias="prod", version=1), metadata=auth(keys["carol"]))
+    head = heads.SetAlias(
+        api.SetAliasRequest(name="heads/weave", alias="prod", version=1), metadata=auth(keys["carol"])
+    )
     assert head.aliases["prod"] == 1
     chunks = heads.ExportHead(api.ExportHeadRequest(head="weave:prod"), metadata=auth(keys["carol"]))
     assert "linear.weight" in load_safetensors(b"".join(c.chunk for c in chunks))
@@ -116,14 +125,17 @@ def test_alias_export_and_delete(channel, keys, trained):
 
 def test_a_head_trained_over_http_predicts_over_grpc_and_the_reverse(server, channel, keys, trained):
     http = httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {keys['carol']}"}, timeout=120)
-    job = http.post("/v1/jobs", json={"dataset": trained["dataset"].name,
-                                      "head": "from-http", "search": {"lr": [1.0], "weight_decay": [0.01]}}).json()
+    job = http.post(
+        "/v1/jobs",
+        json={"dataset": trained["dataset"].name, "head": "from-http", "search": {"lr": [1.0], "weight_decay": [0.01]}},
+    ).json()
     with http.stream("GET", f"/v1/{job['name']}:watch") as events:
         for _ in events.iter_lines():
             pass
     _, data, _ = textile_files(per_class=1, offset=320)[0]
-    over_grpc = rpc.PredictionServiceStub(channel).Predict(api.PredictRequest(images=[data], heads=["from-http"]),
-                                                           metadata=auth(keys["carol"]))
+    over_grpc = rpc.PredictionServiceStub(channel).Predict(
+        api.PredictRequest(images=[data], heads=["from-http"]), metadata=auth(keys["carol"])
+    )
     over_http = http.post("/v1/predict", json={"images": [base64.b64encode(data).decode()], "heads": ["weave"]})
     assert over_grpc.predictions[0].heads[0].head == "from-http"
     assert over_http.json()["predictions"][0]["heads"][0]["head"] == "weave"
@@ -143,13 +155,20 @@ def test_tenants_are_isolated(channel, keys, trained):
 
 
 def test_health_is_serving_and_reflection_lists_graft_services(channel):
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="graft.v1.PredictionService"))
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="graft.v1.PredictionService")
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     [answer] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in answer.list_services_response.service}
-    assert {"graft.v1.DatasetService", "graft.v1.JobService", "graft.v1.HeadService",
-            "graft.v1.PredictionService", "graft.v1.BackboneService"} <= names
+    assert {
+        "graft.v1.DatasetService",
+        "graft.v1.JobService",
+        "graft.v1.HeadService",
+        "graft.v1.PredictionService",
+        "graft.v1.BackboneService",
+    } <= names
 
 
 def png() -> bytes:
@@ -178,18 +197,27 @@ def test_bad_inputs_get_the_right_status_codes(channel, keys, trained):
     expect(grpc.StatusCode.INVALID_ARGUMENT, datasets.CreateDataset, upload_stream(single), me, "only one class")
     expect(grpc.StatusCode.NOT_FOUND, datasets.GetDataset, api.GetDatasetRequest(name="datasets/ds_0"), me)
     expect(grpc.StatusCode.NOT_FOUND, predict, api.PredictRequest(images=[png()], heads=["nobody"]), me)
-    expect(grpc.StatusCode.INVALID_ARGUMENT, predict, api.PredictRequest(images=[b"text"], heads=["weave"]), me, "image 0")
-    nan = pb.TrainingSpec(dataset=trained["dataset"].name, head="nan",
-                          hyperparams=pb.HyperParams(lr=math.nan, weight_decay=0, epochs=5, batch_size=8))
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT, predict, api.PredictRequest(images=[b"text"], heads=["weave"]), me, "image 0"
+    )
+    nan = pb.TrainingSpec(
+        dataset=trained["dataset"].name,
+        head="nan",
+        hyperparams=pb.HyperParams(lr=math.nan, weight_decay=0, epochs=5, batch_size=8),
+    )
     expect(grpc.StatusCode.INVALID_ARGUMENT, jobs.CreateJob, api.CreateJobRequest(spec=nan), me, "lr")
-    negative = pb.TrainingSpec(dataset=trained["dataset"].name, head="neg", search=pb.SearchSpace(lr=[-1], weight_decay=[0]))
+    negative = pb.TrainingSpec(
+        dataset=trained["dataset"].name, head="neg", search=pb.SearchSpace(lr=[-1], weight_decay=[0])
+    )
     expect(grpc.StatusCode.INVALID_ARGUMENT, jobs.CreateJob, api.CreateJobRequest(spec=negative), me, "lr")
     expect(grpc.StatusCode.NOT_FOUND, jobs.GetJob, api.GetJobRequest(name="jobs/job_0"), me)
     assert len(datasets.ListDatasets(api.ListDatasetsRequest(), metadata=me).datasets) == 1  # nothing stored
 
 
 def test_a_malformed_protobuf_is_refused_and_the_server_keeps_serving(channel, keys):
-    raw = channel.unary_unary("/graft.v1.PredictionService/Predict", request_serializer=None, response_deserializer=None)
+    raw = channel.unary_unary(
+        "/graft.v1.PredictionService/Predict", request_serializer=None, response_deserializer=None
+    )
     with pytest.raises(grpc.RpcError) as error:
         raw(b"\xff\xff\xff\xff not a protobuf", metadata=auth(keys["carol"]))
     # grpc.aio rejects it before graft's code runs, as UNKNOWN with a message naming the problem.

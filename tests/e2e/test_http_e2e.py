@@ -54,7 +54,9 @@ def bob(server) -> httpx.Client:
 
 def upload(client: httpx.Client, examples, name="textiles") -> httpx.Response:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    return client.post("/v1/datasets", data={"display_name": name, "labels": [label for _, _, label in examples]}, files=files)
+    return client.post(
+        "/v1/datasets", data={"display_name": name, "labels": [label for _, _, label in examples]}, files=files
+    )
 
 
 def watch_until_done(client: httpx.Client, job: str) -> list[dict]:
@@ -106,7 +108,12 @@ def test_predictions_on_held_out_images_beat_chance_by_far(alice, trained):
 
 def test_json_predict_takes_base64_images_and_several_heads(alice, trained):
     _, data, _ = textile_files(per_class=1, offset=300)[0]
-    body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles", "textiles@1"], "top_k": 3, "include_embedding": True}
+    body = {
+        "images": [base64.b64encode(data).decode()],
+        "heads": ["textiles", "textiles@1"],
+        "top_k": 3,
+        "include_embedding": True,
+    }
     prediction = alice.post("/v1/predict", json=body).json()["predictions"][0]
     assert [h["head"] for h in prediction["heads"]] == ["textiles", "textiles"]
     assert len(prediction["heads"][0]["top"]) == 3
@@ -115,8 +122,14 @@ def test_json_predict_takes_base64_images_and_several_heads(alice, trained):
 
 
 def test_alias_moves_and_predictions_follow_it(alice, trained):
-    job = alice.post("/v1/jobs", json={"dataset": trained["dataset"]["name"], "head": "textiles",
-                                       "search": {"lr": [1.0], "weight_decay": [0.01]}})
+    job = alice.post(
+        "/v1/jobs",
+        json={
+            "dataset": trained["dataset"]["name"],
+            "head": "textiles",
+            "search": {"lr": [1.0], "weight_decay": [0.01]},
+        },
+    )
     watch_until_done(alice, job.json()["name"])
     _, data, _ = textile_files(per_class=1, offset=301)[0]
     body = {"images": [base64.b64encode(data).decode()], "heads": ["textiles:prod"]}
@@ -139,8 +152,14 @@ def test_export_gives_safetensors_and_a_standalone_torchscript_model(alice, trai
 
 
 def test_deleting_a_head_makes_it_unknown(alice, trained):
-    alice.post("/v1/jobs", json={"dataset": trained["dataset"]["name"], "head": "short-lived",
-                                 "search": {"lr": [1.0], "weight_decay": [0.01]}})
+    alice.post(
+        "/v1/jobs",
+        json={
+            "dataset": trained["dataset"]["name"],
+            "head": "short-lived",
+            "search": {"lr": [1.0], "weight_decay": [0.01]},
+        },
+    )
     job = alice.get("/v1/jobs").json()["jobs"][0]
     watch_until_done(alice, job["name"])
     assert alice.delete("/v1/heads/short-lived").status_code == 204
@@ -198,10 +217,14 @@ def png_bytes(size=(32, 32)) -> bytes:
 
 def bomb_png(width=100_000, height=100_000) -> bytes:
     """A tiny PNG whose header claims 10 gigapixels."""
+
     def chunk(kind, payload):
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def zip_bytes(entries: dict[str, bytes]) -> bytes:
@@ -253,15 +276,18 @@ def test_labels_that_do_not_match_files_are_rejected(alice):
 )
 def test_bad_zip_archive_is_rejected_and_nothing_is_stored(alice, entries, message):
     before = alice.get("/v1/datasets").json()["datasets"]
-    response = alice.post("/v1/datasets", data={"display_name": "zip"}, files={"archive": ("d.zip", zip_bytes(entries))})
+    response = alice.post(
+        "/v1/datasets", data={"display_name": "zip"}, files={"archive": ("d.zip", zip_bytes(entries))}
+    )
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
     assert alice.get("/v1/datasets").json()["datasets"] == before
 
 
 def test_upload_over_the_size_limit_is_refused_before_reading(alice):
-    response = alice.post("/v1/datasets", data={"display_name": "huge"},
-                          files={"archive": ("d.zip", b"\0" * (MAX_UPLOAD + 1))})
+    response = alice.post(
+        "/v1/datasets", data={"display_name": "huge"}, files={"archive": ("d.zip", b"\0" * (MAX_UPLOAD + 1))}
+    )
     assert response.status_code == 413 and "over the limit" in response.json()["message"]
 
 
@@ -300,8 +326,12 @@ def test_bad_training_requests_are_rejected_before_a_job_exists(alice, trained, 
 
 
 def test_hyperparams_may_override_one_field_and_the_kind_defaults_fill_the_rest(alice, trained):
-    body = {"dataset": trained["dataset"]["name"], "head": "partial", "hyperparams": {"epochs": 3},
-            "search": {"lr": [1.0], "weight_decay": [0.01]}}
+    body = {
+        "dataset": trained["dataset"]["name"],
+        "head": "partial",
+        "hyperparams": {"epochs": 3},
+        "search": {"lr": [1.0], "weight_decay": [0.01]},
+    }
     response = alice.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     overrides = response.json()["spec"]["hyperparams"]

@@ -83,11 +83,21 @@ checks.positive_data_acceptance.enabled = false
 def test_schemathesis_finds_no_failure_with_every_check(server, key, tmp_path):
     (tmp_path / "schemathesis.toml").write_text(CONFIG)
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(tmp_path / "schemathesis.toml"),
-        "run", f"{server.http_url}/openapi.json",
-        "--max-examples", str(FUZZ_EXAMPLES), "--generation-deterministic",
-        "--header", f"Authorization: Bearer {key}",
-        "--request-timeout", "60", "--workers", "1", "--no-color",
+        str(Path(sys.executable).with_name("schemathesis")),
+        "--config-file",
+        str(tmp_path / "schemathesis.toml"),
+        "run",
+        f"{server.http_url}/openapi.json",
+        "--max-examples",
+        str(FUZZ_EXAMPLES),
+        "--generation-deterministic",
+        "--header",
+        f"Authorization: Bearer {key}",
+        "--request-timeout",
+        "60",
+        "--workers",
+        "1",
+        "--no-color",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]

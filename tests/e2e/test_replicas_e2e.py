@@ -96,7 +96,8 @@ def test_uploads_over_both_doors_train_and_predict_through_the_load_balancer(clu
 
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         over_grpc = rpc.DatasetServiceStub(channel).CreateDataset(
-            messages(), metadata=[("authorization", f"Bearer {key}")], timeout=120)
+            messages(), metadata=[("authorization", f"Bearer {key}")], timeout=120
+        )
     assert dict(over_grpc.examples_per_class) == {"global": 6, "local": 6, "nominal": 6}
     for replica in range(2):  # stored once, visible from every replica
         with replica_client(cluster, replica, key) as direct:
@@ -147,22 +148,29 @@ def test_twenty_jobs_each_run_exactly_once_across_the_replicas(cluster, client, 
     assert [job["state"] for job in jobs] == ["succeeded"] * 20
     with registry(cluster).connect() as db:
         rows = db.execute(sa.text("SELECT id, attempts, worker FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}).all()
-        versions = db.execute(sa.text(
-            "SELECT job_id, count(*) FROM head_versions WHERE job_id = ANY(:ids) GROUP BY job_id"), {"ids": ids}).all()
+        versions = db.execute(
+            sa.text("SELECT job_id, count(*) FROM head_versions WHERE job_id = ANY(:ids) GROUP BY job_id"), {"ids": ids}
+        ).all()
     assert sorted(attempts for _, attempts, _ in rows) == [1] * 20  # claimed once, never retried
     assert dict(versions) == {job_id: 1 for job_id in ids}  # one head version per job: published once
 
 
 def test_a_finetune_job_on_a_killed_replica_is_finished_by_the_other(cluster, client, dataset, tmp_path):
-    spec = {"kind": "finetune", "finetune_blocks": 2, "search": {"lr": [1e-3], "weight_decay": [1e-4]},
-            "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60}}
+    spec = {
+        "kind": "finetune",
+        "finetune_blocks": 2,
+        "search": {"lr": [1e-3], "weight_decay": [1e-4]},
+        "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": 60, "batch_size": 8, "patience": 60},
+    }
     job = client.post("/v1/jobs", json={"dataset": dataset["name"], "head": "tuned", **spec}).json()
     engine = registry(cluster)
     deadline = time.monotonic() + 120
     worker = None
     while worker is None and time.monotonic() < deadline:
         with engine.connect() as db:
-            state, worker = db.execute(sa.text("SELECT state, worker FROM jobs WHERE id = :id"), {"id": job["name"].removeprefix("jobs/")}).one()
+            state, worker = db.execute(
+                sa.text("SELECT state, worker FROM jobs WHERE id = :id"), {"id": job["name"].removeprefix("jobs/")}
+            ).one()
         if state != "running":
             worker = None
             time.sleep(0.2)
@@ -185,7 +193,8 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_request_of_a_retryin
     async def run() -> LoadResult:
         stop = asyncio.Event()
         load = asyncio.create_task(
-            retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "weave", 4, stop))
+            retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "weave", 4, stop)
+        )
         await asyncio.sleep(3)
         drained = cluster.replicas[0]
         drained.process.send_signal(signal.SIGTERM)
@@ -206,4 +215,4 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_request_of_a_retryin
     assert result.failed == 0, result
     assert result.ok > 20, result
     # the signal reaches the worker through `bentoml serve` a moment after it is sent; from then on, not ready
-    assert 503 in readiness and 200 not in readiness[readiness.index(503):], readiness
+    assert 503 in readiness and 200 not in readiness[readiness.index(503) :], readiness

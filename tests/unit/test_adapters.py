@@ -418,8 +418,14 @@ def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -
     one_long_epoch = FAST_MLP.model_copy(update={"epochs": 1, "batch_size": 8})  # ~180 mini-batches
 
     with pytest.raises(TrainingCancelled):
-        fit(build_head(MLP), x_train, y_train, one_long_epoch, cancelled=lambda: next(checks) >= 3,
-            progress=epochs_reported.append)
+        fit(
+            build_head(MLP),
+            x_train,
+            y_train,
+            one_long_epoch,
+            cancelled=lambda: next(checks) >= 3,
+            progress=epochs_reported.append,
+        )
     assert epochs_reported == []  # stopped before its only epoch ended
 
 
@@ -430,8 +436,14 @@ def test_a_linear_fit_stops_within_an_l_bfgs_round_when_cancelled(digits: Digits
     rounds_reported: list[ProgressEvent] = []
 
     with pytest.raises(TrainingCancelled):
-        fit(build_head(LINEAR), x_train, y_train, one_round, cancelled=lambda: next(checks) >= 3,
-            progress=rounds_reported.append)
+        fit(
+            build_head(LINEAR),
+            x_train,
+            y_train,
+            one_round,
+            cancelled=lambda: next(checks) >= 3,
+            progress=rounds_reported.append,
+        )
     assert rounds_reported == []
 
 
@@ -482,8 +494,16 @@ def test_tune_keeps_a_diverged_trial_without_a_loss_and_picks_a_converged_one(di
     x_train, y_train, x_val, y_val = digits.pooled()
     events: list[ProgressEvent] = []
     space = SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0])  # lr x weight_decay = 100: AdamW blows up
-    result = tune(MLP, x_train, y_train, x_val, y_val, space=space, base=FAST_MLP.model_copy(update={"epochs": 3}),
-                  progress=events.append)
+    result = tune(
+        MLP,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        space=space,
+        base=FAST_MLP.model_copy(update={"epochs": 3}),
+        progress=events.append,
+    )
 
     diverged, converged = result.trials
     assert diverged.val_loss is None and converged.val_loss is not None and math.isfinite(converged.val_loss)
@@ -495,8 +515,15 @@ def test_tune_keeps_a_diverged_trial_without_a_loss_and_picks_a_converged_one(di
 def test_tune_refuses_a_search_whose_every_trial_diverges(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
     with pytest.raises(InvalidInput, match="all 1 trials diverged.*smaller lr"):
-        tune(MLP, x_train, y_train, x_val, y_val, space=SearchSpace(lr=[10.0], weight_decay=[10.0]),
-             base=FAST_MLP.model_copy(update={"epochs": 3}))
+        tune(
+            MLP,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            space=SearchSpace(lr=[10.0], weight_decay=[10.0]),
+            base=FAST_MLP.model_copy(update={"epochs": 3}),
+        )
 
 
 def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
@@ -550,8 +577,11 @@ def test_no_adapter_module_imports_the_service() -> None:
                 modules = [node.module]
             else:
                 continue
-            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {module}"
-                          for module in modules if module == "service" or module.startswith("service.")]
+            offenders += [
+                f"{path.relative_to(REPO)}:{node.lineno} imports {module}"
+                for module in modules
+                if module == "service" or module.startswith("service.")
+            ]
     assert offenders == []
 
 
@@ -579,9 +609,13 @@ def fashion(core):
 
 def test_a_search_whose_every_trial_diverges_reaches_the_client_as_invalid_argument(core, fashion) -> None:
     one_step_per_image = {**default_hyperparams(HeadKind.MLP).model_dump(), "epochs": 3, "batch_size": 1}
-    request = TrainRequest(dataset_id=fashion.id, head_name="diverges", kind=HeadKind.MLP,
-                           search=SearchSpace(lr=[10.0], weight_decay=[10.0]),  # lr x weight_decay = 100
-                           hyperparams=one_step_per_image)
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name="diverges",
+        kind=HeadKind.MLP,
+        search=SearchSpace(lr=[10.0], weight_decay=[10.0]),  # lr x weight_decay = 100
+        hyperparams=one_step_per_image,
+    )
     with pytest.raises(InvalidArgument, match="all 1 trials diverged") as refused:
         core.trainer.train("acme", request)
     assert refused.value.code == "invalid_argument"
@@ -590,11 +624,19 @@ def test_a_search_whose_every_trial_diverges_reaches_the_client_as_invalid_argum
 
 def test_a_stop_asked_for_during_fitting_reaches_the_client_as_cancelled(core, fashion) -> None:
     fitting = []  # set once the features are extracted: the stop comes from the adapters, not the extractor
-    request = TrainRequest(dataset_id=fashion.id, head_name="stopped", kind=HeadKind.MLP,
-                           search=SearchSpace(lr=[1e-3], weight_decay=[1e-4]))
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name="stopped",
+        kind=HeadKind.MLP,
+        search=SearchSpace(lr=[1e-3], weight_decay=[1e-4]),
+    )
     with pytest.raises(Cancelled) as stopped:
-        core.trainer.train("acme", request, cancelled=lambda: bool(fitting),
-                           progress=lambda event: fitting.append(event) if event.phase != "extract" else None)
+        core.trainer.train(
+            "acme",
+            request,
+            cancelled=lambda: bool(fitting),
+            progress=lambda event: fitting.append(event) if event.phase != "extract" else None,
+        )
     assert stopped.value.code == "cancelled"
     assert isinstance(stopped.value.__cause__, TrainingCancelled)
     with pytest.raises(NotFound):

@@ -13,7 +13,12 @@ from service import admin
 from service.auth import OPEN_TENANT, Tenants
 from service.config import Settings
 from service.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
 )
 from service.store.db import Database
 

@@ -36,15 +36,19 @@ def test_a_class_smaller_than_the_folds_is_a_clear_error():
 
 
 def test_a_clear_lead_beats_a_cheaper_backbone():
-    choice = choose({"cheap": score(0.70, 0.72, 0.71, 0.69, 0.70), "big": score(0.78, 0.80, 0.77, 0.79, 0.78)},
-                    {"cheap": 0.3, "big": 0.87})
+    choice = choose(
+        {"cheap": score(0.70, 0.72, 0.71, 0.69, 0.70), "big": score(0.78, 0.80, 0.77, 0.79, 0.78)},
+        {"cheap": 0.3, "big": 0.87},
+    )
     assert choice.chosen == "big"
     assert "big (0.784" in choice.reason and "more than the standard error" in choice.reason
 
 
 def test_a_lead_within_the_spread_goes_to_the_cheaper_backbone():
-    choice = choose({"cheap": score(0.80, 0.76, 0.83, 0.78, 0.81), "big": score(0.79, 0.80, 0.82, 0.80, 0.80)},
-                    {"cheap": 0.3, "big": 0.87})
+    choice = choose(
+        {"cheap": score(0.80, 0.76, 0.83, 0.78, 0.81), "big": score(0.79, 0.80, 0.82, 0.80, 0.80)},
+        {"cheap": 0.3, "big": 0.87},
+    )
     assert choice.chosen == "cheap"
     assert choice.reason.startswith("tie:") and "the cheaper cheap wins" in choice.reason
 

@@ -30,7 +30,9 @@ CHECKED_IN = REPO / "client" / "_proto"
 def test_client_grpc_stubs_are_generated_from_the_current_protos(tmp_path):
     subprocess.run([sys.executable, "scripts/gen_client_protos.py", str(tmp_path / "gen")], cwd=REPO, check=True)
     fresh = {p.relative_to(tmp_path / "gen"): p.read_text() for p in (tmp_path / "gen").rglob("*.py*")}
-    current = {p.relative_to(CHECKED_IN): p.read_text() for p in CHECKED_IN.rglob("*.py*") if "__pycache__" not in p.parts}
+    current = {
+        p.relative_to(CHECKED_IN): p.read_text() for p in CHECKED_IN.rglob("*.py*") if "__pycache__" not in p.parts
+    }
     stale = sorted(str(path) for path in fresh.keys() | current.keys() if fresh.get(path) != current.get(path))
     assert not stale, f"stale generated files {stale}: run `python scripts/gen_client_protos.py`"
 
@@ -100,11 +102,20 @@ def test_stored_metrics_carry_the_reliability_curve_and_the_report_draws_them(tm
     gaps = sum(b.count / 5 * abs(b.accuracy - b.confidence) for b in metrics.reliability if b.count)
     assert metrics.ece == pytest.approx(gaps)
 
-    stored = metrics.model_dump(mode="json") | {"trials": [
-        {"hp": {"lr": 0.1, "weight_decay": wd}, "val_accuracy": acc, "val_loss": 0.5} for wd, acc in ((0.01, 0.6), (0.1, 0.8))
-    ]}  # fmt: skip
-    version = models.HeadVersion(name="heads/pets/versions/2", version=2, backbone="mobilenet_v2", kind="linear",
-                                 classes=["cat", "dog", "eel"], metrics=stored, create_time="2026-01-01T00:00:00Z")  # fmt: skip
+    trials = [
+        {"hp": {"lr": 0.1, "weight_decay": wd}, "val_accuracy": acc, "val_loss": 0.5}
+        for wd, acc in ((0.01, 0.6), (0.1, 0.8))
+    ]
+    stored = metrics.model_dump(mode="json") | {"trials": trials}
+    version = models.HeadVersion(
+        name="heads/pets/versions/2",
+        version=2,
+        backbone="mobilenet_v2",
+        kind="linear",
+        classes=["cat", "dog", "eel"],
+        metrics=stored,
+        create_time="2026-01-01T00:00:00Z",
+    )
     head = models.Head(name="heads/pets", latest_version=2, versions=[version], aliases={"prod": 2})
     assert head.version("prod") is version and head.version() is version
     draw(head, version, tmp_path / "report.png")

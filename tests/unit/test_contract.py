@@ -45,12 +45,16 @@ def openapi() -> dict:
 def test_every_resource_has_the_field_names_of_its_proto_message(openapi, component):
     http_fields = set(openapi["components"]["schemas"][component]["properties"])
     proto_fields = {field.name for field in SAME_FIELDS[component].fields}
-    assert http_fields == proto_fields, f"{component}: HTTP only {http_fields - proto_fields}, proto only {proto_fields - http_fields}"
+    assert http_fields == proto_fields, (
+        f"{component}: HTTP only {http_fields - proto_fields}, proto only {proto_fields - http_fields}"
+    )
 
 
 def test_the_training_spec_carries_every_field_of_the_cores_request():
     renamed = {"dataset_id": "dataset", "head_name": "head"}
-    assert {renamed.get(name, name) for name in TrainRequest.model_fields} == {f.name for f in pb.TrainingSpec.DESCRIPTOR.fields}
+    assert {renamed.get(name, name) for name in TrainRequest.model_fields} == {
+        f.name for f in pb.TrainingSpec.DESCRIPTOR.fields
+    }
 
 
 def _http_rules() -> dict[str, list[tuple[str, str]]]:
@@ -87,6 +91,8 @@ def test_query_parameters_are_fields_of_the_request_message(openapi):
         for method in service.methods:
             for verb, path in _http_rules()[method.full_name]:
                 http_path = next(p for p in openapi["paths"] if _template(p) == _template(path))
-                query = {p["name"] for p in openapi["paths"][http_path][verb].get("parameters", []) if p["in"] == "query"}
+                query = {
+                    p["name"] for p in openapi["paths"][http_path][verb].get("parameters", []) if p["in"] == "query"
+                }
                 fields = {f.name for f in method.input_type.fields}
                 assert query <= fields, f"{method.full_name}: query parameters {query - fields} are not request fields"

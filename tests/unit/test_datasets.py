@@ -94,9 +94,7 @@ def test_create_stores_examples_classes_and_counts(store: DatasetStore) -> None:
     assert [store.read_image(sha) for sha, _ in examples] == [data for _, data in uploads]
 
 
-def test_duplicate_images_are_stored_once_but_counted_each_time(
-    store: DatasetStore, settings: Settings
-) -> None:
+def test_duplicate_images_are_stored_once_but_counted_each_time(store: DatasetStore, settings: Settings) -> None:
     same = image_bytes(seed=7)
     info = store.create_from_labelled(
         TENANT, "dups", [("a.png", same), ("b.png", same), ("c.png", image_bytes(seed=8))], ["x", "x", "y"]
@@ -137,9 +135,7 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
-def test_a_bad_image_anywhere_stores_nothing(
-    store: DatasetStore, db: Database, settings: Settings, case: str
-) -> None:
+def test_a_bad_image_anywhere_stores_nothing(store: DatasetStore, db: Database, settings: Settings, case: str) -> None:
     data, message = BAD_IMAGES[case]
     uploads, labels = good_files()
     with pytest.raises(InvalidArgument, match=message):
@@ -163,8 +159,16 @@ def test_a_bad_image_anywhere_stores_nothing(
         ([("a.png", image_bytes(seed=1)), ("b.png", image_bytes(seed=2))], ["a", "b\x00"], "control characters"),
         ([("a.png", image_bytes(seed=1)), ("b.png", image_bytes(seed=2))], ["a", "b" * 129], "over the limit of 128"),
     ],
-    ids=["too many files", "upload over size limit", "labels do not match files", "single class",
-         "empty", "empty label", "control character label", "long label"],
+    ids=[
+        "too many files",
+        "upload over size limit",
+        "labels do not match files",
+        "single class",
+        "empty",
+        "empty label",
+        "control character label",
+        "long label",
+    ],
 )
 def test_bad_uploads_are_refused_and_store_nothing(
     store: DatasetStore, db: Database, settings: Settings, uploads: list, labels: list[str], message: str
@@ -300,8 +304,15 @@ def write_tree(root: Path, entries: dict[str, bytes]) -> Path:
 
 
 def test_folder_layout_is_read_and_dotfiles_skipped(store: DatasetStore, tmp_path: Path) -> None:
-    root = write_tree(tmp_path / "up", {"cat/1.png": image_bytes(seed=1), "dog/1.png": image_bytes(seed=2),
-                                        "dog/.hidden": b"junk", ".git/config": b"junk"})
+    root = write_tree(
+        tmp_path / "up",
+        {
+            "cat/1.png": image_bytes(seed=1),
+            "dog/1.png": image_bytes(seed=2),
+            "dog/.hidden": b"junk",
+            ".git/config": b"junk",
+        },
+    )
     info = store.create_from_folder(TENANT, "pets", root)
     assert info.counts == {"cat": 1, "dog": 1}
 

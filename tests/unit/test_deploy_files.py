@@ -52,7 +52,10 @@ def test_ports_are_the_ones_the_service_listens_on():
     for service in graft_services().values():
         assert service["environment"]["GRAFT_GRPC_PORT"] == str(GRPC_PORT)
     container = graft_container()
-    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {"http": HTTP_PORT, "grpc": GRPC_PORT}
+    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {
+        "http": HTTP_PORT,
+        "grpc": GRPC_PORT,
+    }
     service_ports = {port["name"]: port["port"] for port in kubernetes("Service")["spec"]["ports"]}
     assert service_ports == {"http": HTTP_PORT, "grpc": GRPC_PORT}
     assert {env["name"]: env.get("value") for env in container["env"]}["GRAFT_GRPC_PORT"] == str(GRPC_PORT)
@@ -85,4 +88,6 @@ def test_probes_use_the_health_routes_and_the_grace_outlasts_the_drain():
     grace = float({env["name"]: env.get("value") for env in container["env"]}["GRAFT_SHUTDOWN_GRACE_S"])
     assert kubernetes("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
     for service in graft_services().values():
-        assert float(service["stop_grace_period"].removesuffix("s")) > float(service["environment"]["GRAFT_SHUTDOWN_GRACE_S"])
+        assert float(service["stop_grace_period"].removesuffix("s")) > float(
+            service["environment"]["GRAFT_SHUTDOWN_GRACE_S"]
+        )

@@ -17,14 +17,17 @@ def test_a_token_round_trips_its_keys():
     assert decode_token(encode_token("2026-01-01T00:00:00+00:00", "ds_1"), 2) == ["2026-01-01T00:00:00+00:00", "ds_1"]
 
 
-@pytest.mark.parametrize("text", [
-    "[" * 100_000 + "]" * 100_000,  # json.loads would raise RecursionError
-    '[["a"], "b"]',
-    '[{"a": 1}, "b"]',
-    '[1, "b"]',
-    '["a\\u0000", "b"]',
-    '"ab"',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # json.loads would raise RecursionError
+        '[["a"], "b"]',
+        '[{"a": 1}, "b"]',
+        '[1, "b"]',
+        '["a\\u0000", "b"]',
+        '"ab"',
+    ],
+)
 def test_nested_non_string_or_control_character_keys_are_malformed(text):
     with pytest.raises(InvalidArgument, match="page_token .* is malformed"):
         decode_token(token_of(text), 2)
@@ -35,8 +38,9 @@ def test_a_token_longer_than_any_real_one_is_malformed_before_it_is_decoded():
         decode_token("A" * 10_000, 2)
 
 
-@pytest.mark.parametrize("value", ["99999-01-01T00:00:00", "9999-12-31T23:59:59-05:00",
-                                   "0001-01-01T00:00:00+05:00", "yesterday"])
+@pytest.mark.parametrize(
+    "value", ["99999-01-01T00:00:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00", "yesterday"]
+)
 def test_a_timestamp_key_out_of_range_is_malformed_not_an_overflow(value):
     token = encode_token(value, "ds_1")
     with pytest.raises(InvalidArgument, match="malformed"):

@@ -13,8 +13,8 @@ from torch import nn
 
 from adapters.heads import HeadConfig, HeadKind, build_head, head_state
 from service.core import Core
-from service.engine.batcher import Batcher
 from service.engine import execution
+from service.engine.batcher import Batcher
 from service.engine.execution import linear_chunks, run_batch
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead, materialise
 from service.engine.predictor import Predictor

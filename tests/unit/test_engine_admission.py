@@ -3,12 +3,12 @@
 import asyncio
 
 import pytest
+from test_engine import TENANT, HeadKind, png, save_random_head
 
 from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import ResourceExhausted
-from test_engine import TENANT, HeadKind, png, save_random_head
 
 pytestmark = pytest.mark.anyio
 
@@ -62,4 +62,3 @@ async def test_a_failed_request_gives_its_slots_back(core):
     finally:
         await predictor.stop()
     assert len(answered) == 2
-

@@ -117,23 +117,39 @@ async def test_an_unknown_head_kind_is_invalid_argument(channel):
     await expect_invalid(rpc.JobServiceStub(channel).CreateJob, api.CreateJobRequest(spec=spec), "kind 99")
 
 
-@pytest.mark.parametrize("name", [
-    "heads/h/versions/²", "heads/h/versions/100000000000000000000", "heads/h/versions/0", "heads/h/versions/1\n",
-    "heads/h\x00/versions/1",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "heads/h/versions/²",
+        "heads/h/versions/100000000000000000000",
+        "heads/h/versions/0",
+        "heads/h/versions/1\n",
+        "heads/h\x00/versions/1",
+    ],
+)
 async def test_a_head_version_name_must_be_ascii_digits_within_32_bits(channel, name):
-    await expect_invalid(rpc.HeadServiceStub(channel).DeleteHeadVersion, api.DeleteHeadVersionRequest(name=name),
-                         "heads/{head}/versions/{version}")
+    await expect_invalid(
+        rpc.HeadServiceStub(channel).DeleteHeadVersion,
+        api.DeleteHeadVersionRequest(name=name),
+        "heads/{head}/versions/{version}",
+    )
 
 
 async def test_resource_names_with_control_characters_are_invalid_argument(channel):
-    await expect_invalid(rpc.DatasetServiceStub(channel).GetDataset, api.GetDatasetRequest(name="datasets/a\x00b"),
-                         "resource name")
+    await expect_invalid(
+        rpc.DatasetServiceStub(channel).GetDataset, api.GetDatasetRequest(name="datasets/a\x00b"), "resource name"
+    )
     await expect_invalid(rpc.JobServiceStub(channel).GetJob, api.GetJobRequest(name="jobs/j\n"), "resource name")
-    await expect_invalid(rpc.HeadServiceStub(channel).SetAlias,
-                         api.SetAliasRequest(name="heads/h", alias="p\x00", version=1), "alias 'p\\x00' is invalid")
-    await expect_invalid(rpc.PredictionServiceStub(channel).Predict,
-                         api.PredictRequest(images=[b"x"], heads=["h\x00"]), "head reference 'h\\x00'")
+    await expect_invalid(
+        rpc.HeadServiceStub(channel).SetAlias,
+        api.SetAliasRequest(name="heads/h", alias="p\x00", version=1),
+        "alias 'p\\x00' is invalid",
+    )
+    await expect_invalid(
+        rpc.PredictionServiceStub(channel).Predict,
+        api.PredictRequest(images=[b"x"], heads=["h\x00"]),
+        "head reference 'h\\x00'",
+    )
 
 
 @pytest.mark.parametrize("token", ["W" * 5000, "W1tbW1tbW1tbW1tbXV1dXV1dXV1dXV0", "WyJcdTAwMDAiXQ"])
@@ -192,8 +208,9 @@ async def test_an_upload_that_does_not_end_in_time_is_deadline_exceeded_and_stor
 # -- item 7: nothing waits for the database on the event loop ----------------------------------------
 
 
-@pytest.mark.parametrize("method", ["ListDatasets", "GetDataset", "ListHeads", "GetHead", "DeleteHeadVersion",
-                                    "ListJobs", "GetJob"])
+@pytest.mark.parametrize(
+    "method", ["ListDatasets", "GetDataset", "ListHeads", "GetHead", "DeleteHeadVersion", "ListJobs", "GetJob"]
+)
 async def test_the_event_loop_runs_while_a_call_waits_for_the_database(keyed, method):
     """Every statement waits until the loop itself releases it: a call that blocked the loop would time out."""
     runtime, channel, me, _ = keyed

@@ -41,14 +41,22 @@ class Body:
 
 
 # The start of a multipart body whose one file part goes on for as long as the client likes.
-ENDLESS_ZIP_PART = (b'--b\r\nContent-Disposition: form-data; name="archive"; filename="d.zip"\r\n'
-                    b"Content-Type: application/zip\r\n\r\n")
+ENDLESS_ZIP_PART = (
+    b'--b\r\nContent-Disposition: form-data; name="archive"; filename="d.zip"\r\nContent-Type: application/zip\r\n\r\n'
+)
 
 
 @pytest.fixture
 def runtime(tmp_path) -> Runtime:
-    settings = Settings(data_dir=tmp_path, auth="keys", backbones=[], max_request_bytes=MAX_REQUEST,
-                        max_upload_bytes=MAX_UPLOAD, quota_datasets=1, max_images_per_dataset=1500)
+    settings = Settings(
+        data_dir=tmp_path,
+        auth="keys",
+        backbones=[],
+        max_request_bytes=MAX_REQUEST,
+        max_upload_bytes=MAX_UPLOAD,
+        quota_datasets=1,
+        max_images_per_dataset=1500,
+    )
     return Runtime.open(settings)
 
 
@@ -91,8 +99,9 @@ async def test_a_chunked_body_is_refused_with_413_as_it_crosses_the_limit(client
 
 async def test_a_dataset_upload_may_be_larger_than_other_requests_up_to_its_own_limit(client, key):
     body = Body(100 * MAX_UPLOAD, start=ENDLESS_ZIP_PART)
-    response = await client.post("/v1/datasets", content=body,
-                                 headers={**bearer(key), "Content-Type": "multipart/form-data; boundary=b"})
+    response = await client.post(
+        "/v1/datasets", content=body, headers={**bearer(key), "Content-Type": "multipart/form-data; boundary=b"}
+    )
     assert response.status_code == 413 and "GRAFT_MAX_UPLOAD_BYTES" in response.json()["message"]
     assert MAX_REQUEST < body.pulled <= MAX_UPLOAD + body.chunk
 
@@ -192,11 +201,13 @@ async def test_an_unexpected_error_is_a_500_with_a_reference_and_no_details(runt
 
 async def test_a_quota_refusal_is_429_naming_its_setting(client, key):
     files = [("files", ("a.png", PNG_RED, "image/png")), ("files", ("b.png", PNG_BLUE, "image/png"))]
-    first = await client.post("/v1/datasets", data={"display_name": "one", "labels": ["red", "blue"]}, files=files,
-                              headers=bearer(key))
+    first = await client.post(
+        "/v1/datasets", data={"display_name": "one", "labels": ["red", "blue"]}, files=files, headers=bearer(key)
+    )
     assert first.status_code == 201, first.text
-    second = await client.post("/v1/datasets", data={"display_name": "two", "labels": ["red", "blue"]}, files=files,
-                               headers=bearer(key))
+    second = await client.post(
+        "/v1/datasets", data={"display_name": "two", "labels": ["red", "blue"]}, files=files, headers=bearer(key)
+    )
     assert second.status_code == 429 and "GRAFT_QUOTA_DATASETS" in second.json()["message"]
 
 
@@ -205,8 +216,9 @@ async def test_a_multipart_upload_may_have_as_many_files_as_the_dataset_limit_al
     runtime.settings.max_upload_bytes = 10_000_000  # the gate reads it per request
     files = [("files", (f"{i}.png", PNG_RED if i % 2 else PNG_BLUE, "image/png")) for i in range(1200)]
     labels = ["red" if i % 2 else "blue" for i in range(1200)]
-    response = await client.post("/v1/datasets", data={"display_name": "many", "labels": labels}, files=files,
-                                 headers=bearer(key))
+    response = await client.post(
+        "/v1/datasets", data={"display_name": "many", "labels": labels}, files=files, headers=bearer(key)
+    )
     assert response.status_code == 201, response.text
     assert response.json()["example_count"] == 1200
 

@@ -30,15 +30,22 @@ def runtime(make_core, tmp_path) -> Runtime:
     core = make_core(tmp_path)
     core.settings.key_recheck_s = 0.1
     heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-    return Runtime(core, Predictor(core.backbones, heads, core.settings),
-                   JobRunner(core.db, core.trainer, core.settings, core.quotas), Tenants(core.db, core.settings))
+    return Runtime(
+        core,
+        Predictor(core.backbones, heads, core.settings),
+        JobRunner(core.db, core.trainer, core.settings, core.quotas),
+        Tenants(core.db, core.settings),
+    )
 
 
 async def test_a_revoked_key_ends_an_open_job_watch_with_an_error_event(runtime):
     runtime.tenants.create_tenant("acme")
     key = runtime.tenants.create_key("acme")
-    examples = [(f"{c}{i}.png", png(colour, 8 + i), c) for c, colour in (("r", (200, 0, 0)), ("b", (0, 0, 200)))
-                for i in range(10)]
+    examples = [
+        (f"{c}{i}.png", png(colour, 8 + i), c)
+        for c, colour in (("r", (200, 0, 0)), ("b", (0, 0, 200)))
+        for i in range(10)
+    ]
     dataset = runtime.core.datasets.create("acme", "colours", examples)
     job = await runtime.jobs.submit("acme", TrainRequest(dataset_id=dataset.id, head_name="colours"))
 
@@ -55,7 +62,8 @@ async def test_a_revoked_key_ends_an_open_job_watch_with_an_error_event(runtime)
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=observed), base_url="http://graft") as client:
         watch = asyncio.ensure_future(
-            client.get(f"/v1/jobs/{job.id}:watch", headers={"Authorization": f"Bearer {key.secret}"}))
+            client.get(f"/v1/jobs/{job.id}:watch", headers={"Authorization": f"Bearer {key.secret}"})
+        )
         await streaming.wait()
         await asyncio.to_thread(runtime.tenants.revoke_key, key.key_id)
         response = await asyncio.wait_for(watch, 60)  # complete only once the server ended the stream

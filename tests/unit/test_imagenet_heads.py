@@ -5,6 +5,7 @@ import io
 import pytest
 import skimage.data
 from PIL import Image
+from test_engine import save_random_head
 
 from adapters.heads import HeadKind
 from service.core import Core
@@ -13,7 +14,6 @@ from service.engine.device import choose_placement
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, NotFound
-from test_engine import save_random_head
 
 pytestmark = pytest.mark.anyio
 
@@ -64,8 +64,10 @@ async def test_imagenet_heads_name_photos_with_imagenet_categories(core):
     coffee, camera = ([head.top[0].label for head in answer.heads] for answer in answers)
     assert coffee == ["espresso", "espresso"]
     assert camera == ["tripod", "tripod"]
-    assert [(h.head, h.version) for h in answers[0].heads] == [("imagenet@mobilenet_v2", 1),
-                                                               ("imagenet@efficientnet_lite2", 1)]
+    assert [(h.head, h.version) for h in answers[0].heads] == [
+        ("imagenet@mobilenet_v2", 1),
+        ("imagenet@efficientnet_lite2", 1),
+    ]
 
 
 async def test_an_imagenet_head_rides_a_tenants_request_without_another_trunk_pass(core):
@@ -92,9 +94,13 @@ async def test_every_tenant_gets_the_same_imagenet_head(core):
 
 
 async def test_imagenet_heads_of_backbones_not_loaded_or_untrained_are_not_found(core):
-    core.backbones["mobilenet_v3_small-untrained"] = load_backbone("mobilenet_v3_small-untrained", choose_placement("cpu"))
+    core.backbones["mobilenet_v3_small-untrained"] = load_backbone(
+        "mobilenet_v3_small-untrained", choose_placement("cpu")
+    )
     cache = HeadCache(core.heads, core.backbones, 1 << 30)
-    with pytest.raises(NotFound, match="'resnet50' is not loaded.*'imagenet@efficientnet_lite2', 'imagenet@mobilenet_v2'"):
+    with pytest.raises(
+        NotFound, match="'resnet50' is not loaded.*'imagenet@efficientnet_lite2', 'imagenet@mobilenet_v2'"
+    ):
         await cache.get("acme", "imagenet@resnet50")
     with pytest.raises(NotFound, match="untrained: it has no ImageNet classifier"):
         await cache.get("acme", "imagenet@mobilenet_v3_small-untrained")

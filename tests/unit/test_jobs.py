@@ -194,8 +194,12 @@ async def test_bad_requests_fail_at_submit_and_store_no_job(dataset, runner, ten
 
 async def test_a_job_costing_more_than_the_work_limit_is_refused_at_submit(core, dataset):
     runner = make_runner(core, max_job_work=10_000)
-    costly = request(dataset, "costly", SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]),
-                     hyperparams=HyperParamOverrides(lr=1.0, weight_decay=1e-3, epochs=500, batch_size=64))
+    costly = request(
+        dataset,
+        "costly",
+        SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]),
+        hyperparams=HyperParamOverrides(lr=1.0, weight_decay=1e-3, epochs=500, batch_size=64),
+    )
     with pytest.raises(InvalidArgument) as refused:
         await runner.submit(TENANT, costly)
     assert refused.value.message == (
@@ -249,8 +253,13 @@ async def test_an_unexpected_error_fails_the_job_with_a_reference_and_logs_the_d
 
 
 async def test_a_diverged_trial_leaves_every_job_update_encodable_as_json_and_protobuf(core, dataset, runner):
-    diverging = request(dataset, "diverged", SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]), kind=HeadKind.MLP,
-                        hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=4, hidden=16))
+    diverging = request(
+        dataset,
+        "diverged",
+        SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]),
+        kind=HeadKind.MLP,
+        hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=4, hidden=16),
+    )
     job = await runner.submit(TENANT, diverging)
     updates = await until_done(runner, TENANT, job.id)
 
@@ -307,9 +316,7 @@ async def test_cancelling_a_finished_job_is_refused(dataset, runner):
         await runner.cancel(TENANT, job.id)
 
 
-async def test_a_job_running_in_another_replica_is_cancelled_and_watched_through_the_database(
-    core, dataset, gated
-):
+async def test_a_job_running_in_another_replica_is_cancelled_and_watched_through_the_database(core, dataset, gated):
     owner, trainer = gated
     job = await owner.submit(TENANT, request(dataset, "elsewhere", TWO_TRIALS))
     await wait_until_held(trainer)
@@ -350,4 +357,3 @@ async def test_stopping_is_refused_for_new_jobs_with_unavailable(core, dataset):
     await runner.stop()
     with pytest.raises(Unavailable, match="shutting down"):
         await runner.submit(TENANT, request(dataset, "too-late"))
-

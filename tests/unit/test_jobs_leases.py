@@ -133,7 +133,10 @@ async def test_a_run_that_lost_its_lease_never_publishes_its_head(core, dataset)
     head = core.heads.get(TENANT, "raced")
     assert [version.version for version in head.versions] == [final.head_version] == [1]
     assert (final.state, job_row(core, job.id).attempts, job_row(core, job.id).state) == (
-        JobState.SUCCEEDED, 2, JobState.SUCCEEDED.value)
+        JobState.SUCCEEDED,
+        2,
+        JobState.SUCCEEDED.value,
+    )
 
 
 async def test_expired_leases_are_requeued_and_failed_after_the_last_attempt(core, dataset):
@@ -142,8 +145,11 @@ async def test_expired_leases_are_requeued_and_failed_after_the_last_attempt(cor
     exhausted = await idle.submit(TENANT, request(dataset, "exhausted"))
     with core.db.session() as session:  # as a replica that died mid-run left them
         for job_id, attempts in ((retried.id, 1), (exhausted.id, 3)):
-            session.execute(update(JobRow).where(JobRow.id == job_id).values(
-                state="running", worker="gone:1:dead", attempts=attempts, lease_expires_at=utcnow()))
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(state="running", worker="gone:1:dead", attempts=attempts, lease_expires_at=utcnow())
+            )
 
     runner = make_runner(core, max_job_attempts=3)
     await runner.start()

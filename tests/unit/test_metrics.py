@@ -23,9 +23,20 @@ def sample(name: str, labels: dict[str, str]) -> float:
 def finished_job(state: JobState, started: datetime | None, finished: datetime | None) -> JobInfo:
     created = datetime(2026, 1, 1, tzinfo=UTC)
     return JobInfo(
-        id="job-1", tenant="t", state=state, phase="done", progress=1.0, message="", metrics={},
-        request=TrainRequest(dataset_id="d", head_name="h"), head="h", head_version=None, error=None,
-        created_at=created, started_at=started, finished_at=finished,
+        id="job-1",
+        tenant="t",
+        state=state,
+        phase="done",
+        progress=1.0,
+        message="",
+        metrics={},
+        request=TrainRequest(dataset_id="d", head_name="h"),
+        head="h",
+        head_version=None,
+        error=None,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
     )
 
 

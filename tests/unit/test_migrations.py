@@ -6,7 +6,6 @@ version table) is upgraded in place with its rows kept and the new columns backf
 
 import hashlib
 
-import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -59,22 +58,38 @@ def test_a_graft_0_1_database_is_upgraded_with_its_rows_kept_and_backfilled(regi
     (blob_dir / "named" / "heads" / "w1.safetensors").write_bytes(weights)
     engine = sa.create_engine(registry_url)
     with engine.begin() as c:
-        c.execute(sa.text("INSERT INTO datasets (id, tenant, name, created_at, num_examples, classes) "
-                          "VALUES ('ds_1', 'acme', 'old', '2026-01-01 00:00:00', 2, '[\"a\", \"b\"]')"))
+        c.execute(
+            sa.text(
+                "INSERT INTO datasets (id, tenant, name, created_at, num_examples, classes) "
+                "VALUES ('ds_1', 'acme', 'old', '2026-01-01 00:00:00', 2, '[\"a\", \"b\"]')"
+            )
+        )
         for position, label in enumerate(("a", "b")):
-            c.execute(sa.text("INSERT INTO examples (dataset_id, image_sha256, label, position) "
-                              "VALUES ('ds_1', :sha, :label, :position)"), {"sha": sha, "label": label, "position": position})
+            c.execute(
+                sa.text(
+                    "INSERT INTO examples (dataset_id, image_sha256, label, position) "
+                    "VALUES ('ds_1', :sha, :label, :position)"
+                ),
+                {"sha": sha, "label": label, "position": position},
+            )
         for version in (1, 3):
-            c.execute(sa.text(
-                "INSERT INTO head_versions (tenant, name, version, backbone, split_point, kind, classes, config, "
-                "hyperparams, metrics, dataset_id, job_id, blob_key, param_bytes, created_at) VALUES "
-                "('acme', 'h', :v, 'mobilenet_v2', 19, 'linear', '[]', '{}', '{}', '{}', 'ds_1', NULL, "
-                "'heads/w1.safetensors', 10, '2026-01-01 00:00:00')"), {"v": version})
-        c.execute(sa.text(
-            "INSERT INTO jobs (id, tenant, state, phase, progress, message, request, metrics, head_name, "
-            "head_version, error, cancel_requested, worker, heartbeat_at, created_at) VALUES ('job_1', 'acme', "
-            "'succeeded', 'done', 1.0, 'ok', '{}', '{}', 'h', 1, NULL, false, 'host:1', '2026-01-01 00:00:00', "
-            "'2026-01-01 00:00:00')"))
+            c.execute(
+                sa.text(
+                    "INSERT INTO head_versions (tenant, name, version, backbone, split_point, kind, classes, config, "
+                    "hyperparams, metrics, dataset_id, job_id, blob_key, param_bytes, created_at) VALUES "
+                    "('acme', 'h', :v, 'mobilenet_v2', 19, 'linear', '[]', '{}', '{}', '{}', 'ds_1', NULL, "
+                    "'heads/w1.safetensors', 10, '2026-01-01 00:00:00')"
+                ),
+                {"v": version},
+            )
+        c.execute(
+            sa.text(
+                "INSERT INTO jobs (id, tenant, state, phase, progress, message, request, metrics, head_name, "
+                "head_version, error, cancel_requested, worker, heartbeat_at, created_at) VALUES ('job_1', 'acme', "
+                "'succeeded', 'done', 1.0, 'ok', '{}', '{}', 'h', 1, NULL, false, 'host:1', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00')"
+            )
+        )
     engine.dispose()
 
     Database(registry_url, blob_dir).close()
@@ -90,4 +105,3 @@ def test_a_graft_0_1_database_is_upgraded_with_its_rows_kept_and_backfilled(regi
         assert shas == {hashlib.sha256(weights).hexdigest()}
         assert c.execute(sa.text("SELECT attempts, worker FROM jobs")).one() == (0, "host:1")
     engine.dispose()
-

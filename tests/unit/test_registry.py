@@ -2,9 +2,7 @@
 
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +99,24 @@ def test_resolve_name_version_and_alias(registry: HeadRegistry) -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["", "cats@", "cats@x", "cats:", "cats@1:prod", "Cats", "cats@-1", "cats:Prod", " cats", "cats\n", "cats@1\n",
-     "cats:prod\n", "cats@\u00b2", "cats\x00", "cats@1\x00", "cats:pr\x00od"],
+    [
+        "",
+        "cats@",
+        "cats@x",
+        "cats:",
+        "cats@1:prod",
+        "Cats",
+        "cats@-1",
+        "cats:Prod",
+        " cats",
+        "cats\n",
+        "cats@1\n",
+        "cats:prod\n",
+        "cats@\u00b2",
+        "cats\x00",
+        "cats@1\x00",
+        "cats:pr\x00od",
+    ],
 )
 def test_malformed_refs_are_invalid_argument(registry: HeadRegistry, ref: str) -> None:
     create(registry)
@@ -211,7 +225,9 @@ def test_failed_commit_leaves_no_row_and_no_blob(
 
 def test_concurrent_creators_of_a_new_head_get_distinct_versions(registry: HeadRegistry, db: Database) -> None:
     """Two replicas creating the same head at once: each gets its own number, none is lost."""
-    other_replica = HeadRegistry(Database(db.engine.url.render_as_string(hide_password=False)), registry.blobs, registry.quotas)
+    other_replica = HeadRegistry(
+        Database(db.engine.url.render_as_string(hide_password=False)), registry.blobs, registry.quotas
+    )
     with ThreadPoolExecutor(max_workers=4) as pool:
         infos = list(pool.map(lambda i: create(registry if i % 2 else other_replica), range(8)))
     assert sorted(info.version for info in infos) == list(range(1, 9))
@@ -267,9 +283,7 @@ def test_a_guard_that_raises_commits_nothing_and_removes_the_blob(
     assert create(registry, guard=lambda session: None).version == 1  # the refused attempt used no number
 
 
-def test_head_quotas_are_enforced_when_the_version_is_inserted(
-    db: Database, blobs: BlobStore, tmp_path: Path
-) -> None:
+def test_head_quotas_are_enforced_when_the_version_is_inserted(db: Database, blobs: BlobStore, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, quota_head_versions=2, quota_heads=1)
     registry = HeadRegistry(db, blobs, Quotas(settings))
     create(registry)
@@ -292,9 +306,7 @@ def test_corrupt_weights_are_a_clear_error_not_garbage(registry: HeadRegistry, b
         registry.load_tensors(info)
 
 
-def test_collect_orphans_removes_only_old_unreferenced_weight_files(
-    registry: HeadRegistry, blobs: BlobStore
-) -> None:
+def test_collect_orphans_removes_only_old_unreferenced_weight_files(registry: HeadRegistry, blobs: BlobStore) -> None:
     kept = create(registry)
     orphan = blobs.root / "named" / "heads" / "crashed-before-commit.safetensors"
     orphan.write_bytes(b"weights of a version whose row was never committed")

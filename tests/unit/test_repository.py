@@ -15,7 +15,9 @@ def project_files() -> list[Path]:
     """Tracked files and new ones not ignored: what a commit of this working copy would hold."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, check=True, capture_output=True,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     return [REPO / name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
@@ -38,19 +40,36 @@ def test_the_architecture_the_readme_and_code_cite_is_in_the_repository() -> Non
 
 def test_a_deprecation_warning_from_grafts_own_code_fails_the_run_and_a_third_partys_does_not(tmp_path: Path) -> None:
     """pyproject's filterwarnings: graft fixes its deprecated calls; it cannot fix BentoML's or torch's."""
-    (tmp_path / "test_warnings.py").write_text(textwrap.dedent(
-        """
+    (tmp_path / "test_warnings.py").write_text(
+        textwrap.dedent(
+            """
         import pytest
 
         @pytest.mark.parametrize("module", ["service.engine.batcher", "adapters.heads", "client", "bentoml.metrics"])
         def test_warns_from(module):
             exec("import warnings; warnings.warn('old API', DeprecationWarning)", {"__name__": module})
         """
-    ))
+        )
+    )
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"),
-         "--rootdir", str(REPO), str(tmp_path / "test_warnings.py")],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,  # failures are what it checks
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(REPO / "pyproject.toml"),
+            "--rootdir",
+            str(REPO),
+            str(tmp_path / "test_warnings.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,  # failures are what it checks
     )
     failed = {line.split("[")[1].split("]")[0] for line in run.stdout.splitlines() if line.startswith("FAILED")}
     assert failed == {"service.engine.batcher", "adapters.heads", "client"}, run.stdout

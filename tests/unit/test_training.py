@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adapters.heads import HeadConfig, HeadKind, load_head
-from harness.sample_data import fashion_mnist_pngs
 from adapters.tuning import SearchSpace
+from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from service.training import HyperParamOverrides, TrainingCost, TrainRequest
@@ -36,8 +36,13 @@ def fashion(core):
     ],
 )
 def test_each_head_kind_learns_fashion_mnist_well_above_chance(core, fashion, kind, search, min_accuracy):
-    request = TrainRequest(dataset_id=fashion.id, head_name=f"fashion-{kind.value}", kind=kind, search=search,
-                           finetune_blocks=2 if kind is HeadKind.FINETUNE else None)
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name=f"fashion-{kind.value}",
+        kind=kind,
+        search=search,
+        finetune_blocks=2 if kind is HeadKind.FINETUNE else None,
+    )
     version = core.trainer.train(TENANT, request)
     assert version.kind == kind.value
     assert version.metrics["accuracy"] >= min_accuracy  # chance is 0.1
@@ -91,7 +96,9 @@ def cache_entries(core) -> dict[str, tuple[int, int]]:
 
 def test_progress_rises_to_one(core, fashion):
     fractions = []
-    request = TrainRequest(dataset_id=fashion.id, head_name="progress", search=SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2]))
+    request = TrainRequest(
+        dataset_id=fashion.id, head_name="progress", search=SearchSpace(lr=[1.0], weight_decay=[1e-3, 1e-2])
+    )
     core.trainer.train(TENANT, request, progress=lambda event: fractions.append(event.fraction))
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
@@ -124,8 +131,11 @@ def test_a_dataset_too_small_to_hold_out_fails_before_any_extraction(core):
     tiny = core.datasets.create(TENANT, "tiny", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)])
     phases = []
     with pytest.raises(FailedPrecondition, match="at least 2 examples per class"):
-        core.trainer.train(TENANT, TrainRequest(dataset_id=tiny.id, head_name="tiny"),
-                           progress=lambda event: phases.append(event.phase))
+        core.trainer.train(
+            TENANT,
+            TrainRequest(dataset_id=tiny.id, head_name="tiny"),
+            progress=lambda event: phases.append(event.phase),
+        )
     assert phases == []
 
 
@@ -137,16 +147,21 @@ def test_a_guard_that_refuses_stores_no_head(core, fashion):
         raise Refused
 
     with pytest.raises(Refused):
-        core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="vetoed", search=ONE_TRIAL),
-                           guard=refuse)
+        core.trainer.train(
+            TENANT, TrainRequest(dataset_id=fashion.id, head_name="vetoed", search=ONE_TRIAL), guard=refuse
+        )
     with pytest.raises(NotFound):
         core.heads.get(TENANT, "vetoed")
 
 
 def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion):
-    request = TrainRequest(dataset_id=fashion.id, head_name="priced", kind=HeadKind.MLP,
-                           hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
-                           search=SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3]))
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name="priced",
+        kind=HeadKind.MLP,
+        hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
+        search=SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3]),
+    )
     assert core.trainer.cost(TENANT, request) == TrainingCost(epochs=7, images=fashion.num_examples, trials=6)
     assert core.trainer.cost(TENANT, request).work == 7 * fashion.num_examples * 6
     with pytest.raises(NotFound):
@@ -154,9 +169,13 @@ def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion
 
 
 def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
-    request = TrainRequest(dataset_id=fashion.id, head_name="diverged", kind=HeadKind.MLP,
-                           hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=8, hidden=32),
-                           search=SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]))
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name="diverged",
+        kind=HeadKind.MLP,
+        hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=5, batch_size=8, hidden=32),
+        search=SearchSpace(lr=[10.0, 1e-3], weight_decay=[10.0]),
+    )
     version = core.trainer.train(TENANT, request)
     assert [trial["val_loss"] is None for trial in version.metrics["trials"]] == [True, False]
     json.dumps(core.heads.resolve(TENANT, "diverged@1").metrics, allow_nan=False)

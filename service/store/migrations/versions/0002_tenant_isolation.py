@@ -51,10 +51,12 @@ def upgrade() -> None:
 
 def _backfill(blob_dir: Path | None) -> None:
     bind = op.get_bind()
-    bind.execute(sa.text(
-        "INSERT INTO head_names (tenant, name, last_version) "
-        "SELECT tenant, name, MAX(version) FROM head_versions GROUP BY tenant, name"
-    ))
+    bind.execute(
+        sa.text(
+            "INSERT INTO head_names (tenant, name, last_version) "
+            "SELECT tenant, name, MAX(version) FROM head_versions GROUP BY tenant, name"
+        )
+    )
     sizes: dict[str, int] = {}
     for (sha,) in bind.execute(sa.text("SELECT DISTINCT image_sha256 FROM examples")):
         path = Path(blob_dir) / "sha" / sha[:2] / sha[2:4] / sha if blob_dir else None
@@ -68,12 +70,16 @@ def _backfill(blob_dir: Path | None) -> None:
     for dataset_id, sha in datasets:
         stored[dataset_id] = stored.get(dataset_id, 0) + sizes[sha]
     for dataset_id, total in stored.items():
-        bind.execute(sa.text("UPDATE datasets SET stored_bytes = :total WHERE id = :id"), {"total": total, "id": dataset_id})
+        bind.execute(
+            sa.text("UPDATE datasets SET stored_bytes = :total WHERE id = :id"), {"total": total, "id": dataset_id}
+        )
     for row_id, key in bind.execute(sa.text("SELECT id, blob_key FROM head_versions")).all():
         path = Path(blob_dir, "named", *key.split("/")) if blob_dir else None
         if path is not None and path.is_file():
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            bind.execute(sa.text("UPDATE head_versions SET weights_sha256 = :sha WHERE id = :id"), {"sha": digest, "id": row_id})
+            bind.execute(
+                sa.text("UPDATE head_versions SET weights_sha256 = :sha WHERE id = :id"), {"sha": digest, "id": row_id}
+            )
 
 
 def downgrade() -> None:
