@@ -11,9 +11,11 @@ from sqlalchemy import event
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
+from service import resources
 from service.core import Core
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from service.grpc import convert
+from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.jobs import JobInfo, JobRunner, JobState
 from service.quotas import Quotas
 from service.store.pages import encode_token
@@ -267,7 +269,7 @@ async def test_a_diverged_trial_leaves_every_job_update_encodable_as_json_and_pr
     assert None in [trial["val_loss"] for trial in core.heads.resolve(TENANT, "diverged").metrics["trials"]]
     for update in updates + [runner.get(TENANT, job.id)]:
         json.dumps(update.model_dump(mode="json"), allow_nan=False)
-        convert.job(update)
+        convert.message(resources.Job.of(update), pb.Job)  # the gRPC door's encoding of the job
 
 
 # -- cost bounds -------------------------------------------------------------------------------
