@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from harness.cluster import Cluster, retrying_predictions, start_cluster
 from harness.sample_data import textile_files
-from harness.servers import make_tenant_key
+from harness.servers import make_tenant_key, wait_for_job
 from service.config import Settings
 from service.quotas import Quotas
 from service.store.blobs import BlobStore
@@ -45,16 +45,6 @@ QUICK = {"search": {"lr": [1.0], "weight_decay": [0.01]}}
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id.removeprefix('jobs/')}").json()
-        if job["done"]:
-            return job
-        time.sleep(0.3)
-    raise RuntimeError(f"job {job_id} did not finish within {timeout_s} s")
 
 
 def throughput(cluster: Cluster, key: str, image: bytes, seconds: float, concurrency: int) -> dict:
@@ -118,7 +108,7 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
     jobs = [client.post("/v1/jobs", json={"dataset": dataset, "head": f"job-{i}", **QUICK}).json() for i in range(20)]
     ids = [job["name"].removeprefix("jobs/") for job in jobs]
     for job_id in ids:
-        wait_for_job(client, job_id)
+        wait_for_job(client, f"jobs/{job_id}")
     engine = sa.create_engine(cluster.postgres.url)
     with engine.connect() as db:
         runs = db.execute(
@@ -145,7 +135,7 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
     cluster.kill(victim)
     poll_job(engine, job_id, lambda state, w, attempts: state == "running" and attempts == 2 and w != worker)
     takeover_s = time.monotonic() - killed
-    final = wait_for_job(client, job_id)
+    final = wait_for_job(client, f"jobs/{job_id}")
     cluster.replace(victim, root / "replacement")
 
     log("SIGTERM a replica under load")

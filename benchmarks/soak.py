@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 
 from harness.sample_data import textile_files
-from harness.servers import Server, make_tenant_key, start_server
+from harness.servers import Server, make_tenant_key, start_server, wait_for_job
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 
@@ -139,14 +139,10 @@ def train_http(client: httpx.Client, dataset: str, head: str, **spec) -> int:
     """Submit a job on ``dataset`` (datasets/{id}) and poll it to the end; returns the head version it stored."""
     response = client.post("/v1/jobs", json={"dataset": dataset, "head": head, **spec})
     response.raise_for_status()
-    name = response.json()["name"]
-    while True:
-        job = client.get(f"/v1/{name}").json()
-        if job["done"]:
-            if job["state"] != "succeeded":
-                raise RuntimeError(f"job {name} ended {job['state']}: {job.get('error')}")
-            return int(job["head_version"].rsplit("/", 1)[1])  # heads/{head}/versions/{version}
-        time.sleep(0.5)
+    job = wait_for_job(client, response.json()["name"])
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"job {job['name']} ended {job['state']}: {job.get('error')}")
+    return int(job["head_version"].rsplit("/", 1)[1])  # heads/{head}/versions/{version}
 
 
 def expected_answers(client: httpx.Client, ref: str, images: list[bytes]) -> list[Answer]:

@@ -83,3 +83,14 @@ def make_tenant_key(server: Server, tenant: str) -> str:
     response = httpx.post(f"{server.http_url}/v1/admin/tenants/{tenant}/keys", headers=admin)
     response.raise_for_status()
     return response.json()["secret"]
+
+
+def wait_for_job(client: httpx.Client, name: str, timeout_s: float = 600) -> dict:
+    """Poll the job ``name`` (``jobs/{id}``) through ``client`` until it is done; returns its last state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/{name}").json()
+        if job["done"]:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {name} did not finish within {timeout_s:g} s")

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from harness.cluster import Cluster, LoadResult, retrying_predictions, start_cluster
 from harness.sample_data import textile_files
-from harness.servers import make_tenant_key
+from harness.servers import make_tenant_key, wait_for_job
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 
@@ -55,17 +55,6 @@ def replica_client(cluster: Cluster, index: int, key: str) -> httpx.Client:
 
 def registry(cluster: Cluster) -> sa.Engine:
     return sa.create_engine(cluster.postgres.url)
-
-
-def wait_for_job(client: httpx.Client, name: str, timeout_s: float = 300) -> dict:
-    """Poll the job ``name`` (jobs/{id}) until it is done."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/{name}").json()
-        if job["done"]:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {name} did not finish within {timeout_s} s")
 
 
 def upload_http(client: httpx.Client, examples, name: str) -> dict:
@@ -198,7 +187,7 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_request_of_a_retryin
         await asyncio.sleep(3)
         drained = cluster.replicas[0]
         drained.process.send_signal(signal.SIGTERM)
-        async with httpx.AsyncClient(timeout=2) as probe:  # readiness until it is gone
+        async with httpx.AsyncClient(timeout=10) as probe:  # readiness until it is gone
             while drained.process.poll() is None:
                 try:
                     readiness.append((await probe.get(f"{drained.http_url}/readyz")).status_code)
