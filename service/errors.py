@@ -5,6 +5,8 @@ one place (HTTP statuses, gRPC status codes). Messages are written for the
 person who has to act on them.
 """
 
+import logging
+import uuid
 from typing import Any
 
 
@@ -71,3 +73,13 @@ class DeadlineExceeded(GraftError):
 
 class Cancelled(GraftError):
     code = "cancelled"
+
+
+def log_internal_error(log: logging.Logger, where: str, exc: BaseException) -> tuple[str, str]:
+    """Log an unexpected exception under a fresh reference; returns (message for the client, reference).
+
+    The client sees only the reference, never the exception's text; the log has both.
+    """
+    reference = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (reference %s)", where, reference, exc_info=exc)
+    return f"internal error (reference {reference})", reference

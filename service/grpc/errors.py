@@ -8,7 +8,6 @@ import functools
 import inspect
 import logging
 import math
-import uuid
 from collections.abc import Callable
 
 import grpc
@@ -40,9 +39,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return grpc.StatusCode.INVALID_ARGUMENT, problems
-    reference = uuid.uuid4().hex[:12]
-    log.error("internal error in a gRPC call (reference %s)", reference, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (reference {reference})"
+    message, _ = errors.log_internal_error(log, "a gRPC call", exc)
+    return grpc.StatusCode.INTERNAL, message
 
 
 def trailers_of(exc: Exception) -> tuple[tuple[str, str], ...]:

@@ -7,7 +7,6 @@ details under that reference, never the response.
 
 import logging
 import math
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -152,11 +151,10 @@ class HideInternalErrors:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            reference = uuid.uuid4().hex[:12]
-            log.error("internal error in %s %s (reference %s)", scope["method"], scope["path"], reference, exc_info=exc)
+            message, reference = errors.log_internal_error(log, f"{scope['method']} {scope['path']}", exc)
             if started:
                 raise  # the response is under way: all that can be done is to break it off
-            body = error_body("internal", f"internal error (reference {reference})", {"reference": reference})
+            body = error_body("internal", message, {"reference": reference})
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 

@@ -39,7 +39,15 @@ from typing import Any
 from adapters.metrics import finite
 from adapters.trainer import ProgressEvent
 from service.config import Settings
-from service.errors import Cancelled, DeadlineExceeded, FailedPrecondition, GraftError, InvalidArgument, Unavailable
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    GraftError,
+    InvalidArgument,
+    Unavailable,
+    log_internal_error,
+)
 from service.jobs.store import Claim, Holder, JobInfo, JobState, JobStore, LeaseLost
 from service.quotas import Quotas
 from service.store.db import Database, utcnow
@@ -316,10 +324,9 @@ class JobRunner:
             return None
         except GraftError as exc:
             return {"state": JobState.FAILED, "message": "failed", "error": exc.message}
-        except Exception:
-            reference = uuid.uuid4().hex[:12]
-            log.exception("job %s failed (reference %s)", job.id, reference)
-            return {"state": JobState.FAILED, "message": "failed", "error": f"internal error (reference {reference})"}
+        except Exception as exc:
+            message, _ = log_internal_error(log, f"job {job.id}", exc)
+            return {"state": JobState.FAILED, "message": "failed", "error": message}
         metrics = {key: value for key, value in version.metrics.items() if _is_number(value)}
         return {
             "state": JobState.SUCCEEDED,
