@@ -41,8 +41,8 @@ class Quotas:
         )
         return int(datasets or 0) + int(heads or 0)
 
-    def check_storage(self, session: Session, tenant: str, adding_bytes: int) -> None:
-        self._serialise(session, tenant)
+    def _check_storage(self, session: Session, tenant: str, adding_bytes: int) -> None:
+        """Part of a public check, which has already serialised the tenant's writes."""
         used = self.stored_bytes(session, tenant)
         limit = self.settings.quota_stored_bytes
         if used + adding_bytes > limit:
@@ -60,7 +60,7 @@ class Quotas:
                 f"tenant '{tenant}' has {count} datasets, its quota (GRAFT_QUOTA_DATASETS); delete one first",
                 quota="datasets",
             )
-        self.check_storage(session, tenant, adding_bytes)
+        self._check_storage(session, tenant, adding_bytes)
 
     def check_new_head_version(self, session: Session, tenant: str, name: str, adding_bytes: int) -> None:
         self._serialise(session, tenant)
@@ -79,7 +79,7 @@ class Quotas:
                 "delete a head or train a new version of an existing one",
                 quota="heads",
             )
-        self.check_storage(session, tenant, adding_bytes)
+        self._check_storage(session, tenant, adding_bytes)
 
     def check_new_job(self, session: Session, tenant: str) -> None:
         self._serialise(session, tenant)
