@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from service.auditing import DEFAULT_AUDIT_BACKBONE, DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import Tenants
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, Unauthenticated
@@ -24,6 +25,7 @@ from service.resources import (
     MAX_PAGE_SIZE,
     Backbone,
     Dataset,
+    DatasetAudit,
     ExportedHead,
     ExportFormat,
     Head,
@@ -149,6 +151,20 @@ class Calls:
 
     async def delete_dataset(self, name: str) -> None:
         await in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))
+
+    async def audit_dataset(
+        self, name: str, backbone: str, max_suspects: int, max_duplicates: int, duplicate_similarity: float | None
+    ) -> DatasetAudit:
+        """Label suspects and cross-label duplicates; the features may need the trunk, so it runs in a thread
+        of its own, not the store pool. Empty or 0 arguments take their defaults."""
+        request = AuditRequest(
+            dataset_id=resource_id(name, "datasets"),
+            backbone=backbone or DEFAULT_AUDIT_BACKBONE,
+            max_suspects=max_suspects or DEFAULT_AUDIT_ITEMS,
+            max_duplicates=max_duplicates or DEFAULT_AUDIT_ITEMS,
+            **({} if duplicate_similarity is None else {"duplicate_similarity": duplicate_similarity}),
+        )
+        return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request))
 
     # -- jobs ------------------------------------------------------------------------
 

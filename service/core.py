@@ -6,6 +6,7 @@ there is one wiring of the parts and no transport-specific logic.
 
 from dataclasses import dataclass
 
+from service.auditing import DatasetAuditor
 from service.config import Settings
 from service.engine.backbones import Backbone, BackboneInfo, load_backbone
 from service.engine.device import Placement, choose_placement, configure_cpu_threads
@@ -32,6 +33,7 @@ class Core:
     extractor: FeatureExtractor
     backbones: dict[str, Backbone]
     trainer: Trainer
+    auditor: DatasetAuditor
 
     def backbone_info(self, name: str) -> BackboneInfo:
         """The ``backbones/{name}`` resource, for either door; NotFound if this service does not load it."""
@@ -61,4 +63,5 @@ class Core:
         names = settings.backbones if backbones is None else backbones
         loaded = {name: load_backbone(name, placement, settings.weights_dir) for name in names}
         trainer = Trainer(loaded, datasets, extractor, heads)
-        return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer)
+        auditor = DatasetAuditor(datasets, extractor, trainer.backbone)
+        return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer, auditor)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
+from service.auditing import AuditedDataset
 from service.engine.backbones import BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
@@ -123,6 +124,81 @@ class Dataset(BaseModel):
             example_count=info.num_examples,
             classes=info.classes,
             examples_per_class=info.counts,
+        )
+
+
+class AuditedExample(BaseModel):
+    """One example of a dataset, by its position in upload order."""
+
+    index: int
+    image_sha256: str
+    label: str
+
+
+class LabelSuspect(BaseModel):
+    """An example whose label is probably wrong: out-of-fold probabilities of its label and of the suggested one."""
+
+    example: AuditedExample
+    suggested_label: str
+    label_score: float
+    suggested_score: float
+
+
+class DuplicatePair(BaseModel):
+    """Two examples with (nearly) the same features filed under different labels."""
+
+    first: AuditedExample
+    second: AuditedExample
+    similarity: float = Field(description="cosine similarity of the pooled features")
+    identical: bool = Field(description="the same image bytes")
+
+
+class DatasetAudit(BaseModel):
+    """What a label audit found: complete counts, and the top of each ranking up to the limits asked for."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    backbone: str
+    example_count: int
+    folds: int
+    class_thresholds: dict[str, float] = Field(
+        description="per class, its mean probability over images filed under other labels: a label less "
+        "probable than that makes its image a suspect"
+    )
+    suspect_count: int
+    suspects: list[LabelSuspect] = Field(description="largest margin p(suggested) - p(label) first")
+    duplicate_count: int
+    duplicates: list[DuplicatePair] = Field(description="identical first, then most similar")
+
+    @classmethod
+    def of(cls, audited: AuditedDataset) -> "DatasetAudit":
+        audit, classes = audited.audit, audited.classes
+
+        def example(index: int) -> AuditedExample:
+            return AuditedExample(index=index, image_sha256=audited.shas[index], label=audited.labels[index])
+
+        return cls(
+            dataset=f"datasets/{audited.dataset_id}",
+            backbone=audited.backbone,
+            example_count=len(audited.shas),
+            folds=audit.folds,
+            class_thresholds=dict(zip(classes, audit.thresholds, strict=True)),
+            suspect_count=audit.suspect_count,
+            suspects=[
+                LabelSuspect(
+                    example=example(s.index),
+                    suggested_label=classes[s.suggested],
+                    label_score=s.given_probability,
+                    suggested_score=s.suggested_probability,
+                )
+                for s in audit.suspects
+            ],
+            duplicate_count=audit.duplicate_count,
+            duplicates=[
+                DuplicatePair(
+                    first=example(d.first), second=example(d.second), similarity=d.similarity, identical=d.identical
+                )
+                for d in audit.duplicates
+            ],
         )
 
 

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
+from adapters.audit import audit_labels, audit_summary
 from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, head_state
@@ -30,6 +31,7 @@ from service.store.datasets import DatasetStore
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
 DEFAULT_FINETUNE_BLOCKS = 4
+AUDIT_TOP = 5  # suspects and duplicates a version's metrics name; the counts are complete
 AUTO = "auto"  # the `backbone` that asks graft to choose, by cross-validated linear probes
 
 
@@ -239,6 +241,12 @@ class Trainer:
         features = self.extractor.features(
             backbone, split, shas, progress=extraction_progress(slices - 1, backbone.name), cancelled=cancelled
         )
+        audit = None
+        if split == backbone.num_blocks and min(dataset.counts.values()) >= 2:  # pooled features, 2 folds possible
+            report(ProgressEvent(phase="audit", fraction=EXTRACTION_SHARE, message="auditing the labels"))
+            found = audit_labels(features, labels, len(dataset.classes), keys=shas, max_suspects=AUDIT_TOP,
+                                 max_duplicates=AUDIT_TOP, seed=request.seed, cancelled=cancelled)  # fmt: skip
+            audit = audit_summary(found, dataset.classes, AUDIT_TOP)
         base = request.hyperparameters()
         finetune = request.kind == HeadKind.FINETUNE
         config = HeadConfig.model_validate(
@@ -288,6 +296,7 @@ class Trainer:
             metrics=finite(
                 {**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]}
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
+                | ({"audit": audit} if audit else {})
             ),
             dataset_id=dataset.id,
             job_id=job_id,

@@ -173,6 +173,14 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         await calls.delete_dataset(request.name)
         return empty_pb2.Empty()
 
+    @door_method
+    async def AuditDataset(self, request, context, calls: Calls):
+        similarity = request.duplicate_similarity if request.HasField("duplicate_similarity") else None
+        audit = await calls.audit_dataset(
+            request.name, request.backbone, request.max_suspects, request.max_duplicates, similarity
+        )
+        return convert.message(audit, pb.DatasetAudit)
+
 
 def _example(message: api.CreateDatasetRequest, index: int) -> Example:
     part = message.WhichOneof("part")

@@ -2,23 +2,28 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
 from pydantic import StringConstraints
 
+from service.auditing import MAX_AUDIT_ITEMS
 from service.calls import Calls
 from service.errors import InvalidArgument
 from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
+from service.http.routing import ResourceRoute
 from service.resources import (
     DEFAULT_PAGE_SIZE,
     DISPLAY_NAME_PATTERN,
     ID_PATTERN,
     Dataset,
+    DatasetAudit,
     ListDatasetsResponse,
 )
 from service.store.datasets import MAX_LABEL_CHARS, MAX_NAME_CHARS
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*COMMON_ERRORS))
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
+)
 
 Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS, pattern=DISPLAY_NAME_PATTERN)]
 DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in datasets/{dataset}")]
@@ -71,6 +76,26 @@ async def list_datasets(
     api: Calls = Depends(calls),
 ) -> ListDatasetsResponse:
     return await api.list_datasets(page_size, page_token)
+
+
+@router.get("/{dataset}:audit", response_model=DatasetAudit, responses=error_responses(404, 429))
+async def audit_dataset(
+    dataset: DatasetId,
+    backbone: str = Query("", max_length=64, description="default mobilenet_v2"),
+    max_suspects: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
+    max_duplicates: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
+    duplicate_similarity: float | None = Query(
+        None, gt=0.0, le=1.0, description="cosine similarity from which images count as near-duplicates; default 0.98"
+    ),
+    api: Calls = Depends(calls),
+) -> DatasetAudit:
+    """Images whose label is probably wrong, ranked, with a suggested label; near-duplicates under different labels.
+
+    Out-of-fold probabilities of a linear probe on the backbone's cached features, against per-class
+    thresholds from those probabilities (adapters/audit.py). Features not yet cached are computed first:
+    on a new dataset this takes as long as a training job's extraction.
+    """
+    return await api.audit_dataset(dataset, backbone, max_suspects, max_duplicates, duplicate_similarity)
 
 
 @router.get("/{dataset}", response_model=Dataset, responses=error_responses(404))

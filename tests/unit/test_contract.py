@@ -16,6 +16,10 @@ from service.training import TrainRequest
 SAME_FIELDS: dict[str, Descriptor] = {
     "Backbone": pb.Backbone.DESCRIPTOR,
     "Dataset": pb.Dataset.DESCRIPTOR,
+    "DatasetAudit": pb.DatasetAudit.DESCRIPTOR,
+    "LabelSuspect": pb.LabelSuspect.DESCRIPTOR,
+    "DuplicatePair": pb.DuplicatePair.DESCRIPTOR,
+    "AuditedExample": pb.AuditedExample.DESCRIPTOR,
     "TrainingSpec": pb.TrainingSpec.DESCRIPTOR,
     "SearchSpace": pb.SearchSpace.DESCRIPTOR,
     "HyperParamOverrides": pb.HyperParams.DESCRIPTOR,

@@ -65,6 +65,69 @@ class Dataset(_message.Message):
     examples_per_class: _containers.ScalarMap[str, int]
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., example_count: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., examples_per_class: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class AuditedExample(_message.Message):
+    __slots__ = ("index", "image_sha256", "label")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    image_sha256: str
+    label: str
+    def __init__(self, index: _Optional[int] = ..., image_sha256: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class LabelSuspect(_message.Message):
+    __slots__ = ("example", "suggested_label", "label_score", "suggested_score")
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    example: AuditedExample
+    suggested_label: str
+    label_score: float
+    suggested_score: float
+    def __init__(self, example: _Optional[_Union[AuditedExample, _Mapping]] = ..., suggested_label: _Optional[str] = ..., label_score: _Optional[float] = ..., suggested_score: _Optional[float] = ...) -> None: ...
+
+class DuplicatePair(_message.Message):
+    __slots__ = ("first", "second", "similarity", "identical")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    SECOND_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    IDENTICAL_FIELD_NUMBER: _ClassVar[int]
+    first: AuditedExample
+    second: AuditedExample
+    similarity: float
+    identical: bool
+    def __init__(self, first: _Optional[_Union[AuditedExample, _Mapping]] = ..., second: _Optional[_Union[AuditedExample, _Mapping]] = ..., similarity: _Optional[float] = ..., identical: _Optional[bool] = ...) -> None: ...
+
+class DatasetAudit(_message.Message):
+    __slots__ = ("dataset", "backbone", "example_count", "folds", "class_thresholds", "suspect_count", "suspects", "duplicate_count", "duplicates")
+    class ClassThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    backbone: str
+    example_count: int
+    folds: int
+    class_thresholds: _containers.ScalarMap[str, float]
+    suspect_count: int
+    suspects: _containers.RepeatedCompositeFieldContainer[LabelSuspect]
+    duplicate_count: int
+    duplicates: _containers.RepeatedCompositeFieldContainer[DuplicatePair]
+    def __init__(self, dataset: _Optional[str] = ..., backbone: _Optional[str] = ..., example_count: _Optional[int] = ..., folds: _Optional[int] = ..., class_thresholds: _Optional[_Mapping[str, float]] = ..., suspect_count: _Optional[int] = ..., suspects: _Optional[_Iterable[_Union[LabelSuspect, _Mapping]]] = ..., duplicate_count: _Optional[int] = ..., duplicates: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ...) -> None: ...
+
 class SearchSpace(_message.Message):
     __slots__ = ("lr", "weight_decay", "hidden", "max_trials")
     LR_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,20 @@ class DeleteDatasetRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class AuditDatasetRequest(_message.Message):
+    __slots__ = ("name", "backbone", "max_suspects", "max_duplicates", "duplicate_similarity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUSPECTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    backbone: str
+    max_suspects: int
+    max_duplicates: int
+    duplicate_similarity: float
+    def __init__(self, name: _Optional[str] = ..., backbone: _Optional[str] = ..., max_suspects: _Optional[int] = ..., max_duplicates: _Optional[int] = ..., duplicate_similarity: _Optional[float] = ...) -> None: ...
+
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]

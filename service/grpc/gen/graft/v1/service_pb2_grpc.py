@@ -186,6 +186,11 @@ class DatasetServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.AuditDataset = channel.unary_unary(
+                '/graft.v1.DatasetService/AuditDataset',
+                request_serializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.DatasetAudit.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -218,6 +223,16 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditDataset(self, request, context):
+        """Images whose label is probably wrong (out-of-fold probabilities of a
+        linear probe against per-class thresholds), ranked, each with a suggested
+        label; and near-duplicate images filed under different labels. Computes
+        the backbone's features of images not yet in the feature cache first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +255,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'AuditDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditDataset,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.DatasetAudit.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +370,33 @@ class DatasetService:
             '/graft.v1.DatasetService/DeleteDataset',
             graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/AuditDataset',
+            graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.DatasetAudit.FromString,
             options,
             channel_credentials,
             insecure,

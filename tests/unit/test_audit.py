@@ -1,0 +1,247 @@
+"""Label audit: real Fashion-MNIST images with labels flipped on purpose, through the core and both doors."""
+
+import io
+
+import grpc
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from adapters.audit import audit_labels, class_thresholds, cross_label_duplicates, label_suspects
+from adapters.errors import InvalidInput
+from adapters.tuning import SearchSpace
+from harness.sample_data import fashion_mnist_pngs
+from service.auditing import AuditRequest
+from service.auth import Tenants
+from service.engine.head_cache import HeadCache
+from service.engine.predictor import Predictor
+from service.errors import InvalidArgument, NotFound
+from service.grpc.gen.graft.v1 import resources_pb2 as pb
+from service.grpc.gen.graft.v1 import service_pb2 as api
+from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
+from service.grpc.server import start_grpc_server
+from service.http.app import create_app
+from service.jobs import JobRunner
+from service.runtime import Runtime
+from service.training import TrainRequest
+
+TENANT = "acme"
+CLASSES = ("trouser", "bag", "sneaker")  # clearly different garments: a flip among them is a plain error
+ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
+FLIPS = {"trouser": "bag", "bag": "sneaker", "sneaker": "trouser"}  # the first image of each class, relabelled
+
+
+@pytest.fixture(scope="module")
+def core(make_core, tmp_path_factory):
+    """One core for the module: the images' features are computed once, whatever the tests upload."""
+    return make_core(tmp_path_factory.mktemp("audit"))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[bytes, str]]:
+    """Eight real images of each of three classes, in a stable order."""
+    return [(data, label) for data, label in fashion_mnist_pngs("train", per_class=8, seed=5) if label in CLASSES]
+
+
+def with_flips(images: list[tuple[bytes, str]]) -> tuple[list[tuple[str, bytes, str]], dict[int, str]]:
+    """The upload with the first image of each class under the wrong label; position -> true label."""
+    examples: list[tuple[str, bytes, str]] = []
+    truth: dict[int, str] = {}
+    for i, (data, label) in enumerate(images):
+        if label in FLIPS and label not in truth.values():
+            truth[i] = label
+            label = FLIPS[label]
+        examples.append((f"{i}.png", data, label))
+    return examples, truth
+
+
+def jpeg_of(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_flipped_labels_are_flagged_first_with_their_true_label_as_suggestion(core, images):
+    examples, truth = with_flips(images)
+    dataset = core.datasets.create(TENANT, "flipped", examples)
+    audited = core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id))
+    suspects = audited.audit.suspects
+    top = {s.index: audited.classes[s.suggested] for s in suspects[: len(truth)]}
+    assert top == truth
+    for suspect in suspects[: len(truth)]:
+        assert suspect.suggested_probability > suspect.given_probability
+    assert audited.audit.suspect_count == len(suspects)
+
+
+def test_clean_labels_of_distinct_classes_are_not_flagged(core, images):
+    dataset = core.datasets.create(TENANT, "clean", [(f"{i}.png", d, label) for i, (d, label) in enumerate(images)])
+    audited = core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id))
+    assert audited.audit.suspects == []
+    assert audited.audit.duplicate_count == 0
+
+
+def test_the_same_image_and_a_reencoded_copy_under_other_labels_are_duplicates(core, images):
+    examples = [(f"{i}.png", d, label) for i, (d, label) in enumerate(images)]
+    trouser = next(i for i, (_, label) in enumerate(images) if label == "trouser")
+    bag = next(i for i, (_, label) in enumerate(images) if label == "bag")
+    examples.append(("same-trouser.png", images[trouser][0], "bag"))
+    examples.append(("bag-as-jpeg.jpg", jpeg_of(images[bag][0]), "sneaker"))
+    dataset = core.datasets.create(TENANT, "duplicates", examples)
+    audit = core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit
+    pairs = {(d.first, d.second): d for d in audit.duplicates}
+    assert audit.duplicate_count == 2
+    identical = pairs[(trouser, len(images))]
+    assert identical.identical and identical.similarity == pytest.approx(1.0, abs=1e-4)
+    near = pairs[(bag, len(images) + 1)]
+    assert not near.identical and near.similarity >= 0.98
+    assert audit.duplicates[0] is identical  # the same image ranks first
+
+
+def test_the_near_duplicate_search_finds_the_same_pairs_in_blocks(core, images, monkeypatch):
+    backbone = core.backbones["mobilenet_v2"]
+    dataset = core.datasets.create(TENANT, "blocks", [(f"{i}.png", d, label) for i, (d, label) in enumerate(images)])
+    shas = [sha for sha, _ in core.datasets.examples(TENANT, dataset.id)]
+    x = core.extractor.features(backbone, backbone.num_blocks, shas)
+    y = torch.tensor([CLASSES.index(label) for _, label in images])
+    count, whole = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
+    monkeypatch.setattr("adapters.audit.SIMILARITY_BLOCK_ROWS", 5)
+    blocked_count, blocked = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
+    assert count == blocked_count > 0  # a low threshold: some pairs of different classes reach it
+    similarity = {(d.first, d.second): d.similarity for d in whole}
+    assert {(d.first, d.second): d.similarity for d in blocked} == pytest.approx(similarity, abs=1e-5)
+    _, top = cross_label_duplicates(x, y, min_similarity=0.5, limit=3)
+    assert [d.similarity for d in top] == pytest.approx(sorted(similarity.values(), reverse=True)[:3], abs=1e-5)
+
+
+def test_a_label_less_probable_than_on_images_of_other_classes_is_flagged():
+    probabilities = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.95, 0.05]])
+    y = torch.tensor([0, 0, 1, 1])
+    # class 0 on the images labelled 1: (0.2 + 0.95) / 2; class 1 on those labelled 0: (0.1 + 0.3) / 2
+    thresholds = class_thresholds(probabilities, y)
+    assert thresholds.tolist() == pytest.approx([0.575, 0.2])
+    flagged = label_suspects(probabilities, y, thresholds)
+    assert [(s.index, s.suggested, s.given_probability) for s in flagged] == [(3, 0, pytest.approx(0.05))]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"duplicate_similarity": 0.0}, "similarity threshold must be in"),
+        ({"max_suspects": -1}, "max_suspects must be at least 0"),
+    ],
+)
+def test_bad_audit_arguments_are_refused(args, message):
+    x, y = torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(InvalidInput, match=message):
+        audit_labels(x, y, 2, **args)
+
+
+def test_a_class_with_one_example_cannot_be_audited():
+    with pytest.raises(InvalidInput, match="at least 2 examples of every class"):
+        audit_labels(torch.randn(5, 4), torch.tensor([0, 0, 0, 0, 1]), 2)
+
+
+def test_another_tenants_dataset_is_not_found_and_a_bad_backbone_is_invalid(core, images):
+    dataset = core.datasets.create("globex", "theirs", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
+    with pytest.raises(NotFound):
+        core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id))
+    with pytest.raises(InvalidArgument, match="backbone 'resnet9000' is not loaded.*mobilenet_v2"):
+        core.auditor.audit("globex", AuditRequest(dataset_id=dataset.id, backbone="resnet9000"))
+
+
+def test_a_trained_versions_metrics_carry_the_audit(core, images):
+    examples, truth = with_flips(images)
+    dataset = core.datasets.create(TENANT, "train-audit", examples)
+    version = core.trainer.train(TENANT, TrainRequest(dataset_id=dataset.id, head_name="audited", search=ONE_TRIAL))
+    audit = version.metrics["audit"]
+    assert audit["suspect_count"] >= len(truth)
+    assert {s["index"]: s["suggested_label"] for s in audit["suspects"][: len(truth)]} == truth
+
+
+# -- the doors -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtime(core) -> Runtime:
+    """The module's core behind both doors, with API keys: acme's key, and a dataset of globex's."""
+    core.settings.auth = "keys"
+    heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
+    return Runtime(
+        core,
+        Predictor(core.backbones, heads, core.settings),
+        JobRunner(core.db, core.trainer, core.settings, core.quotas),
+        Tenants(core.db, core.settings),
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(runtime) -> dict[str, str]:
+    secrets = {}
+    for tenant in ("door-acme", "door-globex"):
+        runtime.tenants.create_tenant(tenant)
+        secrets[tenant] = runtime.tenants.create_key(tenant).secret
+    return secrets
+
+
+@pytest.mark.anyio
+async def test_http_audit_answers_the_owner_and_not_found_to_another_tenant(runtime, keys, images):
+    examples, truth = with_flips(images)
+    dataset = runtime.core.datasets.create("door-acme", "flipped", examples)
+    transport = httpx.ASGITransport(app=create_app(runtime.settings, lambda: runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
+
+        async def audit(tenant: str, **params) -> httpx.Response:
+            return await client.get(f"/v1/datasets/{dataset.id}:audit", params=params,
+                                    headers={"Authorization": f"Bearer {keys[tenant]}"})  # fmt: skip
+
+        mine = await audit("door-acme", max_suspects=3)
+        theirs = await audit("door-globex")
+        bad_backbone = await audit("door-acme", backbone="resnet9000")
+        too_many = await audit("door-acme", max_suspects=5000)
+    assert mine.status_code == 200, mine.text
+    body = mine.json()
+    assert body["dataset"] == f"datasets/{dataset.id}" and body["backbone"] == "mobilenet_v2"
+    assert len(body["suspects"]) == 3 <= body["suspect_count"]
+    assert {s["example"]["index"]: s["suggested_label"] for s in body["suspects"]} == truth
+    assert theirs.status_code == 404 and theirs.json()["code"] == "not_found"
+    assert bad_backbone.status_code == 400 and "resnet9000" in bad_backbone.json()["message"]
+    assert too_many.status_code == 422 and too_many.json()["code"] == "invalid_argument"
+    assert "max_suspects" in too_many.json()["message"]
+
+
+@pytest.mark.anyio
+async def test_grpc_audit_answers_the_owner_and_refuses_others_and_bad_arguments(runtime, keys, images):
+    examples, truth = with_flips(images)
+    dataset = runtime.core.datasets.create("door-acme", "flipped", examples)
+    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = rpc.DatasetServiceStub(channel)
+
+            async def audit(tenant: str, **fields) -> pb.DatasetAudit:
+                request = api.AuditDatasetRequest(name=f"datasets/{dataset.id}", **fields)
+                return await stub.AuditDataset(request, metadata=[("authorization", f"Bearer {keys[tenant]}")])
+
+            found = await audit("door-acme", max_suspects=3, duplicate_similarity=0.99)
+            refused = {}
+            for case, tenant, fields in [
+                ("theirs", "door-globex", {}),
+                ("backbone", "door-acme", {"backbone": "resnet9000"}),
+                ("negative", "door-acme", {"max_duplicates": -1}),
+                ("similarity", "door-acme", {"duplicate_similarity": 1.5}),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await audit(tenant, **fields)
+                refused[case] = error.value.code()
+    finally:
+        await server.stop(grace=1)
+    assert {s.example.index: s.suggested_label for s in found.suspects} == truth
+    assert found.suspect_count >= 3 and found.folds == 5
+    assert set(found.class_thresholds) == set(CLASSES)
+    assert refused == {
+        "theirs": grpc.StatusCode.NOT_FOUND,
+        "backbone": grpc.StatusCode.INVALID_ARGUMENT,
+        "negative": grpc.StatusCode.INVALID_ARGUMENT,
+        "similarity": grpc.StatusCode.INVALID_ARGUMENT,
+    }
