@@ -18,6 +18,7 @@ from client.errors import Unavailable
 from client.models import (
     Backbone,
     Dataset,
+    DatasetAudit,
     Head,
     HyperParams,
     ImagePrediction,
@@ -34,6 +35,7 @@ DatasetSource = str | os.PathLike | Iterable[tuple[Any, str]]
 Image = str | os.PathLike | bytes | Any  # a path, encoded bytes, or a PIL image
 
 DEFAULT_TIMEOUT_S = 60.0
+AUDIT_TIMEOUT_S = 600.0  # an audit of a new dataset computes its features first
 PREDICT_BATCH = 16  # images per request (the server takes up to GRAFT_MAX_IMAGES_PER_REQUEST, 64 by default)
 
 
@@ -83,6 +85,15 @@ class Client(ABC):
 
     @abstractmethod
     def delete_dataset(self, name: str) -> None: ...
+
+    @abstractmethod
+    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
+                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
+        """Images whose label is probably wrong, ranked, with suggested labels; near-duplicates under two labels.
+
+        0 / None take the server's defaults (50 items each, mobilenet_v2, similarity 0.98). The server
+        computes features it has not cached first, so the call may take as long as a training job's extraction.
+        """
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     graft upload my_images/ --name textiles       # class folders, a .zip or a .csv of path,label
     graft train textiles --head textiles          # live progress until the job ends
     graft predict textiles photos/                # a table; --json / --csv for pipes
+    graft audit textiles                          # images whose label is probably wrong
 
 Server, transport and key: --url / --api-key, else GRAFT_URL / GRAFT_API_KEY, else the
 config file (client/config.py). Exit codes: 0 success, 1 the server refused or failed
@@ -242,6 +243,29 @@ def datasets(graft: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def audit(graft: Client, args: argparse.Namespace) -> int:
+    dataset = _dataset_name(graft, args.dataset)
+    found = graft.audit_dataset(dataset, backbone=args.backbone, max_suspects=args.max_suspects,
+                                max_duplicates=args.max_duplicates, duplicate_similarity=args.similarity)  # fmt: skip
+    if args.json:
+        print(found.model_dump_json())
+        return 0
+    print(f"{found.dataset}: {found.example_count} images on {found.backbone} ({found.folds} folds): "
+          f"{found.suspect_count} probably mislabelled, {found.duplicate_count} near-duplicate pairs "
+          "under different labels")  # fmt: skip
+    if found.suspects:
+        print()
+        _table(["image", "sha256", "label", "suggested", "p(label)", "p(suggested)"],
+               [[str(s.example.index), s.example.image_sha256[:12], s.example.label, s.suggested_label,
+                 f"{s.label_score:.3f}", f"{s.suggested_score:.3f}"] for s in found.suspects])  # fmt: skip
+    if found.duplicates:
+        print()
+        _table(["image", "label", "image", "label", "similarity"],
+               [[str(d.first.index), d.first.label, str(d.second.index), d.second.label,
+                 "identical" if d.identical else f"{d.similarity:.4f}"] for d in found.duplicates])  # fmt: skip
+    return 0
+
+
 def alias(graft: Client, args: argparse.Namespace) -> int:
     if args.remove:
         graft.remove_alias(args.head, args.alias)
@@ -346,6 +370,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("datasets", datasets, "list datasets")
     sub.add_argument("--json", action="store_true")
+
+    sub = command("audit", audit, "find images whose label is probably wrong, and near-duplicates under two labels")
+    sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    sub.add_argument("--backbone", help="the backbone whose features are audited (default: mobilenet_v2)")
+    sub.add_argument("--max-suspects", type=int, default=0, help="probable label errors to list (default 50)")
+    sub.add_argument("--max-duplicates", type=int, default=0, help="duplicate pairs to list (default 50)")
+    sub.add_argument("--similarity", type=float, help="cosine similarity from which images are near-duplicates "
+                     "(default 0.98)")  # fmt: skip
+    sub.add_argument("--json", action="store_true", help="print the audit as JSON")
 
     sub = command("alias", alias, "point an alias (e.g. prod) at a head version, or remove it")
     sub.add_argument("head")

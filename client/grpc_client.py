@@ -18,9 +18,9 @@ from google.protobuf.message import Message
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
-from client.base import Client, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, Client, UploadProgress
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
-from client.models import Backbone, Dataset, Head, ImagePrediction, Job, TrainingSpec
+from client.models import Backbone, Dataset, DatasetAudit, Head, ImagePrediction, Job, TrainingSpec
 from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, from_directory
 
@@ -121,6 +121,16 @@ class GrpcClient(Client):
 
     def delete_dataset(self, name: str) -> None:
         self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")))
+
+    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
+                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
+        request = api.AuditDatasetRequest(name=_named(name, "datasets"), backbone=backbone or "",
+                                          max_suspects=max_suspects, max_duplicates=max_duplicates)  # fmt: skip
+        if duplicate_similarity is not None:
+            request.duplicate_similarity = duplicate_similarity
+        timeout_s = max(self.timeout_s, AUDIT_TIMEOUT_S)
+        answer = self.retry.call(lambda: self._invoke(self._datasets.AuditDataset, request, timeout_s=timeout_s))
+        return DatasetAudit.model_validate(_json(answer))
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

@@ -7,11 +7,12 @@ from typing import Any
 
 import httpx
 
-from client.base import Client, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, Client, UploadProgress
 from client.errors import DeadlineExceeded, Unavailable, error_for_status
 from client.models import (
     Backbone,
     Dataset,
+    DatasetAudit,
     Head,
     ImagePrediction,
     Job,
@@ -92,6 +93,15 @@ class HttpClient(Client):
 
     def delete_dataset(self, name: str) -> None:
         self._call("DELETE", f"/v1/{_named(name, 'datasets')}")
+
+    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
+                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
+        params = {"backbone": backbone, "max_suspects": max_suspects or None, "max_duplicates": max_duplicates or None,
+                  "duplicate_similarity": duplicate_similarity}  # fmt: skip
+        timeout = httpx.Timeout(self.timeout_s, read=max(self.timeout_s, AUDIT_TIMEOUT_S))
+        answer = self._call("GET", f"/v1/{_named(name, 'datasets')}:audit",
+                            params={k: v for k, v in params.items() if v is not None}, timeout=timeout)  # fmt: skip
+        return DatasetAudit.model_validate(answer)
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

@@ -41,6 +41,40 @@ class Dataset(BaseModel):
         return self.name.removeprefix("datasets/")
 
 
+class AuditedExample(BaseModel):
+    index: int = Field(description="position in upload order")
+    image_sha256: str
+    label: str
+
+
+class LabelSuspect(BaseModel):
+    example: AuditedExample
+    suggested_label: str
+    label_score: float = Field(description="out-of-fold probability of the given label")
+    suggested_score: float = Field(description="out-of-fold probability of the suggested label")
+
+
+class DuplicatePair(BaseModel):
+    first: AuditedExample
+    second: AuditedExample
+    similarity: float
+    identical: bool = False
+
+
+class DatasetAudit(BaseModel):
+    """Images whose label is probably wrong (ranked) and near-duplicates under different labels."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    backbone: str
+    example_count: int
+    folds: int
+    class_thresholds: dict[str, float] = {}
+    suspect_count: int = 0
+    suspects: list[LabelSuspect] = []
+    duplicate_count: int = 0
+    duplicates: list[DuplicatePair] = []
+
+
 class SearchSpace(BaseModel):
     lr: list[float] | None = None
     weight_decay: list[float] | None = None

@@ -54,7 +54,9 @@ def test_the_client_and_the_cli_import_neither_torch_nor_the_server():
         (models.TrainingSpec, pb.TrainingSpec), (models.HyperParams, pb.HyperParams),
         (models.SearchSpace, pb.SearchSpace), (models.HeadVersion, pb.HeadVersion), (models.Head, pb.Head),
         (models.ImagePrediction, api.ImagePrediction), (models.HeadPrediction, api.HeadPrediction),
-        (models.LabelScore, api.LabelScore),
+        (models.LabelScore, api.LabelScore), (models.DatasetAudit, pb.DatasetAudit),
+        (models.LabelSuspect, pb.LabelSuspect), (models.DuplicatePair, pb.DuplicatePair),
+        (models.AuditedExample, pb.AuditedExample),
     ],
 )  # fmt: skip
 def test_client_models_have_exactly_the_protos_field_names(model, message):
