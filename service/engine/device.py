@@ -1,10 +1,13 @@
 """Pick the device and numeric precision the trunks run with (docs/architecture.md, decision 9)."""
 
 import ctypes
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,4 +59,9 @@ def use_one_torch_thread() -> None:
     inherits, the trunk's included; OpenMP's own setting is per thread.
     """
     torch.get_num_threads()  # torch copies its global setting into a thread on first use: do that first
-    ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)  # the OpenMP runtime torch is linked with (already loaded)
+    try:
+        openmp = ctypes.CDLL("libgomp.so.1")  # the OpenMP runtime torch's Linux wheels ship (already loaded)
+    except OSError:  # another platform's build: keep torch's width rather than fail every decode
+        log.warning("no libgomp in this process: decode threads keep torch's default thread count")
+        return
+    openmp.omp_set_num_threads(1)
