@@ -23,6 +23,7 @@ from torchvision import models
 from torchvision.transforms import v2 as T
 
 from service.engine.device import Placement
+from service.engine.fold import fold_batch_norms
 from service.engine.priority import TrunkPriority
 from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
 from service.errors import InvalidArgument, NotFound
@@ -189,8 +190,10 @@ def get_spec(name: str) -> BackboneSpec:
 class Backbone:
     """One frozen torchvision model on its device, cut into blocks.
 
-    The frozen copy serves features; :meth:`fresh_tail` hands adapters a
-    trainable float32 copy of the last blocks, loaded from the same weights.
+    The frozen copy serves features, its batch norms folded into its
+    convolutions; :meth:`fresh_tail` and :meth:`cpu_copy` hand out float32
+    copies of the model as published (real batch norms), loaded from the
+    same weights.
     """
 
     def __init__(self, spec: BackboneSpec, placement: Placement, weights_dir: Path | None = None) -> None:
@@ -202,7 +205,11 @@ class Backbone:
             state = load_state_dict(spec.weights, weights_dir)
             self._cpu_model.load_state_dict(spec.convert(self._cpu_model, state) if spec.convert else state)
         self._cpu_model.eval()
-        model = copy.deepcopy(self._cpu_model).to(placement.device, placement.dtype)
+        # The serving copy has its batch norms folded into its convolutions (in float32, before any cast);
+        # `_cpu_model` keeps them, for the training and export copies.
+        model = copy.deepcopy(self._cpu_model)
+        self.folded_batch_norms = fold_batch_norms(model, _probe(spec.crop_size))
+        model = model.to(placement.device, placement.dtype)
         if placement.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.requires_grad_(False)
@@ -329,3 +336,8 @@ class Backbone:
 
 def load_backbone(name: str, placement: Placement, weights_dir: Path | None = None) -> Backbone:
     return Backbone(get_spec(name), placement, weights_dir)
+
+
+def _probe(size: int) -> torch.Tensor:
+    """A fixed normalized-image-like input: what folding is traced and checked on at load time."""
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -1,9 +1,13 @@
 """Pick the device and numeric precision the trunks run with (docs/architecture.md, decision 9)."""
 
+import ctypes
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -12,6 +16,8 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype
+    # Activations in NHWC: oneDNN's CPU convolutions and cuDNN's tensor cores both
+    # prefer it (on 2 shared CPU cores the folded MobileNetV2 ran 1.55x faster).
     channels_last: bool
     # Largest number of images per trunk call. On CPU, throughput per image
     # falls for batches beyond a few images (activations leave the caches:
@@ -24,13 +30,13 @@ class Placement:
 
 
 def choose_placement(requested: str = "auto") -> Placement:
-    """CUDA when asked or available (bf16/fp16, channels_last, pinned batches), else CPU in float32."""
+    """CUDA when asked or available (bf16/fp16, channels_last, pinned batches), else CPU in float32, channels_last."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("GRAFT_DEVICE=cuda but no CUDA device is visible to torch")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Placement(torch.device("cuda"), dtype, channels_last=True, pin_memory=True)
-    return Placement(torch.device("cpu"), torch.float32, channels_last=False, micro_batch=4)
+    return Placement(torch.device("cpu"), torch.float32, channels_last=True, micro_batch=4)
 
 
 def configure_cpu_threads(threads: int | None) -> int:
@@ -39,3 +45,23 @@ def configure_cpu_threads(threads: int | None) -> int:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+def use_one_torch_thread() -> None:
+    """Run torch's operators single-threaded on the calling thread only (an executor's initializer).
+
+    For the threads that decode and preprocess images beside the trunk: each of
+    their small operators would otherwise open a parallel region as wide as the
+    trunk's, and on a busy machine the two sets of OpenMP threads spin-wait on
+    each other (a 224-px resize and normalize ran 15x slower in wall time at 2
+    threads than at 1 while the machine was shared). ``torch.set_num_threads``
+    cannot do this: it also changes the width that every thread started later
+    inherits, the trunk's included; OpenMP's own setting is per thread.
+    """
+    torch.get_num_threads()  # torch copies its global setting into a thread on first use: do that first
+    try:
+        openmp = ctypes.CDLL("libgomp.so.1")  # the OpenMP runtime torch's Linux wheels ship (already loaded)
+    except OSError:  # another platform's build: keep torch's width rather than fail every decode
+        log.warning("no libgomp in this process: decode threads keep torch's default thread count")
+        return
+    openmp.omp_set_num_threads(1)

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from service.config import Settings
 from service.engine.backbones import Backbone
 from service.engine.batcher import Batcher
+from service.engine.device import use_one_torch_thread
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
 from service.errors import InvalidArgument, ResourceExhausted
@@ -82,7 +83,9 @@ class Predictor:
             for name, backbone in backbones.items()
         }
         self.decode_workers = decode_workers()
-        self._decode = ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="decode")
+        self._decode = ThreadPoolExecutor(
+            max_workers=self.decode_workers, thread_name_prefix="decode", initializer=use_one_torch_thread
+        )
         self._admitted = 0  # images between admission and their answer
 
     async def stop(self) -> None:

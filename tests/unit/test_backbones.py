@@ -10,6 +10,7 @@ from PIL import Image
 
 from service.engine.backbones import Backbone, get_spec, load_backbone
 from service.engine.device import choose_placement
+from service.engine.fold import fold_batch_norms
 from service.engine.weights import PinnedWeights, WeightsUnavailable, ensure_weights, sha256_of
 from service.errors import InvalidArgument, NotFound
 
@@ -187,3 +188,64 @@ def test_missing_checkpoint_of_any_backbone_names_the_fix(tmp_path, monkeypatch,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailable, match=f"missing checkpoint {get_spec(name).weights.filename}.*make weights"):
         ensure_weights(get_spec(name).weights, allow_download=False)
+
+
+# -- The serving trunk's batch norms, folded into its convolutions ------------------------------------------------
+
+
+def photos(backbone: Backbone) -> torch.Tensor:
+    names = ("chelsea", "coffee", "camera", "astronaut", "rocket")
+    return torch.stack([backbone.preprocess(Image.fromarray(getattr(skimage.data, n)()).convert("RGB")) for n in names])
+
+
+def published_pooled(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features from the model as published (unfolded, real batch norms)."""
+    with torch.no_grad():
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(backbone.cpu_copy(0)(x), 1), 1)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite2"])
+def test_folded_serving_trunk_matches_the_published_model_on_real_photos(request, name):
+    backbone = request.getfixturevalue({"mobilenet_v2": "mobilenet", "efficientnet_lite2": "efficientnet"}[name])
+    x = photos(backbone)
+    assert backbone.folded_batch_norms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.model.modules())
+    torch.testing.assert_close(backbone.features(x), published_pooled(backbone, x), rtol=1e-4, atol=1e-4)
+    split = backbone.split_for_blocks(3)
+    with torch.no_grad():
+        mid = backbone.cpu_copy(0, split)(x)
+    torch.testing.assert_close(backbone.features(x, split), mid, rtol=1e-4, atol=1e-4)
+
+
+def test_training_tails_keep_real_batch_norms_that_learn_running_statistics(mobilenet):
+    tail = mobilenet.fresh_tail(mobilenet.split_for_blocks(2))
+    norms = [m for m in tail.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(p.requires_grad for p in tail.parameters())
+    before = norms[0].running_mean.clone()
+    tail.train()(mobilenet.features(photos(mobilenet), mobilenet.split_for_blocks(2)).clone())
+    assert not torch.equal(norms[0].running_mean, before)
+
+
+def test_folding_refuses_a_model_in_training_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="only an eval-mode model"):
+        fold_batch_norms(model, torch.randn(1, 3, 8, 8))
+
+
+class _ConvFeedsTwo(torch.nn.Module):
+    """A convolution whose output feeds its batch norm and a skip connection: not foldable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_folding_refuses_a_convolution_whose_output_is_also_used_elsewhere():
+    with pytest.raises(RuntimeError, match="changed the model's output"):
+        fold_batch_norms(_ConvFeedsTwo().eval(), torch.randn(1, 3, 8, 8))

@@ -68,7 +68,9 @@ def test_a_cache_entry_of_the_wrong_type_is_recomputed(
     entry = next((tmp_path / "cache").rglob(f"{shas[0]}.npy"))
     np.save(entry, np.zeros(7, dtype=np.float64))  # not something put_many writes
 
-    torch.testing.assert_close(extractor.features(mobilenet, mobilenet.num_blocks, shas), first)
+    # Recomputed in a batch of one, not two: equal up to float rounding, which the cache's float16 can amplify to 1 ulp.
+    recomputed = extractor.features(mobilenet, mobilenet.num_blocks, shas)
+    torch.testing.assert_close(recomputed, first, rtol=1e-3, atol=1e-3)
 
 
 def test_progress_is_the_same_whether_or_not_another_tenant_warmed_the_cache(
