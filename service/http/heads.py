@@ -71,7 +71,7 @@ AdditionalHeads = Annotated[
 
 # Declared before /{head}: a path like 'name@2:export' would match that route too.
 @router.get("/{head}:export", response_class=Response,
-            responses=error_responses(404) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
+            responses=error_responses(404, 429) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
 async def export_head(
     head: HeadRef,
     format: Format = ExportFormat.SAFETENSORS,
