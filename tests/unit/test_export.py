@@ -133,7 +133,10 @@ def test_an_onnx_file_answers_what_graft_answers_for_each_head_it_carries(runtim
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["linear_v1", "tuned_v1"]
     assert session.get_inputs()[0].name == "images" and session.get_inputs()[0].shape[1:] == [3, 224, 224]
-    got = session.run(None, {"images": model_input(runtime, unseen_images).numpy()})  # 10 images: batch is dynamic
+    images = model_input(runtime, unseen_images).numpy()
+    got = session.run(None, {"images": images})  # 10 images, traced with 2: the batch axis is dynamic
+    for alone, together in zip(session.run(None, {"images": images[:1]}), got, strict=True):
+        np.testing.assert_allclose(alone[0], together[0], atol=1e-6)
     classes = manifest(onnx_file)["outputs"][0]["classes"]
     want = graft_probabilities(runtime, ["linear", "tuned@1"], unseen_images, classes)
     for output, expected in zip(got, want, strict=True):
