@@ -231,15 +231,14 @@ class Calls:
 
     async def export_head(self, ref: str, format: ExportFormat, additional_heads: Sequence[str] = ()) -> ExportedHead:
         """Safetensors weights as stored, or one model file of backbone + heads (built and checked: seconds)."""
-        if format is ExportFormat.SAFETENSORS and additional_heads:
-            raise InvalidArgument("safetensors holds one head's weights; export several heads as onnx or pt2")
-        limit = self.core.settings.max_heads_per_request
-        if 1 + len(additional_heads) > limit:
-            raise InvalidArgument(f"{1 + len(additional_heads)} heads in one export; the limit is {limit}")
+        if 1 + len(additional_heads) > export.MAX_HEADS:
+            raise InvalidArgument(f"{1 + len(additional_heads)} heads in one export; the limit is {export.MAX_HEADS}")
         heads = self.core.heads
         infos = [await in_thread(heads.resolve, self.tenant, head_ref(r)) for r in [ref, *additional_heads]]
         first = infos[0]
         if format is ExportFormat.SAFETENSORS:
+            if additional_heads:
+                raise InvalidArgument("safetensors holds one head's weights; export several heads as onnx or pt2")
             data = await in_thread(heads.head_blob_bytes, first)
             return ExportedHead(file_name=f"{first.name}-v{first.version}.safetensors", data=data)
         export.check_same_backbone(infos)

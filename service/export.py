@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_ABS_DIFF = 1e-4  # largest probability difference a returned file may show against PyTorch
 INPUT_NAME = "images"
 CHECK_IMAGES = 16  # at most this many stored images check a file before it is returned
+MAX_HEADS = 16  # heads in one file (outputs)
 MAX_BATCH = 4096  # the exported batch axis is dynamic up to this
 METADATA_KEY = "graft.json"  # ONNX metadata_props key and .pt2 extra file name
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, BeforeValidator, StringConstraints
 
 from service.calls import Calls
+from service.export import MAX_HEADS
 from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
 from service.http.routing import ResourceRoute
@@ -65,7 +66,7 @@ Format = Annotated[
 ]  # fmt: skip
 AdditionalHeads = Annotated[
     list[Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]],
-    Query(description="onnx and pt2: more heads on the same backbone, one more output each"),
+    Query(max_length=MAX_HEADS - 1, description="onnx and pt2: more heads on the same backbone, one more output each"),
 ]
 
 

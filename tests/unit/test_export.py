@@ -205,10 +205,10 @@ def test_safetensors_holds_one_head_only(runtime, key):
     assert status == 400 and "onnx or pt2" in message
 
 
-def test_more_heads_than_a_prediction_may_name_are_refused(runtime, key):
-    limit = runtime.settings.max_heads_per_request
-    status, message = error(download(runtime, key, "linear", format="onnx", additional_heads=["mlp"] * limit))
-    assert status == 400 and f"the limit is {limit}" in message
+def test_more_heads_than_one_file_may_carry_are_refused(runtime, key):
+    too_many = ["mlp"] * export.MAX_HEADS
+    status, message = error(download(runtime, key, "linear", format="onnx", additional_heads=too_many))
+    assert status == 422 and f"at most {export.MAX_HEADS - 1} items" in message
 
 
 def test_the_same_head_version_twice_is_refused(runtime, key):
