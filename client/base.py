@@ -8,7 +8,7 @@ concurrent batches, following a job to its end.
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -169,8 +169,12 @@ class Client(ABC):
     def remove_alias(self, head: str, alias: str) -> None: ...
 
     @abstractmethod
-    def export(self, head: str, format: str = "safetensors") -> bytes:
-        """The head as a file: ``safetensors`` weights, or ``torchscript`` (backbone + head, probabilities out)."""
+    def export(self, head: str, format: str = "safetensors", additional_heads: Sequence[str] = ()) -> bytes:
+        """The head as a file: ``safetensors`` weights, or ``onnx`` / ``pt2``: backbone + head in one file,
+        probabilities out, with class names, input transforms and provenance in its ``graft.json`` metadata.
+
+        ``additional_heads`` (onnx and pt2): more heads on the same backbone, one more output each.
+        """
 
     # Prediction ---------------------------------------------------------------------------------------------------
 

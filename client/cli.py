@@ -279,9 +279,12 @@ def alias(graft: Client, args: argparse.Namespace) -> int:
 
 
 def export(graft: Client, args: argparse.Namespace) -> int:
-    data = graft.export(args.head, args.format)
-    suffix = ".pt" if args.format == "torchscript" else ".safetensors"
-    out = Path(args.output or args.head.replace(":", "_").replace("@", "_") + suffix)
+    additional = args.also.split(",") if args.also else []
+    if additional and args.format == "safetensors":
+        raise UsageError("--also needs --format onnx or pt2: safetensors holds one head's weights")
+    data = graft.export(args.head, args.format, additional)
+    stem = "+".join(head.replace(":", "_").replace("@", "_") for head in [args.head, *additional])
+    out = Path(args.output or f"{stem}.{args.format}")
     out.write_bytes(data)
     print(f"{out} ({human_bytes(len(data))}, {args.format})")
     return 0
@@ -386,10 +389,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("version", type=int, nargs="?")
     sub.add_argument("--remove", action="store_true")
 
-    sub = command("export", export, "download a head: safetensors weights or a TorchScript model (backbone + head)")
+    about = ("download a head: safetensors weights, or backbone + head as one ONNX or torch.export (.pt2) "
+             "file with class names, input transforms and provenance in its metadata")  # fmt: skip
+    sub = command("export", export, about)
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
-    sub.add_argument("--format", choices=["safetensors", "torchscript"], default="safetensors")
-    sub.add_argument("-o", "--output", help="file to write (default: HEAD.safetensors / HEAD.pt)")
+    sub.add_argument("--format", choices=["safetensors", "onnx", "pt2"], default="safetensors")
+    sub.add_argument("--also", metavar="HEADS", help="onnx/pt2: more heads on its backbone (a,b@2), one output each")
+    sub.add_argument("-o", "--output", help="file to write (default: HEAD.FORMAT)")
 
     sub = command("report", report, "draw a head version's evaluation as one PNG")
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")

@@ -7,7 +7,7 @@ models. Uploads are a client stream of one image per message.
 
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +187,12 @@ class GrpcClient(Client):
     def remove_alias(self, head: str, alias: str) -> None:
         self._call(self._heads.RemoveAlias, api.RemoveAliasRequest(name=_named(head, "heads"), alias=alias))
 
-    def export(self, head: str, format: str = "safetensors") -> bytes:
-        request = api.ExportHeadRequest(head=head, format=api.ExportFormat.Value(f"EXPORT_FORMAT_{format.upper()}"))
+    def export(self, head: str, format: str = "safetensors", additional_heads: Sequence[str] = ()) -> bytes:
+        request = api.ExportHeadRequest(
+            head=head,
+            format=api.ExportFormat.Value(f"EXPORT_FORMAT_{format.upper()}"),
+            additional_heads=list(additional_heads),
+        )
 
         def download() -> bytes:
             try:

@@ -1,7 +1,7 @@
 """The client over the HTTP door (``/v1``, JSON; uploads as multipart; job watches as server-sent events)."""
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +149,10 @@ class HttpClient(Client):
     def remove_alias(self, head: str, alias: str) -> None:
         self._call("DELETE", f"/v1/{_named(head, 'heads')}/aliases/{alias}")
 
-    def export(self, head: str, format: str = "safetensors") -> bytes:
+    def export(self, head: str, format: str = "safetensors", additional_heads: Sequence[str] = ()) -> bytes:
         path = f"/v1/{_named(head, 'heads')}:export"
-        return self.retry.call(lambda: self._send("GET", path, params={"format": format})).content
+        params = {"format": format, "additional_heads": list(additional_heads)}
+        return self.retry.call(lambda: self._send("GET", path, params=params)).content
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 

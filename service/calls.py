@@ -10,15 +10,15 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from service import export
 from service.auditing import DEFAULT_AUDIT_BACKBONE, DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import Tenants
 from service.engine.predictor import ImagePrediction
-from service.errors import InvalidArgument, Unauthenticated
-from service.export import export_torchscript
+from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from service.resources import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_TOP_K,
@@ -54,6 +54,34 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(*args, **kwargs)`` in the store pool, awaited from the event loop."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(_STORE_POOL, call)
+
+
+class ExportQueue:
+    """Model exports run one at a time per replica, off the event loop: each takes seconds of every core.
+
+    A few wait their turn; more are refused with a retry hint rather than left waiting for minutes.
+    """
+
+    def __init__(self, waiting: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
+        self._limit = waiting + 1
+        self._admitted = 0  # running or waiting; only the event loop touches it
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._admitted >= self._limit:
+            raise ResourceExhausted(
+                f"{self._admitted} model exports are already running or waiting on this replica; retry in a minute",
+                retry_after_s=30.0,
+            )
+        self._admitted += 1
+        try:
+            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        finally:
+            self._admitted -= 1
+
+
+EXPORTS = ExportQueue(waiting=3)
 
 
 async def authenticate(tenants: Tenants, authorization: str | None) -> str:
@@ -217,17 +245,28 @@ class Calls:
     async def remove_alias(self, name: str, alias: str) -> None:
         await in_thread(self.core.heads.remove_alias, self.tenant, resource_id(name, "heads"), alias)
 
-    async def export_head(self, ref: str, format: ExportFormat) -> ExportedHead:
-        """Safetensors weights, or a TorchScript model of backbone + head (traced in the store pool: seconds)."""
+    async def export_head(self, ref: str, format: ExportFormat, additional_heads: Sequence[str] = ()) -> ExportedHead:
+        """Safetensors weights as stored, or one model file of backbone + heads (built and checked: seconds)."""
+        if 1 + len(additional_heads) > export.MAX_HEADS:
+            raise InvalidArgument(f"{1 + len(additional_heads)} heads in one export; the limit is {export.MAX_HEADS}")
         heads = self.core.heads
-        info = await in_thread(heads.resolve, self.tenant, head_ref(ref))
+        infos = [await in_thread(heads.resolve, self.tenant, head_ref(r)) for r in [ref, *additional_heads]]
+        first = infos[0]
         if format is ExportFormat.SAFETENSORS:
-            data, suffix = await in_thread(heads.head_blob_bytes, info), "safetensors"
-        else:
-            backbone = self.core.trainer.backbone(info.backbone)
-            tensors = await in_thread(heads.load_tensors, info)
-            data, suffix = await asyncio.to_thread(export_torchscript, backbone, info, tensors), "pt"
-        return ExportedHead(file_name=f"{info.name}-v{info.version}.{suffix}", data=data)
+            if additional_heads:
+                raise InvalidArgument("safetensors holds one head's weights; export several heads as onnx or pt2")
+            data = await in_thread(heads.head_blob_bytes, first)
+            return ExportedHead(file_name=f"{first.name}-v{first.version}.safetensors", data=data)
+        export.check_same_backbone(infos)
+        names = export.output_names(infos)
+        backbone = self.core.trainer.backbone(first.backbone)
+        tensors = [await in_thread(heads.load_tensors, info) for info in infos]
+        datasets = [info.dataset_id for info in infos]
+        stored = await in_thread(export.stored_check_images, self.core.datasets, self.tenant, datasets)
+        build = export.export_onnx if format is ExportFormat.ONNX else export.export_pt2
+        max_pixels = self.core.settings.max_image_pixels
+        data = await EXPORTS.run(build, backbone, infos, tensors, stored, datasets, max_pixels)
+        return ExportedHead(file_name=f"{'+'.join(names)}.{format.value}", data=data)
 
     # -- predictions -----------------------------------------------------------------
 

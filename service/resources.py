@@ -324,8 +324,17 @@ class Head(BaseModel):
 
 
 class ExportFormat(str, Enum):
+    """What a head is exported as: its weights alone, or a model file of backbone + head(s) to run without graft."""
+
     SAFETENSORS = "safetensors"
-    TORCHSCRIPT = "torchscript"
+    ONNX = "onnx"
+    PT2 = "pt2"
+
+
+REMOVED_EXPORT_FORMATS = {
+    "torchscript": "TorchScript export was removed (torch 2.14 deprecates TorchScript); "
+    "use 'pt2' (torch.export, load with torch.export.load) or 'onnx'"
+}
 
 
 class ExportedHead(BaseModel):

@@ -25,7 +25,13 @@ M = TypeVar("M", bound=Message)
 _ENUM_PREFIX: dict[type[Enum], str] = {HeadKind: "HEAD_KIND_", JobState: ""}
 EXPORT_FORMATS = {api.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.SAFETENSORS,
                   api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
-                  api.EXPORT_FORMAT_TORCHSCRIPT: ExportFormat.TORCHSCRIPT}  # fmt: skip
+                  api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
+                  api.EXPORT_FORMAT_PT2: ExportFormat.PT2}  # fmt: skip
+# Reserved in the proto; a client built on an older graft.v1 may still send it.
+REMOVED_EXPORT_FORMATS = {
+    2: "EXPORT_FORMAT_TORCHSCRIPT (2) was removed (torch 2.14 deprecates TorchScript); use "
+    "EXPORT_FORMAT_PT2 (torch.export, load with torch.export.load) or EXPORT_FORMAT_ONNX"
+}
 
 
 def message(resource: BaseModel, cls: type[M]) -> M:
@@ -56,6 +62,8 @@ def training_spec(spec: pb.TrainingSpec) -> TrainingSpec:
 
 
 def export_format(value: api.ExportFormat) -> ExportFormat:
+    if value in REMOVED_EXPORT_FORMATS:
+        raise InvalidArgument(REMOVED_EXPORT_FORMATS[value])
     if value not in EXPORT_FORMATS:
         raise InvalidArgument(f"format {value} is not a known export format; use one of "
                               f"{', '.join(api.ExportFormat.keys()[1:])}")  # fmt: skip

@@ -268,7 +268,8 @@ class HeadService(_Door, rpc.HeadServiceServicer):
 
     @door_method
     async def ExportHead(self, request, context, calls: Calls):
-        exported = await calls.export_head(request.head, convert.export_format(request.format))
+        format = convert.export_format(request.format)
+        exported = await calls.export_head(request.head, format, list(request.additional_heads))
         for start in range(0, len(exported.data), EXPORT_CHUNK_BYTES):
             yield api.ExportHeadResponse(chunk=exported.data[start : start + EXPORT_CHUNK_BYTES])
 

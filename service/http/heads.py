@@ -1,11 +1,12 @@
-"""``/v1/heads`` (HeadService): trained heads with versions and aliases; export as safetensors or TorchScript."""
+"""``/v1/heads`` (HeadService): trained heads with versions and aliases; export as safetensors, ONNX or .pt2."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, BeforeValidator, StringConstraints
 
 from service.calls import Calls
+from service.export import MAX_HEADS
 from service.http.deps import PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
 from service.http.routing import ResourceRoute
@@ -15,6 +16,7 @@ from service.resources import (
     HEAD_NAME_PATTERN,
     NAME_PATTERN,
     NOT_LATEST,
+    REMOVED_EXPORT_FORMATS,
     ExportFormat,
     Head,
     ListHeadsResponse,
@@ -32,8 +34,8 @@ Alias = Annotated[
         pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST, description="an alias; 'latest' is implicit and reserved"
     ),
 ]
-HeadRef = Annotated[str, Path(pattern=rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$",
-                              description="'name' (latest), 'name@3' or 'name:alias'")]  # fmt: skip
+HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
+HeadRef = Annotated[str, Path(pattern=HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
 
 
 class AliasTarget(BaseModel):
@@ -49,15 +51,37 @@ async def list_heads(
     return await api.list_heads(page_size, page_token)
 
 
+def _not_removed(value: object) -> object:
+    """A removed format gets what to use instead, not just the list of valid ones."""
+    if isinstance(value, str) and value in REMOVED_EXPORT_FORMATS:
+        raise ValueError(REMOVED_EXPORT_FORMATS[value])
+    return value
+
+
+Format = Annotated[
+    ExportFormat,
+    BeforeValidator(_not_removed),
+    Query(description="safetensors: the head's weights; onnx or pt2: backbone + head(s) in one file, "
+                      "class probabilities out, class names, input transforms and provenance in its metadata"),
+]  # fmt: skip
+AdditionalHeads = Annotated[
+    list[Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]],
+    Query(max_length=MAX_HEADS - 1, description="onnx and pt2: more heads on the same backbone, one more output each"),
+]
+
+
 # Declared before /{head}: a path like 'name@2:export' would match that route too.
 @router.get("/{head}:export", response_class=Response,
-            responses=error_responses(404) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
+            responses=error_responses(404, 429) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
 async def export_head(
-    head: HeadRef, format: ExportFormat = ExportFormat.SAFETENSORS, api: Calls = Depends(calls)
+    head: HeadRef,
+    format: Format = ExportFormat.SAFETENSORS,
+    additional_heads: AdditionalHeads = [],  # noqa: B006 (FastAPI copies defaults)
+    api: Calls = Depends(calls),
 ) -> Response:
-    """Download a head: its safetensors weights, or a standalone TorchScript model of backbone + head
-    (probabilities out)."""
-    exported = await api.export_head(head, format)
+    """Download a head: its safetensors weights, or one ONNX / torch.export (.pt2) file of backbone + head(s)
+    that runs without graft, checked against graft's own PyTorch on the heads' images before it is returned."""
+    exported = await api.export_head(head, format, additional_heads)
     return Response(
         exported.data,
         media_type="application/octet-stream",

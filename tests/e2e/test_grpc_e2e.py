@@ -2,10 +2,12 @@
 
 import base64
 import io
+import json
 import math
 
 import grpc
 import httpx
+import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -115,6 +117,10 @@ def test_alias_export_and_delete(channel, keys, trained):
     assert head.aliases["prod"] == 1
     chunks = heads.ExportHead(api.ExportHeadRequest(head="weave:prod"), metadata=auth(keys["carol"]))
     assert "linear.weight" in load_safetensors(b"".join(c.chunk for c in chunks))
+    request = api.ExportHeadRequest(head="weave:prod", format=api.EXPORT_FORMAT_ONNX)
+    model = onnx.load_from_string(b"".join(c.chunk for c in heads.ExportHead(request, metadata=auth(keys["carol"]))))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["graft.json"])
+    assert (meta["outputs"][0]["head"], meta["outputs"][0]["version"]) == ("weave", 1)
 
     train(channel, keys["carol"], trained["dataset"].name, "temporary")
     heads.DeleteHead(api.DeleteHeadRequest(name="heads/temporary"), metadata=auth(keys["carol"]))

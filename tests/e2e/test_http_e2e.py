@@ -140,15 +140,18 @@ def test_alias_moves_and_predictions_follow_it(alice, trained):
     assert head["aliases"]["prod"] == 2 and head["latest_version"] == 2
 
 
-def test_export_gives_safetensors_and_a_standalone_torchscript_model(alice, trained):
+def test_export_gives_safetensors_and_a_standalone_pt2_model_with_its_class_names(alice, trained):
     weights = alice.get("/v1/heads/textiles@1:export")
     assert weights.status_code == 200
     assert "linear.weight" in load_safetensors(weights.content)
-    scripted = alice.get("/v1/heads/textiles@1:export", params={"format": "torchscript"})
-    model = torch.jit.load(io.BytesIO(scripted.content))
-    probabilities = model(torch.randn(2, 3, 224, 224))
+    exported = alice.get("/v1/heads/textiles@1:export", params={"format": "pt2"})
+    assert exported.status_code == 200, exported.text
+    extra = {"graft.json": ""}
+    program = torch.export.load(io.BytesIO(exported.content), extra_files=extra)
+    (probabilities,) = program.module()(torch.randn(2, 3, 224, 224))
     assert probabilities.shape == (2, 3)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(2))
+    assert json.loads(extra["graft.json"])["outputs"][0]["classes"] == ["global", "local", "nominal"]
 
 
 def test_deleting_a_head_makes_it_unknown(alice, trained):

@@ -118,6 +118,18 @@ async def test_an_unknown_head_kind_is_invalid_argument(channel):
 
 
 @pytest.mark.parametrize(
+    ("format", "text"),
+    [(2, "EXPORT_FORMAT_TORCHSCRIPT (2) was removed"), (99, "one of EXPORT_FORMAT_SAFETENSORS, EXPORT_FORMAT_ONNX")],
+)
+async def test_a_removed_or_unknown_export_format_says_what_to_use(channel, format, text):
+    request = api.ExportHeadRequest(head="h", format=format)
+    with pytest.raises(grpc.RpcError) as error:
+        [part async for part in rpc.HeadServiceStub(channel).ExportHead(request)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert text in error.value.details() and "EXPORT_FORMAT_PT2" in error.value.details()
+
+
+@pytest.mark.parametrize(
     "name",
     [
         "heads/h/versions/²",

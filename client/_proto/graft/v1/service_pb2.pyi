@@ -14,10 +14,12 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
     EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
-    EXPORT_FORMAT_TORCHSCRIPT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_PT2: _ClassVar[ExportFormat]
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 EXPORT_FORMAT_SAFETENSORS: ExportFormat
-EXPORT_FORMAT_TORCHSCRIPT: ExportFormat
+EXPORT_FORMAT_ONNX: ExportFormat
+EXPORT_FORMAT_PT2: ExportFormat
 
 class GetBackboneRequest(_message.Message):
     __slots__ = ("name",)
@@ -192,12 +194,14 @@ class RemoveAliasRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class ExportHeadRequest(_message.Message):
-    __slots__ = ("head", "format")
+    __slots__ = ("head", "format", "additional_heads")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ADDITIONAL_HEADS_FIELD_NUMBER: _ClassVar[int]
     head: str
     format: ExportFormat
-    def __init__(self, head: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
+    additional_heads: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, head: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., additional_heads: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportHeadResponse(_message.Message):
     __slots__ = ("chunk",)

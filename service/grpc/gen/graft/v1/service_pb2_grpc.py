@@ -739,8 +739,10 @@ class HeadServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportHead(self, request, context):
-        """The head as a file, in chunks: its safetensors weights, or a standalone
-        TorchScript model of backbone + head (probabilities out).
+        """The head as a file, in chunks: its safetensors weights, or one ONNX or
+        torch.export (.pt2) file of backbone + head(s) that runs without graft:
+        class probabilities out, class names, input transforms and provenance in
+        its metadata ("graft.json"), checked against graft's PyTorch before it is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
