@@ -24,6 +24,11 @@ class HeadKind(str, Enum):
     LINEAR = "linear"
     MLP = "mlp"
     FINETUNE = "finetune"
+    PROTOTYPE = "prototype"
+
+
+# Kinds fit as one closed-form or convex problem: no dropout.
+_NO_DROPOUT = (HeadKind.LINEAR, HeadKind.PROTOTYPE)
 
 
 class HeadConfig(BaseModel):
@@ -48,9 +53,9 @@ class HeadConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_dropout(cls, data: Any) -> Any:
-        """Dropout defaults by kind: none for the convex linear head, 0.2 otherwise."""
+        """Dropout defaults by kind: none for the linear and prototype heads, 0.2 otherwise."""
         if isinstance(data, dict) and data.get("dropout") is None and "kind" in data:
-            data = {**data, "dropout": 0.0 if data["kind"] == HeadKind.LINEAR else 0.2}
+            data = {**data, "dropout": 0.0 if data["kind"] in _NO_DROPOUT else 0.2}
         return data
 
     @model_validator(mode="after")
@@ -59,8 +64,8 @@ class HeadConfig(BaseModel):
             raise ValueError("an mlp head needs `hidden` (the hidden layer width)")
         if self.kind is not HeadKind.MLP and self.hidden is not None:
             raise ValueError(f"`hidden` only applies to mlp heads, not {self.kind.value}")
-        if self.kind is HeadKind.LINEAR and self.dropout != 0.0:
-            raise ValueError("a linear head has no dropout: it is fit as a convex problem")
+        if self.kind in _NO_DROPOUT and self.dropout != 0.0:
+            raise ValueError(f"a {self.kind.value} head has no dropout: it is fit in closed form or convex")
         is_finetune = self.kind is HeadKind.FINETUNE
         for name in ("tail_blocks", "tail_out_channels"):
             if is_finetune and getattr(self, name) is None:
@@ -161,7 +166,45 @@ class FinetuneHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-Head = LinearHead | MLPHead | FinetuneHead  # every trainable head kind
+class PrototypeHead(nn.Module):
+    """Nearest class mean on centred, L2-normalised features (SimpleShot), with a temperature.
+
+    logits = temperature * cos(x - centre, prototype_c). The prototypes are
+    unit rows, so the scores are proper cosines whatever the class sizes; the
+    temperature only sharpens the softmax (it never changes the argmax) and is
+    fit by adapters/prototype.py.
+    """
+
+    centre: Tensor
+    prototypes: Tensor
+    temperature: Tensor
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("centre", torch.zeros(in_features))
+        self.register_buffer("prototypes", torch.zeros(num_classes, in_features))
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return normalised(x, self.centre) @ self.scaled_prototypes().T
+
+    @torch.no_grad()
+    def scaled_prototypes(self) -> Tensor:
+        """temperature * prototypes [C, D]: logits = normalised(x, centre) @ this.T.
+
+        The engine gathers these like a linear head's folded weights; only the
+        per-image normalisation step comes before the matmul.
+        """
+        return self.temperature * self.prototypes
+
+
+def normalised(x: Tensor, centre: Tensor) -> Tensor:
+    """Rows of x [N, D] centred and scaled to unit length (a zero row stays zero)."""
+    return nn.functional.normalize(x - centre, dim=-1)
+
+
+Head = LinearHead | MLPHead | FinetuneHead | PrototypeHead  # every trainable head kind
 
 
 def build_head(config: HeadConfig, tail: nn.Module | None = None) -> Head:
@@ -176,6 +219,8 @@ def build_head(config: HeadConfig, tail: nn.Module | None = None) -> Head:
     if config.kind is HeadKind.MLP:
         assert config.hidden is not None  # guaranteed by HeadConfig
         return MLPHead(config.in_features, config.hidden, config.num_classes, config.dropout)
+    if config.kind is HeadKind.PROTOTYPE:
+        return PrototypeHead(config.in_features, config.num_classes)
     return LinearHead(config.in_features, config.num_classes)
 
 

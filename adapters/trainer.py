@@ -58,6 +58,8 @@ class HyperParams(BaseModel):
 def default_hyperparams(kind: HeadKind) -> HyperParams:
     if kind is HeadKind.LINEAR:
         return HyperParams(lr=1.0, weight_decay=1e-3, epochs=10, batch_size=4096)
+    if kind is HeadKind.PROTOTYPE:  # nothing here is used: a prototype head is fit in closed form
+        return HyperParams(lr=1.0, weight_decay=0.0, epochs=1, batch_size=4096)
     if kind is HeadKind.MLP:
         return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=60, batch_size=64, hidden=512, patience=10)
     return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=15, batch_size=64, label_smoothing=0.1, patience=15)

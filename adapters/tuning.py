@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.errors import InvalidInput
-from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, standardisation_stats
+from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, build_head, standardisation_stats
+from adapters.prototype import fit_prototype
 from adapters.trainer import (
     CancelCheck,
     HyperParams,
@@ -94,6 +95,9 @@ def default_search_space(kind: HeadKind) -> SearchSpace:
         return SearchSpace(lr=[1.0], weight_decay=[1e-4, 4e-4, 1.5e-3, 5e-3, 2e-2, 7e-2, 0.25, 1.0])
     if kind is HeadKind.MLP:
         return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4, 1e-2], hidden=[256, 512])
+    if kind is HeadKind.PROTOTYPE:
+        # Closed form, with its temperature fit inside: one trial, nothing to search.
+        return SearchSpace(lr=[1.0], weight_decay=[0.0])
     # Finetuning is expensive: two runs.
     return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4])
 
@@ -178,6 +182,8 @@ def tune(
                     progress=trial_progress,
                     cancelled=cancelled,
                 )
+            elif isinstance(head, PrototypeHead):
+                fit_prototype(head.to(x_train.device), x_train, y_train)
             else:
                 fit(
                     head,

@@ -109,7 +109,8 @@ def _totals(examples: list[sources.Example]) -> tuple[int, int]:
 def train(graft: Client, args: argparse.Namespace) -> int:
     dataset = _dataset_name(graft, args.dataset)
     hyperparams = json.loads(args.hyperparams) if args.hyperparams else None
-    job = graft.train(dataset, args.head, kind=args.kind, backbone=args.backbone, hyperparams=hyperparams)
+    job = graft.train(dataset, args.head, kind=args.kind, backbone=args.backbone, hyperparams=hyperparams,
+                      time_budget_s=args.time_budget)  # fmt: skip
     print(f"{job.name}: training head {args.head!r} on {dataset}", file=sys.stderr)
     if args.no_wait:
         print(job.name)
@@ -351,7 +352,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("train", train, "train a head on a dataset and follow the job until it ends")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
     sub.add_argument("--head", required=True, help="the head to create a version of")
-    sub.add_argument("--kind", choices=["linear", "mlp", "finetune"])
+    sub.add_argument("--kind", choices=["linear", "mlp", "finetune", "prototype", "auto"],
+                     help="default linear; prototype learns from one image per class; auto keeps the best "
+                     "on the hold-out of prototype, linear and mlp")  # fmt: skip
+    sub.add_argument("--time-budget", type=float, metavar="SECONDS", help="--kind auto only (default: the server's)")
     sub.add_argument("--backbone", help="a backbone, or 'auto' (default: the server's)")
     sub.add_argument("--hyperparams", help="JSON overrides, e.g. '{\"epochs\": 10}'")
     sub.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-HeadKind = Literal["linear", "mlp", "finetune"]
+HeadKind = Literal["linear", "mlp", "finetune", "prototype"]
+TrainingKind = HeadKind | Literal["auto"]  # 'auto' is request only: a version's kind is the kind that won
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -101,7 +102,9 @@ class TrainingSpec(BaseModel):
     head: str
     backbone: str | None = None
     latency_budget_ms: float | None = None
-    kind: HeadKind | None = None
+    kind: TrainingKind | None = None
+    time_budget_s: float | None = None
+    auto_finetune: bool | None = None
     finetune_blocks: int | None = None
     search: SearchSpace | None = None
     hyperparams: HyperParams | None = None

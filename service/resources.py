@@ -23,6 +23,7 @@ from service.engine.backbones import BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
+from service.kind_choice import AUTO_FINETUNE_MIN_PER_CLASS, AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S
 from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
 from service.store.heads import NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.training import HyperParamOverrides, TrainRequest
@@ -202,10 +203,20 @@ class DatasetAudit(BaseModel):
         )
 
 
-def _only_with(field: str, is_set: dict, then: str, value: str) -> dict:
-    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), ``then`` must be ``value``."""
+def _only_with(field: str, is_set: dict, then: str, *values: str) -> dict:
+    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), ``then`` must be one of ``values``."""
     return {"if": {"required": [field], "properties": {field: is_set}},
-            "then": {"required": [then], "properties": {then: {"const": value}}}}  # fmt: skip
+            "then": {"required": [then], "properties": {then: {"enum": list(values)}}}}  # fmt: skip
+
+
+class TrainingKind(str, Enum):
+    """What a TrainingSpec may ask for: a head kind, or ``auto`` (request only: a version's kind is the winner's)."""
+
+    LINEAR = HeadKind.LINEAR.value
+    MLP = HeadKind.MLP.value
+    FINETUNE = HeadKind.FINETUNE.value
+    PROTOTYPE = HeadKind.PROTOTYPE.value
+    AUTO = AUTO_KIND
 
 
 class TrainingSpec(BaseModel):
@@ -213,8 +224,10 @@ class TrainingSpec(BaseModel):
 
     # The core's cross-field rules (TrainRequest), stated in the schema too.
     model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
-        _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value),
+        _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value, AUTO_KIND),
         _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
+        _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),
+        _only_with("auto_finetune", {"type": "boolean"}, "kind", AUTO_KIND),
         _only_with("search", {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
                    "kind", HeadKind.MLP.value),
     ]})  # fmt: skip
@@ -229,7 +242,17 @@ class TrainingSpec(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image"
     )
-    kind: HeadKind | None = Field(None, description="default linear")
+    kind: TrainingKind | None = Field(
+        None, description="default linear; 'auto': the best on the hold-out of prototype, linear and mlp"
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
+    )
+    auto_finetune: bool | None = Field(
+        None,
+        description=f"kind 'auto' only: try finetune too, given {AUTO_FINETUNE_MIN_PER_CLASS}+ training images "
+        "of every class",
+    )
     finetune_blocks: int | None = Field(None, ge=1, description="finetune only: how many last blocks to train")
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
     hyperparams: HyperParamOverrides | None = Field(
@@ -240,7 +263,7 @@ class TrainingSpec(BaseModel):
 
     def request(self) -> TrainRequest:
         """The core's request: what is unset here takes TrainRequest's defaults."""
-        fields = self.model_dump(exclude_none=True, exclude={"dataset", "head"})
+        fields = self.model_dump(mode="json", exclude_none=True, exclude={"dataset", "head"})
         return TrainRequest(dataset_id=resource_id(self.dataset, "datasets"), head_name=self.head, **fields)
 
     @classmethod

@@ -8,26 +8,51 @@ Jobs (background, cancellable, with progress) call :meth:`Trainer.train`; so do
 benchmarks and tests, directly.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
 from adapters.audit import audit_labels, audit_summary
 from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
-from adapters.heads import HeadConfig, HeadKind, head_state
+from adapters.heads import HeadConfig, HeadKind, PrototypeHead, head_state
 from adapters.metrics import evaluate, finite
+from adapters.prototype import fit_prototype
 from adapters.splits import stratified_split
-from adapters.trainer import HyperParams, ProgressEvent, class_weights_for, default_hyperparams
-from adapters.tuning import SearchSpace, default_search_space, tune
+from adapters.trainer import (
+    HyperParams,
+    ProgressEvent,
+    accuracy,
+    class_weights_for,
+    default_hyperparams,
+    predict_logits,
+)
+from adapters.tuning import SearchSpace, TuneResult, default_search_space, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument
-from service.store.datasets import DatasetStore
+from service.kind_choice import (
+    AUTO_KIND,
+    AUTO_KINDS,
+    DEFAULT_TIME_BUDGET_S,
+    MAX_TIME_BUDGET_S,
+    AutoKind,
+    Budget,
+    KindCandidate,
+    KindChoice,
+    choose_kind,
+    kind_choice_metrics,
+    kinds_to_try,
+)
+from service.store.datasets import DatasetInfo, DatasetStore
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
 DEFAULT_FINETUNE_BLOCKS = 4
@@ -60,7 +85,15 @@ class TrainRequest(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image here"
     )
-    kind: HeadKind = HeadKind.LINEAR
+    kind: HeadKind | AutoKind = Field(
+        HeadKind.LINEAR, description="a head kind, or 'auto': the best on the hold-out of prototype, linear and mlp"
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
+    )
+    auto_finetune: bool | None = Field(
+        None, description="kind 'auto' only: try finetune too, when every class has enough training examples"
+    )
     finetune_blocks: int | None = Field(None, description="finetune only: how many last blocks to train (default 4)")
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
     hyperparams: HyperParamOverrides | None = Field(
@@ -71,8 +104,16 @@ class TrainRequest(BaseModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> "TrainRequest":
-        if self.finetune_blocks is not None and self.kind != HeadKind.FINETUNE:
-            raise ValueError("finetune_blocks applies to kind 'finetune' only")
+        if self.finetune_blocks is not None and self.kind != HeadKind.FINETUNE and not self.auto_finetune:
+            raise ValueError("finetune_blocks applies to kind 'finetune' (or 'auto' with auto_finetune) only")
+        for field in ("time_budget_s", "auto_finetune"):
+            if getattr(self, field) is not None and self.kind != AUTO_KIND:
+                raise ValueError(f"{field} applies to kind 'auto' only")
+        if self.kind in (AUTO_KIND, HeadKind.PROTOTYPE) and (self.search or self.hyperparams):
+            raise ValueError(
+                "kind 'prototype' has no hyper-parameters, and 'auto' trains each kind with its defaults: "
+                "leave search and hyperparams unset, or name a kind to tune"
+            )
         if self.search is not None and self.search.hidden is not None and self.kind != HeadKind.MLP:
             raise ValueError("search.hidden applies to kind 'mlp' only")
         if self.latency_budget_ms is not None and self.backbone != AUTO:
@@ -80,17 +121,25 @@ class TrainRequest(BaseModel):
         return self
 
     @property
-    def epochs(self) -> int:
-        return self.hyperparameters().epochs
+    def kinds(self) -> list[HeadKind]:
+        """The kinds this request may train: the one it names, or auto's candidates."""
+        if self.kind == AUTO_KIND:
+            return [*AUTO_KINDS, HeadKind.FINETUNE] if self.auto_finetune else list(AUTO_KINDS)
+        return [HeadKind(self.kind)]
 
-    def hyperparameters(self) -> HyperParams:
+    @property
+    def epochs(self) -> int:
+        """The most epochs any trial runs (an upper bound on the work of each)."""
+        return max(self.hyperparameters(kind).epochs for kind in self.kinds)
+
+    def hyperparameters(self, kind: HeadKind) -> HyperParams:
         """The kind's defaults with the client's overrides on top, checked together."""
         overrides = self.hyperparams.model_dump(exclude_none=True) if self.hyperparams else {}
-        return HyperParams(**(default_hyperparams(self.kind).model_dump() | overrides))
+        return HyperParams(**(default_hyperparams(kind).model_dump() | overrides))
 
     @property
     def trials(self) -> int:
-        return (self.search or default_search_space(self.kind)).trials
+        return sum((self.search or default_search_space(kind)).trials for kind in self.kinds)
 
 
 class TrainingCost(BaseModel):
@@ -167,15 +216,20 @@ class Trainer:
             )
         return pretrained
 
-    def split_point(self, request: TrainRequest, backbone: Backbone) -> int:
-        if request.kind == HeadKind.FINETUNE:
+    def split_point(self, request: TrainRequest, backbone: Backbone, kind: HeadKind) -> int:
+        if kind is HeadKind.FINETUNE:
             return backbone.split_for_blocks(request.finetune_blocks or DEFAULT_FINETUNE_BLOCKS)
         return backbone.num_blocks
 
+    def check_split_points(self, request: TrainRequest, backbones: list[Backbone]) -> None:
+        """Fail now on a split point (finetune_blocks) one of the request's kinds could not use later."""
+        for backbone in backbones:
+            for kind in request.kinds:
+                self.split_point(request, backbone, kind)
+
     def cost(self, tenant: str, request: TrainRequest) -> TrainingCost:
         """Check what would only fail later (backbone, finetune_blocks, dataset) and price one run."""
-        for backbone in self.candidates(request):
-            self.split_point(request, backbone)
+        self.check_split_points(request, self.candidates(request))
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
         return TrainingCost(epochs=request.epochs, images=dataset.num_examples, trials=request.trials)
 
@@ -193,15 +247,17 @@ class Trainer:
         """Train and store a new head version; ``guard`` may veto storing it (a job that lost its lease)."""
         report = progress or (lambda event: None)
         candidates = self.candidates(request)
-        for candidate in candidates:
-            self.split_point(request, candidate)
+        self.check_split_points(request, candidates)
         dataset = self.datasets.get(tenant, request.dataset_id)
         examples = self.datasets.examples(tenant, request.dataset_id)
         class_index = {name: i for i, name in enumerate(dataset.classes)}
         labels = torch.tensor([class_index[label] for _, label in examples])
         train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
-        if len(holdout_idx) == 0:  # checked before the costly extraction
-            raise FailedPrecondition("dataset too small for a hold-out split: add at least 2 examples per class")
+        if len(holdout_idx) == 0 and request.kind not in (HeadKind.PROTOTYPE, AUTO_KIND):  # before the extraction
+            raise FailedPrecondition(
+                "dataset too small for a hold-out split: add at least 2 examples per class, "
+                "or train kind 'prototype' (or 'auto'), which learns from one"
+            )
 
         shas = [sha for sha, _ in examples]
         # 'auto' extracts for every candidate, then for the winner: each its slice of the extraction share.
@@ -237,71 +293,201 @@ class Trainer:
             backbone = self.backbone(choice.chosen)
         else:
             backbone = candidates[0]
-        split = self.split_point(request, backbone)
-        features = self.extractor.features(
-            backbone, split, shas, progress=extraction_progress(slices - 1, backbone.name), cancelled=cancelled
-        )
-        audit = None
-        if split == backbone.num_blocks and min(dataset.counts.values()) >= 2:  # pooled features, 2 folds possible
-            report(ProgressEvent(phase="audit", fraction=EXTRACTION_SHARE, message="auditing the labels"))
-            found = audit_labels(features, labels, len(dataset.classes), keys=shas, max_suspects=AUDIT_TOP,
-                                 max_duplicates=AUDIT_TOP, seed=request.seed, cancelled=cancelled)  # fmt: skip
-            audit = audit_summary(found, dataset.classes, AUDIT_TOP)
-        base = request.hyperparameters()
-        finetune = request.kind == HeadKind.FINETUNE
-        config = HeadConfig.model_validate(
-            {  # validated: dropout takes the kind's default
-                "kind": request.kind,
-                "in_features": int(features.shape[1]),
-                "num_classes": len(dataset.classes),
-                "hidden": base.hidden if request.kind == HeadKind.MLP else None,
-                "tail_blocks": backbone.num_blocks - split if finetune else None,
-                "tail_out_channels": backbone.spec.feature_dim if finetune else None,
-            }
-        )
-        tail_factory = (lambda: backbone.fresh_tail(split)) if finetune else None
 
         def training_progress(event: ProgressEvent) -> None:
             report(event.model_copy(update={"fraction": EXTRACTION_SHARE + (1 - EXTRACTION_SHARE) * event.fraction}))
 
-        x_train, y_train = features[train_idx], labels[train_idx]
-        x_holdout, y_holdout = features[holdout_idx], labels[holdout_idx]
-        result = tune(
-            config,
-            x_train,
-            y_train,
-            x_holdout,
-            y_holdout,
-            space=request.search or default_search_space(request.kind),
-            base=base,
-            tail_factory=tail_factory,
-            class_weights=class_weights_for(y_train, config.num_classes),
-            progress=training_progress,
-            cancelled=cancelled,
+        data = _Examples(backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes))
+        pooled_progress = extraction_progress(slices - 1, backbone.name)
+        kind_choice = None
+        if request.kind == AUTO_KIND:
+            fitted, kind_choice = self._choose_kind(request, data, pooled_progress, training_progress, cancelled)
+        else:
+            fitted = self._fit(request, data, HeadKind(request.kind), pooled_progress, training_progress, cancelled)
+        metrics = fitted.metrics(data, dataset.classes)
+        audit = self._audit(request, data, fitted, dataset, report, cancelled)
+        report(
+            ProgressEvent(
+                phase="save",
+                fraction=1.0,
+                message="saving head",
+                metrics={"accuracy": metrics["accuracy"]} if "accuracy" in metrics else {},
+            )
         )
-        head = result.head.eval()
-        with torch.no_grad():
-            metrics = evaluate(head(x_holdout), y_holdout, dataset.classes)
-        report(ProgressEvent(phase="save", fraction=1.0, message="saving head", metrics={"accuracy": metrics.accuracy}))
+        result = fitted.result
         return self.heads.create_version(
             tenant,
             request.head_name,
-            tensors=head_state(head),
+            tensors=head_state(result.head),
             backbone=backbone.name,
-            split_point=split,
-            kind=request.kind.value,
+            split_point=fitted.split,
+            kind=result.config.kind.value,
             classes=dataset.classes,
             config=result.config.model_dump(mode="json"),
             hyperparams=result.best.model_dump(mode="json"),
             metrics=finite(
-                {**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]}
+                {**metrics, "trials": [t.model_dump(mode="json") for t in result.trials]}
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
+                | (
+                    kind_choice_metrics(kind_choice) | {"kind_choice": kind_choice.model_dump(mode="json")}
+                    if kind_choice
+                    else {}
+                )
                 | ({"audit": audit} if audit else {})
             ),
             dataset_id=dataset.id,
             job_id=job_id,
             guard=guard,
         )
+
+    def _audit(
+        self,
+        request: TrainRequest,
+        data: "_Examples",
+        fitted: "_Fitted",
+        dataset: DatasetInfo,
+        report: Progress,
+        cancelled: Callable[[], bool] | None,
+    ) -> dict | None:
+        """The label audit's summary for the version's metrics, when the head was trained on pooled features.
+
+        The pooled features are in the cache by then, so the audit costs its
+        probe fits only; a finetune head's job skips it rather than pool again.
+        """
+        if fitted.split != data.backbone.num_blocks or min(dataset.counts.values()) < 2:  # 2 folds need 2 per class
+            return None
+        report(ProgressEvent(phase="audit", fraction=1.0, message="auditing the labels"))
+        pooled = self.extractor.features(data.backbone, data.backbone.num_blocks, data.shas, cancelled=cancelled)
+        found = audit_labels(pooled, data.labels, data.num_classes, keys=data.shas, max_suspects=AUDIT_TOP,
+                             max_duplicates=AUDIT_TOP, seed=request.seed, cancelled=cancelled)  # fmt: skip
+        return audit_summary(found, dataset.classes, AUDIT_TOP)
+
+    def _fit(
+        self,
+        request: TrainRequest,
+        data: "_Examples",
+        kind: HeadKind,
+        extraction: Callable[[int, int], None] | None,
+        progress: Progress,
+        cancelled: Callable[[], bool] | None,
+    ) -> "_Fitted":
+        """One kind: its features (from the cache when there), its search on the hold-out, its hold-out logits.
+
+        A prototype head with no hold-out (no class has two examples) is fit on
+        every example: it is the one kind that needs nothing to tune.
+        """
+        backbone = data.backbone
+        split = self.split_point(request, backbone, kind)
+        features = self.extractor.features(backbone, split, data.shas, progress=extraction, cancelled=cancelled)
+        base = request.hyperparameters(kind)
+        finetune = kind is HeadKind.FINETUNE
+        config = HeadConfig.model_validate(
+            {  # validated: dropout takes the kind's default
+                "kind": kind,
+                "in_features": int(features.shape[1]),
+                "num_classes": data.num_classes,
+                "hidden": base.hidden if kind is HeadKind.MLP else None,
+                "tail_blocks": backbone.num_blocks - split if finetune else None,
+                "tail_out_channels": backbone.spec.feature_dim if finetune else None,
+            }
+        )
+        x_train, y_train = features[data.train_idx], data.labels[data.train_idx]
+        if len(data.holdout_idx) == 0:
+            head = PrototypeHead(config.in_features, config.num_classes)  # train admits no other kind here
+            fit_prototype(head, x_train, y_train)
+            return _Fitted(TuneResult(head=head.eval(), config=config, best=base, trials=[]), split, None)
+        x_holdout = features[data.holdout_idx]
+        result = tune(
+            config,
+            x_train,
+            y_train,
+            x_holdout,
+            data.labels[data.holdout_idx],
+            space=request.search or default_search_space(kind),
+            base=base,
+            tail_factory=(lambda: backbone.fresh_tail(split)) if finetune else None,
+            class_weights=class_weights_for(y_train, config.num_classes),
+            progress=progress,
+            cancelled=cancelled,
+        )
+        return _Fitted(result, split, predict_logits(result.head, x_holdout))
+
+    def _choose_kind(
+        self,
+        request: TrainRequest,
+        data: "_Examples",
+        pooled_progress: Callable[[int, int], None],
+        progress: Progress,
+        cancelled: Callable[[], bool] | None,
+    ) -> tuple["_Fitted", KindChoice]:
+        """kind 'auto': each candidate kind in turn, cheapest first, within the time budget (service/kind_choice.py).
+
+        The pooled features are extracted before the clock starts: the budget
+        is for training, and every kind but finetune reads them from the cache.
+        """
+        budget_s = request.time_budget_s or DEFAULT_TIME_BUDGET_S
+        counts = torch.bincount(data.labels[data.train_idx], minlength=data.num_classes).tolist()
+        kinds, left_out = kinds_to_try(bool(request.auto_finetune), counts)
+        if len(data.holdout_idx) == 0:
+            fitted = self._fit(request, data, HeadKind.PROTOTYPE, pooled_progress, progress, cancelled)
+            why = "no hold-out to compare kinds on (no class has two examples)"
+            candidates = [KindCandidate(kind=HeadKind.PROTOTYPE, status="trained", note="fit on every example")]
+            candidates += [KindCandidate(kind=kind, status="skipped", note=why) for kind in kinds[1:]] + left_out
+            reason = f"prototype: {why}; it is the kind that learns from one example per class"
+            return fitted, KindChoice(
+                chosen=HeadKind.PROTOTYPE, reason=reason, time_budget_s=budget_s, candidates=candidates
+            )
+        backbone = data.backbone
+        self.extractor.features(backbone, backbone.num_blocks, data.shas, progress=pooled_progress, cancelled=cancelled)
+        budget = Budget(budget_s, cancelled)
+        y_holdout = data.labels[data.holdout_idx]
+        fitted_kinds: dict[HeadKind, _Fitted] = {}
+        candidates = []
+        for index, kind in enumerate(kinds):
+            if index > 0 and budget.spent():
+                candidates.append(KindCandidate(kind=kind, status="over_budget", note="not started: budget spent"))
+                continue
+
+            def part(event: ProgressEvent, index: int = index, kind: HeadKind = kind) -> None:
+                fraction = (index + event.fraction) / len(kinds)
+                progress(event.model_copy(update={"fraction": fraction, "message": f"{kind.value}: {event.message}"}))
+
+            started = time.monotonic()
+            try:  # the first kind always runs to the end, so that there is a winner
+                fitted = self._fit(request, data, kind, None, part, budget.check if index > 0 else cancelled)
+            except (Cancelled, TrainingCancelled):
+                if budget.cancelled():
+                    raise
+                seconds = time.monotonic() - started
+                candidates.append(KindCandidate(kind=kind, status="over_budget", seconds=seconds, note="stopped"))
+                continue
+            assert fitted.holdout_logits is not None  # there is a hold-out
+            candidate = KindCandidate(
+                kind=kind,
+                status="trained",
+                holdout_accuracy=accuracy(fitted.holdout_logits, y_holdout),
+                holdout_loss=F.cross_entropy(fitted.holdout_logits, y_holdout).item(),
+                seconds=time.monotonic() - started,
+            )
+            candidates.append(candidate)
+            fitted_kinds[kind] = fitted
+            progress(
+                ProgressEvent(
+                    phase="auto",
+                    fraction=(index + 1) / len(kinds),
+                    message=f"{kind.value}: hold-out accuracy {candidate.holdout_accuracy:.3f} "
+                    f"in {candidate.seconds:.1f} s",
+                    metrics={
+                        f"auto_accuracy_{kind.value}": candidate.holdout_accuracy,
+                        f"auto_seconds_{kind.value}": candidate.seconds,
+                    },
+                )
+            )
+        choice = choose_kind(candidates + left_out, budget_s)
+        progress(
+            ProgressEvent(phase="choose", fraction=1.0, message=choice.reason, metrics=kind_choice_metrics(choice))
+        )
+        return fitted_kinds[choice.chosen], choice
 
     def _choose_backbone(
         self,
@@ -352,6 +538,33 @@ class Trainer:
             )
         )
         return choice
+
+
+@dataclass(frozen=True)
+class _Examples:
+    """One run's examples on its backbone: what every kind's fit reads."""
+
+    backbone: Backbone
+    shas: list[str]
+    labels: torch.Tensor
+    train_idx: np.ndarray
+    holdout_idx: np.ndarray
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """A kind's best head, where it splits the backbone, and its hold-out logits (None: no hold-out)."""
+
+    result: TuneResult
+    split: int
+    holdout_logits: torch.Tensor | None
+
+    def metrics(self, data: _Examples, classes: list[str]) -> dict[str, Any]:
+        """The hold-out evaluation; without a hold-out, a note that says so instead of made-up numbers."""
+        if self.holdout_logits is None:
+            return {"num_examples": 0, "holdout": "none: no class has two examples, so every one trained the head"}
+        return evaluate(self.holdout_logits, data.labels[data.holdout_idx], classes).model_dump(mode="json")
 
 
 def choice_metrics(choice: Choice) -> dict[str, float]:

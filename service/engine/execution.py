@@ -5,10 +5,11 @@ Rows may ask for any mix of heads and kinds (docs/architecture.md, decisions 2 a
   the pooled output when a linear or mlp head (or an embedding) needs it;
 - a finetune head's rows continue from there to its own split point, then
   through its tail;
-- linear (row, head) pairs are batched matmuls over gathered weights, so a
-  batch of 1,000 different linear heads costs about as much as one. Heads are
-  grouped by size class (class count rounded up to a power of two) and each
-  step gathers at most ``GATHER_BUDGET_BYTES`` of weights, so one tenant's
+- linear and prototype (row, head) pairs are batched matmuls over gathered
+  weights (a prototype pair's features normalised around its head's centre
+  first), so a batch of 1,000 different linear heads costs about as much as
+  one. Heads are grouped by size class (class count rounded up to a power of
+  two) and each step gathers at most ``GATHER_BUDGET_BYTES`` of weights, so one tenant's
   1,000-class head neither pads everybody's 2-class heads nor balloons memory.
 
 A head whose computation fails fails only the rows that asked for it; the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.heads import HeadKind
+from adapters.heads import HeadKind, normalised
 from service.engine.backbones import Backbone
 from service.engine.head_cache import LoadedHead
 from service.errors import FailedPrecondition
@@ -60,7 +61,7 @@ def run_batch(
     logits: list[list[torch.Tensor | None]] = [[None] * len(heads) for heads in row_heads]
     failures: dict[int, FailedPrecondition] = {}  # id(head) -> why it failed
 
-    linear = [pair for pair in pairs if pair[2].kind is HeadKind.LINEAR]
+    linear = [pair for pair in pairs if pair[2].gathered]
     if linear:
         assert pooled is not None  # linear heads read the pooled features, so they were computed
         for chunk in linear_chunks(linear, pooled.shape[1], pooled.element_size()):
@@ -69,7 +70,7 @@ def run_batch(
     by_head: dict[int, list[tuple[int, int]]] = {}
     modules: dict[int, LoadedHead] = {}
     for row, slot, head in pairs:
-        if head.kind is not HeadKind.LINEAR:
+        if not head.gathered:
             by_head.setdefault(id(head), []).append((row, slot))
             modules[id(head)] = head
     for head_id, places in by_head.items():
@@ -141,7 +142,7 @@ def _run_linear_chunk(
 
             def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
                 weight, bias = head.linear
-                return pooled[rows] @ weight.T + bias
+                return head.inputs(pooled[rows]) @ weight.T + bias
 
             out = _guarded(head, len(places), forward, failures)
             if out is not None:
@@ -176,7 +177,16 @@ def _gathered_linear(pooled: torch.Tensor, pairs: list[Pair]) -> list[torch.Tens
         biases[i, :classes] = bias
     which = torch.tensor([distinct[id(head)] for _, _, head in pairs], device=pooled.device)
     rows = torch.tensor([row for row, _, _ in pairs], device=pooled.device)
-    out = torch.baddbmm(biases[which].unsqueeze(2), weights[which], pooled[rows].unsqueeze(2)).squeeze(2)
+    inputs = pooled[rows]
+    if any(head.centre is not None for head in heads):
+        centres = pooled.new_zeros((len(heads), dim), dtype=torch.float32)
+        centred = torch.zeros(len(heads), dtype=torch.bool, device=pooled.device)
+        for i, head in enumerate(heads):
+            if head.centre is not None:
+                centres[i], centred[i] = head.centre, True
+        unit = normalised(inputs.float(), centres[which]).to(inputs.dtype)
+        inputs = torch.where(centred[which, None], unit, inputs)
+    out = torch.baddbmm(biases[which].unsqueeze(2), weights[which], inputs.unsqueeze(2)).squeeze(2)
     return [out[i, : len(head.classes)] for i, (_, _, head) in enumerate(pairs)]
 
 

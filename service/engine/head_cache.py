@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from adapters.heads import HeadConfig, HeadKind, LinearHead, load_head
+from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, load_head, normalised
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
 from service.store.heads import HeadRegistry, HeadVersionInfo, imagenet_backbone
@@ -44,7 +44,9 @@ class LoadedHead:
     """A head ready to run on its backbone's device.
 
     Linear heads keep only their folded weight and bias (the engine gathers
-    them into one batched matmul); other kinds keep their module.
+    them into one batched matmul); prototype heads too, with the centre their
+    inputs are normalised around first (exact: the normalisation is per image,
+    the rest is a matmul); other kinds keep their module.
     """
 
     key: HeadKey
@@ -52,10 +54,11 @@ class LoadedHead:
     kind: HeadKind
     split_point: int
     classes: tuple[str, ...]
-    weight: torch.Tensor | None  # linear: [C, D], standardisation folded in
-    bias: torch.Tensor | None  # linear: [C]
+    weight: torch.Tensor | None  # linear: [C, D], standardisation folded in; prototype: temperature * prototypes
+    bias: torch.Tensor | None  # linear: [C]; prototype: zeros
     module: nn.Module | None  # mlp and finetune
     nbytes: int
+    centre: torch.Tensor | None = None  # prototype: [D], inputs are centred and L2-normalised before the matmul
 
     @property
     def name(self) -> str:
@@ -66,11 +69,22 @@ class LoadedHead:
         return self.key.version
 
     @property
+    def gathered(self) -> bool:
+        """Whether the engine runs this head as gathered weights (linear and prototype) rather than a module."""
+        return self.weight is not None
+
+    @property
     def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A linear head's folded (weight [C, D], bias [C])."""
+        """A gathered head's (weight [C, D], bias [C]), applied to its inputs (see ``inputs``)."""
         if self.weight is None or self.bias is None:
             raise TypeError(f"head {self.name} is {self.kind.value}, not linear")
         return self.weight, self.bias
+
+    def inputs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """What ``linear`` multiplies: the pooled features, normalised around the centre for a prototype head."""
+        if self.centre is None:
+            return pooled
+        return normalised(pooled.float(), self.centre.float()).to(pooled.dtype)
 
     @property
     def layers(self) -> nn.Module:
@@ -92,10 +106,14 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
     tail = backbone.fresh_tail(split) if config.kind is HeadKind.FINETUNE else None
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
-    weight = bias = module = None
+    weight = bias = module = centre = None
     if isinstance(head, LinearHead):
         weight, bias = (t.contiguous() for t in head.effective_weight_bias())
         nbytes = weight.nbytes + bias.nbytes
+    elif isinstance(head, PrototypeHead):
+        weight, centre = head.scaled_prototypes().contiguous(), head.centre
+        bias = weight.new_zeros(weight.shape[0])
+        nbytes = weight.nbytes + bias.nbytes + centre.nbytes
     else:
         module = head
         nbytes = sum(t.nbytes for t in head.state_dict().values())
@@ -109,6 +127,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         bias=bias,
         module=module,
         nbytes=nbytes,
+        centre=centre,
     )
 
 

@@ -18,11 +18,11 @@ from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
-from service.resources import ExportFormat, TrainingSpec
+from service.resources import ExportFormat, TrainingKind, TrainingSpec
 
 M = TypeVar("M", bound=Message)
 
-_ENUM_PREFIX: dict[type[Enum], str] = {HeadKind: "HEAD_KIND_", JobState: ""}
+_ENUM_PREFIX: dict[type[Enum], str] = {HeadKind: "HEAD_KIND_", TrainingKind: "HEAD_KIND_", JobState: ""}
 EXPORT_FORMATS = {api.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.SAFETENSORS,
                   api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
                   api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
@@ -53,7 +53,7 @@ def training_spec(spec: pb.TrainingSpec) -> TrainingSpec:
     """A TrainingSpec message as the resource: fields it does not set take the service's defaults."""
     fields = json_format.MessageToDict(spec, preserving_proto_field_name=True)
     kind = fields.pop("kind", "HEAD_KIND_UNSPECIFIED")
-    if kind not in ("HEAD_KIND_UNSPECIFIED", *(f"HEAD_KIND_{k.value.upper()}" for k in HeadKind)):
+    if kind not in ("HEAD_KIND_UNSPECIFIED", *(f"HEAD_KIND_{k.value.upper()}" for k in TrainingKind)):
         raise InvalidArgument(f"kind {kind} is not a known head kind; use one of "
                               f"{', '.join(pb.HeadKind.keys()[1:])}")  # fmt: skip
     if kind != "HEAD_KIND_UNSPECIFIED":

@@ -115,7 +115,8 @@ function trainingSpec(dataset, head) {
   const holdout = Number($("holdout").value);
   if (holdout) spec.holdout_fraction = holdout;
   if ($("seed").value !== "") spec.seed = Number($("seed").value);
-  if ($("epochs").value !== "") spec.hyperparams = { epochs: Number($("epochs").value) };
+  const tuned = !["prototype", "auto"].includes(spec.kind); // those take no hyper-parameters
+  if ($("epochs").value !== "" && tuned) spec.hyperparams = { epochs: Number($("epochs").value) };
   if ($("finetune-blocks").value !== "" && spec.kind === "finetune") spec.finetune_blocks = Number($("finetune-blocks").value);
   return spec;
 }

@@ -17,10 +17,14 @@ class HeadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEAD_KIND_LINEAR: _ClassVar[HeadKind]
     HEAD_KIND_MLP: _ClassVar[HeadKind]
     HEAD_KIND_FINETUNE: _ClassVar[HeadKind]
+    HEAD_KIND_PROTOTYPE: _ClassVar[HeadKind]
+    HEAD_KIND_AUTO: _ClassVar[HeadKind]
 HEAD_KIND_UNSPECIFIED: HeadKind
 HEAD_KIND_LINEAR: HeadKind
 HEAD_KIND_MLP: HeadKind
 HEAD_KIND_FINETUNE: HeadKind
+HEAD_KIND_PROTOTYPE: HeadKind
+HEAD_KIND_AUTO: HeadKind
 
 class Backbone(_message.Message):
     __slots__ = ("name", "pretrained", "weights_source", "feature_dim", "num_blocks", "split_points", "input_size", "notes")
@@ -159,7 +163,7 @@ class HyperParams(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., patience: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms")
+    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms", "time_budget_s", "auto_finetune")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +174,8 @@ class TrainingSpec(_message.Message):
     HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FINETUNE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     head: str
     backbone: str
@@ -180,7 +186,9 @@ class TrainingSpec(_message.Message):
     holdout_fraction: float
     seed: int
     latency_budget_ms: float
-    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ...) -> None: ...
+    time_budget_s: float
+    auto_finetune: bool
+    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., auto_finetune: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "state", "done", "phase", "progress", "message", "spec", "metrics", "head_version", "error", "create_time", "start_time", "end_time")
