@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
+from adapters.calibration import calibrate, calibration_report
 from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, head_state
@@ -273,7 +274,10 @@ class Trainer:
         )
         head = result.head.eval()
         with torch.no_grad():
-            metrics = evaluate(head(x_holdout), y_holdout, dataset.classes)
+            holdout_logits = head(x_holdout)
+        calibration = calibrate(holdout_logits, y_holdout, seed=request.seed)
+        # The metrics describe the scores clients get: the calibrated ones.
+        metrics = evaluate(holdout_logits / calibration.temperature, y_holdout, dataset.classes)
         report(ProgressEvent(phase="save", fraction=1.0, message="saving head", metrics={"accuracy": metrics.accuracy}))
         return self.heads.create_version(
             tenant,
@@ -283,10 +287,11 @@ class Trainer:
             split_point=split,
             kind=request.kind.value,
             classes=dataset.classes,
-            config=result.config.model_dump(mode="json"),
+            config=result.config.model_copy(update={"calibration": calibration}).model_dump(mode="json"),
             hyperparams=result.best.model_dump(mode="json"),
             metrics=finite(
                 {**metrics.model_dump(mode="json"), "trials": [t.model_dump(mode="json") for t in result.trials]}
+                | {"calibration": calibration_report(holdout_logits, y_holdout, calibration)}
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
             ),
             dataset_id=dataset.id,

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from adapters.calibration import Calibration, TemperatureScaled
 from adapters.heads import HeadConfig, HeadKind, LinearHead, load_head
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
@@ -44,7 +45,10 @@ class LoadedHead:
     """A head ready to run on its backbone's device.
 
     Linear heads keep only their folded weight and bias (the engine gathers
-    them into one batched matmul); other kinds keep their module.
+    them into one batched matmul); other kinds keep their module. Either way
+    the logits are already divided by the version's temperature, so their
+    softmax is the calibrated score; ``calibration`` also holds the hold-out
+    scores prediction sets need (None: an ImageNet head or an old version).
     """
 
     key: HeadKey
@@ -56,6 +60,7 @@ class LoadedHead:
     bias: torch.Tensor | None  # linear: [C]
     module: nn.Module | None  # mlp and finetune
     nbytes: int
+    calibration: Calibration | None = None
 
     @property
     def name(self) -> str:
@@ -93,11 +98,13 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
     weight = bias = module = None
+    temperature = config.calibration.temperature if config.calibration else 1.0
     if isinstance(head, LinearHead):
-        weight, bias = (t.contiguous() for t in head.effective_weight_bias())
+        # (x @ W.T + b) / T == x @ (W / T).T + b / T: calibration costs the gathered matmul nothing
+        weight, bias = (t.div(temperature).contiguous() for t in head.effective_weight_bias())
         nbytes = weight.nbytes + bias.nbytes
     else:
-        module = head
+        module = TemperatureScaled(head, temperature) if config.calibration else head
         nbytes = sum(t.nbytes for t in head.state_dict().values())
     return LoadedHead(
         key=head_key(info),
@@ -109,6 +116,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         bias=bias,
         module=module,
         nbytes=nbytes,
+        calibration=config.calibration,
     )
 
 
