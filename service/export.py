@@ -11,6 +11,7 @@ import json
 import torch
 from torch import nn
 
+from adapters.calibration import TemperatureScaled
 from adapters.heads import HeadConfig, HeadKind, load_head
 from service.engine.backbones import Backbone
 from service.store.heads import HeadVersionInfo
@@ -34,7 +35,9 @@ def export_torchscript(backbone: Backbone, info: HeadVersionInfo, tensors: dict[
     config = HeadConfig.model_validate(info.config)
     split = backbone.num_blocks if info.split_point is None else info.split_point  # None: the pooled features
     tail = backbone.fresh_tail(split) if config.kind is HeadKind.FINETUNE else None
-    head = load_head(config, tensors, tail)
+    head: nn.Module = load_head(config, tensors, tail)
+    if config.calibration is not None:  # the calibrated scores the service serves
+        head = TemperatureScaled(head, config.calibration.temperature)
     model = StandaloneModel(backbone.cpu_copy(0, split), split == backbone.num_blocks, head).eval()
     size = backbone.spec.crop_size
     with torch.no_grad():

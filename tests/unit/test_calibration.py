@@ -6,6 +6,7 @@ stored before graft calibrated heads do.
 """
 
 import base64
+import io
 import math
 
 import grpc
@@ -24,6 +25,7 @@ from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import FailedPrecondition, InvalidArgument
+from service.export import export_torchscript
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
@@ -31,6 +33,7 @@ from service.http.app import create_app
 from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.store.heads import HeadVersionInfo
+from service.store.images import decode_rgb
 from service.training import TrainRequest
 
 pytestmark = pytest.mark.anyio
@@ -150,6 +153,19 @@ async def test_mlp_heads_are_served_at_their_temperature_too(core, fashion, imag
     expected = (logits[0].double() / temperature).softmax(dim=0)
     served = {s.label: s.score for s in image.heads[0].top}
     assert [served[label] for label in version.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+async def test_the_exported_model_gives_the_calibrated_scores_the_service_serves(core, calibrated, images):
+    backbone = core.backbones[calibrated.backbone]
+    model = torch.jit.load(io.BytesIO(export_torchscript(backbone, calibrated, core.heads.load_tensors(calibrated))))
+    batch = torch.stack([backbone.preprocess(decode_rgb(data, name="image", max_bytes=1 << 20, max_pixels=1 << 20))
+                         for data in images[:2]])  # fmt: skip
+    with torch.no_grad():
+        exported = model(batch)
+    served = await predict(core, images[:2], ["fashion"], top_k=10)
+    for row, image in zip(exported, served, strict=True):
+        scores = {s.label: s.score for s in image.heads[0].top}
+        assert [scores[label] for label in calibrated.classes] == pytest.approx(row.tolist(), abs=1e-4)
 
 
 async def test_min_score_abstains_exactly_when_the_top_score_is_below_it(core, calibrated, images):
