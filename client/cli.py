@@ -309,7 +309,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 # The command line -------------------------------------------------------------------------------------------------
 
 
-def _fraction(option: str, lo: float, hi: float, *, closed: bool) -> Callable[[str], float]:
+def _fraction(lo: float, hi: float, *, closed: bool) -> Callable[[str], float]:
     """An argparse type: a number in [lo, hi] (closed) or (lo, hi), with a message that says which."""
 
     def parse(text: str) -> float:
@@ -319,7 +319,7 @@ def _fraction(option: str, lo: float, hi: float, *, closed: bool) -> Callable[[s
             value = math.nan
         if not (lo <= value <= hi if closed else lo < value < hi):
             bounds = f"from {lo:g} to {hi:g}" if closed else f"between {lo:g} and {hi:g} (exclusive)"
-            raise argparse.ArgumentTypeError(f"{option} must be a number {bounds}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
         return value
 
     return parse
@@ -362,11 +362,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int, default=1)
     sub.add_argument(
         "--min-score",
-        type=_fraction("--min-score", 0.0, 1.0, closed=True),
+        type=_fraction(0.0, 1.0, closed=True),
         default=0.0,
         help=f"answer '{UNKNOWN}' where a head's top (calibrated) score is below this, from 0 to 1",
     )
-    sub.add_argument("--coverage", type=_fraction("--coverage", 0.0, 1.0, closed=False),
+    sub.add_argument("--coverage", type=_fraction(0.0, 1.0, closed=False),
                      help="add each head's prediction set: the labels holding the true one with this probability "
                      "(between 0 and 1, e.g. 0.9)")  # fmt: skip
     sub.add_argument("--batch-size", type=int, default=16, help="images per request")
