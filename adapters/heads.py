@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from adapters.calibration import Calibration
 from adapters.errors import InvalidInput
 
 # A feature whose spread is below this is treated as constant: it is centred but
@@ -37,7 +38,9 @@ class HeadConfig(BaseModel):
     `in_features` is the channel count at the split point (the pooled feature
     size for linear/mlp). For finetune, the tail itself comes from the backbone:
     `tail_blocks` records how many trailing blocks the caller copied and
-    `tail_out_channels` how many channels those blocks emit.
+    `tail_out_channels` how many channels those blocks emit. `calibration` is
+    how to read its logits (adapters/calibration.py); versions stored before
+    graft calibrated heads have none and serve their raw softmax.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -49,6 +52,7 @@ class HeadConfig(BaseModel):
     dropout: float = Field(ge=0.0, lt=0.9)
     tail_blocks: int | None = Field(default=None, ge=1)
     tail_out_channels: int | None = Field(default=None, ge=1)
+    calibration: Calibration | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -78,6 +78,12 @@ def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetr
     )
 
 
+def calibration_error(logits: Tensor, labels: Tensor) -> float:
+    """Expected calibration error of ``logits``' top-1 softmax scores (the same bins as ``evaluate``)."""
+    confidence, predicted = logits.detach().to("cpu", torch.float32).softmax(dim=1).max(dim=1)
+    return _expected_calibration_error(_reliability(confidence, predicted == labels.detach().to("cpu")))
+
+
 def _per_class(confusion: Tensor, class_names: list[str]) -> list[ClassMetrics]:
     """Precision, recall and F1 per class; an empty denominator counts as 0, never NaN."""
     true_positives = confusion.diag().double()

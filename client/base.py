@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
+from pydantic import BaseModel
+
 from client import sources
 from client.errors import Unavailable
 from client.models import (
@@ -37,6 +39,15 @@ Image = str | os.PathLike | bytes | Any  # a path, encoded bytes, or a PIL image
 DEFAULT_TIMEOUT_S = 60.0
 AUDIT_TIMEOUT_S = 600.0  # an audit of a new dataset computes its features first
 PREDICT_BATCH = 16  # images per request (the server takes up to GRAFT_MAX_IMAGES_PER_REQUEST, 64 by default)
+
+
+class PredictOptions(BaseModel):
+    """What a predict call asks of every head (the server checks the bounds and says what is wrong)."""
+
+    top_k: int = 5
+    include_embedding: bool = False
+    min_score: float = 0.0
+    coverage: float | None = None
 
 
 class Client(ABC):
@@ -179,13 +190,17 @@ class Client(ABC):
     # Prediction ---------------------------------------------------------------------------------------------------
 
     def predict(self, images: Iterable[Image], heads: str | list[str], *, top_k: int = 5,
-                include_embedding: bool = False, batch_size: int = PREDICT_BATCH,
-                concurrency: int = 4) -> list[ImagePrediction]:  # fmt: skip
+                include_embedding: bool = False, min_score: float = 0.0, coverage: float | None = None,
+                batch_size: int = PREDICT_BATCH, concurrency: int = 4) -> list[ImagePrediction]:  # fmt: skip
         """Top-k labels of each image for each head (``name``, ``name@3`` or ``name:alias``), in order.
 
-        Images are sent in batches of ``batch_size``, ``concurrency`` batches at once; one trunk pass on
-        the server serves every head named here.
+        A head whose top score is below ``min_score`` answers ``abstained``; with ``coverage`` (e.g. 0.9)
+        each answer carries a ``prediction_set`` holding the true label with that probability. Images are
+        sent in batches of ``batch_size``, ``concurrency`` batches at once; one trunk pass on the server
+        serves every head named here.
         """
+        options = PredictOptions(top_k=top_k, include_embedding=include_embedding, min_score=min_score,
+                                 coverage=coverage)  # fmt: skip
         head_list = [heads] if isinstance(heads, str) else list(heads)
         batches: list[list[Image]] = []
         for image in images:
@@ -195,14 +210,13 @@ class Client(ABC):
 
         def run(batch: list[Image]) -> list[ImagePrediction]:
             data = [_image_bytes(image) for image in batch]
-            return self.retry.call(lambda: self._predict(data, head_list, top_k, include_embedding))
+            return self.retry.call(lambda: self._predict(data, head_list, options))
 
         with ThreadPoolExecutor(max(1, min(concurrency, len(batches)))) as pool:
             return [prediction for answer in pool.map(run, batches) for prediction in answer]
 
     @abstractmethod
-    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
-                 include_embedding: bool) -> list[ImagePrediction]: ...  # fmt: skip
+    def _predict(self, images: list[bytes], heads: list[str], options: PredictOptions) -> list[ImagePrediction]: ...
 
     # Backbones ----------------------------------------------------------------------------------------------------
 

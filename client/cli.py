@@ -4,6 +4,7 @@
     graft train textiles --head textiles          # live progress until the job ends
     graft predict textiles photos/                # a table; --json / --csv for pipes
     graft audit textiles                          # images whose label is probably wrong
+    graft predict textiles photos/ --min-score 0.8 --coverage 0.9   # "unknown" below 0.8; 90 % label sets
 
 Server, transport and key: --url / --api-key, else GRAFT_URL / GRAFT_API_KEY, else the
 config file (client/config.py). Exit codes: 0 success, 1 the server refused or failed
@@ -14,6 +15,7 @@ config file (client/config.py). Exit codes: 0 success, 1 the server refused or f
 import argparse
 import csv
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -29,6 +31,9 @@ from client.progress import ProgressBar, human_bytes
 from client.retry import RetryPolicy
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+UNKNOWN = "unknown"  # the label shown where a head abstains (its top score is below --min-score)
 
 
 class UsageError(Exception):
@@ -179,21 +184,24 @@ def predict(graft: Client, args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("no image files given: name files or a directory of images")
     heads = args.head.split(",")
-    predictions = graft.predict(files, heads, top_k=args.top_k, batch_size=args.batch_size,
-                                concurrency=args.concurrency)  # fmt: skip
-    rows = list(_prediction_rows(files, predictions))
+    predictions = graft.predict(files, heads, top_k=args.top_k, min_score=args.min_score, coverage=args.coverage,
+                                batch_size=args.batch_size, concurrency=args.concurrency)  # fmt: skip
+    # Columns for --min-score / --coverage only when asked for: scripts reading the plain CSV keep working.
+    extra = (["abstained"] if args.min_score else []) + (["prediction_set"] if args.coverage else [])
     if args.json:
         for path, prediction in zip(files, predictions, strict=True):
             print(json.dumps({"file": str(path)} | prediction.model_dump(exclude_none=True)))
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "head", "version", "rank", "label", "score"])
-        writer.writerows(rows)
-    else:
+        writer.writerow(["file", "head", "version", "rank", "label", "score", *extra])
+        writer.writerows(_prediction_rows(files, predictions, extra))
+    else:  # the best label per head; "unknown" where the head abstains; then its prediction set
         _table(
-            ["file", "head", "label", "score"],
-            [[r[0], f"{r[1]}@{r[2]}", r[4], f"{r[5]:.3f}"] for r in rows if r[3] == 1],
-        )
+            ["file", "head", "label", "score", *(["set"] if args.coverage else [])],
+            [[str(path), f"{head.head}@{head.version}", UNKNOWN if head.abstained else head.top[0].label,
+              f"{head.top[0].score:.3f}", *([" ".join(head.prediction_set or [])] if args.coverage else [])]
+             for path, prediction in zip(files, predictions, strict=True) for head in prediction.heads],
+        )  # fmt: skip
     return 0
 
 
@@ -207,11 +215,13 @@ def _image_files(paths: list[Path]) -> Iterator[Path]:
             raise UsageError(f"{path} does not exist")
 
 
-def _prediction_rows(files: list[Path], predictions: list[ImagePrediction]) -> Iterator[list[Any]]:
+def _prediction_rows(files: list[Path], predictions: list[ImagePrediction], extra: list[str]) -> Iterator[list[Any]]:
+    """file, head, version, rank, label, score, then the ``extra`` columns: abstained, prediction_set (';'-joined)."""
     for path, prediction in zip(files, predictions, strict=True):
         for head in prediction.heads:
+            more = {"abstained": head.abstained, "prediction_set": ";".join(head.prediction_set or [])}
             for rank, top in enumerate(head.top, start=1):
-                yield [str(path), head.head, head.version, rank, top.label, top.score]
+                yield [str(path), head.head, head.version, rank, top.label, top.score, *(more[c] for c in extra)]
 
 
 def heads(graft: Client, args: argparse.Namespace) -> int:
@@ -327,6 +337,22 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 # The command line -------------------------------------------------------------------------------------------------
 
 
+def _fraction(lo: float, hi: float, *, closed: bool) -> Callable[[str], float]:
+    """An argparse type: a number in [lo, hi] (closed) or (lo, hi), with a message that says which."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (lo <= value <= hi if closed else lo < value < hi):
+            bounds = f"from {lo:g} to {hi:g}" if closed else f"between {lo:g} and {hi:g} (exclusive)"
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -365,6 +391,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias; several separated by commas")
     sub.add_argument("files", nargs="+", metavar="FILE|DIR")
     sub.add_argument("--top-k", type=int, default=1)
+    sub.add_argument(
+        "--min-score",
+        type=_fraction(0.0, 1.0, closed=True),
+        default=0.0,
+        help=f"answer '{UNKNOWN}' where a head's top (calibrated) score is below this, from 0 to 1",
+    )
+    sub.add_argument("--coverage", type=_fraction(0.0, 1.0, closed=False),
+                     help="add each head's prediction set: the labels holding the true one with this probability "
+                     "(between 0 and 1, e.g. 0.9)")  # fmt: skip
     sub.add_argument("--batch-size", type=int, default=16, help="images per request")
     sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     output = sub.add_mutually_exclusive_group()

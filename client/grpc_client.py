@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
-from client.base import AUDIT_TIMEOUT_S, Client, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
 from client.models import Backbone, Dataset, DatasetAudit, Head, ImagePrediction, Job, TrainingSpec
 from client.retry import DEFAULT_RETRY, RetryPolicy
@@ -204,13 +204,16 @@ class GrpcClient(Client):
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 
-    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
-                 include_embedding: bool) -> list[ImagePrediction]:  # fmt: skip
-        request = api.PredictRequest(images=images, heads=heads, top_k=top_k, include_embedding=include_embedding)
+    def _predict(self, images: list[bytes], heads: list[str], options: PredictOptions) -> list[ImagePrediction]:
+        request = api.PredictRequest(images=images, heads=heads, **options.model_dump(exclude_none=True))
         reply = self._invoke(self._predictions.Predict, request)
-        # proto3 has no null: an embedding not asked for is an empty list, None over HTTP.
-        return [ImagePrediction.model_validate(_json(p) | ({} if include_embedding else {"embedding": None}))
-                for p in reply.predictions]  # fmt: skip
+        # proto3 has no null: an embedding or a set not asked for is an empty list, None over HTTP.
+        predictions = [ImagePrediction.model_validate(_json(p)) for p in reply.predictions]
+        for prediction in predictions:
+            prediction.embedding = prediction.embedding if options.include_embedding else None
+            for head in prediction.heads:
+                head.prediction_set = (head.prediction_set or []) if options.coverage else None
+        return predictions
 
     def list_backbones(self) -> list[Backbone]:
         reply = self._call(self._backbones.ListBackbones, api.ListBackbonesRequest())

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from client.base import AUDIT_TIMEOUT_S, Client, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress
 from client.errors import DeadlineExceeded, Unavailable, error_for_status
 from client.models import (
     Backbone,
@@ -156,10 +156,10 @@ class HttpClient(Client):
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 
-    def _predict(self, images: list[bytes], heads: list[str], top_k: int,
-                 include_embedding: bool) -> list[ImagePrediction]:  # fmt: skip
+    def _predict(self, images: list[bytes], heads: list[str], options: PredictOptions) -> list[ImagePrediction]:
         files = [("files", (f"image_{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
-        data = {"heads": heads, "top_k": str(top_k), "include_embedding": str(include_embedding).lower()}
+        fields = options.model_dump(exclude_none=True)
+        data = {"heads": heads} | {key: str(value).lower() for key, value in fields.items()}
         answer = self._send("POST", "/v1/predict:upload", files=files, data=data).json()
         return [ImagePrediction.model_validate(p) for p in answer["predictions"]]
 

@@ -172,7 +172,11 @@ class LabelScore(BaseModel):
 class HeadPrediction(BaseModel):
     head: str
     version: int
-    top: list[LabelScore]
+    top: list[LabelScore] = Field(description="calibrated scores, best first")
+    abstained: bool = Field(False, description="the top score is below the request's min_score: treat as unknown")
+    prediction_set: list[str] | None = Field(
+        None, description="with coverage: labels holding the true one, likeliest first"
+    )
 
 
 class ImagePrediction(BaseModel):

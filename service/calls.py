@@ -271,12 +271,21 @@ class Calls:
     # -- predictions -----------------------------------------------------------------
 
     async def predict(
-        self, images: list[bytes], heads: list[str], top_k: int, include_embedding: bool, door: str
+        self,
+        images: list[bytes],
+        heads: list[str],
+        top_k: int,
+        include_embedding: bool,
+        door: str,
+        *,
+        min_score: float = 0.0,
+        coverage: float | None = None,
     ) -> list[ImagePrediction]:
         refs = [head_ref(ref) for ref in heads]
         return await self.runtime.predictor.predict(
-            self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K, embedding=include_embedding, door=door
-        )
+            self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K, embedding=include_embedding,
+            min_score=min_score, coverage=coverage, door=door,
+        )  # fmt: skip
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, str | None]:

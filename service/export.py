@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from adapters.calibration import TemperatureScaled
 from adapters.heads import HeadConfig, HeadKind, load_head
 from service.engine.backbones import Backbone
 from service.errors import GraftError, InvalidArgument, NotFound
@@ -111,7 +112,10 @@ class ExportModel(nn.Module):
         for info, weights, split in zip(heads, tensors, self.splits, strict=True):
             config = HeadConfig.model_validate(info.config)
             tail = backbone.fresh_tail(split).requires_grad_(False) if config.kind is HeadKind.FINETUNE else None
-            modules.append(load_head(config, weights, tail))
+            head: nn.Module = load_head(config, weights, tail)
+            if config.calibration is not None:  # the calibrated scores the service serves
+                head = TemperatureScaled(head, config.calibration.temperature)
+            modules.append(head)
         self.heads = nn.ModuleList(modules)
         self.eval().requires_grad_(False)
 

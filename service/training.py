@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 from sqlalchemy.orm import Session
 
 from adapters.audit import audit_labels, audit_summary
+from adapters.calibration import Calibration, calibrate, calibration_report
 from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, PrototypeHead, head_state
@@ -304,7 +305,9 @@ class Trainer:
             fitted, kind_choice = self._choose_kind(request, data, pooled_progress, training_progress, cancelled)
         else:
             fitted = self._fit(request, data, HeadKind(request.kind), pooled_progress, training_progress, cancelled)
-        metrics = fitted.metrics(data, dataset.classes)
+        result = fitted.result
+        calibration = fitted.calibration(data, request.seed)
+        metrics = fitted.metrics(data, dataset.classes, calibration)
         audit = self._audit(request, data, fitted, dataset, report, cancelled)
         report(
             ProgressEvent(
@@ -314,7 +317,6 @@ class Trainer:
                 metrics={"accuracy": metrics["accuracy"]} if "accuracy" in metrics else {},
             )
         )
-        result = fitted.result
         return self.heads.create_version(
             tenant,
             request.head_name,
@@ -323,7 +325,7 @@ class Trainer:
             split_point=fitted.split,
             kind=result.config.kind.value,
             classes=dataset.classes,
-            config=result.config.model_dump(mode="json"),
+            config=result.config.model_copy(update={"calibration": calibration}).model_dump(mode="json"),
             hyperparams=result.best.model_dump(mode="json"),
             metrics=finite(
                 {**metrics, "trials": [t.model_dump(mode="json") for t in result.trials]}
@@ -560,11 +562,24 @@ class _Fitted:
     split: int
     holdout_logits: torch.Tensor | None
 
-    def metrics(self, data: _Examples, classes: list[str]) -> dict[str, Any]:
-        """The hold-out evaluation; without a hold-out, a note that says so instead of made-up numbers."""
+    def calibration(self, data: _Examples, seed: int) -> Calibration | None:
+        """Temperature and conformal scores fitted on the hold-out (None: there is no hold-out)."""
         if self.holdout_logits is None:
+            return None
+        return calibrate(self.holdout_logits, data.labels[data.holdout_idx], seed=seed)
+
+    def metrics(self, data: _Examples, classes: list[str], calibration: Calibration | None) -> dict[str, Any]:
+        """The hold-out evaluation; without a hold-out, a note that says so instead of made-up numbers.
+
+        The metrics describe the scores clients get: the calibrated ones.
+        """
+        if self.holdout_logits is None or calibration is None:
             return {"num_examples": 0, "holdout": "none: no class has two examples, so every one trained the head"}
-        return evaluate(self.holdout_logits, data.labels[data.holdout_idx], classes).model_dump(mode="json")
+        y_holdout = data.labels[data.holdout_idx]
+        calibrated = evaluate(self.holdout_logits / calibration.temperature, y_holdout, classes)
+        return calibrated.model_dump(mode="json") | {
+            "calibration": calibration_report(self.holdout_logits, y_holdout, calibration)
+        }
 
 
 def choice_metrics(choice: Choice) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from adapters.calibration import Calibration, TemperatureScaled
 from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, load_head, normalised
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
@@ -46,7 +47,10 @@ class LoadedHead:
     Linear heads keep only their folded weight and bias (the engine gathers
     them into one batched matmul); prototype heads too, with the centre their
     inputs are normalised around first (exact: the normalisation is per image,
-    the rest is a matmul); other kinds keep their module.
+    the rest is a matmul); other kinds keep their module. Either way the logits
+    are already divided by the version's temperature, so their softmax is the
+    calibrated score; ``calibration`` also holds the hold-out scores prediction
+    sets need (None: an ImageNet head or an old version).
     """
 
     key: HeadKey
@@ -59,6 +63,7 @@ class LoadedHead:
     module: nn.Module | None  # mlp and finetune
     nbytes: int
     centre: torch.Tensor | None = None  # prototype: [D], inputs are centred and L2-normalised before the matmul
+    calibration: Calibration | None = None
 
     @property
     def name(self) -> str:
@@ -107,15 +112,17 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
     weight = bias = module = centre = None
+    temperature = config.calibration.temperature if config.calibration else 1.0
     if isinstance(head, LinearHead):
-        weight, bias = (t.contiguous() for t in head.effective_weight_bias())
+        # (x @ W.T + b) / T == x @ (W / T).T + b / T: calibration costs the gathered matmul nothing
+        weight, bias = (t.div(temperature).contiguous() for t in head.effective_weight_bias())
         nbytes = weight.nbytes + bias.nbytes
     elif isinstance(head, PrototypeHead):
-        weight, centre = head.scaled_prototypes().contiguous(), head.centre
+        weight, centre = head.scaled_prototypes().div(temperature).contiguous(), head.centre
         bias = weight.new_zeros(weight.shape[0])
         nbytes = weight.nbytes + bias.nbytes + centre.nbytes
     else:
-        module = head
+        module = TemperatureScaled(head, temperature) if config.calibration else head
         nbytes = sum(t.nbytes for t in head.state_dict().values())
     return LoadedHead(
         key=head_key(info),
@@ -128,6 +135,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
         module=module,
         nbytes=nbytes,
         centre=centre,
+        calibration=config.calibration,
     )
 
 

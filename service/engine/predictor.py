@@ -19,19 +19,21 @@ import asyncio
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from adapters.calibration import prediction_set
 from service.config import Settings
 from service.engine.backbones import Backbone
 from service.engine.batcher import Batcher
 from service.engine.device import use_one_torch_thread
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
-from service.errors import InvalidArgument, ResourceExhausted
+from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.quotas import PredictionRate
 
 
@@ -44,6 +46,12 @@ class HeadPrediction(BaseModel):
     head: str
     version: int
     top: list[LabelScore]
+    abstained: bool = Field(
+        False, description="the top score is below the request's min_score: do not act on `top` unchecked"
+    )
+    prediction_set: list[str] | None = Field(
+        None, description="with `coverage`: the labels that contain the true one with that probability, likeliest first"
+    )
 
 
 class ImagePrediction(BaseModel):
@@ -57,6 +65,60 @@ class EngineMetrics(Protocol):
     def batch(self, backbone: str, size: int, queue_depth: int) -> None: ...
 
     def predictions(self, kind: str, door: str, count: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a request asks of each head's scores: how many, when to abstain, and whether to add a set."""
+
+    top_k: int
+    min_score: float
+    coverage: float | None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_score <= 1.0:
+            raise InvalidArgument(f"min_score must be between 0 and 1 (0: never abstain), got {self.min_score:g}")
+        if self.coverage is not None and not 0.0 < self.coverage < 1.0:
+            raise InvalidArgument(f"coverage must be between 0 and 1 (exclusive), e.g. 0.9; got {self.coverage:g}")
+
+    def thresholds(self, heads: list[LoadedHead]) -> dict[HeadKey, float]:
+        """Each head's conformal threshold for the requested coverage; none asked, none computed."""
+        if self.coverage is None:
+            return {}
+        out = {}
+        for head in heads:
+            calibration = head.calibration
+            if calibration is None:
+                raise FailedPrecondition(
+                    f"head '{head.name}' version {head.version} has no hold-out calibration (an ImageNet head, or "
+                    "trained before graft calibrated heads), so it cannot promise a coverage; train it again",
+                    head=head.name, version=head.version,
+                )  # fmt: skip
+            if self.coverage > calibration.max_coverage:
+                n = len(calibration.scores)
+                raise FailedPrecondition(
+                    f"head '{head.name}' version {head.version} was calibrated on {n} hold-out images: it can promise "
+                    f"a coverage of at most {calibration.max_coverage:.4f} (n/(n+1)), not {self.coverage:g}; ask for "
+                    "less, or train it on more images",
+                    head=head.name, version=head.version, max_coverage=calibration.max_coverage,
+                )  # fmt: skip
+            out[head.key] = calibration.threshold(self.coverage)
+        return out
+
+    def of(self, head: LoadedHead, logits: torch.Tensor, threshold: float | None) -> HeadPrediction:
+        """The head's answer for one image (its logits are already temperature-scaled: head_cache.py)."""
+        scores = torch.softmax(logits.float(), dim=0)
+        best = scores.topk(min(self.top_k, scores.shape[0]))
+        return HeadPrediction(
+            head=head.name,
+            version=head.version,
+            top=[
+                LabelScore(label=head.classes[i], score=float(s))
+                for s, i in zip(best.values, best.indices, strict=True)
+            ],
+            abstained=float(best.values[0]) < self.min_score,
+            prediction_set=None if threshold is None else [head.classes[i] for i in prediction_set(scores, threshold)],
+        )
 
 
 class Predictor:
@@ -100,17 +162,22 @@ class Predictor:
         *,
         top_k: int = 5,
         embedding: bool = False,
+        min_score: float = 0.0,
+        coverage: float | None = None,
         door: str = "engine",
     ) -> list[ImagePrediction]:
         """One answer per image, listing one prediction per entry of ``head_refs``, in order.
 
+        A head's answer is ``abstained`` when its top calibrated score is below
+        ``min_score``; with ``coverage`` it carries a conformal prediction set.
         ``door`` names the caller ("http", "grpc") for metrics only.
         """
         self._check_request(images, head_refs, top_k)
+        answer = Answer(top_k=top_k, min_score=min_score, coverage=coverage)
         self.rate.take(tenant, len(images))
         self._admit(len(images))
         try:
-            return await self._predict(tenant, images, head_refs, top_k, embedding, door)
+            return await self._predict(tenant, images, head_refs, answer, embedding, door)
         finally:
             self._admitted -= len(images)
 
@@ -125,10 +192,11 @@ class Predictor:
         self._admitted += count
 
     async def _predict(
-        self, tenant: str, images: list[bytes], head_refs: list[str], top_k: int, embedding: bool, door: str
+        self, tenant: str, images: list[bytes], head_refs: list[str], answer: Answer, embedding: bool, door: str
     ) -> list[ImagePrediction]:
         by_ref = await self._load_heads(tenant, head_refs)
         heads = list({head.key: head for head in by_ref.values()}.values())  # one per version, however named
+        thresholds = answer.thresholds(heads)  # before any image is decoded: a head that cannot answer fails now
         by_backbone: dict[str, list[LoadedHead]] = {}
         for head in heads:
             by_backbone.setdefault(head.backbone, []).append(head)
@@ -147,7 +215,7 @@ class Predictor:
                 tensor = await loop.run_in_executor(self._decode, prepare)
                 row = await self.batchers[backbone_name].submit(tensor, group, want_embedding=embedding)
                 for head, logits in zip(group, row.logits, strict=True):
-                    results[head.key] = _top_k(head, logits, top_k)
+                    results[head.key] = answer.of(head, logits, thresholds.get(head.key))
                 if row.embedding is not None and pooled is None:
                     pooled = row.embedding.tolist()
             return ImagePrediction(heads=[results[by_ref[ref].key] for ref in head_refs], embedding=pooled)
@@ -196,13 +264,3 @@ def decode_workers() -> int:
     """Half the cores this process may use (at least one): the trunk needs the rest."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // 2)
-
-
-def _top_k(head: LoadedHead, logits: torch.Tensor, k: int) -> HeadPrediction:
-    scores = torch.softmax(logits.float(), dim=0)
-    best = scores.topk(min(k, scores.shape[0]))
-    return HeadPrediction(
-        head=head.name,
-        version=head.version,
-        top=[LabelScore(label=head.classes[i], score=float(s)) for s, i in zip(best.values, best.indices, strict=True)],
-    )

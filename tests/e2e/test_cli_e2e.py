@@ -130,6 +130,14 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     )
     assert as_csv.stdout.splitlines()[0] == "file,head,version,rank,label,score"
     assert len(as_csv.stdout.splitlines()) == 1 + 2 * len(HELD_OUT)
+    # No score reaches 1: every head abstains ("unknown"); each prediction set starts with the best label.
+    unsure = graft("predict", "weave", str(images / "held_out"), "--min-score", "1", "--coverage", "0.5",
+                   url=server.http_url, key=tenant)  # fmt: skip
+    assert unsure.returncode == 0, unsure.stderr
+    assert [row.split()[2] for row in unsure.stdout.splitlines()[1:]] == ["unknown"] * len(HELD_OUT)
+    assert [row.split()[4] for row in unsure.stdout.splitlines()[1:]] == labels  # the set column, best label first
+    bad = graft("predict", "weave", str(images / "held_out"), "--coverage", "1", url=server.http_url, key=tenant)
+    assert bad.returncode == 2 and "argument --coverage: must be a number between 0 and 1" in bad.stderr
 
     alias = graft("alias", "weave", "prod", "1", url=server.http_url, key=tenant)
     assert alias.returncode == 0 and "weave:prod -> version 1" in alias.stdout
@@ -192,6 +200,9 @@ def test_the_python_client_uploads_trains_and_predicts(server, images, tenant, t
         assert all(sorted(t.label for t in p.heads[0].top) == CLASSES for p in predictions)
         labels = [p.heads[0].top[0].label for p in predictions]
         assert sum(label == n.split("/")[0] for label, n in zip(labels, HELD_OUT, strict=True)) >= 6
+        assert all(not p.heads[0].abstained and p.heads[0].prediction_set is None for p in predictions)
+        unsure = client.predict([images / "held_out" / HELD_OUT[0]], head.display, min_score=1.0, coverage=0.5)
+        assert unsure[0].heads[0].abstained and unsure[0].heads[0].prediction_set[0] == labels[0]
 
         client.set_alias(head.display, "prod", 1)
         assert client.get_head(head.display).aliases["prod"] == 1

@@ -218,14 +218,18 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class HeadPrediction(_message.Message):
-    __slots__ = ("head", "version", "top")
+    __slots__ = ("head", "version", "top", "abstained", "prediction_set")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_SET_FIELD_NUMBER: _ClassVar[int]
     head: str
     version: int
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
-    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+    abstained: bool
+    prediction_set: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., abstained: _Optional[bool] = ..., prediction_set: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImagePrediction(_message.Message):
     __slots__ = ("heads", "embedding")
@@ -236,16 +240,20 @@ class ImagePrediction(_message.Message):
     def __init__(self, heads: _Optional[_Iterable[_Union[HeadPrediction, _Mapping]]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "heads", "top_k", "include_embedding")
+    __slots__ = ("images", "heads", "top_k", "include_embedding", "min_score", "coverage")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     heads: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     include_embedding: bool
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ...) -> None: ...
+    min_score: float
+    coverage: float
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions",)
@@ -254,18 +262,22 @@ class PredictResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[ImagePrediction, _Mapping]]] = ...) -> None: ...
 
 class StreamPredictRequest(_message.Message):
-    __slots__ = ("request_id", "image", "heads", "top_k", "include_embedding")
+    __slots__ = ("request_id", "image", "heads", "top_k", "include_embedding", "min_score", "coverage")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: bytes
     heads: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     include_embedding: bool
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ...) -> None: ...
+    min_score: float
+    coverage: float
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ...) -> None: ...
 
 class StreamPredictResponse(_message.Message):
     __slots__ = ("request_id", "prediction", "error_code", "error_message")
