@@ -6,11 +6,11 @@ stored before graft calibrated heads do.
 """
 
 import base64
-import io
 import math
 
 import grpc
 import httpx
+import onnxruntime
 import pytest
 import torch
 
@@ -25,7 +25,7 @@ from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import FailedPrecondition, InvalidArgument
-from service.export import export_torchscript
+from service.export import export_onnx
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
@@ -157,11 +157,12 @@ async def test_mlp_heads_are_served_at_their_temperature_too(core, fashion, imag
 
 async def test_the_exported_model_gives_the_calibrated_scores_the_service_serves(core, calibrated, images):
     backbone = core.backbones[calibrated.backbone]
-    model = torch.jit.load(io.BytesIO(export_torchscript(backbone, calibrated, core.heads.load_tensors(calibrated))))
+    onnx_file = export_onnx(backbone, [calibrated], [core.heads.load_tensors(calibrated)], images[:2],
+                            [calibrated.dataset_id], max_pixels=1 << 20)  # fmt: skip
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     batch = torch.stack([backbone.preprocess(decode_rgb(data, name="image", max_bytes=1 << 20, max_pixels=1 << 20))
                          for data in images[:2]])  # fmt: skip
-    with torch.no_grad():
-        exported = model(batch)
+    [exported] = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
     served = await predict(core, images[:2], ["fashion"], top_k=10)
     for row, image in zip(exported, served, strict=True):
         scores = {s.label: s.score for s in image.heads[0].top}
