@@ -80,7 +80,7 @@ async def test_a_prototype_head_learns_from_one_image_per_class_and_says_it_has_
 
 
 @pytest.mark.anyio
-async def test_prototype_scores_through_the_predict_path_are_the_softmax_of_the_stored_module(
+async def test_prototype_scores_through_the_predict_path_are_the_calibrated_softmax_of_the_stored_module(
     core, few_shot, test_images
 ):
     version = core.trainer.train(TENANT, TrainRequest(dataset_id=few_shot.id, head_name="proto", kind="prototype"))
@@ -89,12 +89,14 @@ async def test_prototype_scores_through_the_predict_path_are_the_softmax_of_the_
     answers = await predict(core, images, ["proto"], top_k=10)
 
     backbone = core.backbones["mobilenet_v2"]
-    module = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version))
+    config = HeadConfig.model_validate(version.config)
+    module = load_head(config, core.heads.load_tensors(version))
+    temperature = config.calibration.temperature if config.calibration else 1.0
     pixels = torch.stack(
         [prepare_image(backbone, data, name="x", max_bytes=1 << 24, max_pixels=1 << 24) for data in images]
     )
     with torch.no_grad():
-        expected = torch.softmax(module(backbone.features(pixels)), dim=1)
+        expected = torch.softmax(module(backbone.features(pixels)) / temperature, dim=1)
     for answer, probabilities in zip(answers, expected, strict=True):
         scores = {score.label: score.score for score in answer.heads[0].top}
         assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
