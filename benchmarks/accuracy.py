@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from adapters.heads import HeadConfig, HeadKind, load_head
 from adapters.splits import stratified_split
+from adapters.trainer import ProgressEvent
 from adapters.tuning import default_search_space
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
@@ -73,9 +74,11 @@ def backbone_comparison(core: Core, prefix: str, train_items: list, test_items: 
     result: dict[str, float | str] = {}
     for backbone, key in BACKBONE_KEYS.items():
         request = TrainRequest(dataset_id=train.id, head_name=f"{prefix}-{key}", backbone=backbone)
-        version = core.trainer.train(
-            TENANT, request, progress=lambda e, b=backbone: print(f"  {prefix} {b} {e.message}", file=sys.stderr)
-        )
+
+        def report(event: ProgressEvent, arm: str = backbone) -> None:
+            print(f"  {prefix} {arm} {event.message}", file=sys.stderr)
+
+        version = core.trainer.train(TENANT, request, progress=report)
         trunk = core.backbones[version.backbone]
         x_test = core.extractor.features(trunk, trunk.num_blocks, [sha for sha, _ in test_examples])
         result[f"{prefix}_{key}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
