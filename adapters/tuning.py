@@ -267,10 +267,19 @@ def _tune_linear_by_kfold(
     folds = min(DEFAULT_FOLDS, int(counts[counts > 0].min()))  # as many as the smallest class allows
     fits = folds + 1  # progress: the folds, then the final fit
 
-    def fold_done(done: int, folds: int) -> None:
+    def fold_done(done: int, total: int) -> None:
         if progress is not None:
-            message = f"cross-validation fold {done}/{folds}"
+            message = f"cross-validation fold {done}/{total}"
             progress(ProgressEvent(phase="search", fraction=done / fits, message=message))
+
+    def final_fit(event: ProgressEvent) -> None:
+        if progress is not None:
+            update = {
+                "phase": "search",
+                "fraction": (folds + event.fraction) / fits,
+                "message": f"final fit: {event.message}",
+            }
+            progress(event.model_copy(update=update))
 
     scores = cross_validate_path(
         x_train,
@@ -299,7 +308,7 @@ def _tune_linear_by_kfold(
         y_train,
         best.hp,
         class_weights=class_weights,
-        progress=_trial_progress(progress, fits - 1, fits),
+        progress=final_fit,
         cancelled=cancelled,
     )
     if progress is not None:
