@@ -9,13 +9,17 @@ The probe is the linear head's own model (standardise, L2-penalised logistic
 regression). Each fold walks the weight-decay path from strong to weak
 penalties, warm-starting every fit from the previous one; the score of a
 backbone is its best weight decay's mean over the folds, and the spread is that
-weight decay's standard deviation across folds.
+weight decay's standard deviation across folds. The linear head's own
+hyper-parameter search (adapters/tuning.py) walks the same path on small
+training sets, so its weight decay is chosen by k folds too.
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -37,6 +41,7 @@ class CrossValScore(BaseModel):
     std: float  # across folds, at the best weight decay
     folds: list[float]  # per-fold accuracy at the best weight decay, fold order
     weight_decay: float
+    loss: float | None = None  # mean validation cross-entropy over the folds; None when not finite
 
 
 def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:
@@ -78,38 +83,94 @@ def cross_validate_linear(
     seed: int = 0,
     cancelled: CancelCheck | None = None,
 ) -> CrossValScore:
-    """Cross-validated accuracy of the linear probe on pooled features ``x`` [N, D].
+    """Cross-validated accuracy of the linear probe on pooled features ``x`` [N, D], at its best weight decay.
 
     A class with fewer examples than ``folds`` lowers the number of folds to its
     size (at least 2), so small datasets still get an estimate.
+    """
+    y = y.to(torch.int64)
+    path = [
+        HyperParams(lr=1.0, weight_decay=weight_decay, epochs=PROBE_ROUNDS, batch_size=4096)
+        for weight_decay in weight_decays
+    ]
+    weights = class_weights_for(y, num_classes)
+    scores = cross_validate_path(
+        x, y, num_classes, path, folds=folds, seed=seed, class_weights=weights, cancelled=cancelled
+    )
+    return scores[best_index(scores)]
+
+
+def cross_validate_path(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    candidates: Sequence[HyperParams],
+    *,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    class_weights: Tensor | None = None,
+    cancelled: CancelCheck | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[CrossValScore]:
+    """Each candidate's k-fold score for the linear probe on ``x`` [N, D], in the candidates' order.
+
+    Candidates that differ only in weight decay form one path, fitted from the
+    strongest penalty to the weakest with warm starts; each path starts from
+    the same seeded layer, so the scores depend only on the data and ``seed``.
+    ``progress(done, total)`` is called after each fold. A candidate whose
+    validation loss is not finite in some fold gets ``loss=None``.
     """
     x = x.float()
     y = y.to(torch.int64)
     counts = torch.bincount(y)
     folds = min(folds, int(counts[counts > 0].min()))
-    path = sorted(weight_decays, reverse=True)  # strong to weak: each fit starts near its answer
-    scores = np.zeros((len(path), folds))
+    paths: dict[str, list[int]] = {}
+    for index, hp in enumerate(candidates):  # strong to weak: each fit starts near its answer
+        paths.setdefault(hp.model_copy(update={"weight_decay": 0.0}).model_dump_json(), []).append(index)
+    accuracies = np.zeros((len(candidates), folds))
+    losses = np.zeros((len(candidates), folds))
     for f, val_idx in enumerate(stratified_folds(y.tolist(), folds, seed)):
         fit_mask = torch.ones(len(y), dtype=torch.bool)
         fit_mask[torch.from_numpy(val_idx)] = False
         mean, std = standardisation_stats(x[fit_mask])
         z_fit, z_val = (x[fit_mask] - mean) / std, (x[~fit_mask] - mean) / std
         y_fit, y_val = y[fit_mask], y[~fit_mask]
-        weights = class_weights_for(y_fit, num_classes)
-        torch.manual_seed(seed)
-        linear = nn.Linear(x.shape[1], num_classes)
-        for w, weight_decay in enumerate(path):
-            hp = HyperParams(lr=1.0, weight_decay=weight_decay, epochs=PROBE_ROUNDS, batch_size=4096)
-            fit_linear_layer(linear, z_fit, y_fit, hp, class_weights=weights, cancelled=cancelled)
-            with torch.no_grad():
-                scores[w, f] = accuracy(linear(z_val), y_val)
-    best = int(np.argmax(scores.mean(axis=1)))
-    return CrossValScore(
-        mean=float(scores[best].mean()),
-        std=float(scores[best].std()),
-        folds=[float(s) for s in scores[best]],
-        weight_decay=path[best],
-    )
+        for members in paths.values():
+            torch.manual_seed(seed)
+            linear = nn.Linear(x.shape[1], num_classes)
+            for index in sorted(members, key=lambda i: -candidates[i].weight_decay):
+                hp = candidates[index]
+                fit_linear_layer(linear, z_fit, y_fit, hp, class_weights=class_weights, cancelled=cancelled)
+                with torch.no_grad():
+                    logits = linear(z_val)
+                accuracies[index, f] = accuracy(logits, y_val)
+                losses[index, f] = F.cross_entropy(logits, y_val).item()
+                if not math.isfinite(losses[index, f]):  # a diverged fit is no start for the next one
+                    torch.manual_seed(seed)
+                    linear = nn.Linear(x.shape[1], num_classes)
+        if progress is not None:
+            progress(f + 1, folds)
+    return [
+        CrossValScore(
+            mean=float(accuracies[i].mean()),
+            std=float(accuracies[i].std()),
+            folds=[float(a) for a in accuracies[i]],
+            weight_decay=hp.weight_decay,
+            loss=float(losses[i].mean()) if np.isfinite(losses[i]).all() else None,
+        )
+        for i, hp in enumerate(candidates)
+    ]
+
+
+def best_index(scores: Sequence[CrossValScore]) -> int:
+    """The highest mean accuracy, ties to the lower mean loss, then to the earlier; a diverged score never wins."""
+    finite = [i for i, score in enumerate(scores) if score.loss is not None]
+    if not finite:
+        raise InvalidInput(
+            f"all {len(scores)} cross-validated trials diverged (non-finite validation loss); "
+            "try a smaller lr or weight_decay"
+        )
+    return max(finite, key=lambda i: (scores[i].mean, -(scores[i].loss or 0.0), -i))
 
 
 class Choice(BaseModel):

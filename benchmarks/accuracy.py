@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from adapters.heads import HeadConfig, HeadKind, load_head
 from adapters.splits import stratified_split
+from adapters.trainer import ProgressEvent
 from adapters.tuning import default_search_space
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
@@ -73,7 +74,11 @@ def backbone_comparison(core: Core, prefix: str, train_items: list, test_items: 
     result: dict[str, float | str] = {}
     for backbone, key in BACKBONE_KEYS.items():
         request = TrainRequest(dataset_id=train.id, head_name=f"{prefix}-{key}", backbone=backbone)
-        version = core.trainer.train(TENANT, request)
+
+        def report(event: ProgressEvent, arm: str = backbone) -> None:
+            print(f"  {prefix} {arm} {event.message}", file=sys.stderr)
+
+        version = core.trainer.train(TENANT, request, progress=report)
         trunk = core.backbones[version.backbone]
         x_test = core.extractor.features(trunk, trunk.num_blocks, [sha for sha, _ in test_examples])
         result[f"{prefix}_{key}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
@@ -97,7 +102,9 @@ def textile_split(train_size: int, test_size: int, seed: int) -> tuple[list, lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=200, help="images per class in train and in test")
-    parser.add_argument("--kinds", default="linear,mlp,finetune")
+    parser.add_argument(
+        "--kinds", default="linear,mlp,finetune", help="head kinds on MobileNetV2; '' for the backbone runs only"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="keep graft's storage (and feature cache) here")
     parser.add_argument(
         "--no-backbones", action="store_true", help="skip the MobileNetV2 / EfficientNet-Lite2 / auto runs"
@@ -122,7 +129,7 @@ def main() -> None:
 
     result: dict[str, float | int | str] = {"train_images": len(train_files), "test_images": len(test_files)}
     timings = {}
-    for kind in args.kinds.split(","):
+    for kind in filter(None, args.kinds.split(",")):
         request = TrainRequest(dataset_id=train.id, head_name=f"fmnist-{kind}", kind=HeadKind(kind))
         started = time.perf_counter()
         version = core.trainer.train(
@@ -155,8 +162,8 @@ def main() -> None:
             ]
             for split in ("train", "test")
         ]
-        result.update(backbone_comparison(core, "fashion", *fashion))
         result.update(backbone_comparison(core, "textile", *textile_split(300, 300, seed=0)))
+        result.update(backbone_comparison(core, "fashion", *fashion))
     result.update(timings)
     print(json.dumps(result))
 

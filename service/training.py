@@ -2,7 +2,8 @@
 
 dataset -> cached trunk features at the split point -> stratified hold-out ->
 hyper-parameter search (each trial trained on the train part, scored on the
-hold-out) -> metrics of the best trial on the hold-out -> a new head version.
+hold-out; a linear head on a small train part is scored by k folds of it
+instead) -> metrics of the best trial on the hold-out -> a new head version.
 
 Jobs (background, cancellable, with progress) call :meth:`Trainer.train`; so do
 benchmarks and tests, directly.
@@ -411,6 +412,7 @@ class Trainer:
             class_weights=class_weights_for(y_train, config.num_classes),
             progress=progress,
             cancelled=cancelled,
+            seed=request.seed,  # the folds 'auto' chose by: a named backbone and 'auto' get the same head
         )
         return _Fitted(result, split, predict_logits(result.head, x_holdout))
 

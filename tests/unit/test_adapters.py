@@ -18,7 +18,15 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import HeadConfig, HeadKind, LinearHead, build_head, head_state, load_head
+from adapters.heads import (
+    HeadConfig,
+    HeadKind,
+    LinearHead,
+    build_head,
+    head_state,
+    load_head,
+    standardisation_stats,
+)
 from adapters.metrics import evaluate, finite
 from adapters.splits import stratified_split
 from adapters.trainer import (
@@ -28,9 +36,10 @@ from adapters.trainer import (
     class_weights_for,
     default_hyperparams,
     fit,
+    fit_linear_layer,
     predict_logits,
 )
-from adapters.tuning import MAX_GRID_VALUES, SearchSpace, default_search_space, tune
+from adapters.tuning import KFOLD_MAX_EXAMPLES, MAX_GRID_VALUES, SearchSpace, default_search_space, kfold_applies, tune
 from harness.sample_data import fashion_mnist_pngs
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest, adapter_errors_translated
@@ -461,22 +470,69 @@ def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
 # --- tuning -----------------------------------------------------------------------------
 
 
-def test_tune_returns_the_best_trial_and_reports_progress_to_completion(digits: Digits) -> None:
+SMALL_LINEAR_SPACE = SearchSpace(lr=[1.0], weight_decay=[1e-3, 2e-2, 1.0])
+
+
+def test_a_small_linear_search_keeps_the_best_cross_validated_weight_decay_and_reports_progress(
+    digits: Digits,
+) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
     events: list[ProgressEvent] = []
-    space = default_search_space(HeadKind.LINEAR)
-    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=space, progress=events.append)
+    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE, progress=events.append)
 
-    assert len(result.trials) == 8
-    best_accuracy = max(trial.val_accuracy for trial in result.trials)
-    assert result.best in [trial.hp for trial in result.trials if trial.val_accuracy == best_accuracy]
-    assert accuracy(predict_logits(result.head, x_val), y_val) == pytest.approx(best_accuracy)
-    assert best_accuracy >= 0.85
+    assert [trial.hp.weight_decay for trial in result.trials] == [1e-3, 2e-2, 1.0]
+    assert all(trial.cv_folds is not None and len(trial.cv_folds) == 5 for trial in result.trials)
+    assert all(trial.val_accuracy == pytest.approx(np.mean(trial.cv_folds or [])) for trial in result.trials)
+    best = max(result.trials, key=lambda trial: (trial.val_accuracy, -(trial.val_loss or math.inf)))
+    assert result.best == best.hp
+    assert accuracy(predict_logits(result.head, x_val), y_val) >= 0.9
 
     fractions = [event.fraction for event in events]
     assert all(event.phase == "search" for event in events)
     assert fractions == sorted(fractions)
     assert fractions[-1] == pytest.approx(1.0)
+
+
+def test_a_cross_validated_search_returns_the_winner_fitted_on_the_whole_training_split(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE)
+
+    torch.manual_seed(0)
+    refit = LinearHead(LINEAR.in_features, LINEAR.num_classes)
+    mean, std = standardisation_stats(x_train)
+    refit.set_standardisation(mean, std)
+    fit_linear_layer(refit.linear, (x_train - mean) / std, y_train, result.best)
+    torch.testing.assert_close(predict_logits(result.head, x_val), predict_logits(refit.eval(), x_val))
+
+
+def test_the_hold_out_chooses_nothing_in_a_cross_validated_search(digits: Digits) -> None:
+    x_train, y_train, x_val, y_val = digits.pooled()
+    honest = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE)
+    scrambled = tune(LINEAR, x_train, y_train, x_val, (y_val + 1) % 10, space=SMALL_LINEAR_SPACE)
+
+    assert honest.trials == scrambled.trials
+    assert torch.equal(predict_logits(honest.head, x_val), predict_logits(scrambled.head, x_val))
+
+
+def test_a_linear_search_on_a_large_training_split_keeps_the_best_trial_on_the_hold_out(
+    digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("adapters.tuning.KFOLD_MAX_EXAMPLES", 100)  # digits' 1,437 training images count as large
+    x_train, y_train, x_val, y_val = digits.pooled()
+    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE)
+
+    assert all(trial.cv_folds is None for trial in result.trials)
+    best_accuracy = max(trial.val_accuracy for trial in result.trials)
+    assert result.best in [trial.hp for trial in result.trials if trial.val_accuracy == best_accuracy]
+    assert accuracy(predict_logits(result.head, x_val), y_val) == pytest.approx(best_accuracy)
+
+
+def test_k_folds_validate_small_linear_searches_only() -> None:
+    two_each = torch.tensor([0, 0, 1, 1])
+    assert kfold_applies(LINEAR, two_each)
+    assert not kfold_applies(LINEAR, torch.tensor([0, 0, 1]))  # a single example of a class cannot be validated
+    assert not kfold_applies(MLP, two_each)  # an mlp trial is a full training run, not one L-BFGS fit
+    assert not kfold_applies(LINEAR, torch.arange(KFOLD_MAX_EXAMPLES + 1) % 2)
 
 
 def test_tune_of_an_mlp_returns_the_config_of_the_winning_width(digits: Digits) -> None:
