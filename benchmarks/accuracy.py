@@ -9,6 +9,12 @@ Backbones: linear heads on MobileNetV2, on EfficientNet-Lite2 and with
 ``backbone: "auto"`` (graft's cross-validated choice), on the same Fashion-MNIST
 split and on 300 train / 300 test textile images (stratified, seed 0).
 
+Beyond a classifier (same Fashion-MNIST split): 5-shot prototype heads and
+``kind: "auto"`` (accuracy_fewshot.py), calibration and 90 % prediction sets
+of the linear head (accuracy_calibration.py), its ONNX file against graft's own
+answers (accuracy_export.py), and the label audit with 5 % of the training
+labels flipped (accuracy_audit.py). Each of those scripts also runs alone.
+
     python benchmarks/accuracy.py            # prints one JSON object last
 """
 
@@ -21,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy_audit import measure_audit
+from accuracy_calibration import calibration_on
+from accuracy_export import measure_export
+from accuracy_fewshot import measure_fewshot
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
@@ -109,6 +119,9 @@ def main() -> None:
     parser.add_argument(
         "--no-backbones", action="store_true", help="skip the MobileNetV2 / EfficientNet-Lite2 / auto runs"
     )
+    parser.add_argument(
+        "--no-extras", action="store_true", help="skip few-shot, kind auto, calibration, ONNX and label audit"
+    )
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
@@ -129,6 +142,7 @@ def main() -> None:
 
     result: dict[str, float | int | str] = {"train_images": len(train_files), "test_images": len(test_files)}
     timings = {}
+    versions = {}
     for kind in filter(None, args.kinds.split(",")):
         request = TrainRequest(dataset_id=train.id, head_name=f"fmnist-{kind}", kind=HeadKind(kind))
         started = time.perf_counter()
@@ -138,6 +152,7 @@ def main() -> None:
             progress=lambda e, kind=kind: print(f"  {kind} {e.phase} {e.fraction:.2f} {e.message}", file=sys.stderr),
         )
         timings[f"{kind}_train_s"] = round(time.perf_counter() - started, 1)
+        versions[kind] = version
         x_test = core.extractor.features(backbone, version.split_point, test_shas)
         result[f"{kind}_acc"] = round(head_accuracy(core, version, x_test, y_test), 4)
         result[f"{kind}_hyperparams"] = json.dumps(version.hyperparams, sort_keys=True)
@@ -154,6 +169,13 @@ def main() -> None:
         result["linear_minus_sklearn_points"] = round(100 * (result["linear_acc"] - acc), 2)
     if "finetune" in args.kinds and "linear" in args.kinds:
         result["finetune_minus_linear_points"] = round(100 * (result["finetune_acc"] - result["linear_acc"]), 2)
+    if not args.no_extras:
+        kind_acc = {kind: float(result[f"{kind}_acc"]) for kind in ("linear", "mlp") if kind in versions}
+        result.update(measure_fewshot(core, train, test, kind_acc=kind_acc))
+        if "linear" in versions:  # the linear head above, not a second one
+            result.update(calibration_on(core, versions["linear"], test.id))
+            result.update(measure_export(core, train.id, test.id, head="fmnist-linear"))
+        result.update(measure_audit(core, per_class=args.per_class))
     if not args.no_backbones:
         fashion = [
             [
