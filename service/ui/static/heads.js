@@ -63,8 +63,8 @@ function versionTable(name, versions, status) {
         el("button", { type: "button", class: "quiet", "aria-label": `Download ${name} version ${v.version} as safetensors`,
           onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=safetensors`), false) }, "weights"),
         el("button", { type: "button", class: "quiet",
-          "aria-label": `Download ${name} version ${v.version} as TorchScript (backbone and head)`,
-          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=torchscript`), false) }, "TorchScript"),
+          "aria-label": `Download ${name} version ${v.version} as ONNX (backbone and head, runs in ONNX Runtime)`,
+          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=onnx`), false) }, "ONNX"),
         el("a", { href: `#try?${name}@${v.version}`, "aria-label": `Try ${name} version ${v.version}` }, "try"))))));
 }
 
