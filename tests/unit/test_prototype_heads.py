@@ -104,7 +104,7 @@ async def test_prototype_scores_through_the_predict_path_are_the_calibrated_soft
         torch.testing.assert_close(by_class, probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_gathered_prototype_heads_equal_the_module_beside_linear_heads_in_one_batch(core, few_shot):
+def test_gathered_prototype_heads_equal_the_calibrated_module_beside_linear_heads_in_one_batch(core, few_shot):
     backbone = core.backbones["mobilenet_v2"]
     proto = core.trainer.train(TENANT, TrainRequest(dataset_id=few_shot.id, head_name="p-mix", kind="prototype"))
     linear = core.trainer.train(TENANT, TrainRequest(dataset_id=few_shot.id, head_name="l-mix", kind="linear"))
@@ -115,13 +115,13 @@ def test_gathered_prototype_heads_equal_the_module_beside_linear_heads_in_one_ba
 
     batch = run_batch(backbone, images, row_heads, want_embeddings=False)
 
-    modules = {
-        info.kind: load_head(HeadConfig.model_validate(info.config), core.heads.load_tensors(info))
-        for info in (proto, linear)
-    }
+    configs = {info.kind: HeadConfig.model_validate(info.config) for info in (proto, linear)}
+    modules = {kind: load_head(config, core.heads.load_tensors(info)) for (kind, config), info in
+               zip(configs.items(), (proto, linear), strict=True)}  # fmt: skip
     with torch.no_grad():
         pooled = backbone.features(images)
-        expected = {kind: module(pooled) for kind, module in modules.items()}
+        # served logits carry the version's calibration temperature
+        expected = {kind: module(pooled) / configs[kind].calibration.temperature for kind, module in modules.items()}
     for row, wanted in enumerate(row_heads):
         for slot, head in enumerate(wanted):
             torch.testing.assert_close(batch.logits[row][slot], expected[head.kind.value][row], rtol=1e-4, atol=1e-4)
