@@ -122,7 +122,7 @@ def test_unloaded_backbone_is_rejected(core, fashion):
 
 
 def test_finetune_blocks_only_apply_to_finetune():
-    with pytest.raises(ValueError, match="finetune_blocks applies to kind 'finetune' only"):
+    with pytest.raises(ValueError, match="finetune_blocks applies to kind 'finetune'"):
         TrainRequest(dataset_id="ds_1", head_name="x", kind=HeadKind.LINEAR, finetune_blocks=2)
 
 
