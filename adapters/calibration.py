@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.errors import InvalidInput
+from adapters.golden import golden_section_minimum
 from adapters.metrics import calibration_error
 
 # The temperatures searched. The bounds keep a tiny, perfectly separated hold-out from driving T to 0
@@ -34,7 +35,6 @@ MAX_TEMPERATURE = 10.0
 # Hold-out scores kept for the sets: a uniform random subsample of a larger hold-out is still exchangeable
 # with new images, and bounds what each head version stores.
 MAX_CONFORMAL_SCORES = 2000
-_GOLDEN_STEPS = 60  # shrinks the bracket by 0.618**60: far below any meaningful difference in T
 
 
 class Calibration(BaseModel):
@@ -75,20 +75,7 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     def loss(inverse: float) -> float:
         return float((torch.logsumexp(logits * inverse, dim=1) - true_logit * inverse).mean())
 
-    ratio = (math.sqrt(5) - 1) / 2
-    lo, hi = 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    loss_a, loss_b = loss(a), loss(b)
-    for _ in range(_GOLDEN_STEPS):
-        if loss_a <= loss_b:
-            hi, b, loss_b = b, a, loss_a
-            a = hi - ratio * (hi - lo)
-            loss_a = loss(a)
-        else:
-            lo, a, loss_a = a, b, loss_b
-            b = lo + ratio * (hi - lo)
-            loss_b = loss(b)
-    return 1 / ((lo + hi) / 2)
+    return 1 / golden_section_minimum(loss, 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE)
 
 
 def calibrate(logits: Tensor, labels: Tensor, seed: int = 0) -> Calibration:

@@ -13,13 +13,12 @@ trains in milliseconds on cached features and works from one example per class.
   the temperature stays at ``DEFAULT_TEMPERATURE``.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from adapters.errors import InvalidInput
+from adapters.golden import golden_section_minimum
 from adapters.heads import PrototypeHead, normalised
 
 # Bounds of the temperature search. Cosines lie in [-1, 1], so 1 keeps the
@@ -29,7 +28,6 @@ MAX_TEMPERATURE = 100.0
 # Used when nothing can be scored leave-one-out (every class has one example):
 # a 0.2 cosine margin then means e^2 ≈ 7x the odds.
 DEFAULT_TEMPERATURE = 10.0
-_SEARCH_STEPS = 60  # golden-section steps: the bracket shrinks to ~1e-11 of its width
 
 
 @torch.no_grad()
@@ -80,17 +78,4 @@ def fit_temperature(cosines: Tensor, y: Tensor, counts: Tensor) -> float:
     def loss(temperature: float) -> float:
         return F.cross_entropy(temperature * cosines, y).item()
 
-    ratio = (math.sqrt(5) - 1) / 2
-    lo, hi = MIN_TEMPERATURE, MAX_TEMPERATURE
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    loss_a, loss_b = loss(a), loss(b)
-    for _ in range(_SEARCH_STEPS):
-        if loss_a <= loss_b:
-            hi, b, loss_b = b, a, loss_a
-            a = hi - ratio * (hi - lo)
-            loss_a = loss(a)
-        else:
-            lo, a, loss_a = a, b, loss_b
-            b = lo + ratio * (hi - lo)
-            loss_b = loss(b)
-    return (lo + hi) / 2
+    return golden_section_minimum(loss, MIN_TEMPERATURE, MAX_TEMPERATURE)
