@@ -60,8 +60,8 @@ class DatasetAuditor:
     @adapter_errors_translated()
     def audit(self, tenant: str, request: AuditRequest) -> AuditedDataset:
         """Blocking (features may need the trunk): call it off the event loop."""
+        dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound first, for another tenant's too
         backbone = self.backbone(request.backbone)
-        dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
         if not _running.acquire(blocking=False):
             raise ResourceExhausted(
                 f"this worker is already running {MAX_CONCURRENT_AUDITS} audit(s); retry shortly",
