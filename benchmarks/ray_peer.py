@@ -8,13 +8,17 @@
 The trunk is graft's own ``Backbone`` (same MobileNetV2 weights, same
 preprocessing, same CPU micro-batching), so the comparison measures serving
 architecture, not model code. Decoding and the trunk run in threads, so the
-replica's event loop keeps accepting requests while a batch runs.
+replica's event loop keeps accepting requests while a batch runs; decoding
+gets graft's own decode pool (half the cores, torch single-threaded in it:
+``use_one_torch_thread``), so Ray does not pay for the thread contention graft
+fixed in its own engine.
 """
 
 import asyncio
 import base64
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service.engine.backbones import load_backbone
-from service.engine.device import choose_placement
+from service.engine.device import choose_placement, use_one_torch_thread
+from service.engine.predictor import decode_workers
 from service.store.images import decode_rgb
 
 MAX_BATCH_SIZE = 32  # graft's GRAFT_MAX_BATCH_SIZE
@@ -73,6 +78,7 @@ class HeadServer:
         self.backbone = load_backbone("mobilenet_v2", choose_placement(config.device))
         self.device = self.backbone.placement.device
         self.files = config.head_files
+        self.decode = ThreadPoolExecutor(decode_workers(), "decode", initializer=use_one_torch_thread)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_head(self, model_id: str) -> _Head:
@@ -95,7 +101,8 @@ class HeadServer:
     async def __call__(self, request: Request) -> JSONResponse:
         body = json.loads(await request.body())
         head = await self.get_head(serve.get_multiplexed_model_id())
-        image = await asyncio.to_thread(self._prepare, base64.b64decode(body["images"][0]))
+        data = base64.b64decode(body["images"][0])
+        image = await asyncio.get_running_loop().run_in_executor(self.decode, self._prepare, data)
         top = await self.classify(image, head, min(int(body.get("top_k", 5)), len(head.classes)))
         return JSONResponse({"predictions": [{"top": top}]})
 
