@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from adapters.crossval import DEFAULT_FOLDS, PROBE_ROUNDS, PROBE_WEIGHT_DECAYS, stratified_folds
+from adapters.crossval import DEFAULT_FOLDS, PROBE_ROUNDS, PROBE_WEIGHT_DECAYS, standardised_folds
 from adapters.errors import InvalidInput
-from adapters.heads import standardisation_stats
 from adapters.trainer import CancelCheck, HyperParams, class_weights_for, fit_linear_layer, raise_if_cancelled
 
 DEFAULT_DUPLICATE_SIMILARITY = 0.98
@@ -113,13 +112,7 @@ def out_of_fold_probabilities(
     path = sorted(weight_decays, reverse=True)
     probabilities = torch.zeros(len(y), num_classes)
     chosen: float | None = None
-    for val_idx in stratified_folds(y.tolist(), folds, seed):
-        val = torch.from_numpy(val_idx)
-        fit_mask = torch.ones(len(y), dtype=torch.bool)
-        fit_mask[val] = False
-        mean, std = standardisation_stats(x[fit_mask])
-        z_fit, z_val = (x[fit_mask] - mean) / std, (x[val] - mean) / std
-        y_fit, y_val = y[fit_mask], y[val]
+    for val, z_fit, y_fit, z_val, y_val in standardised_folds(x, y, folds, seed):
         weights = class_weights_for(y_fit, num_classes)
         torch.manual_seed(seed)
         linear = nn.Linear(x.shape[1], num_classes)

@@ -15,7 +15,8 @@ training sets, so its weight decay is chosen by k folds too.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,6 +72,26 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.nd
             folds[(offset + i) % k].append(int(index))
         offset += len(members)
     return [np.sort(np.asarray(fold, dtype=np.int64)) for fold in folds]
+
+
+class Fold(NamedTuple):
+    """One fold, standardised with its fitting part's statistics (the probe's own preprocessing)."""
+
+    val_idx: Tensor  # positions of the validation examples
+    z_fit: Tensor
+    y_fit: Tensor
+    z_val: Tensor
+    y_val: Tensor
+
+
+def standardised_folds(x: Tensor, y: Tensor, k: int, seed: int = 0) -> Iterator[Fold]:
+    """Each of ``k`` stratified folds (``stratified_folds``) of float features ``x``, ready for a linear probe."""
+    for val_idx in stratified_folds(y.tolist(), k, seed):
+        val = torch.from_numpy(val_idx)
+        fit_mask = torch.ones(len(y), dtype=torch.bool)
+        fit_mask[val] = False
+        mean, std = standardisation_stats(x[fit_mask])
+        yield Fold(val, (x[fit_mask] - mean) / std, y[fit_mask], (x[val] - mean) / std, y[val])
 
 
 def cross_validate_linear(
@@ -129,12 +150,7 @@ def cross_validate_path(
         paths.setdefault(hp.model_copy(update={"weight_decay": 0.0}).model_dump_json(), []).append(index)
     accuracies = np.zeros((len(candidates), folds))
     losses = np.zeros((len(candidates), folds))
-    for f, val_idx in enumerate(stratified_folds(y.tolist(), folds, seed)):
-        fit_mask = torch.ones(len(y), dtype=torch.bool)
-        fit_mask[torch.from_numpy(val_idx)] = False
-        mean, std = standardisation_stats(x[fit_mask])
-        z_fit, z_val = (x[fit_mask] - mean) / std, (x[~fit_mask] - mean) / std
-        y_fit, y_val = y[fit_mask], y[~fit_mask]
+    for f, (_, z_fit, y_fit, z_val, y_val) in enumerate(standardised_folds(x, y, folds, seed)):
         for members in paths.values():
             torch.manual_seed(seed)
             linear = nn.Linear(x.shape[1], num_classes)
