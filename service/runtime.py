@@ -44,13 +44,16 @@ class Runtime:
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
-        core = Core.open(settings)
+        return cls.around(Core.open(settings), PrometheusMetrics())
+
+    @classmethod
+    def around(cls, core: Core, metrics: PrometheusMetrics | None = None) -> "Runtime":
+        """The predictor, jobs and tenants that serve ``core``; without ``metrics`` nothing is reported (tests)."""
         heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-        metrics = PrometheusMetrics()
         predictor = Predictor(core.backbones, heads, core.settings, metrics)
-        jobs = JobRunner(core.db, core.trainer, core.settings, core.quotas, on_finished=metrics.job_finished)
-        tenants = Tenants(core.db, core.settings)
-        return cls(core, predictor, jobs, tenants)
+        on_finished = metrics.job_finished if metrics else None
+        jobs = JobRunner(core.db, core.trainer, core.settings, core.quotas, on_finished=on_finished)
+        return cls(core, predictor, jobs, Tenants(core.db, core.settings))
 
     @property
     def settings(self) -> Settings:

@@ -13,16 +13,12 @@ from adapters.errors import InvalidInput
 from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.auditing import AuditRequest
-from service.auth import Tenants
-from service.engine.head_cache import HeadCache
-from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, NotFound
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
-from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.training import TrainRequest
 
@@ -166,13 +162,7 @@ def test_a_trained_versions_metrics_carry_the_audit(core, images):
 def runtime(core) -> Runtime:
     """The module's core behind both doors, with API keys: acme's key, and a dataset of globex's."""
     core.settings.auth = "keys"
-    heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-    return Runtime(
-        core,
-        Predictor(core.backbones, heads, core.settings),
-        JobRunner(core.db, core.trainer, core.settings, core.quotas),
-        Tenants(core.db, core.settings),
-    )
+    return Runtime.around(core)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from adapters.heads import HeadConfig, HeadKind, load_head
 from adapters.splits import stratified_split
 from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
-from service.auth import Tenants
 from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
@@ -30,7 +29,6 @@ from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
-from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.store.heads import HeadVersionInfo
 from service.store.images import decode_rgb
@@ -259,13 +257,7 @@ def test_calibration_rejects_logits_and_labels_that_do_not_match():
 
 @pytest.fixture
 def runtime(core) -> Runtime:
-    heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-    return Runtime(
-        core,
-        Predictor(core.backbones, heads, core.settings),
-        JobRunner(core.db, core.trainer, core.settings, core.quotas),
-        Tenants(core.db, core.settings),
-    )
+    return Runtime.around(core)
 
 
 @pytest.fixture

@@ -21,13 +21,10 @@ from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service import export
-from service.auth import Tenants
 from service.calls import ExportQueue
-from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, ResourceExhausted
 from service.http.app import create_app
-from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.store.images import decode_rgb
 from service.training import HyperParamOverrides, TrainRequest
@@ -56,13 +53,7 @@ def runtime(tmp_path_factory, make_core) -> Runtime:
             hyperparams=None if kind is HeadKind.LINEAR else few_epochs,
         )  # fmt: skip
         core.trainer.train(TENANT, request)
-    heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-    runtime = Runtime(
-        core,
-        Predictor(core.backbones, heads, core.settings),
-        JobRunner(core.db, core.trainer, core.settings, core.quotas),
-        Tenants(core.db, core.settings),
-    )
+    runtime = Runtime.around(core)
     runtime.tenants.create_tenant(TENANT)
     return runtime
 

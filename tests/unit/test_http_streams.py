@@ -7,11 +7,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.auth import Tenants
-from service.engine.head_cache import HeadCache
-from service.engine.predictor import Predictor
 from service.http.app import create_app
-from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.training import TrainRequest
 
@@ -29,13 +25,7 @@ def runtime(make_core, tmp_path) -> Runtime:
     """Jobs are never started here: a submitted job stays queued, and its watcher stays open."""
     core = make_core(tmp_path)
     core.settings.key_recheck_s = 0.1
-    heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
-    return Runtime(
-        core,
-        Predictor(core.backbones, heads, core.settings),
-        JobRunner(core.db, core.trainer, core.settings, core.quotas),
-        Tenants(core.db, core.settings),
-    )
+    return Runtime.around(core)
 
 
 async def test_a_revoked_key_ends_an_open_job_watch_with_an_error_event(runtime):
