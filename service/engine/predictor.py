@@ -18,7 +18,9 @@ and the images admitted (decoding, queued or in a batch) never exceed
 import asyncio
 import functools
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -137,7 +139,7 @@ class Predictor:
         self.batchers = {
             name: Batcher(
                 backbone,
-                max_batch_size=settings.max_batch_size,
+                max_batch_size=settings.max_batch_size or backbone.placement.serving_batch,
                 max_latency_ms=settings.max_latency_ms,
                 max_queue=settings.max_queue_images,
                 on_batch=functools.partial(metrics.batch, name) if metrics else None,
@@ -175,13 +177,15 @@ class Predictor:
         self._check_request(images, head_refs, top_k)
         answer = Answer(top_k=top_k, min_score=min_score, coverage=coverage)
         self.rate.take(tenant, len(images))
-        self._admit(len(images))
-        try:
+        with self.holding(len(images)):
             return await self._predict(tenant, images, head_refs, answer, embedding, door)
-        finally:
-            self._admitted -= len(images)
 
-    def _admit(self, count: int) -> None:
+    def check_room(self, count: int = 1) -> None:
+        """Raise ResourceExhausted unless ``count`` more images fit under GRAFT_MAX_QUEUE_IMAGES.
+
+        The HTTP gate asks this before reading a prediction's body, so that a
+        full replica refuses a flood of retries at the cost of a header, not a parse.
+        """
         limit = self.settings.max_queue_images
         if self._admitted + count > limit:
             raise ResourceExhausted(
@@ -189,7 +193,16 @@ class Predictor:
                 "GRAFT_MAX_QUEUE_IMAGES); retry shortly",
                 retry_after_s=1.0,
             )
+
+    @contextmanager
+    def holding(self, count: int) -> Iterator[None]:
+        """Count ``count`` images against GRAFT_MAX_QUEUE_IMAGES until they are answered, or refuse them now."""
+        self.check_room(count)
         self._admitted += count
+        try:
+            yield
+        finally:
+            self._admitted -= count
 
     async def _predict(
         self, tenant: str, images: list[bytes], head_refs: list[str], answer: Answer, embedding: bool, door: str

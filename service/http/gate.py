@@ -8,7 +8,9 @@ declared ``Content-Length`` over the limit is refused at once; a chunked body is
 counted as it streams and refused when it crosses the limit, or when it does
 not end within ``upload_timeout_s``. While the worker drains, new ``/v1``
 calls are refused with 503 (clients and nginx retry on another replica) and
-the calls already admitted are counted, so the drain can wait for them.
+the calls already admitted are counted, so the drain can wait for them. A
+prediction that arrives while the predictor's queue is full is refused with 429
+before its body is read: under a flood of retries, refusing must stay cheap.
 """
 
 import asyncio
@@ -30,6 +32,7 @@ from service.runtime import Runtime
 TENANT = "graft.tenant"  # scope key: the authenticated tenant
 ADMIN = "graft.admin"  # scope key: True once the admin key was checked
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+PREDICT_PATHS = ("/v1/predict", "/v1/predict:upload")
 
 
 class Gate:
@@ -77,6 +80,8 @@ class Gate:
             scope[ADMIN] = True
         else:
             scope[TENANT] = await authenticate(tenants, authorization)
+        if scope["method"] == "POST" and path in PREDICT_PATHS:
+            self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 
     def _limit(self, scope: Scope) -> tuple[int, str]:
         if scope["method"] == "POST" and scope["path"] == "/v1/datasets":

@@ -120,6 +120,21 @@ async def test_the_admin_routes_need_the_admin_key_before_the_body_is_read(clien
     assert response.status_code in (403, 409) and body.pulled == 0  # 409: no admin key configured at all
 
 
+async def test_a_prediction_on_a_full_replica_is_refused_with_429_before_its_body_is_read(runtime, client, key):
+    """A flood of retries must cost the server a header each, not a JSON parse: refused at the gate."""
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    with runtime.predictor.holding(runtime.settings.max_queue_images):
+        for path in ("/v1/predict", "/v1/predict:upload"):
+            body = Body(MAX_REQUEST // 2)
+            response = await client.post(path, content=body, headers=headers)
+            assert response.status_code == 429, response.text
+            assert "GRAFT_MAX_QUEUE_IMAGES" in response.json()["message"] and response.headers["Retry-After"] == "1"
+            assert body.pulled == 0
+    body = Body(MAX_REQUEST // 2)
+    response = await client.post("/v1/predict", content=body, headers=headers)
+    assert response.status_code == 422 and body.pulled > 0  # room again: read, and refused for what it says
+
+
 async def test_documentation_needs_no_key(client):
     assert (await client.get("/openapi.json")).status_code == 200
 
