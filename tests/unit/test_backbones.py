@@ -57,6 +57,14 @@ def test_features_can_resume_from_a_split_point(mobilenet):
     torch.testing.assert_close(mobilenet.features(mid, start=15), mobilenet.features(x), rtol=1e-4, atol=1e-4)
 
 
+def test_the_pooled_path_answers_every_batch_size_as_the_blocks_do_one_by_one(mobilenet):
+    """The pooled path runs as one frozen graph traced on a batch of 2: other sizes must give the same features."""
+    for size in (1, 3, 7):
+        x = torch.randn(size, 3, 224, 224)
+        one_by_one = mobilenet.features(mobilenet.features(x, 1), start=1)
+        torch.testing.assert_close(mobilenet.features(x), one_by_one, rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_trunk_has_no_trainable_parameters(mobilenet):
     assert not any(p.requires_grad for p in mobilenet.model.parameters())
     assert all(p.requires_grad for p in mobilenet.fresh_tail(15).parameters())
