@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
 
     # Serving.
-    max_batch_size: int = Field(32, gt=0, description="Images per trunk pass when serving.")
+    max_batch_size: int | None = Field(
+        None, gt=0, description="Images per serving batch; unset: the device's (8 on CPU, 32 on a GPU)."
+    )
     max_latency_ms: float = Field(2.0, ge=0, description="Longest wait for a batch to fill after its first image.")
     max_queue_images: int = Field(1024, gt=0, description="Queued images per backbone before 'resource exhausted'.")
     head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")
