@@ -1,10 +1,12 @@
 """The dynamic batcher: one per backbone, shared by every caller and both doors.
 
 Requests (one image each, with the heads it wants) wait in a bounded queue. A
-single worker takes up to ``max_batch_size`` of them, waiting at most
+worker takes up to ``max_batch_size`` of them, waiting at most
 ``max_latency_ms`` after the first for the batch to fill, and runs the batch
 in its own thread so the event loop keeps accepting work. While a batch runs,
-the next one gathers, so under load batches fill without waiting.
+the next one gathers, so under load batches fill without waiting. On a CPU
+there is one worker per torch thread, each single-threaded, so batches run
+side by side; on a GPU there is one.
 
 ``group_by_head`` makes each batch hold one head only: that is how per-model
 servers (e.g. Ray Serve's model multiplexing) batch, kept as a baseline for
@@ -22,6 +24,7 @@ from typing import cast
 import torch
 
 from service.engine.backbones import Backbone
+from service.engine.device import use_one_torch_thread
 from service.engine.execution import BatchOutput, run_batch
 from service.engine.head_cache import LoadedHead
 from service.errors import ResourceExhausted
@@ -60,9 +63,14 @@ class Batcher:
         max_latency_ms: float = 2.0,
         max_queue: int = 1024,
         group_by_head: bool = False,
+        workers: int = 1,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        """``on_batch(batch_size, queue_depth)`` is called as each batch starts (for metrics)."""
+        """``on_batch(batch_size, queue_depth)`` is called as each batch starts (for metrics).
+
+        ``workers`` batches run at once, each on a thread of its own; with more
+        than one, each runs torch single-threaded (see Placement.parallel_batches).
+        """
         self.backbone = backbone
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
@@ -72,18 +80,26 @@ class Batcher:
         self.stats = BatcherStats()
         self._queue: deque[_Request] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"trunk-{backbone.name}")
-        self._worker: asyncio.Task | None = None
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix=f"trunk-{backbone.name}",
+            initializer=use_one_torch_thread if workers > 1 else None,
+        )
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.backbone.name}")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._run(), name=f"batcher-{self.backbone.name}-{i}") for i in range(self.workers)
+            ]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         for request in self._queue:
             request.future.cancel()
         self._queue.clear()

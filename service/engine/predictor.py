@@ -142,6 +142,7 @@ class Predictor:
                 max_batch_size=settings.max_batch_size or backbone.placement.serving_batch,
                 max_latency_ms=settings.max_latency_ms,
                 max_queue=settings.max_queue_images,
+                workers=torch.get_num_threads() if backbone.placement.parallel_batches else 1,
                 on_batch=functools.partial(metrics.batch, name) if metrics else None,
             )
             for name, backbone in backbones.items()
