@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None, gt=0, description="Images per serving batch; unset: the device's (8 on CPU, 32 on a GPU)."
     )
+    trunk_workers: int | None = Field(
+        None, gt=0, description="Batches run at once per backbone; unset: one per torch thread on CPU, 1 on GPU."
+    )
     max_latency_ms: float = Field(2.0, ge=0, description="Longest wait for a batch to fill after its first image.")
     max_queue_images: int = Field(1024, gt=0, description="Queued images per backbone before 'resource exhausted'.")
     head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")

@@ -142,7 +142,7 @@ class Predictor:
                 max_batch_size=settings.max_batch_size or backbone.placement.serving_batch,
                 max_latency_ms=settings.max_latency_ms,
                 max_queue=settings.max_queue_images,
-                workers=torch.get_num_threads() if backbone.placement.parallel_batches else 1,
+                workers=settings.trunk_workers or trunk_workers(backbone),
                 on_batch=functools.partial(metrics.batch, name) if metrics else None,
             )
             for name, backbone in backbones.items()
@@ -272,6 +272,11 @@ class Predictor:
             )
         if not 1 <= top_k <= 1000:
             raise InvalidArgument(f"top_k must be between 1 and 1000, got {top_k}")
+
+
+def trunk_workers(backbone: Backbone) -> int:
+    """Serving batches run at once by default: one per torch thread on a CPU, one on a GPU (Placement)."""
+    return torch.get_num_threads() if backbone.placement.parallel_batches else 1
 
 
 def decode_workers() -> int:
