@@ -5,10 +5,13 @@ One run, loopback only, bounded in time:
   saturation: the ceiling for the service;
 - ``bentoml serve`` with JPEG predictions (JSON, base64) at concurrency 1, 8,
   32 and 128, against one head and against 100 heads (requests spread
-  uniformly). Flat throughput means images/s at 32 and 128 stay near the best
-  level (``ips_at_*_over_best``), and p99 grows only as the queue does: each
-  level reports p99 over the time a closed loop must wait behind the requests
-  in flight (concurrency / images/s, Little's law);
+  uniformly), over ``--rounds`` rounds in alternating level order; each
+  figure is the median over rounds, and each ratio to the best level is taken
+  within a round (this machine's speed drifts by a fifth within minutes).
+  Flat throughput means images/s at 32 and 128 stay near the best level
+  (``ips_at_*_over_best``), and p99 grows only as the queue does: each level
+  reports p99 over the time a closed loop must wait behind the requests in
+  flight (concurrency / images/s, Little's law);
 - overload: a second server whose queue holds 16 images, at 128 in flight:
   what does not fit is refused at once with 429, and the answered keep a
   short p99.
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +45,7 @@ from service.engine.predictor import Predictor
 
 TENANT = "default"  # the tenant of GRAFT_AUTH=open
 LEVELS = (1, 8, 32, 128)
+MEDIAN_KEYS = ("ips", "p50_ms", "p99_ms", "p99_over_queue_wait", "client_cpu_cores")
 # Quotas are tenant policy, not capacity: lifted so that many heads fit and the rate limit never binds.
 UNLIMITED_QUOTAS = {
     "GRAFT_QUOTA_HEADS": "100000",
@@ -126,9 +131,17 @@ async def http_level(
     }
 
 
+def _median_level(levels: list[dict]) -> dict:
+    """One level's figures over rounds: medians of the rates and times, totals of the counts."""
+    out = {key: round(statistics.median(level[key] for level in levels), 2) for key in MEDIAN_KEYS}
+    out |= {key: sum(level[key] for level in levels) for key in ("requests", "errors", "refused_429")}
+    return out | {"ips_rounds": [level["ips"] for level in levels]}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=12.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="each level is measured once per round")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-http-load-"))
@@ -141,22 +154,27 @@ async def main() -> None:
         for j in jpegs
     ]
 
-    result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "heads_total": len(heads)}
+    result: dict = {"seconds_per_level": args.seconds, "rounds": args.rounds, "image": "250x250 JPEG"}
+    result["heads_total"] = len(heads)
     result["engine_ips"] = round(await engine_ips(core, jpegs, heads[:1], 32, args.seconds), 2)
     print(f"engine {result['engine_ips']} images/s", file=sys.stderr)
     del core  # free its memory before the server starts
 
     server = start_server(data_dir, GRAFT_AUTH="open", **UNLIMITED_QUOTAS)
+    rounds: dict[str, dict[int, list[dict]]] = {"heads_1": {}, "heads_100": {}}
     try:
-        for label, used in (("heads_1", heads[:1]), ("heads_100", heads)):
+        for used in (heads[:1], heads):
             await http_level(server.http_url, bodies, used, 8, 3)  # warm-up: loads heads, fills caches
-            result[label] = {}
-            for concurrency in LEVELS:
-                level = await http_level(server.http_url, bodies, used, concurrency, args.seconds)
-                result[label][f"c{concurrency}"] = level
-                print(label, concurrency, level, file=sys.stderr)
+        for round_ in range(args.rounds):
+            for label, used in (("heads_1", heads[:1]), ("heads_100", heads)):
+                for concurrency in LEVELS if round_ % 2 == 0 else LEVELS[::-1]:  # alternate: drift cancels out
+                    level = await http_level(server.http_url, bodies, used, concurrency, args.seconds)
+                    rounds[label].setdefault(concurrency, []).append(level)
+                    print(f"round {round_ + 1}", label, concurrency, level, file=sys.stderr)
     finally:
         server.stop()
+    for label, by_level in rounds.items():
+        result[label] = {f"c{concurrency}": _median_level(levels) for concurrency, levels in sorted(by_level.items())}
 
     server = start_server(data_dir, GRAFT_AUTH="open", GRAFT_MAX_QUEUE_IMAGES="16", **UNLIMITED_QUOTAS)
     try:
@@ -169,11 +187,15 @@ async def main() -> None:
     saturation = max(level["ips"] for level in result["heads_1"].values())
     result["http_ips_saturation"] = saturation
     result["ratio"] = round(saturation / result["engine_ips"], 3)
-    for label in ("heads_1", "heads_100"):
-        best = max(level["ips"] for level in result[label].values())
+    for label, by_level in rounds.items():
         prefix = "" if label == "heads_1" else "heads_100_"
         for concurrency in (32, 128):
-            result[f"{prefix}ips_at_{concurrency}_over_best"] = round(result[label][f"c{concurrency}"]["ips"] / best, 3)
+            # per round, against that round's best level; the median over rounds
+            over_best = [
+                by_level[concurrency][r]["ips"] / max(levels[r]["ips"] for levels in by_level.values())
+                for r in range(args.rounds)
+            ]
+            result[f"{prefix}ips_at_{concurrency}_over_best"] = round(statistics.median(over_best), 3)
     print(json.dumps(result))
 
 
