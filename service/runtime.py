@@ -28,6 +28,7 @@ from service.metrics import PrometheusMetrics
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 3.0
+DRAIN_NOTICE_S = 0.5  # the shortest time a draining replica keeps answering /readyz with 503
 
 
 @dataclass
@@ -77,7 +78,10 @@ class Runtime:
         replica, and admitted HTTP calls get their answers."""
         self.draining = True
         deadline = asyncio.get_running_loop().time() + grace_s
-        await asyncio.gather(self.jobs.stop(), self._http_idle(deadline))
+        # Stay up, not ready, for a moment even when idle: a replica that vanished the instant it was
+        # asked to stop would give no readiness probe (a load balancer's, a test's) the chance to see it go.
+        notice = asyncio.sleep(min(DRAIN_NOTICE_S, grace_s))
+        await asyncio.gather(self.jobs.stop(), self._http_idle(deadline), notice)
 
     async def stop(self) -> None:
         for task in self._tasks:
