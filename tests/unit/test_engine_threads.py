@@ -39,7 +39,7 @@ async def test_the_predictor_decodes_on_single_threaded_torch_and_still_answers(
         assert answer.heads[0].head == "h" and answer.heads[0].top
         assert width_on(predictor._decode) == 1
         batcher = predictor.batchers[core.settings.default_backbone]
-        assert batcher.workers == torch.get_num_threads()  # CPU: one batch at a time per torch thread
+        assert batcher.workers == torch.get_num_threads()  # CPU: one batch at once per torch thread
         assert width_on(batcher._executor) == (1 if batcher.workers > 1 else torch.get_num_threads())
     finally:
         await predictor.stop()
