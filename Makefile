@@ -6,31 +6,45 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-unit test-all lint fuzz screenshots bench bento clean
+.PHONY: setup weights data serve test test-unit test-all lint fuzz screenshots bench bento image lock clean
 
 setup: $(STAMP)
 
-# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml.
-$(STAMP): pyproject.toml
+# requirements.lock pins every package graft runs on (torch==2.14.1, torchvision==0.29.1 among them); the dev
+# venv, the Bento and the image all install exactly those versions. `make lock` regenerates it from pyproject.toml.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,bench]'
 	touch $@
+
+lock: setup
+	$(PY) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--no-emit-trusted-host -o requirements.lock pyproject.toml
 
 weights: setup
 	$(PY) -m service.provision
 
 # Debian packages the tests use: Fashion-MNIST, real PostgreSQL and nginx servers (started by the tests), and
 # chromium, the browser Playwright drives in tests/e2e/test_ui.py (Playwright's own browser download needs the internet).
+# podman, runc and mmdebstrap build and run graft's image (make image; tests/e2e/test_container_e2e.py).
 DEBIAN_TEST_PACKAGES := dataset-fashion-mnist postgresql nginx chromium
+DEBIAN_IMAGE_PACKAGES := podman runc mmdebstrap
 PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
 NGINX := /usr/sbin/nginx
 CHROMIUM := /usr/bin/chromium
+PODMAN := /usr/bin/podman
+RUNC := /usr/sbin/runc
+MMDEBSTRAP := /usr/bin/mmdebstrap
 
 $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM):
 	$(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_TEST_PACKAGES); }
 
-data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM)
+$(PODMAN) $(RUNC) $(MMDEBSTRAP):
+	$(SUDO) apt-get install -y -q $(DEBIAN_IMAGE_PACKAGES) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_IMAGE_PACKAGES); }
+
+data: setup $(FASHION_MNIST) $(PG_CTL) $(NGINX) $(CHROMIUM) $(PODMAN) $(RUNC) $(MMDEBSTRAP)
 	$(PY) -m harness.sample_data
 
 # Local development: no API keys unless GRAFT_AUTH=keys is set (the Bento defaults to keys). Without keys
@@ -43,8 +57,14 @@ serve: setup weights
 bento: setup
 	$(PY) scripts/build_bento.py
 
+# The OCI image graft:<version>: a Debian base made by mmdebstrap, the locked wheels, graft, the verified weights
+# (scripts/build_image.py; built again only when one of those changed).
+image: setup weights $(PODMAN) $(RUNC) $(MMDEBSTRAP)
+	$(PY) scripts/build_image.py
+
 # tests/unit: in-process (real backbone, real SQLite and PostgreSQL); tests/e2e: against real `bentoml serve`
-# processes, nginx, a Bento and a browser. `make test` runs both; `slow` marks what only `make test-all` runs.
+# processes, nginx, a Bento, the image as containers and a browser. `make test` runs both; `slow` marks what only
+# `make test-all` runs.
 test: setup weights data
 	$(PY) -m pytest -q -m "not slow"
 

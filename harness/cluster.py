@@ -15,8 +15,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import httpx
@@ -46,7 +48,17 @@ def render_nginx_conf(http_upstreams: list[str], grpc_upstreams: list[str], http
     return text.replace("listen 8081 http2;", f"listen 127.0.0.1:{grpc_port} http2;")
 
 
-def _conf_for(replicas: list[Server], http_port: int, grpc_port: int) -> str:
+class Upstream(Protocol):
+    """A replica as nginx reaches it: a ``bentoml serve`` process or a container."""
+
+    @property
+    def http_url(self) -> str: ...
+
+    @property
+    def grpc_target(self) -> str: ...
+
+
+def _conf_for(replicas: Sequence[Upstream], http_port: int, grpc_port: int) -> str:
     return render_nginx_conf([r.http_url.removeprefix("http://") for r in replicas],
                              [r.grpc_target for r in replicas], http_port, grpc_port)  # fmt: skip
 
@@ -58,7 +70,7 @@ class Nginx:
     http_port: int
     grpc_port: int
 
-    def reconfigure(self, replicas: list[Server]) -> None:
+    def reconfigure(self, replicas: Sequence[Upstream]) -> None:
         """Point nginx at ``replicas`` without dropping connections (SIGHUP: new workers, old ones finish)."""
         (self.prefix / "nginx.conf").write_text(_conf_for(replicas, self.http_port, self.grpc_port))
         self.process.send_signal(signal.SIGHUP)
@@ -73,7 +85,7 @@ class Nginx:
         shutil.rmtree(self.prefix, ignore_errors=True)
 
 
-def start_nginx(replicas: list[Server]) -> tuple[Nginx, str, str]:
+def start_nginx(replicas: Sequence[Upstream]) -> tuple[Nginx, str, str]:
     """nginx in front of ``replicas``; returns it with its HTTP base URL and gRPC target."""
     prefix = Path(tempfile.mkdtemp(prefix="graft-nginx-"))
     http_port, grpc_port = free_port(), free_port()
@@ -179,6 +191,10 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     failures: list[str] = field(default_factory=list)  # what the failed requests got (the first 10)
 
+    def p99_ms(self) -> float:
+        ordered = sorted(self.latencies_ms)
+        return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1) if ordered else float("nan")
+
     def record(self, ok: bool, started: float, outcome: str) -> None:
         self.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.ok, self.failed = self.ok + ok, self.failed + (not ok)
@@ -234,3 +250,17 @@ async def retrying_predictions(http_url: str, grpc_target: str, key: str, image:
         stub = rpc.PredictionServiceStub(channel)
         await asyncio.gather(*(http_worker(client) if i % 2 == 0 else grpc_worker(stub) for i in range(concurrency)))
     return result
+
+
+def predict_for(http_url: str, grpc_target: str, key: str, image: bytes, head: str, concurrency: int,
+                seconds: float) -> LoadResult:  # fmt: skip
+    """``retrying_predictions`` through a load balancer for ``seconds``, from a blocking caller."""
+
+    async def run() -> LoadResult:
+        stop = asyncio.Event()
+        load = asyncio.create_task(retrying_predictions(http_url, grpc_target, key, image, head, concurrency, stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        return await load
+
+    return asyncio.run(run())

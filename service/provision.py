@@ -19,8 +19,10 @@ from service.engine.weights import WeightsUnavailable, ensure_weights
 BENTO_WEIGHTS_MODEL = "graft-backbone-weights"
 
 
-def provision() -> list[Path]:
-    return [ensure_weights(spec.weights) for spec in BACKBONES.values() if spec.weights is not None]
+def provision(*, allow_download: bool = True) -> list[Path]:
+    """Every pinned checkpoint, verified; ``allow_download=False`` only checks what is already there."""
+    pins = [spec.weights for spec in BACKBONES.values() if spec.weights is not None]
+    return [ensure_weights(pin, allow_download=allow_download) for pin in pins]
 
 
 def import_into_bentoml(paths: list[Path]) -> str:
@@ -48,10 +50,11 @@ def bento_weights_dir() -> Path | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bentoml", action="store_true", help="also import them into the BentoML model store")
+    parser.add_argument("--offline", action="store_true", help="fetch nothing: fail unless every file is in place")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        paths = provision()
+        paths = provision(allow_download=not args.offline)
     except WeightsUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
