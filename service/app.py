@@ -20,11 +20,12 @@ from types import FrameType
 from typing import cast
 
 import bentoml
+from bentoml.exceptions import BentoMLException
 
 from service.config import Settings
 from service.grpc.server import GrpcServer, start_grpc_server
 from service.http.app import create_app
-from service.http.errors import ErrorBodyOutsideTheApp
+from service.http.errors import ErrorBodyOutsideTheApp, NotReadyBody
 from service.provision import bento_weights_dir
 from service.runtime import Runtime
 
@@ -65,13 +66,26 @@ class Graft:
         await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
-        """Read by /readyz: only flags (registry probe, draining), never a database call on the event loop."""
+        """Read by /readyz: only flags (registry probe, draining, role), never a database call on the event loop.
+
+        A replica that only trains (GRAFT_ROLE=train) is never ready: no load balancer sends it predictions.
+        Liveness (/livez) does not ask this: such a replica stays alive."""
         return self.grpc is not None and self.runtime.ready
 
 
-# Unknown routes and BentoML's own routes answer errors in the HTTP door's error body too. (The decorators made
-# Graft a bentoml.Service; their stubs keep the class's type.)
+def not_ready_reason() -> str | None:
+    """Why this worker's /readyz is 503, for the person reading it; None: ready, or not started (BentoML answers)."""
+    try:
+        runtime = getattr(bentoml.get_current_service(), "runtime", None)
+    except BentoMLException:
+        return None
+    return runtime.not_ready_reason if isinstance(runtime, Runtime) else None
+
+
+# Unknown routes and BentoML's own routes answer errors in the HTTP door's error body too, and /readyz says why it
+# is not ready. (The decorators made Graft a bentoml.Service; their stubs keep the class's type.)
 cast("bentoml.Service[Graft]", Graft).add_asgi_middleware(ErrorBodyOutsideTheApp)
+cast("bentoml.Service[Graft]", Graft).add_asgi_middleware(NotReadyBody, reason=not_ready_reason)
 
 
 def drain_before_stopping_on_sigterm(drain: Callable[[], Awaitable[None]]) -> None:

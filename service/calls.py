@@ -270,6 +270,11 @@ class Calls:
 
     # -- predictions -----------------------------------------------------------------
 
+    def check_predicting(self) -> None:
+        """Raise now what would refuse every prediction of a stream (a replica that only trains): the stream
+        fails at once, before a request is read, instead of answering each with the same error."""
+        self.runtime.predictor.check_serving()
+
     async def predict(
         self,
         images: list[bytes],

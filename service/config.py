@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     )
     upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
 
+    # Replica roles: one image, run as serving replicas and training replicas that share the registry and data.
+    role: Literal["both", "serve", "train"] = Field(
+        "both",
+        description="What this replica does. 'both': serves predictions and runs training jobs (the default: one "
+        "replica, or replicas all alike). 'serve': serves predictions and the whole API (jobs too are created, "
+        "listed, watched and cancelled), but never claims a training job, so training never competes with serving "
+        "for its cores. 'train': claims and runs training jobs and answers the API except predictions: it is "
+        "never ready (/readyz 503, gRPC health NOT_SERVING) and refuses predictions with 'unavailable'. Jobs run "
+        "only where a 'both' or 'train' replica is up.",
+    )
+
     # Jobs across replicas: claimed from the database under a lease.
     job_lease_s: float = Field(30.0, gt=0, description="A running job's lease; its replica renews it every third.")
     max_job_attempts: int = Field(3, ge=1, description="Runs of one job (after replica deaths) before it fails.")

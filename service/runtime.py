@@ -6,7 +6,8 @@ behaviour exists once: the core (storage, backbones, trainer), the predictor
 tenants with their API keys. It also probes the registry database, so both
 doors' readiness says "not ready" while the database cannot be reached or
 while the worker drains (:meth:`Runtime.drain`), and it collects orphaned
-blobs every ``gc_interval_s``.
+blobs every ``gc_interval_s``. A replica that only trains (``GRAFT_ROLE=train``)
+is never ready: readiness says "send me predictions", and it takes none.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ from service.calls import in_thread
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache
-from service.engine.predictor import Predictor
+from service.engine.predictor import TRAINING_ONLY, Predictor
 from service.jobs import JobRunner
 from service.metrics import PrometheusMetrics
 
@@ -61,9 +62,26 @@ class Runtime:
         return self.core.settings
 
     @property
-    def ready(self) -> bool:
-        """What ``/readyz`` and gRPC health report: the registry answers and the worker is not draining."""
+    def accepting(self) -> bool:
+        """Whether this worker takes API calls at all: the registry answers and the worker is not draining."""
         return self.registry_reachable and not self.draining
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` and gRPC health (overall and PredictionService) report: accepting calls and
+        serving predictions, which a replica that only trains never does."""
+        return self.not_ready_reason is None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why this worker is not ready, for a person reading ``/readyz``; None when it is."""
+        if self.draining:
+            return "this replica is shutting down; another replica answers"
+        if not self.registry_reachable:
+            return "this replica cannot reach its registry database"
+        if self.settings.role == "train":
+            return TRAINING_ONLY
+        return None
 
     async def start(self) -> None:
         """Call from inside the serving event loop."""

@@ -13,6 +13,11 @@ in as many threads as there are requests fighting the trunk for the same cores;
 and the images admitted (decoding, queued or in a batch) never exceed
 ``GRAFT_MAX_QUEUE_IMAGES``: beyond that a request is refused at once with
 "resource exhausted" (HTTP 429, gRPC RESOURCE_EXHAUSTED) instead of waiting.
+
+A replica that only trains (``GRAFT_ROLE=train``) is never ready, so no load
+balancer sends it predictions; one that reaches it anyway is refused here, for
+both doors, with "unavailable" (HTTP 503, gRPC UNAVAILABLE) before anything
+is checked or charged.
 """
 
 import asyncio
@@ -35,8 +40,13 @@ from service.engine.batcher import Batcher
 from service.engine.device import use_one_torch_thread
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from service.quotas import PredictionRate
+
+TRAINING_ONLY = (
+    "this replica only trains (GRAFT_ROLE=train) and takes no predictions; "
+    "send predictions to a serving replica (GRAFT_ROLE=serve or both)"
+)
 
 
 class LabelScore(BaseModel):
@@ -175,18 +185,26 @@ class Predictor:
         ``min_score``; with ``coverage`` it carries a conformal prediction set.
         ``door`` names the caller ("http", "grpc") for metrics only.
         """
+        self.check_serving()
         self._check_request(images, head_refs, top_k)
         answer = Answer(top_k=top_k, min_score=min_score, coverage=coverage)
         self.rate.take(tenant, len(images))
         with self.holding(len(images)):
             return await self._predict(tenant, images, head_refs, answer, embedding, door)
 
+    def check_serving(self) -> None:
+        """Raise Unavailable on a replica that only trains (GRAFT_ROLE=train): it takes no predictions."""
+        if self.settings.role == "train":
+            raise Unavailable(TRAINING_ONLY, role=self.settings.role)
+
     def check_room(self, count: int = 1) -> None:
-        """Raise ResourceExhausted unless ``count`` more images fit under GRAFT_MAX_QUEUE_IMAGES.
+        """Raise ResourceExhausted unless ``count`` more images fit under GRAFT_MAX_QUEUE_IMAGES (and
+        Unavailable on a replica that takes no predictions at all).
 
         The HTTP gate asks this before reading a prediction's body, so that a
         full replica refuses a flood of retries at the cost of a header, not a parse.
         """
+        self.check_serving()
         limit = self.settings.max_queue_images
         if self._admitted + count > limit:
             raise ResourceExhausted(

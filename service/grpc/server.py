@@ -3,7 +3,10 @@
 Besides graft.v1 it serves the standard health checking service (SERVING
 once started, which happens after the backbones are loaded, and while the
 registry database answers; NOT_SERVING otherwise and while draining) and server
-reflection, so load balancers and grpcurl work as usual.
+reflection, so load balancers and grpcurl work as usual. On a replica that only
+trains (``GRAFT_ROLE=train``) the overall service ("") and PredictionService
+are always NOT_SERVING, so a load balancer never sends it predictions; its
+other services (jobs, datasets, heads, backbones) report as usual.
 """
 
 import asyncio
@@ -19,7 +22,14 @@ from service.grpc.servicer import SERVICES
 from service.runtime import Runtime
 
 _SERVICE_NAMES = [service.full_name for service in service_pb2.DESCRIPTOR.services_by_name.values()]
+_PREDICTIONS = {"", service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name}
 HEALTH_POLL_S = 1.0
+
+
+def health_of(runtime: Runtime) -> dict[str, bool]:
+    """Whether each health service name is SERVING: "" and PredictionService say "send me predictions"
+    (readiness), the others "send me API calls"."""
+    return {name: runtime.ready if name in _PREDICTIONS else runtime.accepting for name in ["", *_SERVICE_NAMES]}
 
 
 class GrpcServer:
@@ -29,20 +39,22 @@ class GrpcServer:
         self.port = port
         self._follower: asyncio.Task[None] | None = None
 
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ["", *_SERVICE_NAMES]:
+    async def set_serving(self, serving: bool | dict[str, bool]) -> None:
+        """Every name SERVING or NOT_SERVING, or each as ``serving`` (a name -> serving map) says."""
+        statuses = serving if isinstance(serving, dict) else dict.fromkeys(["", *_SERVICE_NAMES], serving)
+        for name, up in statuses.items():
+            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(name, status)
 
     def follow(self, runtime: Runtime) -> None:
-        """Keep the health status in step with the runtime's readiness (registry probe, draining)."""
+        """Keep the health status in step with the runtime (registry probe, draining, role)."""
 
         async def follow_forever() -> None:
-            serving = True
+            statuses: dict[str, bool] = {}
             while True:
-                if runtime.ready != serving:
-                    serving = runtime.ready
-                    await self.set_serving(serving)
+                if (now := health_of(runtime)) != statuses:
+                    statuses = now
+                    await self.set_serving(statuses)
                 await asyncio.sleep(HEALTH_POLL_S)
 
         self._follower = asyncio.get_running_loop().create_task(follow_forever(), name="grpc-health")
@@ -77,6 +89,6 @@ async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None
     bound = server.add_insecure_port(f"{host or default_host(runtime)}:{port}")
     await server.start()
     handle = GrpcServer(server, health_servicer, bound)
-    await handle.set_serving(True)
+    await handle.set_serving(health_of(runtime))
     handle.follow(runtime)
     return handle

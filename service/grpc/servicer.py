@@ -295,6 +295,7 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
         engine predicts is slowed by flow control instead of queueing unbounded work. The key is checked
         again every ``key_recheck_s``: revoking it ends the stream with UNAUTHENTICATED.
         """
+        calls.check_predicting()
         responses: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.core.settings.max_images_per_request)
 

@@ -204,3 +204,26 @@ def _routing_error(scope: Scope, start: Message) -> JSONResponse:
         "method_not_allowed", f"{method} is not allowed on {path}; allowed: {allow}", {"allowed": allowed}
     )
     return JSONResponse(body, status_code=405, headers={"Allow": allow})
+
+
+class NotReadyBody:
+    """Around BentoML's own app: ``/readyz`` on a worker that is not ready answers 503 with the error body saying
+    why (shutting down, registry unreachable, a replica that only trains), where BentoML's says only "not ready".
+
+    ``reason()`` is the runtime's ``not_ready_reason``; None (ready, or no runtime yet) leaves the answer to BentoML,
+    which asks ``Graft.__is_ready__`` as before. ``/livez`` is never touched: a replica that is not ready is alive.
+    """
+
+    def __init__(self, app: ASGIApp, reason: Callable[[], str | None], path: str = "/readyz") -> None:
+        self.app = app
+        self.reason = reason
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] in ("GET", "HEAD"):
+            reason = self.reason()
+            if reason is not None:
+                response = JSONResponse(error_body(errors.Unavailable.code, reason, {}), status_code=503)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -13,6 +13,14 @@ expired, up to ``max_job_attempts`` runs. Only the lease holder writes the job's
 progress and outcome or publishes its head (the trainer's guard), so a run that
 lost its lease can finish but never stores anything.
 
+A replica with ``GRAFT_ROLE=serve`` never claims a job: its scheduler only
+requeues expired leases (a cheap update any replica may make, and one that
+lets a job whose training replica died go back to the queue, or fail after
+its last attempt, even while no training replica is up). Creating, listing,
+watching and cancelling jobs work on every replica: they go through the
+database, and a cancel reaches the replica running the job through its
+lease renewal.
+
 On ``stop()`` running jobs are interrupted and handed back to the queue, and
 queued jobs stay queued: the next replica (or this one, restarted) runs them.
 
@@ -108,7 +116,8 @@ class JobRunner:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start claiming jobs (and requeueing expired ones) and renewing the leases of those run here."""
+        """Start claiming jobs (unless this replica only serves) and requeueing expired ones, and renewing the
+        leases of those run here."""
         self._loop = asyncio.get_running_loop()
         for target, name in ((self._schedule_forever, "job-scheduler"), (self._renew_forever, "job-heartbeat")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -216,6 +225,11 @@ class JobRunner:
 
     # -- the scheduler and heartbeat threads ----------------------------------------------
 
+    @property
+    def claims_jobs(self) -> bool:
+        """Whether this replica runs training jobs: every role but 'serve'."""
+        return self.settings.role != "serve"
+
     def _schedule_forever(self) -> None:
         lease_s = self.settings.job_lease_s
         while not self._stop_claiming.is_set():
@@ -223,7 +237,7 @@ class JobRunner:
             try:
                 for line in self.store.requeue_expired(self.settings.max_job_attempts):
                     log.warning("job %s", line)
-                while not self._stop_claiming.is_set() and self._free_slots() > 0:
+                while self.claims_jobs and not self._stop_claiming.is_set() and self._free_slots() > 0:
                     claim = self.store.claim_next(self.worker, lease_s)
                     if claim is None:
                         break
