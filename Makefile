@@ -11,10 +11,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(STAMP)
 
 # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml.
-$(STAMP): pyproject.toml
+# The client (graft-client, the `graft` command) is its own distribution: a second pip run, after the server's,
+# so that upgrading a venv whose old graft owned bin/graft does not remove the new one.
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e './client[report]'
 	touch $@
 
 weights: setup
