@@ -12,10 +12,13 @@ setup: $(STAMP)
 
 # requirements.lock pins every package graft runs on (torch==2.14.1, torchvision==0.29.1 among them); the dev
 # venv, the Bento and the image all install exactly those versions. `make lock` regenerates it from pyproject.toml.
-$(STAMP): pyproject.toml requirements.lock
+# The client (graft-client, the `graft` command) is its own distribution: a second pip run, after the server's,
+# so that upgrading a venv whose old graft owned bin/graft does not remove the new one.
+$(STAMP): pyproject.toml client/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e '.[test,bench]'
+	$(PY) -m pip install -q -c requirements.lock -e './client[report]'
 	touch $@
 
 lock: setup

@@ -301,8 +301,17 @@ def export(graft: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_EXTRA = ("graft report draws with matplotlib, which is not installed: pip install 'graft-client[report]' "
+                "(from graft's repository: pip install './client[report]')")  # fmt: skip
+
+
 def report(graft: Client, args: argparse.Namespace) -> int:
-    from client.report import draw  # matplotlib only for this command
+    try:
+        from client.report import draw  # matplotlib only for this command (the `report` extra)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("matplotlib", "numpy"):
+            raise
+        raise UsageError(REPORT_EXTRA) from None
 
     head = graft.get_head(args.head.split("@")[0].split(":")[0])
     ref = args.head.partition("@")[2] or args.head.partition(":")[2] or None
@@ -436,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--also", metavar="HEADS", help="onnx/pt2: more heads on its backbone (a,b@2), one output each")
     sub.add_argument("-o", "--output", help="file to write (default: HEAD.FORMAT)")
 
-    sub = command("report", report, "draw a head version's evaluation as one PNG")
+    sub = command("report", report, "draw a head version's evaluation as one PNG (needs graft-client[report])")
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
     sub.add_argument("-o", "--output", default="report.png")
 

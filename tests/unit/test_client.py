@@ -1,14 +1,17 @@
 """The client package on its own: fresh stubs, no torch, the contract's field names, retries, the report."""
 
+import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
 from adapters.metrics import ECE_BINS, evaluate
-from client import models
+from client import cli, models
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2 as api
 from client.errors import (
@@ -45,6 +48,60 @@ def test_the_client_and_the_cli_import_neither_torch_nor_the_server():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# What client/ imports, by distribution (graft-client must require exactly these; stdlib and client itself aside).
+DISTRIBUTIONS = {"httpx": "httpx", "grpc": "grpcio", "google.protobuf": "protobuf",
+                 "google.api": "googleapis-common-protos", "pydantic": "pydantic", "matplotlib": "matplotlib",
+                 "numpy": "numpy"}  # fmt: skip
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in (*sys.stdlib_module_names, "client"):
+                found.add(
+                    DISTRIBUTIONS.get(name.split(".")[0]) or DISTRIBUTIONS.get(".".join(name.split(".")[:2]), name)
+                )
+    return found
+
+
+def _client_sources(pattern: str) -> list[Path]:
+    return [p for p in (REPO / "client").rglob(pattern) if "build" not in p.relative_to(REPO / "client").parts]
+
+
+def test_graft_client_requires_what_client_imports_at_the_servers_version_and_floors():
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())
+    server = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = client["project"]
+    assert project["version"] == server["version"]
+    required, report = project["dependencies"], project["optional-dependencies"]["report"]
+    assert set(required + report) <= set(server["dependencies"]).union(*server["optional-dependencies"].values())
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", requirement)[0] for requirement in requirements}
+
+    core = set().union(*(_third_party_imports(p) for p in _client_sources("*.py") if p.name != "report.py"))
+    assert core == names(required)  # matplotlib and numpy only in `graft report`: the `report` extra
+    assert _third_party_imports(REPO / "client" / "report.py") - core == names(report)
+
+    packages = {".".join(("client", *p.parent.relative_to(REPO / "client").parts)) for p in _client_sources("*.py")}
+    assert packages == set(client["tool"]["setuptools"]["packages"])  # a new subpackage must be listed to ship
+
+
+def test_graft_report_without_matplotlib_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where graft-client is installed without [report]
+    monkeypatch.delitem(sys.modules, "client.report")
+    assert cli.main(["--url", "http://127.0.0.1:9", "report", "pets"]) == cli.EXIT_USAGE
+    assert "pip install 'graft-client[report]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
