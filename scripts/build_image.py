@@ -1,6 +1,7 @@
 """Build graft's OCI image from the package registries alone: ``make image``.
 
-    python scripts/build_image.py          # prints {"image": "graft:0.1.0", "id": ..., "bytes": ..., "built": ...}
+    python scripts/build_image.py                 # prints {"image": "graft:0.1.0", "bytes": ..., "built": ...}
+    python scripts/build_image.py --context-only  # prepares the build context for `docker build` and prints its path
 
 1. A Debian 12 root file system with Python 3.11, made by ``mmdebstrap`` from Debian's packages and imported
    into podman as ``localhost/graft-base:<recipe hash>`` (no image registry is involved).
@@ -13,6 +14,7 @@ The image carries a label with the hash of everything it was built from (the loc
 source, the weights' pins, the base recipe); when an image with that label exists, nothing is built again.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -160,6 +162,15 @@ def log(message: str) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--context-only",
+        action="store_true",
+        help="only prepare the build context (for `docker build`) and print its folder",
+    )
+    if parser.parse_args().context_only:
+        print(build_context())
+        return 0
     print(json.dumps(build()))
     return 0
 
