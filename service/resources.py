@@ -223,7 +223,8 @@ class TrainingSpec(BaseModel):
     """What to train. Unset fields take the service's defaults (shown in the job's ``spec``)."""
 
     # The core's cross-field rules (TrainRequest), stated in the schema too.
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+    # allow_inf_nan: 1e999 (JSON) or inf (a gRPC double) is no budget, and PostgreSQL's JSON cannot store it
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"allOf": [
         _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value, AUTO_KIND),
         _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
         _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),

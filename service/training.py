@@ -79,6 +79,9 @@ class HyperParamOverrides(BaseModel):
 class TrainRequest(BaseModel):
     """What a client asks for when it wants a head trained."""
 
+    # inf and nan are never a budget or a fraction; stored as JSON they would be "Infinity", which PostgreSQL refuses
+    model_config = ConfigDict(allow_inf_nan=False)
+
     dataset_id: str
     head_name: str
     backbone: str = Field(
