@@ -27,9 +27,17 @@ class Quotas:
 
     @staticmethod
     def _serialise(session: Session, tenant: str) -> None:
-        """On PostgreSQL: one quota-checked write per tenant at a time (until this transaction ends)."""
-        if session.get_bind().dialect.name == "postgresql":
+        """One quota-checked write per tenant at a time (until this transaction ends), so the count is current.
+
+        PostgreSQL: a per-tenant advisory lock. SQLite: the database's write lock, taken now (``BEGIN
+        IMMEDIATE``) unless this transaction already wrote; the driver would otherwise run the check's
+        SELECTs outside any transaction and begin one only at the INSERT, after the count was read.
+        """
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": f"quota:{tenant}"})
+        elif dialect == "sqlite":
+            begin_immediate(session)
 
     def stored_bytes(self, session: Session, tenant: str) -> int:
         """Bytes charged to ``tenant``: its datasets' distinct images plus its head versions' weights."""
@@ -94,6 +102,19 @@ class Quotas:
                 quota="queued_jobs",
                 retry_after_s=30.0,
             )
+
+
+def begin_immediate(session: Session) -> None:
+    """SQLite: hold the write lock from here to the commit (waiting up to busy_timeout for another writer).
+
+    A no-op when this transaction already holds it (it wrote) and on other backends.
+    """
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class PredictionRate:
