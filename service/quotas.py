@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import ResourceExhausted
-from service.store.db import DatasetRow, HeadVersionRow, JobRow
+from service.store.db import DatasetRow, HeadVersionRow, JobRow, begin_immediate
 
 
 class Quotas:
@@ -102,19 +102,6 @@ class Quotas:
                 quota="queued_jobs",
                 retry_after_s=30.0,
             )
-
-
-def begin_immediate(session: Session) -> None:
-    """SQLite: hold the write lock from here to the commit (waiting up to busy_timeout for another writer).
-
-    A no-op when this transaction already holds it (it wrote) and on other backends.
-    """
-    connection = session.connection()
-    if connection.dialect.name != "sqlite":
-        return
-    driver = connection.connection.driver_connection
-    if driver is not None and not driver.in_transaction:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class PredictionRate:

@@ -205,6 +205,19 @@ def rows_changed(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
+def begin_immediate(session: Session) -> None:
+    """SQLite: hold the write lock from here to the commit (waiting up to busy_timeout for another writer).
+
+    A no-op when this transaction already holds it (it wrote) and on other backends.
+    """
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class Database:
     """Owns the engine and hands out sessions that commit on success and roll back on error."""
 

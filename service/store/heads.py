@@ -31,13 +31,23 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, Field
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.quotas import Quotas
 from service.store.blobs import BlobStore
-from service.store.db import Database, HeadAliasRow, HeadNameRow, HeadVersionRow, rows_changed, utcnow
+from service.store.db import (
+    Database,
+    HeadAliasRow,
+    HeadNameRow,
+    HeadVersionRow,
+    begin_immediate,
+    rows_changed,
+    utcnow,
+)
 from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
 
 NAME_PATTERN = r"[a-z][a-z0-9-]{0,62}"
@@ -272,13 +282,18 @@ class HeadRegistry:
         _check_alias(alias)
         check_version(version)
         with self.db.session() as session:
-            if _version_row(session, tenant, name, version) is None:
+            # the version row stays locked until the alias is written, so a concurrent delete_version (which locks
+            # it too) either runs first (then this is NotFound) or after (then it removes this alias as well)
+            if _version_row(session, tenant, name, version, lock=True) is None:
                 raise NotFound(f"head '{name}' has no version {version}; set the alias to an existing version")
-            row = _alias_row(session, tenant, name, alias)
-            if row is None:
-                session.add(HeadAliasRow(tenant=tenant, name=name, alias=alias, version=version))
-            else:
-                row.version = version
+            # an upsert: concurrent first setters of one alias both succeed, the last one wins
+            dialect = session.get_bind().dialect.name
+            insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+            session.execute(
+                insert(HeadAliasRow)
+                .values(tenant=tenant, name=name, alias=alias, version=version)
+                .on_conflict_do_update(index_elements=["tenant", "name", "alias"], set_={"version": version})
+            )
 
     def remove_alias(self, tenant: str, name: str, alias: str) -> None:
         check_name("head name", name)
@@ -296,7 +311,7 @@ class HeadRegistry:
         check_name("head name", name)
         check_version(version)
         with self.db.session() as session:
-            row = _version_row(session, tenant, name, version)
+            row = _version_row(session, tenant, name, version, lock=True)  # see set_alias
             if row is None:
                 raise NotFound(f"head '{name}' has no version {version}; nothing was deleted")
             blob_key = row.blob_key
@@ -313,7 +328,8 @@ class HeadRegistry:
         check_name("head name", name)
         with self.db.session() as session:
             where = (HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
-            blob_keys = list(session.scalars(select(HeadVersionRow.blob_key).where(*where)))
+            begin_immediate(session)  # SQLite; PostgreSQL locks the rows (a concurrent set_alias waits, or NotFound)
+            blob_keys = list(session.scalars(select(HeadVersionRow.blob_key).where(*where).with_for_update()))
             if not blob_keys:
                 raise NotFound(f"head '{name}' not found; nothing was deleted", head=name)
             session.execute(delete(HeadAliasRow).where(HeadAliasRow.tenant == tenant, HeadAliasRow.name == name))
@@ -381,12 +397,20 @@ def _check_alias(alias: str) -> None:
         raise InvalidArgument("alias 'latest' always means the newest version and cannot be set or removed")
 
 
-def _version_row(session: Session, tenant: str, name: str, version: int) -> HeadVersionRow | None:
-    return session.scalar(
-        select(HeadVersionRow).where(
-            HeadVersionRow.tenant == tenant, HeadVersionRow.name == name, HeadVersionRow.version == version
-        )
+def _version_row(
+    session: Session, tenant: str, name: str, version: int, *, lock: bool = False
+) -> HeadVersionRow | None:
+    """The version's row; ``lock``: held against concurrent writers until the transaction ends.
+
+    PostgreSQL locks the row (FOR UPDATE); SQLite takes the database's write lock before reading.
+    """
+    query = select(HeadVersionRow).where(
+        HeadVersionRow.tenant == tenant, HeadVersionRow.name == name, HeadVersionRow.version == version
     )
+    if lock:
+        begin_immediate(session)
+        query = query.with_for_update()
+    return session.scalar(query)
 
 
 def _alias_row(session: Session, tenant: str, name: str, alias: str) -> HeadAliasRow | None:
