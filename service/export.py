@@ -30,7 +30,7 @@ from adapters.heads import HeadConfig, HeadKind, load_head
 from service.engine.backbones import Backbone
 from service.errors import GraftError, InvalidArgument, NotFound
 from service.store.datasets import DatasetStore
-from service.store.heads import HeadVersionInfo
+from service.store.heads import ServedVersion
 from service.store.images import decode_rgb
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ExportModel(nn.Module):
     """Backbone blocks once, then each head at its own split point, softmax per head."""
 
     def __init__(
-        self, backbone: Backbone, heads: Sequence[HeadVersionInfo], tensors: Sequence[dict[str, torch.Tensor]]
+        self, backbone: Backbone, heads: Sequence[ServedVersion], tensors: Sequence[dict[str, torch.Tensor]]
     ) -> None:
         super().__init__()
         n = backbone.num_blocks
@@ -167,7 +167,7 @@ def check_inputs(
     return noise, f"{CHECK_IMAGES} seeded random inputs ({where} no longer exist)"
 
 
-def output_names(heads: Sequence[HeadVersionInfo]) -> list[str]:
+def output_names(heads: Sequence[ServedVersion]) -> list[str]:
     """``{head}_v{version}`` per head; the same version named twice is the caller's mistake."""
     names = [f"{info.name}_v{info.version}" for info in heads]
     if len(set(names)) != len(names):
@@ -176,14 +176,14 @@ def output_names(heads: Sequence[HeadVersionInfo]) -> list[str]:
     return names
 
 
-def check_same_backbone(heads: Sequence[HeadVersionInfo]) -> None:
+def check_same_backbone(heads: Sequence[ServedVersion]) -> None:
     backbones = {info.backbone for info in heads}
     if len(backbones) > 1:
         listed = ", ".join(f"{info.name}@{info.version} on {info.backbone}" for info in heads)
         raise InvalidArgument(f"heads exported together must share one backbone; got {listed}")
 
 
-def manifest(backbone: Backbone, heads: Sequence[HeadVersionInfo], format: str) -> Manifest:
+def manifest(backbone: Backbone, heads: Sequence[ServedVersion], format: str) -> Manifest:
     spec = backbone.spec
     return Manifest(
         graft_version=_graft_version(),
@@ -215,7 +215,7 @@ def manifest(backbone: Backbone, heads: Sequence[HeadVersionInfo], format: str) 
 
 def export_onnx(
     backbone: Backbone,
-    heads: Sequence[HeadVersionInfo],
+    heads: Sequence[ServedVersion],
     tensors: Sequence[dict[str, torch.Tensor]],
     stored: Sequence[bytes],
     datasets: Sequence[str],
@@ -243,7 +243,7 @@ def export_onnx(
 
 def export_pt2(
     backbone: Backbone,
-    heads: Sequence[HeadVersionInfo],
+    heads: Sequence[ServedVersion],
     tensors: Sequence[dict[str, torch.Tensor]],
     stored: Sequence[bytes],
     datasets: Sequence[str],

@@ -25,7 +25,7 @@ from adapters.calibration import Calibration, TemperatureScaled
 from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, load_head, normalised
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
-from service.store.heads import HeadRegistry, HeadVersionInfo, imagenet_backbone
+from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
 
 IMAGENET_TENANT = ""  # no tenant's name is empty: built-in heads never collide with a tenant's
 IMAGENET_VERSION = 1  # the classifier as published; it never changes
@@ -99,7 +99,7 @@ class LoadedHead:
         return self.module
 
 
-def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbone: Backbone) -> LoadedHead:
+def materialise(info: ServedVersion, tensors: dict[str, torch.Tensor], backbone: Backbone) -> LoadedHead:
     """Registry row + stored tensors -> a LoadedHead on the backbone's device."""
     config = HeadConfig.model_validate(info.config)
     if config.num_classes != len(info.classes):
@@ -139,7 +139,7 @@ def materialise(info: HeadVersionInfo, tensors: dict[str, torch.Tensor], backbon
     )
 
 
-def head_key(info: HeadVersionInfo) -> HeadKey:
+def head_key(info: ServedVersion) -> HeadKey:
     return HeadKey(info.tenant, info.name, info.version, info.weights_sha256)
 
 
@@ -181,7 +181,7 @@ class HeadCache:
         finally:
             del self._loading[key]
 
-    def _load(self, info: HeadVersionInfo) -> LoadedHead:
+    def _load(self, info: ServedVersion) -> LoadedHead:
         backbone = self.backbones.get(info.backbone)
         if backbone is None:
             raise FailedPrecondition(

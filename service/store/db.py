@@ -116,8 +116,18 @@ class HeadNameRow(Base):
 
 
 class HeadVersionRow(Base):
+    """One version of a head. ``metrics`` can be megabytes (a 1,000-class confusion matrix), so it is deferred:
+    resolving a reference never reads it, and lists read ``metrics_summary`` (its top-level numbers) instead.
+
+    ``job_id`` is unique: a job publishes at most one version, however often it is run (a requeued run
+    finds the version its earlier run published instead of storing a second one).
+    """
+
     __tablename__ = "head_versions"
-    __table_args__ = (UniqueConstraint("tenant", "name", "version"),)
+    __table_args__ = (
+        UniqueConstraint("tenant", "name", "version"),
+        UniqueConstraint("job_id", name="uq_head_versions_job_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
@@ -129,7 +139,8 @@ class HeadVersionRow(Base):
     classes: Mapped[list[str]]
     config: Mapped[dict[str, Any]]
     hyperparams: Mapped[dict[str, Any]]
-    metrics: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any]] = mapped_column(deferred=True)
+    metrics_summary: Mapped[dict[str, Any]]  # the top-level numbers of metrics: what lists show
     dataset_id: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(String(512))

@@ -19,6 +19,7 @@ tenant may use in predictions; it lives in the backbone, not here, so the name
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 import uuid
@@ -34,7 +35,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.quotas import Quotas
@@ -61,7 +62,12 @@ HEADS_FOLDER = "heads"  # named-blob folder that holds every version's weights
 _COMMIT_ATTEMPTS = 5  # concurrent first creators of a head race to insert its head_names row
 
 
-class HeadVersionInfo(BaseModel):
+class ServedVersion(BaseModel):
+    """What serving and export need of one version: what :meth:`HeadRegistry.resolve` reads, and no more.
+
+    Never the metrics (megabytes for a 1,000-class confusion matrix) nor other versions' rows.
+    """
+
     tenant: str
     name: str
     version: int
@@ -70,15 +76,39 @@ class HeadVersionInfo(BaseModel):
     kind: str
     classes: list[str]
     config: dict[str, Any]
-    hyperparams: dict[str, Any]
-    metrics: dict[str, Any]
     dataset_id: str
     job_id: str | None
     param_bytes: int
     created_at: datetime
-    aliases: list[str]
     blob_key: str = Field(exclude=True)  # storage detail: never sent to clients
     weights_sha256: str = Field(exclude=True)  # identity of the weights: what caches key on
+
+
+class HeadVersionInfo(ServedVersion):
+    """A version as clients see it. In lists, ``metrics`` is its summary (the top-level numbers)."""
+
+    hyperparams: dict[str, Any]
+    metrics: dict[str, Any]
+    aliases: list[str]
+
+
+# The columns resolve reads (ServedVersion's): never metrics, hyperparams or other versions.
+_SERVED_COLUMNS = (
+    HeadVersionRow.tenant,
+    HeadVersionRow.name,
+    HeadVersionRow.version,
+    HeadVersionRow.backbone,
+    HeadVersionRow.split_point,
+    HeadVersionRow.kind,
+    HeadVersionRow.classes,
+    HeadVersionRow.config,
+    HeadVersionRow.dataset_id,
+    HeadVersionRow.job_id,
+    HeadVersionRow.param_bytes,
+    HeadVersionRow.created_at,
+    HeadVersionRow.blob_key,
+    HeadVersionRow.weights_sha256,
+)
 
 
 class HeadInfo(BaseModel):
@@ -151,6 +181,7 @@ class HeadRegistry:
                 config=config,
                 hyperparams=hyperparams,
                 metrics=metrics,
+                metrics_summary=metrics_summary(metrics),
                 dataset_id=dataset_id,
                 job_id=job_id,
                 blob_key=blob_key,
@@ -206,8 +237,35 @@ class HeadRegistry:
 
     # -- read ----------------------------------------------------------------------
 
-    def resolve(self, tenant: str, ref: str) -> HeadVersionInfo:
-        """Resolve ``name`` (latest), ``name@3`` or ``name:alias`` to one version."""
+    def resolve(self, tenant: str, ref: str) -> ServedVersion:
+        """Resolve ``name`` (latest), ``name@3`` or ``name:alias`` to one version: what serving and export need.
+
+        Reads the alias (or the highest version number) and that one version's serving columns, never its
+        metrics nor any other version's row: a head of many versions with large metrics costs what one small does.
+        """
+        with self.db.session() as session:
+            name, number = self._number(session, tenant, ref)
+            row = session.execute(
+                select(*_SERVED_COLUMNS).where(
+                    HeadVersionRow.tenant == tenant, HeadVersionRow.name == name, HeadVersionRow.version == number
+                )
+            ).one_or_none()
+            if row is None:
+                raise self._no_version(session, tenant, name, number)
+        return ServedVersion.model_validate(row._asdict())
+
+    def describe(self, tenant: str, ref: str) -> HeadVersionInfo:
+        """One version with everything clients see of it: its full metrics and its aliases."""
+        with self.db.session() as session:
+            name, number = self._number(session, tenant, ref)
+            row = _version_row(session, tenant, name, number)
+            if row is None:
+                raise self._no_version(session, tenant, name, number)
+            aliases = dict(_aliases(session, tenant, name))
+            return _version_info(row, aliases=[a for a, v in aliases.items() if v == number])
+
+    def _number(self, session: Session, tenant: str, ref: str) -> tuple[str, int]:
+        """The head name and version number ``ref`` means (one small query for an alias or ``latest``)."""
         if (backbone := imagenet_backbone(ref)) is not None:
             raise InvalidArgument(
                 f"'{ref}' is backbone '{backbone}''s own ImageNet classifier: use it in predictions; it has no "
@@ -220,31 +278,51 @@ class HeadRegistry:
                 "with a name of lowercase letters, digits and '-'"
             )
         name, version, alias = match["name"], match["version"], match["alias"]
-        number = _parse_version(version) if version is not None else None
-        head = self.get(tenant, name)
-        if alias is not None:
-            if alias not in head.aliases:
-                raise NotFound(f"head '{name}' has no alias '{alias}'; its aliases are {sorted(head.aliases)}")
-            number = head.aliases[alias]
-        elif number is None:
-            number = head.latest_version
-        for info in head.versions:
-            if info.version == number:
-                return info
-        raise NotFound(f"head '{name}' has no version {number}; its versions are {[v.version for v in head.versions]}")
+        if version is not None:
+            return name, _parse_version(version)
+        where = (HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
+        if alias is not None and alias != LATEST:
+            number = session.scalar(
+                select(HeadAliasRow.version).where(
+                    HeadAliasRow.tenant == tenant, HeadAliasRow.name == name, HeadAliasRow.alias == alias
+                )
+            )
+            if number is None:
+                if session.scalar(select(HeadVersionRow.id).where(*where).limit(1)) is None:
+                    raise _head_not_found(name)
+                known = sorted([*(a for a, _ in _aliases(session, tenant, name)), LATEST])
+                raise NotFound(f"head '{name}' has no alias '{alias}'; its aliases are {known}")
+            return name, number
+        latest = session.scalar(select(func.max(HeadVersionRow.version)).where(*where))
+        if latest is None:
+            raise _head_not_found(name)
+        return name, latest
+
+    @staticmethod
+    def _no_version(session: Session, tenant: str, name: str, number: int) -> NotFound:
+        numbers = list(
+            session.scalars(
+                select(HeadVersionRow.version)
+                .where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
+                .order_by(HeadVersionRow.version)
+            )
+        )
+        if not numbers:
+            return _head_not_found(name)
+        return NotFound(f"head '{name}' has no version {number}; its versions are {numbers}")
 
     def get(self, tenant: str, name: str) -> HeadInfo:
         check_name("head name", name)
         with self.db.session() as session:
-            heads = _load_heads(session, tenant, [name])
+            heads = _load_heads(session, tenant, [name], full_metrics=True)
         if not heads:
-            raise NotFound(f"head '{name}' not found; list your heads to see valid names", head=name)
+            raise _head_not_found(name)
         return heads[0]
 
     def list(
         self, tenant: str, page_size: int = 50, page_token: str | None = None
     ) -> tuple[list[HeadInfo], str | None]:
-        """Heads in name order; the token is the last name returned."""
+        """Heads in name order; the token is the last name returned. Versions carry their metrics' summary."""
         check_page_size(page_size)
         query = select(HeadVersionRow.name).where(HeadVersionRow.tenant == tenant).distinct()
         if page_token:
@@ -254,11 +332,11 @@ class HeadRegistry:
             query = query.where(HeadVersionRow.name > last_name)
         with self.db.session() as session:
             names = list(session.scalars(query.order_by(HeadVersionRow.name).limit(page_size + 1)))
-            heads = _load_heads(session, tenant, names[:page_size])
+            heads = _load_heads(session, tenant, names[:page_size], full_metrics=False)
         next_token = encode_token(heads[-1].name) if len(names) > page_size else None
         return heads, next_token
 
-    def load_tensors(self, info: HeadVersionInfo) -> dict[str, torch.Tensor]:
+    def load_tensors(self, info: ServedVersion) -> dict[str, torch.Tensor]:
         """The version's tensors, after checking the file is the one its row recorded."""
         data = self.head_blob_bytes(info)
         if hashlib.sha256(data).hexdigest() != info.weights_sha256:
@@ -270,7 +348,7 @@ class HeadRegistry:
             )
         return safetensors.torch.load(data)
 
-    def head_blob_bytes(self, info: HeadVersionInfo) -> bytes:
+    def head_blob_bytes(self, info: ServedVersion) -> bytes:
         """The version's safetensors file, as stored (for export)."""
         return self.blobs.get_named(info.blob_key)
 
@@ -421,13 +499,35 @@ def _alias_row(session: Session, tenant: str, name: str, alias: str) -> HeadAlia
     )
 
 
-def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInfo]:
-    """HeadInfo for each of ``names`` that has versions, in name order, from two queries."""
-    versions = session.scalars(
-        select(HeadVersionRow)
-        .where(HeadVersionRow.tenant == tenant, HeadVersionRow.name.in_(names))
-        .order_by(HeadVersionRow.name, HeadVersionRow.version)
+def _head_not_found(name: str) -> NotFound:
+    return NotFound(f"head '{name}' not found; list your heads to see valid names", head=name)
+
+
+def _aliases(session: Session, tenant: str, name: str) -> list[tuple[str, int]]:
+    rows = session.execute(
+        select(HeadAliasRow.alias, HeadAliasRow.version).where(HeadAliasRow.tenant == tenant, HeadAliasRow.name == name)
     )
+    return [(alias, version) for alias, version in rows]
+
+
+def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What lists show of a version's metrics: its top-level finite numbers (accuracy, macro F1, ...)."""
+    return {
+        key: value
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def _load_heads(session: Session, tenant: str, names: list[str], *, full_metrics: bool) -> list[HeadInfo]:
+    """HeadInfo for each of ``names`` that has versions, in name order, from two queries.
+
+    ``full_metrics``: each version's whole metrics (one head's page); otherwise their summaries (lists).
+    """
+    query = select(HeadVersionRow).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name.in_(names))
+    if full_metrics:
+        query = query.options(undefer(HeadVersionRow.metrics))
+    versions = session.scalars(query.order_by(HeadVersionRow.name, HeadVersionRow.version))
     rows_by_name: dict[str, list[HeadVersionRow]] = defaultdict(list)
     for row in versions:
         rows_by_name[row.name].append(row)
@@ -447,7 +547,10 @@ def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInf
                 name=name,
                 latest_version=rows[-1].version,
                 versions=[
-                    _version_info(row, aliases=[a for a, v in aliases.items() if v == row.version]) for row in rows
+                    _version_info(
+                        row, aliases=[a for a, v in aliases.items() if v == row.version], summary=not full_metrics
+                    )
+                    for row in rows
                 ],
                 aliases=aliases,
             )
@@ -455,7 +558,7 @@ def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInf
     return heads
 
 
-def _version_info(row: HeadVersionRow, *, aliases: list[str]) -> HeadVersionInfo:
+def _version_info(row: HeadVersionRow, *, aliases: list[str], summary: bool = False) -> HeadVersionInfo:
     return HeadVersionInfo(
         tenant=row.tenant,
         name=row.name,
@@ -466,7 +569,7 @@ def _version_info(row: HeadVersionRow, *, aliases: list[str]) -> HeadVersionInfo
         classes=list(row.classes),
         config=dict(row.config),
         hyperparams=dict(row.hyperparams),
-        metrics=dict(row.metrics),
+        metrics=dict(row.metrics_summary if summary else row.metrics),
         dataset_id=row.dataset_id,
         job_id=row.job_id,
         param_bytes=row.param_bytes,

@@ -266,7 +266,7 @@ async def test_a_diverged_trial_leaves_every_job_update_encodable_as_json_and_pr
     updates = await until_done(runner, TENANT, job.id)
 
     assert updates[-1].state is JobState.SUCCEEDED
-    assert None in [trial["val_loss"] for trial in core.heads.resolve(TENANT, "diverged").metrics["trials"]]
+    assert None in [trial["val_loss"] for trial in core.heads.describe(TENANT, "diverged").metrics["trials"]]
     for update in updates + [runner.get(TENANT, job.id)]:
         json.dumps(update.model_dump(mode="json"), allow_nan=False)
         convert.message(resources.Job.of(update), pb.Job)  # the gRPC door's encoding of the job

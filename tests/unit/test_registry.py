@@ -93,8 +93,9 @@ def test_resolve_name_version_and_alias(registry: HeadRegistry) -> None:
     assert registry.resolve(TENANT, "cats").version == 3
     assert registry.resolve(TENANT, "cats:latest").version == 3
     assert registry.resolve(TENANT, "cats@1").version == 1
-    prod = registry.resolve(TENANT, "cats:prod")
-    assert prod.version == 2 and prod.aliases == ["prod"]
+    assert registry.resolve(TENANT, "cats:prod").version == 2
+    prod = registry.describe(TENANT, "cats:prod")
+    assert prod.version == 2 and prod.aliases == ["prod"] and prod.metrics == {"accuracy": 0.9}
 
 
 @pytest.mark.parametrize(

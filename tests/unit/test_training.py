@@ -178,7 +178,7 @@ def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
     )
     version = core.trainer.train(TENANT, request)
     assert [trial["val_loss"] is None for trial in version.metrics["trials"]] == [True, False]
-    json.dumps(core.heads.resolve(TENANT, "diverged@1").metrics, allow_nan=False)
+    json.dumps(core.heads.describe(TENANT, "diverged@1").metrics, allow_nan=False)
 
 
 def test_searching_hidden_widths_applies_to_mlp_heads_only():
