@@ -317,7 +317,9 @@ class JobRunner:
         """Run the trainer; the job's final fields, or None when this replica must write nothing."""
         job = live.info
         try:
-            version = self.trainer.train(
+            # a run of this job before this one published its version, then stopped before finishing the job
+            # (its replica stalled or died): finish with that version, never train and publish a second one
+            version = self.trainer.heads.version_of_job(job.tenant, job.id) or self.trainer.train(
                 job.tenant,
                 job.request,
                 job_id=job.id,

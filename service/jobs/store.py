@@ -326,8 +326,13 @@ class JobStore:
             )
 
     def check_holder(self, session: Session, holder: Holder) -> None:
-        """Inside the transaction that publishes the job's head: raise LeaseLost unless ``holder`` still holds it."""
-        held = session.scalar(select(JobRow.id).where(_holds(holder)).with_for_update())
+        """Inside the transaction that publishes the job's head: raise LeaseLost unless ``holder`` still holds it.
+
+        An expired lease is lost too, requeued or not yet: any replica may requeue it at any moment.
+        """
+        held = session.scalar(
+            select(JobRow.id).where(_holds(holder), JobRow.lease_expires_at > utcnow()).with_for_update()
+        )
         if held is None:
             raise LeaseLost(
                 f"job '{holder.job_id}' run {holder.attempt} lost its lease to another replica; its head is not stored",

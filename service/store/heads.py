@@ -169,6 +169,8 @@ class HeadRegistry:
             version = _next_version(session, tenant, name)
             if guard is not None:
                 guard(session)
+            if job_id is not None and (published := _job_version(session, job_id)) is not None:
+                raise _AlreadyPublished(published)  # rolls back the counter: no number is skipped
             self.quotas.check_new_head_version(session, tenant, name, param_bytes)
             row = HeadVersionRow(
                 tenant=tenant,
@@ -194,10 +196,20 @@ class HeadRegistry:
 
         try:
             row = self._commit_retrying(insert)
+        except _AlreadyPublished as published:
+            # an earlier run of this job published it (then stalled or died before finishing the job)
+            self.blobs.delete_named(blob_key)
+            return published.info
         except BaseException:
             self.blobs.delete_named(blob_key)
             raise
         return _version_info(row, aliases=[LATEST])
+
+    def version_of_job(self, tenant: str, job_id: str) -> HeadVersionInfo | None:
+        """The version job ``job_id`` published, if any (its metrics as a summary)."""
+        with self.db.session() as session:
+            row = _job_version_row(session, job_id)
+            return _version_info(row, aliases=[], summary=True) if row is not None and row.tenant == tenant else None
 
     def _commit_retrying(self, insert: Callable[[Session], HeadVersionRow]) -> HeadVersionRow:
         """Commit ``insert``; retry when a concurrent first creator inserted the head_names row first."""
@@ -208,6 +220,8 @@ class HeadRegistry:
                 with self.db.session() as session:
                     return insert(session)
             except IntegrityError:
+                # a concurrent first creator inserted the head_names row, or (uq_head_versions_job_id) another
+                # run of the same job published: the next attempt finds that version
                 if attempt == _COMMIT_ATTEMPTS:
                     raise
 
@@ -414,6 +428,26 @@ class HeadRegistry:
             session.execute(delete(HeadVersionRow).where(*where))
         for key in blob_keys:
             self.blobs.delete_named(key)
+
+
+class _AlreadyPublished(Exception):
+    """Inside create_version: the job already has its version, so nothing is inserted."""
+
+    def __init__(self, info: HeadVersionInfo) -> None:
+        super().__init__(info.name, info.version)
+        self.info = info
+
+
+def _job_version_row(session: Session, job_id: str) -> HeadVersionRow | None:
+    return session.scalar(select(HeadVersionRow).where(HeadVersionRow.job_id == job_id))
+
+
+def _job_version(session: Session, job_id: str) -> HeadVersionInfo | None:
+    row = _job_version_row(session, job_id)
+    if row is None:
+        return None
+    aliases = [a for a, v in _aliases(session, row.tenant, row.name) if v == row.version]
+    return _version_info(row, aliases=aliases, summary=True)
 
 
 def imagenet_backbone(ref: str) -> str | None:
