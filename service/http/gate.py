@@ -1,7 +1,7 @@
 """The HTTP door's gate: who is calling, and how much they may send, decided before a byte of the body is read.
 
 A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
-``/v1/...`` it authenticates the ``Authorization`` header in the store pool
+``/v1/...`` it authenticates the ``Authorization`` header in the authentication pool
 (the admin key for ``/v1/admin/...``) and puts the tenant into the request
 scope, where the ``tenant`` dependency reads it. Then it bounds the body: a
 declared ``Content-Length`` over the limit is refused at once; a chunked body is
