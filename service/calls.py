@@ -12,11 +12,12 @@ client's next message.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -184,7 +185,7 @@ class KeyCheck:
         self.checked_at = time.monotonic()
 
 
-async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncIterator[T]:
+async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncGenerator[T, None]:
     """The items of ``stream``; ends with Unauthenticated once ``key`` stops working, even while no item comes."""
     pending: asyncio.Future[T] | None = None
     try:
@@ -288,15 +289,19 @@ class Calls:
         return Job.of(await self.runtime.jobs.cancel(self.tenant, resource_id(name, "jobs")))
 
     async def watch_job(self, name: str) -> AsyncIterator[Job]:
-        """The job now (NotFound before anything is sent), then on every change until done; Unauthenticated
-        once the key is revoked."""
+        """The job now (NotFound, or ResourceExhausted past GRAFT_MAX_WATCHES_PER_TENANT, before anything is
+        sent), then on every change until done; Unauthenticated once the key is revoked."""
         updates = self.runtime.jobs.watch(self.tenant, resource_id(name, "jobs"))
         first = await anext(updates)
 
         async def jobs() -> AsyncIterator[Job]:
-            yield Job.of(first)
-            async for job in while_key_valid(updates, self.key):
-                yield Job.of(job)
+            try:
+                yield Job.of(first)
+                async with contextlib.aclosing(while_key_valid(updates, self.key)) as stream:
+                    async for job in stream:
+                        yield Job.of(job)
+            finally:
+                await updates.aclose()  # ends the watch (and frees its place) now, not when collected
 
         return jobs()
 
