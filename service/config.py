@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."
     )
     upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
+    max_watches_per_tenant: int = Field(
+        16,
+        gt=0,
+        description="Job watches (HTTP :watch event streams and gRPC WatchJob, together) one tenant may have open on "
+        "one replica; more are refused with 'resource exhausted' (429) until one ends.",
+    )
 
     # Replica roles: one image, run as serving replicas and training replicas that share the registry and data.
     role: Literal["both", "serve", "train"] = Field(
