@@ -23,7 +23,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Modes with more than 8 bits per sample. Of the allowed formats only 16-bit PNG produces them (as I;16, or as
 # I on older Pillow), so every one is read as 16-bit samples; convert("RGB") would clip them to white.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_SIXTEEN_TO_EIGHT = 65535 / 255  # 257: maps 0..65535 onto 0..255 exactly at both ends
+_SIXTEEN_TO_EIGHT = 257  # 65535 / 255: maps 0..65535 onto 0..255 exactly at both ends
+_BAND_PIXELS = 1 << 20  # 16-bit samples are rescaled this many pixels at a time (a few MB), never whole
 
 
 class ImageInfo(BaseModel):
@@ -70,9 +71,7 @@ def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
         ) from None
     try:
         if image.mode in _WIDE_MODES:
-            samples = np.asarray(image, dtype=np.float64)
-            grey = np.clip(np.rint(samples / _SIXTEEN_TO_EIGHT), 0, 255).astype(np.uint8)
-            return Image.fromarray(grey, "L").convert("RGB")
+            return _sixteen_to_eight(image).convert("RGB")
         if image.mode in ("P", "PA"):
             image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
         return image.convert("RGB")
@@ -82,6 +81,25 @@ def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
             "re-export it as 8-bit RGB",
             file=name,
         ) from None
+
+
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image as 8-bit 'L': each sample rounded from x / 257 and clipped to 0..255.
+
+    Done in bands of rows in integer arithmetic (``(x + 128) // 257`` is exactly ``round(x / 257)``: no sample
+    lies halfway), so the only full-size array is the 1-byte-per-pixel result: a 5000 x 5000 PNG that once took
+    600 MB of float64 intermediates now takes 25 MB beside Pillow's own decoded copy.
+    """
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = np.asarray(image.crop((0, top, width, bottom)))
+        if band.dtype.kind == "f":  # mode F: float samples on the 16-bit scale
+            band = np.rint(np.clip(band, 0, 65535)).astype(np.int64)
+        grey[top:bottom] = (np.clip(band.astype(np.int64, copy=False), 0, 65535) + 128) // _SIXTEEN_TO_EIGHT
+    return Image.fromarray(grey, "L")
 
 
 def _check_size(data: bytes, *, name: str, max_bytes: int | None) -> None:
