@@ -9,6 +9,7 @@ from service.config import Settings
 from service.http import admin, backbones, datasets, heads, jobs, predict
 from service.http.errors import HideInternalErrors, install_error_handlers
 from service.http.gate import Gate
+from service.http.headers import SecurityHeaders
 from service.runtime import Runtime
 from service.ui import mount_ui
 
@@ -34,5 +35,6 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     install_error_handlers(app, [route for module in routers for route in module.router.routes])
     mount_ui(app)  # the web page at /ui (static files; it calls the /v1 API like any client)
     app.add_middleware(Gate, settings=settings, runtime=runtime)
-    app.add_middleware(HideInternalErrors)  # added last: outermost
+    app.add_middleware(HideInternalErrors)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so that every answer carries them
     return app

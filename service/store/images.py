@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from pydantic import BaseModel
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, reason
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
@@ -66,7 +66,7 @@ def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # a malformed EXIF block raises SyntaxError, struct.error, ...
         raise InvalidArgument(
-            f"file '{name}' has unreadable EXIF metadata ({exc}); re-export it without EXIF or with valid EXIF",
+            f"file '{name}' has unreadable EXIF metadata ({reason(exc)}); re-export it without EXIF or with valid EXIF",
             file=name,
         ) from None
     try:
@@ -77,7 +77,7 @@ def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
         return image.convert("RGB")
     except Exception as exc:
         raise InvalidArgument(
-            f"file '{name}' has pixel mode {image.mode!r}, which cannot be converted to RGB ({exc}); "
+            f"file '{name}' has pixel mode {image.mode!r}, which cannot be converted to RGB ({reason(exc)}); "
             "re-export it as 8-bit RGB",
             file=name,
         ) from None
@@ -123,13 +123,14 @@ def _open_fully(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _bomb(name, max_pixels, str(exc)) from None
-        except Image.UnidentifiedImageError as exc:
+        except Image.UnidentifiedImageError:  # its text only names the in-memory file object, by heap address
             raise InvalidArgument(
-                f"file '{name}' is not a decodable image in an allowed format ({allowed}) ({exc})", file=name
+                f"file '{name}' is not a decodable image in an allowed format ({allowed}); re-export it as one",
+                file=name,
             ) from None
         except Exception as exc:  # PIL raises many types for hostile input
             raise InvalidArgument(
-                f"file '{name}' is a corrupt or truncated image ({exc}); re-export it", file=name
+                f"file '{name}' is a corrupt or truncated image ({reason(exc)}); re-export it", file=name
             ) from None
 
         if image.width * image.height > max_pixels:
@@ -142,7 +143,7 @@ def _open_fully(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             raise _bomb(name, max_pixels, str(exc)) from None
         except Exception as exc:
             raise InvalidArgument(
-                f"file '{name}' is a corrupt or truncated {image.format} image ({exc}); re-export it", file=name
+                f"file '{name}' is a corrupt or truncated {image.format} image ({reason(exc)}); re-export it", file=name
             ) from None
     return image
 
