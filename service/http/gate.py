@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import CLIENT
 from service.calls import InflightBytes, authenticate
 from service.config import Settings
 from service.errors import GraftError, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
@@ -86,6 +87,8 @@ class Gate:
         if self.runtime().draining:
             raise Unavailable("this replica is shutting down; retry the call (another replica will answer it)")
         authorization = Headers(scope=scope).get("authorization")
+        client = scope.get("client")
+        CLIENT.set(client[0] if client else None)  # the rate limits of failed authentication count per address
         tenants = self.runtime().tenants
         if path.startswith("/v1/admin/"):
             if not _has_route(scope):
