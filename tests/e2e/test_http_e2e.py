@@ -222,7 +222,7 @@ def series(metrics: str) -> set[str]:
 
 
 def test_metrics_carry_no_tenant_data_and_do_not_grow_with_request_paths(alice, server):
-    """Issue 21, item 3: /metrics was public, labelled by raw path (head names) and grew with distinct paths."""
+    """/metrics needs its own key, and its series neither name tenants' heads nor grow with request paths."""
     alice.get("/v1/heads/textiles")  # a tenant's head name in a path
     for i in range(5):
         httpx.get(f"{server.http_url}/probe-{i}")

@@ -1,4 +1,4 @@
-"""Issue 21, item 5: the admin key must be strong, and guessing keys is rate limited per client over both doors."""
+"""The admin key must be strong, and guessing keys is rate limited per client over both doors."""
 
 import os
 import subprocess

@@ -349,7 +349,7 @@ async def test_in_open_mode_the_grpc_door_listens_on_loopback_only(tmp_path):
     assert default_host(with_keys) == "0.0.0.0"
 
 
-# -- issue 21, item 1: uploads never hold the threads that authentication, registry calls and readiness need -
+# -- uploads never hold the threads that authentication, registry calls and readiness need -
 
 
 async def test_idle_upload_streams_do_not_starve_other_tenants_calls_or_the_readiness_probe(tmp_path):

@@ -256,7 +256,7 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 PNG_RED, PNG_BLUE = _png((200, 0, 0)), _png((0, 0, 200))
 
 
-# -- issue 21, item 7: HTTP upload bodies share the in-flight upload budget with gRPC streams ------------------
+# -- HTTP upload bodies share the in-flight upload budget with gRPC streams ------------------
 
 
 class PausedBody:

@@ -1,4 +1,4 @@
-"""Issue 21, item 18: what the service and the CLI give away without need, and the headers of the web page."""
+"""What the service and the CLI give away without need, and the headers of the web page."""
 
 import os
 import re

@@ -54,7 +54,7 @@ def test_a_16_bit_grey_pngs_embedding_matches_its_8_bit_rescales(mobilenet: Back
 
 
 def test_a_large_16_bit_png_decodes_without_a_float64_copy_of_its_pixels() -> None:
-    """Issue 21, item 10: 16-bit samples went through float64 (24+ bytes per pixel); now at most 8 per pixel."""
+    """16-bit samples are rescaled in bands, never through a full-size float64 copy: at most 8 bytes per pixel."""
     height, width = 1500, 2000
     samples = np.tile((np.arange(width, dtype=np.uint32) * 65535 // (width - 1)).astype(np.uint16), (height, 1))
     data = encode(Image.fromarray(samples))
