@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.api_key:
+        print(
+            "graft: warning: --api-key shows the key to every user of this machine (process list) and keeps it in "
+            "your shell history; set GRAFT_API_KEY or put api_key in the config file (chmod 600) instead",
+            file=sys.stderr,
+        )
     try:
         settings = config.load(args.url, args.api_key, args.timeout)
         retry = RetryPolicy(attempts=max(args.retries, 0) + 1)
@@ -368,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     parser.add_argument("--url", help="http://HOST:PORT or grpc://HOST:PORT (env GRAFT_URL; default "
                         f"{config.DEFAULT_URL})")  # fmt: skip
-    parser.add_argument("--api-key", help="API key (env GRAFT_API_KEY)")
+    parser.add_argument("--api-key", help="API key; visible in process lists: prefer env GRAFT_API_KEY")
     parser.add_argument("--timeout", type=float, help="seconds a call may take (env GRAFT_TIMEOUT_S; default 60)")
     parser.add_argument("--retries", type=int, default=3, help="retries of a call the server refused for now "
                         "(unavailable, or 429 with Retry-After); default 3")  # fmt: skip

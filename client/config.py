@@ -5,9 +5,13 @@ The config file is TOML (``$GRAFT_CONFIG``, default ``~/.config/graft/config.tom
     url = "grpc://graft.example.com:50051"   # or http://…; the scheme picks the transport
     api_key = "graft_…"
     timeout_s = 60
+
+A config file that holds an ``api_key`` must be readable by its owner only (``chmod 600``), as ssh insists
+for private keys: otherwise it is refused.
 """
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 
@@ -28,6 +32,18 @@ def config_path() -> Path:
     return Path(os.environ.get("GRAFT_CONFIG", Path.home() / ".config" / "graft" / "config.toml"))
 
 
+def _check_private(path: Path) -> None:
+    """Refuse a key file that other users can read or change (POSIX permissions; other systems have none)."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(
+            f"{path} holds an API key but its permissions are {mode:04o}: other users can read or change it. "
+            f"Run 'chmod 600 {path}' (or move the key to GRAFT_API_KEY)"
+        )
+
+
 def load(url: str | None = None, api_key: str | None = None, timeout_s: float | None = None) -> Settings:
     """Flags win over GRAFT_URL / GRAFT_API_KEY / GRAFT_TIMEOUT_S, which win over the config file."""
     path = config_path()
@@ -37,6 +53,8 @@ def load(url: str | None = None, api_key: str | None = None, timeout_s: float | 
             values = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML ({exc}): fix or remove it") from None
+        if "api_key" in values:
+            _check_private(path)
     environment = {"url": os.environ.get("GRAFT_URL"), "api_key": os.environ.get("GRAFT_API_KEY"),
                    "timeout_s": os.environ.get("GRAFT_TIMEOUT_S")}  # fmt: skip
     flags = {"url": url, "api_key": api_key, "timeout_s": timeout_s}

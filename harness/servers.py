@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent  # the repo root, where bentofile.yaml is
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-3b8e1f6a2c9d4e7f0a5b8c1d3e6f9a2b"
 
 
 def free_port() -> int:

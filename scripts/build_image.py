@@ -63,7 +63,7 @@ def digest(*parts: bytes) -> str:
 
 
 def source_files() -> list[Path]:
-    files = [REPO / "pyproject.toml", REPO / "README.md", CONTAINERFILE, LOCK]
+    files = [REPO / "pyproject.toml", CONTAINERFILE, LOCK]  # not README.md: the wheel's description, not graft
     for folder in SOURCE_DIRS:
         files += sorted(p for p in (REPO / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return files
@@ -146,6 +146,7 @@ def build() -> dict[str, object]:
         )
         image_id = existing_image(inputs)
         assert image_id, f"podman build finished but no {IMAGE} carries {INPUTS_LABEL}={inputs}"
+        podman("image", "prune", "--force", "--filter", f"label={INPUTS_LABEL}")  # the builds this one replaced
     size = int(podman("image", "inspect", "--format", "{{.Size}}", image_id))
     return {
         "image": IMAGE,

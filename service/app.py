@@ -36,7 +36,9 @@ if settings.weights_dir is None:
 
 
 @bentoml.asgi_app(create_app(settings, lambda: bentoml.get_current_service().runtime), path="/")
-@bentoml.service(name="graft", traffic={"timeout": 600}, http={"port": 3000})
+# BentoML's HTTP metrics label series with raw paths (tenants' head names, unbounded): graft serves /metrics
+# itself, by route template and behind GRAFT_METRICS_KEY (service/http/telemetry.py).
+@bentoml.service(name="graft", traffic={"timeout": 600}, http={"port": 3000}, metrics={"enabled": False})
 class Graft:
     def __init__(self) -> None:
         self.runtime = Runtime.open(settings)

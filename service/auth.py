@@ -5,12 +5,26 @@ the row; only the sha256 of the whole key is stored, so a leaked database
 grants nothing. (A fast hash is enough: the secret carries 256 random bits, so
 there is nothing to guess.) The admin key comes from ``GRAFT_ADMIN_KEY`` and
 only manages tenants and keys.
+
+Guessing is bounded per client address (both doors set ``CLIENT`` before they
+authenticate; without one, the presented key's first characters stand in):
+failed authentications spend a token bucket, and once it is empty the address
+gets 429 + Retry-After. For the admin key the bucket is checked before the key
+is compared, so a guesser learns nothing more until it refills; admin calls
+themselves are rate limited per address too. A tenant key that is valid always
+passes (its 256 random bits need no guessing bound, and clients behind one proxy
+share an address: one of them failing must not lock the others out).
 """
 
+import contextvars
 import hashlib
 import hmac
+import math
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from datetime import datetime
 
 from pydantic import BaseModel, Field
@@ -20,8 +34,10 @@ from service.config import Settings
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
+    GraftError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from service.store.db import ApiKeyRow, Database, TenantRow, utcnow
@@ -30,6 +46,8 @@ from service.store.heads import check_name
 OPEN_TENANT = "default"  # every caller's tenant when settings.auth == "open"
 KEY_PREFIX = "graft"
 
+# The caller's network address, set by each door before it authenticates (in_thread copies it to the store pool).
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("graft_client", default=None)
 _KEY = re.compile(rf"^{KEY_PREFIX}_(?P<key_id>[0-9a-f]{{12}})_[A-Za-z0-9_-]{{43}}$")
 
 
@@ -44,10 +62,62 @@ class NewKey(BaseModel):
     secret: str = Field(description="the whole key to send as 'Authorization: Bearer <secret>'; shown only once")
 
 
+class RateLimit:
+    """Token buckets per caller: ``burst`` at once, refilled at ``per_minute``; at most ``callers`` remembered.
+
+    Thread-safe (authentication runs in the store pool). The least recently seen caller is forgotten first, so a
+    flood of distinct addresses costs bounded memory (and only gives the forgotten a fresh bucket).
+    """
+
+    def __init__(self, burst: float, per_minute: float, callers: int = 10_000) -> None:
+        self.burst = burst
+        self.rate = per_minute / 60.0
+        self.callers = callers
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # caller -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def _tokens(self, caller: str, now: float) -> float:
+        tokens, at = self._buckets.get(caller, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def wait_s(self, caller: str) -> float:
+        """0 if ``caller`` may go on; else the seconds until one token is back."""
+        with self._lock:
+            tokens = self._tokens(caller, time.monotonic())
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def spend(self, caller: str) -> float:
+        """Take a token; returns what ``wait_s`` would have said before (0: there was one)."""
+        now = time.monotonic()
+        with self._lock:
+            tokens = self._tokens(caller, now)
+            if tokens < 1:
+                self._buckets[caller] = (tokens, now)
+                self._buckets.move_to_end(caller)
+                return (1 - tokens) / self.rate
+            self._buckets[caller] = (tokens - 1, now)
+            self._buckets.move_to_end(caller)
+            while len(self._buckets) > self.callers:
+                self._buckets.popitem(last=False)
+            return 0.0
+
+
+def _too_many(what: str, wait_s: float) -> ResourceExhausted:
+    seconds = max(1, math.ceil(wait_s))
+    return ResourceExhausted(f"too many {what} from this client; retry in {seconds} s", retry_after_s=seconds)
+
+
 class Tenants:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.settings = settings
+        self.failures = RateLimit(settings.auth_failures_burst, settings.auth_failures_per_minute)
+        self.admin_calls = RateLimit(settings.admin_calls_per_minute, settings.admin_calls_per_minute)
+
+    def _failed(self, caller: str, exc: GraftError) -> GraftError:
+        """Count a failed authentication; past the bucket, the answer becomes 429 with Retry-After."""
+        wait_s = self.failures.spend(caller)
+        return _too_many("failed authentications", wait_s) if wait_s else exc
 
     # -- callers -------------------------------------------------------------------
 
@@ -55,24 +125,36 @@ class Tenants:
         """The tenant whose key is in the ``Authorization`` header."""
         if self.settings.auth == "open":
             return OPEN_TENANT
-        secret = _bearer(authorization)
-        match = _KEY.match(secret)
-        if match is None:
-            raise Unauthenticated("invalid API key")
-        with self.db.session() as session:
-            row = session.get(ApiKeyRow, match["key_id"])
-            valid = row is not None and hmac.compare_digest(row.secret_sha256, _sha256(secret))
-            if row is None or not valid or row.revoked_at is not None:
+        caller = _caller(authorization)
+        try:
+            secret = _bearer(authorization)
+            match = _KEY.match(secret)
+            if match is None:
                 raise Unauthenticated("invalid API key")
-            return row.tenant
+            with self.db.session() as session:
+                row = session.get(ApiKeyRow, match["key_id"])
+                valid = row is not None and hmac.compare_digest(row.secret_sha256, _sha256(secret))
+                if row is None or not valid or row.revoked_at is not None:
+                    raise Unauthenticated("invalid API key")
+                return row.tenant
+        except Unauthenticated as exc:
+            raise self._failed(caller, exc) from None
 
     def require_admin(self, authorization: str | None) -> None:
         if self.settings.admin_key is None:
             raise FailedPrecondition("admin endpoints are disabled: start the service with GRAFT_ADMIN_KEY set")
-        presented = _bearer(authorization)
-        expected = self.settings.admin_key.get_secret_value()
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
-            raise PermissionDenied("this endpoint needs the admin key (GRAFT_ADMIN_KEY)")
+        caller = _caller(authorization)
+        if wait_s := self.failures.wait_s(caller):  # checked before comparing: a guesser learns nothing more
+            raise _too_many("failed authentications", wait_s)
+        if wait_s := self.admin_calls.spend(caller):
+            raise _too_many("admin calls", wait_s)
+        try:
+            presented = _bearer(authorization)
+            expected = self.settings.admin_key.get_secret_value()
+            if not hmac.compare_digest(presented.encode(), expected.encode()):
+                raise PermissionDenied("this endpoint needs the admin key (GRAFT_ADMIN_KEY)")
+        except (Unauthenticated, PermissionDenied) as exc:
+            raise self._failed(caller, exc) from None
 
     # -- administration ------------------------------------------------------------
 
@@ -108,6 +190,14 @@ class Tenants:
                 raise NotFound(f"API key '{key_id}' not found", key_id=key_id)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+
+
+def _caller(authorization: str | None) -> str:
+    """Whom a rate limit counts: the client address the door saw, else the presented key's first characters."""
+    if (address := CLIENT.get()) is not None:
+        return f"addr:{address}"
+    token = (authorization or "").strip().partition(" ")[2].strip()
+    return f"key:{token[: len(KEY_PREFIX) + 14]}"  # graft_<key_id>_: one bucket per key id
 
 
 def _bearer(authorization: str | None) -> str:

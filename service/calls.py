@@ -2,17 +2,24 @@
 and the calls themselves (``Calls``), so that a door only decodes a request, calls, and encodes the result.
 
 The event loop also runs the batcher, so one database round trip on it stalls
-every prediction in flight. Store calls (authentication included) run in their
-own small pool, so image decoding in the default pool cannot starve them.
+every prediction in flight. Store calls run in their own small pool, so image
+decoding in the default pool cannot starve them. Authentication (and key
+re-checks) and the readiness probe have pools of their own, and dataset uploads
+another, bounded one: no number of uploads, however slow their clients, can hold
+the threads that every other call needs. A streaming upload takes an upload
+thread only while one of its images is validated, never while it waits for the
+client's next message.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from service import export
 from service.auditing import DEFAULT_AUDIT_BACKBONE, DEFAULT_AUDIT_ITEMS, AuditRequest
@@ -39,7 +46,7 @@ from service.resources import (
     head_version_ref,
     resource_id,
 )
-from service.store.datasets import DatasetInfo
+from service.store.datasets import DatasetInfo, DatasetUpload
 
 if TYPE_CHECKING:  # the runtime uses in_thread too
     from service.runtime import Runtime
@@ -47,13 +54,80 @@ if TYPE_CHECKING:  # the runtime uses in_thread too
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")  # registry calls
+_AUTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")  # key lookups: short, never behind others
+_PROBE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")  # the readiness probe's SELECT 1
+UPLOAD_THREADS = 4  # images validated and stored at once, all uploads of this worker together
+_UPLOAD_POOL = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+
+
+async def run_in(pool: ThreadPoolExecutor, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn(*args, **kwargs)`` in ``pool``, awaited from the event loop."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(*args, **kwargs)`` in the store pool, awaited from the event loop."""
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_STORE_POOL, call)
+    return await run_in(_STORE_POOL, fn, *args, **kwargs)
+
+
+async def in_probe_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn(*args, **kwargs)`` in the readiness probe's own thread: nothing else can keep readiness from updating."""
+    return await run_in(_PROBE_POOL, fn, *args, **kwargs)
+
+
+class Upload:
+    """A dataset upload that a door feeds one image at a time; each step runs in the upload pool.
+
+    A step cancelled from the event loop (the client left, the upload timed out) still ends in its thread
+    before ``abandon`` runs, so nothing is pinned after the upload released its images.
+    """
+
+    def __init__(self, upload: DatasetUpload) -> None:
+        self._upload = upload
+        self._step: asyncio.Future[Any] | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        step = asyncio.get_running_loop().run_in_executor(_UPLOAD_POOL, call)
+        self._step = step
+        return await asyncio.shield(step)
+
+    async def add(self, file_name: str, data: bytes, label: str) -> None:
+        await self._run(self._upload.add, file_name, data, label)
+
+    async def commit(self) -> Dataset:
+        return Dataset.of(await self._run(self._upload.commit))
+
+    async def abandon(self) -> None:
+        if self._step is not None and not self._step.done():
+            await asyncio.wait({self._step})
+        await run_in(_UPLOAD_POOL, self._upload.abandon)
+
+
+class InflightBytes:
+    """Bytes held by all dataset uploads of this worker together (HTTP bodies and gRPC streams), bounded by
+    GRAFT_MAX_INFLIGHT_UPLOAD_BYTES: past it an upload is refused with a retry hint, never queued in memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, what: str = "this image") -> None:
+        with self._lock:
+            if self.held + size > self.limit:
+                raise ResourceExhausted(
+                    f"uploads in progress already hold {self.held:,} bytes; {what} would take them over the "
+                    f"limit of {self.limit:,} (GRAFT_MAX_INFLIGHT_UPLOAD_BYTES); retry shortly",
+                    retry_after_s=5.0,
+                )
+            self.held += size
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
 
 
 class ExportQueue:
@@ -85,8 +159,8 @@ EXPORTS = ExportQueue(waiting=3)
 
 
 async def authenticate(tenants: Tenants, authorization: str | None) -> str:
-    """The caller's tenant; the key lookup hits the database, so it runs in the store pool."""
-    return await in_thread(tenants.authenticate, authorization)
+    """The caller's tenant; the key lookup hits the database, so it runs in a thread, in a pool of its own."""
+    return await run_in(_AUTH_POOL, tenants.authenticate, authorization)
 
 
 class KeyCheck:
@@ -111,7 +185,7 @@ class KeyCheck:
         self.checked_at = time.monotonic()
 
 
-async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncIterator[T]:
+async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncGenerator[T, None]:
     """The items of ``stream``; ends with Unauthenticated once ``key`` stops working, even while no item comes."""
     pending: asyncio.Future[T] | None = None
     try:
@@ -152,7 +226,7 @@ class Calls:
 
     @classmethod
     async def authenticate(cls, runtime: "Runtime", authorization: str | None) -> "Calls":
-        """The caller's calls; the key lookup hits the database, so it runs in the store pool."""
+        """The caller's calls; the key lookup hits the database, so it runs in the authentication pool."""
         tenant = await authenticate(runtime.tenants, authorization)
         return cls(runtime, KeyCheck(runtime.tenants, authorization, tenant, runtime.settings.key_recheck_s))
 
@@ -167,8 +241,13 @@ class Calls:
     # -- datasets --------------------------------------------------------------------
 
     async def create_dataset(self, create: Callable[..., DatasetInfo], *args: object) -> Dataset:
-        """``create(tenant, *args)``: one of the store's create_from_* methods, run in the store pool."""
-        return Dataset.of(await in_thread(create, self.tenant, *args))
+        """``create(tenant, *args)``: one of the store's create_from_* methods over a body already received
+        (files, a zip), run in the upload pool."""
+        return Dataset.of(await run_in(_UPLOAD_POOL, create, self.tenant, *args))
+
+    async def begin_upload(self, display_name: str) -> Upload:
+        """A dataset a stream sends one image at a time: ``add`` each, then ``commit``, or ``abandon``."""
+        return Upload(await run_in(_UPLOAD_POOL, self.core.datasets.begin, self.tenant, display_name))
 
     async def get_dataset(self, name: str) -> Dataset:
         return Dataset.of(await in_thread(self.core.datasets.get, self.tenant, resource_id(name, "datasets")))
@@ -210,15 +289,19 @@ class Calls:
         return Job.of(await self.runtime.jobs.cancel(self.tenant, resource_id(name, "jobs")))
 
     async def watch_job(self, name: str) -> AsyncIterator[Job]:
-        """The job now (NotFound before anything is sent), then on every change until done; Unauthenticated
-        once the key is revoked."""
+        """The job now (NotFound, or ResourceExhausted past GRAFT_MAX_WATCHES_PER_TENANT, before anything is
+        sent), then on every change until done; Unauthenticated once the key is revoked."""
         updates = self.runtime.jobs.watch(self.tenant, resource_id(name, "jobs"))
         first = await anext(updates)
 
         async def jobs() -> AsyncIterator[Job]:
-            yield Job.of(first)
-            async for job in while_key_valid(updates, self.key):
-                yield Job.of(job)
+            try:
+                yield Job.of(first)
+                async with contextlib.aclosing(while_key_valid(updates, self.key)) as stream:
+                    async for job in stream:
+                        yield Job.of(job)
+            finally:
+                await updates.aclose()  # ends the watch (and frees its place) now, not when collected
 
         return jobs()
 

@@ -9,8 +9,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_KEY_CHARS = 32  # 'openssl rand -hex 32' gives 64
+MIN_KEY_DISTINCT_CHARS = 8  # refuses 'aaaa...' and short patterns repeated to length
+
+
+class WeakKeyError(Exception):
+    """A configured key is guessable. Not a ValueError: pydantic would echo the key in its message."""
 
 
 class Settings(BaseSettings):
@@ -65,6 +72,12 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."
     )
     upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
+    max_watches_per_tenant: int = Field(
+        16,
+        gt=0,
+        description="Job watches (HTTP :watch event streams and gRPC WatchJob, together) one tenant may have open on "
+        "one replica; more are refused with 'resource exhausted' (429) until one ends.",
+    )
 
     # Replica roles: one image, run as serving replicas and training replicas that share the registry and data.
     role: Literal["both", "serve", "train"] = Field(
@@ -106,9 +119,41 @@ class Settings(BaseSettings):
         "'default' (local development only).",
     )
     admin_key: SecretStr | None = Field(
-        None, description="Bearer key for the admin endpoints (tenants, API keys); unset disables them."
+        None,
+        description="Bearer key for the admin endpoints (tenants, API keys); unset disables them. At least "
+        f"{MIN_ADMIN_KEY_CHARS} characters, not a repeated pattern: generate it with 'openssl rand -hex 32'.",
+    )
+    metrics_key: SecretStr | None = Field(
+        None,
+        description="Bearer key that Prometheus sends to read /metrics; unset: /metrics answers only in open mode. "
+        "Kept apart from the admin key so that the scraper cannot manage tenants.",
+    )
+    auth_failures_burst: int = Field(
+        20, gt=0, description="Failed authentications a client address may make at once (then 429 + Retry-After)."
+    )
+    auth_failures_per_minute: float = Field(
+        10.0, gt=0, description="Failed authentications a client address may make per minute, sustained."
+    )
+    admin_calls_per_minute: float = Field(
+        120.0, gt=0, description="Admin calls one client address may make per minute (burst: the same number)."
     )
     key_recheck_s: float = Field(60.0, gt=0, description="Open streams re-check their API key this often.")
+
+    @field_validator("admin_key", "metrics_key")
+    @classmethod
+    def _strong_enough(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Refuse to start with a key someone could guess: too short, or one character pattern repeated."""
+        if key is None:
+            return None
+        secret = key.get_secret_value()
+        setting = f"GRAFT_{(info.field_name or '').upper()}"
+        if len(secret) < MIN_ADMIN_KEY_CHARS or len(set(secret)) < MIN_KEY_DISTINCT_CHARS:
+            raise WeakKeyError(
+                f"{setting} is too weak to guard this service ({len(secret)} characters, {len(set(secret))} "
+                f"distinct; it needs at least {MIN_ADMIN_KEY_CHARS} and {MIN_KEY_DISTINCT_CHARS}): generate one "
+                "with 'openssl rand -hex 32'"
+            )
+        return key
 
     @cached_property
     def resolved_registry_url(self) -> str:

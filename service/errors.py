@@ -6,6 +6,7 @@ person who has to act on them.
 """
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -73,6 +74,21 @@ class DeadlineExceeded(GraftError):
 
 class Cancelled(GraftError):
     code = "cancelled"
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
+def reason(exc: BaseException, *, limit: int = 200) -> str:
+    """A library exception's text, fit for a client: no object reprs or heap addresses, at most ``limit`` chars.
+
+    (PIL says "cannot identify image file <_io.BytesIO object at 0x7f...>": the address tells an attacker about
+    the server's memory layout and tells the user nothing.)
+    """
+    text = _ADDRESS.sub("", _OBJECT_REPR.sub("", str(exc)))
+    text = " ".join(text.split()).strip(" :;,") or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def log_internal_error(log: logging.Logger, where: str, exc: BaseException) -> tuple[str, str]:

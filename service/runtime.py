@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 
 from service.auth import Tenants
-from service.calls import in_thread
+from service.calls import InflightBytes, in_probe_thread, in_thread
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache
@@ -42,7 +42,11 @@ class Runtime:
     probe_interval_s: float = PROBE_INTERVAL_S
     draining: bool = False  # set on SIGTERM: not ready, new calls refused so clients retry elsewhere
     http_in_flight: int = 0  # HTTP calls admitted and not yet answered (kept by the HTTP gate)
+    uploads: InflightBytes = field(init=False, repr=False)  # bytes all dataset uploads hold, both doors
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.uploads = InflightBytes(self.core.settings.max_inflight_upload_bytes)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -127,9 +131,9 @@ class Runtime:
                 log.exception("blob collection failed; trying again in %.0f s", self.settings.gc_interval_s)
 
     async def _probe_forever(self) -> None:
-        """``SELECT 1`` every few seconds, in a thread; readiness checks only read the flag it keeps."""
+        """``SELECT 1`` every few seconds, in a thread of its own; readiness checks only read the flag it keeps."""
         while True:
-            reachable = await in_thread(self._registry_answers)
+            reachable = await in_probe_thread(self._registry_answers)
             if reachable != self.registry_reachable:
                 log.warning("registry database is %s", "reachable again" if reachable else "unreachable: not ready")
             self.registry_reachable = reachable

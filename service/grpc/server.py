@@ -11,11 +11,15 @@ other services (jobs, datasets, heads, backbones) report as usual.
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.auth import CLIENT
 from service.grpc.gen.graft.v1 import service_pb2
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.servicer import SERVICES
@@ -24,6 +28,54 @@ from service.runtime import Runtime
 _SERVICE_NAMES = [service.full_name for service in service_pb2.DESCRIPTOR.services_by_name.values()]
 _PREDICTIONS = {"", service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name}
 HEALTH_POLL_S = 1.0
+
+
+_PEER_HOST = re.compile(r"^(?:ipv4|ipv6):(?P<host>\[[^\]]*\]|[^:]*)")
+
+
+class ClientAddress(grpc.aio.ServerInterceptor):
+    """Each call runs with ``service.auth.CLIENT`` set to its peer's address: authentication's rate limits key on it.
+
+    The handler's behaviour is wrapped (not the servicer), so every method of every service gets it.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            if (behaviour := getattr(handler, kind)) is not None:
+                return handler._replace(**{kind: _with_peer(behaviour, streaming=kind.endswith("stream"))})
+        return handler
+
+
+def _with_peer(behaviour: Callable[..., Any], *, streaming: bool) -> Callable[..., Any]:
+    def set_peer(context: grpc.aio.ServicerContext) -> None:
+        match = _PEER_HOST.match(context.peer() or "")
+        CLIENT.set(match["host"] if match else None)
+
+    if streaming:
+
+        async def streaming_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            set_peer(context)
+            result = behaviour(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a method that writes with context.write and returns None
+                await result
+
+        return streaming_behaviour
+
+    async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        set_peer(context)
+        return await behaviour(request, context)
+
+    return unary_behaviour
 
 
 def health_of(runtime: Runtime) -> dict[str, bool]:
@@ -76,7 +128,7 @@ def default_host(runtime: Runtime) -> str:
 
 async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None) -> GrpcServer:
     limit = runtime.settings.grpc_max_message_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[ClientAddress()], options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
     ])  # fmt: skip

@@ -8,14 +8,13 @@ lives here that HTTP lacks; errors map to status codes in service/grpc/errors.py
 import asyncio
 import functools
 import inspect
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import empty_pb2
 
-from service.calls import Calls, while_key_valid
-from service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from service.calls import Calls, InflightBytes, while_key_valid
+from service.errors import DeadlineExceeded, InvalidArgument
 from service.grpc import convert
 from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
@@ -70,37 +69,10 @@ class BackboneService(_Door, rpc.BackboneServiceServicer):
         return convert.message(calls.list_backbones(), api.ListBackbonesResponse)
 
 
-class InflightBytes:
-    """Bytes held by all CreateDataset streams of this worker together, bounded by one setting."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> None:
-        with self._lock:
-            if self.held + size > self.limit:
-                raise ResourceExhausted(
-                    f"uploads in progress already hold {self.held:,} bytes; this image would take them over the "
-                    f"limit of {self.limit:,} (GRAFT_MAX_INFLIGHT_UPLOAD_BYTES); retry shortly",
-                    retry_after_s=5.0,
-                )
-            self.held += size
-
-    def give_back(self, size: int) -> None:
-        with self._lock:
-            self.held -= size
-
-
 class DatasetService(_Door, rpc.DatasetServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime)
-        self.inflight = InflightBytes(runtime.settings.max_inflight_upload_bytes)
-
     @door_method
     async def CreateDataset(self, request_iterator, context, calls: Calls):
-        """The store validates images as they arrive, a few at a time, so a stream never holds the whole upload."""
+        """The store validates images as they arrive, one at a time, so a stream never holds the whole upload."""
         limit = self.core.settings.upload_timeout_s
         try:
             async with asyncio.timeout(limit):
@@ -112,24 +84,36 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             ) from None
 
     async def _create(self, calls: Calls, request_iterator: AsyncIterator[api.CreateDatasetRequest]) -> Dataset:
+        """Messages are read (and checked against the limits) as they arrive, up to ``UPLOAD_QUEUE_IMAGES`` ahead
+        of the store, which validates and stores them one at a time, each in an upload thread taken for that
+        image only: no thread waits for the client's next message, so idle streams hold nothing but their bytes."""
         first = await anext(request_iterator, None)
         if first is None:
             raise InvalidArgument("the stream was empty: send a header, then the images")
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header (display_name)")
+        upload = await calls.begin_upload(first.header.display_name)
+        inflight = self.runtime.uploads
         queue: asyncio.Queue = asyncio.Queue(UPLOAD_QUEUE_IMAGES)
-        store = asyncio.ensure_future(calls.create_dataset(
-            self.core.datasets.create, first.header.display_name, self._examples(queue, asyncio.get_running_loop()),
-        ))  # fmt: skip
+
+        async def store_all() -> Dataset:
+            while (item := await queue.get()) is not _END:
+                try:
+                    await upload.add(*item)
+                finally:
+                    inflight.give_back(len(item[1]))
+            return await upload.commit()
+
+        store = asyncio.ensure_future(store_all())
         try:
             budget = UploadBudget(self.core.settings)
             count = 0
             async for message in request_iterator:
                 example = _example(message, count)
                 budget.take(example[0], len(example[1]))
-                self.inflight.take(len(example[1]))
+                inflight.take(len(example[1]))
                 if not await _put_unless_done(queue, example, store):
-                    self.inflight.give_back(len(example[1]))
+                    inflight.give_back(len(example[1]))
                     break  # the store refused an image: its error is the answer
                 count += 1
             else:
@@ -137,26 +121,11 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             return await store
         finally:
             if not store.done():
-                _abandon(queue, self.inflight)
+                store.cancel()
                 await asyncio.gather(store, return_exceptions=True)
-            _drain(queue, self.inflight)
-
-    def _examples(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> Iterator[Example]:
-        """In the store's thread: the stream's images in order, each handed back to the budget once validated."""
-        held = 0
-        try:
-            while True:
-                item = asyncio.run_coroutine_threadsafe(queue.get(), loop).result()
-                self.inflight.give_back(held)
-                held = 0
-                if item is _END:
-                    return
-                if item is None:
-                    raise Cancelled("the upload was abandoned before it ended; nothing was stored")
-                held = len(item[1])
-                yield item
-        finally:
-            self.inflight.give_back(held)
+            _drain(queue, inflight)
+            if not (store.done() and not store.cancelled() and store.exception() is None):
+                await upload.abandon()
 
     @door_method
     async def GetDataset(self, request, context, calls: Calls):
@@ -203,16 +172,11 @@ async def _put_unless_done(queue: asyncio.Queue, item: object, store: asyncio.Fu
 
 
 def _drain(queue: asyncio.Queue, inflight: InflightBytes) -> None:
+    """Give back the bytes of the images the store will not read."""
     while not queue.empty():
         item = queue.get_nowait()
         if isinstance(item, tuple):
             inflight.give_back(len(item[1]))
-
-
-def _abandon(queue: asyncio.Queue, inflight: InflightBytes) -> None:
-    """Tell the store's thread to stop: what it has not read is dropped, then it reads the stop sign."""
-    _drain(queue, inflight)
-    queue.put_nowait(None)
 
 
 class JobService(_Door, rpc.JobServiceServicer):

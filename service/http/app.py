@@ -9,6 +9,8 @@ from service.config import Settings
 from service.http import admin, backbones, datasets, heads, jobs, predict
 from service.http.errors import HideInternalErrors, install_error_handlers
 from service.http.gate import Gate
+from service.http.headers import SecurityHeaders
+from service.http.telemetry import RequestMetrics, add_metrics_route
 from service.runtime import Runtime
 from service.ui import mount_ui
 
@@ -32,7 +34,10 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     app.include_router(datasets.router, form_limits={"max_files": images + 1, "max_fields": images + 2})
     routers = (backbones, datasets, jobs, heads, predict, admin)
     install_error_handlers(app, [route for module in routers for route in module.router.routes])
+    add_metrics_route(app, settings)  # /metrics: only with GRAFT_METRICS_KEY (service/http/telemetry.py)
     mount_ui(app)  # the web page at /ui (static files; it calls the /v1 API like any client)
     app.add_middleware(Gate, settings=settings, runtime=runtime)
-    app.add_middleware(HideInternalErrors)  # added last: outermost
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(HideInternalErrors)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so that every answer carries them
     return app

@@ -1,7 +1,7 @@
 """The HTTP door's gate: who is calling, and how much they may send, decided before a byte of the body is read.
 
 A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
-``/v1/...`` it authenticates the ``Authorization`` header in the store pool
+``/v1/...`` it authenticates the ``Authorization`` header in the authentication pool
 (the admin key for ``/v1/admin/...``) and puts the tenant into the request
 scope, where the ``tenant`` dependency reads it. Then it bounds the body: a
 declared ``Content-Length`` over the limit is refused at once; a chunked body is
@@ -10,7 +10,11 @@ not end within ``upload_timeout_s``. While the worker drains, new ``/v1``
 calls are refused with 503 (clients and nginx retry on another replica) and
 the calls already admitted are counted, so the drain can wait for them. A
 prediction that arrives while the predictor's queue is full is refused with 429
-before its body is read: under a flood of retries, refusing must stay cheap.
+before its body is read: under a flood of retries, refusing must stay cheap. A
+dataset upload's body counts against the worker's in-flight upload bytes, which
+gRPC upload streams share (GRAFT_MAX_INFLIGHT_UPLOAD_BYTES): its declared length
+is reserved before reading (429 with Retry-After when it does not fit), a chunked
+one is counted as it streams.
 """
 
 import asyncio
@@ -23,9 +27,10 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.calls import authenticate
+from service.auth import CLIENT
+from service.calls import InflightBytes, authenticate
 from service.config import Settings
-from service.errors import GraftError, InvalidArgument, PayloadTooLarge, Unavailable
+from service.errors import GraftError, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.errors import error_response
 from service.runtime import Runtime
 
@@ -57,11 +62,21 @@ class Gate:
             await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
             return
         runtime = self.runtime()
+        budget = _UploadBytes(runtime.uploads) if _is_upload(scope) else None
+        if budget is not None:
+            try:
+                budget.reserve(Headers(scope=scope).get("content-length"))
+            except GraftError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
         runtime.http_in_flight += 1
         try:
-            await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
+            timeout_s = self.settings.upload_timeout_s
+            await self.app(scope, _bounded(receive, limit, setting, timeout_s, budget), send)
         finally:
             runtime.http_in_flight -= 1
+            if budget is not None:
+                budget.give_back()
 
     async def _admit(self, scope: Scope) -> None:
         path: str = scope["path"]
@@ -72,6 +87,8 @@ class Gate:
         if self.runtime().draining:
             raise Unavailable("this replica is shutting down; retry the call (another replica will answer it)")
         authorization = Headers(scope=scope).get("authorization")
+        client = scope.get("client")
+        CLIENT.set(client[0] if client else None)  # the rate limits of failed authentication count per address
         tenants = self.runtime().tenants
         if path.startswith("/v1/admin/"):
             if not _has_route(scope):
@@ -84,9 +101,43 @@ class Gate:
             self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 
     def _limit(self, scope: Scope) -> tuple[int, str]:
-        if scope["method"] == "POST" and scope["path"] == "/v1/datasets":
+        if _is_upload(scope):
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
         return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
+
+
+def _is_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and scope["path"] == "/v1/datasets"
+
+
+class _UploadBytes:
+    """One HTTP dataset upload's share of the worker's in-flight upload bytes (shared with gRPC streams):
+    a declared Content-Length is reserved whole before a byte is read; a chunked body takes its bytes as
+    they arrive. All of it is held until the answer is sent (the parsed parts are held until then)."""
+
+    def __init__(self, inflight: InflightBytes) -> None:
+        self.inflight = inflight
+        self.declared = False
+        self.held = 0
+
+    def reserve(self, content_length: str | None) -> None:
+        if content_length is not None:  # already checked: ASCII digits within the upload limit
+            self.inflight.take(int(content_length), f"this upload of {int(content_length):,} bytes")
+            self.declared, self.held = True, int(content_length)
+
+    def take(self, size: int) -> None:
+        """Bytes of a chunked body as they arrive; raises HTTPException(429) once they do not fit."""
+        if self.declared or not size:
+            return
+        try:
+            self.inflight.take(size, "this upload's next part")
+        except ResourceExhausted as exc:
+            raise HTTPException(429, exc.message, headers={"Retry-After": "5"}) from None
+        self.held += size
+
+    def give_back(self) -> None:
+        self.inflight.give_back(self.held)
+        self.held = 0
 
 
 def _has_route(scope: Scope) -> bool:
@@ -108,8 +159,11 @@ def _too_large(what: str, limit: int, setting: str) -> str:
     return f"{what} is over the limit of {limit:,} bytes ({setting}); send less, e.g. split a dataset in parts"
 
 
-def _bounded(receive: Receive, limit: int, setting: str, timeout_s: float) -> Receive:
-    """``receive`` that counts body bytes as they arrive and raises HTTPException(413 or 408) past the limits.
+def _bounded(
+    receive: Receive, limit: int, setting: str, timeout_s: float, budget: _UploadBytes | None = None
+) -> Receive:
+    """``receive`` that counts body bytes as they arrive and raises HTTPException(413 or 408) past the limits,
+    or 429 when an upload's chunked body no longer fits the in-flight upload budget.
 
     FastAPI re-raises an HTTPException met while it parses a body; the app's handler answers it. Once the
     body has ended, messages pass through untouched (a streaming response listens for the disconnect).
@@ -129,10 +183,13 @@ def _bounded(receive: Receive, limit: int, setting: str, timeout_s: float) -> Re
                 408, f"the request body did not arrive within {timeout_s:g} s (GRAFT_UPLOAD_TIMEOUT_S)"
             ) from None
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
+            size = len(message.get("body", b""))
+            received += size
             ended = not message.get("more_body", False)
             if received > limit:
                 raise HTTPException(413, _too_large("the request body", limit, setting))
+            if budget is not None:
+                budget.take(size)
         else:
             ended = True
         return message

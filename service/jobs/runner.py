@@ -33,13 +33,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +56,7 @@ from service.errors import (
     FailedPrecondition,
     GraftError,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
     log_internal_error,
 )
@@ -64,6 +68,8 @@ from service.training import Trainer, TrainRequest
 
 log = logging.getLogger(__name__)
 
+WATCH_THREADS = 2  # database reads of all job watches in a worker, at once
+_WATCH_POOL = ThreadPoolExecutor(max_workers=WATCH_THREADS, thread_name_prefix="watch")
 POLL_S = 0.5  # how often a replica looks for queued jobs and expired leases, and watch() re-reads a row
 PERSIST_EVERY_S = 0.5  # progress reaches the row at most this often (phase changes and the end always do)
 HANDED_BACK = "requeued: the replica running it shut down; another replica will run it again"
@@ -111,6 +117,7 @@ class JobRunner:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claimed = asyncio.Event()  # fires when this replica claims a job: watchers switch to memory
+        self._watches: Counter[str] = Counter()  # open watches per tenant on this replica (event loop only)
         self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -183,31 +190,54 @@ class JobRunner:
             live.cancel.set()
         return self._freshest(await asyncio.to_thread(self.store.request_cancel, id))
 
-    async def watch(self, tenant: str, id: str) -> AsyncIterator[JobInfo]:
+    async def watch(self, tenant: str, id: str) -> AsyncGenerator[JobInfo, None]:
         """The job now, then every change until it ends. A slow reader skips to the latest state.
 
         A job run here is followed in memory; any other is re-read every ``POLL_S``,
-        or as soon as this replica claims a job (it may be this one).
+        or as soon as this replica claims a job (it may be this one). A tenant has at
+        most ``max_watches_per_tenant`` watches open here: the first step refuses one
+        more (ResourceExhausted) before anything is read. Their reads run in a small
+        pool of their own, never the default pool that prediction head lookups use.
         """
-        job = await asyncio.to_thread(self.get, tenant, id)  # NotFound on the first step, before any yield
-        last: JobInfo | None = None
-        while True:
-            if job != last:
-                yield job
-                last = job
-            if job.done:
-                return
-            live = self._live.get(id)
-            if live is not None and not live.lease_lost:
-                changed = live.changed
-                if live.info == job:
+        self._admit_watch(tenant)
+        try:
+            job = await self._read_for_watch(tenant, id)  # NotFound on the first step, before any yield
+            last: JobInfo | None = None
+            while True:
+                if job != last:
+                    yield job
+                    last = job
+                if job.done:
+                    return
+                live = self._live.get(id)
+                if live is not None and not live.lease_lost:
+                    changed = live.changed
+                    if live.info == job:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(changed.wait(), POLL_S)
+                    job = live.info
+                else:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), POLL_S)
-                job = live.info
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._claimed.wait(), POLL_S)
-                job = await asyncio.to_thread(self.get, tenant, id)
+                        await asyncio.wait_for(self._claimed.wait(), POLL_S)
+                    job = await self._read_for_watch(tenant, id)
+        finally:
+            self._watches[tenant] -= 1
+            if not self._watches[tenant]:
+                del self._watches[tenant]
+
+    def _admit_watch(self, tenant: str) -> None:
+        limit = self.settings.max_watches_per_tenant
+        if self._watches[tenant] >= limit:
+            raise ResourceExhausted(
+                f"{self._watches[tenant]} job watches of yours are already open on this replica, the limit "
+                f"(GRAFT_MAX_WATCHES_PER_TENANT={limit}); close one, or poll the job instead",
+                retry_after_s=5.0,
+            )
+        self._watches[tenant] += 1
+
+    async def _read_for_watch(self, tenant: str, id: str) -> JobInfo:
+        call = functools.partial(contextvars.copy_context().run, self.get, tenant, id)
+        return await asyncio.get_running_loop().run_in_executor(_WATCH_POOL, call)
 
     # -- submit (in a thread) ------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.config import Settings
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, reason
 
 # (name for messages, image bytes, label): what DatasetStore.create consumes.
 Example = tuple[str, bytes, str]
@@ -47,7 +47,9 @@ def examples_from_zip(zip_data: bytes | Path | BinaryIO, settings: Settings) -> 
             zip_data.seek(0)
         archive = zipfile.ZipFile(zip_data)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
-        raise InvalidArgument(f"the upload is not a readable zip archive ({exc}); create it with 'zip -r'") from None
+        raise InvalidArgument(
+            f"the upload is not a readable zip archive ({reason(exc)}); create it with 'zip -r'"
+        ) from None
     try:
         files, dirs = _zip_entries(archive)
         labelled = _label_files(list(files), dirs)
@@ -291,7 +293,7 @@ def _read_zip(
                 with archive.open(info) as member:
                     data = member.read(settings.max_image_bytes + 1)  # never more than one image's limit
             except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-                raise InvalidArgument(f"zip entry '{info.filename}' cannot be extracted ({exc})") from None
+                raise InvalidArgument(f"zip entry '{info.filename}' cannot be extracted ({reason(exc)})") from None
             yield info.filename, data, label
 
 

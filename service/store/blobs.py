@@ -15,6 +15,7 @@ this module only stores and removes files.
 """
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -22,6 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.errors import InvalidArgument, NotFound
+
+log = logging.getLogger("graft")
+# What a client reads when stored bytes are gone: the storage key stays in the log (it names the server's layout
+# and other resources' ids, nothing the caller can act on).
+_GONE = "stored data of this resource was not found (deleted meanwhile?); retry, or create the resource again"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -97,7 +103,8 @@ class BlobStore:
         try:
             return self.path(sha).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"blob {sha} not found; it was deleted or never stored", sha256=sha) from None
+            log.warning("blob %s not found", sha)
+            raise NotFound(_GONE) from None
 
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_file()
@@ -125,7 +132,8 @@ class BlobStore:
         try:
             return self._named_path(key).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"blob '{key}' not found; it was deleted or never stored", key=key) from None
+            log.warning("named blob %s not found", key)
+            raise NotFound(_GONE) from None
 
     def delete_named(self, key: str) -> None:
         self._named_path(key).unlink(missing_ok=True)

@@ -87,53 +87,19 @@ class DatasetStore:
 
     def create(self, tenant: str, name: str, examples: Iterable[Example]) -> DatasetInfo:
         """Validate and store each (file name, image bytes, label) as it arrives, then commit the rows."""
-        _check_text("dataset name", name, MAX_NAME_CHARS)
-        pins: dict[str, Pin] = {}
-        labelled: list[tuple[str, str]] = []
-        counts: Counter[str] = Counter()
-        stored_bytes = 0
-        budget = UploadBudget(self.settings)
+        upload = self.begin(tenant, name)
         try:
             for file_name, data, label in examples:
-                budget.take(file_name, len(data))
-                _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
-                if label not in counts:
-                    self._check_class_count(len(counts) + 1, file_name, label)
-                info = inspect_image(
-                    data,
-                    name=file_name,
-                    max_bytes=self.settings.max_image_bytes,
-                    max_pixels=self.settings.max_image_pixels,
-                )
-                if info.sha256 not in pins:
-                    pins[info.sha256] = self.collector.pin(info.sha256, len(data))
-                    self.blobs.put(data)  # pinned first, so no sweep can take the file away now
-                    stored_bytes += len(data)
-                labelled.append((info.sha256, label))
-                counts[label] += 1
-            _check_classes(counts)
-
-            row = DatasetRow(
-                id=f"ds_{uuid.uuid4().hex}",
-                tenant=tenant,
-                name=name,
-                created_at=utcnow(),
-                num_examples=len(labelled),
-                classes=sorted(counts),
-                stored_bytes=stored_bytes,
-            )
-            row.examples = [
-                ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(labelled)
-            ]
-            with self.db.session() as session:
-                held = self.collector.refresh(session, list(pins.values()))
-                self.quotas.check_new_dataset(session, tenant, stored_bytes)
-                session.add(row)
+                upload.add(file_name, data, label)
+            return upload.commit()
         except BaseException:
-            self.collector.abandon(list(pins.values()))
+            upload.abandon()
             raise
-        self.collector.release(held)  # the example rows hold the images now
-        return _info(row, counts)
+
+    def begin(self, tenant: str, name: str) -> DatasetUpload:
+        """An upload taken one image at a time (``add``), then ``commit`` or ``abandon``: a streaming door
+        calls each step when its image has arrived, so no thread waits for a client between images."""
+        return DatasetUpload(self, tenant, name)
 
     def _check_class_count(self, classes: int, file_name: str, label: str) -> None:
         limit = self.settings.max_classes
@@ -223,6 +189,69 @@ class DatasetStore:
         The runtime calls this every ``GRAFT_GC_INTERVAL_S``, in a thread.
         """
         return self.collector.collect_garbage()
+
+
+class DatasetUpload:
+    """One dataset in the making: each ``add`` validates, pins and stores one image; ``commit`` writes the rows
+    in one transaction (the dataset exists completely or not at all); ``abandon`` (also after a failed
+    ``commit``) releases the images only this upload stored. Steps run one at a time, in any thread."""
+
+    def __init__(self, store: DatasetStore, tenant: str, name: str) -> None:
+        _check_text("dataset name", name, MAX_NAME_CHARS)
+        self.store = store
+        self.tenant = tenant
+        self.name = name
+        self.pins: dict[str, Pin] = {}
+        self.labelled: list[tuple[str, str]] = []
+        self.counts: Counter[str] = Counter()
+        self.stored_bytes = 0
+        self.budget = UploadBudget(store.settings)
+        self._ended = False
+
+    def add(self, file_name: str, data: bytes, label: str) -> None:
+        settings = self.store.settings
+        self.budget.take(file_name, len(data))
+        _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
+        if label not in self.counts:
+            self.store._check_class_count(len(self.counts) + 1, file_name, label)
+        info = inspect_image(
+            data, name=file_name, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+        if info.sha256 not in self.pins:
+            self.pins[info.sha256] = self.store.collector.pin(info.sha256, len(data))
+            self.store.blobs.put(data)  # pinned first, so no sweep can take the file away now
+            self.stored_bytes += len(data)
+        self.labelled.append((info.sha256, label))
+        self.counts[label] += 1
+
+    def commit(self) -> DatasetInfo:
+        _check_classes(self.counts)
+        row = DatasetRow(
+            id=f"ds_{uuid.uuid4().hex}",
+            tenant=self.tenant,
+            name=self.name,
+            created_at=utcnow(),
+            num_examples=len(self.labelled),
+            classes=sorted(self.counts),
+            stored_bytes=self.stored_bytes,
+        )
+        row.examples = [
+            ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(self.labelled)
+        ]
+        collector = self.store.collector
+        with self.store.db.session() as session:
+            held = collector.refresh(session, list(self.pins.values()))
+            self.store.quotas.check_new_dataset(session, self.tenant, self.stored_bytes)
+            session.add(row)
+        self._ended = True
+        collector.release(held)  # the example rows hold the images now
+        return _info(row, self.counts)
+
+    def abandon(self) -> None:
+        """Release what this upload stored, unless it was committed; safe to call more than once."""
+        if not self._ended:
+            self._ended = True
+            self.store.collector.abandon(list(self.pins.values()))
 
 
 def _owned(session: Session, tenant: str, id: str) -> DatasetRow:

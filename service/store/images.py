@@ -16,14 +16,15 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from pydantic import BaseModel
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, reason
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 # Modes with more than 8 bits per sample. Of the allowed formats only 16-bit PNG produces them (as I;16, or as
 # I on older Pillow), so every one is read as 16-bit samples; convert("RGB") would clip them to white.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_SIXTEEN_TO_EIGHT = 65535 / 255  # 257: maps 0..65535 onto 0..255 exactly at both ends
+_SIXTEEN_TO_EIGHT = 257  # 65535 / 255: maps 0..65535 onto 0..255 exactly at both ends
+_BAND_PIXELS = 1 << 20  # 16-bit samples are rescaled this many pixels at a time (a few MB), never whole
 
 
 class ImageInfo(BaseModel):
@@ -65,23 +66,40 @@ def _to_rgb(image: Image.Image, *, name: str) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # a malformed EXIF block raises SyntaxError, struct.error, ...
         raise InvalidArgument(
-            f"file '{name}' has unreadable EXIF metadata ({exc}); re-export it without EXIF or with valid EXIF",
+            f"file '{name}' has unreadable EXIF metadata ({reason(exc)}); re-export it without EXIF or with valid EXIF",
             file=name,
         ) from None
     try:
         if image.mode in _WIDE_MODES:
-            samples = np.asarray(image, dtype=np.float64)
-            grey = np.clip(np.rint(samples / _SIXTEEN_TO_EIGHT), 0, 255).astype(np.uint8)
-            return Image.fromarray(grey, "L").convert("RGB")
+            return _sixteen_to_eight(image).convert("RGB")
         if image.mode in ("P", "PA"):
             image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
         return image.convert("RGB")
     except Exception as exc:
         raise InvalidArgument(
-            f"file '{name}' has pixel mode {image.mode!r}, which cannot be converted to RGB ({exc}); "
+            f"file '{name}' has pixel mode {image.mode!r}, which cannot be converted to RGB ({reason(exc)}); "
             "re-export it as 8-bit RGB",
             file=name,
         ) from None
+
+
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image as 8-bit 'L': each sample rounded from x / 257 and clipped to 0..255.
+
+    Done in bands of rows in integer arithmetic (``(x + 128) // 257`` is exactly ``round(x / 257)``: no sample
+    lies halfway), so the only full-size array is the 1-byte-per-pixel result: a 5000 x 5000 PNG that once took
+    600 MB of float64 intermediates now takes 25 MB beside Pillow's own decoded copy.
+    """
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = np.asarray(image.crop((0, top, width, bottom)))
+        if band.dtype.kind == "f":  # mode F: float samples on the 16-bit scale
+            band = np.rint(np.clip(band, 0, 65535)).astype(np.int64)
+        grey[top:bottom] = (np.clip(band.astype(np.int64, copy=False), 0, 65535) + 128) // _SIXTEEN_TO_EIGHT
+    return Image.fromarray(grey, "L")
 
 
 def _check_size(data: bytes, *, name: str, max_bytes: int | None) -> None:
@@ -105,13 +123,14 @@ def _open_fully(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _bomb(name, max_pixels, str(exc)) from None
-        except Image.UnidentifiedImageError as exc:
+        except Image.UnidentifiedImageError:  # its text only names the in-memory file object, by heap address
             raise InvalidArgument(
-                f"file '{name}' is not a decodable image in an allowed format ({allowed}) ({exc})", file=name
+                f"file '{name}' is not a decodable image in an allowed format ({allowed}); re-export it as one",
+                file=name,
             ) from None
         except Exception as exc:  # PIL raises many types for hostile input
             raise InvalidArgument(
-                f"file '{name}' is a corrupt or truncated image ({exc}); re-export it", file=name
+                f"file '{name}' is a corrupt or truncated image ({reason(exc)}); re-export it", file=name
             ) from None
 
         if image.width * image.height > max_pixels:
@@ -124,7 +143,7 @@ def _open_fully(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             raise _bomb(name, max_pixels, str(exc)) from None
         except Exception as exc:
             raise InvalidArgument(
-                f"file '{name}' is a corrupt or truncated {image.format} image ({exc}); re-export it", file=name
+                f"file '{name}' is a corrupt or truncated {image.format} image ({reason(exc)}); re-export it", file=name
             ) from None
     return image
 

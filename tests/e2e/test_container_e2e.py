@@ -102,10 +102,11 @@ def test_the_image_holds_exactly_the_locked_packages(image):
 
 
 def test_the_image_runs_unprivileged_on_a_read_only_root_with_its_ports_and_health_check(fleet: Fleet, image):
-    config = json.loads(podman("image", "inspect", image["image"]).stdout)[0]["Config"]
+    inspected = json.loads(podman("image", "inspect", image["image"]).stdout)[0]
+    config = inspected["Config"]
     assert config["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
     assert {"3000/tcp", "50051/tcp"} <= set(config["ExposedPorts"])
-    assert "/livez" in " ".join(config["Healthcheck"]["Test"])
+    assert "/livez" in " ".join(inspected["Healthcheck"]["Test"])
     assert list(config["Volumes"]) == ["/var/lib/graft"]
     name = fleet.serving[0].name
     assert podman("exec", name, "id", "-u").stdout.strip() == str(IMAGE_UID)

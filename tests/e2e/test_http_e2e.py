@@ -24,6 +24,7 @@ from harness.servers import make_tenant_key, start_server
 MAX_IMAGE_BYTES = 200_000
 MAX_IMAGES = 300
 MAX_UPLOAD = 8_000_000
+METRICS_KEY = "metrics-key-7d1e4b9a2f6c8e0b3a5d7f9c1e3b5a7d"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def server(tmp_path_factory):
         GRAFT_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
         GRAFT_MAX_IMAGES_PER_DATASET=str(MAX_IMAGES),
         GRAFT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        GRAFT_METRICS_KEY=METRICS_KEY,
     )
     yield server
     server.stop()
@@ -205,8 +207,39 @@ def test_health_and_openapi_are_served(server):
 def test_metrics_count_predictions_and_batches(alice, trained, server):
     _, data, _ = textile_files(per_class=1, offset=302)[0]
     alice.post("/v1/predict", json={"images": [base64.b64encode(data).decode()], "heads": ["textiles"]})
-    metrics = httpx.get(f"{server.http_url}/metrics").text
+    metrics = scrape(server)
     assert "graft_predictions_total" in metrics and "graft_batch_size" in metrics
+
+
+def scrape(server) -> str:
+    response = httpx.get(f"{server.http_url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def series(metrics: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in metrics.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_carry_no_tenant_data_and_do_not_grow_with_request_paths(alice, server):
+    """/metrics needs its own key, and its series neither name tenants' heads nor grow with request paths."""
+    alice.get("/v1/heads/textiles")  # a tenant's head name in a path
+    for i in range(5):
+        httpx.get(f"{server.http_url}/probe-{i}")
+    before = series(scrape(server))
+    for i in range(50):
+        httpx.get(f"{server.http_url}/no-such-path-{i}")
+        httpx.get(f"{server.http_url}/v1/heads/secret-head-{i}")  # unauthenticated: 401, under its template
+    alice.get("/v1/heads/textiles")
+    after = scrape(server)
+    assert "textiles" not in after and "secret-head" not in after and "no-such-path" not in after
+    grown = series(after) - before
+    assert len(grown) <= 20, sorted(grown)  # a few new (route, status) pairs at most, never one per path
+    assert 'route="/v1/heads/{head}"' in after
+
+    assert httpx.get(f"{server.http_url}/metrics").status_code == 401
+    wrong = httpx.get(f"{server.http_url}/metrics", headers={"Authorization": "Bearer " + "x" * 40})
+    assert wrong.status_code == 403
 
 
 # --- bad input: a clear 4xx, and nothing stored -------------------------------------------------

@@ -22,7 +22,7 @@ from service.errors import (
 )
 from service.store.db import Database
 
-ADMIN_KEY = "admin-secret-for-tests"
+ADMIN_KEY = "admin-secret-for-tests-4f9c2a7e1b3d5f60"
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -11,16 +11,19 @@ import os
 import threading
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from sqlalchemy import event
 
+from service import calls as calls_module
 from service.config import Settings
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import default_host, start_grpc_server
+from service.http.app import create_app
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -174,25 +177,39 @@ async def test_a_malformed_page_token_is_invalid_argument(channel, token):
 
 
 async def test_uploads_in_progress_share_one_byte_budget_and_a_full_budget_says_when_to_retry(keyed):
+    """An image's bytes are held from its message's arrival until the store has validated and stored it."""
     runtime, channel, me, _ = keyed
     datasets = rpc.DatasetServiceStub(channel)
-    paused, big = asyncio.Event(), noise_png(26)  # ~2 kB of the 3 kB budget, held while its stream pauses
+    paused, big = asyncio.Event(), noise_png(26)  # ~2 kB of the 3 kB budget, held while the store takes it
     assert 2000 < len(big) < 3000
+    storing, release = threading.Event(), threading.Event()
+
+    def slow_store(_conn, _cursor, statement, *_):
+        if statement.lstrip().upper().startswith("INSERT INTO BLOBS"):  # the store pins the slow stream's image
+            storing.set()
+            release.wait(timeout=10)
 
     async def slow_upload():
         yield header("slow")
         yield image("big.png", big, "a")
         await paused.wait()
 
-    slow = asyncio.ensure_future(datasets.CreateDataset(slow_upload(), metadata=me))
-    while not any(path.is_file() for path in runtime.settings.blob_dir.rglob("*")):
-        await asyncio.sleep(0.01)  # until the store has taken the slow stream's image (and it is held)
-    second = [header("second"), image("also-big.png", noise_png(26), "a")]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await datasets.CreateDataset(iter(second), metadata=me)
+    event.listen(runtime.core.db.engine, "before_cursor_execute", slow_store)
+    try:
+        slow = asyncio.ensure_future(datasets.CreateDataset(slow_upload(), metadata=me))
+        while not storing.is_set():
+            await asyncio.sleep(0.01)  # until the store is taking the slow stream's image (and it is held)
+        second = [header("second"), image("also-big.png", noise_png(26), "a")]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await datasets.CreateDataset(iter(second), metadata=me)
+    finally:
+        release.set()
+        event.remove(runtime.core.db.engine, "before_cursor_execute", slow_store)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.value.details()
     assert "GRAFT_MAX_INFLIGHT_UPLOAD_BYTES" in error.value.details()
     assert ("retry-after", "5") in tuple(error.value.trailing_metadata())
+    while runtime.uploads.held:
+        await asyncio.sleep(0.01)  # stored: its bytes are given back while its stream still pauses
     paused.set()
     with pytest.raises(grpc.aio.AioRpcError):
         await slow  # one class only: refused, and its bytes are given back
@@ -330,3 +347,63 @@ async def test_in_open_mode_the_grpc_door_listens_on_loopback_only(tmp_path):
     with_keys = Runtime.open(Settings(data_dir=tmp_path / "keys", auth="keys", backbones=[]))
     assert default_host(open_mode) == "127.0.0.1"
     assert default_host(with_keys) == "0.0.0.0"
+
+
+# -- uploads never hold the threads that authentication, registry calls and readiness need -
+
+
+async def test_idle_upload_streams_do_not_starve_other_tenants_calls_or_the_readiness_probe(tmp_path):
+    """As many upload streams as the store pool has threads, each stopped after its header: another tenant
+    still authenticates and lists its datasets over both doors, and readiness still follows the registry.
+
+    The 5 s bounds are liveness bounds (each answer takes milliseconds): before, every call hung."""
+    settings = Settings(data_dir=tmp_path, auth="keys", backbones=[])
+    runtime = Runtime.open(settings)
+    runtime.probe_interval_s = 0.05
+    for tenant in ("hostile", "good"):
+        runtime.tenants.create_tenant(tenant)
+    hostile = [("authorization", f"Bearer {runtime.tenants.create_key('hostile').secret}")]
+    good_key = runtime.tenants.create_key("good").secret
+    await runtime.start()
+    server, channel = await serve(runtime)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings, lambda: runtime)),
+                             base_url="http://graft")  # fmt: skip
+    stop = asyncio.Event()
+
+    async def header_then_nothing():
+        yield header("idle")
+        await stop.wait()
+
+    datasets = rpc.DatasetServiceStub(channel)
+    idle = [
+        asyncio.ensure_future(datasets.CreateDataset(header_then_nothing(), metadata=hostile))
+        for _ in range(calls_module._STORE_POOL._max_workers)
+    ]
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def unreachable(*_):
+        raise ConnectionError("registry is down (test)")
+
+    try:
+        await asyncio.sleep(1.0)  # every stream's header has reached the server
+        good = [("authorization", f"Bearer {good_key}")]
+        listed = await asyncio.wait_for(datasets.ListDatasets(api.ListDatasetsRequest(), metadata=good), 5)
+        assert list(listed.datasets) == []
+        response = await asyncio.wait_for(http.get("/v1/datasets", headers={"Authorization": f"Bearer {good_key}"}), 5)
+        assert response.status_code == 200, response.text
+        event.listen(runtime.core.db.engine, "before_cursor_execute", unreachable)
+        try:
+            async with asyncio.timeout(5):
+                while (
+                    await health.Check(health_pb2.HealthCheckRequest())
+                ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                    await asyncio.sleep(0.05)
+        finally:
+            event.remove(runtime.core.db.engine, "before_cursor_execute", unreachable)
+    finally:
+        stop.set()
+        await asyncio.gather(*idle, return_exceptions=True)
+        await http.aclose()
+        await channel.close()
+        await server.stop(grace=1)
+        await runtime.stop()

@@ -254,3 +254,49 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 
 PNG_RED, PNG_BLUE = _png((200, 0, 0)), _png((0, 0, 200))
+
+
+# -- HTTP upload bodies share the in-flight upload budget with gRPC streams ------------------
+
+
+class PausedBody:
+    """A chunked upload body that sends ``first`` bytes, then waits for ``go`` before it ends."""
+
+    def __init__(self, first: int) -> None:
+        self.first, self.go, self.sent = first, asyncio.Event(), asyncio.Event()
+
+    async def __aiter__(self):
+        yield ENDLESS_ZIP_PART + b"x" * (self.first - len(ENDLESS_ZIP_PART))
+        self.sent.set()
+        await self.go.wait()
+        yield b"\r\n--b--\r\n"
+
+
+async def test_http_uploads_hold_the_in_flight_upload_budget_and_one_that_does_not_fit_is_429_unread(
+    runtime, client, key
+):
+    """With 3,000 bytes for all uploads: a chunked upload in progress holds its 2,500 bytes, so a second
+    upload declaring 2,000 is refused before a byte is read, and a chunked one as it crosses the budget;
+    once the first is answered, everything is given back."""
+    runtime.uploads.limit = 3000  # GRAFT_MAX_INFLIGHT_UPLOAD_BYTES, shared with gRPC CreateDataset streams
+    headers = {**bearer(key), "Content-Type": "multipart/form-data; boundary=b"}
+    paused = PausedBody(2500)
+    first = asyncio.ensure_future(client.post("/v1/datasets", content=paused, headers=headers))
+    await asyncio.wait_for(paused.sent.wait(), 5)
+    try:
+        declared = await client.post("/v1/datasets", content=b"y" * 2000, headers=headers)
+        assert declared.status_code == 429, declared.text
+        assert (
+            "GRAFT_MAX_INFLIGHT_UPLOAD_BYTES" in declared.json()["message"] and declared.headers["Retry-After"] == "5"
+        )
+        chunked = Body(2000, start=ENDLESS_ZIP_PART)
+        response = await client.post("/v1/datasets", content=chunked, headers=headers)
+        assert response.status_code == 429, response.text
+        assert (
+            "GRAFT_MAX_INFLIGHT_UPLOAD_BYTES" in response.json()["message"] and response.headers["Retry-After"] == "5"
+        )
+        assert chunked.pulled < chunked.total
+    finally:
+        paused.go.set()
+        await first
+    assert runtime.uploads.held == 0

@@ -1,6 +1,7 @@
 """One decoder for upload, training and prediction: every pixel mode to the right 8-bit RGB (issue 8, item 10)."""
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -50,6 +51,32 @@ def test_a_16_bit_grey_pngs_embedding_matches_its_8_bit_rescales(mobilenet: Back
     a, b = embed(sixteen), embed(eight)
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_a_large_16_bit_png_decodes_without_a_float64_copy_of_its_pixels() -> None:
+    """16-bit samples are rescaled in bands, never through a full-size float64 copy: at most 8 bytes per pixel."""
+    height, width = 1500, 2000
+    samples = np.tile((np.arange(width, dtype=np.uint32) * 65535 // (width - 1)).astype(np.uint16), (height, 1))
+    data = encode(Image.fromarray(samples))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+
+    tracemalloc.start()
+    try:
+        decoded = decode_rgb(data, max_pixels=height * width)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak <= 8 * height * width, f"{peak / (height * width):.1f} bytes per pixel"
+    row = np.asarray(decoded)[0, :, 0].astype(int)
+    assert np.abs(row - np.rint(samples[0] / 257)).max() <= 1  # the same pixels as the exact rescale
+
+
+def test_a_16_bit_png_wider_than_one_band_decodes_row_by_row_to_the_same_pixels() -> None:
+    samples = (np.arange(3 * 700_000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(3, 700_000)
+    data = encode(Image.fromarray(samples))
+    decoded = np.asarray(decode_rgb(data, max_pixels=samples.size))
+    np.testing.assert_array_equal(decoded[..., 1], np.rint(samples / 257).astype(np.uint8))
 
 
 def palette_with_transparency() -> Image.Image:

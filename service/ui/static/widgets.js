@@ -6,6 +6,7 @@ export function el(tag, attributes = {}, ...children) {
   for (const [name, value] of Object.entries(attributes)) {
     if (value === false || value === null || value === undefined) continue;
     if (name === "class") node.className = value;
+    else if (name === "style") node.style.cssText = value; // through the CSSOM: the CSP refuses style attributes
     else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     else node.setAttribute(name, value === true ? "" : value);
   }
