@@ -29,6 +29,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from service.config import Settings
 from service.errors import (
@@ -160,11 +161,15 @@ class Tenants:
 
     def create_tenant(self, name: str) -> TenantInfo:
         check_name("tenant name", name)
-        with self.db.session() as session:
-            if session.get(TenantRow, name) is not None:
-                raise AlreadyExists(f"tenant '{name}' already exists", tenant=name)
-            row = TenantRow(name=name, created_at=utcnow())
-            session.add(row)
+        exists = AlreadyExists(f"tenant '{name}' already exists", tenant=name)
+        try:
+            with self.db.session() as session:
+                if session.get(TenantRow, name) is not None:
+                    raise exists
+                row = TenantRow(name=name, created_at=utcnow())
+                session.add(row)
+        except IntegrityError:  # another replica created it between our read and our insert
+            raise exists from None
         return TenantInfo(name=row.name, created_at=row.created_at)
 
     def list_tenants(self) -> list[TenantInfo]:

@@ -4,10 +4,12 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import event
 
 from service import admin
 from service.auth import OPEN_TENANT, Tenants
@@ -58,7 +60,7 @@ def test_the_database_holds_only_a_hash_of_the_secret(tenants, settings):
     dump = "\n".join(sqlite3.connect(settings.data_dir / "registry.db").iterdump())
     assert key.key_id in dump
     assert key.secret not in dump
-    assert key.secret.rsplit("_", 1)[-1] not in dump
+    assert key.secret.removeprefix(f"graft_{key.key_id}_") not in dump
 
 
 def test_each_key_maps_to_its_own_tenant(tenants):
@@ -198,3 +200,34 @@ def test_the_cli_lists_tenants_and_explains_refusals(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as usage:
         admin.main(["no-such-command"])
     assert usage.value.code == 2
+
+
+def test_two_replicas_creating_one_tenant_at_once_get_one_tenant_and_one_already_exists(registry_url, tmp_path):
+    """The second creator is held between its existence check and its insert while the first commits."""
+    settings = Settings(data_dir=tmp_path, admin_key=SecretStr(ADMIN_KEY))
+    first, second = Database(registry_url), Database(registry_url)
+    paused = threading.Event()
+
+    def hold_the_insert(_conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO TENANTS") and not paused.is_set():
+            paused.set()
+            threading.Event().wait(0.5)
+
+    event.listen(second.engine, "before_cursor_execute", hold_the_insert)
+    outcomes: list[object] = []
+
+    def create(db: Database) -> None:
+        try:
+            outcomes.append(Tenants(db, settings).create_tenant("acme"))
+        except AlreadyExists as exc:
+            outcomes.append(exc)
+
+    held = threading.Thread(target=create, args=(second,))
+    held.start()
+    assert paused.wait(10)
+    create(first)
+    held.join(10)
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == ["AlreadyExists", "TenantInfo"]
+    assert [tenant.name for tenant in Tenants(first, settings).list_tenants()] == ["acme"]
+    first.close()
+    second.close()
