@@ -5,12 +5,17 @@ Against a real ``bentoml serve`` on loopback (API keys on), bounded in time, sto
   half over gRPC ``Predict``, through ``probe``, ``probe@1`` and ``probe:latest``;
 - first an idle phase (only the readers), then a busy phase in which two *writer* tenants (one over HTTP, one over
   gRPC) upload a dataset, train linear and finetune versions of a head, point an alias at each new version,
-  predict through the alias, delete old versions and check that a deleted version is never served.
+  predict through the alias, delete old versions and check that a deleted version is never served;
+- then a hostile phase in which one more tenant tries what the service bounds: idle gRPC upload streams that send
+  only their header, 200 job watches at once on a running finetune job, predictions that name 16 references to a
+  head whose many versions carry large metrics (a confusion matrix of many classes each), and requests to
+  ``/metrics`` and to distinct unknown paths without a key. The readers' figures must not move.
 
 Every answer is checked against the expected answer for its image and the head version it reports (taken from
 ``name@version`` right after that version was trained). Prints one JSON object last with ``requests``,
-``errors_5xx``, ``wrong_answers``, ``p99_idle_ms``, ``p99_during_training_ms`` and ``rss_growth_fraction`` (the
-server's resident memory at the end against after warm-up), with the details that explain them.
+``errors_5xx``, ``wrong_answers``, ``p99_idle_ms``, ``p99_during_training_ms``, ``hostile_phase_p99_ms``,
+``hostile_phase_errors`` (the readers' failed or wrong answers during the hostile phase) and ``rss_growth_fraction``
+(the server's resident memory at the end against after warm-up), with the details that explain them.
 
     python benchmarks/soak.py            # the full run quoted in the README (a few minutes)
     python benchmarks/soak.py --short    # the bounded run that `make test` does (tests/e2e/test_soak.py)
@@ -50,13 +55,18 @@ class Profile:
     reader_images_per_class: int
     writer_images_per_class: int
     finetune_epochs: int
+    hostile_s: float
+    hostile_classes: int  # classes of the hostile tenant's head: each version's confusion matrix is this squared
+    hostile_versions: int
 
 
 PROFILES = {
     "short": Profile(concurrency=8, warmup_s=4, idle_s=10, busy_limit_s=240, reader_images_per_class=8,
-                     writer_images_per_class=8, finetune_epochs=2),
+                     writer_images_per_class=8, finetune_epochs=2, hostile_s=10, hostile_classes=40,
+                     hostile_versions=4),
     "full": Profile(concurrency=32, warmup_s=15, idle_s=60, busy_limit_s=900, reader_images_per_class=24,
-                    writer_images_per_class=30, finetune_epochs=6),
+                    writer_images_per_class=30, finetune_epochs=6, hostile_s=60, hostile_classes=200,
+                    hostile_versions=8),
 }  # fmt: skip
 
 
@@ -71,6 +81,10 @@ class Tally:
     other_4xx: int = 0
     problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def failures(self) -> int:
+        """Answers a well-behaved tenant should never get: server errors, wrong answers, refusals."""
+        return self.errors_5xx + self.wrong_answers + self.refused_429 + self.other_4xx
 
     def count(self, outcome: str, problem: str | None = None) -> None:
         with self.lock:
@@ -315,6 +329,115 @@ class Writer:
         self.tally.count("ok" if ok else "wrong_answers", None if ok else f"deleted w@{version} answered {answers[:1]}")
 
 
+# -- the hostile tenant ------------------------------------------------------------------------------------------
+
+
+class Hostile:
+    """A tenant that tries, in turn, what the service must bound; what it gets back is counted, never checked:
+    the readers' answers are what must not change."""
+
+    UPLOAD_STREAMS = 10
+    WATCHES = 200
+    REFERENCES = 16
+
+    def __init__(self, server: Server, key: str, profile: Profile):
+        self.server, self.key, self.profile = server, key, profile
+        self.answers: dict[str, int] = {}  # "what it tried: status" -> count
+        self.dataset = ""
+
+    def setup(self) -> None:
+        """A head of many classes with several versions (prototype: instant on cached features)."""
+        n = self.profile.hostile_classes
+        images = [data for _, data, _ in textile_files(per_class=(2 * n + 2) // 3, offset=500)][: 2 * n]
+        examples = [(f"c{i % n}/{i}.jpg", data, f"c{i % n}") for i, data in enumerate(images)]
+        with httpx.Client(base_url=self.server.http_url, headers=self.headers, timeout=300) as client:
+            self.dataset = upload_http(client, examples, "hostile")
+            for _ in range(self.profile.hostile_versions):
+                train_http(client, self.dataset, "big", kind="prototype")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def tally(self, what: str, status: object) -> None:
+        self.answers[f"{what}: {status}"] = self.answers.get(f"{what}: {status}", 0) + 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with (
+            httpx.AsyncClient(base_url=self.server.http_url, timeout=60) as client,
+            grpc.aio.insecure_channel(self.server.grpc_target) as channel,
+        ):
+            streams = await self.idle_upload_streams(channel, stop)
+            watches = await self.watches(client, stop)
+            await asyncio.gather(self.many_references(client, stop), self.paths(client, stop))
+            for call in streams:
+                call.cancel()
+            for watch in watches:
+                watch.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+
+    async def idle_upload_streams(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> list:
+        """Upload streams that send their header and then nothing, held open until the phase ends."""
+
+        async def header_then_silence():
+            yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name="idle"))
+            await stop.wait()
+
+        stub = rpc.DatasetServiceStub(channel)
+        metadata = [("authorization", f"Bearer {self.key}")]
+        calls = [stub.CreateDataset(header_then_silence(), metadata=metadata) for _ in range(self.UPLOAD_STREAMS)]
+        self.tally("idle upload streams", "opened")
+        return calls
+
+    async def watches(self, client: httpx.AsyncClient, stop: asyncio.Event) -> list[asyncio.Task]:
+        """A finetune job, then WATCHES server-sent event streams on it at once, held until the phase ends."""
+        spec = {
+            "dataset": self.dataset,
+            "head": "watched",
+            "kind": "finetune",
+            "finetune_blocks": 1,
+            "hyperparams": {"epochs": 2, "batch_size": 32},
+            "search": {"lr": [1e-3], "weight_decay": [1e-4]},
+        }
+        response = await client.post("/v1/jobs", json=spec, headers=self.headers)
+        self.tally("finetune job", response.status_code)
+        if response.status_code != 201:
+            return []
+        job = response.json()["name"]
+
+        async def watch() -> None:
+            try:
+                async with client.stream("GET", f"/v1/{job}:watch", headers=self.headers) as stream:
+                    self.tally("watch", stream.status_code)
+                    async for _ in stream.aiter_bytes():
+                        if stop.is_set():
+                            return
+            except httpx.HTTPError as exc:
+                self.tally("watch", type(exc).__name__)
+
+        return [asyncio.create_task(watch()) for _ in range(self.WATCHES)]
+
+    async def many_references(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        """One image, 16 references to the versions of a head whose every version carries large metrics."""
+        image = base64.b64encode(textile_files(per_class=1, offset=450)[0][1]).decode()
+        versions = self.profile.hostile_versions
+        refs = [f"big@{1 + i % versions}" if i % 3 else "big:latest" for i in range(self.REFERENCES)]
+        body = {"images": [image], "heads": refs}
+        while not stop.is_set():
+            response = await client.post("/v1/predict", json=body, headers=self.headers)
+            self.tally("16-reference prediction", response.status_code)
+
+    async def paths(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        """/metrics and distinct unknown paths, without a key: each path once."""
+        i = 0
+        while not stop.is_set():
+            for path in (f"/metrics?page={i}", f"/v1/heads/secret-{i}", f"/unknown/{i}"):
+                response = await client.get(path)
+                self.tally(path.split("/")[1].split("?")[0] or "/", response.status_code)
+            i += 1
+            await asyncio.sleep(0.01)
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -346,6 +469,7 @@ async def soak(server: Server, profile: Profile) -> dict:
                for name, door in (("writer-a", "http"), ("writer-b", "grpc"))]  # fmt: skip
 
     async def phase(seconds: float | None, during: threading.Thread | None = None) -> list[float]:
+        """The readers' load for ``seconds`` (or while ``during`` runs); their latencies."""
         latencies: list[float] = []
         stop = asyncio.Event()
         worker = asyncio.create_task(load(server, readers, probes, tally, profile.concurrency, stop, latencies))
@@ -378,11 +502,23 @@ async def soak(server: Server, profile: Profile) -> dict:
     busy = await phase(None, during=busy_thread)
     busy_s = time.monotonic() - started
     busy_thread.join(timeout=5)
-    rss_end = server_rss(server)
     if errors:
         raise RuntimeError(f"a writer failed: {errors[0]!r}") from errors[0]
     if busy_thread.is_alive():
         raise RuntimeError(f"the writers did not finish within {profile.busy_limit_s:g} s")
+
+    hostile = Hostile(server, make_tenant_key(server, "hostile"), profile)
+    log(f"hostile tenant: a head of {profile.hostile_classes} classes, {profile.hostile_versions} versions")
+    await asyncio.to_thread(hostile.setup)
+    log(f"hostile phase {profile.hostile_s:g} s: idle upload streams, 200 watches, 16 references, unknown paths")
+    failures_before = tally.failures()
+    stop_hostile = asyncio.Event()
+    attack = asyncio.create_task(hostile.run(stop_hostile))
+    hostile_latencies = await phase(profile.hostile_s)
+    stop_hostile.set()
+    await attack
+    hostile_failures = tally.failures() - failures_before
+    rss_end = server_rss(server)
 
     return {
         "requests": tally.requests,
@@ -391,7 +527,10 @@ async def soak(server: Server, profile: Profile) -> dict:
         "p99_idle_ms": p99(idle),
         "p99_during_training_ms": p99(busy),
         "rss_growth_fraction": round((rss_end - rss_warm) / rss_warm, 4),
+        "hostile_phase_p99_ms": p99(hostile_latencies),
+        "hostile_phase_errors": hostile_failures,
         "p99_ratio": round(p99(busy) / p99(idle), 2),
+        "hostile_p99_ratio": round(p99(hostile_latencies) / p99(idle), 2),
         "p50_idle_ms": round(float(np.percentile(idle, 50)), 1),
         "p50_during_training_ms": round(float(np.percentile(busy, 50)), 1),
         "idle_ips": round(len(idle) / profile.idle_s, 2),
@@ -403,6 +542,7 @@ async def soak(server: Server, profile: Profile) -> dict:
         "rss_end_mb": round(rss_end / 2**20, 1),
         "concurrency": profile.concurrency,
         "problems": tally.problems,
+        "hostile_answers": hostile.answers,
     }
 
 
