@@ -99,6 +99,11 @@ class Settings(BaseSettings):
 
     # Per-tenant quotas, enforced over both doors.
     quota_stored_bytes: int = Field(2 * 1024**3, gt=0, description="Dataset images + head weights per tenant.")
+    quota_feature_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Cached trunk features per tenant; over it, its least recently used features are evicted.",
+    )
     quota_datasets: int = Field(100, gt=0, description="Datasets per tenant.")
     quota_heads: int = Field(100, gt=0, description="Head names per tenant.")
     quota_head_versions: int = Field(1000, gt=0, description="Stored head versions per tenant, all heads.")

@@ -56,7 +56,9 @@ class Core:
         heads = HeadRegistry(db, blobs, quotas)
         extractor = FeatureExtractor(
             blobs,
-            FeatureCache(settings.feature_dir),
+            FeatureCache(
+                settings.feature_dir, db, quota_bytes=settings.quota_feature_bytes, grace_s=settings.blob_grace_s
+            ),
             batch_size=settings.feature_batch_size,
             max_pixels=settings.max_image_pixels,
         )

@@ -119,14 +119,21 @@ class Runtime:
             await asyncio.sleep(0.05)
 
     async def _collect_forever(self) -> None:
-        """Orphaned blobs (deleted datasets' images, a crashed upload's or job's files), after their grace."""
+        """Orphaned blobs and cached features (deleted datasets' images, a crashed upload's or job's files), after
+        their grace."""
         while True:
             await asyncio.sleep(self.settings.gc_interval_s)
             try:
                 images = await in_thread(self.core.datasets.collect_garbage)
                 weights = await in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
-                if images or weights:
-                    log.info("collected %d orphaned image blob(s) and %d weight file(s)", images, weights)
+                features = await in_thread(self.core.extractor.cache.collect_garbage)
+                if images or weights or features:
+                    log.info(
+                        "collected %d orphaned image blob(s), %d weight file(s) and %d feature entries",
+                        images,
+                        weights,
+                        features,
+                    )
             except Exception:
                 log.exception("blob collection failed; trying again in %.0f s", self.settings.gc_interval_s)
 

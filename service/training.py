@@ -270,8 +270,7 @@ class Trainer:
 
         def extraction_progress(part: int, name: str) -> Callable[[int, int], None]:
             def report_part(done: int, total: int) -> None:
-                # Counts over all the dataset's images, cached or not: the cache is shared
-                # across tenants, and "new images" would tell that another tenant has them.
+                # Counts over all the dataset's images, cached or not: the same messages whatever was cached.
                 report(
                     ProgressEvent(
                         phase="extract",
@@ -285,6 +284,7 @@ class Trainer:
         choice = None
         if request.backbone == AUTO:
             choice = self._choose_backbone(
+                tenant,
                 request,
                 candidates,
                 shas,
@@ -302,7 +302,7 @@ class Trainer:
         def training_progress(event: ProgressEvent) -> None:
             report(event.model_copy(update={"fraction": EXTRACTION_SHARE + (1 - EXTRACTION_SHARE) * event.fraction}))
 
-        data = _Examples(backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes))
+        data = _Examples(tenant, backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes))
         pooled_progress = extraction_progress(slices - 1, backbone.name)
         kind_choice = None
         if request.kind == AUTO_KIND:
@@ -363,7 +363,9 @@ class Trainer:
         if fitted.split != data.backbone.num_blocks or min(dataset.counts.values()) < 2:  # 2 folds need 2 per class
             return None
         report(ProgressEvent(phase="audit", fraction=1.0, message="auditing the labels"))
-        pooled = self.extractor.features(data.backbone, data.backbone.num_blocks, data.shas, cancelled=cancelled)
+        pooled = self.extractor.features(
+            data.backbone, data.backbone.num_blocks, data.shas, tenant=data.tenant, cancelled=cancelled
+        )
         found = audit_labels(pooled, data.labels, data.num_classes, keys=data.shas, max_suspects=AUDIT_TOP,
                              max_duplicates=AUDIT_TOP, seed=request.seed, cancelled=cancelled)  # fmt: skip
         return audit_summary(found, dataset.classes, AUDIT_TOP)
@@ -384,7 +386,9 @@ class Trainer:
         """
         backbone = data.backbone
         split = self.split_point(request, backbone, kind)
-        features = self.extractor.features(backbone, split, data.shas, progress=extraction, cancelled=cancelled)
+        features = self.extractor.features(
+            backbone, split, data.shas, tenant=data.tenant, progress=extraction, cancelled=cancelled
+        )
         base = request.hyperparameters(kind)
         finetune = kind is HeadKind.FINETUNE
         config = HeadConfig.model_validate(
@@ -445,7 +449,9 @@ class Trainer:
                 chosen=HeadKind.PROTOTYPE, reason=reason, time_budget_s=budget_s, candidates=candidates
             )
         backbone = data.backbone
-        self.extractor.features(backbone, backbone.num_blocks, data.shas, progress=pooled_progress, cancelled=cancelled)
+        self.extractor.features(
+            backbone, backbone.num_blocks, data.shas, tenant=data.tenant, progress=pooled_progress, cancelled=cancelled
+        )
         budget = Budget(budget_s, cancelled)
         y_holdout = data.labels[data.holdout_idx]
         fitted_kinds: dict[HeadKind, _Fitted] = {}
@@ -498,6 +504,7 @@ class Trainer:
 
     def _choose_backbone(
         self,
+        tenant: str,
         request: TrainRequest,
         candidates: list[Backbone],
         shas: list[str],
@@ -529,6 +536,7 @@ class Trainer:
                 backbone,
                 backbone.num_blocks,
                 shas,
+                tenant=tenant,
                 progress=extraction_progress(part, backbone.name),
                 cancelled=cancelled,
             )
@@ -549,8 +557,9 @@ class Trainer:
 
 @dataclass(frozen=True)
 class _Examples:
-    """One run's examples on its backbone: what every kind's fit reads."""
+    """One run's examples on its backbone: what every kind's fit reads (``tenant``: whose feature cache)."""
 
+    tenant: str
     backbone: Backbone
     shas: list[str]
     labels: torch.Tensor

@@ -1,13 +1,14 @@
-"""Trunk features for training, computed once per (image, backbone, split point).
+"""Trunk features for training, computed once per (tenant, image, backbone, split point).
 
-Training never runs the trunk on an image whose features are already cached
-(docs/architecture.md, decision 4): retraining, searches and new heads on the same images
-only read the cache. Each chunk first yields to running prediction batches.
+Training never runs the trunk on an image whose features the same tenant already has
+cached (docs/architecture.md, decision 4): retraining, searches and new heads on the same
+images only read the cache. Each chunk first yields to running prediction batches.
 
-The cache is shared across tenants, so progress never depends on it: it counts
-all of a request's images (a cached one is done at once) and is reported at the
-same points, chunk boundaries of the request's own images, whether or not
-another tenant's job already computed some of them.
+The cache is per tenant (``service/store/features.py``): another tenant's jobs never warm
+it, so neither the time a job takes nor its progress tells a tenant which images another
+one uploaded. Progress still counts all of a request's images (a cached one is done at
+once), at chunk boundaries of the request's own images. An extraction without a tenant
+(``tenant=None``) neither reads nor writes the cache.
 """
 
 from collections.abc import Callable
@@ -38,13 +39,18 @@ class FeatureExtractor:
         split: int,
         shas: list[str],
         *,
+        tenant: str | None = None,
         progress: ExtractionProgress | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Features of ``shas`` in order, [N, D] or [N, C, H, W], float32 on CPU."""
+        """Features of ``shas`` in order, [N, D] or [N, C, H, W], float32 on CPU.
+
+        Read from and written to ``tenant``'s cache; with no tenant, all computed and nothing cached.
+        """
         key = Backbone.split_key(split, backbone.num_blocks)
         unique = list(dict.fromkeys(shas))
-        found = self.cache.get_many(unique, backbone.name, key)  # what reads back; a corrupt entry is a miss
+        # What reads back; a corrupt entry is a miss.
+        found = {} if tenant is None else self.cache.get_many(tenant, unique, backbone.name, key)
         todo = [sha for sha in unique if sha not in found]
         reporter = _Reporter(unique, found, self.batch_size, progress)
         reporter.advance()
@@ -57,7 +63,8 @@ class FeatureExtractor:
             # Rounded as the cache stores them, so results never depend on whether the cache was warm.
             feats = backbone.features(batch, split).cpu().to(torch.float16).to(torch.float32)
             computed = dict(zip(chunk, feats, strict=True))
-            self.cache.put_many(computed, backbone.name, key)
+            if tenant is not None:
+                self.cache.put_many(tenant, computed, backbone.name, key)
             found.update(computed)
             reporter.advance()
         return torch.stack([found[sha] for sha in shas])

@@ -92,11 +92,14 @@ class BlobStore:
     # -- content-addressed -------------------------------------------------
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` and return its sha256; storing the same bytes twice is a no-op."""
+        """Store ``data`` and return its sha256.
+
+        Always writes (and fsyncs), even when the same bytes are already stored: blobs are shared by every
+        tenant, and an upload that skipped the write would be measurably faster, telling its tenant that
+        someone had uploaded that image. Rewriting identical bytes is atomic and safe for concurrent readers.
+        """
         sha = hashlib.sha256(data).hexdigest()
-        path = self.path(sha)
-        if not path.exists():
-            atomic_write(path, data)
+        atomic_write(self.path(sha), data)
         return sha
 
     def get(self, sha: str) -> bytes:

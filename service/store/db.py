@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -99,6 +100,24 @@ class BlobRow(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     pinned_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FeatureRow(Base):
+    """One tenant's cached trunk features of one image (``service/store/features.py``): what its quota counts.
+
+    A row is written before its file and deleted (file unlinked first) in one transaction, so the bytes counted
+    are never less than what is on disk; ``used_at`` orders eviction (least recently used first).
+    """
+
+    __tablename__ = "features"
+    __table_args__ = (Index("ix_features_tenant_used_at", "tenant", "used_at"),)
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    backbone: Mapped[str] = mapped_column(String(64), primary_key=True)
+    split: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    used_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class HeadNameRow(Base):

@@ -90,8 +90,10 @@ def test_deleting_a_dataset_keeps_an_image_another_tenants_upload_has_stored_but
     examples = store.examples("alice", alices.id)
     assert alices.counts == {"a": 1, "s": 1}
     assert [store.read_image(sha) for sha, _ in examples] == [shared, own_a]
-    extractor = FeatureExtractor(blobs, FeatureCache(settings.feature_dir), batch_size=4, max_pixels=10**6)
-    assert extractor.features(mobilenet, mobilenet.num_blocks, [sha for sha, _ in examples]).shape == (2, 1280)
+    cache = FeatureCache(settings.feature_dir, db, quota_bytes=10**9, grace_s=settings.blob_grace_s)
+    extractor = FeatureExtractor(blobs, cache, batch_size=4, max_pixels=10**6)
+    shas = [sha for sha, _ in examples]
+    assert extractor.features(mobilenet, mobilenet.num_blocks, shas, tenant="alice").shape == (2, 1280)
     assert not blobs.exists(sha_of(own_b))  # what only Bob used is gone
 
 
@@ -216,3 +218,27 @@ def test_atomic_write_fsyncs_every_directory_it_creates_and_their_parents(
     synced.clear()
     atomic_write(tmp_path / "root" / "ab" / "cd" / "other", b"y")  # nothing new: only the file's directory
     assert synced == [tmp_path / "root" / "ab" / "cd"]
+
+
+def test_uploading_an_image_another_tenant_already_stored_does_the_same_write(
+    store: DatasetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dedup must not be observable: a second tenant's upload of the same bytes writes (and fsyncs) as the first."""
+    writes: list[str] = []
+    real = blobs_module.atomic_write
+
+    def counted(path: Path, data: bytes, **kwargs: bool) -> None:
+        writes.append(path.name)
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(blobs_module, "atomic_write", counted)
+    files = [("s.png", image_bytes(1)), ("o.png", image_bytes(2))]
+    alices = store.create_from_labelled("alice", "a", files, ["s", "o"])
+    first = list(writes)
+    bobs = store.create_from_labelled("bob", "a", files, ["s", "o"])
+
+    assert writes == first + first  # the same writes, whether or not the bytes were there
+    same = {"id", "created_at", "tenant"}
+    assert alices.model_dump(exclude=same) == bobs.model_dump(exclude=same)
+    with store.db.session() as session:  # and the same quota charge
+        assert store.quotas.stored_bytes(session, "alice") == store.quotas.stored_bytes(session, "bob") > 0

@@ -176,16 +176,21 @@ def test_decode_rgb_refuses_bad_input() -> None:
 # -- feature cache ---------------------------------------------------------------
 
 
+def feature_cache(tmp_path: Path) -> FeatureCache:
+    db = Database(f"sqlite:///{tmp_path / 'registry.db'}")
+    return FeatureCache(tmp_path / "features", db, quota_bytes=10**9, grace_s=3600.0)
+
+
 def test_feature_cache_round_trip_leaves_misses_out(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = feature_cache(tmp_path)
     shas = [f"{i:064x}" for i in range(3)]
     features = {shas[0]: torch.randn(1280), shas[1]: torch.randn(16, 7, 7)}
-    assert cache.get_many(shas, "mobilenet_v2", "pooled") == {}
+    assert cache.get_many("acme", shas, "mobilenet_v2", "pooled") == {}
 
-    cache.put_many(features, "mobilenet_v2", "pooled")
+    cache.put_many("acme", features, "mobilenet_v2", "pooled")
 
-    assert cache.get_many(shas, "mobilenet_v2", "block15") == {}  # split point is part of the key
-    got = cache.get_many(shas, "mobilenet_v2", "pooled")
+    assert cache.get_many("acme", shas, "mobilenet_v2", "block15") == {}  # split point is part of the key
+    got = cache.get_many("acme", shas, "mobilenet_v2", "pooled")
     assert set(got) == set(shas[:2])
     for sha, tensor in got.items():
         assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
@@ -194,29 +199,29 @@ def test_feature_cache_round_trip_leaves_misses_out(tmp_path: Path) -> None:
 
 
 def test_feature_cache_stores_float16(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = feature_cache(tmp_path)
     sha = "a" * 64
-    cache.put_many({sha: torch.ones(4, dtype=torch.float64)}, "resnet50", "pooled")
-    (path,) = tmp_path.rglob("*.npy")
+    cache.put_many("acme", {sha: torch.ones(4, dtype=torch.float64)}, "resnet50", "pooled")
+    (path,) = (tmp_path / "features").rglob("*.npy")
     assert np.load(path).dtype == np.float16
 
 
 def test_feature_cache_corrupt_entry_is_a_miss(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = feature_cache(tmp_path)
     sha = "b" * 64
-    cache.put_many({sha: torch.ones(4)}, "resnet50", "pooled")
-    (path,) = tmp_path.rglob("*.npy")
+    cache.put_many("acme", {sha: torch.ones(4)}, "resnet50", "pooled")
+    (path,) = (tmp_path / "features").rglob("*.npy")
     path.write_bytes(b"torn")
-    assert cache.get_many([sha], "resnet50", "pooled") == {}
+    assert cache.get_many("acme", [sha], "resnet50", "pooled") == {}
     assert not path.exists()  # removed, to be recomputed
 
 
 def test_feature_cache_refuses_keys_that_escape_its_root(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = feature_cache(tmp_path)
     with pytest.raises(InvalidArgument, match="backbone"):
-        cache.get_many(["c" * 64], "..", "pooled")
+        cache.get_many("acme", ["c" * 64], "..", "pooled")
     with pytest.raises(InvalidArgument, match="sha256"):
-        cache.get_many(["../x"], "resnet50", "pooled")
+        cache.get_many("acme", ["../x"], "resnet50", "pooled")
 
 
 # -- database -------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_retraining_reads_cached_features_instead_of_running_the_trunk(core, fas
 
 
 def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uploaded(core):
-    """The feature cache is shared: a second tenant with the same images must read the same messages."""
+    """A second tenant with the same images reads the same messages (and its own cache was cold either way)."""
     files = fashion_mnist_pngs("test", per_class=3, seed=11)
     examples = [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)]
     messages = {}
