@@ -32,11 +32,22 @@ _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is
 
 class GrpcClient(Client):
     def __init__(self, target: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
-        super().__init__(f"grpc://{target}", api_key, timeout_s, retry)
+                 retry: RetryPolicy = DEFAULT_RETRY, *, tls: bool = False,
+                 ca_file: str | None = None) -> None:  # fmt: skip
+        """``tls``: the port speaks TLS (``grpcs://``); the certificate is checked against the system's roots, or
+        against ``ca_file`` (PEM) only. Without TLS the API key travels in clear: use it on a private network."""
+        super().__init__(f"{'grpcs' if tls else 'grpc'}://{target}", api_key, timeout_s, retry)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
-        self._channel = grpc.insecure_channel(target, options=options)
+        self._tls = tls
+        if tls:
+            roots = Path(ca_file).expanduser().read_bytes() if ca_file else None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        elif ca_file:
+            raise ValueError(f"a CA file ({ca_file}) is for TLS: use grpcs://{target}")
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._backbones = rpc.BackboneServiceStub(self._channel)
         self._datasets = rpc.DatasetServiceStub(self._channel)
@@ -69,16 +80,22 @@ class GrpcClient(Client):
         trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
         retry_after = trailers.get("retry-after")
         if code == grpc.StatusCode.UNAVAILABLE and _never_connected(message):
-            return Unavailable(f"cannot reach graft at {self.url} ({message}): is the server running and the "
-                               "target right (--url or GRAFT_URL)?", may_have_run=False)  # fmt: skip
-        if code == grpc.StatusCode.UNAVAILABLE and _tls_mismatch(message):
-            return Unavailable(f"cannot reach graft at {self.url} ({message}): the server and the client disagree "
-                               "on TLS: use grpcs:// for a TLS port (with --ca-file / GRAFT_CA_FILE for a private "
-                               "CA) and grpc:// for a plaintext one", may_have_run=False)  # fmt: skip
+            return Unavailable(f"cannot reach graft at {self.url} ({message}): {self._connect_hint(message)}",
+                               may_have_run=False)  # fmt: skip
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and message == "Deadline Exceeded":
             return DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s; raise the timeout "
                                     "(--timeout) or try again")  # fmt: skip
         return error_for(code.name, message, retry_after_s=float(retry_after) if retry_after else None)
+
+    def _connect_hint(self, message: str) -> str:
+        text = message.lower()
+        if self._tls and any(words in text for words in ("ssl", "tls", "handshake", "certificate")):
+            return ("the TLS handshake failed: does the port speak TLS (else use grpc://), and is its certificate "
+                    "signed by a CA this client trusts (--ca-file / GRAFT_CA_FILE for a private or "
+                    "self-signed one)?")  # fmt: skip
+        if not self._tls and "socket closed" in text:
+            return "the server closed the connection at once: if its port speaks TLS, use grpcs://HOST:PORT"
+        return "is the server running and the target right (--url or GRAFT_URL)?"
 
     def _pages(self, method: Any, request_type: type, key: str) -> list[Message]:
         items: list[Message] = []
@@ -236,11 +253,6 @@ def _never_connected(message: str) -> bool:
     return text == "unavailable" or any(
         words in text for words in ("failed to connect", "connection refused", "dns resolution", "connect failed")
     )
-
-
-def _tls_mismatch(message: str) -> bool:
-    text = message.lower()
-    return any(words in text for words in ("ssl", "tls", "handshake", "certificate", "wrong_version_number"))
 
 
 def _named(name: str, collection: str) -> str:

@@ -1,6 +1,7 @@
 """The client over the HTTP door (``/v1``, JSON; uploads as multipart; job watches as server-sent events)."""
 
 import json
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ PAGE_SIZE = 1000
 
 class HttpClient(Client):
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
+                 retry: RetryPolicy = DEFAULT_RETRY, *, ca_file: str | None = None) -> None:  # fmt: skip
+        """``ca_file``: for https://, trust this PEM CA (a private or self-signed one) instead of the system's."""
         super().__init__(url.rstrip("/"), api_key, timeout_s, retry)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, verify=verify)
 
     def close(self) -> None:
         self._http.close()
