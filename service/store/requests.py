@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from service.store.db import Database, IdempotencyKeyRow, begin_immediate, utcnow
+from service.store.db import Database, IdempotencyKeyRow, begin_immediate, rows_changed, utcnow
 
 MAX_KEY_CHARS = 255
 IN_PROGRESS_RETRY_S = 2.0
@@ -116,8 +116,9 @@ class IdempotencyKeys:
     def collect_expired(self) -> int:
         """Delete every expired row; how many went."""
         with self.db.session() as session:
-            expired = session.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.expires_at <= utcnow()))
-            return int(getattr(expired, "rowcount", 0) or 0)
+            return rows_changed(
+                session.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.expires_at <= utcnow()))
+            )
 
     def _make_room(self, session: Session, tenant: str) -> None:
         held = session.scalar(select(func.count()).where(IdempotencyKeyRow.tenant == tenant)) or 0
