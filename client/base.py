@@ -7,6 +7,7 @@ concurrent batches, following a job to its end.
 
 import os
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ DatasetSource = str | os.PathLike | Iterable[tuple[Any, str]]
 Image = str | os.PathLike | bytes | Any  # a path, encoded bytes, or a PIL image
 
 DEFAULT_TIMEOUT_S = 60.0
+IDEMPOTENCY_METADATA = "idempotency-key"  # gRPC metadata; HTTP sends the Idempotency-Key header
 AUDIT_TIMEOUT_S = 600.0  # an audit of a new dataset computes its features first
 PREDICT_BATCH = 16  # images per request (the server takes up to GRAFT_MAX_IMAGES_PER_REQUEST, 64 by default)
 
@@ -61,32 +63,36 @@ class Client(ABC):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def create_dataset(self, source: DatasetSource, display_name: str,
-                       progress: UploadProgress | None = None) -> Dataset:  # fmt: skip
+    def create_dataset(self, source: DatasetSource, display_name: str, progress: UploadProgress | None = None,
+                       request_id: str | None = None) -> Dataset:  # fmt: skip
         """Upload a class-folder directory, a zip, a CSV of ``path,label`` or in-memory (image, label) pairs.
 
-        Images are read one at a time as they are sent. A file source is retried where it is safe
-        (the server was unavailable or busy); an in-memory iterable is read once and never retried.
+        Images are read one at a time as they are sent. Every try of one call carries one idempotency key
+        (``request_id``, default a fresh UUID), so a file source is retried even when a try may have reached the
+        server (a dropped connection): the server answers the dataset that try made instead of making another.
+        An in-memory iterable is read once and never retried.
         """
+        request_id = request_id or new_request_id()
         if isinstance(source, str | os.PathLike):
             path = Path(source)
             if path.is_dir():
                 examples = sources.from_directory(path)
             elif path.suffix.lower() == ".zip":
-                return self.retry.call(lambda: self._upload_zip(display_name, path, progress))
+                return self.retry.call(lambda: self._upload_zip(display_name, path, progress, request_id))
             elif path.suffix.lower() == ".csv":
                 examples = sources.from_csv(path)
             else:
                 raise ValueError(f"{path}: give a class-folder directory, a .zip or a .csv of path,label")
-            return self.retry.call(lambda: self._upload_examples(display_name, examples, progress))
-        return self._upload_examples(display_name, sources.from_memory(source), progress)
+            return self.retry.call(lambda: self._upload_examples(display_name, examples, progress, request_id))
+        return self._upload_examples(display_name, sources.from_memory(source), progress, request_id)
 
     @abstractmethod
-    def _upload_examples(self, display_name: str, examples: Iterable[Example],
-                         progress: UploadProgress | None) -> Dataset: ...  # fmt: skip
+    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
+                         request_id: str) -> Dataset: ...  # fmt: skip
 
     @abstractmethod
-    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset: ...
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None,
+                    request_id: str) -> Dataset: ...  # fmt: skip
 
     @abstractmethod
     def get_dataset(self, name: str) -> Dataset: ...
@@ -119,7 +125,9 @@ class Client(ABC):
         )
 
     @abstractmethod
-    def create_job(self, spec: TrainingSpec) -> Job: ...
+    def create_job(self, spec: TrainingSpec, request_id: str | None = None) -> Job:
+        """Queue a job. Its tries share one idempotency key (``request_id``, default a fresh UUID): however often
+        a lost answer makes the client send it again, the server creates one job."""
 
     @abstractmethod
     def get_job(self, name: str) -> Job: ...
@@ -231,6 +239,11 @@ class Client(ABC):
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key: one per logical call, the same on each of its retries."""
+    return str(uuid.uuid4())
 
 
 def _image_bytes(image: Image) -> bytes:

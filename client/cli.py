@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        settings = config.load(args.url, args.api_key, args.timeout)
+        settings = config.load(args.url, args.api_key, args.timeout, args.ca_file)
         retry = RetryPolicy(attempts=max(args.retries, 0) + 1)
-        with connect(settings.url, settings.api_key, timeout_s=settings.timeout_s, retry=retry) as graft:
+        with connect(settings.url, settings.api_key, timeout_s=settings.timeout_s, retry=retry,
+                     ca_file=settings.ca_file) as graft:  # fmt: skip
             return args.run(graft, args) or 0
     except (UsageError, ValueError, OSError) as exc:
         print(f"graft: {exc}", file=sys.stderr)
@@ -332,7 +333,7 @@ def report(graft: Client, args: argparse.Namespace) -> int:
 
 def admin(graft: Client, args: argparse.Namespace) -> int:
     if not isinstance(graft, HttpClient):
-        raise UsageError("admin commands use the HTTP door: give --url http://HOST:PORT and the admin key")
+        raise UsageError("admin commands use the HTTP door: give --url http(s)://HOST:PORT and the admin key")
     if args.admin_command == "create-tenant":
         tenant = graft.create_tenant(args.tenant)
         print(f"tenant {tenant.name} created")
@@ -372,8 +373,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    parser.add_argument("--url", help="http://HOST:PORT or grpc://HOST:PORT (env GRAFT_URL; default "
-                        f"{config.DEFAULT_URL})")  # fmt: skip
+    parser.add_argument("--url", help="http(s)://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS) (env "
+                        f"GRAFT_URL; default {config.DEFAULT_URL})")  # fmt: skip
+    parser.add_argument("--ca-file", help="PEM CA to trust for grpcs:// and https:// instead of the system's roots, "
+                        "for a private or self-signed certificate (env GRAFT_CA_FILE)")  # fmt: skip
     parser.add_argument("--api-key", help="API key; visible in process lists: prefer env GRAFT_API_KEY")
     parser.add_argument("--timeout", type=float, help="seconds a call may take (env GRAFT_TIMEOUT_S; default 60)")
     parser.add_argument("--retries", type=int, default=3, help="retries of a call the server refused for now "

@@ -2,9 +2,10 @@
 
 The config file is TOML (``$GRAFT_CONFIG``, default ``~/.config/graft/config.toml``)::
 
-    url = "grpc://graft.example.com:50051"   # or http://…; the scheme picks the transport
+    url = "grpcs://graft.example.com:443"    # or grpc://, http://, https://; the scheme picks the transport
     api_key = "graft_…"
     timeout_s = 60
+    ca_file = "~/graft-ca.pem"               # optional: trust this CA (TLS) instead of the system's roots
 
 A config file that holds an ``api_key`` must be readable by its owner only (``chmod 600``), as ssh insists
 for private keys: otherwise it is refused.
@@ -26,6 +27,7 @@ class Settings(BaseModel):
     url: str = DEFAULT_URL
     api_key: str | None = None
     timeout_s: float = 60.0
+    ca_file: str | None = None  # PEM CA for grpcs:// and https:// (a private or self-signed CA)
 
 
 def config_path() -> Path:
@@ -44,8 +46,9 @@ def _check_private(path: Path) -> None:
         )
 
 
-def load(url: str | None = None, api_key: str | None = None, timeout_s: float | None = None) -> Settings:
-    """Flags win over GRAFT_URL / GRAFT_API_KEY / GRAFT_TIMEOUT_S, which win over the config file."""
+def load(url: str | None = None, api_key: str | None = None, timeout_s: float | None = None,
+         ca_file: str | None = None) -> Settings:  # fmt: skip
+    """Flags win over GRAFT_URL / GRAFT_API_KEY / GRAFT_TIMEOUT_S / GRAFT_CA_FILE, which win over the config file."""
     path = config_path()
     values: dict = {}
     if path.is_file():
@@ -56,8 +59,9 @@ def load(url: str | None = None, api_key: str | None = None, timeout_s: float | 
         if "api_key" in values:
             _check_private(path)
     environment = {"url": os.environ.get("GRAFT_URL"), "api_key": os.environ.get("GRAFT_API_KEY"),
-                   "timeout_s": os.environ.get("GRAFT_TIMEOUT_S")}  # fmt: skip
-    flags = {"url": url, "api_key": api_key, "timeout_s": timeout_s}
+                   "timeout_s": os.environ.get("GRAFT_TIMEOUT_S"),
+                   "ca_file": os.environ.get("GRAFT_CA_FILE")}  # fmt: skip
+    flags = {"url": url, "api_key": api_key, "timeout_s": timeout_s, "ca_file": ca_file}
     for layer in (environment, flags):
         values |= {key: value for key, value in layer.items() if value not in (None, "")}
     try:

@@ -57,9 +57,18 @@ class ResourceExhausted(GraftError):
 
 
 class Unavailable(GraftError):
-    """The server is down, unreachable or draining: safe to retry, maybe elsewhere."""
+    """The server is down, unreachable or draining, or the way to it broke.
+
+    ``may_have_run``: False when the call certainly never ran (no connection was made, or graft itself refused
+    it: draining), True when it may have (a reset connection, a proxy's 502 after the request was sent). Only
+    calls that are safe to repeat (reads, or creating calls that carry an idempotency key) are retried then.
+    """
 
     code = "unavailable"
+
+    def __init__(self, message: str, *, may_have_run: bool = True, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.may_have_run = may_have_run
 
 
 class DeadlineExceeded(GraftError):

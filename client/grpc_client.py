@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
-from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, IDEMPOTENCY_METADATA, Client, PredictOptions, UploadProgress, new_request_id
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
 from client.models import Backbone, Dataset, DatasetAudit, Head, ImagePrediction, Job, TrainingSpec
 from client.retry import DEFAULT_RETRY, RetryPolicy
@@ -32,11 +32,22 @@ _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is
 
 class GrpcClient(Client):
     def __init__(self, target: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
-        super().__init__(f"grpc://{target}", api_key, timeout_s, retry)
+                 retry: RetryPolicy = DEFAULT_RETRY, *, tls: bool = False,
+                 ca_file: str | None = None) -> None:  # fmt: skip
+        """``tls``: the port speaks TLS (``grpcs://``); the certificate is checked against the system's roots, or
+        against ``ca_file`` (PEM) only. Without TLS the API key travels in clear: use it on a private network."""
+        super().__init__(f"{'grpcs' if tls else 'grpc'}://{target}", api_key, timeout_s, retry)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
-        self._channel = grpc.insecure_channel(target, options=options)
+        self._tls = tls
+        if tls:
+            roots = Path(ca_file).expanduser().read_bytes() if ca_file else None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        elif ca_file:
+            raise ValueError(f"a CA file ({ca_file}) is for TLS: use grpcs://{target}")
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._backbones = rpc.BackboneServiceStub(self._channel)
         self._datasets = rpc.DatasetServiceStub(self._channel)
@@ -49,29 +60,42 @@ class GrpcClient(Client):
 
     # One call, errors translated ----------------------------------------------------------------------------------
 
-    def _invoke(self, method: Any, request: Any, timeout_s: float | None = -1.0) -> Any:
+    def _invoke(self, method: Any, request: Any, timeout_s: float | None = -1.0, request_id: str | None = None) -> Any:
         """One call (no retry): its answer, or its status as a GraftError."""
+        metadata = self._metadata + (((IDEMPOTENCY_METADATA, request_id),) if request_id else ())
         try:
-            return method(request, metadata=self._metadata, timeout=self.timeout_s if timeout_s == -1.0 else timeout_s)
+            return method(request, metadata=metadata, timeout=self.timeout_s if timeout_s == -1.0 else timeout_s)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    def _call(self, method: Any, request: Any) -> Any:
-        """A unary call whose retry is safe (UNAVAILABLE, or RESOURCE_EXHAUSTED with a retry-after)."""
-        return self.retry.call(lambda: self._invoke(method, request))
+    def _call(self, method: Any, request: Any, *, safe: bool = True, request_id: str | None = None) -> Any:
+        """A unary call, retried on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after. An UNAVAILABLE that may
+        have come after the call ran is retried only when the call is ``safe`` (a read) or carries ``request_id``."""
+        return self.retry.call(lambda: self._invoke(method, request, request_id=request_id),
+                               safe=safe or request_id is not None)  # fmt: skip
 
     def _error(self, exc: grpc.RpcError) -> GraftError:
         code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
         message: str = exc.details() or code.name  # type: ignore[attr-defined]
         trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
         retry_after = trailers.get("retry-after")
-        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in message.lower() or "unavailable" == message.lower()):
-            return Unavailable(f"cannot reach graft at {self.url} ({message}): is the server running and the "
-                               "target right (--url or GRAFT_URL)?")  # fmt: skip
+        if code == grpc.StatusCode.UNAVAILABLE and _never_connected(message):
+            return Unavailable(f"cannot reach graft at {self.url} ({message}): {self._connect_hint(message)}",
+                               may_have_run=False)  # fmt: skip
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and message == "Deadline Exceeded":
             return DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s; raise the timeout "
                                     "(--timeout) or try again")  # fmt: skip
         return error_for(code.name, message, retry_after_s=float(retry_after) if retry_after else None)
+
+    def _connect_hint(self, message: str) -> str:
+        text = message.lower()
+        if self._tls and any(words in text for words in ("ssl", "tls", "handshake", "certificate")):
+            return ("the TLS handshake failed: does the port speak TLS (else use grpc://), and is its certificate "
+                    "signed by a CA this client trusts (--ca-file / GRAFT_CA_FILE for a private or "
+                    "self-signed one)?")  # fmt: skip
+        if not self._tls and "socket closed" in text:
+            return "the server closed the connection at once: if its port speaks TLS, use grpcs://HOST:PORT"
+        return "is the server running and the target right (--url or GRAFT_URL)?"
 
     def _pages(self, method: Any, request_type: type, key: str) -> list[Message]:
         items: list[Message] = []
@@ -85,8 +109,8 @@ class GrpcClient(Client):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def _upload_examples(self, display_name: str, examples: Iterable[Example],
-                         progress: UploadProgress | None) -> Dataset:  # fmt: skip
+    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
+                         request_id: str) -> Dataset:  # fmt: skip
         def messages() -> Iterator[api.CreateDatasetRequest]:
             yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name=display_name))
             sent = 0
@@ -98,9 +122,10 @@ class GrpcClient(Client):
                 if progress is not None:
                     progress(sent, count)
 
-        return Dataset.model_validate(_json(self._invoke(self._datasets.CreateDataset, messages(), timeout_s=None)))
+        answer = self._invoke(self._datasets.CreateDataset, messages(), timeout_s=None, request_id=request_id)
+        return Dataset.model_validate(_json(answer))
 
-    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset:
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None, request_id: str) -> Dataset:
         """gRPC streams images, not archives: the zip is unpacked to a temporary folder, then sent one by one."""
         with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -108,7 +133,7 @@ class GrpcClient(Client):
                 if not target.is_relative_to(Path(tmp).resolve()):
                     raise ValueError(f"{path}: entry {info.filename!r} points outside the archive")
             archive.extractall(tmp)
-            return self._upload_examples(display_name, from_directory(Path(tmp)), progress)
+            return self._upload_examples(display_name, from_directory(Path(tmp)), progress, request_id)
 
     def get_dataset(self, name: str) -> Dataset:
         return Dataset.model_validate(
@@ -120,7 +145,7 @@ class GrpcClient(Client):
         return [Dataset.model_validate(_json(d)) for d in pages]
 
     def delete_dataset(self, name: str) -> None:
-        self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")))
+        self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")), safe=False)
 
     def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
                       max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
@@ -134,12 +159,13 @@ class GrpcClient(Client):
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 
-    def create_job(self, spec: TrainingSpec) -> Job:
+    def create_job(self, spec: TrainingSpec, request_id: str | None = None) -> Job:
         fields = spec.model_dump(mode="json", exclude_none=True)
         if "kind" in fields:
             fields["kind"] = f"HEAD_KIND_{fields['kind'].upper()}"
         request = api.CreateJobRequest(spec=json_format.ParseDict(fields, pb.TrainingSpec()))
-        return Job.model_validate(_json(self._call(self._jobs.CreateJob, request)))
+        answer = self._call(self._jobs.CreateJob, request, request_id=request_id or new_request_id())
+        return Job.model_validate(_json(answer))
 
     def get_job(self, name: str) -> Job:
         return Job.model_validate(_json(self._call(self._jobs.GetJob, api.GetJobRequest(name=_named(name, "jobs")))))
@@ -149,7 +175,7 @@ class GrpcClient(Client):
 
     def cancel_job(self, name: str) -> Job:
         request = api.CancelJobRequest(name=_named(name, "jobs"))
-        return Job.model_validate(_json(self._call(self._jobs.CancelJob, request)))
+        return Job.model_validate(_json(self._call(self._jobs.CancelJob, request, safe=False)))
 
     def _watch_once(self, name: str) -> Iterator[Job]:
         stream = self._invoke(self._jobs.WatchJob, api.WatchJobRequest(name=_named(name, "jobs")), timeout_s=None)
@@ -174,18 +200,19 @@ class GrpcClient(Client):
         )
 
     def delete_head(self, name: str) -> None:
-        self._call(self._heads.DeleteHead, api.DeleteHeadRequest(name=_named(name, "heads")))
+        self._call(self._heads.DeleteHead, api.DeleteHeadRequest(name=_named(name, "heads")), safe=False)
 
     def delete_head_version(self, name: str, version: int) -> None:
         request = api.DeleteHeadVersionRequest(name=f"{_named(name, 'heads')}/versions/{version}")
-        self._call(self._heads.DeleteHeadVersion, request)
+        self._call(self._heads.DeleteHeadVersion, request, safe=False)
 
     def set_alias(self, head: str, alias: str, version: int) -> Head:
         request = api.SetAliasRequest(name=_named(head, "heads"), alias=alias, version=version)
         return Head.model_validate(_json(self._call(self._heads.SetAlias, request)))
 
     def remove_alias(self, head: str, alias: str) -> None:
-        self._call(self._heads.RemoveAlias, api.RemoveAliasRequest(name=_named(head, "heads"), alias=alias))
+        request = api.RemoveAliasRequest(name=_named(head, "heads"), alias=alias)
+        self._call(self._heads.RemoveAlias, request, safe=False)
 
     def export(self, head: str, format: str = "safetensors", additional_heads: Sequence[str] = ()) -> bytes:
         request = api.ExportHeadRequest(
@@ -218,6 +245,14 @@ class GrpcClient(Client):
     def list_backbones(self) -> list[Backbone]:
         reply = self._call(self._backbones.ListBackbones, api.ListBackbonesRequest())
         return [Backbone.model_validate(_json(b)) for b in reply.backbones]
+
+
+def _never_connected(message: str) -> bool:
+    """An UNAVAILABLE from failing to connect (nothing was sent), not from a connection that broke mid-call."""
+    text = message.lower()
+    return text == "unavailable" or any(
+        words in text for words in ("failed to connect", "connection refused", "dns resolution", "connect failed")
+    )
 
 
 def _named(name: str, collection: str) -> str:

@@ -1,13 +1,14 @@
 """The client over the HTTP door (``/v1``, JSON; uploads as multipart; job watches as server-sent events)."""
 
 import json
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress
+from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress, new_request_id
 from client.errors import DeadlineExceeded, Unavailable, error_for_status
 from client.models import (
     Backbone,
@@ -29,10 +30,12 @@ PAGE_SIZE = 1000
 
 class HttpClient(Client):
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:  # fmt: skip
+                 retry: RetryPolicy = DEFAULT_RETRY, *, ca_file: str | None = None) -> None:  # fmt: skip
+        """``ca_file``: for https://, trust this PEM CA (a private or self-signed one) instead of the system's."""
         super().__init__(url.rstrip("/"), api_key, timeout_s, retry)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -45,15 +48,22 @@ class HttpClient(Client):
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s ({type(exc).__name__}); "
                              "raise the timeout (--timeout) or try again") from None  # fmt: skip
-        except httpx.TransportError as exc:
+        except httpx.ConnectError as exc:  # no connection: nothing was sent
             raise Unavailable(f"cannot reach graft at {self.url} ({exc or type(exc).__name__}): is the server "
-                              "running and the URL right (--url or GRAFT_URL)?") from None  # fmt: skip
+                              "running and the URL right (--url or GRAFT_URL)?",
+                              may_have_run=False) from None  # fmt: skip
+        except httpx.TransportError as exc:  # the request went out; the server may have run it
+            raise Unavailable(f"the connection to {self.url} broke ({exc or type(exc).__name__}); the call may "
+                              "have run") from None  # fmt: skip
         _raise_for_error(response)
         return response
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A request whose retry is safe (it has no body stream to replay); the JSON answer or None."""
-        response = self.retry.call(lambda: self._send(method, path, **kwargs))
+    def _call(self, method: str, path: str, *, safe: bool | None = None, **kwargs: Any) -> Any:
+        """A request with no body stream to replay; the JSON answer or None. Retried when it never ran, and also
+        when it may have if it is ``safe`` (default: GET and PUT, and a request with an ``Idempotency-Key``)."""
+        if safe is None:
+            safe = method in ("GET", "PUT") or "Idempotency-Key" in kwargs.get("headers", {})
+        response = self.retry.call(lambda: self._send(method, path, **kwargs), safe=safe)
         return response.json() if response.content else None
 
     def _pages(self, path: str, key: str) -> list[dict]:
@@ -67,19 +77,20 @@ class HttpClient(Client):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def _upload_examples(self, display_name: str, examples: Iterable[Example],
-                         progress: UploadProgress | None) -> Dataset:  # fmt: skip
+    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
+                         request_id: str) -> Dataset:  # fmt: skip
         body = MultipartBody([("display_name", display_name)])
         stream, length = body.examples(examples, progress)
-        return self._upload(body, stream, length)
+        return self._upload(body, stream, length, request_id)
 
-    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None) -> Dataset:
+    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None, request_id: str) -> Dataset:
         body = MultipartBody([("display_name", display_name)])
         stream, length = body.archive(path, progress, zip_image_count(path))
-        return self._upload(body, stream, length)
+        return self._upload(body, stream, length, request_id)
 
-    def _upload(self, body: MultipartBody, stream: Iterator[bytes], length: int | None) -> Dataset:
-        headers = {"Content-Type": body.content_type} | ({"Content-Length": str(length)} if length is not None else {})
+    def _upload(self, body: MultipartBody, stream: Iterator[bytes], length: int | None, request_id: str) -> Dataset:
+        headers = {"Content-Type": body.content_type, "Idempotency-Key": request_id}
+        headers |= {"Content-Length": str(length)} if length is not None else {}
         # The server validates every image before it answers: reading may take long after the last byte.
         timeout = httpx.Timeout(self.timeout_s, read=max(self.timeout_s, 600.0))
         response = self._send("POST", "/v1/datasets", content=stream, headers=headers, timeout=timeout)
@@ -105,8 +116,10 @@ class HttpClient(Client):
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 
-    def create_job(self, spec: TrainingSpec) -> Job:
-        return Job.model_validate(self._call("POST", "/v1/jobs", json=spec.model_dump(mode="json", exclude_none=True)))
+    def create_job(self, spec: TrainingSpec, request_id: str | None = None) -> Job:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        headers = {"Idempotency-Key": request_id or new_request_id()}
+        return Job.model_validate(self._call("POST", "/v1/jobs", json=body, headers=headers))
 
     def get_job(self, name: str) -> Job:
         return Job.model_validate(self._call("GET", f"/v1/{_named(name, 'jobs')}"))
@@ -171,8 +184,10 @@ class HttpClient(Client):
     def create_tenant(self, name: str) -> Tenant:
         return Tenant.model_validate(self._call("POST", "/v1/admin/tenants", json={"name": name}))
 
-    def create_key(self, tenant: str) -> NewKey:
-        return NewKey.model_validate(self._call("POST", f"/v1/admin/tenants/{tenant}/keys"))
+    def create_key(self, tenant: str, request_id: str | None = None) -> NewKey:
+        """A new API key; retried with one idempotency key, so a lost answer never leaves a second key behind."""
+        headers = {"Idempotency-Key": request_id or new_request_id()}
+        return NewKey.model_validate(self._call("POST", f"/v1/admin/tenants/{tenant}/keys", headers=headers))
 
 
 def _named(name: str, collection: str) -> str:
@@ -189,13 +204,16 @@ def _raise_for_error(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         code, message, details = None, response.text[:200] or response.reason_phrase, {}
     retry_after = response.headers.get("Retry-After")
-    raise error_for_status(
+    error = error_for_status(
         response.status_code,
         code,
         message,
         details=details,
         retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
     )
+    if isinstance(error, Unavailable):  # graft's own 503 refused the call; a proxy's 502/503 may follow a run
+        error.may_have_run = code != "unavailable"
+    raise error
 
 
 def _server_sent_jobs(lines: Iterable[str]) -> Iterator[Job]:

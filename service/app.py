@@ -52,7 +52,8 @@ class Graft:
         await self.runtime.start()
         self.grpc = await start_grpc_server(self.runtime, settings.grpc_port)
         drain_before_stopping_on_sigterm(self.drain)
-        log.info("graft gRPC listening on port %d", self.grpc.port)
+        tls = "TLS" if settings.grpc_tls_cert_file else "plaintext"
+        log.info("graft gRPC listening on port %d (%s)", self.grpc.port, tls)
 
     async def drain(self) -> None:
         grace = settings.shutdown_grace_s

@@ -17,13 +17,13 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from service import export
 from service.auditing import DEFAULT_AUDIT_BACKBONE, DEFAULT_AUDIT_ITEMS, AuditRequest
-from service.auth import Tenants
+from service.auth import NewKey, Tenants
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from service.resources import (
@@ -47,6 +47,7 @@ from service.resources import (
     resource_id,
 )
 from service.store.datasets import DatasetInfo, DatasetUpload
+from service.store.requests import ADMIN_SCOPE, IdempotencyKeys, fingerprint, seal, unseal
 
 if TYPE_CHECKING:  # the runtime uses in_thread too
     from service.runtime import Runtime
@@ -240,10 +241,26 @@ class Calls:
 
     # -- datasets --------------------------------------------------------------------
 
-    async def create_dataset(self, create: Callable[..., DatasetInfo], *args: object) -> Dataset:
-        """``create(tenant, *args)``: one of the store's create_from_* methods over a body already received
-        (files, a zip), run in the upload pool."""
-        return Dataset.of(await run_in(_UPLOAD_POOL, create, self.tenant, *args))
+    async def create_dataset(
+        self, create: Callable[..., DatasetInfo], display_name: str, *args: object, request_id: str | None = None
+    ) -> Dataset:
+        """``create(tenant, display_name, *args)``: one of the store's create_from_* methods over a body already
+        received (files, a zip), run in the upload pool; once per ``request_id`` (see ``dataset_once``)."""
+
+        async def run() -> Dataset:
+            return Dataset.of(await run_in(_UPLOAD_POOL, create, self.tenant, display_name, *args))
+
+        return await self.dataset_once(display_name, request_id, run)
+
+    async def dataset_once(
+        self, display_name: str, request_id: str | None, create: Callable[[], Awaitable[Dataset]]
+    ) -> Dataset:
+        """``create()`` unless an earlier upload with this idempotency key made a dataset: then that one. The
+        request's fingerprint is its display name only (the images are checked as they stream in, after this)."""
+        return await once(
+            self.runtime.requests, self.tenant, request_id, "create_dataset", fingerprint(display_name),
+            create, lambda dataset: dataset.name, self.get_dataset,
+        )  # fmt: skip
 
     async def begin_upload(self, display_name: str) -> Upload:
         """A dataset a stream sends one image at a time: ``add`` each, then ``commit``, or ``abandon``."""
@@ -275,8 +292,15 @@ class Calls:
 
     # -- jobs ------------------------------------------------------------------------
 
-    async def create_job(self, spec: TrainingSpec) -> Job:
-        return Job.of(await self.runtime.jobs.submit(self.tenant, spec.request()))
+    async def create_job(self, spec: TrainingSpec, request_id: str | None = None) -> Job:
+        """A queued job; with ``request_id``, the same job for every repeat of the same spec (one is created)."""
+
+        async def submit() -> Job:
+            return Job.of(await self.runtime.jobs.submit(self.tenant, spec.request()))
+
+        request = fingerprint(spec.model_dump_json())
+        return await once(self.runtime.requests, self.tenant, request_id, "create_job", request,
+                          submit, lambda job: job.name, self.get_job)  # fmt: skip
 
     async def get_job(self, name: str) -> Job:
         return Job.of(await in_thread(self.runtime.jobs.get, self.tenant, resource_id(name, "jobs")))
@@ -374,6 +398,52 @@ class Calls:
             self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K, embedding=include_embedding,
             min_score=min_score, coverage=coverage, door=door,
         )  # fmt: skip
+
+
+async def once(
+    requests: IdempotencyKeys,
+    scope: str,
+    request_id: str | None,
+    method: str,
+    request: str,
+    create: Callable[[], Awaitable[T]],
+    result_of: Callable[[T], str],
+    replay: Callable[[str], Awaitable[T]],
+) -> T:
+    """``create()`` once per (``scope``, ``request_id``): a repeat within GRAFT_IDEMPOTENCY_TTL_S answers
+    ``replay(result)`` of what the first call created (service/store/requests.py). No ``request_id``: just create."""
+    if request_id is None:
+        return await create()
+    earlier = await in_thread(requests.claim, scope, request_id, method, request)
+    if earlier is not None:
+        return await replay(earlier)
+    try:
+        created = await create()
+    except BaseException:
+        # Shielded: a caller that left (cancelled) still frees the key, so its retry runs the call again.
+        await asyncio.shield(in_thread(requests.release, scope, request_id))
+        raise
+    await asyncio.shield(in_thread(requests.complete, scope, request_id, result_of(created)))
+    return created
+
+
+async def create_key(runtime: "Runtime", tenant: str, request_id: str | None = None) -> NewKey:
+    """The admin's new API key for ``tenant`` (HTTP only); once per ``request_id``. A repeat gives the same key and
+    secret back: the secret is kept sealed under the request id, which the registry stores only hashed."""
+    tenants = runtime.tenants
+
+    async def create() -> NewKey:
+        return await in_thread(tenants.create_key, tenant)
+
+    def result_of(key: NewKey) -> str:
+        return f"{key.key_id}:{seal(key.secret, request_id or '')}"
+
+    async def replay(result: str) -> NewKey:
+        key_id, _, sealed = result.partition(":")
+        return NewKey(key_id=key_id, tenant=tenant, secret=unseal(sealed, request_id or ""))
+
+    return await once(runtime.requests, ADMIN_SCOPE, request_id, "create_key", fingerprint(tenant),
+                      create, result_of, replay)  # fmt: skip
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, str | None]:

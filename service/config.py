@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_KEY_CHARS = 32  # 'openssl rand -hex 32' gives 64
@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     # gRPC door.
     grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest gRPC message either way.")
+    grpc_tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain of the gRPC port: set with GRAFT_GRPC_TLS_KEY_FILE, the port speaks TLS "
+        "only (clients use grpcs://); unset: plaintext, for TLS ended at a load balancer or a private network.",
+    )
+    grpc_tls_key_file: Path | None = Field(None, description="PEM private key of GRAFT_GRPC_TLS_CERT_FILE.")
 
     # Training.
     feature_batch_size: int = Field(
@@ -144,6 +150,17 @@ class Settings(BaseSettings):
     )
     key_recheck_s: float = Field(60.0, gt=0, description="Open streams re-check their API key this often.")
 
+    # Idempotency keys of creating calls (HTTP Idempotency-Key header, gRPC idempotency-key metadata).
+    idempotency_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        description="How long a creating call's idempotency key is remembered: a repeat within it "
+        "answers the resource the first call created.",
+    )
+    idempotency_keys_per_tenant: int = Field(
+        10_000, gt=0, description="Idempotency keys remembered per tenant; past it the oldest are forgotten first."
+    )
+
     @field_validator("admin_key", "metrics_key")
     @classmethod
     def _strong_enough(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
@@ -159,6 +176,12 @@ class Settings(BaseSettings):
                 "with 'openssl rand -hex 32'"
             )
         return key
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.grpc_tls_cert_file is None) != (self.grpc_tls_key_file is None):
+            raise ValueError("set both GRAFT_GRPC_TLS_CERT_FILE and GRAFT_GRPC_TLS_KEY_FILE, or neither")
+        return self
 
     @cached_property
     def resolved_registry_url(self) -> str:

@@ -25,6 +25,7 @@ from service.engine.head_cache import HeadCache
 from service.engine.predictor import TRAINING_ONLY, Predictor
 from service.jobs import JobRunner
 from service.metrics import PrometheusMetrics
+from service.store.requests import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,17 @@ class Runtime:
     draining: bool = False  # set on SIGTERM: not ready, new calls refused so clients retry elsewhere
     http_in_flight: int = 0  # HTTP calls admitted and not yet answered (kept by the HTTP gate)
     uploads: InflightBytes = field(init=False, repr=False)  # bytes all dataset uploads hold, both doors
+    requests: IdempotencyKeys = field(init=False, repr=False)  # idempotency keys of creating calls, both doors
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.uploads = InflightBytes(self.core.settings.max_inflight_upload_bytes)
+        settings = self.core.settings
+        self.uploads = InflightBytes(settings.max_inflight_upload_bytes)
+        # A claimed key whose call never completed (its replica died) is free again after the longest call.
+        pending_s = settings.upload_timeout_s + 60.0
+        self.requests = IdempotencyKeys(
+            self.core.db, settings.idempotency_ttl_s, settings.idempotency_keys_per_tenant, pending_s
+        )
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -120,13 +128,14 @@ class Runtime:
 
     async def _collect_forever(self) -> None:
         """Orphaned blobs and cached features (deleted datasets' images, a crashed upload's or job's files), after
-        their grace."""
+        their grace, and expired idempotency keys."""
         while True:
             await asyncio.sleep(self.settings.gc_interval_s)
             try:
                 images = await in_thread(self.core.datasets.collect_garbage)
                 weights = await in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
                 features = await in_thread(self.core.extractor.cache.collect_garbage)
+                await in_thread(self.requests.collect_expired)
                 if images or weights or features:
                     log.info(
                         "collected %d orphaned image blob(s), %d weight file(s) and %d feature entries",

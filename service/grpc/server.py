@@ -3,10 +3,11 @@
 Besides graft.v1 it serves the standard health checking service (SERVING
 once started, which happens after the backbones are loaded, and while the
 registry database answers; NOT_SERVING otherwise and while draining) and server
-reflection, so load balancers and grpcurl work as usual. On a replica that only
-trains (``GRAFT_ROLE=train``) the overall service ("") and PredictionService
-are always NOT_SERVING, so a load balancer never sends it predictions; its
-other services (jobs, datasets, heads, backbones) report as usual.
+reflection, so load balancers and grpcurl work as usual. The port speaks TLS only
+when GRAFT_GRPC_TLS_CERT_FILE and GRAFT_GRPC_TLS_KEY_FILE are set (clients use
+grpcs://), plaintext otherwise. On a replica that only trains (``GRAFT_ROLE=train``)
+the overall service ("") and PredictionService are always NOT_SERVING, so a load
+balancer never sends it predictions; its other services (jobs, datasets, heads, backbones) report as usual.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.auth import CLIENT
+from service.config import Settings
 from service.grpc.gen.graft.v1 import service_pb2
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.servicer import SERVICES
@@ -126,6 +128,22 @@ def default_host(runtime: Runtime) -> str:
     return "127.0.0.1" if runtime.settings.auth == "open" else "0.0.0.0"
 
 
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The port's TLS certificate and key (GRAFT_GRPC_TLS_CERT_FILE / _KEY_FILE), read once at start; None:
+    plaintext (TLS ends at a load balancer, or the network is private). A missing or unreadable file stops the
+    start with a message naming the setting, never a plaintext port instead."""
+    if settings.grpc_tls_cert_file is None or settings.grpc_tls_key_file is None:
+        return None
+    pems = []
+    for setting, path in (("GRAFT_GRPC_TLS_KEY_FILE", settings.grpc_tls_key_file),
+                          ("GRAFT_GRPC_TLS_CERT_FILE", settings.grpc_tls_cert_file)):  # fmt: skip
+        try:
+            pems.append(path.read_bytes())
+        except OSError as exc:
+            raise RuntimeError(f"{setting}={path}: cannot read it ({exc.strerror or exc})") from None
+    return grpc.ssl_server_credentials([(pems[0], pems[1])])
+
+
 async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None) -> GrpcServer:
     limit = runtime.settings.grpc_max_message_bytes
     server = grpc.aio.server(interceptors=[ClientAddress()], options=[
@@ -138,7 +156,9 @@ async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host or default_host(runtime)}:{port}")
+    address = f"{host or default_host(runtime)}:{port}"
+    credentials = tls_credentials(runtime.settings)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     handle = GrpcServer(server, health_servicer, bound)
     await handle.set_serving(health_of(runtime))

@@ -76,14 +76,16 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         limit = self.core.settings.upload_timeout_s
         try:
             async with asyncio.timeout(limit):
-                return convert.message(await self._create(calls, request_iterator), pb.Dataset)
+                return convert.message(await self._create(calls, request_iterator, _request_id(context)), pb.Dataset)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the upload did not finish within {limit:g} s (GRAFT_UPLOAD_TIMEOUT_S); "
                 "send smaller datasets or a faster stream"
             ) from None
 
-    async def _create(self, calls: Calls, request_iterator: AsyncIterator[api.CreateDatasetRequest]) -> Dataset:
+    async def _create(
+        self, calls: Calls, request_iterator: AsyncIterator[api.CreateDatasetRequest], request_id: str | None
+    ) -> Dataset:
         """Messages are read (and checked against the limits) as they arrive, up to ``UPLOAD_QUEUE_IMAGES`` ahead
         of the store, which validates and stores them one at a time, each in an upload thread taken for that
         image only: no thread waits for the client's next message, so idle streams hold nothing but their bytes."""
@@ -92,7 +94,15 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             raise InvalidArgument("the stream was empty: send a header, then the images")
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header (display_name)")
-        upload = await calls.begin_upload(first.header.display_name)
+        display_name = first.header.display_name
+        # A repeat of an upload that already made its dataset answers that one; the rest of its stream is unread.
+        return await calls.dataset_once(display_name, request_id, lambda: self._receive(calls, display_name,
+                                                                                       request_iterator))  # fmt: skip
+
+    async def _receive(
+        self, calls: Calls, display_name: str, request_iterator: AsyncIterator[api.CreateDatasetRequest]
+    ) -> Dataset:
+        upload = await calls.begin_upload(display_name)
         inflight = self.runtime.uploads
         queue: asyncio.Queue = asyncio.Queue(UPLOAD_QUEUE_IMAGES)
 
@@ -151,6 +161,11 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         return convert.message(audit, pb.DatasetAudit)
 
 
+def _request_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``idempotency-key`` metadata of a creating call (HTTP's ``Idempotency-Key`` header), if sent."""
+    return dict(context.invocation_metadata() or ()).get("idempotency-key") or None
+
+
 def _example(message: api.CreateDatasetRequest, index: int) -> Example:
     part = message.WhichOneof("part")
     if part == "header":
@@ -182,7 +197,8 @@ def _drain(queue: asyncio.Queue, inflight: InflightBytes) -> None:
 class JobService(_Door, rpc.JobServiceServicer):
     @door_method
     async def CreateJob(self, request, context, calls: Calls):
-        return convert.message(await calls.create_job(convert.training_spec(request.spec)), pb.Job)
+        spec = convert.training_spec(request.spec)
+        return convert.message(await calls.create_job(spec, _request_id(context)), pb.Job)
 
     @door_method
     async def GetJob(self, request, context, calls: Calls):

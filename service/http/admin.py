@@ -5,8 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, StringConstraints
 
+from service import calls
 from service.auth import NewKey, TenantInfo
-from service.http.deps import admin, runtime
+from service.http.deps import IdempotencyKey, admin, runtime
 from service.http.errors import COMMON_ERRORS, error_responses
 from service.resources import HEAD_NAME_PATTERN
 from service.runtime import Runtime
@@ -28,9 +29,14 @@ def create_tenant(body: NewTenant, rt: Runtime = Depends(runtime)) -> TenantInfo
 
 
 @router.post("/tenants/{name}/keys", status_code=201, dependencies=[Depends(admin)])
-def create_key(name: Annotated[str, Path(pattern=TENANT_NAME)], rt: Runtime = Depends(runtime)) -> NewKey:
-    """A new API key for the tenant; the secret is shown in this response only."""
-    return rt.tenants.create_key(name)
+async def create_key(
+    name: Annotated[str, Path(pattern=TENANT_NAME)],
+    idempotency_key: IdempotencyKey = None,
+    rt: Runtime = Depends(runtime),
+) -> NewKey:
+    """A new API key for the tenant; the secret is shown in this response only (and, with an ``Idempotency-Key``,
+    in the answer to a repeat of this request, which gives the same key instead of another)."""
+    return await calls.create_key(rt, name, idempotency_key)
 
 
 @router.delete("/keys/{key_id}", status_code=204, dependencies=[Depends(admin)])

@@ -8,7 +8,7 @@ from pydantic import StringConstraints
 from service.auditing import MAX_AUDIT_ITEMS
 from service.calls import Calls
 from service.errors import InvalidArgument
-from service.http.deps import PageSize, PageToken, calls
+from service.http.deps import IdempotencyKey, PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_responses
 from service.http.routing import ResourceRoute
 from service.resources import (
@@ -51,22 +51,26 @@ async def create_dataset(
     files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order"),
     labels: list[Label] = Form([], description="one label per file, in the same order"),
     archive: UploadFile = File(None, description="or: a zip in class-folder layout (label/image.jpg)"),
+    idempotency_key: IdempotencyKey = None,
     api: Calls = Depends(calls),
 ) -> Dataset:
     """Upload a dataset: `files` with `labels`, or one zip `archive`. Every file is validated before anything is stored.
 
     The gate bounded the body (GRAFT_MAX_UPLOAD_BYTES) while it streamed to spooled files; the store reads
-    those files one at a time, so the upload is never held in memory whole.
+    those files one at a time, so the upload is never held in memory whole. With an ``Idempotency-Key``, a
+    repeat with the same display name answers the dataset the first upload made.
     """
     store = api.core.datasets
     if archive is not None and files:
         raise InvalidArgument("send either `files` with `labels` or one zip `archive`, not both")
     if archive is not None:
-        return await api.create_dataset(store.create_from_zip, display_name, archive.file)
+        return await api.create_dataset(store.create_from_zip, display_name, archive.file, request_id=idempotency_key)
     if not files:
         raise InvalidArgument("send images as `files` (with one `labels` field each) or a zip as `archive`")
     uploads = [(upload.filename or f"file {i}", upload.file) for i, upload in enumerate(files)]
-    return await api.create_dataset(store.create_from_labelled, display_name, uploads, labels or [])
+    return await api.create_dataset(
+        store.create_from_labelled, display_name, uploads, labels or [], request_id=idempotency_key
+    )
 
 
 @router.get("", response_model=ListDatasetsResponse)

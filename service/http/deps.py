@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import Query, Request
+from fastapi import Header, Query, Request
 
 from service.calls import Calls, KeyCheck
 from service.errors import PermissionDenied, Unauthenticated
@@ -14,6 +14,21 @@ from service.runtime import Runtime
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 PageToken = Annotated[str, Query(pattern=PAGE_TOKEN_PATTERN, description="the previous page's next_page_token, "
                                  "unchanged (opaque); empty for the first page")]  # fmt: skip
+
+# The request id of a creating call (POST /v1/datasets, /v1/jobs, /v1/admin/tenants/{name}/keys); gRPC sends it as
+# the ``idempotency-key`` metadata. service/store/requests.py keeps it.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Any unique string (a UUID) per logical request, the same on each retry of it: a repeat within "
+        "GRAFT_IDEMPOTENCY_TTL_S (24 h) answers what the first created instead of creating another. Reused for a "
+        "different request: 409 failed_precondition; while the first is still running: 429 with Retry-After. "
+        "Keys are per tenant.",
+    ),
+]
 
 
 def runtime(request: Request) -> Runtime:

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from service.calls import Calls
 from service.errors import Unauthenticated
-from service.http.deps import PageSize, PageToken, calls
+from service.http.deps import IdempotencyKey, PageSize, PageToken, calls
 from service.http.errors import COMMON_ERRORS, error_body, error_responses
 from service.http.routing import ResourceRoute
 from service.resources import (
@@ -28,9 +28,11 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in jobs/{job
 
 
 @router.post("", response_model=Job, status_code=202, responses=error_responses(404, 409, 429))
-async def create_job(spec: TrainingSpec, api: Calls = Depends(calls)) -> Job:
-    """Queue a training job; it returns at once with the job's name and state ``queued``."""
-    return await api.create_job(spec)
+async def create_job(spec: TrainingSpec, idempotency_key: IdempotencyKey = None, api: Calls = Depends(calls)) -> Job:
+    """Queue a training job; it returns at once with the job's name and state ``queued``.
+
+    With an ``Idempotency-Key``, a repeat of the same spec answers the same job: one is created."""
+    return await api.create_job(spec, idempotency_key)
 
 
 @router.get("", response_model=ListJobsResponse)

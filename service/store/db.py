@@ -230,6 +230,21 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class IdempotencyKeyRow(Base):
+    """A creating call's idempotency key (service/store/requests.py): the client's id, hashed, per tenant, and what
+    the call created (unset while it runs), kept until ``expires_at``."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    method: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the request: a repeat must match it
+    result: Mapped[str | None] = mapped_column(Text)  # the created resource's name (for a key: its id, sealed)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 def rows_changed(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE changed (``Session.execute`` is typed as a plain Result)."""
     return cast(CursorResult[Any], result).rowcount

@@ -200,6 +200,8 @@ class DatasetServiceServicer:
         """Client stream: first a message with `header`, then one message per image
         (`image`); a large dataset never sits in one message. Over HTTP: one
         multipart body (`display_name`, then `files` + `labels`, or one zip `archive`).
+        Idempotent with the `idempotency-key` metadata (HTTP: the `Idempotency-Key`
+        header): a repeat with the same display name answers the dataset the first made.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -448,7 +450,10 @@ class JobServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Idempotent with the `idempotency-key` metadata (HTTP: the `Idempotency-Key`
+        header, the same per tenant over both doors): a repeat of the same spec within
+        GRAFT_IDEMPOTENCY_TTL_S answers the first job; another spec, FAILED_PRECONDITION.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
