@@ -65,8 +65,8 @@ _MEANING = {
     504: "deadline exceeded",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds after which retrying may work", "schema": {"type": "integer"}}}
-# What any /v1 call can answer, whatever it does.
-COMMON_ERRORS = (400, 401, 408, 413, 422, 500, 503)
+# What any /v1 call can answer, whatever it does (429: too many failed authentications from one client address).
+COMMON_ERRORS = (400, 401, 408, 413, 422, 429, 500, 503)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
