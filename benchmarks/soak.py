@@ -343,17 +343,20 @@ class Hostile:
     def __init__(self, server: Server, key: str, profile: Profile):
         self.server, self.key, self.profile = server, key, profile
         self.answers: dict[str, int] = {}  # "what it tried: status" -> count
-        self.dataset = ""
+        self.dataset = ""  # many classes, two images each: the head of large versions
+        self.watched_dataset = ""  # three classes: a finetune job that runs while it is watched
+        self.watched_job = ""
 
     def setup(self) -> None:
         """A head of many classes with several versions (prototype: instant on cached features)."""
         n = self.profile.hostile_classes
-        images = [data for _, data, _ in textile_files(per_class=(2 * n + 2) // 3, offset=500)][: 2 * n]
+        images = [data for _, data, _ in textile_files(per_class=(2 * n + 2) // 3, offset=200)][: 2 * n]
         examples = [(f"c{i % n}/{i}.jpg", data, f"c{i % n}") for i, data in enumerate(images)]
         with httpx.Client(base_url=self.server.http_url, headers=self.headers, timeout=300) as client:
             self.dataset = upload_http(client, examples, "hostile")
             for _ in range(self.profile.hostile_versions):
                 train_http(client, self.dataset, "big", kind="prototype")
+            self.watched_dataset = upload_http(client, textile_files(per_class=35, offset=410), "watched")
 
     @property
     def headers(self) -> dict[str, str]:
@@ -375,6 +378,8 @@ class Hostile:
             for watch in watches:
                 watch.cancel()
             await asyncio.gather(*watches, return_exceptions=True)
+            if watches:
+                await client.post(f"/v1/{self.watched_job}:cancel", headers=self.headers)
 
     async def idle_upload_streams(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> list:
         """Upload streams that send their header and then nothing, held open until the phase ends."""
@@ -390,24 +395,26 @@ class Hostile:
         return calls
 
     async def watches(self, client: httpx.AsyncClient, stop: asyncio.Event) -> list[asyncio.Task]:
-        """A finetune job, then WATCHES server-sent event streams on it at once, held until the phase ends."""
+        """A finetune job that outlasts the phase, then WATCHES server-sent event streams on it at once, held until
+        the phase ends (the job is cancelled then). Its features are new (block outputs, not the pooled ones), and
+        extracting them yields to the readers' prediction batches, so the job stays open without taking the trunk."""
         spec = {
-            "dataset": self.dataset,
+            "dataset": self.watched_dataset,
             "head": "watched",
             "kind": "finetune",
             "finetune_blocks": 1,
-            "hyperparams": {"epochs": 2, "batch_size": 32},
+            "hyperparams": {"epochs": 500, "batch_size": 8, "patience": 500},
             "search": {"lr": [1e-3], "weight_decay": [1e-4]},
         }
         response = await client.post("/v1/jobs", json=spec, headers=self.headers)
         self.tally("finetune job", response.status_code)
-        if response.status_code != 201:
+        if not response.is_success:
             return []
-        job = response.json()["name"]
+        self.watched_job = response.json()["name"]
 
         async def watch() -> None:
             try:
-                async with client.stream("GET", f"/v1/{job}:watch", headers=self.headers) as stream:
+                async with client.stream("GET", f"/v1/{self.watched_job}:watch", headers=self.headers) as stream:
                     self.tally("watch", stream.status_code)
                     async for _ in stream.aiter_bytes():
                         if stop.is_set():
