@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(3, ge=1, description="Runs of one job (after replica deaths) before it fails.")
     max_job_seconds: float = Field(3600.0, gt=0, description="Wall-clock limit of one job run.")
     max_job_work: int = Field(50_000_000, gt=0, description="Bound on epochs x training images x trials of one job.")
+    max_job_memory_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Bound on the trunk features one job holds in the replica's memory: images x values per image at "
+        "its split point (a fine-tune's block maps are 6 to 15 times the pooled vectors) x 4 bytes x 3 copies. "
+        "Checked when the job is created and again when a replica starts it; the default suits a 4-8 GiB replica.",
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to finish in-flight work.")
 
     # Per-tenant quotas, enforced over both doors.
