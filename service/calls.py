@@ -263,7 +263,8 @@ class Calls:
         self, name: str, backbone: str, max_suspects: int, max_duplicates: int, duplicate_similarity: float | None
     ) -> DatasetAudit:
         """Label suspects and cross-label duplicates; the features may need the trunk, so it runs in a thread
-        of its own, not the store pool. Empty or 0 arguments take their defaults."""
+        of its own, not the store pool, and stops when this call is cancelled. Empty or 0 arguments take their
+        defaults."""
         request = AuditRequest(
             dataset_id=resource_id(name, "datasets"),
             backbone=backbone or DEFAULT_AUDIT_BACKBONE,
@@ -271,7 +272,13 @@ class Calls:
             max_duplicates=max_duplicates or DEFAULT_AUDIT_ITEMS,
             **({} if duplicate_similarity is None else {"duplicate_similarity": duplicate_similarity}),
         )
-        return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request))
+        cancel = threading.Event()
+        try:
+            return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request, cancel))
+        finally:
+            # Also when this call was cancelled (gRPC: the client cancelled; HTTP: it disconnected, see
+            # service/http/datasets.py): the thread stops at its next check and frees the audit slot.
+            cancel.set()
 
     # -- jobs ------------------------------------------------------------------------
 

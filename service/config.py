@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."
     )
     upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
+    max_audit_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Wall-clock limit of one label audit (feature extraction included: what it computed stays "
+        "cached, so asking again goes on from there); past it the audit fails with 'deadline exceeded' and frees "
+        "the replica's audit slot. An audit also stops when its caller goes away.",
+    )
     max_watches_per_tenant: int = Field(
         16,
         gt=0,
