@@ -210,7 +210,7 @@ def cross_label_duplicates(
         same = group[start:stop, None] == group[None, start:]
         candidate = (similarity >= min_similarity) | same
         candidate &= y[start:stop, None] != y[None, start:]
-        candidate &= torch.ones(candidate.shape, dtype=torch.bool).triu(1)  # column c of this block is example start + c
+        candidate &= torch.ones(candidate.shape, dtype=torch.bool).triu(1)  # column c: example start + c
         found = int(candidate.sum())
         total += found
         take = min(found, limit)

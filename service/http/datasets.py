@@ -13,8 +13,8 @@ from service.http.errors import COMMON_ERRORS, error_responses
 from service.http.routing import ResourceRoute
 from service.resources import (
     DEFAULT_PAGE_SIZE,
-    DUPLICATES_TRUNCATED,
     DISPLAY_NAME_PATTERN,
+    DUPLICATES_TRUNCATED,
     ID_PATTERN,
     Dataset,
     DatasetAudit,
