@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")
     max_images_per_request: int = Field(64, gt=0)
     max_heads_per_request: int = Field(16, gt=0)
+    max_export_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Largest model file (ONNX or pt2) one export may build: the backbone up to the heads' deepest "
+        "split point plus every head's weights, checked before anything is loaded (the build holds a few times it).",
+    )
 
     # gRPC door.
     grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")

@@ -361,6 +361,13 @@ class Backbone:
         """An independent float32 CPU copy of blocks ``[start, stop)`` in eval mode."""
         return nn.Sequential(*copy.deepcopy(self.spec.blocks(self._cpu_model)[start:stop])).eval()
 
+    def block_bytes(self, start: int, stop: int | None = None) -> int:
+        """Bytes of blocks ``[start, stop)`` as :meth:`cpu_copy` holds them (float32 parameters and buffers):
+        what an exported file carries of this backbone."""
+        blocks = self.spec.blocks(self._cpu_model)[start:stop]
+        tensors = [t for block in blocks for t in (*block.parameters(), *block.buffers())]
+        return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size() for t in tensors)
+
     def fresh_tail(self, split: int) -> nn.Module:
         """A trainable float32 CPU copy of blocks ``[split, n)`` for a finetune adapter."""
         return self.cpu_copy(split).requires_grad_(True)
