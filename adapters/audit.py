@@ -23,7 +23,12 @@ p(suggested) - p(given), largest first.
 Near-duplicates: cosine similarity of the pooled features at or above a
 threshold (or the same image, by key) between images with different labels.
 The search walks the similarity matrix in row blocks, so memory grows with N,
-not N².
+not N². Its work is bounded too: each block keeps only its best ``limit`` pairs
+(a top-k over the block, never an index of every candidate), and the search
+stops, marked truncated, once ``max_candidates`` pairs have met the threshold: a
+threshold that low is not finding duplicates, and a tiny one would otherwise
+make every cross-label pair of a large dataset a candidate. The count is then
+the pairs found in the blocks examined, a lower bound.
 """
 
 from collections.abc import Sequence
@@ -39,7 +44,8 @@ from adapters.errors import InvalidInput
 from adapters.trainer import CancelCheck, HyperParams, class_weights_for, fit_linear_layer, raise_if_cancelled
 
 DEFAULT_DUPLICATE_SIMILARITY = 0.98
-SIMILARITY_BLOCK_ROWS = 512  # rows of the similarity matrix held at once: 512 x N floats
+SIMILARITY_BLOCK_ROWS = 128  # rows of the similarity matrix held at once: 128 x N floats, and the pairs one block adds
+MAX_DUPLICATE_CANDIDATES = 10_000  # pairs over the threshold a search finds before it stops, truncated
 
 
 class OutOfFold(BaseModel, arbitrary_types_allowed=True):
@@ -77,8 +83,9 @@ class LabelAudit(BaseModel):
     thresholds: list[float]  # per class: its mean probability over the examples labelled otherwise
     suspect_count: int
     suspects: list[Suspect]  # ranked, at most max_suspects
-    duplicate_count: int
+    duplicate_count: int  # a lower bound when duplicates_truncated
     duplicates: list[Duplicate]  # identical first, then by similarity; at most max_duplicates
+    duplicates_truncated: bool = False  # the search stopped at max_candidates pairs: the rest was not examined
 
 
 def out_of_fold_probabilities(
@@ -174,39 +181,50 @@ def cross_label_duplicates(
     limit: int,
     keys: Sequence[str] | None = None,
     cancelled: CancelCheck | None = None,
-) -> tuple[int, list[Duplicate]]:
+    max_candidates: int = MAX_DUPLICATE_CANDIDATES,
+) -> tuple[int, list[Duplicate], bool]:
     """Pairs with different labels whose cosine similarity is at least ``min_similarity`` or whose keys match.
 
-    Returns the number of such pairs and the ``limit`` most similar (identical keys first).
-    Holds one block of ``SIMILARITY_BLOCK_ROWS`` rows of the similarity matrix at a time.
+    Returns the number of such pairs, the ``limit`` most similar (identical keys first), and whether the
+    search stopped early: after the block in which the pairs found reached ``max_candidates`` (the count
+    is then a lower bound and the ranking covers the blocks examined). Holds one block of
+    ``SIMILARITY_BLOCK_ROWS`` rows of the similarity matrix at a time, and at most ``limit`` pairs of each.
     """
     if not 0.0 < min_similarity <= 1.0:
         raise InvalidInput(f"the duplicate similarity threshold must be in (0, 1], got {min_similarity}")
     if limit < 0:
         raise InvalidInput(f"the duplicate limit must be at least 0, got {limit}")
+    if max_candidates < 1:
+        raise InvalidInput(f"the candidate bound must be at least 1, got {max_candidates}")
     z = F.normalize(x.float(), dim=1)
     y = y.to(torch.int64)
     _, groups = np.unique(np.asarray(keys if keys is not None else range(len(y)), dtype=object), return_inverse=True)
     group = torch.from_numpy(groups.astype(np.int64))
     total = 0
+    truncated = False
     kept = torch.empty(0, 3, dtype=torch.float64)  # (rank score, first, second)
     for start in range(0, len(y), SIMILARITY_BLOCK_ROWS):
         raise_if_cancelled(cancelled)
         stop = min(start + SIMILARITY_BLOCK_ROWS, len(y))
-        similarity = z[start:stop] @ z[start:].T  # only pairs (i, j) with j >= i are looked at
+        similarity = z[start:stop] @ z[start:].T  # only pairs (i, j) with j > i are looked at
         same = group[start:stop, None] == group[None, start:]
         candidate = (similarity >= min_similarity) | same
         candidate &= y[start:stop, None] != y[None, start:]
-        rows, cols = candidate.nonzero(as_tuple=True)
-        first, second = rows + start, cols + start
-        upper = second > first
-        first, second, rows, cols = first[upper], second[upper], rows[upper], cols[upper]
-        total += len(first)
-        score = similarity[rows, cols].double() + 2.0 * same[rows, cols].double()  # identical ones rank first
-        block = torch.stack([score, first.double(), second.double()], dim=1)
-        kept = torch.cat([kept, block])
-        if len(kept) > limit:
-            kept = kept[torch.topk(kept[:, 0], limit).indices]
+        candidate &= torch.ones(candidate.shape, dtype=torch.bool).triu(1)  # column c: example start + c
+        found = int(candidate.sum())
+        total += found
+        take = min(found, limit)
+        if take:  # the block's best, by a top-k over its scores: never an index of every candidate
+            score = torch.where(candidate, similarity + 2.0 * same.float(), -torch.inf)  # identical ones rank first
+            best = torch.topk(score.flatten(), take)
+            rows, cols = best.indices // score.shape[1], best.indices % score.shape[1]
+            block = torch.stack([best.values.double(), (rows + start).double(), (cols + start).double()], dim=1)
+            kept = torch.cat([kept, block])
+            if len(kept) > limit:
+                kept = kept[torch.topk(kept[:, 0], limit).indices]
+        if total >= max_candidates and stop < len(y):
+            truncated = True
+            break
     kept = kept[torch.argsort(kept[:, 0], descending=True, stable=True)]
     duplicates = []
     for score, first_index, second_index in kept.tolist():
@@ -219,7 +237,7 @@ def cross_label_duplicates(
                 identical=identical,
             )
         )
-    return total, duplicates
+    return total, duplicates, truncated
 
 
 def audit_labels(
@@ -234,6 +252,7 @@ def audit_labels(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     cancelled: CancelCheck | None = None,
+    max_candidates: int = MAX_DUPLICATE_CANDIDATES,
 ) -> LabelAudit:
     """The whole audit of pooled features ``x`` [N, D] with given labels ``y``; ``keys`` name identical images."""
     if x.ndim != 2 or len(x) != len(y):
@@ -248,9 +267,10 @@ def audit_labels(
     oof = out_of_fold_probabilities(x, y, num_classes, folds=folds, seed=seed, cancelled=cancelled)
     thresholds = class_thresholds(oof.probabilities, y)
     suspects = label_suspects(oof.probabilities, y, thresholds)
-    duplicate_count, duplicates = cross_label_duplicates(
-        x, y, min_similarity=duplicate_similarity, limit=max_duplicates, keys=keys, cancelled=cancelled
-    )
+    duplicate_count, duplicates, truncated = cross_label_duplicates(
+        x, y, min_similarity=duplicate_similarity, limit=max_duplicates, keys=keys, cancelled=cancelled,
+        max_candidates=max_candidates,
+    )  # fmt: skip
     return LabelAudit(
         folds=oof.folds,
         weight_decay=oof.weight_decay,
@@ -259,6 +279,7 @@ def audit_labels(
         suspects=suspects[:max_suspects],
         duplicate_count=duplicate_count,
         duplicates=duplicates,
+        duplicates_truncated=truncated,
     )
 
 
@@ -279,4 +300,5 @@ def audit_summary(audit: LabelAudit, classes: Sequence[str], top: int) -> dict:
         ],
         "duplicate_count": audit.duplicate_count,
         "duplicates": [d.model_dump() for d in audit.duplicates[:top]],
+        "duplicates_truncated": audit.duplicates_truncated,
     }

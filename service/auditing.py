@@ -1,12 +1,16 @@
 """A dataset's label audit (adapters/audit.py) on one backbone's pooled features, read through the feature cache.
 
 Bounds: the dataset's size is bounded at upload; the work of one audit is
-k linear-probe fits and a blocked similarity search on those features; and a
-worker runs at most ``MAX_CONCURRENT_AUDITS`` at once (a busy one answers
-ResourceExhausted with a retry hint), so audits cannot crowd out training or serving.
+k linear-probe fits and a blocked similarity search on those features, which
+stops (truncated) after ``MAX_DUPLICATE_CANDIDATES`` pairs; a worker runs at most
+``MAX_CONCURRENT_AUDITS`` at once (a busy one answers ResourceExhausted with a
+retry hint), so audits cannot crowd out training or serving; and the slot is
+held no longer than ``GRAFT_MAX_AUDIT_SECONDS``, or until the caller goes away:
+extraction, fits and search check a stop flag between their steps.
 """
 
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -15,7 +19,7 @@ from pydantic import BaseModel, Field
 from adapters.audit import DEFAULT_DUPLICATE_SIMILARITY, LabelAudit, audit_labels
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
-from service.errors import ResourceExhausted
+from service.errors import DeadlineExceeded, ResourceExhausted
 from service.store.datasets import DatasetStore
 from service.training import adapter_errors_translated
 
@@ -51,15 +55,22 @@ class AuditedDataset(BaseModel):
 
 class DatasetAuditor:
     def __init__(
-        self, datasets: DatasetStore, extractor: FeatureExtractor, backbone: Callable[[str], Backbone]
+        self,
+        datasets: DatasetStore,
+        extractor: FeatureExtractor,
+        backbone: Callable[[str], Backbone],
+        max_seconds: float,
     ) -> None:
         self.datasets = datasets
         self.extractor = extractor
         self.backbone = backbone  # the trainer's lookup: InvalidArgument naming the loaded ones
+        self.max_seconds = max_seconds  # GRAFT_MAX_AUDIT_SECONDS
 
     @adapter_errors_translated()
-    def audit(self, tenant: str, request: AuditRequest) -> AuditedDataset:
-        """Blocking (features may need the trunk): call it off the event loop."""
+    def audit(self, tenant: str, request: AuditRequest, cancel: threading.Event | None = None) -> AuditedDataset:
+        """Blocking (features may need the trunk): call it off the event loop. Setting ``cancel`` (the caller
+        went away) stops it at its next check with Cancelled; past GRAFT_MAX_AUDIT_SECONDS it fails with
+        DeadlineExceeded. Either way the audit slot is free once this returns."""
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound first, for another tenant's too
         backbone = self.backbone(request.backbone)
         if not _running.acquire(blocking=False):
@@ -67,12 +78,25 @@ class DatasetAuditor:
                 f"this worker is already running {MAX_CONCURRENT_AUDITS} audit(s); retry shortly",
                 retry_after_s=AUDIT_RETRY_S,
             )
+        deadline = time.monotonic() + self.max_seconds
+
+        def stop() -> bool:
+            if cancel is not None and cancel.is_set():
+                return True
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"the audit ran longer than {self.max_seconds:g} s, the limit of one audit "
+                    "(GRAFT_MAX_AUDIT_SECONDS); features computed so far stay cached, so asking again goes on "
+                    "from there. A duplicate_similarity near 1 (the default 0.98) keeps the search short"
+                )
+            return False
+
         try:
             examples = self.datasets.examples(tenant, request.dataset_id)
             shas = [sha for sha, _ in examples]
             class_index = {name: i for i, name in enumerate(dataset.classes)}
             labels = torch.tensor([class_index[label] for _, label in examples])
-            features = self.extractor.features(backbone, backbone.num_blocks, shas)
+            features = self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
             audit = audit_labels(
                 features,
                 labels,
@@ -81,6 +105,7 @@ class DatasetAuditor:
                 max_suspects=request.max_suspects,
                 max_duplicates=request.max_duplicates,
                 duplicate_similarity=request.duplicate_similarity,
+                cancelled=stop,
             )
         finally:
             _running.release()

@@ -17,6 +17,7 @@ import contextvars
 import functools
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -134,26 +135,73 @@ class InflightBytes:
 class ExportQueue:
     """Model exports run one at a time per replica, off the event loop: each takes seconds of every core.
 
-    A few wait their turn; more are refused with a retry hint rather than left waiting for minutes.
+    A few wait their turn; more are refused with a retry hint rather than left waiting for minutes. The
+    places are shared fairly: one tenant holds at most ``per_tenant`` of them (one running + one waiting),
+    so no tenant can fill the queue, and when an export ends the next to run is the oldest waiting one of
+    another tenant than the one that just ran, if there is one. Only the event loop touches the counts.
     """
 
-    def __init__(self, waiting: int) -> None:
+    def __init__(self, waiting: int, per_tenant: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
         self._limit = waiting + 1
-        self._admitted = 0  # running or waiting; only the event loop touches it
+        self._per_tenant = per_tenant
+        self._admitted: Counter[str] = Counter()  # per tenant: running or waiting
+        self._waiting: list[tuple[str, asyncio.Future[None]]] = []  # oldest first
+        self._running: str | None = None  # the tenant whose export has the turn
+        self._last: str | None = None  # the tenant whose export ran last
 
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        if self._admitted >= self._limit:
+    async def run(self, tenant: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._admitted[tenant] >= self._per_tenant:
             raise ResourceExhausted(
-                f"{self._admitted} model exports are already running or waiting on this replica; retry in a minute",
+                f"{self._admitted[tenant]} model exports of yours are already running or waiting on this replica, "
+                "the most one tenant may have; retry when one has finished",
                 retry_after_s=30.0,
             )
-        self._admitted += 1
+        if self._admitted.total() >= self._limit:
+            raise ResourceExhausted(
+                f"{self._admitted.total()} model exports are already running or waiting on this replica; "
+                "retry in a minute",
+                retry_after_s=30.0,
+            )
+        self._admitted[tenant] += 1
         try:
-            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+            await self._turn(tenant)
+            try:
+                call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+                return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+            finally:
+                self._running, self._last = None, tenant
+                self._hand_on()
         finally:
-            self._admitted -= 1
+            self._admitted[tenant] -= 1
+            if not self._admitted[tenant]:
+                del self._admitted[tenant]
+
+    async def _turn(self, tenant: str) -> None:
+        """Return once ``tenant``'s export has the turn (``_running`` is then ``tenant``)."""
+        if self._running is None and not self._waiting:
+            self._running = tenant
+            return
+        entry = (tenant, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:  # the caller left while waiting
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+            elif self._running == tenant:  # handed the turn just as it left: pass it on
+                self._running = None
+                self._hand_on()
+            raise
+
+    def _hand_on(self) -> None:
+        """Give the free turn to the oldest waiting export of another tenant than the last to run, else the oldest."""
+        if self._running is not None or not self._waiting:
+            return
+        index = next((i for i, (tenant, _) in enumerate(self._waiting) if tenant != self._last), 0)
+        tenant, turn = self._waiting.pop(index)
+        self._running = tenant
+        turn.set_result(None)
 
 
 EXPORTS = ExportQueue(waiting=3)
@@ -280,7 +328,8 @@ class Calls:
         self, name: str, backbone: str, max_suspects: int, max_duplicates: int, duplicate_similarity: float | None
     ) -> DatasetAudit:
         """Label suspects and cross-label duplicates; the features may need the trunk, so it runs in a thread
-        of its own, not the store pool. Empty or 0 arguments take their defaults."""
+        of its own, not the store pool, and stops when this call is cancelled. Empty or 0 arguments take their
+        defaults."""
         request = AuditRequest(
             dataset_id=resource_id(name, "datasets"),
             backbone=backbone or DEFAULT_AUDIT_BACKBONE,
@@ -288,7 +337,13 @@ class Calls:
             max_duplicates=max_duplicates or DEFAULT_AUDIT_ITEMS,
             **({} if duplicate_similarity is None else {"duplicate_similarity": duplicate_similarity}),
         )
-        return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request))
+        cancel = threading.Event()
+        try:
+            return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request, cancel))
+        finally:
+            # Also when this call was cancelled (gRPC: the client cancelled; HTTP: it disconnected, see
+            # service/http/datasets.py): the thread stops at its next check and frees the audit slot.
+            cancel.set()
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -367,12 +422,18 @@ class Calls:
         export.check_same_backbone(infos)
         names = export.output_names(infos)
         backbone = self.core.trainer.backbone(first.backbone)
-        tensors = [await in_thread(heads.load_tensors, info) for info in infos]
+        export.check_file_size(backbone, infos, self.core.settings.max_export_bytes)  # before any weight is read
         datasets = [info.dataset_id for info in infos]
-        stored = await in_thread(export.stored_check_images, self.core.datasets, self.tenant, datasets)
         build = export.export_onnx if format is ExportFormat.ONNX else export.export_pt2
         max_pixels = self.core.settings.max_image_pixels
-        data = await EXPORTS.run(build, backbone, infos, tensors, stored, datasets, max_pixels)
+        tenant, store = self.tenant, self.core.datasets
+
+        def load_and_build() -> bytes:  # in its turn: a waiting export holds no weights
+            tensors = [heads.load_tensors(info) for info in infos]
+            stored = export.stored_check_images(store, tenant, datasets)
+            return build(backbone, infos, tensors, stored, datasets, max_pixels)
+
+        data = await EXPORTS.run(self.tenant, load_and_build)
         return ExportedHead(file_name=f"{'+'.join(names)}.{format.value}", data=data)
 
     # -- predictions -----------------------------------------------------------------

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")
     max_images_per_request: int = Field(64, gt=0)
     max_heads_per_request: int = Field(16, gt=0)
+    max_export_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Largest model file (ONNX or pt2) one export may build: the backbone up to the heads' deepest "
+        "split point plus every head's weights, checked before anything is loaded (the build holds a few times it).",
+    )
 
     # gRPC door.
     grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")
@@ -78,6 +84,13 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."
     )
     upload_timeout_s: float = Field(600.0, gt=0, description="An upload (HTTP body or gRPC stream) must end within.")
+    max_audit_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Wall-clock limit of one label audit (feature extraction included: what it computed stays "
+        "cached, so asking again goes on from there); past it the audit fails with 'deadline exceeded' and frees "
+        "the replica's audit slot. An audit also stops when its caller goes away.",
+    )
     max_watches_per_tenant: int = Field(
         16,
         gt=0,
@@ -101,6 +114,13 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(3, ge=1, description="Runs of one job (after replica deaths) before it fails.")
     max_job_seconds: float = Field(3600.0, gt=0, description="Wall-clock limit of one job run.")
     max_job_work: int = Field(50_000_000, gt=0, description="Bound on epochs x training images x trials of one job.")
+    max_job_memory_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Bound on the trunk features one job holds in the replica's memory: images x values per image at "
+        "its split point (a fine-tune's block maps are 6 to 15 times the pooled vectors) x 4 bytes x 3 copies. "
+        "Checked when the job is created and again when a replica starts it; the default suits a 4-8 GiB replica.",
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to finish in-flight work.")
 
     # Per-tenant quotas, enforced over both doors.

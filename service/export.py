@@ -167,6 +167,26 @@ def check_inputs(
     return noise, f"{CHECK_IMAGES} seeded random inputs ({where} no longer exist)"
 
 
+def file_bytes(backbone: Backbone, heads: Sequence[ServedVersion]) -> int:
+    """What a file of ``heads`` carries, known before anything is loaded: the trunk up to the deepest split
+    point (float32, as ExportModel copies it) and each head's stored parameters (a fine-tune's own tail
+    blocks included). The build holds a few times this while it traces, serialises and checks the file."""
+    deepest = max(backbone.num_blocks if info.split_point is None else info.split_point for info in heads)
+    return backbone.block_bytes(0, deepest) + sum(info.param_bytes for info in heads)
+
+
+def check_file_size(backbone: Backbone, heads: Sequence[ServedVersion], limit: int) -> None:
+    """Refuse, before any weight is loaded, a file over ``limit`` bytes (GRAFT_MAX_EXPORT_BYTES)."""
+    size = file_bytes(backbone, heads)
+    if size > limit:
+        largest = max(heads, key=lambda info: info.param_bytes)
+        raise InvalidArgument(
+            f"this export would carry {size:,} bytes of weights ({backbone.name} up to its deepest split point "
+            f"and {len(heads)} head(s); the largest, {largest.name}@{largest.version}, {largest.param_bytes:,}), "
+            f"over the limit of {limit:,} (GRAFT_MAX_EXPORT_BYTES); export fewer heads per file"
+        )
+
+
 def output_names(heads: Sequence[ServedVersion]) -> list[str]:
     """``{head}_v{version}`` per head; the same version named twice is the caller's mistake."""
     names = [f"{info.name}_v{info.version}" for info in heads]

@@ -147,12 +147,29 @@ class TrainRequest(BaseModel):
         return sum((self.search or default_search_space(kind)).trials for kind in self.kinds)
 
 
+# Copies of a split point's features a run holds at its peak: the extractor's per-image tensors and their stack
+# (service/engine/extraction.py), then the stack beside its train and hold-out parts indexed from it (_fit).
+FEATURE_COPIES = 3
+FEATURE_BYTES = 4  # float32: the extractor hands back what the cache stores as float16, widened
+
+
+class FeatureMemory(BaseModel):
+    """The largest features one run holds: those of one image at one split point of one backbone, x images."""
+
+    backbone: str
+    split: str  # the feature-cache key: 'pooled' or 'block<k>'
+    elements: int  # values per image at that split point
+    bytes: int  # images x elements x FEATURE_BYTES x FEATURE_COPIES
+
+
 class TrainingCost(BaseModel):
-    """What one run of a request costs, in the unit ``GRAFT_MAX_JOB_WORK`` bounds."""
+    """What one run of a request costs: ``work`` in the unit ``GRAFT_MAX_JOB_WORK`` bounds, ``memory`` in bytes
+    that ``GRAFT_MAX_JOB_MEMORY_BYTES`` bounds."""
 
     epochs: int
     images: int  # the whole dataset: an upper bound on the training split
     trials: int
+    memory: FeatureMemory
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -234,9 +251,32 @@ class Trainer:
 
     def cost(self, tenant: str, request: TrainRequest) -> TrainingCost:
         """Check what would only fail later (backbone, finetune_blocks, dataset) and price one run."""
-        self.check_split_points(request, self.candidates(request))
+        candidates = self.candidates(request)
+        self.check_split_points(request, candidates)
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
-        return TrainingCost(epochs=request.epochs, images=dataset.num_examples, trials=request.trials)
+        images = dataset.num_examples
+        return TrainingCost(
+            epochs=request.epochs,
+            images=images,
+            trials=request.trials,
+            memory=max(
+                (self.feature_memory(backbone, self.split_point(request, backbone, kind), images)
+                 for backbone in candidates for kind in request.kinds),
+                key=lambda memory: memory.bytes,
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def feature_memory(backbone: Backbone, split: int, images: int) -> FeatureMemory:
+        """What a run at ``split`` holds in features: kinds and 'auto' candidates run one after another, so a
+        request's peak is its largest split point's (a fine-tune's block maps, not the pooled vectors)."""
+        elements = backbone.feature_elements(split)
+        return FeatureMemory(
+            backbone=backbone.name,
+            split=Backbone.split_key(split, backbone.num_blocks),
+            elements=elements,
+            bytes=images * elements * FEATURE_BYTES * FEATURE_COPIES,
+        )
 
     @adapter_errors_translated()
     def train(

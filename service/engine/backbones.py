@@ -8,6 +8,7 @@ vector that linear and MLP heads read.
 """
 
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -225,6 +226,7 @@ class Backbone:
             example = example.contiguous(memory_format=torch.channels_last)
         self._pooled_graph = _frozen_graph(_PooledTrunk(self.blocks), example)
         self._latency_ms: float | None = None
+        self._feature_shapes: dict[int, tuple[int, ...]] | None = None
         self.preprocess = T.Compose(
             [
                 T.ToImage(),
@@ -278,6 +280,25 @@ class Backbone:
     def split_key(split: int, num_blocks: int) -> str:
         """Feature-cache key of a split point."""
         return "pooled" if split == num_blocks else f"block{split}"
+
+    def feature_shape(self, split: int) -> tuple[int, ...]:
+        """The shape of one image's features at ``split`` (what the feature cache holds): [C, H, W] at a block's
+        input, [feature_dim] pooled. From the blocks' output shapes on one probe image, measured once."""
+        if self._feature_shapes is None:
+            blocks = self.spec.blocks(self._cpu_model)
+            shapes: dict[int, tuple[int, ...]] = {}
+            with torch.inference_mode():
+                x = _probe(self.spec.crop_size)
+                for index, block in enumerate(blocks):
+                    shapes[index] = tuple(x.shape[1:])
+                    x = block(x)
+            shapes[len(blocks)] = (self.spec.feature_dim,)
+            self._feature_shapes = shapes
+        return self._feature_shapes[self.check_split(split)]
+
+    def feature_elements(self, split: int) -> int:
+        """Values in one image's features at ``split``."""
+        return math.prod(self.feature_shape(split))
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, split: int | None = None, start: int = 0) -> torch.Tensor:
@@ -339,6 +360,13 @@ class Backbone:
     def cpu_copy(self, start: int, stop: int | None = None) -> nn.Sequential:
         """An independent float32 CPU copy of blocks ``[start, stop)`` in eval mode."""
         return nn.Sequential(*copy.deepcopy(self.spec.blocks(self._cpu_model)[start:stop])).eval()
+
+    def block_bytes(self, start: int, stop: int | None = None) -> int:
+        """Bytes of blocks ``[start, stop)`` as :meth:`cpu_copy` holds them (float32 parameters and buffers):
+        what an exported file carries of this backbone."""
+        blocks = self.spec.blocks(self._cpu_model)[start:stop]
+        tensors = [t for block in blocks for t in (*block.parameters(), *block.buffers())]
+        return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size() for t in tensors)
 
     def fresh_tail(self, split: int) -> nn.Module:
         """A trainable float32 CPU copy of blocks ``[split, n)`` for a finetune adapter."""

@@ -1,14 +1,19 @@
 """What every HTTP handler needs: the caller's ``Calls`` (tenant found by the gate), or the runtime for admin."""
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import Header, Query, Request
 
 from service.calls import Calls, KeyCheck
-from service.errors import PermissionDenied, Unauthenticated
+from service.errors import Cancelled, PermissionDenied, Unauthenticated
 from service.http.gate import ADMIN, TENANT
 from service.resources import MAX_PAGE_SIZE, PAGE_TOKEN_PATTERN
 from service.runtime import Runtime
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.5  # how soon a long call notices that its client left
 
 # The query parameters of every List method.
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
@@ -49,3 +54,23 @@ def admin(request: Request) -> None:
     """Routes under /v1/admin: the gate checked the admin key."""
     if not request.scope.get(ADMIN):
         raise PermissionDenied("this endpoint needs the admin key (GRAFT_ADMIN_KEY)")
+
+
+async def unless_disconnected(request: Request, call: Awaitable[T], poll_s: float = DISCONNECT_POLL_S) -> T:
+    """``call``'s result; cancelled once the client has disconnected (then Cancelled, which nobody reads).
+
+    Starlette does not cancel a plain handler when its client goes away; a call that holds a scarce slot
+    for long (an audit) is polled here every ``poll_s`` with ``request.is_disconnected()`` instead.
+    """
+    work = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=poll_s)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                raise Cancelled("the client disconnected; the call was stopped")
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)

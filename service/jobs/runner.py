@@ -64,7 +64,7 @@ from service.jobs.store import Claim, Holder, JobInfo, JobState, JobStore, Lease
 from service.quotas import Quotas
 from service.store.db import Database, utcnow
 from service.store.heads import check_name
-from service.training import Trainer, TrainRequest
+from service.training import FEATURE_BYTES, FEATURE_COPIES, Trainer, TrainRequest
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,13 @@ class JobRunner:
     def _create(self, tenant: str, request: TrainRequest) -> JobInfo:
         """Refuse now what would only fail later, or cost more than one job may, then store the queued job."""
         check_name("head name", request.head_name)
+        self._check_cost(tenant, request)
+        return self.store.create(tenant, request)
+
+    def _check_cost(self, tenant: str, request: TrainRequest) -> None:
+        """Refuse a run that would take longer or hold more memory than one job may, before any of its work:
+        at creation, and again before a replica runs it (its settings may be another replica's; a run that
+        dies of memory would be requeued onto the next replica, and kill that one too)."""
         cost = self.trainer.cost(tenant, request)
         if cost.work > self.settings.max_job_work:
             raise InvalidArgument(
@@ -251,7 +258,14 @@ class JobRunner:
                 f"{cost.work:,}, over the limit of {self.settings.max_job_work:,} per job (GRAFT_MAX_JOB_WORK); "
                 "use fewer epochs, fewer search trials or a smaller dataset"
             )
-        return self.store.create(tenant, request)
+        memory, limit = cost.memory, self.settings.max_job_memory_bytes
+        if memory.bytes > limit:
+            raise InvalidArgument(
+                f"this job would hold {memory.bytes:,} bytes of {memory.backbone} features ({cost.images:,} images "
+                f"x {memory.elements:,} values at {memory.split} x {FEATURE_BYTES} bytes x {FEATURE_COPIES} "
+                f"copies), over the limit of {limit:,} per job (GRAFT_MAX_JOB_MEMORY_BYTES); fine-tune fewer "
+                "blocks (finetune_blocks: a later split point holds smaller maps) or train on fewer images"
+            )
 
     # -- the scheduler and heartbeat threads ----------------------------------------------
 
@@ -349,14 +363,17 @@ class JobRunner:
         try:
             # a run of this job before this one published its version, then stopped before finishing the job
             # (its replica stalled or died): finish with that version, never train and publish a second one
-            version = self.trainer.heads.version_of_job(job.tenant, job.id) or self.trainer.train(
-                job.tenant,
-                job.request,
-                job_id=job.id,
-                progress=lambda event: self._progress(live, event),
-                cancelled=lambda: self._should_stop(live),
-                guard=lambda session: self.store.check_holder(session, live.holder),  # only the holder publishes
-            )
+            version = self.trainer.heads.version_of_job(job.tenant, job.id)
+            if version is None:
+                self._check_cost(job.tenant, job.request)  # this replica's bounds, before any feature is read
+                version = self.trainer.train(
+                    job.tenant,
+                    job.request,
+                    job_id=job.id,
+                    progress=lambda event: self._progress(live, event),
+                    cancelled=lambda: self._should_stop(live),
+                    guard=lambda session: self.store.check_holder(session, live.holder),  # only the holder publishes
+                )
         except LeaseLost as exc:
             log.warning("%s", exc.message)
             return None

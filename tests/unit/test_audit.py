@@ -1,19 +1,32 @@
 """Label audit: real Fashion-MNIST images with labels flipped on purpose, through the core and both doors."""
 
+import asyncio
 import io
+import threading
+import time
 
+import anyio
 import grpc
 import httpx
 import pytest
 import torch
 from PIL import Image
 
-from adapters.audit import audit_labels, class_thresholds, cross_label_duplicates, label_suspects
+from adapters.audit import (
+    MAX_DUPLICATE_CANDIDATES,
+    audit_labels,
+    class_thresholds,
+    cross_label_duplicates,
+    label_suspects,
+)
 from adapters.errors import InvalidInput
+from adapters.trainer import raise_if_cancelled
 from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
-from service.auditing import AuditRequest
-from service.errors import InvalidArgument, NotFound
+from service import auditing
+from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest, DatasetAuditor
+from service.calls import Calls, KeyCheck
+from service.errors import DeadlineExceeded, InvalidArgument, NotFound
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
@@ -100,13 +113,13 @@ def test_the_near_duplicate_search_finds_the_same_pairs_in_blocks(core, images, 
     shas = [sha for sha, _ in core.datasets.examples(TENANT, dataset.id)]
     x = core.extractor.features(backbone, backbone.num_blocks, shas)
     y = torch.tensor([CLASSES.index(label) for _, label in images])
-    count, whole = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
+    count, whole, _ = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
     monkeypatch.setattr("adapters.audit.SIMILARITY_BLOCK_ROWS", 5)
-    blocked_count, blocked = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
+    blocked_count, blocked, _ = cross_label_duplicates(x, y, min_similarity=0.5, limit=1000)
     assert count == blocked_count > 0  # a low threshold: some pairs of different classes reach it
     similarity = {(d.first, d.second): d.similarity for d in whole}
     assert {(d.first, d.second): d.similarity for d in blocked} == pytest.approx(similarity, abs=1e-5)
-    _, top = cross_label_duplicates(x, y, min_similarity=0.5, limit=3)
+    _, top, _ = cross_label_duplicates(x, y, min_similarity=0.5, limit=3)
     assert [d.similarity for d in top] == pytest.approx(sorted(similarity.values(), reverse=True)[:3], abs=1e-5)
 
 
@@ -235,3 +248,125 @@ async def test_grpc_audit_answers_the_owner_and_refuses_others_and_bad_arguments
         "negative": grpc.StatusCode.INVALID_ARGUMENT,
         "similarity": grpc.StatusCode.INVALID_ARGUMENT,
     }
+
+
+# -- bounds: work, wall clock, cancellation (issue 21, item 11) -------------------------------------------------------
+
+
+def test_a_near_zero_similarity_audit_of_hundreds_of_images_stops_truncated_within_its_bound(core):
+    """Every cross-label pair of 300 images would be a candidate (about 40,000): the search stops after the
+    block that reaches MAX_DUPLICATE_CANDIDATES and says so, within the wall-clock bound."""
+    images = fashion_mnist_pngs("train", per_class=30, seed=7)  # 10 classes x 30
+    dataset = core.datasets.create(TENANT, "hundreds", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
+    auditor = DatasetAuditor(core.datasets, core.extractor, core.trainer.backbone, max_seconds=300)
+    started = time.monotonic()
+    audit = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=1e-6)).audit
+    assert time.monotonic() - started < 300
+    cross_label_pairs = sum(1 for i in range(300) for j in range(i + 1, 300) if images[i][1] != images[j][1])
+    assert audit.duplicates_truncated
+    assert MAX_DUPLICATE_CANDIDATES <= audit.duplicate_count < cross_label_pairs  # a lower bound, said so
+    assert len(audit.duplicates) == DEFAULT_AUDIT_ITEMS  # the ranking is still bounded by max_duplicates
+    similarities = [d.similarity for d in audit.duplicates]
+    assert similarities == sorted(similarities, reverse=True)
+    default = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit  # the same dataset, the default 0.98
+    assert not default.duplicates_truncated
+
+
+def test_the_duplicate_search_keeps_only_the_best_pairs_of_each_block_and_stops_at_its_bound():
+    x = torch.randn(400, 8)
+    y = torch.arange(400) % 4
+    count, top, truncated = cross_label_duplicates(x, y, min_similarity=1e-6, limit=5, max_candidates=100)
+    assert truncated and 100 <= count < 400 * 399 // 2 and len(top) == 5
+    whole, _, whole_truncated = cross_label_duplicates(x, y, min_similarity=0.5, limit=5, max_candidates=10**9)
+    assert not whole_truncated and whole > 0
+
+
+def test_an_audit_past_its_wall_clock_limit_fails_naming_the_setting_and_frees_the_slot(core, images):
+    dataset = core.datasets.create(TENANT, "slow", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
+    hurried = DatasetAuditor(core.datasets, core.extractor, core.trainer.backbone, max_seconds=1e-9)
+    with pytest.raises(DeadlineExceeded, match="GRAFT_MAX_AUDIT_SECONDS"):
+        hurried.audit(TENANT, AuditRequest(dataset_id=dataset.id))
+    assert core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit.folds > 0  # the slot is free
+
+
+class HeldAudit:
+    """Stands in for audit_labels: holds the audit slot, checking its stop flag, until that flag stops it."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+
+    def __call__(self, *args, cancelled, **kwargs):
+        self.started.set()
+        try:
+            for _ in range(6000):  # 60 s at most
+                raise_if_cancelled(cancelled)
+                time.sleep(0.01)
+            raise AssertionError("the audit was never stopped")
+        finally:
+            self.stopped.set()
+
+
+def slot_is_free() -> bool:
+    if not auditing._running.acquire(blocking=False):
+        return False
+    auditing._running.release()
+    return True
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_audit_call_stops_its_work_and_frees_the_slot(runtime, images, monkeypatch):
+    """gRPC cancels the handler's task when its client cancels: the audit thread stops at its next check."""
+    held = HeldAudit()
+    monkeypatch.setattr(auditing, "audit_labels", held)
+    dataset = runtime.core.datasets.create(
+        TENANT, "cancelled", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)]
+    )
+    calls = Calls(runtime, KeyCheck(runtime.tenants, None, TENANT, 60.0))
+    task = asyncio.ensure_future(calls.audit_dataset(dataset.id, "", 0, 0, None))
+    assert await anyio.to_thread.run_sync(held.started.wait, 60)
+    assert not slot_is_free()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await anyio.to_thread.run_sync(held.stopped.wait, 10), "the audit kept running"
+    with anyio.fail_after(10):
+        while not slot_is_free():
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_an_http_audit_whose_client_disconnects_stops_and_frees_the_slot(runtime, keys, images, monkeypatch):
+    held = HeldAudit()
+    monkeypatch.setattr(auditing, "audit_labels", held)
+    examples = [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)]
+    dataset = runtime.core.datasets.create("door-acme", "left", examples)
+    app = create_app(runtime.settings, lambda: runtime)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": f"/v1/datasets/{dataset.id}:audit", "raw_path": f"/v1/datasets/{dataset.id}:audit".encode(),
+        "query_string": b"", "root_path": "", "server": ("graft", 80), "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"graft"), (b"authorization", f"Bearer {keys['door-acme']}".encode())],
+    }  # fmt: skip
+    sent: list[dict] = []
+    first = True
+
+    async def receive() -> dict:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if held.started.is_set():
+            return {"type": "http.disconnect"}  # the client left while the audit ran
+        await anyio.sleep(3600)  # nothing yet: Starlette's disconnect check cancels this wait
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(60):
+        await app(scope, receive, send)
+    assert held.started.is_set() and await anyio.to_thread.run_sync(held.stopped.wait, 10), "the audit kept running"
+    with anyio.fail_after(10):
+        while not slot_is_free():
+            await anyio.sleep(0.01)

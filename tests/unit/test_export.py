@@ -244,11 +244,62 @@ async def test_exports_beyond_the_waiting_limit_are_told_to_retry():
         release.wait()
         return b"file"
 
-    first = asyncio.ensure_future(queue.run(slow_export))
+    first = asyncio.ensure_future(queue.run(TENANT, slow_export))
     await asyncio.to_thread(started.wait)
     with pytest.raises(ResourceExhausted, match="retry") as refused:
-        await queue.run(slow_export)
+        await queue.run("globex", slow_export)
     assert refused.value.retry_after_s
     release.set()
     assert await first == b"file"
-    assert await queue.run(lambda: b"next") == b"next"  # the slot is free again
+    assert await queue.run(TENANT, lambda: b"next") == b"next"  # the slot is free again
+
+
+async def test_one_tenant_holds_at_most_one_running_and_one_waiting_export_and_others_go_first():
+    """Issue 21, item 18: the queue's places are per tenant; a tenant that has run waits behind the others."""
+    queue = ExportQueue(waiting=3)
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def export_of(name: str):
+        def build() -> str:
+            order.append(name)
+            if name == "acme-1":
+                started.set()
+                release.wait()
+            return name
+
+        return build
+
+    running = asyncio.ensure_future(queue.run(TENANT, export_of("acme-1")))
+    await asyncio.to_thread(started.wait)
+    waiting = asyncio.ensure_future(queue.run(TENANT, export_of("acme-2")))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="of yours") as refused:
+        await queue.run(TENANT, export_of("acme-3"))
+    assert refused.value.retry_after_s
+    others = [asyncio.ensure_future(queue.run(tenant, export_of(tenant))) for tenant in ("globex", "initech")]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(running, waiting, *others) == ["acme-1", "acme-2", "globex", "initech"]
+    assert order == ["acme-1", "globex", "acme-2", "initech"]  # after acme's run, another tenant's first
+    cancelled = asyncio.ensure_future(queue.run(TENANT, export_of("never")))
+    cancelled.cancel()  # a caller that leaves while waiting gives its place back
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert await queue.run(TENANT, export_of("again")) == "again"
+
+
+def test_an_export_over_the_size_limit_is_refused_before_any_weight_is_loaded(runtime, key, monkeypatch):
+    """Issue 21, item 18: the file's weights (trunk to the deepest split point + each head's) vs the limit."""
+    backbone = runtime.core.backbones["mobilenet_v2"]
+    infos = [runtime.core.heads.resolve(TENANT, name) for name in ("linear", "mlp", "tuned")]
+    size = export.file_bytes(backbone, infos)
+    assert size == backbone.block_bytes(0, backbone.num_blocks) + sum(info.param_bytes for info in infos)
+    assert size > sum(p.numel() * 4 for p in backbone.cpu_copy(0).parameters())  # the trunk, at least
+    loads = []
+    monkeypatch.setattr(runtime.core.heads, "load_tensors", lambda info: loads.append(info) or {})
+    monkeypatch.setattr(runtime.settings, "max_export_bytes", size - 1)
+    assert runtime.core.settings is runtime.settings
+    status, message = error(download(runtime, key, "linear", format="onnx", additional_heads=["mlp", "tuned"]))
+    assert status == 400 and "GRAFT_MAX_EXPORT_BYTES" in message and f"{size:,} bytes" in message
+    assert loads == []  # refused before any weight was read
+    export.check_file_size(backbone, infos, size)  # at the limit: allowed

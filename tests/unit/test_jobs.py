@@ -19,7 +19,7 @@ from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.jobs import JobInfo, JobRunner, JobState
 from service.quotas import Quotas
 from service.store.pages import encode_token
-from service.training import HyperParamOverrides, Trainer, TrainRequest
+from service.training import FEATURE_BYTES, FEATURE_COPIES, HyperParamOverrides, Trainer, TrainRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +210,44 @@ async def test_a_job_costing_more_than_the_work_limit_is_refused_at_submit(core,
         "use fewer epochs, fewer search trials or a smaller dataset"
     )
     assert runner.list(TENANT)[0] == []
+
+
+def finetune(dataset, head_name: str, blocks: int) -> TrainRequest:
+    return request(dataset, head_name, kind=HeadKind.FINETUNE, finetune_blocks=blocks)
+
+
+async def test_a_finetune_whose_features_exceed_the_memory_limit_is_refused_before_any_work(core, dataset):
+    """Item 9 of issue 21: 6 blocks of MobileNetV2 hold 96x14x14 maps per image; 1 block, 320x7x7 (smaller)."""
+    per_image = 96 * 14 * 14 * FEATURE_BYTES * FEATURE_COPIES
+    limit = per_image * dataset.num_examples - 1  # one byte short of the 6-block fine-tune
+    runner = make_runner(core, max_job_memory_bytes=limit)
+    with pytest.raises(InvalidArgument) as refused:
+        await runner.submit(TENANT, finetune(dataset, "too-big", 6))
+    assert refused.value.message == (
+        f"this job would hold {per_image * dataset.num_examples:,} bytes of mobilenet_v2 features "
+        f"({dataset.num_examples} images x 18,816 values at block13 x 4 bytes x 3 copies), over the limit of "
+        f"{limit:,} per job (GRAFT_MAX_JOB_MEMORY_BYTES); fine-tune fewer blocks (finetune_blocks: a later split "
+        "point holds smaller maps) or train on fewer images"
+    )
+    assert runner.list(TENANT)[0] == []
+    small = await runner.submit(TENANT, finetune(dataset, "fits", 1))  # a small one passes
+    assert small.state is JobState.QUEUED
+
+
+async def test_a_replica_refuses_to_start_a_job_over_its_own_memory_limit_and_fails_it_untrained(core, dataset):
+    """The bound is checked again when a run starts: a job queued under a larger limit (another replica's, or
+    before the setting changed) fails with the reason instead of dying of memory and being requeued."""
+    job = await make_runner(core).submit(TENANT, finetune(dataset, "queued-big", 6))
+    trainer = GatedTrainer(core.trainer)
+    trainer.gate.set()
+    runner = make_runner(core, trainer, max_job_memory_bytes=1024)
+    await runner.start()
+    try:
+        final = (await until_done(runner, TENANT, job.id))[-1]
+    finally:
+        await runner.stop()
+    assert final.state is JobState.FAILED and "GRAFT_MAX_JOB_MEMORY_BYTES" in final.error
+    assert trainer.order == []  # refused before training: the trainer never ran
 
 
 async def test_a_tenant_over_its_queued_jobs_quota_is_refused(core, dataset):

@@ -10,7 +10,7 @@ from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
-from service.training import HyperParamOverrides, TrainingCost, TrainRequest
+from service.training import FEATURE_BYTES, FEATURE_COPIES, HyperParamOverrides, TrainRequest
 
 TENANT = "acme"
 ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
@@ -162,10 +162,24 @@ def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion
         hyperparams=HyperParamOverrides(lr=1e-3, weight_decay=0.0, epochs=7, batch_size=16),
         search=SearchSpace(lr=[1e-3, 1e-2], weight_decay=[0.0, 1e-4, 1e-3]),
     )
-    assert core.trainer.cost(TENANT, request) == TrainingCost(epochs=7, images=fashion.num_examples, trials=6)
-    assert core.trainer.cost(TENANT, request).work == 7 * fashion.num_examples * 6
+    cost = core.trainer.cost(TENANT, request)
+    assert (cost.epochs, cost.images, cost.trials) == (7, fashion.num_examples, 6)
+    assert cost.work == 7 * fashion.num_examples * 6
     with pytest.raises(NotFound):
         core.trainer.cost("intruder", request)
+
+
+def test_the_memory_of_a_request_is_its_largest_split_points_features_times_images(core, fashion):
+    """Item 9 of issue 21: a fine-tune's block maps, not the pooled vectors, priced from the blocks' shapes."""
+    pooled = core.trainer.cost(TENANT, TrainRequest(dataset_id=fashion.id, head_name="p")).memory
+    assert (pooled.split, pooled.elements) == ("pooled", 1280)
+    assert pooled.bytes == fashion.num_examples * 1280 * FEATURE_BYTES * FEATURE_COPIES
+    six = TrainRequest(dataset_id=fashion.id, head_name="f", kind=HeadKind.FINETUNE, finetune_blocks=6)
+    finetune = core.trainer.cost(TENANT, six).memory
+    assert (finetune.split, finetune.elements) == ("block13", 96 * 14 * 14)  # MobileNetV2 at 224 px
+    assert finetune.bytes == fashion.num_examples * 96 * 14 * 14 * FEATURE_BYTES * FEATURE_COPIES
+    auto = TrainRequest(dataset_id=fashion.id, head_name="a", kind="auto", auto_finetune=True, finetune_blocks=6)
+    assert core.trainer.cost(TENANT, auto).memory == finetune  # the largest of its kinds
 
 
 def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
