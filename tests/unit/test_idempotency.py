@@ -32,7 +32,7 @@ from service.grpc.server import start_grpc_server
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.store.db import ApiKeyRow, DatasetRow, IdempotencyKeyRow, JobRow, utcnow
-from service.training import TrainingCost
+from service.training import FeatureMemory, TrainingCost
 
 pytestmark = pytest.mark.anyio
 ADMIN_KEY = "0123456789abcdef" * 4
@@ -53,8 +53,9 @@ def runtime(tmp_path) -> Runtime:
     datasets = runtime.core.datasets
 
     def cost(tenant, request):  # what the trainer checks, less the backbone (none is loaded here)
-        return TrainingCost(epochs=request.epochs, images=datasets.get(tenant, request.dataset_id).num_examples,
-                            trials=request.trials)  # fmt: skip
+        images = datasets.get(tenant, request.dataset_id).num_examples
+        memory = FeatureMemory(backbone="mobilenet_v2", split="pooled", elements=1280, bytes=images * 1280 * 12)
+        return TrainingCost(epochs=request.epochs, images=images, trials=request.trials, memory=memory)
 
     runtime.core.trainer.cost = cost  # type: ignore[method-assign]
     return runtime
