@@ -21,7 +21,6 @@ bounded in time, stops by itself.
 """
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from harness.cluster import LoadResult, predict_for, retrying_predictions
+from harness.cluster import LoadResult, predict_for
 from harness.containers import IMAGE_UID, Fleet, build_image, run_container, start_fleet
 from harness.sample_data import textile_files
 from harness.servers import make_tenant_key, start_server, wait_for_job
@@ -142,29 +141,14 @@ def takeover(fleet: Fleet, client: httpx.Client, dataset: str) -> dict:
     wait_running(fleet, job, victim.name)
     time.sleep(2)
     killed = time.monotonic()
-    victim.kill()
-    replacement = fleet.start("train")
-    fleet.training[0] = replacement
-    fleet.retired.append(victim)
+    replacement = fleet.crash_and_replace(victim)
     resumed = wait_running(fleet, job, replacement.name)
     client.post(f"/v1/{job}:cancel")
     return {"kill9_job_takeover_s": round(resumed - killed, 2), "job_lease_s": LEASE_S}
 
 
 def rolling_replace(fleet: Fleet, key: str, image: bytes) -> dict:
-    async def run() -> LoadResult:
-        stop = asyncio.Event()
-        load = asyncio.create_task(
-            retrying_predictions(fleet.http_url, fleet.grpc_target, key, image, "probe", 4, stop)
-        )
-        for old in [*fleet.serving, *fleet.training]:
-            await asyncio.to_thread(fleet.replace, old)
-            log(f"replaced {old.name}")
-        await asyncio.sleep(2)
-        stop.set()
-        return await load
-
-    result = asyncio.run(run())
+    result = fleet.replace_all_under_load(key, image, "probe")
     return {
         "rolling_replace_failed_requests": result.failed,
         "rolling_replace_ok_requests": result.ok,

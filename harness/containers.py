@@ -8,6 +8,7 @@ network (so they reach PostgreSQL on loopback and nothing else) with their own p
 unprivileged user on a read-only root file system, and can be pinned to cores.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from harness.cluster import Nginx, start_nginx
+from harness.cluster import LoadResult, Nginx, retrying_predictions, start_nginx
 from harness.postgres import PostgresServer, start_postgres
 from harness.servers import ADMIN_KEY, REPO, free_port
 
@@ -188,6 +189,34 @@ class Fleet:
         if old.role == "serve":
             self.nginx.reconfigure(self.serving)
         return new
+
+    def crash_and_replace(self, old: Container) -> Container:
+        """SIGKILL ``old`` (a crash: it drains nothing) and start its successor in its place."""
+        old.kill()
+        new = self.start(old.role)
+        group = self.serving if old.role == "serve" else self.training
+        group[group.index(old)] = new
+        self.retired.append(old)
+        if old.role == "serve":
+            self.nginx.reconfigure(self.serving)
+        return new
+
+    def replace_all_under_load(self, key: str, image: bytes, head: str, concurrency: int = 4) -> LoadResult:
+        """Replace every container in turn (``replace``) while a client predicts through nginx, retrying
+        502/503/UNAVAILABLE as a careful client does; what that client got."""
+
+        async def run() -> LoadResult:
+            stop = asyncio.Event()
+            load = asyncio.create_task(
+                retrying_predictions(self.http_url, self.grpc_target, key, image, head, concurrency, stop)
+            )
+            for old in [*self.serving, *self.training]:
+                await asyncio.to_thread(self.replace, old)
+            await asyncio.sleep(2)  # the last replacement carries the load for a moment
+            stop.set()
+            return await load
+
+        return asyncio.run(run())
 
     def stop(self) -> None:
         self.nginx.stop()

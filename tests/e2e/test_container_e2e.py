@@ -8,7 +8,6 @@ pinned to different cores. Calls go through nginx. The tests run in file order: 
 containers.
 """
 
-import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from packaging.utils import canonicalize_name
 
-from harness.cluster import LoadResult, predict_for, retrying_predictions
+from harness.cluster import predict_for
 from harness.containers import IMAGE_UID, Fleet, build_image, podman, start_fleet
 from harness.sample_data import textile_files
 from harness.servers import make_tenant_key, wait_for_job
@@ -187,10 +186,7 @@ def test_a_killed_training_container_is_replaced_and_its_job_taken_over(fleet: F
         time.sleep(0.2)
     victim = fleet.training[0]
     assert container_of(job_row(fleet, job["name"]).worker) == victim.name
-    victim.kill()
-    replacement = fleet.start("train")
-    fleet.training[0] = replacement
-    fleet.retired.append(victim)
+    replacement = fleet.crash_and_replace(victim)
 
     finished = wait_for_job(client, job["name"], timeout_s=600)
     assert finished["state"] == "succeeded", finished
@@ -202,19 +198,7 @@ def test_a_killed_training_container_is_replaced_and_its_job_taken_over(fleet: F
 
 def test_replacing_every_container_in_turn_fails_no_request_of_a_predicting_client(fleet: Fleet, key):
     _, image, _ = textile_files(per_class=1, offset=302)[0]
-
-    async def run() -> LoadResult:
-        stop = asyncio.Event()
-        load = asyncio.create_task(
-            retrying_predictions(fleet.http_url, fleet.grpc_target, key, image, "textiles", 4, stop)
-        )
-        for old in [*fleet.serving, *fleet.training]:
-            await asyncio.to_thread(fleet.replace, old)
-        await asyncio.sleep(2)
-        stop.set()
-        return await load
-
-    result = asyncio.run(run())
+    result = fleet.replace_all_under_load(key, image, "textiles")
     assert result.failed == 0, result
     assert result.ok > 20, result
     for container in fleet.retired[-3:]:
