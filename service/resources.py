@@ -42,7 +42,8 @@ HEAD_NAME_PATTERN = rf"^{NAME_PATTERN}$"
 # `not` says so, since pydantic's regex engine has no look-ahead.
 ALIAS_PATTERN = HEAD_NAME_PATTERN
 NOT_LATEST = {"not": {"const": "latest"}}
-HEAD_REF_PATTERN = rf"^(heads/)?{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
+# A tenant's head ('name', 'name@3', 'name:alias'), or a backbone's own ImageNet classifier ('imagenet@mobilenet_v2').
+HEAD_REF_PATTERN = rf"^(heads/)?({NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?|imagenet@[a-z][a-z0-9_]{{0,62}})$"
 # Display names and labels: some character that is not a space, and no control character (Unicode Cc).
 DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # A page token is base64url (service/store/pages.py), opaque: only a next_page_token the service returned is valid.
@@ -83,8 +84,8 @@ def head_ref(ref: str) -> str:
     """A head reference ('name', 'name@3', 'name:prod', maybe with 'heads/') as the core reads it."""
     if re.fullmatch(HEAD_REF_PATTERN.strip("^$"), ref) is None:
         raise InvalidArgument(
-            f"head reference {ref[:MAX_REF_CHARS]!r} must be 'name', 'name@3' or 'name:alias' "
-            f"(names match {NAME_PATTERN})"
+            f"head reference {ref[:MAX_REF_CHARS]!r} must be 'name', 'name@3', 'name:alias' (names match "
+            f"{NAME_PATTERN}) or a backbone's ImageNet classifier, 'imagenet@BACKBONE'"
         )
     return ref.removeprefix("heads/")
 

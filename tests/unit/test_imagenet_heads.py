@@ -5,6 +5,7 @@ import io
 import pytest
 import skimage.data
 from PIL import Image
+from pydantic import ValidationError
 from test_engine import save_random_head
 
 from adapters.heads import HeadKind
@@ -14,6 +15,8 @@ from service.engine.device import choose_placement
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, NotFound
+from service.http.predict import PredictRequest
+from service.resources import head_ref
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +114,16 @@ def test_imagenet_heads_are_read_only_and_their_name_is_reserved(core):
         core.heads.resolve("acme", "imagenet@mobilenet_v2")  # what export, aliases and head pages resolve through
     with pytest.raises(InvalidArgument, match="'imagenet' is reserved"):
         save_random_head(core, "imagenet", HeadKind.LINEAR)
+
+
+def test_both_doors_accept_a_reference_to_a_backbones_imagenet_classifier():
+    """The JSON body's schema, the multipart form and gRPC (head_ref) all let `imagenet@mobilenet_v2` through, and
+    still refuse what is neither a tenant's reference nor a built-in head."""
+    json_body = {"images": ["AAAA"], "heads": ["imagenet@mobilenet_v2", "weave@2", "weave:prod"]}
+    assert PredictRequest.model_validate(json_body).heads == json_body["heads"]
+    assert head_ref("imagenet@efficientnet_lite2") == "imagenet@efficientnet_lite2"
+    for bad in ("imagenet@", "weave@mobilenet_v2", "Imagenet@mobilenet_v2", "weave:Prod"):
+        with pytest.raises(InvalidArgument):
+            head_ref(bad)
+        with pytest.raises(ValidationError):
+            PredictRequest.model_validate({"images": ["AAAA"], "heads": [bad]})
