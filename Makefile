@@ -103,6 +103,7 @@ bench: setup weights data
 	$(PY) benchmarks/scaleout.py
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/cold.py
+	$(PY) benchmarks/container.py
 
 clean:
 	rm -rf $(VENV) var .cache
