@@ -187,7 +187,7 @@ def start_cluster(root: Path, replicas: int = 2, **env: str) -> Cluster:
 class LoadResult:
     ok: int = 0
     failed: int = 0
-    retried: int = 0  # 502/503/UNAVAILABLE answers that a retry then got past
+    retried: int = 0  # 502/503/UNAVAILABLE answers (and dropped connections) that a retry then got past
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     failures: list[str] = field(default_factory=list)  # what the failed requests got (the first 10)
 
@@ -205,7 +205,9 @@ class LoadResult:
 async def retrying_predictions(http_url: str, grpc_target: str, key: str, image: bytes, head: str,
                                concurrency: int, stop: "asyncio.Event") -> LoadResult:  # fmt: skip
     """Predict through the load balancer until ``stop``, half HTTP and half gRPC, as a careful client does:
-    retry on 502/503/UNAVAILABLE (a replica going away) with a short backoff, at most 10 times per request."""
+    retry on 502/503/UNAVAILABLE (a replica going away) with a short backoff, at most 10 times per request, and
+    on what a dropped connection gives each door (a transport error; a stream the load balancer reset, which
+    gRPC reports as CANCELLED although this client cancelled nothing). Predictions change nothing: a retry is safe."""
     result = LoadResult()
     body = {"images": [base64.b64encode(image).decode()], "heads": [head]}
     metadata = [("authorization", f"Bearer {key}")]
@@ -238,7 +240,7 @@ async def retrying_predictions(http_url: str, grpc_target: str, key: str, image:
                     break
                 except grpc.aio.AioRpcError as exc:
                     outcome = f"grpc {exc.code().name}: {exc.details()}"
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                         break
                 result.retried += 1
                 await asyncio.sleep(0.1 * (attempt + 1))
