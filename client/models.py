@@ -74,6 +74,7 @@ class DatasetAudit(BaseModel):
     suspects: list[LabelSuspect] = []
     duplicate_count: int = 0
     duplicates: list[DuplicatePair] = []
+    duplicates_truncated: bool = False  # the search hit its bound: duplicate_count is a lower bound
 
 
 class SearchSpace(BaseModel):

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
@@ -155,9 +155,6 @@ class DuplicatePair(BaseModel):
     identical: bool = Field(description="the same image bytes")
 
 
-DUPLICATES_TRUNCATED = "graft-duplicates-truncated"  # "true" when an audit's duplicate search was cut short
-
-
 class DatasetAudit(BaseModel):
     """What a label audit found: complete counts, and the top of each ranking up to the limits asked for."""
 
@@ -173,14 +170,10 @@ class DatasetAudit(BaseModel):
     suspects: list[LabelSuspect] = Field(description="largest margin p(suggested) - p(label) first")
     duplicate_count: int
     duplicates: list[DuplicatePair] = Field(description="identical first, then most similar")
-    # The search stopped at adapters/audit.py's MAX_DUPLICATE_CANDIDATES pairs (duplicate_count is then a lower
-    # bound). Not a field: the protos (and the clients generated from them) have none yet, so the doors send it as
-    # the HTTP header / gRPC trailing metadata DUPLICATES_TRUNCATED.
-    _duplicates_truncated: bool = PrivateAttr(False)
-
-    @property
-    def duplicates_truncated(self) -> bool:
-        return self._duplicates_truncated
+    duplicates_truncated: bool = Field(
+        description="the duplicate search stopped after its bound on candidate pairs (a low duplicate_similarity): "
+        "duplicate_count is then a lower bound"
+    )
 
     @classmethod
     def of(cls, audited: AuditedDataset) -> "DatasetAudit":
@@ -189,7 +182,7 @@ class DatasetAudit(BaseModel):
         def example(index: int) -> AuditedExample:
             return AuditedExample(index=index, image_sha256=audited.shas[index], label=audited.labels[index])
 
-        resource = cls(
+        return cls(
             dataset=f"datasets/{audited.dataset_id}",
             backbone=audited.backbone,
             example_count=len(audited.shas),
@@ -212,9 +205,8 @@ class DatasetAudit(BaseModel):
                 )
                 for d in audit.duplicates
             ],
+            duplicates_truncated=audit.duplicates_truncated,
         )
-        resource._duplicates_truncated = audit.duplicates_truncated
-        return resource
 
 
 def _only_with(field: str, is_set: dict, then: str, *values: str) -> dict:

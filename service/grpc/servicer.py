@@ -20,7 +20,7 @@ from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
-from service.resources import DUPLICATES_TRUNCATED, Dataset
+from service.resources import Dataset
 from service.runtime import Runtime
 from service.store.archives import Example
 from service.store.datasets import UploadBudget
@@ -158,8 +158,6 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         audit = await calls.audit_dataset(  # a client's cancel cancels this task, which stops the audit
             request.name, request.backbone, request.max_suspects, request.max_duplicates, similarity
         )
-        if audit.duplicates_truncated:  # no proto field yet: see DatasetAudit
-            context.set_trailing_metadata(((DUPLICATES_TRUNCATED, "true"),))
         return convert.message(audit, pb.DatasetAudit)
 
 

@@ -14,7 +14,6 @@ from service.http.routing import ResourceRoute
 from service.resources import (
     DEFAULT_PAGE_SIZE,
     DISPLAY_NAME_PATTERN,
-    DUPLICATES_TRUNCATED,
     ID_PATTERN,
     Dataset,
     DatasetAudit,
@@ -87,7 +86,6 @@ async def list_datasets(
 async def audit_dataset(
     dataset: DatasetId,
     request: Request,
-    response: Response,
     backbone: str = Query("", max_length=64, description="default mobilenet_v2"),
     max_suspects: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
     max_duplicates: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
@@ -101,14 +99,11 @@ async def audit_dataset(
     Out-of-fold probabilities of a linear probe on the backbone's cached features, against per-class
     thresholds from those probabilities (adapters/audit.py). Features not yet cached are computed first:
     on a new dataset this takes as long as a training job's extraction. At most GRAFT_MAX_AUDIT_SECONDS;
-    a disconnect stops it. Header ``graft-duplicates-truncated: true``: the duplicate search stopped after
-    10,000 pairs (duplicate_similarity too low), so duplicate_count is a lower bound.
+    a disconnect stops it. ``duplicates_truncated``: the duplicate search stopped after 10,000 candidate pairs
+    (duplicate_similarity too low), so duplicate_count is a lower bound.
     """
     call = api.audit_dataset(dataset, backbone, max_suspects, max_duplicates, duplicate_similarity)
-    audit = await unless_disconnected(request, call)
-    if audit.duplicates_truncated:
-        response.headers[DUPLICATES_TRUNCATED] = "true"
-    return audit
+    return await unless_disconnected(request, call)
 
 
 @router.get("/{dataset}", response_model=Dataset, responses=error_responses(404))

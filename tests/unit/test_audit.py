@@ -22,16 +22,19 @@ from adapters.audit import (
 from adapters.errors import InvalidInput
 from adapters.trainer import raise_if_cancelled
 from adapters.tuning import SearchSpace
+from client import models as client_models
 from harness.sample_data import fashion_mnist_pngs
 from service import auditing
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest, DatasetAuditor
 from service.calls import Calls, KeyCheck
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound
+from service.grpc import convert
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
+from service.resources import DatasetAudit
 from service.runtime import Runtime
 from service.training import TrainRequest
 
@@ -260,8 +263,9 @@ def test_a_near_zero_similarity_audit_of_hundreds_of_images_stops_truncated_with
     dataset = core.datasets.create(TENANT, "hundreds", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
     auditor = DatasetAuditor(core.datasets, core.extractor, core.trainer.backbone, max_seconds=300)
     started = time.monotonic()
-    audit = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=1e-6)).audit
+    audited = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=1e-6))
     assert time.monotonic() - started < 300
+    audit = audited.audit
     cross_label_pairs = sum(1 for i in range(300) for j in range(i + 1, 300) if images[i][1] != images[j][1])
     assert audit.duplicates_truncated
     assert MAX_DUPLICATE_CANDIDATES <= audit.duplicate_count < cross_label_pairs  # a lower bound, said so
@@ -270,6 +274,11 @@ def test_a_near_zero_similarity_audit_of_hundreds_of_images_stops_truncated_with
     assert similarities == sorted(similarities, reverse=True)
     default = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit  # the same dataset, the default 0.98
     assert not default.duplicates_truncated
+    # Both doors and the client carry it as a field of the resource (HTTP JSON, the gRPC message)
+    resource = DatasetAudit.of(audited)
+    assert resource.model_dump()["duplicates_truncated"] is True
+    assert convert.message(resource, pb.DatasetAudit).duplicates_truncated
+    assert client_models.DatasetAudit.model_validate_json(resource.model_dump_json()).duplicates_truncated
 
 
 def test_the_duplicate_search_keeps_only_the_best_pairs_of_each_block_and_stops_at_its_bound():

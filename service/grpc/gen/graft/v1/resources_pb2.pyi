@@ -104,7 +104,7 @@ class DuplicatePair(_message.Message):
     def __init__(self, first: _Optional[_Union[AuditedExample, _Mapping]] = ..., second: _Optional[_Union[AuditedExample, _Mapping]] = ..., similarity: _Optional[float] = ..., identical: _Optional[bool] = ...) -> None: ...
 
 class DatasetAudit(_message.Message):
-    __slots__ = ("dataset", "backbone", "example_count", "folds", "class_thresholds", "suspect_count", "suspects", "duplicate_count", "duplicates")
+    __slots__ = ("dataset", "backbone", "example_count", "folds", "class_thresholds", "suspect_count", "suspects", "duplicate_count", "duplicates", "duplicates_truncated")
     class ClassThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class DatasetAudit(_message.Message):
     SUSPECTS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     backbone: str
     example_count: int
@@ -130,7 +131,8 @@ class DatasetAudit(_message.Message):
     suspects: _containers.RepeatedCompositeFieldContainer[LabelSuspect]
     duplicate_count: int
     duplicates: _containers.RepeatedCompositeFieldContainer[DuplicatePair]
-    def __init__(self, dataset: _Optional[str] = ..., backbone: _Optional[str] = ..., example_count: _Optional[int] = ..., folds: _Optional[int] = ..., class_thresholds: _Optional[_Mapping[str, float]] = ..., suspect_count: _Optional[int] = ..., suspects: _Optional[_Iterable[_Union[LabelSuspect, _Mapping]]] = ..., duplicate_count: _Optional[int] = ..., duplicates: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ...) -> None: ...
+    duplicates_truncated: bool
+    def __init__(self, dataset: _Optional[str] = ..., backbone: _Optional[str] = ..., example_count: _Optional[int] = ..., folds: _Optional[int] = ..., class_thresholds: _Optional[_Mapping[str, float]] = ..., suspect_count: _Optional[int] = ..., suspects: _Optional[_Iterable[_Union[LabelSuspect, _Mapping]]] = ..., duplicate_count: _Optional[int] = ..., duplicates: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ..., duplicates_truncated: _Optional[bool] = ...) -> None: ...
 
 class SearchSpace(_message.Message):
     __slots__ = ("lr", "weight_decay", "hidden", "max_trials")
