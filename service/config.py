@@ -78,7 +78,16 @@ class Settings(BaseSettings):
     # another"): each is checked before the work, from sizes and counts, never after buffering.
     max_classes: int = Field(1000, ge=2, description="Most classes a dataset (and so a head) may have.")
     max_request_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="Largest HTTP request body other than a dataset upload."
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest multipart prediction body (POST /v1/predict:upload): its parser streams, part by part.",
+    )
+    max_json_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON request body (POST /v1/predict with base64 images, jobs, aliases, admin calls). "
+        "JSON is parsed and validated in one piece on the worker's event loop, a few ms per MB during which no "
+        "other call moves: larger prediction batches go as multipart (/v1/predict:upload) or over gRPC.",
     )
     max_inflight_upload_bytes: int = Field(
         1024 * 1024 * 1024, gt=0, description="Bytes all uploads in progress may hold at once, across tenants."

@@ -3,8 +3,9 @@
 A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
 ``/v1/...`` it authenticates the ``Authorization`` header in the authentication pool
 (the admin key for ``/v1/admin/...``) and puts the tenant into the request
-scope, where the ``tenant`` dependency reads it. Then it bounds the body: a
-declared ``Content-Length`` over the limit is refused at once; a chunked body is
+scope, where the ``tenant`` dependency reads it. Then it bounds the body (a JSON
+body more tightly than a multipart one, as JSON is parsed in one piece on the
+event loop): a declared ``Content-Length`` over the limit is refused at once; a chunked body is
 counted as it streams and refused when it crosses the limit, or when it does
 not end within ``upload_timeout_s``. While the worker drains, new ``/v1``
 calls are refused with 503 (clients and nginx retry on another replica) and
@@ -37,7 +38,8 @@ from service.runtime import Runtime
 TENANT = "graft.tenant"  # scope key: the authenticated tenant
 ADMIN = "graft.admin"  # scope key: True once the admin key was checked
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-PREDICT_PATHS = ("/v1/predict", "/v1/predict:upload")
+MULTIPART_PREDICT_PATH = "/v1/predict:upload"
+PREDICT_PATHS = ("/v1/predict", MULTIPART_PREDICT_PATH)
 
 
 class Gate:
@@ -101,9 +103,12 @@ class Gate:
             self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 
     def _limit(self, scope: Scope) -> tuple[int, str]:
+        """The body limit of this route: multipart bodies are parsed as they stream, JSON ones in one piece."""
         if _is_upload(scope):
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
-        return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
+        if scope["path"] == MULTIPART_PREDICT_PATH:
+            return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
+        return self.settings.max_json_bytes, "GRAFT_MAX_JSON_BYTES"
 
 
 def _is_upload(scope: Scope) -> bool:

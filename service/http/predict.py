@@ -62,7 +62,7 @@ def _decode_all(texts: list[str]) -> list[bytes]:
 
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, api: Calls = Depends(calls)) -> PredictResponse:
-    images = await asyncio.to_thread(_decode_all, body.images)  # up to GRAFT_MAX_REQUEST_BYTES: not on the loop
+    images = await asyncio.to_thread(_decode_all, body.images)  # up to GRAFT_MAX_JSON_BYTES: not on the loop
     out = await api.predict(images, body.heads, body.top_k, body.include_embedding, door="http",
                             min_score=body.min_score, coverage=body.coverage)  # fmt: skip
     return PredictResponse(predictions=out)

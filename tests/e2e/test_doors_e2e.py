@@ -14,7 +14,7 @@ from harness.servers import make_tenant_key, start_server
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 
-MAX_REQUEST = 100_000
+MAX_JSON = 100_000
 MAX_UPLOAD = 1_000_000
 
 
@@ -22,7 +22,7 @@ MAX_UPLOAD = 1_000_000
 def server(tmp_path_factory):
     server = start_server(
         tmp_path_factory.mktemp("e2e-doors"),
-        GRAFT_MAX_REQUEST_BYTES=str(MAX_REQUEST),
+        GRAFT_MAX_JSON_BYTES=str(MAX_JSON),
         GRAFT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         GRAFT_QUOTA_DATASETS="1",
         GRAFT_QUOTA_PREDICT_BURST="2",
@@ -57,7 +57,7 @@ def png(colour) -> bytes:
 
 def test_a_chunked_body_over_the_limit_without_a_key_is_401(server):
     response = httpx.post(
-        f"{server.http_url}/v1/jobs", content=chunks(10 * MAX_REQUEST), headers={"Content-Type": "application/json"}
+        f"{server.http_url}/v1/jobs", content=chunks(10 * MAX_JSON), headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 401 and response.json()["code"] == "unauthenticated"
 
@@ -65,11 +65,11 @@ def test_a_chunked_body_over_the_limit_without_a_key_is_401(server):
 def test_a_chunked_body_over_the_limit_with_a_key_is_413(server, key):
     response = httpx.post(
         f"{server.http_url}/v1/jobs",
-        content=chunks(10 * MAX_REQUEST),
+        content=chunks(10 * MAX_JSON),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     assert response.status_code == 413, response.text
-    assert "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
+    assert "GRAFT_MAX_JSON_BYTES" in response.json()["message"]
 
 
 def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(server, key):

@@ -21,6 +21,7 @@ from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
+MAX_JSON = 600
 MAX_REQUEST = 1000
 MAX_UPLOAD = 5000
 
@@ -52,6 +53,7 @@ def runtime(tmp_path) -> Runtime:
         data_dir=tmp_path,
         auth="keys",
         backbones=[],
+        max_json_bytes=MAX_JSON,
         max_request_bytes=MAX_REQUEST,
         max_upload_bytes=MAX_UPLOAD,
         quota_datasets=1,
@@ -93,8 +95,26 @@ async def test_a_chunked_body_is_refused_with_413_as_it_crosses_the_limit(client
     response = await client.post("/v1/jobs", content=body, headers={**bearer(key), "Content-Type": "application/json"})
     assert response.status_code == 413, response.text
     assert response.json()["code"] == "payload_too_large"
-    assert "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
-    assert body.pulled <= MAX_REQUEST + body.chunk
+    assert "GRAFT_MAX_JSON_BYTES" in response.json()["message"]
+    assert body.pulled <= MAX_JSON + body.chunk
+
+
+async def test_a_json_prediction_is_bounded_more_tightly_than_a_multipart_one(client, key):
+    """JSON is parsed in one piece on the event loop, where no other call moves meanwhile (item 7): a JSON body
+    stops at GRAFT_MAX_JSON_BYTES, while a multipart prediction, parsed part by part, may be larger."""
+    json_body = Body(10 * MAX_REQUEST)
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    response = await client.post("/v1/predict", content=json_body, headers=headers)
+    assert response.status_code == 413 and "GRAFT_MAX_JSON_BYTES" in response.json()["message"]
+    assert json_body.pulled <= MAX_JSON + json_body.chunk
+    multipart = Body(MAX_REQUEST - 100, start=ENDLESS_ZIP_PART)
+    headers = {**bearer(key), "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post("/v1/predict:upload", content=multipart, headers=headers)
+    assert response.status_code in (400, 422), response.text  # read whole, then refused for what it holds
+    assert multipart.pulled > MAX_JSON
+    over = Body(10 * MAX_REQUEST, start=ENDLESS_ZIP_PART)
+    response = await client.post("/v1/predict:upload", content=over, headers=headers)
+    assert response.status_code == 413 and "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
 
 
 async def test_a_dataset_upload_may_be_larger_than_other_requests_up_to_its_own_limit(client, key):
