@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-unit test-all lint fuzz screenshots bench bento image lock clean
+.PHONY: setup weights data serve test test-unit test-all lint protos fuzz screenshots bench bento image lock clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ test-unit: setup weights data
 
 test-all: setup weights data
 	$(PY) -m pytest -q
+
+# Both generated trees from protos/graft/v1: the server's (service/grpc/gen) and the client's (client/_proto), checked
+# in; tests/unit/test_protos.py fails when either differs from what these write.
+protos: setup
+	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_client_protos.py
 
 # ruff (lint and format) and mypy, configured in pyproject.toml; .ci/run runs this before the tests.
 lint: setup
