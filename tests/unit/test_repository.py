@@ -1,9 +1,13 @@
-"""Habits of the whole repository: it stands alone, and graft's own deprecated calls fail the tests."""
+"""Habits of the whole repository: it stands alone, its docs name every setting, and graft's own deprecated calls
+fail the tests."""
 
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 # Notes kept beside the working copy while graft was built; a clone does not have them.
@@ -36,6 +40,22 @@ def test_no_file_of_the_project_refers_to_notes_outside_the_repository() -> None
 def test_the_architecture_the_readme_and_code_cite_is_in_the_repository() -> None:
     assert (REPO / "docs" / "architecture.md").is_file()
     assert "docs/architecture.md" in (REPO / "README.md").read_text()
+
+
+def readme_settings_table() -> list[str]:
+    """The variables named in the first cell of each row of the README's "Settings" table (a row may name two)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `GRAFT_")]
+    return [name for row in rows for name in re.findall(r"`(GRAFT_[A-Z0-9_]+)`", row.split("|")[1])]
+
+
+def test_every_setting_is_in_the_readme_table_and_every_row_is_a_setting() -> None:
+    documented = readme_settings_table()
+    settings = {f"GRAFT_{field.upper()}" for field in Settings.model_fields}
+    assert sorted(settings - set(documented)) == [], "settings missing from the README's Settings table"
+    assert sorted(set(documented) - settings) == [], "README Settings rows that are not fields of Settings"
+    assert sorted(name for name in set(documented) if documented.count(name) > 1) == [], "rows listed twice"
 
 
 def test_a_deprecation_warning_from_grafts_own_code_fails_the_run_and_a_third_partys_does_not(tmp_path: Path) -> None:
