@@ -78,7 +78,7 @@ test-all: setup weights data
 	$(PY) -m pytest -q
 
 # Both generated trees from protos/graft/v1: the server's (service/grpc/gen) and the client's (client/_proto), checked
-# in; tests/unit/test_protos.py fails when either differs from what these write.
+# in; tests/unit/test_protos.py (server) and tests/unit/test_client.py (client) fail when either differs.
 protos: setup
 	$(PY) scripts/gen_protos.py
 	$(PY) scripts/gen_client_protos.py
