@@ -1,11 +1,10 @@
-"""graft's own Prometheus metrics, exported on BentoML's ``/metrics`` beside its built-in ones.
+"""graft's own Prometheus metrics, served on ``/metrics`` by the HTTP door (service/http/telemetry.py).
 
-BentoML serves ``/metrics`` from prometheus_client's multiprocess mode: each
-worker starts with ``PROMETHEUS_MULTIPROC_DIR`` in its environment, so series
-made here are written to that folder and merged by BentoML's
-``MultiProcessCollector``. Outside a BentoML worker (tests, benchmarks, the
-library used directly) the variable is unset and the same series live in
-prometheus_client's default registry.
+Under ``bentoml serve`` each worker starts with ``PROMETHEUS_MULTIPROC_DIR`` in its
+environment, so series made here are written to that folder and ``/metrics``
+merges every worker's with prometheus_client's ``MultiProcessCollector``. Outside
+a BentoML worker (tests, benchmarks, the library used directly) the variable is
+unset and the same series live in prometheus_client's default registry.
 """
 
 from typing import TYPE_CHECKING
