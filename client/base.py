@@ -23,6 +23,7 @@ from client.models import (
     Dataset,
     DatasetAudit,
     Head,
+    HeadVersion,
     HyperParams,
     ImagePrediction,
     Job,
@@ -174,6 +175,10 @@ class Client(ABC):
 
     @abstractmethod
     def get_head(self, name: str) -> Head: ...
+
+    @abstractmethod
+    def get_head_version(self, name: str, version: int) -> HeadVersion:
+        """One version of head ``name`` with its whole metrics (per class, confusion matrix, calibration, trials)."""
 
     @abstractmethod
     def delete_head(self, name: str) -> None: ...

@@ -144,6 +144,12 @@ class HeadVersion(BaseModel):
     aliases: list[str] = []
     create_time: datetime
 
+    @property
+    def display(self) -> str:
+        """``head@version``, as predictions and the CLI name it."""
+        head, _, version = self.name.removeprefix("heads/").partition("/versions/")
+        return f"{head}@{version}"
+
 
 class Head(BaseModel):
     name: str = Field(description="heads/{head}")

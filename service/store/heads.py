@@ -269,14 +269,16 @@ class HeadRegistry:
         return ServedVersion.model_validate(row._asdict())
 
     def describe(self, tenant: str, ref: str) -> HeadVersionInfo:
-        """One version with everything clients see of it: its full metrics and its aliases."""
+        """One version with everything clients see of it: its full metrics and its aliases (``latest`` too, as in
+        :meth:`get`)."""
         with self.db.session() as session:
             name, number = self._number(session, tenant, ref)
             row = _version_row(session, tenant, name, number)
             if row is None:
                 raise self._no_version(session, tenant, name, number)
-            aliases = dict(_aliases(session, tenant, name))
-            return _version_info(row, aliases=[a for a, v in aliases.items() if v == number])
+            aliases = [a for a, v in sorted(_aliases(session, tenant, name)) if v == number]
+            latest = number == _latest_version(session, tenant, name)
+            return _version_info(row, aliases=[*aliases, LATEST] if latest else aliases)
 
     def _number(self, session: Session, tenant: str, ref: str) -> tuple[str, int]:
         """The head name and version number ``ref`` means (one small query for an alias or ``latest``)."""
@@ -307,7 +309,7 @@ class HeadRegistry:
                 known = sorted([*(a for a, _ in _aliases(session, tenant, name)), LATEST])
                 raise NotFound(f"head '{name}' has no alias '{alias}'; its aliases are {known}")
             return name, number
-        latest = session.scalar(select(func.max(HeadVersionRow.version)).where(*where))
+        latest = _latest_version(session, tenant, name)
         if latest is None:
             raise _head_not_found(name)
         return name, latest
@@ -495,12 +497,17 @@ def _next_version(session: Session, tenant: str, name: str) -> int:
     where = (HeadNameRow.tenant == tenant, HeadNameRow.name == name)
     bumped = session.execute(update(HeadNameRow).where(*where).values(last_version=HeadNameRow.last_version + 1))
     if rows_changed(bumped) == 0:
-        highest = session.scalar(
-            select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
-        )
+        highest = _latest_version(session, tenant, name)
         session.add(HeadNameRow(tenant=tenant, name=name, last_version=(highest or 0) + 1))
         session.flush()  # a concurrent first creator makes this an IntegrityError: the caller retries
     return session.scalar(select(HeadNameRow.last_version).where(*where)) or 0
+
+
+def _latest_version(session: Session, tenant: str, name: str) -> int | None:
+    """The highest stored version of ``name`` (what ``latest`` means), None when it has none."""
+    return session.scalar(
+        select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
+    )
 
 
 def _check_alias(alias: str) -> None:
