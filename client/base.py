@@ -174,7 +174,8 @@ class Client(ABC):
     def list_heads(self) -> list[Head]: ...
 
     @abstractmethod
-    def get_head(self, name: str) -> Head: ...
+    def get_head(self, name: str) -> Head:
+        """The head with its versions and aliases; each version's ``metrics`` is its summary (accuracy, ECE, ...)."""
 
     @abstractmethod
     def get_head_version(self, name: str, version: int) -> HeadVersion:

@@ -163,7 +163,8 @@ class Head(BaseModel):
         return self.name.removeprefix("heads/")
 
     def version(self, ref: str | int | None = None) -> HeadVersion:
-        """A version by number, alias or None (the latest)."""
+        """A version by number, alias or None (the latest), with its metrics' summary (``Client.get_head_version``
+        has the whole)."""
         number = self.latest_version if ref in (None, "latest") else self.aliases.get(str(ref), ref)
         for version in self.versions:
             if str(version.version) == str(number):

@@ -388,6 +388,7 @@ class Calls:
     # -- heads -----------------------------------------------------------------------
 
     async def get_head(self, name: str) -> Head:
+        """The head with its versions' metrics summaries: cheap however many large versions it has."""
         return Head.of(await in_thread(self.core.heads.get, self.tenant, resource_id(name, "heads")))
 
     async def get_head_version(self, name: str) -> HeadVersion:

@@ -94,6 +94,7 @@ async def export_head(
 
 @router.get("/{head}", response_model=Head, responses=error_responses(404))
 async def get_head(head: HeadName, api: Calls = Depends(calls)) -> Head:
+    """The head with its versions and aliases; each version's ``metrics`` is its summary (accuracy, ECE, ...)."""
     return await api.get_head(head)
 
 
@@ -118,7 +119,8 @@ async def delete_head_version(head: HeadName, version: VersionNumber, api: Calls
 
 @router.put("/{head}/aliases/{alias}", response_model=Head, responses=error_responses(404, 409))
 async def set_alias(head: HeadName, alias: Alias, target: AliasTarget, api: Calls = Depends(calls)) -> Head:
-    """Point ``alias`` (e.g. ``prod``) at a version; predictions by ``name:alias`` follow at once."""
+    """Point ``alias`` (e.g. ``prod``) at a version; predictions by ``name:alias`` follow at once. Answers the head
+    as ``GET /v1/heads/{head}`` does."""
     return await api.set_alias(head, alias, target.version)
 
 

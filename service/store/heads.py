@@ -35,7 +35,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.quotas import Quotas
@@ -85,7 +85,8 @@ class ServedVersion(BaseModel):
 
 
 class HeadVersionInfo(ServedVersion):
-    """A version as clients see it. In lists, ``metrics`` is its summary (the top-level numbers)."""
+    """A version as clients see it. In a head or a list of heads, ``metrics`` is its summary (the top-level
+    numbers); :meth:`HeadRegistry.describe` gives the whole (per class, confusion matrix, calibration)."""
 
     hyperparams: dict[str, Any]
     metrics: dict[str, Any]
@@ -112,6 +113,8 @@ _SERVED_COLUMNS = (
 
 
 class HeadInfo(BaseModel):
+    """A head with all its versions (each with its metrics' summary) and aliases."""
+
     name: str
     latest_version: int
     versions: list[HeadVersionInfo]
@@ -328,9 +331,11 @@ class HeadRegistry:
         return NotFound(f"head '{name}' has no version {number}; its versions are {numbers}")
 
     def get(self, tenant: str, name: str) -> HeadInfo:
+        """The head with every version and alias; versions carry their metrics' summary (:meth:`describe` has the
+        whole): a head of hundreds of 1,000-class versions would otherwise read gigabytes of confusion matrices."""
         check_name("head name", name)
         with self.db.session() as session:
-            heads = _load_heads(session, tenant, [name], full_metrics=True)
+            heads = _load_heads(session, tenant, [name])
         if not heads:
             raise _head_not_found(name)
         return heads[0]
@@ -348,7 +353,7 @@ class HeadRegistry:
             query = query.where(HeadVersionRow.name > last_name)
         with self.db.session() as session:
             names = list(session.scalars(query.order_by(HeadVersionRow.name).limit(page_size + 1)))
-            heads = _load_heads(session, tenant, names[:page_size], full_metrics=False)
+            heads = _load_heads(session, tenant, names[:page_size])
         next_token = encode_token(heads[-1].name) if len(names) > page_size else None
         return heads, next_token
 
@@ -560,14 +565,10 @@ def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_heads(session: Session, tenant: str, names: list[str], *, full_metrics: bool) -> list[HeadInfo]:
-    """HeadInfo for each of ``names`` that has versions, in name order, from two queries.
-
-    ``full_metrics``: each version's whole metrics (one head's page); otherwise their summaries (lists).
-    """
+def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInfo]:
+    """HeadInfo for each of ``names`` that has versions, in name order, from two queries; versions carry their
+    metrics' summary, never the deferred full metrics."""
     query = select(HeadVersionRow).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name.in_(names))
-    if full_metrics:
-        query = query.options(undefer(HeadVersionRow.metrics))
     versions = session.scalars(query.order_by(HeadVersionRow.name, HeadVersionRow.version))
     rows_by_name: dict[str, list[HeadVersionRow]] = defaultdict(list)
     for row in versions:
@@ -588,9 +589,7 @@ def _load_heads(session: Session, tenant: str, names: list[str], *, full_metrics
                 name=name,
                 latest_version=rows[-1].version,
                 versions=[
-                    _version_info(
-                        row, aliases=[a for a, v in aliases.items() if v == row.version], summary=not full_metrics
-                    )
+                    _version_info(row, aliases=[a for a, v in aliases.items() if v == row.version], summary=True)
                     for row in rows
                 ],
                 aliases=aliases,

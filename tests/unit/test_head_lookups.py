@@ -1,8 +1,8 @@
-"""Head lookups read what they serve: one reference reads one version's serving columns, lists read summaries,
-and GetHeadVersion answers one version's whole metrics over both doors and in both clients.
+"""Head lookups read what they serve: one reference reads one version's serving columns, a head and lists of heads
+read their versions' metrics summaries, and only GetHeadVersion reads one version's whole metrics.
 
 A version's metrics can be megabytes (a 1,000-class confusion matrix); a head may have hundreds of versions.
-Checked by the SQL each lookup sends, on SQLite and a real PostgreSQL.
+Checked by the SQL each lookup sends, on SQLite and a real PostgreSQL, and by the size of each door's answer.
 """
 
 import asyncio
@@ -19,6 +19,8 @@ import torch
 from google.protobuf import json_format
 from sqlalchemy import event
 
+from adapters.metrics import evaluate
+from client import cli
 from client.base import Client
 from client.errors import NotFound
 from client.grpc_client import GrpcClient
@@ -98,8 +100,12 @@ def test_a_list_of_heads_reads_summaries_not_every_versions_full_metrics(registr
     assert head.versions[4].metrics == {"accuracy": 0.05}  # the summary: its top-level numbers
 
 
-def test_one_heads_page_and_one_version_still_have_their_full_metrics(registry):
-    assert registry.get(TENANT, "big").versions[0].metrics["confusion_matrix"] == CONFUSION
+def test_a_head_reads_its_versions_summaries_not_their_full_metrics(registry):
+    with selects(registry) as sent:
+        head = registry.get(TENANT, "big")
+    assert sent and not [s for s in sent if reads_full_metrics(s)], sent
+    assert [v.metrics for v in head.versions] == [{"accuracy": v / 100} for v in range(1, VERSIONS + 1)]
+    assert head.versions[2].aliases == ["prod"] and head.aliases == {"prod": 3, "latest": VERSIONS}
 
 
 def test_describing_one_version_reads_its_full_metrics_and_aliases(registry):
@@ -180,6 +186,27 @@ async def over_grpc(stub: rpc.HeadServiceStub, metadata: list, method: str, name
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("door", DOORS)
+async def test_get_head_answers_summaries_smaller_than_one_versions_whole_metrics(runtime, ask, door):
+    with selects(runtime.core.heads) as sent:
+        head = await ask(door, "GetHead", "heads/big")
+    assert head.code == "ok" and not [s for s in sent if reads_full_metrics(s)], sent
+    assert [v["metrics"] for v in head.body["versions"]] == [{"accuracy": v / 100} for v in range(1, VERSIONS + 1)]
+    one = await ask(door, "GetHeadVersion", "heads/big/versions/1")
+    assert head.size * 10 < one.size  # all twelve versions' summaries, against one version's whole metrics
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", DOORS)
+async def test_set_alias_answers_the_head_with_its_versions_summaries(runtime, ask, door):
+    with selects(runtime.core.heads) as sent:
+        head = await ask(door, "SetAlias", "heads/big", alias="canary", version=5)
+    assert head.code == "ok" and not [s for s in sent if reads_full_metrics(s)], sent
+    assert head.body["aliases"]["canary"] == 5 and head.body["versions"][4]["aliases"] == ["canary"]
+    assert [v["metrics"] for v in head.body["versions"]] == [{"accuracy": v / 100} for v in range(1, VERSIONS + 1)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", DOORS)
 async def test_get_head_version_answers_its_whole_metrics_and_aliases(ask, door):
     prod = await ask(door, "GetHeadVersion", "heads/big/versions/3")
     assert prod.code == "ok", prod.body
@@ -210,13 +237,37 @@ async def test_a_malformed_head_version_name_is_invalid_argument(ask, door, name
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("door", DOORS)
-async def test_both_clients_get_one_versions_whole_metrics_and_aliases(runtime, key, door):
+async def test_both_clients_get_one_versions_whole_metrics_and_the_heads_summaries(runtime, key, door):
     async with client_of(runtime, key, door) as client:
         version = await asyncio.to_thread(client.get_head_version, "big", 3)
+        head = await asyncio.to_thread(client.get_head, "big")
         with pytest.raises(NotFound, match="head 'big' has no version 99"):
             await asyncio.to_thread(client.get_head_version, "big", 99)
     assert version.display == "big@3" and version.aliases == ["prod"]
     assert version.metrics == {"accuracy": 0.03, "confusion_matrix": CONFUSION}
+    assert head.version("prod").metrics == {"accuracy": 0.03}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", DOORS)
+async def test_graft_report_draws_the_whole_metrics_of_the_version_it_names(runtime, key, door, tmp_path, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    evaluated = evaluate(torch.eye(3)[[0, 1, 2, 1]] * 3, torch.tensor([0, 1, 2, 2]), ["cat", "dog", "eel"])
+    heads = runtime.core.heads
+    heads.create_version(
+        TENANT, "pets", tensors={"weight": torch.zeros(3, 4)}, backbone="mobilenet_v2", split_point=None,
+        kind="linear", classes=["cat", "dog", "eel"], config={}, hyperparams={}, dataset_id="ds_1",
+        metrics=evaluated.model_dump(mode="json"),
+    )  # fmt: skip
+    add_versions(heads, TENANT, "pets", 1)  # a later version: the report draws the one the alias names
+    heads.set_alias(TENANT, "pets", "prod", 1)
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    monkeypatch.setenv("GRAFT_API_KEY", key)
+    out = tmp_path / "report.png"
+    async with client_of(runtime, key, door) as client:
+        code = await asyncio.to_thread(cli.main, ["--url", client.url, "report", "pets:prod", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and capsys.readouterr().out == f"{out}: pets@1\n"
 
 
 @contextlib.asynccontextmanager
