@@ -23,6 +23,7 @@ from client.models import (
     Dataset,
     DatasetAudit,
     Head,
+    HeadVersion,
     HyperParams,
     ImagePrediction,
     Job,
@@ -173,7 +174,12 @@ class Client(ABC):
     def list_heads(self) -> list[Head]: ...
 
     @abstractmethod
-    def get_head(self, name: str) -> Head: ...
+    def get_head(self, name: str) -> Head:
+        """The head with its versions and aliases; each version's ``metrics`` is its summary (accuracy, ECE, ...)."""
+
+    @abstractmethod
+    def get_head_version(self, name: str, version: int) -> HeadVersion:
+        """One version of head ``name`` with its whole metrics (per class, confusion matrix, calibration, trials)."""
 
     @abstractmethod
     def delete_head(self, name: str) -> None: ...

@@ -323,11 +323,12 @@ def report(graft: Client, args: argparse.Namespace) -> int:
     head = graft.get_head(args.head.split("@")[0].split(":")[0])
     ref = args.head.partition("@")[2] or args.head.partition(":")[2] or None
     try:
-        version = head.version(ref)
+        number = head.version(ref).version
     except KeyError as exc:
         raise UsageError(str(exc).strip("'\"")) from None
-    draw(head, version, Path(args.output))
-    print(f"{args.output}: {head.display}@{version.version}")
+    version = graft.get_head_version(head.display, number)  # the whole metrics: the head has their summaries
+    draw(version, Path(args.output))
+    print(f"{args.output}: {version.display}")
     return 0
 
 

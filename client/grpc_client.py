@@ -20,7 +20,7 @@ from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import AUDIT_TIMEOUT_S, IDEMPOTENCY_METADATA, Client, PredictOptions, UploadProgress, new_request_id
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
-from client.models import Backbone, Dataset, DatasetAudit, Head, ImagePrediction, Job, TrainingSpec
+from client.models import Backbone, Dataset, DatasetAudit, Head, HeadVersion, ImagePrediction, Job, TrainingSpec
 from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, from_directory
 
@@ -198,6 +198,10 @@ class GrpcClient(Client):
         return Head.model_validate(
             _json(self._call(self._heads.GetHead, api.GetHeadRequest(name=_named(name, "heads"))))
         )
+
+    def get_head_version(self, name: str, version: int) -> HeadVersion:
+        request = api.GetHeadVersionRequest(name=f"{_named(name, 'heads')}/versions/{version}")
+        return HeadVersion.model_validate(_json(self._call(self._heads.GetHeadVersion, request)))
 
     def delete_head(self, name: str) -> None:
         self._call(self._heads.DeleteHead, api.DeleteHeadRequest(name=_named(name, "heads")), safe=False)

@@ -15,6 +15,7 @@ from client.models import (
     Dataset,
     DatasetAudit,
     Head,
+    HeadVersion,
     ImagePrediction,
     Job,
     NewKey,
@@ -148,6 +149,9 @@ class HttpClient(Client):
 
     def get_head(self, name: str) -> Head:
         return Head.model_validate(self._call("GET", f"/v1/{_named(name, 'heads')}"))
+
+    def get_head_version(self, name: str, version: int) -> HeadVersion:
+        return HeadVersion.model_validate(self._call("GET", f"/v1/{_named(name, 'heads')}/versions/{version}"))
 
     def delete_head(self, name: str) -> None:
         self._call("DELETE", f"/v1/{_named(name, 'heads')}")

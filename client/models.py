@@ -144,6 +144,12 @@ class HeadVersion(BaseModel):
     aliases: list[str] = []
     create_time: datetime
 
+    @property
+    def display(self) -> str:
+        """``head@version``, as predictions and the CLI name it."""
+        head, _, version = self.name.removeprefix("heads/").partition("/versions/")
+        return f"{head}@{version}"
+
 
 class Head(BaseModel):
     name: str = Field(description="heads/{head}")
@@ -157,7 +163,8 @@ class Head(BaseModel):
         return self.name.removeprefix("heads/")
 
     def version(self, ref: str | int | None = None) -> HeadVersion:
-        """A version by number, alias or None (the latest)."""
+        """A version by number, alias or None (the latest), with its metrics' summary (``Client.get_head_version``
+        has the whole)."""
         number = self.latest_version if ref in (None, "latest") else self.aliases.get(str(ref), ref)
         for version in self.versions:
             if str(version.version) == str(number):

@@ -14,10 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from client.models import Head, HeadVersion
+from client.models import HeadVersion
 
 
-def draw(head: Head, version: HeadVersion, out: Path) -> None:
+def draw(version: HeadVersion, out: Path) -> None:
+    """``version`` as ``Client.get_head_version`` gives it: a head's versions carry only their metrics' summary."""
     metrics = version.metrics
     missing = [key for key in ("confusion", "per_class") if key not in metrics]
     if missing:
@@ -25,7 +26,7 @@ def draw(head: Head, version: HeadVersion, out: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 10.5), dpi=110)
     accuracy, ece, examples = metrics.get("accuracy"), metrics.get("ece"), metrics.get("num_examples")
     fig.suptitle(
-        f"{head.display}@{version.version}  ·  {version.kind} on {version.backbone}  ·  hold-out accuracy "
+        f"{version.display}  ·  {version.kind} on {version.backbone}  ·  hold-out accuracy "
         f"{_number(accuracy)}  ·  ECE {_number(ece)}  ·  {int(examples or 0)} hold-out images",
         fontsize=13, fontweight="bold",
     )  # fmt: skip

@@ -37,6 +37,7 @@ from service.resources import (
     ExportedHead,
     ExportFormat,
     Head,
+    HeadVersion,
     Job,
     ListBackbonesResponse,
     ListDatasetsResponse,
@@ -387,7 +388,13 @@ class Calls:
     # -- heads -----------------------------------------------------------------------
 
     async def get_head(self, name: str) -> Head:
+        """The head with its versions' metrics summaries: cheap however many large versions it has."""
         return Head.of(await in_thread(self.core.heads.get, self.tenant, resource_id(name, "heads")))
+
+    async def get_head_version(self, name: str) -> HeadVersion:
+        """One version with its whole metrics and its aliases."""
+        head, version = head_version_ref(name)
+        return HeadVersion.of(await in_thread(self.core.heads.describe, self.tenant, f"{head}@{version}"))
 
     async def list_heads(self, page_size: int, page_token: str) -> ListHeadsResponse:
         heads, token = await in_thread(self.core.heads.list, self.tenant, *_page(page_size, page_token))

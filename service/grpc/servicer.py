@@ -224,6 +224,10 @@ class HeadService(_Door, rpc.HeadServiceServicer):
         return convert.message(await calls.get_head(request.name), pb.Head)
 
     @door_method
+    async def GetHeadVersion(self, request, context, calls: Calls):
+        return convert.message(await calls.get_head_version(request.name), pb.HeadVersion)
+
+    @door_method
     async def ListHeads(self, request, context, calls: Calls):
         return convert.message(await calls.list_heads(request.page_size, request.page_token), api.ListHeadsResponse)
 

@@ -14,11 +14,13 @@ from service.resources import (
     ALIAS_PATTERN,
     DEFAULT_PAGE_SIZE,
     HEAD_NAME_PATTERN,
+    MAX_VERSION,
     NAME_PATTERN,
     NOT_LATEST,
     REMOVED_EXPORT_FORMATS,
     ExportFormat,
     Head,
+    HeadVersion,
     ListHeadsResponse,
     Version,
 )
@@ -34,6 +36,7 @@ Alias = Annotated[
         pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST, description="an alias; 'latest' is implicit and reserved"
     ),
 ]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="the version in heads/{head}/versions/{version}")]
 HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
 HeadRef = Annotated[str, Path(pattern=HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
 
@@ -91,7 +94,14 @@ async def export_head(
 
 @router.get("/{head}", response_model=Head, responses=error_responses(404))
 async def get_head(head: HeadName, api: Calls = Depends(calls)) -> Head:
+    """The head with its versions and aliases; each version's ``metrics`` is its summary (accuracy, ECE, ...)."""
     return await api.get_head(head)
+
+
+@router.get("/{head}/versions/{version}", response_model=HeadVersion, responses=error_responses(404))
+async def get_head_version(head: HeadName, version: VersionNumber, api: Calls = Depends(calls)) -> HeadVersion:
+    """One version with its whole metrics (per class, confusion matrix, calibration, trials) and its aliases."""
+    return await api.get_head_version(f"heads/{head}/versions/{version}")
 
 
 @router.delete("/{head}", status_code=204, response_class=Response, responses=error_responses(404, 409))
@@ -102,15 +112,15 @@ async def delete_head(head: HeadName, api: Calls = Depends(calls)) -> Response:
 
 @router.delete("/{head}/versions/{version}", status_code=204, response_class=Response,
                responses=error_responses(404, 409))  # fmt: skip
-async def delete_head_version(head: HeadName, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
-                              api: Calls = Depends(calls)) -> Response:  # fmt: skip
+async def delete_head_version(head: HeadName, version: VersionNumber, api: Calls = Depends(calls)) -> Response:
     await api.delete_head_version(f"heads/{head}/versions/{version}")
     return Response(status_code=204)
 
 
 @router.put("/{head}/aliases/{alias}", response_model=Head, responses=error_responses(404, 409))
 async def set_alias(head: HeadName, alias: Alias, target: AliasTarget, api: Calls = Depends(calls)) -> Head:
-    """Point ``alias`` (e.g. ``prod``) at a version; predictions by ``name:alias`` follow at once."""
+    """Point ``alias`` (e.g. ``prod``) at a version; predictions by ``name:alias`` follow at once. Answers the head
+    as ``GET /v1/heads/{head}`` does."""
     return await api.set_alias(head, alias, target.version)
 
 

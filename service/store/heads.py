@@ -35,7 +35,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.quotas import Quotas
@@ -85,7 +85,8 @@ class ServedVersion(BaseModel):
 
 
 class HeadVersionInfo(ServedVersion):
-    """A version as clients see it. In lists, ``metrics`` is its summary (the top-level numbers)."""
+    """A version as clients see it. In a head or a list of heads, ``metrics`` is its summary (the top-level
+    numbers); :meth:`HeadRegistry.describe` gives the whole (per class, confusion matrix, calibration)."""
 
     hyperparams: dict[str, Any]
     metrics: dict[str, Any]
@@ -112,6 +113,8 @@ _SERVED_COLUMNS = (
 
 
 class HeadInfo(BaseModel):
+    """A head with all its versions (each with its metrics' summary) and aliases."""
+
     name: str
     latest_version: int
     versions: list[HeadVersionInfo]
@@ -269,14 +272,16 @@ class HeadRegistry:
         return ServedVersion.model_validate(row._asdict())
 
     def describe(self, tenant: str, ref: str) -> HeadVersionInfo:
-        """One version with everything clients see of it: its full metrics and its aliases."""
+        """One version with everything clients see of it: its full metrics and its aliases (``latest`` too, as in
+        :meth:`get`)."""
         with self.db.session() as session:
             name, number = self._number(session, tenant, ref)
             row = _version_row(session, tenant, name, number)
             if row is None:
                 raise self._no_version(session, tenant, name, number)
-            aliases = dict(_aliases(session, tenant, name))
-            return _version_info(row, aliases=[a for a, v in aliases.items() if v == number])
+            aliases = [a for a, v in sorted(_aliases(session, tenant, name)) if v == number]
+            latest = number == _latest_version(session, tenant, name)
+            return _version_info(row, aliases=[*aliases, LATEST] if latest else aliases)
 
     def _number(self, session: Session, tenant: str, ref: str) -> tuple[str, int]:
         """The head name and version number ``ref`` means (one small query for an alias or ``latest``)."""
@@ -307,7 +312,7 @@ class HeadRegistry:
                 known = sorted([*(a for a, _ in _aliases(session, tenant, name)), LATEST])
                 raise NotFound(f"head '{name}' has no alias '{alias}'; its aliases are {known}")
             return name, number
-        latest = session.scalar(select(func.max(HeadVersionRow.version)).where(*where))
+        latest = _latest_version(session, tenant, name)
         if latest is None:
             raise _head_not_found(name)
         return name, latest
@@ -326,9 +331,11 @@ class HeadRegistry:
         return NotFound(f"head '{name}' has no version {number}; its versions are {numbers}")
 
     def get(self, tenant: str, name: str) -> HeadInfo:
+        """The head with every version and alias; versions carry their metrics' summary (:meth:`describe` has the
+        whole): a head of hundreds of 1,000-class versions would otherwise read gigabytes of confusion matrices."""
         check_name("head name", name)
         with self.db.session() as session:
-            heads = _load_heads(session, tenant, [name], full_metrics=True)
+            heads = _load_heads(session, tenant, [name])
         if not heads:
             raise _head_not_found(name)
         return heads[0]
@@ -346,7 +353,7 @@ class HeadRegistry:
             query = query.where(HeadVersionRow.name > last_name)
         with self.db.session() as session:
             names = list(session.scalars(query.order_by(HeadVersionRow.name).limit(page_size + 1)))
-            heads = _load_heads(session, tenant, names[:page_size], full_metrics=False)
+            heads = _load_heads(session, tenant, names[:page_size])
         next_token = encode_token(heads[-1].name) if len(names) > page_size else None
         return heads, next_token
 
@@ -495,12 +502,17 @@ def _next_version(session: Session, tenant: str, name: str) -> int:
     where = (HeadNameRow.tenant == tenant, HeadNameRow.name == name)
     bumped = session.execute(update(HeadNameRow).where(*where).values(last_version=HeadNameRow.last_version + 1))
     if rows_changed(bumped) == 0:
-        highest = session.scalar(
-            select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
-        )
+        highest = _latest_version(session, tenant, name)
         session.add(HeadNameRow(tenant=tenant, name=name, last_version=(highest or 0) + 1))
         session.flush()  # a concurrent first creator makes this an IntegrityError: the caller retries
     return session.scalar(select(HeadNameRow.last_version).where(*where)) or 0
+
+
+def _latest_version(session: Session, tenant: str, name: str) -> int | None:
+    """The highest stored version of ``name`` (what ``latest`` means), None when it has none."""
+    return session.scalar(
+        select(func.max(HeadVersionRow.version)).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
+    )
 
 
 def _check_alias(alias: str) -> None:
@@ -553,14 +565,10 @@ def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_heads(session: Session, tenant: str, names: list[str], *, full_metrics: bool) -> list[HeadInfo]:
-    """HeadInfo for each of ``names`` that has versions, in name order, from two queries.
-
-    ``full_metrics``: each version's whole metrics (one head's page); otherwise their summaries (lists).
-    """
+def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInfo]:
+    """HeadInfo for each of ``names`` that has versions, in name order, from two queries; versions carry their
+    metrics' summary, never the deferred full metrics."""
     query = select(HeadVersionRow).where(HeadVersionRow.tenant == tenant, HeadVersionRow.name.in_(names))
-    if full_metrics:
-        query = query.options(undefer(HeadVersionRow.metrics))
     versions = session.scalars(query.order_by(HeadVersionRow.name, HeadVersionRow.version))
     rows_by_name: dict[str, list[HeadVersionRow]] = defaultdict(list)
     for row in versions:
@@ -581,9 +589,7 @@ def _load_heads(session: Session, tenant: str, names: list[str], *, full_metrics
                 name=name,
                 latest_version=rows[-1].version,
                 versions=[
-                    _version_info(
-                        row, aliases=[a for a, v in aliases.items() if v == row.version], summary=not full_metrics
-                    )
+                    _version_info(row, aliases=[a for a, v in aliases.items() if v == row.version], summary=True)
                     for row in rows
                 ],
                 aliases=aliases,

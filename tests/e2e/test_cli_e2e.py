@@ -194,7 +194,8 @@ def test_the_python_client_uploads_trains_and_predicts(server, images, tenant, t
         assert "running" in states
 
         head = client.get_head(f"weave-{transport}")
-        assert head.version().metrics["reliability"] and head.version().classes == CLASSES
+        assert set(head.version().metrics) >= {"accuracy", "ece"} and head.version().classes == CLASSES  # summary
+        assert client.get_head_version(head.display, 1).metrics["reliability"]  # the whole metrics
         predictions = client.predict([images / "held_out" / n for n in HELD_OUT], head.display, top_k=3)
         assert [p.heads[0].head for p in predictions] == [head.display] * len(HELD_OUT)
         assert all(sorted(t.label for t in p.heads[0].top) == CLASSES for p in predictions)

@@ -171,12 +171,19 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     expect(matrix.locator("tbody td")).to_have_count(9)
     shoot(page, screenshots, "trained")
 
+    version_fetches: list[str] = []
+    page.on("request", lambda request: version_fetches.append(request.url.removeprefix(server.http_url)))
     open_page(page, "Your heads")
     expect(page.get_by_role("heading", name="weave")).to_be_visible()
     page.get_by_label("Alias", exact=True).fill("prod")
     page.get_by_role("button", name="Set alias").click()
     expect(page.get_by_text("weave:prod")).to_be_visible()
+    assert not [url for url in version_fetches if "/versions/" in url], "whole metrics fetched before being opened"
     page.get_by_text("Hold-out metrics of version 1").click()
+    metrics = page.locator(".version-metrics")
+    expect(metrics.locator(".confusion-matrix tbody td")).to_have_count(9)  # the whole metrics, fetched on opening
+    expect(metrics.locator(".per-class tbody tr")).to_have_count(3)
+    assert [url for url in version_fetches if "/versions/" in url] == ["/v1/heads/weave/versions/1"]
     shoot(page, screenshots, "heads")
     with page.expect_download() as download:
         page.get_by_role("button", name="Download weave version 1 as safetensors").click()

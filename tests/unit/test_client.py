@@ -176,8 +176,8 @@ def test_stored_metrics_carry_the_reliability_curve_and_the_report_draws_them(tm
         create_time="2026-01-01T00:00:00Z",
     )
     head = models.Head(name="heads/pets", latest_version=2, versions=[version], aliases={"prod": 2})
-    assert head.version("prod") is version and head.version() is version
-    draw(head, version, tmp_path / "report.png")
+    assert head.version("prod") is version and head.version() is version and version.display == "pets@2"
+    draw(version, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -185,4 +185,4 @@ def test_a_report_of_a_version_without_evaluation_says_what_to_do(tmp_path):
     version = models.HeadVersion(name="heads/pets/versions/1", version=1, backbone="b", kind="linear", classes=["a"],
                                  metrics={}, create_time="2026-01-01T00:00:00Z")  # fmt: skip
     with pytest.raises(ValueError, match="train it again"):
-        draw(models.Head(name="heads/pets", latest_version=1, versions=[version]), version, tmp_path / "r.png")
+        draw(version, tmp_path / "r.png")

@@ -238,7 +238,8 @@ async def test_an_upload_that_does_not_end_in_time_is_deadline_exceeded_and_stor
 
 
 @pytest.mark.parametrize(
-    "method", ["ListDatasets", "GetDataset", "ListHeads", "GetHead", "DeleteHeadVersion", "ListJobs", "GetJob"]
+    "method",
+    ["ListDatasets", "GetDataset", "ListHeads", "GetHead", "GetHeadVersion", "DeleteHeadVersion", "ListJobs", "GetJob"],
 )
 async def test_the_event_loop_runs_while_a_call_waits_for_the_database(keyed, method):
     """Every statement waits until the loop itself releases it: a call that blocked the loop would time out."""
@@ -248,6 +249,7 @@ async def test_the_event_loop_runs_while_a_call_waits_for_the_database(keyed, me
         "GetDataset": (rpc.DatasetServiceStub, api.GetDatasetRequest(name="datasets/ds_0")),
         "ListHeads": (rpc.HeadServiceStub, api.ListHeadsRequest()),
         "GetHead": (rpc.HeadServiceStub, api.GetHeadRequest(name="heads/h")),
+        "GetHeadVersion": (rpc.HeadServiceStub, api.GetHeadVersionRequest(name="heads/h/versions/1")),
         "DeleteHeadVersion": (rpc.HeadServiceStub, api.DeleteHeadVersionRequest(name="heads/h/versions/1")),
         "ListJobs": (rpc.JobServiceStub, api.ListJobsRequest()),
         "GetJob": (rpc.JobServiceStub, api.GetJobRequest(name="jobs/job_0")),

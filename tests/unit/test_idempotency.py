@@ -10,13 +10,11 @@ import contextlib
 import io
 import socket
 import threading
-import time
 from datetime import timedelta
 
 import grpc
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -24,6 +22,7 @@ from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from client.models import TrainingSpec as ClientSpec
 from client.retry import RetryPolicy
+from harness.inprocess import serve_http
 from service.config import Settings
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -258,25 +257,10 @@ class LosesFirstAnswer:
         self.listener.close()
 
 
-@contextlib.contextmanager
-def uvicorn_server(runtime: Runtime):
-    config = uvicorn.Config(create_app(runtime.settings, lambda: runtime), host="127.0.0.1", port=0, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_the_http_client_retries_a_create_job_whose_answer_was_lost_and_one_job_is_made(runtime):
     secret, dataset = tenant(runtime, "acme")
     spec = ClientSpec(dataset=f"datasets/{dataset}", head="h", backbone="mobilenet_v2")
-    with uvicorn_server(runtime) as port:
+    with serve_http(runtime) as port:
         proxy = LosesFirstAnswer(port, lose=b"POST /v1/jobs")
         try:
             with HttpClient(f"http://127.0.0.1:{proxy.port}", secret, retry=RetryPolicy(base_delay_s=0.01)) as client:

@@ -33,10 +33,29 @@ function headCard(head) {
       versions[0] ? ` · ${versions[0].kind} on ${versions[0].backbone} · ${versions[0].classes.join(", ")}` : ""),
     aliasList(name, head, status),
     el("div", { class: "scroll" }, versionTable(name, versions, status)),
-    versions.map((v) => el("details", { class: "version-metrics" },
-      el("summary", {}, `Hold-out metrics of version ${v.version}`), metricsView(v.metrics, v.classes))),
+    versions.map((v) => versionMetrics(name, v)),
     aliasForm(name, versions, status),
     status);
+}
+
+/** A version's hold-out metrics, fetched when first opened: a head carries only their summaries (accuracy, ECE),
+ * and the whole of a 1,000-class version (its confusion matrix) is megabytes. */
+function versionMetrics(name, version) {
+  const body = el("div", {}, el("p", {}, "Loading the metrics…"));
+  let loaded = false;
+  const details = el("details", { class: "version-metrics", ontoggle: async () => {
+    if (!details.open || loaded) return;
+    loaded = true;
+    try {
+      const full = await call(`heads/${name}/versions/${version.version}`);
+      body.replaceChildren(metricsView(full.metrics, full.classes));
+    } catch (error) {
+      loaded = false; // opening it again tries again
+      body.replaceChildren(el("p", { class: "error", role: "alert" },
+        `The metrics of version ${version.version} could not be loaded: ${error.message}`));
+    }
+  } }, el("summary", {}, `Hold-out metrics of version ${version.version}`), body);
+  return details;
 }
 
 function aliasList(name, head, status) {

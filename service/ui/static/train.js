@@ -207,8 +207,7 @@ async function train(spec, head) {
   bar.value = 100;
   const [, name, version] = job.head_version.match(/^heads\/(.+)\/versions\/(\d+)$/);
   text.textContent = `done: ${name} version ${version}`;
-  const headInfo = await call(`heads/${name}`);
-  const trained = headInfo.versions.find((v) => v.version === Number(version));
+  const trained = await call(job.head_version); // this version with its whole metrics, not every version's
   $("result-metrics").replaceChildren(
     el("p", {}, `${name} version ${version}: ${trained.kind} head on ${trained.backbone}.`),
     metricsView(trained.metrics, trained.classes));

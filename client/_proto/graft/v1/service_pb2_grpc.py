@@ -672,6 +672,11 @@ class HeadServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.GetHeadRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_resources__pb2.Head.FromString,
                 _registered_method=True)
+        self.GetHeadVersion = channel.unary_unary(
+                '/graft.v1.HeadService/GetHeadVersion',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetHeadVersionRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.HeadVersion.FromString,
+                _registered_method=True)
         self.ListHeads = channel.unary_unary(
                 '/graft.v1.HeadService/ListHeads',
                 request_serializer=graft_dot_v1_dot_service__pb2.ListHeadsRequest.SerializeToString,
@@ -708,13 +713,25 @@ class HeadServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetHead(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The head with all its versions and aliases. Each version's `metrics` is
+        only its summary, the top-level numbers (accuracy, ECE, loss, hold-out
+        images, ...): a head of many 1,000-class versions stays small.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHeadVersion(self, request, context):
+        """One version with its whole metrics (per class, confusion matrix,
+        calibration, trials) and its aliases.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListHeads(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Heads in name order; versions carry their metrics' summary, as in GetHead.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -732,7 +749,8 @@ class HeadServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetAlias(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Answers the head as GetHead does (versions with their metrics' summary).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -760,6 +778,11 @@ def add_HeadServiceServicer_to_server(servicer, server):
                     servicer.GetHead,
                     request_deserializer=graft_dot_v1_dot_service__pb2.GetHeadRequest.FromString,
                     response_serializer=graft_dot_v1_dot_resources__pb2.Head.SerializeToString,
+            ),
+            'GetHeadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeadVersion,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetHeadVersionRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.HeadVersion.SerializeToString,
             ),
             'ListHeads': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHeads,
@@ -819,6 +842,33 @@ class HeadService:
             '/graft.v1.HeadService/GetHead',
             graft_dot_v1_dot_service__pb2.GetHeadRequest.SerializeToString,
             graft_dot_v1_dot_resources__pb2.Head.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/GetHeadVersion',
+            graft_dot_v1_dot_service__pb2.GetHeadVersionRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.HeadVersion.FromString,
             options,
             channel_credentials,
             insecure,

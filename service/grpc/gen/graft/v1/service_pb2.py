@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from service.grpc.gen.graft.v1 import resources_pb2 as graft_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16graft/v1/service.proto\x12\x08graft.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x18graft/v1/resources.proto\"\"\n\x12GetBackboneRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14ListBackbonesRequest\">\n\x15ListBackbonesResponse\x12%\n\tbackbones\x18\x01 \x03(\x0b\x32\x12.graft.v1.Backbone\"\xe7\x01\n\x14\x43reateDatasetRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.graft.v1.CreateDatasetRequest.HeaderH\x00\x12\x35\n\x05image\x18\x02 \x01(\x0b\x32$.graft.v1.CreateDatasetRequest.ImageH\x00\x1a\x1e\n\x06Header\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x1a\x37\n\x05Image\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x42\x06\n\x04part\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.graft.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9f\x01\n\x13\x41uditDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x14\n\x0cmax_suspects\x18\x03 \x01(\x05\x12\x16\n\x0emax_duplicates\x18\x04 \x01(\x05\x12!\n\x14\x64uplicate_similarity\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_duplicate_similarity\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.graft.v1.TrainingSpec\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.graft.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1e\n\x0eGetHeadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListHeadsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x11ListHeadsResponse\x12\x1d\n\x05heads\x18\x01 \x03(\x0b\x32\x0e.graft.v1.Head\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteHeadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x18\x44\x65leteHeadVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x0fSetAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\"1\n\x12RemoveAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"c\n\x11\x45xportHeadRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12&\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x16.graft.v1.ExportFormat\x12\x18\n\x10\x61\x64\x64itional_heads\x18\x03 \x03(\t\"#\n\x12\x45xportHeadResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x0eHeadPrediction\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.graft.v1.LabelScore\x12\x11\n\tabstained\x18\x04 \x01(\x08\x12\x16\n\x0eprediction_set\x18\x05 \x03(\t\"M\n\x0fImagePrediction\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.graft.v1.HeadPrediction\x12\x11\n\tembedding\x18\x02 \x03(\x02\"~\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05heads\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x19\n\x11include_embedding\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x01\x12\x10\n\x08\x63overage\x18\x06 \x01(\x01\"A\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.graft.v1.ImagePrediction\"\x97\x01\n\x14StreamPredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05heads\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x19\n\x11include_embedding\x18\x05 \x01(\x08\x12\x11\n\tmin_score\x18\x06 \x01(\x01\x12\x10\n\x08\x63overage\x18\x07 \x01(\x01\"\x85\x01\n\x15StreamPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\nprediction\x18\x02 \x01(\x0b\x32\x19.graft.v1.ImagePrediction\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t*\x9c\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPORT_FORMAT_SAFETENSORS\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ONNX\x10\x03\x12\x15\n\x11\x45XPORT_FORMAT_PT2\x10\x04\"\x04\x08\x02\x10\x02*\x19\x45XPORT_FORMAT_TORCHSCRIPT2\xdb\x01\n\x0f\x42\x61\x63kboneService\x12_\n\x0bGetBackbone\x12\x1c.graft.v1.GetBackboneRequest\x1a\x12.graft.v1.Backbone\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=backbones/*}\x12g\n\rListBackbones\x12\x1e.graft.v1.ListBackbonesRequest\x1a\x1f.graft.v1.ListBackbonesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/backbones2\x85\x04\n\x0e\x44\x61tasetService\x12]\n\rCreateDataset\x12\x1e.graft.v1.CreateDatasetRequest\x1a\x11.graft.v1.Dataset\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/datasets:\x01*(\x01\x12[\n\nGetDataset\x12\x1b.graft.v1.GetDatasetRequest\x1a\x11.graft.v1.Dataset\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=datasets/*}\x12\x63\n\x0cListDatasets\x12\x1d.graft.v1.ListDatasetsRequest\x1a\x1e.graft.v1.ListDatasetsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12\x66\n\rDeleteDataset\x12\x1e.graft.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=datasets/*}\x12j\n\x0c\x41uditDataset\x12\x1d.graft.v1.AuditDatasetRequest\x1a\x16.graft.v1.DatasetAudit\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{name=datasets/*}:audit2\xb1\x03\n\nJobService\x12N\n\tCreateJob\x12\x1a.graft.v1.CreateJobRequest\x1a\r.graft.v1.Job\"\x16\x82\xd3\xe4\x93\x02\x10\"\x08/v1/jobs:\x04spec\x12K\n\x06GetJob\x12\x17.graft.v1.GetJobRequest\x1a\r.graft.v1.Job\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12S\n\x08ListJobs\x12\x19.graft.v1.ListJobsRequest\x1a\x1a.graft.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12X\n\tCancelJob\x12\x1a.graft.v1.CancelJobRequest\x1a\r.graft.v1.Job\" \x82\xd3\xe4\x93\x02\x1a\"\x18/v1/{name=jobs/*}:cancel\x12W\n\x08WatchJob\x12\x19.graft.v1.WatchJobRequest\x1a\r.graft.v1.Job\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x32\xd3\x05\n\x0bHeadService\x12O\n\x07GetHead\x12\x18.graft.v1.GetHeadRequest\x1a\x0e.graft.v1.Head\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=heads/*}\x12W\n\tListHeads\x12\x1a.graft.v1.ListHeadsRequest\x1a\x1b.graft.v1.ListHeadsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/heads\x12]\n\nDeleteHead\x12\x1b.graft.v1.DeleteHeadRequest\x1a\x16.google.protobuf.Empty\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=heads/*}\x12v\n\x11\x44\x65leteHeadVersion\x12\".graft.v1.DeleteHeadVersionRequest\x1a\x16.google.protobuf.Empty\"%\x82\xd3\xe4\x93\x02\x1f*\x1d/v1/{name=heads/*/versions/*}\x12\x64\n\x08SetAlias\x12\x19.graft.v1.SetAliasRequest\x1a\x0e.graft.v1.Head\"-\x82\xd3\xe4\x93\x02\'\x1a\"/v1/{name=heads/*}/aliases/{alias}:\x01*\x12o\n\x0bRemoveAlias\x12\x1c.graft.v1.RemoveAliasRequest\x1a\x16.google.protobuf.Empty\"*\x82\xd3\xe4\x93\x02$*\"/v1/{name=heads/*}/aliases/{alias}\x12l\n\nExportHead\x12\x1b.graft.v1.ExportHeadRequest\x1a\x1c.graft.v1.ExportHeadResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{head=heads/*}:export0\x01\x32\xda\x01\n\x11PredictionService\x12o\n\x07Predict\x12\x18.graft.v1.PredictRequest\x1a\x19.graft.v1.PredictResponse\"/\x82\xd3\xe4\x93\x02)\"\x0b/v1/predict:\x01*Z\x17\"\x12/v1/predict:upload:\x01*\x12T\n\rStreamPredict\x12\x1e.graft.v1.StreamPredictRequest\x1a\x1f.graft.v1.StreamPredictResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16graft/v1/service.proto\x12\x08graft.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x18graft/v1/resources.proto\"\"\n\x12GetBackboneRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14ListBackbonesRequest\">\n\x15ListBackbonesResponse\x12%\n\tbackbones\x18\x01 \x03(\x0b\x32\x12.graft.v1.Backbone\"\xe7\x01\n\x14\x43reateDatasetRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.graft.v1.CreateDatasetRequest.HeaderH\x00\x12\x35\n\x05image\x18\x02 \x01(\x0b\x32$.graft.v1.CreateDatasetRequest.ImageH\x00\x1a\x1e\n\x06Header\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x1a\x37\n\x05Image\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x42\x06\n\x04part\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.graft.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9f\x01\n\x13\x41uditDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x14\n\x0cmax_suspects\x18\x03 \x01(\x05\x12\x16\n\x0emax_duplicates\x18\x04 \x01(\x05\x12!\n\x14\x64uplicate_similarity\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_duplicate_similarity\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.graft.v1.TrainingSpec\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.graft.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1e\n\x0eGetHeadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15GetHeadVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListHeadsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x11ListHeadsResponse\x12\x1d\n\x05heads\x18\x01 \x03(\x0b\x32\x0e.graft.v1.Head\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteHeadRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x18\x44\x65leteHeadVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x0fSetAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\"1\n\x12RemoveAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"c\n\x11\x45xportHeadRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12&\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x16.graft.v1.ExportFormat\x12\x18\n\x10\x61\x64\x64itional_heads\x18\x03 \x03(\t\"#\n\x12\x45xportHeadResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x0eHeadPrediction\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.graft.v1.LabelScore\x12\x11\n\tabstained\x18\x04 \x01(\x08\x12\x16\n\x0eprediction_set\x18\x05 \x03(\t\"M\n\x0fImagePrediction\x12\'\n\x05heads\x18\x01 \x03(\x0b\x32\x18.graft.v1.HeadPrediction\x12\x11\n\tembedding\x18\x02 \x03(\x02\"~\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05heads\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x19\n\x11include_embedding\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x01\x12\x10\n\x08\x63overage\x18\x06 \x01(\x01\"A\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.graft.v1.ImagePrediction\"\x97\x01\n\x14StreamPredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05heads\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x19\n\x11include_embedding\x18\x05 \x01(\x08\x12\x11\n\tmin_score\x18\x06 \x01(\x01\x12\x10\n\x08\x63overage\x18\x07 \x01(\x01\"\x85\x01\n\x15StreamPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\nprediction\x18\x02 \x01(\x0b\x32\x19.graft.v1.ImagePrediction\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t*\x9c\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPORT_FORMAT_SAFETENSORS\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ONNX\x10\x03\x12\x15\n\x11\x45XPORT_FORMAT_PT2\x10\x04\"\x04\x08\x02\x10\x02*\x19\x45XPORT_FORMAT_TORCHSCRIPT2\xdb\x01\n\x0f\x42\x61\x63kboneService\x12_\n\x0bGetBackbone\x12\x1c.graft.v1.GetBackboneRequest\x1a\x12.graft.v1.Backbone\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=backbones/*}\x12g\n\rListBackbones\x12\x1e.graft.v1.ListBackbonesRequest\x1a\x1f.graft.v1.ListBackbonesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/backbones2\x85\x04\n\x0e\x44\x61tasetService\x12]\n\rCreateDataset\x12\x1e.graft.v1.CreateDatasetRequest\x1a\x11.graft.v1.Dataset\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/datasets:\x01*(\x01\x12[\n\nGetDataset\x12\x1b.graft.v1.GetDatasetRequest\x1a\x11.graft.v1.Dataset\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=datasets/*}\x12\x63\n\x0cListDatasets\x12\x1d.graft.v1.ListDatasetsRequest\x1a\x1e.graft.v1.ListDatasetsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12\x66\n\rDeleteDataset\x12\x1e.graft.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=datasets/*}\x12j\n\x0c\x41uditDataset\x12\x1d.graft.v1.AuditDatasetRequest\x1a\x16.graft.v1.DatasetAudit\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{name=datasets/*}:audit2\xb1\x03\n\nJobService\x12N\n\tCreateJob\x12\x1a.graft.v1.CreateJobRequest\x1a\r.graft.v1.Job\"\x16\x82\xd3\xe4\x93\x02\x10\"\x08/v1/jobs:\x04spec\x12K\n\x06GetJob\x12\x17.graft.v1.GetJobRequest\x1a\r.graft.v1.Job\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12S\n\x08ListJobs\x12\x19.graft.v1.ListJobsRequest\x1a\x1a.graft.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12X\n\tCancelJob\x12\x1a.graft.v1.CancelJobRequest\x1a\r.graft.v1.Job\" \x82\xd3\xe4\x93\x02\x1a\"\x18/v1/{name=jobs/*}:cancel\x12W\n\x08WatchJob\x12\x19.graft.v1.WatchJobRequest\x1a\r.graft.v1.Job\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x32\xc4\x06\n\x0bHeadService\x12O\n\x07GetHead\x12\x18.graft.v1.GetHeadRequest\x1a\x0e.graft.v1.Head\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=heads/*}\x12o\n\x0eGetHeadVersion\x12\x1f.graft.v1.GetHeadVersionRequest\x1a\x15.graft.v1.HeadVersion\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=heads/*/versions/*}\x12W\n\tListHeads\x12\x1a.graft.v1.ListHeadsRequest\x1a\x1b.graft.v1.ListHeadsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/heads\x12]\n\nDeleteHead\x12\x1b.graft.v1.DeleteHeadRequest\x1a\x16.google.protobuf.Empty\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=heads/*}\x12v\n\x11\x44\x65leteHeadVersion\x12\".graft.v1.DeleteHeadVersionRequest\x1a\x16.google.protobuf.Empty\"%\x82\xd3\xe4\x93\x02\x1f*\x1d/v1/{name=heads/*/versions/*}\x12\x64\n\x08SetAlias\x12\x19.graft.v1.SetAliasRequest\x1a\x0e.graft.v1.Head\"-\x82\xd3\xe4\x93\x02\'\x1a\"/v1/{name=heads/*}/aliases/{alias}:\x01*\x12o\n\x0bRemoveAlias\x12\x1c.graft.v1.RemoveAliasRequest\x1a\x16.google.protobuf.Empty\"*\x82\xd3\xe4\x93\x02$*\"/v1/{name=heads/*}/aliases/{alias}\x12l\n\nExportHead\x12\x1b.graft.v1.ExportHeadRequest\x1a\x1c.graft.v1.ExportHeadResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{head=heads/*}:export0\x01\x32\xda\x01\n\x11PredictionService\x12o\n\x07Predict\x12\x18.graft.v1.PredictRequest\x1a\x19.graft.v1.PredictResponse\"/\x82\xd3\xe4\x93\x02)\"\x0b/v1/predict:\x01*Z\x17\"\x12/v1/predict:upload:\x01*\x12T\n\rStreamPredict\x12\x1e.graft.v1.StreamPredictRequest\x1a\x1f.graft.v1.StreamPredictResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,6 +60,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/{name=jobs/*}:watch'
   _globals['_HEADSERVICE'].methods_by_name['GetHead']._loaded_options = None
   _globals['_HEADSERVICE'].methods_by_name['GetHead']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/{name=heads/*}'
+  _globals['_HEADSERVICE'].methods_by_name['GetHeadVersion']._loaded_options = None
+  _globals['_HEADSERVICE'].methods_by_name['GetHeadVersion']._serialized_options = b'\202\323\344\223\002\037\022\035/v1/{name=heads/*/versions/*}'
   _globals['_HEADSERVICE'].methods_by_name['ListHeads']._loaded_options = None
   _globals['_HEADSERVICE'].methods_by_name['ListHeads']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/heads'
   _globals['_HEADSERVICE'].methods_by_name['DeleteHead']._loaded_options = None
@@ -74,8 +76,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADSERVICE'].methods_by_name['ExportHead']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/{head=heads/*}:export'
   _globals['_PREDICTIONSERVICE'].methods_by_name['Predict']._loaded_options = None
   _globals['_PREDICTIONSERVICE'].methods_by_name['Predict']._serialized_options = b'\202\323\344\223\002)\"\013/v1/predict:\001*Z\027\"\022/v1/predict:upload:\001*'
-  _globals['_EXPORTFORMAT']._serialized_start=2385
-  _globals['_EXPORTFORMAT']._serialized_end=2541
+  _globals['_EXPORTFORMAT']._serialized_start=2424
+  _globals['_EXPORTFORMAT']._serialized_end=2580
   _globals['_GETBACKBONEREQUEST']._serialized_start=121
   _globals['_GETBACKBONEREQUEST']._serialized_end=155
   _globals['_LISTBACKBONESREQUEST']._serialized_start=157
@@ -112,44 +114,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_end=1148
   _globals['_GETHEADREQUEST']._serialized_start=1150
   _globals['_GETHEADREQUEST']._serialized_end=1180
-  _globals['_LISTHEADSREQUEST']._serialized_start=1182
-  _globals['_LISTHEADSREQUEST']._serialized_end=1239
-  _globals['_LISTHEADSRESPONSE']._serialized_start=1241
-  _globals['_LISTHEADSRESPONSE']._serialized_end=1316
-  _globals['_DELETEHEADREQUEST']._serialized_start=1318
-  _globals['_DELETEHEADREQUEST']._serialized_end=1351
-  _globals['_DELETEHEADVERSIONREQUEST']._serialized_start=1353
-  _globals['_DELETEHEADVERSIONREQUEST']._serialized_end=1393
-  _globals['_SETALIASREQUEST']._serialized_start=1395
-  _globals['_SETALIASREQUEST']._serialized_end=1458
-  _globals['_REMOVEALIASREQUEST']._serialized_start=1460
-  _globals['_REMOVEALIASREQUEST']._serialized_end=1509
-  _globals['_EXPORTHEADREQUEST']._serialized_start=1511
-  _globals['_EXPORTHEADREQUEST']._serialized_end=1610
-  _globals['_EXPORTHEADRESPONSE']._serialized_start=1612
-  _globals['_EXPORTHEADRESPONSE']._serialized_end=1647
-  _globals['_LABELSCORE']._serialized_start=1649
-  _globals['_LABELSCORE']._serialized_end=1691
-  _globals['_HEADPREDICTION']._serialized_start=1693
-  _globals['_HEADPREDICTION']._serialized_end=1818
-  _globals['_IMAGEPREDICTION']._serialized_start=1820
-  _globals['_IMAGEPREDICTION']._serialized_end=1897
-  _globals['_PREDICTREQUEST']._serialized_start=1899
-  _globals['_PREDICTREQUEST']._serialized_end=2025
-  _globals['_PREDICTRESPONSE']._serialized_start=2027
-  _globals['_PREDICTRESPONSE']._serialized_end=2092
-  _globals['_STREAMPREDICTREQUEST']._serialized_start=2095
-  _globals['_STREAMPREDICTREQUEST']._serialized_end=2246
-  _globals['_STREAMPREDICTRESPONSE']._serialized_start=2249
-  _globals['_STREAMPREDICTRESPONSE']._serialized_end=2382
-  _globals['_BACKBONESERVICE']._serialized_start=2544
-  _globals['_BACKBONESERVICE']._serialized_end=2763
-  _globals['_DATASETSERVICE']._serialized_start=2766
-  _globals['_DATASETSERVICE']._serialized_end=3283
-  _globals['_JOBSERVICE']._serialized_start=3286
-  _globals['_JOBSERVICE']._serialized_end=3719
-  _globals['_HEADSERVICE']._serialized_start=3722
-  _globals['_HEADSERVICE']._serialized_end=4445
-  _globals['_PREDICTIONSERVICE']._serialized_start=4448
-  _globals['_PREDICTIONSERVICE']._serialized_end=4666
+  _globals['_GETHEADVERSIONREQUEST']._serialized_start=1182
+  _globals['_GETHEADVERSIONREQUEST']._serialized_end=1219
+  _globals['_LISTHEADSREQUEST']._serialized_start=1221
+  _globals['_LISTHEADSREQUEST']._serialized_end=1278
+  _globals['_LISTHEADSRESPONSE']._serialized_start=1280
+  _globals['_LISTHEADSRESPONSE']._serialized_end=1355
+  _globals['_DELETEHEADREQUEST']._serialized_start=1357
+  _globals['_DELETEHEADREQUEST']._serialized_end=1390
+  _globals['_DELETEHEADVERSIONREQUEST']._serialized_start=1392
+  _globals['_DELETEHEADVERSIONREQUEST']._serialized_end=1432
+  _globals['_SETALIASREQUEST']._serialized_start=1434
+  _globals['_SETALIASREQUEST']._serialized_end=1497
+  _globals['_REMOVEALIASREQUEST']._serialized_start=1499
+  _globals['_REMOVEALIASREQUEST']._serialized_end=1548
+  _globals['_EXPORTHEADREQUEST']._serialized_start=1550
+  _globals['_EXPORTHEADREQUEST']._serialized_end=1649
+  _globals['_EXPORTHEADRESPONSE']._serialized_start=1651
+  _globals['_EXPORTHEADRESPONSE']._serialized_end=1686
+  _globals['_LABELSCORE']._serialized_start=1688
+  _globals['_LABELSCORE']._serialized_end=1730
+  _globals['_HEADPREDICTION']._serialized_start=1732
+  _globals['_HEADPREDICTION']._serialized_end=1857
+  _globals['_IMAGEPREDICTION']._serialized_start=1859
+  _globals['_IMAGEPREDICTION']._serialized_end=1936
+  _globals['_PREDICTREQUEST']._serialized_start=1938
+  _globals['_PREDICTREQUEST']._serialized_end=2064
+  _globals['_PREDICTRESPONSE']._serialized_start=2066
+  _globals['_PREDICTRESPONSE']._serialized_end=2131
+  _globals['_STREAMPREDICTREQUEST']._serialized_start=2134
+  _globals['_STREAMPREDICTREQUEST']._serialized_end=2285
+  _globals['_STREAMPREDICTRESPONSE']._serialized_start=2288
+  _globals['_STREAMPREDICTRESPONSE']._serialized_end=2421
+  _globals['_BACKBONESERVICE']._serialized_start=2583
+  _globals['_BACKBONESERVICE']._serialized_end=2802
+  _globals['_DATASETSERVICE']._serialized_start=2805
+  _globals['_DATASETSERVICE']._serialized_end=3322
+  _globals['_JOBSERVICE']._serialized_start=3325
+  _globals['_JOBSERVICE']._serialized_end=3758
+  _globals['_HEADSERVICE']._serialized_start=3761
+  _globals['_HEADSERVICE']._serialized_end=4597
+  _globals['_PREDICTIONSERVICE']._serialized_start=4600
+  _globals['_PREDICTIONSERVICE']._serialized_end=4818
 # @@protoc_insertion_point(module_scope)
