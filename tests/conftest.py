@@ -19,8 +19,13 @@ UNTRAINED = BackboneSpec(
     name="mobilenet_v3_small-untrained",
     build=lambda: models.mobilenet_v3_small(weights=None),
     blocks=lambda model: list(model.features),
-    classifier=lambda model: model.classifier[-1],
+    # MobileNetV3's ImageNet head is two layers (576 -> 1024 -> 1000): the first is the one on the pooled features.
+    # Untrained, it is never served as a head; the field only has to fit the figures check.
+    classifier=lambda model: model.classifier[0],
     feature_dim=576,
+    num_blocks=13,
+    num_params=2_542_856,
+    gflops=0.057,
     weights=None,
     notes="random weights: plumbing tests only, never for accuracy",
 )

@@ -8,8 +8,10 @@ import skimage.data
 import timm
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models
 
-from service.engine.backbones import BACKBONES, Backbone, get_spec, load_backbone, registered
+from service.engine.backbones import BACKBONES, Backbone, BackboneSpec, get_spec, load_backbone, registered
 from service.engine.device import choose_placement
 from service.engine.fold import fold_batch_norms
 from service.engine.weights import PinnedWeights, WeightsUnavailable, ensure_weights, sha256_of
@@ -92,7 +94,63 @@ def test_untrained_plumbing_backbone_says_so(untrained_backbone):
     assert backbone.features(torch.randn(1, 3, 224, 224)).shape == (1, 576)
 
 
-# -- The registry: what every tenant may pick ---------------------------------------------------------------------
+# -- The registry: what every tenant may pick, with figures checked against the models -----------------------------
+
+
+def stated_figures(spec: BackboneSpec) -> dict[str, int | float]:
+    return {
+        "num_params": spec.num_params,
+        "num_blocks": spec.num_blocks,
+        "pooled_channels": spec.feature_dim,
+        "classifier_inputs": spec.feature_dim,
+        "gflops": spec.gflops,
+    }
+
+
+def measured_figures(spec: BackboneSpec) -> dict[str, int | float]:
+    """The spec's figures recomputed from its built model, by the convention of BackboneSpec's docstring."""
+    model = spec.build().eval()
+    image = torch.zeros(1, 3, spec.crop_size, spec.crop_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    blocks = spec.blocks(model)
+    with torch.no_grad():
+        for block in blocks:
+            image = block(image)
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "num_blocks": len(blocks),
+        "pooled_channels": image.shape[1],
+        "classifier_inputs": spec.classifier(model).in_features,
+        "gflops": round(counter.get_total_flops() / 2 / 1e9, 3),  # it counts a multiply-add as 2 flops
+    }
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbones_stated_figures_are_its_models(name):
+    """Hand-typed figures drift (a library upgrade, a copied number): each is recomputed, as torchvision does."""
+    spec = get_spec(name)
+    assert measured_figures(spec) == stated_figures(spec)
+
+
+def test_the_test_only_backbones_figures_are_its_models_too(untrained_backbone):
+    spec = get_spec(untrained_backbone)
+    assert measured_figures(spec) == stated_figures(spec)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_split_point_leaves_a_frozen_trunk(name):
+    spec = get_spec(name)
+    assert 1 <= spec.min_finetune_blocks <= spec.max_finetune_blocks < spec.num_blocks
+
+
+def test_mobilenet_v2_states_what_its_torchvision_weights_publish():
+    weights, spec = models.MobileNet_V2_Weights.IMAGENET1K_V1, get_spec("mobilenet_v2")
+    transforms = weights.transforms()
+    assert (spec.num_params, spec.gflops) == (weights.meta["num_params"], weights.meta["_ops"])
+    assert ([spec.crop_size], [spec.resize_size]) == (transforms.crop_size, transforms.resize_size)
+    assert (list(spec.mean), list(spec.std)) == (transforms.mean, transforms.std)
+    assert spec.interpolation == transforms.interpolation
 
 
 def test_graft_ships_only_pretrained_backbones():
