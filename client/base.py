@@ -109,7 +109,7 @@ class Client(ABC):
                       max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
         """Images whose label is probably wrong, ranked, with suggested labels; near-duplicates under two labels.
 
-        0 / None take the server's defaults (50 items each, mobilenet_v2, similarity 0.98). The server
+        0 / None take the server's defaults (50 items each, its GRAFT_DEFAULT_BACKBONE, similarity 0.98). The server
         computes features it has not cached first, so the call may take as long as a training job's extraction.
         """
 

@@ -434,7 +434,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("audit", audit, "find images whose label is probably wrong, and near-duplicates under two labels")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
-    sub.add_argument("--backbone", help="the backbone whose features are audited (default: mobilenet_v2)")
+    sub.add_argument(
+        "--backbone", help="the backbone whose features are audited (default: the server's GRAFT_DEFAULT_BACKBONE)"
+    )
     sub.add_argument("--max-suspects", type=int, default=0, help="probable label errors to list (default 50)")
     sub.add_argument("--max-duplicates", type=int, default=0, help="duplicate pairs to list (default 50)")
     sub.add_argument("--similarity", type=float, help="cosine similarity from which images are near-duplicates "

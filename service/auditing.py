@@ -23,7 +23,6 @@ from service.errors import DeadlineExceeded, ResourceExhausted
 from service.store.datasets import DatasetStore
 from service.training import adapter_errors_translated
 
-DEFAULT_AUDIT_BACKBONE = "mobilenet_v2"
 DEFAULT_AUDIT_ITEMS = 50
 MAX_AUDIT_ITEMS = 1000
 MAX_CONCURRENT_AUDITS = 1
@@ -36,7 +35,7 @@ class AuditRequest(BaseModel):
     """What a caller asks of an audit; 0 for a limit means its default."""
 
     dataset_id: str
-    backbone: str = DEFAULT_AUDIT_BACKBONE
+    backbone: str | None = None  # None: the server's GRAFT_DEFAULT_BACKBONE
     max_suspects: int = Field(DEFAULT_AUDIT_ITEMS, ge=0, le=MAX_AUDIT_ITEMS)
     max_duplicates: int = Field(DEFAULT_AUDIT_ITEMS, ge=0, le=MAX_AUDIT_ITEMS)
     duplicate_similarity: float = Field(DEFAULT_DUPLICATE_SIMILARITY, gt=0.0, le=1.0)
@@ -59,11 +58,13 @@ class DatasetAuditor:
         datasets: DatasetStore,
         extractor: FeatureExtractor,
         backbone: Callable[[str], Backbone],
+        default_backbone: str,
         max_seconds: float,
     ) -> None:
         self.datasets = datasets
         self.extractor = extractor
         self.backbone = backbone  # the trainer's lookup: InvalidArgument naming the loaded ones
+        self.default_backbone = default_backbone  # GRAFT_DEFAULT_BACKBONE: for a request that names none
         self.max_seconds = max_seconds  # GRAFT_MAX_AUDIT_SECONDS
 
     @adapter_errors_translated()
@@ -72,7 +73,7 @@ class DatasetAuditor:
         went away) stops it at its next check with Cancelled; past GRAFT_MAX_AUDIT_SECONDS it fails with
         DeadlineExceeded. Either way the audit slot is free once this returns."""
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound first, for another tenant's too
-        backbone = self.backbone(request.backbone)
+        backbone = self.backbone(request.backbone or self.default_backbone)
         if not _running.acquire(blocking=False):
             raise ResourceExhausted(
                 f"this worker is already running {MAX_CONCURRENT_AUDITS} audit(s); retry shortly",

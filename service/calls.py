@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from service import export
-from service.auditing import DEFAULT_AUDIT_BACKBONE, DEFAULT_AUDIT_ITEMS, AuditRequest
+from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import NewKey, Tenants
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
@@ -333,7 +333,7 @@ class Calls:
         defaults."""
         request = AuditRequest(
             dataset_id=resource_id(name, "datasets"),
-            backbone=backbone or DEFAULT_AUDIT_BACKBONE,
+            backbone=backbone or None,
             max_suspects=max_suspects or DEFAULT_AUDIT_ITEMS,
             max_duplicates=max_duplicates or DEFAULT_AUDIT_ITEMS,
             **({} if duplicate_similarity is None else {"duplicate_similarity": duplicate_similarity}),

@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="Root folder for blobs, feature cache and the SQLite registry.")
     registry_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    default_backbone: str = "mobilenet_v2"
+    default_backbone: str = Field(
+        "mobilenet_v2",
+        description="The backbone of a training job or label audit that names none; one of GRAFT_BACKBONES.",
+    )
     backbones: list[str] = Field(
         ["mobilenet_v2", "efficientnet_lite2"], description="Backbones to load, e.g. '[\"mobilenet_v2\"]'."
     )
@@ -205,6 +208,17 @@ class Settings(BaseSettings):
                 "with 'openssl rand -hex 32'"
             )
         return key
+
+    @model_validator(mode="after")
+    def _default_backbone_loaded(self) -> "Settings":
+        """Refuse to start with a default that every request naming no backbone would fail on. A replica that
+        loads none (an API-only test) has no default to check: it refuses every request that needs a backbone."""
+        if self.backbones and self.default_backbone not in self.backbones:
+            raise ValueError(
+                f"GRAFT_DEFAULT_BACKBONE '{self.default_backbone}' is not one of the loaded backbones "
+                f"(GRAFT_BACKBONES): {', '.join(self.backbones)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

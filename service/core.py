@@ -64,6 +64,8 @@ class Core:
         )
         names = settings.backbones if backbones is None else backbones
         loaded = {name: load_backbone(name, placement, settings.weights_dir) for name in names}
-        trainer = Trainer(loaded, datasets, extractor, heads)
-        auditor = DatasetAuditor(datasets, extractor, trainer.backbone, settings.max_audit_seconds)
+        trainer = Trainer(loaded, datasets, extractor, heads, settings.default_backbone)
+        auditor = DatasetAuditor(
+            datasets, extractor, trainer.backbone, settings.default_backbone, settings.max_audit_seconds
+        )
         return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer, auditor)

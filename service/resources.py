@@ -244,7 +244,9 @@ class TrainingSpec(BaseModel):
     )
     head: HeadName = Field(description="the head to create a version of")
     backbone: str | None = Field(
-        None, description="a backbone (GET /v1/backbones), or 'auto': the best cross-validated linear probe among them"
+        None,
+        description="a backbone (GET /v1/backbones), or 'auto': the best cross-validated linear probe among them; "
+        "default: the server's GRAFT_DEFAULT_BACKBONE (mobilenet_v2 unless configured)",
     )
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image"

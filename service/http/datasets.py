@@ -86,7 +86,9 @@ async def list_datasets(
 async def audit_dataset(
     dataset: DatasetId,
     request: Request,
-    backbone: str = Query("", max_length=64, description="default mobilenet_v2"),
+    backbone: str = Query(
+        "", max_length=64, description="default: the server's GRAFT_DEFAULT_BACKBONE (mobilenet_v2 unless configured)"
+    ),
     max_suspects: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
     max_duplicates: int = Query(0, ge=0, le=MAX_AUDIT_ITEMS, description="0: the default, 50"),
     duplicate_similarity: float | None = Query(

@@ -244,6 +244,8 @@ class JobRunner:
     def _create(self, tenant: str, request: TrainRequest) -> JobInfo:
         """Refuse now what would only fail later, or cost more than one job may, then store the queued job."""
         check_name("head name", request.head_name)
+        # The job records the backbone it trains on, whichever replica's default it would otherwise take.
+        request = request.model_copy(update={"backbone": request.backbone or self.trainer.default_backbone})
         self._check_cost(tenant, request)
         return self.store.create(tenant, request)
 

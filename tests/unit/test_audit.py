@@ -261,7 +261,9 @@ def test_a_near_zero_similarity_audit_of_hundreds_of_images_stops_truncated_with
     block that reaches MAX_DUPLICATE_CANDIDATES and says so, within the wall-clock bound."""
     images = fashion_mnist_pngs("train", per_class=30, seed=7)  # 10 classes x 30
     dataset = core.datasets.create(TENANT, "hundreds", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
-    auditor = DatasetAuditor(core.datasets, core.extractor, core.trainer.backbone, max_seconds=300)
+    auditor = DatasetAuditor(
+        core.datasets, core.extractor, core.trainer.backbone, core.trainer.default_backbone, max_seconds=300
+    )
     started = time.monotonic()
     audited = auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=1e-6))
     assert time.monotonic() - started < 300
@@ -292,7 +294,9 @@ def test_the_duplicate_search_keeps_only_the_best_pairs_of_each_block_and_stops_
 
 def test_an_audit_past_its_wall_clock_limit_fails_naming_the_setting_and_frees_the_slot(core, images):
     dataset = core.datasets.create(TENANT, "slow", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
-    hurried = DatasetAuditor(core.datasets, core.extractor, core.trainer.backbone, max_seconds=1e-9)
+    hurried = DatasetAuditor(
+        core.datasets, core.extractor, core.trainer.backbone, core.trainer.default_backbone, max_seconds=1e-9
+    )
     with pytest.raises(DeadlineExceeded, match="GRAFT_MAX_AUDIT_SECONDS"):
         hurried.audit(TENANT, AuditRequest(dataset_id=dataset.id))
     assert core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit.folds > 0  # the slot is free

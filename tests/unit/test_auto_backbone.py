@@ -158,8 +158,10 @@ def test_auto_trains_the_same_head_as_naming_the_backbone_it_picks(two_backbone_
     assert all(trial["cv_folds"] is not None for trial in named.metrics["trials"])
 
 
-def test_auto_needs_a_pretrained_backbone(tmp_path):
-    core = Core.open(Settings(data_dir=Path(tmp_path)), backbones=["mobilenet_v3_small-untrained"])
+def test_auto_needs_a_pretrained_backbone(tmp_path, untrained_backbone):
+    core = Core.open(
+        Settings(data_dir=Path(tmp_path), backbones=[untrained_backbone], default_backbone=untrained_backbone)
+    )
     items = [(f"{i}.png", data, label) for i, (data, label) in enumerate(fashion_mnist_pngs("train", 5, seed=0))]
     dataset = core.datasets.create(TENANT, "tiny", items)
     with pytest.raises(FailedPrecondition, match="chooses among pretrained backbones.*GRAFT_BACKBONES"):

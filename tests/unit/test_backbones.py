@@ -1,5 +1,6 @@
 """Real pretrained backbones: verified weights, ImageNet sanity, split points."""
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -7,8 +8,10 @@ import skimage.data
 import timm
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models
 
-from service.engine.backbones import Backbone, get_spec, load_backbone
+from service.engine.backbones import BACKBONES, Backbone, BackboneSpec, get_spec, load_backbone, registered
 from service.engine.device import choose_placement
 from service.engine.fold import fold_batch_norms
 from service.engine.weights import PinnedWeights, WeightsUnavailable, ensure_weights, sha256_of
@@ -84,11 +87,91 @@ def test_unknown_backbone_is_not_found():
         get_spec("resnet9000")
 
 
-def test_untrained_plumbing_backbone_says_so():
-    backbone = load_backbone("mobilenet_v3_small-untrained", choose_placement("cpu"))
+def test_untrained_plumbing_backbone_says_so(untrained_backbone):
+    backbone = load_backbone(untrained_backbone, choose_placement("cpu"))
     info = backbone.info()
     assert not info.pretrained and "untrained" in info.weights_source
     assert backbone.features(torch.randn(1, 3, 224, 224)).shape == (1, 576)
+
+
+# -- The registry: what every tenant may pick, with figures checked against the models -----------------------------
+
+
+def stated_figures(spec: BackboneSpec) -> dict[str, int | float]:
+    return {
+        "num_params": spec.num_params,
+        "num_blocks": spec.num_blocks,
+        "pooled_channels": spec.feature_dim,
+        "classifier_inputs": spec.feature_dim,
+        "gflops": spec.gflops,
+    }
+
+
+def measured_figures(spec: BackboneSpec) -> dict[str, int | float]:
+    """The spec's figures recomputed from its built model, by the convention of BackboneSpec's docstring."""
+    model = spec.build().eval()
+    image = torch.zeros(1, 3, spec.crop_size, spec.crop_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    blocks = spec.blocks(model)
+    with torch.no_grad():
+        for block in blocks:
+            image = block(image)
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "num_blocks": len(blocks),
+        "pooled_channels": image.shape[1],
+        "classifier_inputs": spec.classifier(model).in_features,
+        "gflops": round(counter.get_total_flops() / 2 / 1e9, 3),  # it counts a multiply-add as 2 flops
+    }
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbones_stated_figures_are_its_models(name):
+    """Hand-typed figures drift (a library upgrade, a copied number): each is recomputed, as torchvision does."""
+    spec = get_spec(name)
+    assert measured_figures(spec) == stated_figures(spec)
+
+
+def test_the_test_only_backbones_figures_are_its_models_too(untrained_backbone):
+    spec = get_spec(untrained_backbone)
+    assert measured_figures(spec) == stated_figures(spec)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_split_point_leaves_a_frozen_trunk(name):
+    spec = get_spec(name)
+    assert 1 <= spec.min_finetune_blocks <= spec.max_finetune_blocks < spec.num_blocks
+
+
+def test_mobilenet_v2_states_what_its_torchvision_weights_publish():
+    weights, spec = models.MobileNet_V2_Weights.IMAGENET1K_V1, get_spec("mobilenet_v2")
+    transforms = weights.transforms()
+    assert (spec.num_params, spec.gflops) == (weights.meta["num_params"], weights.meta["_ops"])
+    assert ([spec.crop_size], [spec.resize_size]) == (transforms.crop_size, transforms.resize_size)
+    assert (list(spec.mean), list(spec.std)) == (transforms.mean, transforms.std)
+    assert spec.interpolation == transforms.interpolation
+
+
+def test_graft_ships_only_pretrained_backbones():
+    """Whatever the registry holds, any tenant may train on: random weights would be a silent trap."""
+    assert all(spec.pretrained for spec in BACKBONES.values())
+    assert "mobilenet_v3_small-untrained" not in BACKBONES
+
+
+def test_a_registered_backbone_is_gone_after_its_block():
+    spec = dataclasses.replace(get_spec("mobilenet_v2"), name="mobilenet_v2-copy")
+    with registered(spec):
+        assert get_spec("mobilenet_v2-copy") is spec
+    with pytest.raises(NotFound, match="unknown backbone 'mobilenet_v2-copy'"):
+        get_spec("mobilenet_v2-copy")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="'mobilenet_v2' is already registered"):
+        with registered(get_spec("mobilenet_v2")):
+            pass
+    assert BACKBONES["mobilenet_v2"].pretrained  # the shipped spec is untouched
 
 
 def test_corrupt_cached_checkpoint_is_replaced_by_a_verified_copy(tmp_path, monkeypatch):

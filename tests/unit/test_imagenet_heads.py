@@ -96,17 +96,15 @@ async def test_every_tenant_gets_the_same_imagenet_head(core):
     assert first == second
 
 
-async def test_imagenet_heads_of_backbones_not_loaded_or_untrained_are_not_found(core):
-    core.backbones["mobilenet_v3_small-untrained"] = load_backbone(
-        "mobilenet_v3_small-untrained", choose_placement("cpu")
-    )
+async def test_imagenet_heads_of_backbones_not_loaded_or_untrained_are_not_found(core, untrained_backbone):
+    core.backbones[untrained_backbone] = load_backbone(untrained_backbone, choose_placement("cpu"))
     cache = HeadCache(core.heads, core.backbones, 1 << 30)
     with pytest.raises(
         NotFound, match="'resnet50' is not loaded.*'imagenet@efficientnet_lite2', 'imagenet@mobilenet_v2'"
     ):
         await cache.get("acme", "imagenet@resnet50")
     with pytest.raises(NotFound, match="untrained: it has no ImageNet classifier"):
-        await cache.get("acme", "imagenet@mobilenet_v3_small-untrained")
+        await cache.get("acme", f"imagenet@{untrained_backbone}")
 
 
 def test_imagenet_heads_are_read_only_and_their_name_is_reserved(core):

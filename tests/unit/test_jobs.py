@@ -64,7 +64,9 @@ class GatedTrainer(Trainer):
     """The real trainer, except that a run holds at its first progress report until the gate opens."""
 
     def __init__(self, trainer: Trainer) -> None:
-        super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
+        super().__init__(
+            trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads, trainer.default_backbone
+        )
         self.started = threading.Event()
         self.gate = threading.Event()
         self.order: list[str] = []  # head names, in the order their runs started
@@ -272,7 +274,9 @@ async def test_another_tenants_job_is_not_found(dataset, runner):
 
 class BrokenTrainer(Trainer):
     def __init__(self, trainer: Trainer) -> None:
-        super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
+        super().__init__(
+            trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads, trainer.default_backbone
+        )
 
     def train(self, tenant, request, **kwargs):
         raise ZeroDivisionError("a bug with a secret path /srv/x")

@@ -56,7 +56,9 @@ class HeldTrainer(Trainer):
     """
 
     def __init__(self, trainer: Trainer, hold_after: str | None = None) -> None:
-        super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
+        super().__init__(
+            trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads, trainer.default_backbone
+        )
         self.hold_after = hold_after
         self.held = threading.Event()
         self.gate = threading.Event()

@@ -89,7 +89,9 @@ class GatedTrainer(Trainer):
     """The real trainer, except that a run holds at its first progress report until the gate opens."""
 
     def __init__(self, trainer: Trainer) -> None:
-        super().__init__(trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads)
+        super().__init__(
+            trainer.backbones, trainer.datasets, trainer.extractor, trainer.heads, trainer.default_backbone
+        )
         self.started = threading.Event()
         self.gate = threading.Event()
         self.cancelled = lambda: False
