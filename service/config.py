@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard (width x height).")
     max_images_per_dataset: int = Field(50_000, gt=0)
-    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="Largest dataset upload: the HTTP body as sent, and the images' total bytes (a zip's entries "
+        "uncompressed; a gRPC stream's images).",
+    )
 
     # Serving.
     max_batch_size: int | None = Field(
@@ -49,10 +54,17 @@ class Settings(BaseSettings):
         None, gt=0, description="Batches run at once per backbone; unset: one per torch thread on CPU, 1 on GPU."
     )
     max_latency_ms: float = Field(2.0, ge=0, description="Longest wait for a batch to fill after its first image.")
-    max_queue_images: int = Field(1024, gt=0, description="Queued images per backbone before 'resource exhausted'.")
+    max_queue_images: int = Field(
+        1024,
+        gt=0,
+        description="Images one worker works on at once, all backbones together: counted from admission (after the "
+        "tenant's rate quota) until answered (decoding, queued or in a batch). A prediction that would pass it is "
+        "refused with 'resource exhausted' (HTTP 429 before its body is read; gRPC RESOURCE_EXHAUSTED). Also each "
+        "backbone's batcher queue limit.",
+    )
     head_cache_bytes: int = Field(1 << 30, gt=0, description="Memory for loaded heads (LRU).")
-    max_images_per_request: int = Field(64, gt=0)
-    max_heads_per_request: int = Field(16, gt=0)
+    max_images_per_request: int = Field(64, gt=0, description="Images in one prediction request.")
+    max_heads_per_request: int = Field(16, gt=0, description="Head references in one prediction request.")
     max_export_bytes: int = Field(
         256 * 1024 * 1024,
         gt=0,
@@ -74,10 +86,12 @@ class Settings(BaseSettings):
     feature_batch_size: int = Field(
         16, gt=0, description="Images per trunk pass when extracting features (serving may cut in between)."
     )
-    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch on a CPU device; default: the cores this process may run on."
+    )
     max_concurrent_jobs: int = Field(1, ge=1, description="Training jobs run at once per worker; the rest wait queued.")
 
-    # Bounds on what one request can make the server hold or do (docs/architecture.md, "No tenant can hurt
+    # Bounds on what one request can make the server hold or do (docs/architecture.md, decision 8, "No tenant can hurt
     # another"): each is checked before the work, from sizes and counts, never after buffering.
     max_classes: int = Field(1000, ge=2, description="Most classes a dataset (and so a head) may have.")
     max_request_bytes: int = Field(
