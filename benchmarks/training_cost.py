@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace, default_search_space
+from adapters.search_space import SearchSpace
+from adapters.tuning import default_search_space
 from harness.sample_data import fashion_mnist_pngs
 from service.config import Settings
 from service.core import Core

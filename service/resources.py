@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace
+from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
 from service.engine.backbones import BackboneInfo
 from service.engine.predictor import ImagePrediction

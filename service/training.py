@@ -28,6 +28,7 @@ from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import HeadConfig, HeadKind, PrototypeHead, head_state
 from adapters.metrics import evaluate, finite
 from adapters.prototype import fit_prototype
+from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
@@ -37,7 +38,7 @@ from adapters.trainer import (
     default_hyperparams,
     predict_logits,
 )
-from adapters.tuning import SearchSpace, TuneResult, default_search_space, tune
+from adapters.tuning import TuneResult, default_search_space, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument

@@ -28,6 +28,7 @@ from adapters.heads import (
     standardisation_stats,
 )
 from adapters.metrics import evaluate, finite
+from adapters.search_space import MAX_GRID_VALUES, SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
@@ -39,7 +40,7 @@ from adapters.trainer import (
     fit_linear_layer,
     predict_logits,
 )
-from adapters.tuning import KFOLD_MAX_EXAMPLES, MAX_GRID_VALUES, SearchSpace, default_search_space, kfold_applies, tune
+from adapters.tuning import KFOLD_MAX_EXAMPLES, default_search_space, kfold_applies, tune
 from harness.sample_data import fashion_mnist_pngs
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest, adapter_errors_translated

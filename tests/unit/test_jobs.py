@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import event
 
 from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service import resources
 from service.core import Core
