@@ -8,7 +8,7 @@ import anyio
 import pytest
 from sqlalchemy import event
 
-from adapters.heads import HeadKind
+from adapters.kinds import HeadKind
 from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service import resources

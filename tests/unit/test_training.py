@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adapters.heads import HeadConfig, HeadKind, load_head
+from adapters.kinds import HeadConfig, HeadKind, load_head
 from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
