@@ -1,82 +1,31 @@
 """The trainable heads that sit on top of frozen backbone features.
 
-A head is described by a `HeadConfig` (stored as JSON in the database) and its
-weights (stored as safetensors). `build_head` turns a config into an untrained
-module; `load_head` turns config + tensors back into the trained module. The
-config therefore holds everything needed to rebuild the module's shapes.
+Each kind's module is here (linear, mlp, finetune, prototype); its record in
+adapters/kinds.py says how to build, train and serve it, and `HeadConfig`
+there holds the shapes to rebuild one from its stored weights (safetensors).
 """
 
-from enum import Enum
-from typing import Any
+from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
-
-from adapters.calibration import Calibration
-from adapters.errors import InvalidInput
 
 # A feature whose spread is below this is treated as constant: it is centred but
 # not scaled, the same rule as scikit-learn's StandardScaler.
 _MIN_STD = 1e-6
 
 
-class HeadKind(str, Enum):
-    LINEAR = "linear"
-    MLP = "mlp"
-    FINETUNE = "finetune"
-    PROTOTYPE = "prototype"
+class GatheredWeights(NamedTuple):
+    """A head the engine runs as one batched matmul with other heads: logits = inputs @ weight.T + bias.
 
-
-# Kinds fit as one closed-form or convex problem: no dropout.
-_NO_DROPOUT = (HeadKind.LINEAR, HeadKind.PROTOTYPE)
-
-
-class HeadConfig(BaseModel):
-    """Shape of a head: enough to rebuild the module before loading its weights.
-
-    `in_features` is the channel count at the split point (the pooled feature
-    size for linear/mlp). For finetune, the tail itself comes from the backbone:
-    `tail_blocks` records how many trailing blocks the caller copied and
-    `tail_out_channels` how many channels those blocks emit. `calibration` is
-    how to read its logits (adapters/calibration.py); versions stored before
-    graft calibrated heads have none and serve their raw softmax.
+    The inputs are the pooled features, centred on ``centre`` and L2-normalised
+    first when it is set (a prototype head); a per-image step, so it costs the
+    shared matmul nothing.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    kind: HeadKind
-    in_features: int = Field(ge=1)
-    num_classes: int = Field(ge=2)
-    hidden: int | None = Field(default=None, ge=1, le=8192)
-    dropout: float = Field(ge=0.0, lt=0.9)
-    tail_blocks: int | None = Field(default=None, ge=1)
-    tail_out_channels: int | None = Field(default=None, ge=1)
-    calibration: Calibration | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_dropout(cls, data: Any) -> Any:
-        """Dropout defaults by kind: none for the linear and prototype heads, 0.2 otherwise."""
-        if isinstance(data, dict) and data.get("dropout") is None and "kind" in data:
-            data = {**data, "dropout": 0.0 if data["kind"] in _NO_DROPOUT else 0.2}
-        return data
-
-    @model_validator(mode="after")
-    def _fields_match_kind(self) -> "HeadConfig":
-        if self.kind is HeadKind.MLP and self.hidden is None:
-            raise ValueError("an mlp head needs `hidden` (the hidden layer width)")
-        if self.kind is not HeadKind.MLP and self.hidden is not None:
-            raise ValueError(f"`hidden` only applies to mlp heads, not {self.kind.value}")
-        if self.kind in _NO_DROPOUT and self.dropout != 0.0:
-            raise ValueError(f"a {self.kind.value} head has no dropout: it is fit in closed form or convex")
-        is_finetune = self.kind is HeadKind.FINETUNE
-        for name in ("tail_blocks", "tail_out_channels"):
-            if is_finetune and getattr(self, name) is None:
-                raise ValueError(f"a finetune head needs `{name}`")
-            if not is_finetune and getattr(self, name) is not None:
-                raise ValueError(f"`{name}` only applies to finetune heads")
-        return self
+    weight: Tensor  # [C, D]
+    bias: Tensor  # [C]
+    centre: Tensor | None  # [D]
 
 
 def standardisation_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,6 +81,11 @@ class LinearHead(_StandardisedHead):
         weight = self.linear.weight / self.std
         bias = self.linear.bias - weight @ self.mean
         return weight, bias
+
+    def gathered(self) -> GatheredWeights:
+        """The folded weight and bias, which the engine stacks with other heads' into one batched matmul."""
+        weight, bias = self.effective_weight_bias()
+        return GatheredWeights(weight, bias, centre=None)
 
 
 class MLPHead(_StandardisedHead):
@@ -202,42 +156,17 @@ class PrototypeHead(nn.Module):
         """
         return self.temperature * self.prototypes
 
+    def gathered(self) -> GatheredWeights:
+        """The scaled prototypes, a zero bias and the centre the engine normalises inputs around first."""
+        weight = self.scaled_prototypes()
+        return GatheredWeights(weight, weight.new_zeros(weight.shape[0]), centre=self.centre)
+
 
 def normalised(x: Tensor, centre: Tensor) -> Tensor:
     """Rows of x [N, D] centred and scaled to unit length (a zero row stays zero)."""
     return nn.functional.normalize(x - centre, dim=-1)
 
 
-Head = LinearHead | MLPHead | FinetuneHead | PrototypeHead  # every trainable head kind
-
-
-def build_head(config: HeadConfig, tail: nn.Module | None = None) -> Head:
-    """An untrained head of the configured kind (finetune needs the copied tail)."""
-    if config.kind is HeadKind.FINETUNE:
-        if tail is None:
-            raise InvalidInput("a finetune head needs the tail blocks copied from the backbone")
-        assert config.tail_out_channels is not None  # guaranteed by HeadConfig
-        return FinetuneHead(tail, config.tail_out_channels, config.num_classes, config.dropout)
-    if tail is not None:
-        raise InvalidInput(f"a {config.kind.value} head takes no tail; only finetune heads do")
-    if config.kind is HeadKind.MLP:
-        assert config.hidden is not None  # guaranteed by HeadConfig
-        return MLPHead(config.in_features, config.hidden, config.num_classes, config.dropout)
-    if config.kind is HeadKind.PROTOTYPE:
-        return PrototypeHead(config.in_features, config.num_classes)
-    return LinearHead(config.in_features, config.num_classes)
-
-
 def head_state(head: nn.Module) -> dict[str, Tensor]:
     """The head's weights as independent, contiguous CPU tensors (safetensors-ready)."""
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in head.state_dict().items()}
-
-
-def load_head(config: HeadConfig, tensors: dict[str, Tensor], tail: nn.Module | None = None) -> Head:
-    """Rebuild a trained head from its config and stored tensors, in eval mode."""
-    head = build_head(config, tail)
-    try:
-        head.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise InvalidInput(f"stored weights do not match the head config: {error}") from error
-    return head.eval()

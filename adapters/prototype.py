@@ -20,6 +20,7 @@ from torch import Tensor
 from adapters.errors import InvalidInput
 from adapters.golden import golden_section_minimum
 from adapters.heads import PrototypeHead, normalised
+from adapters.trainer import CancelCheck, HyperParams, Progress, raise_if_cancelled
 
 # Bounds of the temperature search. Cosines lie in [-1, 1], so 1 keeps the
 # softmax nearly flat and 100 makes it nearly one-hot.
@@ -31,15 +32,31 @@ DEFAULT_TEMPERATURE = 10.0
 
 
 @torch.no_grad()
-def fit_prototype(head: PrototypeHead, x: Tensor, y: Tensor) -> None:
-    """Set ``head``'s centre, prototypes and temperature from features x [N, D] and labels y [N].
+def fit_prototype(
+    head: PrototypeHead,
+    x: Tensor,
+    y: Tensor,
+    hp: HyperParams | None = None,
+    *,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> None:
+    """Set ``head``'s centre, prototypes and temperature from features x [N, D] and labels y [N], on x's device.
 
     Every class needs at least one example: a class with none has no mean to
-    compare with, so the head could never predict it.
+    compare with, so the head could never predict it. The arguments after
+    ``y`` make this the prototype kind's fit (adapters/kinds.py); a closed form
+    has no hyper-parameters, validation, class weights or randomness to use.
     """
+    raise_if_cancelled(cancelled)
     num_classes = head.num_classes
-    x = x.to(head.centre.device, torch.float32)
-    y = y.to(head.centre.device, torch.int64)
+    head.to(x.device)
+    x = x.to(torch.float32)
+    y = y.to(x.device, torch.int64)
     counts = torch.bincount(y, minlength=num_classes)
     if (missing := (counts == 0).nonzero().flatten().tolist()) != []:
         raise InvalidInput(

@@ -1,12 +1,14 @@
-"""Training one head on pre-computed backbone features.
+"""Training one head on pre-computed backbone features: the gradient-trained kinds' fits.
 
-Each head kind gets the optimiser that suits it:
+Each head kind gets the optimiser that suits it (its record in adapters/kinds.py
+names its fit):
 
-* linear: full-batch L-BFGS on the convex, L2-penalised cross-entropy of the
-  standardised features (the same problem scikit-learn's LogisticRegression
-  solves, so the result matches it);
-* mlp and finetune: mini-batch AdamW with a one-cycle schedule, keeping the
-  weights of the epoch with the best validation accuracy.
+* linear (`fit_linear`): full-batch L-BFGS on the convex, L2-penalised
+  cross-entropy of the standardised features (the same problem scikit-learn's
+  LogisticRegression solves, so the result matches it);
+* mlp and finetune (`fit_mlp`, `fit_finetune`): mini-batch AdamW with a
+  one-cycle schedule, keeping the weights of the epoch with the best validation
+  accuracy.
 
 Bad hyperparameters fail when the `HyperParams` model is built, with a pydantic
 ValidationError that names the field; the service maps it to InvalidArgument.
@@ -16,6 +18,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import FinetuneHead, Head, HeadKind, LinearHead, MLPHead, standardisation_stats
+from adapters.heads import FinetuneHead, LinearHead, MLPHead, standardisation_stats
 
 # L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, and
 # progress is reported between rounds. The cancel flag is checked at every
@@ -53,16 +56,6 @@ class HyperParams(BaseModel):
     hidden: int | None = Field(default=None, ge=1, le=8192)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     patience: int = Field(default=10, ge=1, le=500)
-
-
-def default_hyperparams(kind: HeadKind) -> HyperParams:
-    if kind is HeadKind.LINEAR:
-        return HyperParams(lr=1.0, weight_decay=1e-3, epochs=10, batch_size=4096)
-    if kind is HeadKind.PROTOTYPE:  # nothing here is used: a prototype head is fit in closed form
-        return HyperParams(lr=1.0, weight_decay=0.0, epochs=1, batch_size=4096)
-    if kind is HeadKind.MLP:
-        return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=60, batch_size=64, hidden=512, patience=10)
-    return HyperParams(lr=1e-3, weight_decay=1e-4, epochs=15, batch_size=64, label_smoothing=0.1, patience=15)
 
 
 class ProgressEvent(BaseModel):
@@ -125,8 +118,8 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return (logits.argmax(dim=1) == y).float().mean().item()
 
 
-def fit(
-    head: Head,
+def fit_linear(
+    head: LinearHead,
     x_train: Tensor,
     y_train: Tensor,
     hp: HyperParams,
@@ -138,49 +131,107 @@ def fit(
     cancelled: CancelCheck | None = None,
     seed: int = 0,
 ) -> FitResult:
-    """Train `head` in place on the device x_train lives on, leaving it in eval mode.
+    """A linear head on pooled features [N, D]: its standardisation from x_train, then `fit_linear_layer`.
 
-    Linear and mlp heads take pooled features [N, D] and fit their
-    standardisation on x_train first; finetune heads take feature maps
-    [N, C, H, W]. Raises TrainingCancelled as soon as `cancelled()` is true; it is
-    checked before every mini-batch (every L-BFGS evaluation), so a stop takes
-    effect well within an epoch. Features may come from inference_mode; the head itself
-    must be built outside it, since its weights are updated in place.
+    Like every fit here, it trains the head in place on the device x_train
+    lives on and leaves it in eval mode. It raises TrainingCancelled as soon as
+    `cancelled()` is true, checked at every L-BFGS evaluation (every mini-batch
+    for AdamW), so a stop takes effect well within an epoch. Features may come
+    from inference_mode; the head itself must be built outside it, since its
+    weights are updated in place.
     """
+    with _fitting(head, x_train.device, seed):
+        examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
+        head.set_standardisation(*standardisation_stats(examples.x_train))
+        return fit_linear_layer(
+            head.linear,
+            head.standardise(examples.x_train),
+            examples.y_train,
+            hp,
+            z_val=head.standardise(examples.x_val) if examples.x_val is not None else None,
+            y_val=examples.y_val,
+            class_weights=examples.class_weights,
+            progress=progress,
+            cancelled=cancelled,
+        )
+
+
+def fit_mlp(
+    head: MLPHead,
+    x_train: Tensor,
+    y_train: Tensor,
+    hp: HyperParams,
+    *,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> FitResult:
+    """An mlp head on pooled features [N, D]: its standardisation from x_train, then AdamW (see `fit_linear`)."""
+    with _fitting(head, x_train.device, seed):
+        examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
+        head.set_standardisation(*standardisation_stats(examples.x_train))
+        return _fit_minibatch(head, examples, hp, progress, cancelled, seed)
+
+
+def fit_finetune(
+    head: FinetuneHead,
+    x_train: Tensor,
+    y_train: Tensor,
+    hp: HyperParams,
+    *,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    progress: Progress | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> FitResult:
+    """A finetune head on the feature maps [N, C, H, W] at its split point, by AdamW (see `fit_linear`)."""
+    with _fitting(head, x_train.device, seed):
+        examples = _checked(head.num_classes, 4, x_train, y_train, x_val, y_val, class_weights)
+        return _fit_minibatch(head, examples, hp, progress, cancelled, seed)
+
+
+class _Examples(NamedTuple):
+    """A fit's examples, checked and ready for autograd."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor | None
+    y_val: Tensor | None
+    class_weights: Tensor | None
+
+
+@contextmanager
+def _fitting(head: nn.Module, device: torch.device, seed: int) -> Iterator[None]:
+    """What every fit runs in: a fixed seed, autograd on, the head in float32 on ``device``; eval mode after."""
     torch.manual_seed(seed)
     with training_mode():
-        device = x_train.device
         head.to(device=device, dtype=torch.float32)
-        feature_dims = 4 if isinstance(head, FinetuneHead) else 2
-        x_train, y_train = check_examples(x_train, y_train, head.num_classes, feature_dims, "training")
-        if (x_val is None) != (y_val is None):
-            raise InvalidInput("give both x_val and y_val, or neither")
-        if x_val is not None and y_val is not None:
-            x_val, y_val = check_examples(
-                x_val.to(device), y_val.to(device), head.num_classes, feature_dims, "validation"
-            )
-        weights = check_class_weights(class_weights, head.num_classes, device)
-
-        if isinstance(head, LinearHead):
-            head.set_standardisation(*standardisation_stats(x_train))
-            z_val = head.standardise(x_val) if x_val is not None else None
-            result = fit_linear_layer(
-                head.linear,
-                head.standardise(x_train),
-                y_train,
-                hp,
-                z_val=z_val,
-                y_val=y_val,
-                class_weights=weights,
-                progress=progress,
-                cancelled=cancelled,
-            )
-        else:
-            if isinstance(head, MLPHead):
-                head.set_standardisation(*standardisation_stats(x_train))
-            result = _fit_minibatch(head, x_train, y_train, hp, x_val, y_val, weights, progress, cancelled, seed)
+        yield
     head.eval()
-    return result
+
+
+def _checked(
+    num_classes: int,
+    feature_dims: int,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor | None,
+    y_val: Tensor | None,
+    class_weights: Tensor | None,
+) -> _Examples:
+    """A fit's arguments checked (`check_examples`), on x_train's device; call inside `training_mode()`."""
+    device = x_train.device
+    x_train, y_train = check_examples(x_train, y_train, num_classes, feature_dims, "training")
+    if (x_val is None) != (y_val is None):
+        raise InvalidInput("give both x_val and y_val, or neither")
+    if x_val is not None and y_val is not None:
+        x_val, y_val = check_examples(x_val.to(device), y_val.to(device), num_classes, feature_dims, "validation")
+    return _Examples(x_train, y_train, x_val, y_val, check_class_weights(class_weights, num_classes, device))
 
 
 def fit_linear_layer(
@@ -199,8 +250,8 @@ def fit_linear_layer(
 
     Minimises mean cross-entropy + weight_decay * ||W||^2 / 2 (bias not
     penalised) with full-batch L-BFGS. That is scikit-learn's objective with
-    C = 1 / (weight_decay * n_train), so the two agree. Exposed separately so
-    that tuning can standardise once and reuse the features for every trial.
+    C = 1 / (weight_decay * n_train), so the two agree. Exposed separately for
+    cross-validation and the label audit, which standardise each fold themselves.
     """
     with training_mode():
         device = z_train.device
@@ -251,17 +302,14 @@ def fit_linear_layer(
 
 def _fit_minibatch(
     head: nn.Module,
-    x_train: Tensor,
-    y_train: Tensor,
+    examples: _Examples,
     hp: HyperParams,
-    x_val: Tensor | None,
-    y_val: Tensor | None,
-    class_weights: Tensor | None,
     progress: Progress | None,
     cancelled: CancelCheck | None,
     seed: int,
 ) -> FitResult:
     """AdamW + one-cycle; with validation data, early-stop and keep the best epoch."""
+    x_train, y_train, x_val, y_val, class_weights = examples
     parameters = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
     n = x_train.shape[0]

@@ -3,29 +3,32 @@
 Two ways to validate. By default each trial trains on the training split and
 is scored on the hold-out; the winning head is returned as trained (no refit on
 train + validation), so the validation score reported for it is the one it
-really earned. A linear head on a small training split instead chooses by
-stratified k-fold cross-validation on the training split alone
-(adapters/crossval.py), then fits the winner on the whole training split: with
-a few hundred images one small hold-out picks a noisy weight decay, while on
-cached features k folds cost only a few more L-BFGS fits. The hold-out then
-chooses nothing, so the caller's score of the returned head on it stays honest.
+really earned. A kind whose record can cross-validate (linear) instead
+chooses, on a small training split, by stratified k-fold cross-validation on
+the training split alone (adapters/crossval.py), then fits the winner on the
+whole training split: with a few hundred images one small hold-out picks a
+noisy weight decay, while on cached features k folds cost only a few more
+L-BFGS fits. The hold-out then chooses nothing, so the caller's score of the
+returned head on it stays honest.
+
+Every kind-specific step (how a trial trains, what it reads, whether it has a
+width to search) is a field of the kind's record (adapters/kinds.py).
 """
 
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from torch import Tensor, nn
 
-from adapters.crossval import DEFAULT_FOLDS, best_index, cross_validate_path
+from adapters.crossval import DEFAULT_FOLDS, best_index
 from adapters.errors import InvalidInput
-from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, build_head, standardisation_stats
-from adapters.prototype import fit_prototype
+from adapters.kinds import HeadConfig, HeadKindSpec, build_head, get_kind
+from adapters.search_space import SearchSpace
 from adapters.trainer import (
     CancelCheck,
     HyperParams,
@@ -34,84 +37,15 @@ from adapters.trainer import (
     accuracy,
     check_class_weights,
     check_examples,
-    default_hyperparams,
-    fit,
-    fit_linear_layer,
     predict_logits,
     raise_if_cancelled,
     training_mode,
 )
 
-MAX_TRIALS = 64
-# Values per searched list. The grid is never enumerated (its size is a product,
-# its points are decoded from indices), so this bounds only the request's size.
-MAX_GRID_VALUES = 64
-# Which grid points a search larger than `max_trials` tries: fixed, so a request
-# always trains the same trials.
-SAMPLE_SEED = 0
-
-# Linear heads choose by k folds up to this many training examples. Above it the
+# Searches choose by k folds up to this many training examples. Above it the
 # hold-out (a fifth of the data by default) has 2,500+ images, precise to about a
 # point, and k folds would cost k times the search for no better choice.
 KFOLD_MAX_EXAMPLES = 10_000
-
-GridPoint = tuple[float, float, int | None]  # (lr, weight_decay, hidden)
-
-
-class SearchSpace(BaseModel):
-    """Values to try, as a grid. Bounds match `HyperParams`; bad values fail validation.
-
-    Each list holds at most `MAX_GRID_VALUES` values. When the grid has more
-    points than `max_trials`, a fixed-seed random sample of `max_trials` points
-    is tried instead, picked by index without building the grid.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    lr: list[Annotated[float, Field(gt=0.0, le=10.0)]] = Field(min_length=1, max_length=MAX_GRID_VALUES)
-    weight_decay: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(min_length=1, max_length=MAX_GRID_VALUES)
-    hidden: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_GRID_VALUES
-    )
-    max_trials: int = Field(default=MAX_TRIALS, ge=1, le=MAX_TRIALS)
-
-    @property
-    def size(self) -> int:
-        """How many (lr, weight_decay, hidden) combinations the grid has."""
-        return len(self.lr) * len(self.weight_decay) * len(self.hidden or [None])
-
-    @property
-    def trials(self) -> int:
-        """How many of them a search trains."""
-        return min(self.size, self.max_trials)
-
-    def points(self) -> list[GridPoint]:
-        """The combinations a search trains, in grid order: all, or the fixed sample of `max_trials`."""
-        if self.size <= self.max_trials:
-            indices: list[int] | range = range(self.size)
-        else:
-            indices = sorted(random.Random(SAMPLE_SEED).sample(range(self.size), self.max_trials))
-        return [self._point(index) for index in indices]
-
-    def _point(self, index: int) -> GridPoint:
-        """The grid point at ``index`` of the row-major (lr, weight_decay, hidden) order."""
-        hidden: list[int | None] = [*self.hidden] if self.hidden else [None]
-        index, k = divmod(index, len(hidden))
-        i, j = divmod(index, len(self.weight_decay))
-        return self.lr[i], self.weight_decay[j], hidden[k]
-
-
-def default_search_space(kind: HeadKind) -> SearchSpace:
-    if kind is HeadKind.LINEAR:
-        # L2 strength is what matters for logistic regression; lr is L-BFGS's step scale.
-        return SearchSpace(lr=[1.0], weight_decay=[1e-4, 4e-4, 1.5e-3, 5e-3, 2e-2, 7e-2, 0.25, 1.0])
-    if kind is HeadKind.MLP:
-        return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4, 1e-2], hidden=[256, 512])
-    if kind is HeadKind.PROTOTYPE:
-        # Closed form, with its temperature fit inside: one trial, nothing to search.
-        return SearchSpace(lr=[1.0], weight_decay=[0.0])
-    # Finetuning is expensive: two runs.
-    return SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4])
 
 
 class Trial(BaseModel):
@@ -151,35 +85,41 @@ def tune(
 ) -> TuneResult:
     """Train one head per search point on train, score each on val, return the best.
 
-    `base` supplies everything the space does not vary (epochs, batch size...).
-    Finetune heads need `tail_factory` to get a fresh copy of the tail per trial.
-    Linear heads on small training splits are scored by k folds instead (see
+    `base` supplies everything the space does not vary (epochs, batch size...);
+    without it, the kind's defaults. A kind that copies the tail needs
+    `tail_factory` to get a fresh copy of the tail per trial. Small training
+    splits of a kind that can cross-validate are scored by k folds instead (see
     `kfold_applies`); `x_val` and `y_val` are then only checked.
     Ties on validation accuracy go to the lower validation loss. A trial that
     diverges (non-finite validation loss) is kept in `trials` with no loss and
     never wins; if every trial diverges, that is an InvalidInput.
     """
-    if config.kind is HeadKind.FINETUNE and tail_factory is None:
-        raise InvalidInput("tuning a finetune head needs a tail_factory that copies the backbone's tail")
-    if config.kind is not HeadKind.MLP and space.hidden is not None:
-        raise InvalidInput(f"`hidden` can only be searched for mlp heads, not {config.kind.value}")
-    candidates = _candidates(space, base or default_hyperparams(config.kind))
+    spec = get_kind(config.kind)
+    if spec.copies_tail and tail_factory is None:
+        raise InvalidInput(f"tuning a {spec.name} head needs a tail_factory that copies the backbone's tail")
+    if not spec.hidden_layer and space.hidden is not None:
+        raise InvalidInput(f"`hidden` can only be searched for heads with a hidden layer, not {spec.name}")
+    candidates = _candidates(space, base or spec.hyperparams)
 
     with training_mode():
-        feature_dims = 4 if config.kind is HeadKind.FINETUNE else 2
+        feature_dims = spec.feature_dims
         x_train, y_train = check_examples(x_train, y_train, config.num_classes, feature_dims, "training")
         x_val, y_val = check_examples(
             x_val.to(x_train.device), y_val.to(x_train.device), config.num_classes, feature_dims, "validation"
         )
         class_weights = check_class_weights(class_weights, config.num_classes, x_train.device)
         if kfold_applies(config, y_train):
-            return _tune_linear_by_kfold(
-                config, x_train, y_train, candidates, class_weights, progress=progress, cancelled=cancelled, seed=seed
+            return _tune_by_kfold(
+                spec,
+                config,
+                x_train,
+                y_train,
+                candidates,
+                class_weights,
+                progress=progress,
+                cancelled=cancelled,
+                seed=seed,
             )
-        if config.kind is HeadKind.LINEAR:
-            # Standardise once: every linear trial then only re-runs L-BFGS.
-            mean, std = standardisation_stats(x_train)
-            z_train = (x_train - mean) / std
 
         best: tuple[tuple[float, float], Trial, nn.Module, HeadConfig] | None = None
         trials: list[Trial] = []
@@ -187,38 +127,23 @@ def tune(
             raise_if_cancelled(cancelled)
             trial_progress = _trial_progress(progress, index, len(candidates))
             trial_config = config
-            if config.kind is HeadKind.MLP and hp.hidden is not None:
+            if spec.hidden_layer and hp.hidden is not None:
                 trial_config = HeadConfig.model_validate(config.model_dump() | {"hidden": hp.hidden})
 
             torch.manual_seed(seed)
             head = build_head(trial_config, tail_factory() if tail_factory is not None else None)
-            if isinstance(head, LinearHead):
-                head.to(x_train.device)
-                head.set_standardisation(mean, std)
-                fit_linear_layer(
-                    head.linear,
-                    z_train,
-                    y_train,
-                    hp,
-                    class_weights=class_weights,
-                    progress=trial_progress,
-                    cancelled=cancelled,
-                )
-            elif isinstance(head, PrototypeHead):
-                fit_prototype(head.to(x_train.device), x_train, y_train)
-            else:
-                fit(
-                    head,
-                    x_train,
-                    y_train,
-                    hp,
-                    x_val=x_val,
-                    y_val=y_val,
-                    class_weights=class_weights,
-                    progress=trial_progress,
-                    cancelled=cancelled,
-                    seed=seed,
-                )
+            spec.fit(
+                head,
+                x_train,
+                y_train,
+                hp,
+                x_val=x_val,
+                y_val=y_val,
+                class_weights=class_weights,
+                progress=trial_progress,
+                cancelled=cancelled,
+                seed=seed,
+            )
 
             logits = predict_logits(head, x_val)
             val_loss = F.cross_entropy(logits, y_val).item()
@@ -249,15 +174,21 @@ def tune(
 def kfold_applies(config: HeadConfig, y_train: Tensor) -> bool:
     """Whether the search validates by k folds of the training split rather than on the hold-out.
 
-    Linear heads only (a fold costs one L-BFGS fit on cached features; an mlp or
-    finetune trial costs a full training run), on at most `KFOLD_MAX_EXAMPLES`
-    training examples, with at least 2 of every class so each can be validated.
+    Only for kinds whose record can cross-validate (linear: a fold costs one
+    L-BFGS fit on cached features; an mlp or finetune trial costs a full
+    training run), on at most `KFOLD_MAX_EXAMPLES` training examples, with at
+    least 2 of every class so each can be validated.
     """
     counts = torch.bincount(y_train.to("cpu", torch.int64))
-    return config.kind is HeadKind.LINEAR and len(y_train) <= KFOLD_MAX_EXAMPLES and int(counts[counts > 0].min()) >= 2
+    return (
+        get_kind(config.kind).cross_validate is not None
+        and len(y_train) <= KFOLD_MAX_EXAMPLES
+        and int(counts[counts > 0].min()) >= 2
+    )
 
 
-def _tune_linear_by_kfold(
+def _tune_by_kfold(
+    spec: HeadKindSpec[Any],
     config: HeadConfig,
     x_train: Tensor,
     y_train: Tensor,
@@ -269,6 +200,7 @@ def _tune_linear_by_kfold(
     seed: int,
 ) -> TuneResult:
     """Score every candidate by stratified k folds of the training split, then fit the best on all of it."""
+    assert spec.cross_validate is not None  # kfold_applies
     counts = torch.bincount(y_train)
     folds = min(DEFAULT_FOLDS, int(counts[counts > 0].min()))  # as many as the smallest class allows
     fits = folds + 1  # progress: the folds, then the final fit
@@ -287,7 +219,7 @@ def _tune_linear_by_kfold(
             }
             progress(event.model_copy(update=update))
 
-    scores = cross_validate_path(
+    scores = spec.cross_validate(
         x_train,
         y_train,
         config.num_classes,
@@ -303,19 +235,10 @@ def _tune_linear_by_kfold(
         for hp, score in zip(candidates, scores, strict=True)
     ]
     best = trials[best_index(scores)]
-    mean, std = standardisation_stats(x_train)
     torch.manual_seed(seed)
-    head = LinearHead(config.in_features, config.num_classes)
-    head.to(x_train.device)
-    head.set_standardisation(mean, std)
-    fit_linear_layer(
-        head.linear,
-        (x_train - mean) / std,
-        y_train,
-        best.hp,
-        class_weights=class_weights,
-        progress=final_fit,
-        cancelled=cancelled,
+    head = build_head(config)
+    spec.fit(
+        head, x_train, y_train, best.hp, class_weights=class_weights, progress=final_fit, cancelled=cancelled, seed=seed
     )
     if progress is not None:
         message = (

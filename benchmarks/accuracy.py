@@ -37,10 +37,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from adapters.heads import HeadConfig, HeadKind, load_head
+from adapters.kinds import HeadConfig, HeadKind, get_kind, load_head
 from adapters.splits import stratified_split
 from adapters.trainer import ProgressEvent
-from adapters.tuning import default_search_space
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
@@ -57,7 +56,7 @@ def sklearn_logreg_accuracy(
     scaler = StandardScaler().fit(x_train[fit_idx])
     xs_fit, xs_val, xs_test = (scaler.transform(x) for x in (x_train[fit_idx], x_train[val_idx], x_test))
     best = (-1.0, None)
-    for weight_decay in default_search_space(HeadKind.LINEAR).weight_decay:
+    for weight_decay in get_kind("linear").search_space.weight_decay:
         c = 1.0 / (weight_decay * len(fit_idx))
         model = LogisticRegression(C=c, max_iter=2000).fit(xs_fit, y_train[fit_idx])
         best = max(best, (model.score(xs_val, y_train[val_idx]), model), key=lambda t: t[0])
@@ -66,7 +65,7 @@ def sklearn_logreg_accuracy(
 
 def head_accuracy(core: Core, version, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
     backbone = core.backbones[version.backbone]
-    tail = backbone.fresh_tail(version.split_point) if version.kind == HeadKind.FINETUNE else None
+    tail = backbone.fresh_tail(version.split_point) if get_kind(version.kind).copies_tail else None
     head = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version), tail)
     with torch.no_grad():
         predictions = head(x_test).argmax(1)

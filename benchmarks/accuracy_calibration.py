@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from adapters.calibration import Calibration, prediction_set
-from adapters.heads import HeadConfig, load_head
+from adapters.kinds import HeadConfig, load_head
 from adapters.metrics import calibration_error
 from harness.sample_data import fashion_mnist_pngs
 from service.config import Settings

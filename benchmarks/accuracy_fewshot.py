@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.heads import HeadConfig, PrototypeHead, load_head
+from adapters.heads import PrototypeHead
+from adapters.kinds import HeadConfig, load_head
 from adapters.prototype import fit_prototype
 from harness.sample_data import fashion_mnist_pngs
 from service.config import Settings
 from service.core import Core
-from service.kind_choice import AUTO_KINDS
+from service.kind_choice import auto_candidates
 from service.store.datasets import DatasetInfo
 from service.training import TrainRequest
 
@@ -107,7 +108,7 @@ def measure_fewshot(
     }
     print(f"prototype {shots}-shot over {draws} draws: {accuracies}", file=sys.stderr)
 
-    for kind in AUTO_KINDS:
+    for kind in auto_candidates(opt_in=False):
         if kind.value in (kind_acc or {}):
             result[f"kind_acc_{kind.value}"] = (kind_acc or {})[kind.value]
             continue
@@ -124,7 +125,7 @@ def measure_fewshot(
     result["auto_kind_acc"] = round(test_accuracy(core, version, x_test, y_test), 4)
     result["auto_kind"] = version.kind
     result["auto_kind_reason"] = version.metrics["kind_choice"]["reason"]
-    best = max(float(result[f"kind_acc_{kind.value}"]) for kind in AUTO_KINDS)
+    best = max(float(result[f"kind_acc_{kind.value}"]) for kind in auto_candidates(opt_in=False))
     result["auto_minus_best_kind_points"] = round(100 * (float(result["auto_kind_acc"]) - best), 2)
     print(f"auto: {version.kind}, test {result['auto_kind_acc']} ({result['auto_kind_reason']})", file=sys.stderr)
     return result

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.heads import HeadConfig, HeadKind, build_head, head_state
+from adapters.heads import head_state
+from adapters.kinds import HeadConfig, HeadKind, build_head
 from service.config import Settings
 from service.core import Core
 

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace, default_search_space
+from adapters.kinds import HeadKind, get_kind
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.config import Settings
 from service.core import Core
@@ -41,7 +41,7 @@ def main() -> None:
         dataset = core.datasets.create(
             TENANT, "fmnist", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)]
         )
-        grid = default_search_space(HeadKind.LINEAR)
+        grid = get_kind("linear").search_space
         one_config = SearchSpace(lr=grid.lr[:1], weight_decay=grid.weight_decay[:1])
 
         single = TrainRequest(dataset_id=dataset.id, head_name="cost", kind=HeadKind.LINEAR, search=one_config)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from adapters.calibration import TemperatureScaled
-from adapters.heads import HeadConfig, HeadKind, load_head
+from adapters.kinds import HeadConfig, get_kind, load_head
 from service.engine.backbones import Backbone
 from service.errors import GraftError, InvalidArgument, NotFound
 from service.store.datasets import DatasetStore
@@ -98,7 +98,11 @@ class Manifest(BaseModel):
 
 
 class ExportModel(nn.Module):
-    """Backbone blocks once, then each head at its own split point, softmax per head."""
+    """Backbone blocks once, then each head at its own split point, softmax per head.
+
+    A head is the module its kind's record builds (adapters/kinds.py), whatever the kind: a file computes what
+    the module computes, which is what the engine serves.
+    """
 
     def __init__(
         self, backbone: Backbone, heads: Sequence[ServedVersion], tensors: Sequence[dict[str, torch.Tensor]]
@@ -111,7 +115,7 @@ class ExportModel(nn.Module):
         modules = []
         for info, weights, split in zip(heads, tensors, self.splits, strict=True):
             config = HeadConfig.model_validate(info.config)
-            tail = backbone.fresh_tail(split).requires_grad_(False) if config.kind is HeadKind.FINETUNE else None
+            tail = backbone.fresh_tail(split).requires_grad_(False) if get_kind(config.kind).copies_tail else None
             head: nn.Module = load_head(config, weights, tail)
             if config.calibration is not None:  # the calibrated scores the service serves
                 head = TemperatureScaled(head, config.calibration.temperature)

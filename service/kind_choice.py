@@ -1,6 +1,7 @@
 """``kind: "auto"``: train several head kinds within a time budget and keep the best on the hold-out.
 
-The kinds are tried cheapest first (prototype, linear, mlp, then finetune when
+The candidates are the kinds whose record has an auto rule (adapters/kinds.py),
+tried cheapest first by its rank (prototype, linear, mlp, then finetune when
 asked for and the dataset is large enough), so a budget that runs out still
 leaves the cheap ones tried; the first is always trained to the end, so there
 is always a winner. A kind still training when the budget runs out is stopped
@@ -14,17 +15,12 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from adapters.heads import HeadKind
+from adapters.kinds import KINDS, AutoRule, HeadKind
 
-AUTO_KIND = "auto"
+AUTO_KIND = "auto"  # request only: a version's kind is the kind that won
 AutoKind = Literal["auto"]
-# Cheapest first: the order kinds are tried in, and the tie-break.
-AUTO_KINDS = (HeadKind.PROTOTYPE, HeadKind.LINEAR, HeadKind.MLP)
 DEFAULT_TIME_BUDGET_S = 60.0
 MAX_TIME_BUDGET_S = 3600.0
-# Finetuning a few blocks from fewer examples than this per class overfits more
-# than it gains over a head on frozen features; auto leaves it out below it.
-AUTO_FINETUNE_MIN_PER_CLASS = 20
 
 Status = Literal["trained", "over_budget", "skipped"]
 
@@ -49,17 +45,39 @@ class KindChoice(BaseModel):
     candidates: list[KindCandidate]
 
 
-def kinds_to_try(finetune: bool, train_counts: Sequence[int]) -> tuple[list[HeadKind], list[KindCandidate]]:
-    """The kinds auto trains, cheapest first, and the ones it leaves out with why."""
-    if not finetune:
-        return list(AUTO_KINDS), []
-    if min(train_counts) < AUTO_FINETUNE_MIN_PER_CLASS:
-        note = (
-            f"finetune needs at least {AUTO_FINETUNE_MIN_PER_CLASS} training examples of every class; "
-            f"the smallest class has {min(train_counts)}"
-        )
-        return list(AUTO_KINDS), [KindCandidate(kind=HeadKind.FINETUNE, status="skipped", note=note)]
-    return [*AUTO_KINDS, HeadKind.FINETUNE], []
+def auto_candidates(opt_in: bool) -> list[HeadKind]:
+    """The kinds auto may train, cheapest first; those that need it asked (auto_finetune) only when ``opt_in``."""
+    return [HeadKind(name) for name, _ in _auto_rules(opt_in)]
+
+
+def kinds_to_try(opt_in: bool, train_counts: Sequence[int]) -> tuple[list[HeadKind], list[KindCandidate]]:
+    """The kinds auto trains, cheapest first, and the ones it leaves out (a class too small for them) with why."""
+    tried, left_out = [], []
+    for name, rule in _auto_rules(opt_in):
+        if min(train_counts) < rule.min_per_class:
+            note = (
+                f"{name} needs at least {rule.min_per_class} training examples of every class; "
+                f"the smallest class has {min(train_counts)}"
+            )
+            left_out.append(KindCandidate(kind=HeadKind(name), status="skipped", note=note))
+        else:
+            tried.append(HeadKind(name))
+    return tried, left_out
+
+
+def auto_description() -> str:
+    """What kind 'auto' does, in the API's field descriptions: "'auto': the best on the hold-out of a, b and c"."""
+    names = [name for name, _ in _auto_rules(opt_in=False)]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return f"'auto': the best on the hold-out of {listed}"
+
+
+def _auto_rules(opt_in: bool) -> list[tuple[str, AutoRule]]:
+    """Each kind auto may train with its rule, by rank."""
+    rules = [
+        (spec.name, spec.auto) for spec in KINDS.values() if spec.auto is not None and (opt_in or not spec.auto.opt_in)
+    ]
+    return sorted(rules, key=lambda named: named[1].rank)
 
 
 class Budget:

@@ -16,14 +16,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace
+from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
+from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
 from service.engine.backbones import BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
-from service.kind_choice import AUTO_FINETUNE_MIN_PER_CLASS, AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S
+from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
 from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
 from service.store.heads import NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.training import HyperParamOverrides, TrainRequest
@@ -215,14 +215,15 @@ def _only_with(field: str, is_set: dict, then: str, *values: str) -> dict:
             "then": {"required": [then], "properties": {then: {"enum": list(values)}}}}  # fmt: skip
 
 
-class TrainingKind(str, Enum):
-    """What a TrainingSpec may ask for: a head kind, or ``auto`` (request only: a version's kind is the winner's)."""
-
-    LINEAR = HeadKind.LINEAR.value
-    MLP = HeadKind.MLP.value
-    FINETUNE = HeadKind.FINETUNE.value
-    PROTOTYPE = HeadKind.PROTOTYPE.value
-    AUTO = AUTO_KIND
+# Every head kind (the registry's, adapters/kinds.py), then 'auto'; mypy cannot see members made from data.
+TrainingKind = Enum(  # type: ignore[misc]
+    "TrainingKind", {**{kind.name: kind.value for kind in HeadKind}, AUTO_KIND.upper(): AUTO_KIND}, type=str
+)
+TrainingKind.__doc__ = (
+    "What a TrainingSpec may ask for: a head kind, or ``auto`` (request only: a version's kind is the winner's)."
+)
+_TAIL_KINDS = [spec.name for spec in KINDS.values() if spec.copies_tail]  # the kinds finetune_blocks applies to
+_HIDDEN_LAYER_KINDS = [spec.name for spec in KINDS.values() if spec.hidden_layer]  # those search.hidden applies to
 
 
 class TrainingSpec(BaseModel):
@@ -230,14 +231,24 @@ class TrainingSpec(BaseModel):
 
     # The core's cross-field rules (TrainRequest), stated in the schema too.
     # allow_inf_nan: 1e999 (JSON) or inf (a gRPC double) is no budget, and PostgreSQL's JSON cannot store it
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"allOf": [
-        _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value, AUTO_KIND),
-        _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
-        _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),
-        _only_with("auto_finetune", {"type": "boolean"}, "kind", AUTO_KIND),
-        _only_with("search", {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
-                   "kind", HeadKind.MLP.value),
-    ]})  # fmt: skip
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "allOf": [
+                _only_with("finetune_blocks", {"type": "integer"}, "kind", *_TAIL_KINDS, AUTO_KIND),
+                _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
+                _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),
+                _only_with("auto_finetune", {"type": "boolean"}, "kind", AUTO_KIND),
+                _only_with(
+                    "search",
+                    {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
+                    "kind",
+                    *_HIDDEN_LAYER_KINDS,
+                ),
+            ]
+        },
+    )
 
     dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
         description="datasets/{dataset}"
@@ -251,9 +262,7 @@ class TrainingSpec(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image"
     )
-    kind: TrainingKind | None = Field(
-        None, description="default linear; 'auto': the best on the hold-out of prototype, linear and mlp"
-    )
+    kind: TrainingKind | None = Field(None, description=f"default linear; {auto_description()}")
     time_budget_s: float | None = Field(
         None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
     )

@@ -25,31 +25,32 @@ from adapters.audit import audit_labels, audit_summary
 from adapters.calibration import Calibration, calibrate, calibration_report
 from adapters.crossval import Choice, choose, cross_validate_linear
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
-from adapters.heads import HeadConfig, HeadKind, PrototypeHead, head_state
+from adapters.heads import head_state
+from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
 from adapters.metrics import evaluate, finite
-from adapters.prototype import fit_prototype
+from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
     ProgressEvent,
     accuracy,
     class_weights_for,
-    default_hyperparams,
     predict_logits,
 )
-from adapters.tuning import SearchSpace, TuneResult, default_search_space, tune
+from adapters.tuning import TuneResult, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument
 from service.kind_choice import (
     AUTO_KIND,
-    AUTO_KINDS,
     DEFAULT_TIME_BUDGET_S,
     MAX_TIME_BUDGET_S,
     AutoKind,
     Budget,
     KindCandidate,
     KindChoice,
+    auto_candidates,
+    auto_description,
     choose_kind,
     kind_choice_metrics,
     kinds_to_try,
@@ -92,9 +93,7 @@ class TrainRequest(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image here"
     )
-    kind: HeadKind | AutoKind = Field(
-        HeadKind.LINEAR, description="a head kind, or 'auto': the best on the hold-out of prototype, linear and mlp"
-    )
+    kind: HeadKind | AutoKind = Field(HeadKind("linear"), description=f"a head kind, or {auto_description()}")
     time_budget_s: float | None = Field(
         None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
     )
@@ -111,18 +110,21 @@ class TrainRequest(BaseModel):
 
     @model_validator(mode="after")
     def _fields_fit_the_kind(self) -> "TrainRequest":
-        if self.finetune_blocks is not None and self.kind != HeadKind.FINETUNE and not self.auto_finetune:
-            raise ValueError("finetune_blocks applies to kind 'finetune' (or 'auto' with auto_finetune) only")
+        if self.finetune_blocks is not None and not any(get_kind(kind).copies_tail for kind in self.kinds):
+            tails = _kinds_where(lambda spec: spec.copies_tail)
+            raise ValueError(f"finetune_blocks applies to kind {tails} (or 'auto' with auto_finetune) only")
         for field in ("time_budget_s", "auto_finetune"):
             if getattr(self, field) is not None and self.kind != AUTO_KIND:
                 raise ValueError(f"{field} applies to kind 'auto' only")
-        if self.kind in (AUTO_KIND, HeadKind.PROTOTYPE) and (self.search or self.hyperparams):
+        if (self.kind == AUTO_KIND or not get_kind(self.kind).searched) and (self.search or self.hyperparams):
+            closed_forms = _kinds_where(lambda spec: not spec.searched)
             raise ValueError(
-                "kind 'prototype' has no hyper-parameters, and 'auto' trains each kind with its defaults: "
+                f"kind {closed_forms} has no hyper-parameters, and 'auto' trains each kind with its defaults: "
                 "leave search and hyperparams unset, or name a kind to tune"
             )
-        if self.search is not None and self.search.hidden is not None and self.kind != HeadKind.MLP:
-            raise ValueError("search.hidden applies to kind 'mlp' only")
+        searches_hidden = self.search is not None and self.search.hidden is not None
+        if searches_hidden and not all(get_kind(kind).hidden_layer for kind in self.kinds):
+            raise ValueError(f"search.hidden applies to kind {_kinds_where(lambda spec: spec.hidden_layer)} only")
         if self.latency_budget_ms is not None and self.backbone != AUTO:
             raise ValueError("latency_budget_ms applies to backbone 'auto' only")
         return self
@@ -131,7 +133,7 @@ class TrainRequest(BaseModel):
     def kinds(self) -> list[HeadKind]:
         """The kinds this request may train: the one it names, or auto's candidates."""
         if self.kind == AUTO_KIND:
-            return [*AUTO_KINDS, HeadKind.FINETUNE] if self.auto_finetune else list(AUTO_KINDS)
+            return auto_candidates(bool(self.auto_finetune))
         return [HeadKind(self.kind)]
 
     @property
@@ -142,11 +144,11 @@ class TrainRequest(BaseModel):
     def hyperparameters(self, kind: HeadKind) -> HyperParams:
         """The kind's defaults with the client's overrides on top, checked together."""
         overrides = self.hyperparams.model_dump(exclude_none=True) if self.hyperparams else {}
-        return HyperParams(**(default_hyperparams(kind).model_dump() | overrides))
+        return HyperParams(**(get_kind(kind).hyperparams.model_dump() | overrides))
 
     @property
     def trials(self) -> int:
-        return sum((self.search or default_search_space(kind)).trials for kind in self.kinds)
+        return sum((self.search or get_kind(kind).search_space).trials for kind in self.kinds)
 
 
 # Copies of a split point's features a run holds at its peak: the extractor's per-image tensors and their stack
@@ -243,7 +245,8 @@ class Trainer:
         return pretrained
 
     def split_point(self, request: TrainRequest, backbone: Backbone, kind: HeadKind) -> int:
-        if kind is HeadKind.FINETUNE:
+        """Where the kind's head reads the trunk: where its copied tail starts, else the pooled features."""
+        if get_kind(kind).copies_tail:
             return backbone.split_for_blocks(request.finetune_blocks or DEFAULT_FINETUNE_BLOCKS)
         return backbone.num_blocks
 
@@ -302,10 +305,10 @@ class Trainer:
         class_index = {name: i for i, name in enumerate(dataset.classes)}
         labels = torch.tensor([class_index[label] for _, label in examples])
         train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
-        if len(holdout_idx) == 0 and request.kind not in (HeadKind.PROTOTYPE, AUTO_KIND):  # before the extraction
+        if len(holdout_idx) == 0 and all(get_kind(kind).searched for kind in request.kinds):  # before extracting
             raise FailedPrecondition(
                 "dataset too small for a hold-out split: add at least 2 examples per class, "
-                "or train kind 'prototype' (or 'auto'), which learns from one"
+                f"or train kind {_kinds_where(lambda spec: not spec.searched)} (or 'auto'), which learns from one"
             )
 
         shas = [sha for sha, _ in examples]
@@ -425,30 +428,31 @@ class Trainer:
     ) -> "_Fitted":
         """One kind: its features (from the cache when there), its search on the hold-out, its hold-out logits.
 
-        A prototype head with no hold-out (no class has two examples) is fit on
-        every example: it is the one kind that needs nothing to tune.
+        With no hold-out (no class has two examples) a kind with nothing to
+        search (train admits no other here) is fit on every example.
         """
+        spec = get_kind(kind)
         backbone = data.backbone
         split = self.split_point(request, backbone, kind)
         features = self.extractor.features(
             backbone, split, data.shas, tenant=data.tenant, progress=extraction, cancelled=cancelled
         )
         base = request.hyperparameters(kind)
-        finetune = kind is HeadKind.FINETUNE
         config = HeadConfig.model_validate(
             {  # validated: dropout takes the kind's default
                 "kind": kind,
                 "in_features": int(features.shape[1]),
                 "num_classes": data.num_classes,
-                "hidden": base.hidden if kind is HeadKind.MLP else None,
-                "tail_blocks": backbone.num_blocks - split if finetune else None,
-                "tail_out_channels": backbone.spec.feature_dim if finetune else None,
+                "hidden": base.hidden if spec.hidden_layer else None,
+                "tail_blocks": backbone.num_blocks - split if spec.copies_tail else None,
+                "tail_out_channels": backbone.spec.feature_dim if spec.copies_tail else None,
             }
         )
+        tail_factory = (lambda: backbone.fresh_tail(split)) if spec.copies_tail else None
         x_train, y_train = features[data.train_idx], data.labels[data.train_idx]
         if len(data.holdout_idx) == 0:
-            head = PrototypeHead(config.in_features, config.num_classes)  # train admits no other kind here
-            fit_prototype(head, x_train, y_train)
+            head = build_head(config, tail_factory() if tail_factory is not None else None)
+            spec.fit(head, x_train, y_train, base, cancelled=cancelled, seed=request.seed)
             return _Fitted(TuneResult(head=head.eval(), config=config, best=base, trials=[]), split, None)
         x_holdout = features[data.holdout_idx]
         result = tune(
@@ -457,9 +461,9 @@ class Trainer:
             y_train,
             x_holdout,
             data.labels[data.holdout_idx],
-            space=request.search or default_search_space(kind),
+            space=request.search or spec.search_space,
             base=base,
-            tail_factory=(lambda: backbone.fresh_tail(split)) if finetune else None,
+            tail_factory=tail_factory,
             class_weights=class_weights_for(y_train, config.num_classes),
             progress=progress,
             cancelled=cancelled,
@@ -484,14 +488,14 @@ class Trainer:
         counts = torch.bincount(data.labels[data.train_idx], minlength=data.num_classes).tolist()
         kinds, left_out = kinds_to_try(bool(request.auto_finetune), counts)
         if len(data.holdout_idx) == 0:
-            fitted = self._fit(request, data, HeadKind.PROTOTYPE, pooled_progress, progress, cancelled)
+            unsearched = next(kind for kind in kinds if not get_kind(kind).searched)  # else train refused the request
+            fitted = self._fit(request, data, unsearched, pooled_progress, progress, cancelled)
             why = "no hold-out to compare kinds on (no class has two examples)"
-            candidates = [KindCandidate(kind=HeadKind.PROTOTYPE, status="trained", note="fit on every example")]
-            candidates += [KindCandidate(kind=kind, status="skipped", note=why) for kind in kinds[1:]] + left_out
-            reason = f"prototype: {why}; it is the kind that learns from one example per class"
-            return fitted, KindChoice(
-                chosen=HeadKind.PROTOTYPE, reason=reason, time_budget_s=budget_s, candidates=candidates
-            )
+            candidates = [KindCandidate(kind=unsearched, status="trained", note="fit on every example")]
+            candidates += [KindCandidate(kind=kind, status="skipped", note=why) for kind in kinds if kind != unsearched]
+            candidates += left_out
+            reason = f"{unsearched.value}: {why}; it is the kind that learns from one example per class"
+            return fitted, KindChoice(chosen=unsearched, reason=reason, time_budget_s=budget_s, candidates=candidates)
         backbone = data.backbone
         self.extractor.features(
             backbone, backbone.num_blocks, data.shas, tenant=data.tenant, progress=pooled_progress, cancelled=cancelled
@@ -638,6 +642,11 @@ class _Fitted:
         return calibrated.model_dump(mode="json") | {
             "calibration": calibration_report(self.holdout_logits, y_holdout, calibration)
         }
+
+
+def _kinds_where(has: Callable[[HeadKindSpec[Any]], bool]) -> str:
+    """The kinds whose record ``has`` it, quoted for a message: 'finetune', or 'a' or 'b'."""
+    return " or ".join(f"'{spec.name}'" for spec in KINDS.values() if has(spec))
 
 
 def choice_metrics(choice: Choice) -> dict[str, float]:

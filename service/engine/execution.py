@@ -2,13 +2,15 @@
 
 Rows may ask for any mix of heads and kinds (docs/architecture.md, decisions 2 and 3):
 - the trunk runs once up to the earliest split point any head needs, and on to
-  the pooled output when a linear or mlp head (or an embedding) needs it;
+  the pooled output when a head that reads it (linear, mlp, prototype), or an
+  embedding, needs it;
 - a finetune head's rows continue from there to its own split point, then
   through its tail;
-- linear and prototype (row, head) pairs are batched matmuls over gathered
-  weights (a prototype pair's features normalised around its head's centre
-  first), so a batch of 1,000 different linear heads costs about as much as
-  one. Heads are grouped by size class (class count rounded up to a power of
+- (row, head) pairs of the kinds the engine gathers (linear, prototype: their
+  record's ``gather``) are batched matmuls over gathered weights (a prototype
+  pair's features normalised around its head's centre first), so a batch of
+  1,000 different linear heads costs about as much as one. Any other head runs
+  its own module on its rows. Heads are grouped by size class (class count rounded up to a power of
   two) and each step gathers at most ``GATHER_BUDGET_BYTES`` of weights, so one tenant's
   1,000-class head neither pads everybody's 2-class heads nor balloons memory.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.heads import HeadKind, normalised
+from adapters.heads import normalised
 from service.engine.backbones import Backbone
 from service.engine.head_cache import LoadedHead
 from service.errors import FailedPrecondition
@@ -53,7 +55,7 @@ def run_batch(
 ) -> BatchOutput:
     n = backbone.num_blocks
     pairs = [(row, slot, head) for row, heads in enumerate(row_heads) for slot, head in enumerate(heads)]
-    needs_pooled = want_embeddings or any(head.kind is not HeadKind.FINETUNE for _, _, head in pairs)
+    needs_pooled = want_embeddings or any(head.split_point == n for _, _, head in pairs)
     first = min([head.split_point for _, _, head in pairs] + ([n] if needs_pooled else []))
     stem = backbone.features(images, first)
     pooled = (stem if first == n else backbone.features(stem, n, start=first)) if needs_pooled else None
@@ -63,7 +65,7 @@ def run_batch(
 
     linear = [pair for pair in pairs if pair[2].gathered]
     if linear:
-        assert pooled is not None  # linear heads read the pooled features, so they were computed
+        assert pooled is not None  # gathered heads read the pooled features, so they were computed
         for chunk in linear_chunks(linear, pooled.shape[1], pooled.element_size()):
             _run_linear_chunk(pooled, chunk, logits, failures)
 
@@ -78,8 +80,8 @@ def run_batch(
         rows = torch.tensor([row for row, _ in places], device=stem.device)
 
         def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
-            if head.kind is HeadKind.MLP:
-                assert pooled is not None  # mlp heads read the pooled features
+            if head.split_point == n:
+                assert pooled is not None  # a head at the last split point reads the pooled features
                 inputs = pooled[rows]
             elif head.split_point == first:
                 inputs = stem[rows]

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from adapters.calibration import Calibration, TemperatureScaled
-from adapters.heads import HeadConfig, HeadKind, LinearHead, PrototypeHead, load_head, normalised
+from adapters.heads import normalised
+from adapters.kinds import HeadConfig, HeadKind, get_kind, load_head
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
 from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
@@ -44,13 +45,14 @@ class HeadKey(NamedTuple):
 class LoadedHead:
     """A head ready to run on its backbone's device.
 
-    Linear heads keep only their folded weight and bias (the engine gathers
-    them into one batched matmul); prototype heads too, with the centre their
-    inputs are normalised around first (exact: the normalisation is per image,
-    the rest is a matmul); other kinds keep their module. Either way the logits
-    are already divided by the version's temperature, so their softmax is the
-    calibrated score; ``calibration`` also holds the hold-out scores prediction
-    sets need (None: an ImageNet head or an old version).
+    A head of a kind the engine gathers (its record's ``gather``: linear,
+    prototype) keeps only its weight and bias, which the engine stacks into one
+    batched matmul with other heads', and the centre a prototype head's inputs
+    are normalised around first (exact: the normalisation is per image, the
+    rest is a matmul); other kinds (mlp, finetune) keep their module. Either
+    way the logits are already divided by the version's temperature, so their
+    softmax is the calibrated score; ``calibration`` also holds the hold-out
+    scores prediction sets need (None: an ImageNet head or an old version).
     """
 
     key: HeadKey
@@ -58,11 +60,11 @@ class LoadedHead:
     kind: HeadKind
     split_point: int
     classes: tuple[str, ...]
-    weight: torch.Tensor | None  # linear: [C, D], standardisation folded in; prototype: temperature * prototypes
-    bias: torch.Tensor | None  # linear: [C]; prototype: zeros
-    module: nn.Module | None  # mlp and finetune
+    weight: torch.Tensor | None  # gathered: [C, D] (linear: standardisation folded in; prototype: scaled prototypes)
+    bias: torch.Tensor | None  # gathered: [C]
+    module: nn.Module | None  # not gathered
     nbytes: int
-    centre: torch.Tensor | None = None  # prototype: [D], inputs are centred and L2-normalised before the matmul
+    centre: torch.Tensor | None = None  # gathered with one: [D], inputs are centred and L2-normalised first
     calibration: Calibration | None = None
 
     @property
@@ -75,14 +77,14 @@ class LoadedHead:
 
     @property
     def gathered(self) -> bool:
-        """Whether the engine runs this head as gathered weights (linear and prototype) rather than a module."""
+        """Whether the engine runs this head as gathered weights (linear, prototype) rather than a module."""
         return self.weight is not None
 
     @property
     def linear(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A gathered head's (weight [C, D], bias [C]), applied to its inputs (see ``inputs``)."""
         if self.weight is None or self.bias is None:
-            raise TypeError(f"head {self.name} is {self.kind.value}, not linear")
+            raise TypeError(f"head {self.name} is {self.kind.value}, which the engine does not gather")
         return self.weight, self.bias
 
     def inputs(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -93,9 +95,9 @@ class LoadedHead:
 
     @property
     def layers(self) -> nn.Module:
-        """An mlp or finetune head's module."""
+        """The module of a head the engine does not gather (mlp, finetune)."""
         if self.module is None:
-            raise TypeError(f"head {self.name} is linear: it has no module")
+            raise TypeError(f"head {self.name} is {self.kind.value}, which the engine gathers: it has no module")
         return self.module
 
 
@@ -108,19 +110,18 @@ def materialise(info: ServedVersion, tensors: dict[str, torch.Tensor], backbone:
             f"{len(info.classes)} class names; delete this version and train it again"
         )
     split = backbone.num_blocks if info.split_point is None else info.split_point  # None: the pooled features
-    tail = backbone.fresh_tail(split) if config.kind is HeadKind.FINETUNE else None
+    spec = get_kind(config.kind)
+    tail = backbone.fresh_tail(split) if spec.copies_tail else None
     head = load_head(config, tensors, tail).to(backbone.placement.device)
     head.requires_grad_(False)
     weight = bias = module = centre = None
     temperature = config.calibration.temperature if config.calibration else 1.0
-    if isinstance(head, LinearHead):
+    if spec.gather is not None:
+        gathered = spec.gather(head)
         # (x @ W.T + b) / T == x @ (W / T).T + b / T: calibration costs the gathered matmul nothing
-        weight, bias = (t.div(temperature).contiguous() for t in head.effective_weight_bias())
-        nbytes = weight.nbytes + bias.nbytes
-    elif isinstance(head, PrototypeHead):
-        weight, centre = head.scaled_prototypes().div(temperature).contiguous(), head.centre
-        bias = weight.new_zeros(weight.shape[0])
-        nbytes = weight.nbytes + bias.nbytes + centre.nbytes
+        weight, bias = (t.div(temperature).contiguous() for t in (gathered.weight, gathered.bias))
+        centre = gathered.centre
+        nbytes = sum(t.nbytes for t in (weight, bias, centre) if t is not None)
     else:
         module = TemperatureScaled(head, temperature) if config.calibration else head
         nbytes = sum(t.nbytes for t in head.state_dict().values())
@@ -214,7 +215,7 @@ class HeadCache:
         head = LoadedHead(
             key=HeadKey(IMAGENET_TENANT, f"imagenet@{backbone_name}", IMAGENET_VERSION, weights.sha256),
             backbone=backbone_name,
-            kind=HeadKind.LINEAR,
+            kind=HeadKind("linear"),
             split_point=backbone.num_blocks,
             classes=backbone.spec.categories,
             weight=weight,

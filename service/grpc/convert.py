@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel
 
-from adapters.heads import HeadKind
+from adapters.kinds import HeadKind
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb

@@ -18,28 +18,23 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import (
-    HeadConfig,
-    HeadKind,
-    LinearHead,
-    build_head,
-    head_state,
-    load_head,
-    standardisation_stats,
-)
+from adapters.heads import LinearHead, head_state, standardisation_stats
+from adapters.kinds import HeadConfig, HeadKind, build_head, get_kind, load_head
 from adapters.metrics import evaluate, finite
+from adapters.search_space import MAX_GRID_VALUES, SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
     ProgressEvent,
     accuracy,
     class_weights_for,
-    default_hyperparams,
-    fit,
+    fit_finetune,
+    fit_linear,
     fit_linear_layer,
+    fit_mlp,
     predict_logits,
 )
-from adapters.tuning import KFOLD_MAX_EXAMPLES, MAX_GRID_VALUES, SearchSpace, default_search_space, kfold_applies, tune
+from adapters.tuning import KFOLD_MAX_EXAMPLES, kfold_applies, tune
 from harness.sample_data import fashion_mnist_pngs
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest, adapter_errors_translated
@@ -86,15 +81,15 @@ def tiny_tail() -> nn.Module:
 LINEAR = HeadConfig(kind=HeadKind.LINEAR, in_features=64, num_classes=10)
 MLP = HeadConfig(kind=HeadKind.MLP, in_features=64, num_classes=10, hidden=128)
 FINETUNE = HeadConfig(kind=HeadKind.FINETUNE, in_features=1, num_classes=10, tail_blocks=2, tail_out_channels=32)
-FAST_MLP = default_hyperparams(HeadKind.MLP).model_copy(update={"epochs": 20})
-FAST_FINETUNE = default_hyperparams(HeadKind.FINETUNE).model_copy(update={"epochs": 6})
+FAST_MLP = get_kind(HeadKind.MLP).hyperparams.model_copy(update={"epochs": 20})
+FAST_FINETUNE = get_kind(HeadKind.FINETUNE).hyperparams.model_copy(update={"epochs": 6})
 
 
 @pytest.fixture(scope="module")
 def linear_head(digits: Digits) -> nn.Module:
     x_train, y_train, _, _ = digits.pooled()
     head = build_head(LINEAR)
-    fit(head, x_train, y_train, default_hyperparams(HeadKind.LINEAR))
+    fit_linear(head, x_train, y_train, get_kind(HeadKind.LINEAR).hyperparams)
     return head
 
 
@@ -102,7 +97,7 @@ def linear_head(digits: Digits) -> nn.Module:
 def mlp_head(digits: Digits) -> nn.Module:
     x_train, y_train, x_val, y_val = digits.pooled()
     head = build_head(MLP)
-    fit(head, x_train, y_train, FAST_MLP, x_val=x_val, y_val=y_val)
+    fit_mlp(head, x_train, y_train, FAST_MLP, x_val=x_val, y_val=y_val)
     return head
 
 
@@ -110,7 +105,7 @@ def mlp_head(digits: Digits) -> nn.Module:
 def finetune_head(digits: Digits) -> nn.Module:
     x_train, y_train, x_val, y_val = digits.maps()
     head = build_head(FINETUNE, tiny_tail())
-    fit(head, x_train, y_train, FAST_FINETUNE, x_val=x_val, y_val=y_val)
+    fit_finetune(head, x_train, y_train, FAST_FINETUNE, x_val=x_val, y_val=y_val)
     return head
 
 
@@ -194,7 +189,7 @@ def test_linear_head_learns_digits(digits: Digits, linear_head: nn.Module) -> No
 
 def test_linear_head_matches_sklearn_logistic_regression(digits: Digits, linear_head: nn.Module) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
-    weight_decay = default_hyperparams(HeadKind.LINEAR).weight_decay
+    weight_decay = get_kind(HeadKind.LINEAR).hyperparams.weight_decay
     scaler = StandardScaler().fit(x_train.numpy())
     reference = LogisticRegression(C=1.0 / (weight_decay * len(y_train)), max_iter=5000)
     reference.fit(scaler.transform(x_train.numpy()), y_train.numpy())
@@ -217,7 +212,7 @@ def test_finetune_head_learns_digit_feature_maps(digits: Digits, finetune_head: 
 def test_fit_reports_validation_accuracy_and_returns_an_eval_mode_head(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
     head = build_head(MLP)
-    result = fit(head, x_train, y_train, FAST_MLP.model_copy(update={"epochs": 3}), x_val=x_val, y_val=y_val)
+    result = fit_mlp(head, x_train, y_train, FAST_MLP.model_copy(update={"epochs": 3}), x_val=x_val, y_val=y_val)
     assert result.best_val_accuracy is not None and 0.0 < result.best_val_accuracy <= 1.0
     assert 1 <= result.epochs_run <= 3
     assert not head.training
@@ -228,7 +223,7 @@ def test_fit_trains_on_features_made_under_inference_mode(digits: Digits) -> Non
     head = build_head(LINEAR)
     with torch.inference_mode():
         frozen_features = x_train * 1.0
-        result = fit(head, frozen_features, y_train, default_hyperparams(HeadKind.LINEAR))
+        result = fit_linear(head, frozen_features, y_train, get_kind(HeadKind.LINEAR).hyperparams)
     assert math.isfinite(result.train_loss)
 
 
@@ -239,7 +234,7 @@ def test_fit_is_deterministic_for_a_seed(digits: Digits) -> None:
     for _ in range(2):
         torch.manual_seed(0)
         head = build_head(MLP)
-        fit(head, x_train, y_train, hp, seed=5)
+        fit_mlp(head, x_train, y_train, hp, seed=5)
         logits.append(predict_logits(head, x_val))
     assert torch.equal(logits[0], logits[1])
 
@@ -247,7 +242,7 @@ def test_fit_is_deterministic_for_a_seed(digits: Digits) -> None:
 def test_fit_rejects_labels_outside_the_head_classes(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
     with pytest.raises(InvalidInput):
-        fit(build_head(LINEAR), x_train, y_train + 10, default_hyperparams(HeadKind.LINEAR))
+        fit_linear(build_head(LINEAR), x_train, y_train + 10, get_kind(HeadKind.LINEAR).hyperparams)
 
 
 # --- the linear head's folded form and storage ---------------------------------------
@@ -357,7 +352,7 @@ def test_evaluate_rejects_logits_that_do_not_match_the_class_names() -> None:
 )
 def test_hyperparams_reject_unsafe_values(override: dict) -> None:
     with pytest.raises(ValidationError):
-        HyperParams.model_validate(default_hyperparams(HeadKind.MLP).model_dump() | override)
+        HyperParams.model_validate(get_kind(HeadKind.MLP).hyperparams.model_dump() | override)
 
 
 @pytest.mark.parametrize(
@@ -378,9 +373,9 @@ def test_search_space_rejects_unsafe_or_oversized_grids(fields: dict) -> None:
 
 
 def test_default_search_spaces_have_the_documented_sizes() -> None:
-    assert len(default_search_space(HeadKind.LINEAR).points()) == 8
-    assert len(default_search_space(HeadKind.MLP).points()) == 8
-    assert len(default_search_space(HeadKind.FINETUNE).points()) == 2
+    assert len(get_kind(HeadKind.LINEAR).search_space.points()) == 8
+    assert len(get_kind(HeadKind.MLP).search_space.points()) == 8
+    assert len(get_kind(HeadKind.FINETUNE).search_space.points()) == 2
 
 
 def test_a_billion_point_search_grid_is_refused_without_building_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,7 +412,7 @@ def test_a_grid_within_max_trials_is_tried_whole_in_grid_order() -> None:
 def test_fit_raises_cancelled_when_asked_to_stop(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
     with pytest.raises(TrainingCancelled):
-        fit(build_head(MLP), x_train, y_train, FAST_MLP, cancelled=lambda: True)
+        fit_mlp(build_head(MLP), x_train, y_train, FAST_MLP, cancelled=lambda: True)
 
 
 def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -> None:
@@ -427,7 +422,7 @@ def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -
     one_long_epoch = FAST_MLP.model_copy(update={"epochs": 1, "batch_size": 8})  # ~180 mini-batches
 
     with pytest.raises(TrainingCancelled):
-        fit(
+        fit_mlp(
             build_head(MLP),
             x_train,
             y_train,
@@ -441,11 +436,11 @@ def test_a_minibatch_fit_stops_within_its_epoch_when_cancelled(digits: Digits) -
 def test_a_linear_fit_stops_within_an_l_bfgs_round_when_cancelled(digits: Digits) -> None:
     x_train, y_train, _, _ = digits.pooled()
     checks = itertools.count()
-    one_round = default_hyperparams(HeadKind.LINEAR).model_copy(update={"epochs": 1})
+    one_round = get_kind(HeadKind.LINEAR).hyperparams.model_copy(update={"epochs": 1})
     rounds_reported: list[ProgressEvent] = []
 
     with pytest.raises(TrainingCancelled):
-        fit(
+        fit_linear(
             build_head(LINEAR),
             x_train,
             y_train,
@@ -464,7 +459,7 @@ def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
         return next(polls) >= 3
 
     with pytest.raises(TrainingCancelled):
-        tune(LINEAR, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.LINEAR), cancelled=stop)
+        tune(LINEAR, x_train, y_train, x_val, y_val, space=get_kind(HeadKind.LINEAR).search_space, cancelled=stop)
 
 
 # --- tuning -----------------------------------------------------------------------------
@@ -585,7 +580,7 @@ def test_tune_refuses_a_search_whose_every_trial_diverges(digits: Digits) -> Non
 def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.maps()
     with pytest.raises(InvalidInput):
-        tune(FINETUNE, x_train, y_train, x_val, y_val, space=default_search_space(HeadKind.FINETUNE))
+        tune(FINETUNE, x_train, y_train, x_val, y_val, space=get_kind(HeadKind.FINETUNE).search_space)
 
 
 # --- class weights ------------------------------------------------------------------------
@@ -609,11 +604,11 @@ def test_class_weights_raise_minority_recall_on_an_imbalanced_problem() -> None:
     x_train, y_train = sample(1000, 30)
     x_test, y_test = sample(500, 500)
     config = HeadConfig(kind=HeadKind.LINEAR, in_features=4, num_classes=2)
-    hp = default_hyperparams(HeadKind.LINEAR)
+    hp = get_kind(HeadKind.LINEAR).hyperparams
 
     def minority_recall(class_weights: torch.Tensor | None) -> float:
         head = build_head(config)
-        fit(head, x_train, y_train, hp, class_weights=class_weights)
+        fit_linear(head, x_train, y_train, hp, class_weights=class_weights)
         return evaluate(predict_logits(head, x_test), y_test, ["common", "rare"]).per_class[1].recall
 
     assert minority_recall(class_weights_for(y_train, 2)) > minority_recall(None) + 0.2
@@ -664,7 +659,7 @@ def fashion(core):
 
 
 def test_a_search_whose_every_trial_diverges_reaches_the_client_as_invalid_argument(core, fashion) -> None:
-    one_step_per_image = {**default_hyperparams(HeadKind.MLP).model_dump(), "epochs": 3, "batch_size": 1}
+    one_step_per_image = {**get_kind(HeadKind.MLP).hyperparams.model_dump(), "epochs": 3, "batch_size": 1}
     request = TrainRequest(
         dataset_id=fashion.id,
         head_name="diverges",

@@ -20,8 +20,8 @@ from adapters.audit import (
     label_suspects,
 )
 from adapters.errors import InvalidInput
+from adapters.search_space import SearchSpace
 from adapters.trainer import raise_if_cancelled
-from adapters.tuning import SearchSpace
 from client import models as client_models
 from harness.sample_data import fashion_mnist_pngs
 from service import auditing

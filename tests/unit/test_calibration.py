@@ -16,9 +16,9 @@ import torch
 
 from adapters.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, Calibration, calibrate, prediction_set
 from adapters.errors import InvalidInput
-from adapters.heads import HeadConfig, HeadKind, load_head
+from adapters.kinds import HeadConfig, HeadKind, load_head
+from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
-from adapters.tuning import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.engine.head_cache import HeadCache

@@ -11,7 +11,8 @@ from PIL import Image
 from sqlalchemy import update
 from torch import nn
 
-from adapters.heads import HeadConfig, HeadKind, build_head, head_state
+from adapters.heads import head_state
+from adapters.kinds import HeadConfig, HeadKind, build_head
 from service.core import Core
 from service.engine import execution
 from service.engine.batcher import Batcher

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapters.heads import HeadKind
+from adapters.kinds import HeadKind
 from harness.sample_data import textile_files
 from service.engine.device import use_one_torch_thread
 from service.engine.head_cache import HeadCache

@@ -17,8 +17,8 @@ import onnxruntime
 import pytest
 import torch
 
-from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace
+from adapters.kinds import HeadKind
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service import export
 from service.calls import ExportQueue

@@ -8,7 +8,7 @@ from PIL import Image
 from pydantic import ValidationError
 from test_engine import save_random_head
 
-from adapters.heads import HeadKind
+from adapters.kinds import HeadKind
 from service.core import Core
 from service.engine.backbones import Backbone, load_backbone
 from service.engine.device import choose_placement

@@ -8,8 +8,8 @@ import anyio
 import pytest
 from sqlalchemy import event
 
-from adapters.heads import HeadKind
-from adapters.tuning import SearchSpace
+from adapters.kinds import HeadKind
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service import resources
 from service.core import Core

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from sqlalchemy import update
 
-from adapters.tuning import SearchSpace
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.jobs import JobRunner, JobState, LeaseLost

@@ -5,7 +5,8 @@ import torch
 from pydantic import ValidationError
 
 from adapters.errors import InvalidInput
-from adapters.heads import HeadConfig, HeadKind, PrototypeHead, load_head
+from adapters.heads import PrototypeHead
+from adapters.kinds import HeadConfig, HeadKind, load_head
 from adapters.prototype import DEFAULT_TEMPERATURE, MAX_TEMPERATURE, MIN_TEMPERATURE, fit_prototype
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core

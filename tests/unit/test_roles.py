@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from adapters.tuning import SearchSpace
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.app import Graft, not_ready_reason
 from service.config import Settings

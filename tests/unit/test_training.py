@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from adapters.heads import HeadConfig, HeadKind, load_head
-from adapters.tuning import SearchSpace
+from adapters.kinds import HeadConfig, HeadKind, load_head
+from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
