@@ -42,8 +42,27 @@ HEAD_NAME_PATTERN = rf"^{NAME_PATTERN}$"
 # `not` says so, since pydantic's regex engine has no look-ahead.
 ALIAS_PATTERN = HEAD_NAME_PATTERN
 NOT_LATEST = {"not": {"const": "latest"}}
-# A tenant's head ('name', 'name@3', 'name:alias'), or a backbone's own ImageNet classifier ('imagenet@mobilenet_v2').
-HEAD_REF_PATTERN = rf"^(heads/)?({NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?|imagenet@[a-z][a-z0-9_]{{0,62}})$"
+
+
+def decimal_pattern(limit: int) -> str:
+    """A regex of the numbers 1 to ``limit`` written plainly: ASCII digits, no sign, no leading zero.
+
+    Digits alone ([0-9]{1,10}) would let a schema promise 0 or 9999999999, which the server refuses.
+    """
+    digits = str(limit)
+    options = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []  # fewer digits than ``limit``
+    for i, digit in enumerate(digits):  # as many: its first i digits, a smaller next one, then any digits
+        smaller = range(1 if i == 0 else 0, int(digit))
+        if smaller:
+            options.append(f"{digits[:i]}[{smaller[0]}-{smaller[-1]}][0-9]{{{len(digits) - i - 1}}}")
+    return "(?:" + "|".join([*options, digits]) + ")"
+
+
+VERSION_PATTERN = decimal_pattern(MAX_VERSION)
+# A version of a tenant's head ('name', 'name@3', 'name:alias'): what export takes.
+STORED_HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@{VERSION_PATTERN}|:{NAME_PATTERN})?$"
+# That, maybe with 'heads/', or a backbone's own ImageNet classifier ('imagenet@mobilenet_v2'): what predictions take.
+HEAD_REF_PATTERN = rf"^(heads/)?({STORED_HEAD_REF_PATTERN.strip('^$')}|imagenet@[a-z][a-z0-9_]{{0,62}})$"
 # Display names and labels: some character that is not a space, and no control character (Unicode Cc).
 DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # A page token is base64url (service/store/pages.py), opaque: only a next_page_token the service returned is valid.
@@ -85,7 +104,8 @@ def head_ref(ref: str) -> str:
     if re.fullmatch(HEAD_REF_PATTERN.strip("^$"), ref) is None:
         raise InvalidArgument(
             f"head reference {ref[:MAX_REF_CHARS]!r} must be 'name', 'name@3', 'name:alias' (names match "
-            f"{NAME_PATTERN}) or a backbone's ImageNet classifier, 'imagenet@BACKBONE'"
+            f"{NAME_PATTERN}; versions are 1 to {MAX_VERSION}, with no leading zero) or a backbone's ImageNet "
+            "classifier, 'imagenet@BACKBONE'"
         )
     return ref.removeprefix("heads/")
 

@@ -14,9 +14,9 @@ from service.resources import (
     ALIAS_PATTERN,
     DEFAULT_PAGE_SIZE,
     HEAD_NAME_PATTERN,
-    NAME_PATTERN,
     NOT_LATEST,
     REMOVED_EXPORT_FORMATS,
+    STORED_HEAD_REF_PATTERN,
     ExportFormat,
     Head,
     ListHeadsResponse,
@@ -34,8 +34,7 @@ Alias = Annotated[
         pattern=ALIAS_PATTERN, json_schema_extra=NOT_LATEST, description="an alias; 'latest' is implicit and reserved"
     ),
 ]
-HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
-HeadRef = Annotated[str, Path(pattern=HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
+HeadRef = Annotated[str, Path(pattern=STORED_HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
 
 
 class AliasTarget(BaseModel):
@@ -65,7 +64,7 @@ Format = Annotated[
                       "class probabilities out, class names, input transforms and provenance in its metadata"),
 ]  # fmt: skip
 AdditionalHeads = Annotated[
-    list[Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]],
+    list[Annotated[str, StringConstraints(pattern=STORED_HEAD_REF_PATTERN)]],
     Query(max_length=MAX_HEADS - 1, description="onnx and pt2: more heads on the same backbone, one more output each"),
 ]
 

@@ -6,6 +6,7 @@ receives it, so these tests can tell how much of a body the server read.
 
 import asyncio
 import io
+import re
 import threading
 
 import httpx
@@ -17,6 +18,7 @@ from service.config import Settings
 from service.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.app import create_app
 from service.http.errors import error_response
+from service.resources import decimal_pattern
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -203,6 +205,29 @@ async def test_control_characters_in_a_path_are_a_client_error(client, key):
 async def test_a_head_reference_with_control_characters_is_a_client_error(client, key):
     response = await client.post("/v1/predict", json={"images": ["eA=="], "heads": ["h\u0000"]}, headers=bearer(key))
     assert response.status_code == 422, response.text
+
+
+# The schema admits what the server accepts: a version from 1 to 2^31-1, written without a leading zero.
+@pytest.mark.parametrize("ref", ["h@0", "h@00", "h@007", "h@2147483648", "h@9999999999"])
+async def test_a_head_reference_to_no_version_there_can_be_is_refused_by_the_schema(client, key, ref):
+    export = await client.get(f"/v1/heads/{ref}:export", headers=bearer(key))
+    assert export.status_code == 422 and export.json()["details"]["problems"][0]["field"] == "path.head"
+    predict = await client.post("/v1/predict", json={"images": ["eA=="], "heads": [ref]}, headers=bearer(key))
+    assert predict.status_code == 422 and predict.json()["details"]["problems"][0]["field"] == "body.heads.0"
+
+
+@pytest.mark.parametrize("ref", ["h@1", "h@10", "h@2147483647", "h:prod", "h"])
+async def test_a_head_reference_within_the_schema_reaches_the_lookup(client, key, ref):
+    response = await client.get(f"/v1/heads/{ref}:export", headers=bearer(key))
+    assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize("limit", [1, 9, 10, 99, 100, 305, 2**31 - 1])
+def test_the_version_pattern_matches_exactly_the_numbers_from_1_to_its_limit(limit):
+    numbers = {*range(0, 1100), limit - 1, limit, limit + 1, 2 * limit, 10 * limit}
+    pattern = re.compile(decimal_pattern(limit))
+    assert {n for n in numbers if pattern.fullmatch(str(n))} == {n for n in numbers if 1 <= n <= limit}
+    assert pattern.fullmatch("0" + str(limit)) is None
 
 
 # Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).
