@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from adapters.heads import HeadKind
 from adapters.tuning import SearchSpace
 from service.auditing import AuditedDataset
-from service.engine.backbones import BackboneInfo
+from service.engine.backbones import BACKBONES, BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
@@ -33,6 +33,8 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_TOP_K = 5
 MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
 MAX_REF_CHARS = 256
+# Any backbone's bound; GET /v1/backbones/{backbone} shows each one's own (its split_points).
+MAX_FINETUNE_BLOCKS = max(spec.max_finetune_blocks for spec in BACKBONES.values())
 
 # One resource id: printable (PostgreSQL refuses NUL in text), no '/' (a name's separator) and no ':' (a custom
 # method's, as in jobs/{job}:cancel).
@@ -229,10 +231,14 @@ class DatasetAudit(BaseModel):
         )
 
 
-def _only_with(field: str, is_set: dict, then: str, *values: str) -> dict:
-    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), ``then`` must be one of ``values``."""
-    return {"if": {"required": [field], "properties": {field: is_set}},
-            "then": {"required": [then], "properties": {then: {"enum": list(values)}}}}  # fmt: skip
+def _is(field: str, *values: object) -> dict:
+    """JSON schema: ``field`` is present and one of ``values``."""
+    return {"required": [field], "properties": {field: {"enum": list(values)}}}
+
+
+def _only_with(field: str, is_set: dict, then: dict) -> dict:
+    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), the whole must match ``then``."""
+    return {"if": {"required": [field], "properties": {field: is_set}}, "then": then}
 
 
 class TrainingKind(str, Enum):
@@ -251,12 +257,16 @@ class TrainingSpec(BaseModel):
     # The core's cross-field rules (TrainRequest), stated in the schema too.
     # allow_inf_nan: 1e999 (JSON) or inf (a gRPC double) is no budget, and PostgreSQL's JSON cannot store it
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"allOf": [
-        _only_with("finetune_blocks", {"type": "integer"}, "kind", HeadKind.FINETUNE.value, AUTO_KIND),
-        _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
-        _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),
-        _only_with("auto_finetune", {"type": "boolean"}, "kind", AUTO_KIND),
+        _only_with("finetune_blocks", {"type": "integer"},
+                   {"anyOf": [_is("kind", HeadKind.FINETUNE.value), _is("auto_finetune", True)]}),
+        _only_with("latency_budget_ms", {"type": "number"}, _is("backbone", "auto")),
+        _only_with("time_budget_s", {"type": "number"}, _is("kind", AUTO_KIND)),
+        _only_with("auto_finetune", {"type": "boolean"}, _is("kind", AUTO_KIND)),
         _only_with("search", {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
-                   "kind", HeadKind.MLP.value),
+                   _is("kind", HeadKind.MLP.value)),
+        # 'prototype' has no hyper-parameters, and 'auto' trains each kind with its defaults
+        _only_with("kind", {"enum": [HeadKind.PROTOTYPE.value, AUTO_KIND]},
+                   {"properties": {"search": {"type": "null"}, "hyperparams": {"type": "null"}}}),
     ]})  # fmt: skip
 
     dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
@@ -280,7 +290,9 @@ class TrainingSpec(BaseModel):
         description=f"kind 'auto' only: try finetune too, given {AUTO_FINETUNE_MIN_PER_CLASS}+ training images "
         "of every class",
     )
-    finetune_blocks: int | None = Field(None, ge=1, description="finetune only: how many last blocks to train")
+    finetune_blocks: int | None = Field(
+        None, ge=1, le=MAX_FINETUNE_BLOCKS, description="finetune only: how many last blocks to train"
+    )
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
     hyperparams: HyperParamOverrides | None = Field(
         None, description="fixed settings the search varies around; unset ones take the kind's defaults"

@@ -10,6 +10,7 @@ import re
 import threading
 
 import httpx
+import jsonschema_rs
 import pytest
 from PIL import Image
 from sqlalchemy import event
@@ -18,7 +19,7 @@ from service.config import Settings
 from service.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.app import create_app
 from service.http.errors import error_response
-from service.resources import decimal_pattern
+from service.resources import MAX_FINETUNE_BLOCKS, decimal_pattern
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -228,6 +229,29 @@ def test_the_version_pattern_matches_exactly_the_numbers_from_1_to_its_limit(lim
     pattern = re.compile(decimal_pattern(limit))
     assert {n for n in numbers if pattern.fullmatch(str(n))} == {n for n in numbers if 1 <= n <= limit}
     assert pattern.fullmatch("0" + str(limit)) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "valid"),
+    [
+        ({"kind": "finetune", "finetune_blocks": 2}, True),
+        ({"kind": "auto", "auto_finetune": True, "finetune_blocks": 2}, True),
+        ({"kind": "auto", "finetune_blocks": 2}, False),  # auto tries finetune only with auto_finetune
+        ({"kind": "auto", "auto_finetune": False, "finetune_blocks": 2}, False),
+        ({"kind": "finetune", "finetune_blocks": MAX_FINETUNE_BLOCKS + 1}, False),
+        ({"kind": "linear", "search": {"lr": [0.1], "weight_decay": [0.0]}, "hyperparams": {"epochs": 5}}, True),
+        ({"kind": "prototype", "hyperparams": {"epochs": 5}}, False),
+        ({"kind": "auto", "search": {"lr": [0.1], "weight_decay": [0.0]}}, False),
+        ({"kind": "auto", "search": None, "hyperparams": None}, True),
+    ],
+)
+async def test_a_training_spec_is_refused_by_its_schema_exactly_when_the_server_refuses_it(client, key, spec, valid):
+    spec = {"dataset": "datasets/ds_none", "head": "h", **spec}
+    components = create_app(Settings(), lambda: None).openapi()["components"]
+    schema = {"$ref": "#/components/schemas/TrainingSpec", "components": components}
+    assert jsonschema_rs.Draft202012Validator(schema).is_valid(spec) == valid
+    response = await client.post("/v1/jobs", json=spec, headers=bearer(key))
+    assert (response.status_code != 422) == valid, response.text  # valid: on to the dataset (404)
 
 
 # Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).
