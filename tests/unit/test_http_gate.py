@@ -6,6 +6,7 @@ receives it, so these tests can tell how much of a body the server read.
 
 import asyncio
 import io
+import json
 import re
 import threading
 
@@ -252,6 +253,18 @@ async def test_a_training_spec_is_refused_by_its_schema_exactly_when_the_server_
     assert jsonschema_rs.Draft202012Validator(schema).is_valid(spec) == valid
     response = await client.post("/v1/jobs", json=spec, headers=bearer(key))
     assert (response.status_code != 422) == valid, response.text  # valid: on to the dataset (404)
+
+
+def test_no_form_field_is_documented_as_null_which_a_form_cannot_send():
+    openapi = create_app(Settings(), lambda: None).openapi()
+    for path, operations in openapi["paths"].items():
+        for operation in operations.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if form is None:
+                continue
+            body = openapi["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]]
+            for name, field in body["properties"].items():
+                assert '"type": "null"' not in json.dumps(field), f"{path} {name}: {field}"
 
 
 # Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).
