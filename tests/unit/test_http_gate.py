@@ -17,11 +17,13 @@ from PIL import Image
 from sqlalchemy import event
 
 from service.config import Settings
-from service.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.app import create_app
+from service.http.deps import IDEMPOTENCY_KEY_PATTERN
 from service.http.errors import error_response
 from service.resources import MAX_FINETUNE_BLOCKS, decimal_pattern
 from service.runtime import Runtime
+from service.store.requests import check_key
 
 pytestmark = pytest.mark.anyio
 
@@ -265,6 +267,17 @@ def test_no_form_field_is_documented_as_null_which_a_form_cannot_send():
             body = openapi["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]]
             for name, field in body["properties"].items():
                 assert '"type": "null"' not in json.dumps(field), f"{path} {name}: {field}"
+
+
+@pytest.mark.parametrize(
+    "request_id", ["a", "a b", "~" * 255, "550e8400-e29b-41d4-a716-446655440000", "é", "a\x7f", "a\tb", "x" * 256]
+)
+def test_the_idempotency_key_schema_admits_exactly_the_keys_the_store_accepts(request_id):
+    try:
+        accepted = check_key(request_id) == request_id
+    except InvalidArgument:
+        accepted = False
+    assert (re.fullmatch(IDEMPOTENCY_KEY_PATTERN, request_id) is not None) == accepted
 
 
 # Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).
