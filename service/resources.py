@@ -19,20 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
-from service.engine.backbones import BackboneInfo
+from service.engine.backbones import BACKBONES, BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
 from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
 from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
-from service.store.heads import NAME_PATTERN, HeadInfo, HeadVersionInfo
+from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_TOP_K = 5
-MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
 MAX_REF_CHARS = 256
+# Any backbone's bound; GET /v1/backbones/{backbone} shows each one's own (its split_points).
+MAX_FINETUNE_BLOCKS = max(spec.max_finetune_blocks for spec in BACKBONES.values())
 
 # One resource id: printable (PostgreSQL refuses NUL in text), no '/' (a name's separator) and no ':' (a custom
 # method's, as in jobs/{job}:cancel).
@@ -42,8 +43,27 @@ HEAD_NAME_PATTERN = rf"^{NAME_PATTERN}$"
 # `not` says so, since pydantic's regex engine has no look-ahead.
 ALIAS_PATTERN = HEAD_NAME_PATTERN
 NOT_LATEST = {"not": {"const": "latest"}}
-# A tenant's head ('name', 'name@3', 'name:alias'), or a backbone's own ImageNet classifier ('imagenet@mobilenet_v2').
-HEAD_REF_PATTERN = rf"^(heads/)?({NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?|imagenet@[a-z][a-z0-9_]{{0,62}})$"
+
+
+def decimal_pattern(limit: int) -> str:
+    """A regex of the numbers 1 to ``limit`` written plainly: ASCII digits, no sign, no leading zero.
+
+    Digits alone ([0-9]{1,10}) would let a schema promise 0 or 9999999999, which the server refuses.
+    """
+    digits = str(limit)
+    options = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []  # fewer digits than ``limit``
+    for i, digit in enumerate(digits):  # as many: its first i digits, a smaller next one, then any digits
+        smaller = range(1 if i == 0 else 0, int(digit))
+        if smaller:
+            options.append(f"{digits[:i]}[{smaller[0]}-{smaller[-1]}][0-9]{{{len(digits) - i - 1}}}")
+    return "(?:" + "|".join([*options, digits]) + ")"
+
+
+VERSION_PATTERN = decimal_pattern(MAX_VERSION)
+# A version of a tenant's head ('name', 'name@3', 'name:alias'): what export takes.
+STORED_HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@{VERSION_PATTERN}|:{NAME_PATTERN})?$"
+# That, maybe with 'heads/', or a backbone's own ImageNet classifier ('imagenet@mobilenet_v2'): what predictions take.
+HEAD_REF_PATTERN = rf"^(heads/)?({STORED_HEAD_REF_PATTERN.strip('^$')}|imagenet@[a-z][a-z0-9_]{{0,62}})$"
 # Display names and labels: some character that is not a space, and no control character (Unicode Cc).
 DISPLAY_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # A page token is base64url (service/store/pages.py), opaque: only a next_page_token the service returned is valid.
@@ -85,7 +105,8 @@ def head_ref(ref: str) -> str:
     if re.fullmatch(HEAD_REF_PATTERN.strip("^$"), ref) is None:
         raise InvalidArgument(
             f"head reference {ref[:MAX_REF_CHARS]!r} must be 'name', 'name@3', 'name:alias' (names match "
-            f"{NAME_PATTERN}) or a backbone's ImageNet classifier, 'imagenet@BACKBONE'"
+            f"{NAME_PATTERN}; versions are 1 to {MAX_VERSION}, with no leading zero) or a backbone's ImageNet "
+            "classifier, 'imagenet@BACKBONE'"
         )
     return ref.removeprefix("heads/")
 
@@ -209,10 +230,14 @@ class DatasetAudit(BaseModel):
         )
 
 
-def _only_with(field: str, is_set: dict, then: str, *values: str) -> dict:
-    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), ``then`` must be one of ``values``."""
-    return {"if": {"required": [field], "properties": {field: is_set}},
-            "then": {"required": [then], "properties": {then: {"enum": list(values)}}}}  # fmt: skip
+def _is(field: str, *values: object) -> dict:
+    """JSON schema: ``field`` is present and one of ``values``."""
+    return {"required": [field], "properties": {field: {"enum": list(values)}}}
+
+
+def _only_with(field: str, is_set: dict, then: dict) -> dict:
+    """JSON schema: when ``field`` is set (``is_set`` is its non-null schema), the whole must match ``then``."""
+    return {"if": {"required": [field], "properties": {field: is_set}}, "then": then}
 
 
 # Every head kind (the registry's, adapters/kinds.py), then 'auto'; mypy cannot see members made from data.
@@ -224,6 +249,7 @@ TrainingKind.__doc__ = (
 )
 _TAIL_KINDS = [spec.name for spec in KINDS.values() if spec.copies_tail]  # the kinds finetune_blocks applies to
 _HIDDEN_LAYER_KINDS = [spec.name for spec in KINDS.values() if spec.hidden_layer]  # those search.hidden applies to
+_UNSEARCHED_KINDS = [spec.name for spec in KINDS.values() if not spec.searched]  # those that take no search
 
 
 class TrainingSpec(BaseModel):
@@ -236,15 +262,24 @@ class TrainingSpec(BaseModel):
         allow_inf_nan=False,
         json_schema_extra={
             "allOf": [
-                _only_with("finetune_blocks", {"type": "integer"}, "kind", *_TAIL_KINDS, AUTO_KIND),
-                _only_with("latency_budget_ms", {"type": "number"}, "backbone", "auto"),
-                _only_with("time_budget_s", {"type": "number"}, "kind", AUTO_KIND),
-                _only_with("auto_finetune", {"type": "boolean"}, "kind", AUTO_KIND),
+                _only_with(
+                    "finetune_blocks",
+                    {"type": "integer"},
+                    {"anyOf": [_is("kind", *_TAIL_KINDS), _is("auto_finetune", True)]},
+                ),
+                _only_with("latency_budget_ms", {"type": "number"}, _is("backbone", "auto")),
+                _only_with("time_budget_s", {"type": "number"}, _is("kind", AUTO_KIND)),
+                _only_with("auto_finetune", {"type": "boolean"}, _is("kind", AUTO_KIND)),
                 _only_with(
                     "search",
                     {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
+                    _is("kind", *_HIDDEN_LAYER_KINDS),
+                ),
+                # kinds with nothing to search take no search or hyper-parameters; auto trains each with its defaults
+                _only_with(
                     "kind",
-                    *_HIDDEN_LAYER_KINDS,
+                    {"enum": [*_UNSEARCHED_KINDS, AUTO_KIND]},
+                    {"properties": {"search": {"type": "null"}, "hyperparams": {"type": "null"}}},
                 ),
             ]
         },
@@ -271,7 +306,9 @@ class TrainingSpec(BaseModel):
         description=f"kind 'auto' only: try finetune too, given {AUTO_FINETUNE_MIN_PER_CLASS}+ training images "
         "of every class",
     )
-    finetune_blocks: int | None = Field(None, ge=1, description="finetune only: how many last blocks to train")
+    finetune_blocks: int | None = Field(
+        None, ge=1, le=MAX_FINETUNE_BLOCKS, description="finetune only: how many last blocks to train"
+    )
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
     hyperparams: HyperParamOverrides | None = Field(
         None, description="fixed settings the search varies around; unset ones take the kind's defaults"

@@ -40,7 +40,7 @@ from adapters.trainer import (
 from adapters.tuning import TuneResult, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
-from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument
+from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument, NotFound
 from service.kind_choice import (
     AUTO_KIND,
     DEFAULT_TIME_BUDGET_S,
@@ -225,10 +225,11 @@ class Trainer:
         self.heads = heads
 
     def backbone(self, name: str) -> Backbone:
+        """The loaded backbone ``name``; one this service does not load is not found, as GET /v1/backbones/{name}."""
         try:
             return self.backbones[name]
         except KeyError:
-            raise InvalidArgument(
+            raise NotFound(
                 f"backbone '{name}' is not loaded by this service; loaded: {', '.join(sorted(self.backbones))}"
             ) from None
 

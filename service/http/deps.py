@@ -11,6 +11,7 @@ from service.errors import Cancelled, PermissionDenied, Unauthenticated
 from service.http.gate import ADMIN, TENANT
 from service.resources import MAX_PAGE_SIZE, PAGE_TOKEN_PATTERN
 from service.runtime import Runtime
+from service.store.requests import MAX_KEY_CHARS
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.5  # how soon a long call notices that its client left
@@ -21,13 +22,16 @@ PageToken = Annotated[str, Query(pattern=PAGE_TOKEN_PATTERN, description="the pr
                                  "unchanged (opaque); empty for the first page")]  # fmt: skip
 
 # The request id of a creating call (POST /v1/datasets, /v1/jobs, /v1/admin/tenants/{name}/keys); gRPC sends it as
-# the ``idempotency-key`` metadata. service/store/requests.py keeps it.
+# the ``idempotency-key`` metadata. service/store/requests.py keeps it: printable ASCII, which over HTTP cannot begin
+# or end with a space (a header value's surrounding spaces are not part of it).
+IDEMPOTENCY_KEY_PATTERN = rf"^[!-~]([ -~]{{0,{MAX_KEY_CHARS - 2}}}[!-~])?$"
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=255,
+        max_length=MAX_KEY_CHARS,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
         description="Any unique string (a UUID) per logical request, the same on each retry of it: a repeat within "
         "GRAFT_IDEMPOTENCY_TTL_S (24 h) answers what the first created instead of creating another. Reused for a "
         "different request: 409 failed_precondition; while the first is still running: 429 with Retry-After. "

@@ -15,9 +15,9 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     HEAD_NAME_PATTERN,
     MAX_VERSION,
-    NAME_PATTERN,
     NOT_LATEST,
     REMOVED_EXPORT_FORMATS,
+    STORED_HEAD_REF_PATTERN,
     ExportFormat,
     Head,
     HeadVersion,
@@ -37,8 +37,7 @@ Alias = Annotated[
     ),
 ]
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="the version in heads/{head}/versions/{version}")]
-HEAD_REF_PATTERN = rf"^{NAME_PATTERN}(@[0-9]{{1,10}}|:{NAME_PATTERN})?$"
-HeadRef = Annotated[str, Path(pattern=HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
+HeadRef = Annotated[str, Path(pattern=STORED_HEAD_REF_PATTERN, description="'name' (latest), 'name@3' or 'name:alias'")]
 
 
 class AliasTarget(BaseModel):
@@ -68,7 +67,7 @@ Format = Annotated[
                       "class probabilities out, class names, input transforms and provenance in its metadata"),
 ]  # fmt: skip
 AdditionalHeads = Annotated[
-    list[Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]],
+    list[Annotated[str, StringConstraints(pattern=STORED_HEAD_REF_PATTERN)]],
     Query(max_length=MAX_HEADS - 1, description="onnx and pt2: more heads on the same backbone, one more output each"),
 ]
 

@@ -10,7 +10,7 @@ import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.calls import Calls
 from service.config import Settings
@@ -29,6 +29,12 @@ MIN_SCORE = "a head whose top (calibrated) score is below this answers `abstaine
 MinScore = Annotated[float, Field(ge=0.0, le=1.0, description=MIN_SCORE)]
 COVERAGE = "add each head's `prediction_set`: the labels that contain the true one with this probability"
 Coverage = Annotated[float | None, Field(gt=0.0, lt=1.0, description=COVERAGE)]
+# A form field is never null (a client that sent "null" would be refused): leaving it out asks for no set.
+FormCoverage = Annotated[
+    float | None,
+    Form(gt=0.0, lt=1.0),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0.0, "exclusiveMaximum": 1.0, "description": COVERAGE}),
+]
 # The schema states the default limits; GRAFT_MAX_IMAGES_PER_REQUEST and GRAFT_MAX_HEADS_PER_REQUEST change them.
 MAX_IMAGES = Settings.model_fields["max_images_per_request"].default
 MAX_HEADS = Settings.model_fields["max_heads_per_request"].default
@@ -78,7 +84,7 @@ async def predict_upload(
     top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = DEFAULT_TOP_K,
     include_embedding: Annotated[bool, Form()] = False,
     min_score: Annotated[float, Form(ge=0.0, le=1.0, description=MIN_SCORE)] = 0.0,
-    coverage: Annotated[float | None, Form(gt=0.0, lt=1.0, description=COVERAGE)] = None,
+    coverage: FormCoverage = None,
     api: Calls = Depends(calls),
 ) -> PredictResponse:
     images = [await upload.read() for upload in files]

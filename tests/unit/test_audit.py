@@ -27,7 +27,7 @@ from harness.sample_data import fashion_mnist_pngs
 from service import auditing
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest, DatasetAuditor
 from service.calls import Calls, KeyCheck
-from service.errors import DeadlineExceeded, InvalidArgument, NotFound
+from service.errors import DeadlineExceeded, NotFound
 from service.grpc import convert
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -154,11 +154,11 @@ def test_a_class_with_one_example_cannot_be_audited():
         audit_labels(torch.randn(5, 4), torch.tensor([0, 0, 0, 0, 1]), 2)
 
 
-def test_another_tenants_dataset_is_not_found_and_a_bad_backbone_is_invalid(core, images):
+def test_another_tenants_dataset_is_not_found_and_neither_is_a_backbone_not_loaded(core, images):
     dataset = core.datasets.create("globex", "theirs", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
     with pytest.raises(NotFound):
         core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id))
-    with pytest.raises(InvalidArgument, match="backbone 'resnet9000' is not loaded.*mobilenet_v2"):
+    with pytest.raises(NotFound, match="backbone 'resnet9000' is not loaded.*mobilenet_v2"):
         core.auditor.audit("globex", AuditRequest(dataset_id=dataset.id, backbone="resnet9000"))
 
 

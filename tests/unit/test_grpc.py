@@ -150,6 +150,17 @@ async def test_a_head_version_name_must_be_ascii_digits_within_32_bits(channel, 
     )
 
 
+@pytest.mark.parametrize("ref", ["h@0", "h@007", "h@2147483648"])
+async def test_a_head_reference_to_no_version_there_can_be_is_invalid_argument(channel, ref):
+    """As the HTTP door's schema says: versions are 1 to 2^31-1, written without a leading zero."""
+    rule = "versions are 1 to 2147483647, with no leading zero"
+    predict = rpc.PredictionServiceStub(channel).Predict
+    await expect_invalid(predict, api.PredictRequest(images=[b"x"], heads=[ref]), rule)
+    with pytest.raises(grpc.RpcError) as error:
+        [part async for part in rpc.HeadServiceStub(channel).ExportHead(api.ExportHeadRequest(head=ref))]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and rule in error.value.details()
+
+
 async def test_resource_names_with_control_characters_are_invalid_argument(channel):
     await expect_invalid(
         rpc.DatasetServiceStub(channel).GetDataset, api.GetDatasetRequest(name="datasets/a\x00b"), "resource name"

@@ -6,18 +6,24 @@ receives it, so these tests can tell how much of a body the server read.
 
 import asyncio
 import io
+import json
+import re
 import threading
 
 import httpx
+import jsonschema_rs
 import pytest
 from PIL import Image
 from sqlalchemy import event
 
 from service.config import Settings
-from service.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.app import create_app
+from service.http.deps import IDEMPOTENCY_KEY_PATTERN
 from service.http.errors import error_response
+from service.resources import MAX_FINETUNE_BLOCKS, decimal_pattern
 from service.runtime import Runtime
+from service.store.requests import check_key
 
 pytestmark = pytest.mark.anyio
 
@@ -203,6 +209,75 @@ async def test_control_characters_in_a_path_are_a_client_error(client, key):
 async def test_a_head_reference_with_control_characters_is_a_client_error(client, key):
     response = await client.post("/v1/predict", json={"images": ["eA=="], "heads": ["h\u0000"]}, headers=bearer(key))
     assert response.status_code == 422, response.text
+
+
+# The schema admits what the server accepts: a version from 1 to 2^31-1, written without a leading zero.
+@pytest.mark.parametrize("ref", ["h@0", "h@00", "h@007", "h@2147483648", "h@9999999999"])
+async def test_a_head_reference_to_no_version_there_can_be_is_refused_by_the_schema(client, key, ref):
+    export = await client.get(f"/v1/heads/{ref}:export", headers=bearer(key))
+    assert export.status_code == 422 and export.json()["details"]["problems"][0]["field"] == "path.head"
+    predict = await client.post("/v1/predict", json={"images": ["eA=="], "heads": [ref]}, headers=bearer(key))
+    assert predict.status_code == 422 and predict.json()["details"]["problems"][0]["field"] == "body.heads.0"
+
+
+@pytest.mark.parametrize("ref", ["h@1", "h@10", "h@2147483647", "h:prod", "h"])
+async def test_a_head_reference_within_the_schema_reaches_the_lookup(client, key, ref):
+    response = await client.get(f"/v1/heads/{ref}:export", headers=bearer(key))
+    assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize("limit", [1, 9, 10, 99, 100, 305, 2**31 - 1])
+def test_the_version_pattern_matches_exactly_the_numbers_from_1_to_its_limit(limit):
+    numbers = {*range(0, 1100), limit - 1, limit, limit + 1, 2 * limit, 10 * limit}
+    pattern = re.compile(decimal_pattern(limit))
+    assert {n for n in numbers if pattern.fullmatch(str(n))} == {n for n in numbers if 1 <= n <= limit}
+    assert pattern.fullmatch("0" + str(limit)) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "valid"),
+    [
+        ({"kind": "finetune", "finetune_blocks": 2}, True),
+        ({"kind": "auto", "auto_finetune": True, "finetune_blocks": 2}, True),
+        ({"kind": "auto", "finetune_blocks": 2}, False),  # auto tries finetune only with auto_finetune
+        ({"kind": "auto", "auto_finetune": False, "finetune_blocks": 2}, False),
+        ({"kind": "finetune", "finetune_blocks": MAX_FINETUNE_BLOCKS + 1}, False),
+        ({"kind": "linear", "search": {"lr": [0.1], "weight_decay": [0.0]}, "hyperparams": {"epochs": 5}}, True),
+        ({"kind": "prototype", "hyperparams": {"epochs": 5}}, False),
+        ({"kind": "auto", "search": {"lr": [0.1], "weight_decay": [0.0]}}, False),
+        ({"kind": "auto", "search": None, "hyperparams": None}, True),
+    ],
+)
+async def test_a_training_spec_is_refused_by_its_schema_exactly_when_the_server_refuses_it(client, key, spec, valid):
+    spec = {"dataset": "datasets/ds_none", "head": "h", **spec}
+    components = create_app(Settings(), lambda: None).openapi()["components"]
+    schema = {"$ref": "#/components/schemas/TrainingSpec", "components": components}
+    assert jsonschema_rs.Draft202012Validator(schema).is_valid(spec) == valid
+    response = await client.post("/v1/jobs", json=spec, headers=bearer(key))
+    assert (response.status_code != 422) == valid, response.text  # valid: on to the dataset (404)
+
+
+def test_no_form_field_is_documented_as_null_which_a_form_cannot_send():
+    openapi = create_app(Settings(), lambda: None).openapi()
+    for path, operations in openapi["paths"].items():
+        for operation in operations.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if form is None:
+                continue
+            body = openapi["components"]["schemas"][form["schema"]["$ref"].rsplit("/", 1)[1]]
+            for name, field in body["properties"].items():
+                assert '"type": "null"' not in json.dumps(field), f"{path} {name}: {field}"
+
+
+@pytest.mark.parametrize(
+    "request_id", ["a", "a b", "~" * 255, "550e8400-e29b-41d4-a716-446655440000", "é", "a\x7f", "a\tb", "x" * 256]
+)
+def test_the_idempotency_key_schema_admits_exactly_the_keys_the_store_accepts(request_id):
+    try:
+        accepted = check_key(request_id) == request_id
+    except InvalidArgument:
+        accepted = False
+    assert (re.fullmatch(IDEMPOTENCY_KEY_PATTERN, request_id) is not None) == accepted
 
 
 # Over-long or not base64url: the schema's pattern refuses it (422); base64url of nested JSON: the store does (400).

@@ -185,7 +185,7 @@ async def test_two_replicas_run_each_job_exactly_once(core, dataset):
         ("intruder", {}, NotFound),  # another tenant's dataset
         (TENANT, {"head_name": "Bad_Name"}, InvalidArgument),
         (TENANT, {"kind": HeadKind.FINETUNE, "finetune_blocks": 99}, InvalidArgument),
-        (TENANT, {"backbone": "resnet50"}, InvalidArgument),  # not loaded
+        (TENANT, {"backbone": "resnet50"}, NotFound),  # not loaded
     ],
 )
 async def test_bad_requests_fail_at_submit_and_store_no_job(dataset, runner, tenant, change, error):

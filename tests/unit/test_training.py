@@ -9,7 +9,7 @@ from adapters.kinds import HeadConfig, HeadKind, load_head
 from adapters.search_space import SearchSpace
 from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
-from service.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from service.errors import Cancelled, FailedPrecondition, NotFound
 from service.training import FEATURE_BYTES, FEATURE_COPIES, HyperParamOverrides, TrainRequest
 
 TENANT = "acme"
@@ -116,8 +116,8 @@ def test_another_tenants_dataset_is_not_found(core, fashion):
         core.trainer.train("intruder", TrainRequest(dataset_id=fashion.id, head_name="stolen"))
 
 
-def test_unloaded_backbone_is_rejected(core, fashion):
-    with pytest.raises(InvalidArgument, match="not loaded"):
+def test_a_backbone_not_loaded_is_not_found(core, fashion):
+    with pytest.raises(NotFound, match="not loaded"):
         core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="x", backbone="resnet50"))
 
 
