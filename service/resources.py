@@ -30,7 +30,6 @@ from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-DEFAULT_TOP_K = 5
 MAX_VERSION = 2**31 - 1  # versions are numbered 1, 2, ... and stored as 32-bit integers
 MAX_REF_CHARS = 256
 
