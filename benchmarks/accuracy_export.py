@@ -29,6 +29,7 @@ from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
+from service.prediction_options import PredictOptions
 from service.store.images import decode_rgb
 from service.training import TrainRequest
 
@@ -45,7 +46,7 @@ def graft_probabilities(core: Core, head: str, images: list[bytes], classes: lis
         try:
             for start in range(0, len(images), BATCH):
                 batch = images[start : start + BATCH]
-                answers = await predictor.predict(TENANT, batch, [head], top_k=len(classes))
+                answers = await predictor.predict(TENANT, batch, [head], PredictOptions(top_k=len(classes)))
                 for i, answer in enumerate(answers, start):
                     for score in answer.heads[0].top:
                         out[i, classes.index(score.label)] = score.score

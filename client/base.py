@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel
+from pydantic import ValidationError
 
 from client import sources
-from client.errors import Unavailable
+from client.errors import InvalidArgument, Unavailable
 from client.models import (
     Backbone,
     Dataset,
@@ -27,6 +27,7 @@ from client.models import (
     HyperParams,
     ImagePrediction,
     Job,
+    PredictOptions,
     SearchSpace,
     TrainingSpec,
 )
@@ -42,15 +43,6 @@ DEFAULT_TIMEOUT_S = 60.0
 IDEMPOTENCY_METADATA = "idempotency-key"  # gRPC metadata; HTTP sends the Idempotency-Key header
 AUDIT_TIMEOUT_S = 600.0  # an audit of a new dataset computes its features first
 PREDICT_BATCH = 16  # images per request (the server takes up to GRAFT_MAX_IMAGES_PER_REQUEST, 64 by default)
-
-
-class PredictOptions(BaseModel):
-    """What a predict call asks of every head (the server checks the bounds and says what is wrong)."""
-
-    top_k: int = 5
-    include_embedding: bool = False
-    min_score: float = 0.0
-    coverage: float | None = None
 
 
 class Client(ABC):
@@ -203,18 +195,24 @@ class Client(ABC):
 
     # Prediction ---------------------------------------------------------------------------------------------------
 
-    def predict(self, images: Iterable[Image], heads: str | list[str], *, top_k: int = 5,
-                include_embedding: bool = False, min_score: float = 0.0, coverage: float | None = None,
-                batch_size: int = PREDICT_BATCH, concurrency: int = 4) -> list[ImagePrediction]:  # fmt: skip
+    def predict(
+        self,
+        images: Iterable[Image],
+        heads: str | list[str],
+        *,
+        batch_size: int = PREDICT_BATCH,
+        concurrency: int = 4,
+        **options: Any,
+    ) -> list[ImagePrediction]:
         """Top-k labels of each image for each head (``name``, ``name@3`` or ``name:alias``), in order.
 
-        A head whose top score is below ``min_score`` answers ``abstained``; with ``coverage`` (e.g. 0.9)
-        each answer carries a ``prediction_set`` holding the true label with that probability. Images are
-        sent in batches of ``batch_size``, ``concurrency`` batches at once; one trunk pass on the server
-        serves every head named here.
+        ``options`` are the fields of ``client.models.PredictOptions`` (``top_k=2``, ``coverage=0.9``, ...),
+        checked before anything is sent. A head whose top score is below ``min_score`` answers ``abstained``;
+        with ``coverage`` each answer carries a ``prediction_set`` holding the true label with that
+        probability. Images are sent in batches of ``batch_size``, ``concurrency`` batches at once; one trunk
+        pass on the server serves every head named here.
         """
-        options = PredictOptions(top_k=top_k, include_embedding=include_embedding, min_score=min_score,
-                                 coverage=coverage)  # fmt: skip
+        asked = _predict_options(options)
         head_list = [heads] if isinstance(heads, str) else list(heads)
         batches: list[list[Image]] = []
         for image in images:
@@ -224,7 +222,7 @@ class Client(ABC):
 
         def run(batch: list[Image]) -> list[ImagePrediction]:
             data = [_image_bytes(image) for image in batch]
-            return self.retry.call(lambda: self._predict(data, head_list, options))
+            return self.retry.call(lambda: self._predict(data, head_list, asked))
 
         with ThreadPoolExecutor(max(1, min(concurrency, len(batches)))) as pool:
             return [prediction for answer in pool.map(run, batches) for prediction in answer]
@@ -250,6 +248,14 @@ class Client(ABC):
 def new_request_id() -> str:
     """A fresh idempotency key: one per logical call, the same on each of its retries."""
     return str(uuid.uuid4())
+
+
+def _predict_options(fields: dict[str, Any]) -> PredictOptions:
+    """The options a predict call names; a wrong name or value raises InvalidArgument, as the server would."""
+    try:
+        return PredictOptions(**fields)
+    except ValidationError as exc:
+        raise InvalidArgument("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
 
 def _image_bytes(image: Image) -> bytes:

@@ -15,18 +15,20 @@ config file (client/config.py). Exit codes: 0 success, 1 the server refused or f
 import argparse
 import csv
 import json
-import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
 from client import config, connect, sources
 from client.base import Client
 from client.errors import GraftError, Unavailable
 from client.http_client import HttpClient
-from client.models import ImagePrediction, Job
+from client.models import ImagePrediction, Job, PredictOptions
 from client.progress import ProgressBar, human_bytes
 from client.retry import RetryPolicy
 
@@ -191,8 +193,8 @@ def predict(graft: Client, args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("no image files given: name files or a directory of images")
     heads = args.head.split(",")
-    predictions = graft.predict(files, heads, top_k=args.top_k, min_score=args.min_score, coverage=args.coverage,
-                                batch_size=args.batch_size, concurrency=args.concurrency)  # fmt: skip
+    options = {name: getattr(args, name) for name in PredictOptions.model_fields}
+    predictions = graft.predict(files, heads, batch_size=args.batch_size, concurrency=args.concurrency, **options)
     # Columns for --min-score / --coverage only when asked for: scripts reading the plain CSV keep working.
     extra = (["abstained"] if args.min_score else []) + (["prediction_set"] if args.coverage else [])
     if args.json:
@@ -354,18 +356,39 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 # The command line -------------------------------------------------------------------------------------------------
 
 
-def _fraction(lo: float, hi: float, *, closed: bool) -> Callable[[str], float]:
-    """An argparse type: a number in [lo, hi] (closed) or (lo, hi), with a message that says which."""
+def _add_predict_options(sub: argparse.ArgumentParser) -> None:
+    """One flag per field of PredictOptions (--top-k, --min-score, ...), with the model's default and bounds."""
+    for name, field in PredictOptions.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:
+            sub.add_argument(flag, action="store_true", help=field.description)
+            continue
+        bounds = _bounds(field)
+        rule = f"{'a whole number' if field.annotation is int else 'a number'} {bounds}"
+        default = "" if field.default is None else f"; default {field.default:g}"
+        about = f"{field.description} ({bounds}{default})"
+        sub.add_argument(flag, type=_option(name, rule), default=field.default, help=about)
 
-    def parse(text: str) -> float:
+
+def _bounds(field: FieldInfo) -> str:
+    """The field's bounds as the model states them, e.g. '>= 1 and <= 1000'."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(
+        f"{sign} {getattr(limit, key):g}"
+        for limit in field.metadata
+        for key, sign in signs.items()
+        if hasattr(limit, key)
+    )
+
+
+def _option(name: str, rule: str) -> Callable[[str], Any]:
+    """An argparse type for one prediction option: the model parses and checks it; the message states the rule."""
+
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (lo <= value <= hi if closed else lo < value < hi):
-            bounds = f"from {lo:g} to {hi:g}" if closed else f"between {lo:g} and {hi:g} (exclusive)"
-            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
-        return value
+            return getattr(PredictOptions.model_validate({name: text}), name)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
 
     return parse
 
@@ -409,16 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("predict", predict, "predict labels of image files (or directories) with one or more heads")
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias; several separated by commas")
     sub.add_argument("files", nargs="+", metavar="FILE|DIR")
-    sub.add_argument("--top-k", type=int, default=1)
-    sub.add_argument(
-        "--min-score",
-        type=_fraction(0.0, 1.0, closed=True),
-        default=0.0,
-        help=f"answer '{UNKNOWN}' where a head's top (calibrated) score is below this, from 0 to 1",
-    )
-    sub.add_argument("--coverage", type=_fraction(0.0, 1.0, closed=False),
-                     help="add each head's prediction set: the labels holding the true one with this probability "
-                     "(between 0 and 1, e.g. 0.9)")  # fmt: skip
+    _add_predict_options(sub)
     sub.add_argument("--batch-size", type=int, default=16, help="images per request")
     sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     output = sub.add_mutually_exclusive_group()

@@ -11,7 +11,7 @@ an older client (tests/unit/test_client.py checks the names against the protos).
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 HeadKind = Literal["linear", "mlp", "finetune", "prototype"]
 TrainingKind = HeadKind | Literal["auto"]  # 'auto' is request only: a version's kind is the kind that won
@@ -170,6 +170,28 @@ class Head(BaseModel):
             if str(version.version) == str(number):
                 return version
         raise KeyError(f"{self.name} has no version or alias {ref!r}")
+
+
+class PredictOptions(BaseModel):
+    """What a predict call asks of every head, checked before it is sent. The client cannot import the server's
+    model (service/prediction_options.py): tests/unit/test_prediction_options.py holds this copy to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt option fails instead of going unheard
+
+    top_k: int = Field(5, ge=1, le=1000, description="how many labels each head answers, best first")
+    include_embedding: bool = Field(False, description="also return the pooled backbone features")
+    min_score: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="a head whose top (calibrated) score is below this answers `abstained: true`; 0 never abstains",
+    )
+    coverage: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="add each head's `prediction_set`: the labels that contain the true one with this probability",
+    )
 
 
 class LabelScore(BaseModel):

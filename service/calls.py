@@ -27,9 +27,9 @@ from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import NewKey, Tenants
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from service.prediction_options import PredictOptions
 from service.resources import (
     DEFAULT_PAGE_SIZE,
-    DEFAULT_TOP_K,
     MAX_PAGE_SIZE,
     Backbone,
     Dataset,
@@ -264,7 +264,7 @@ async def while_key_valid(stream: AsyncIterator[T], key: KeyCheck) -> AsyncGener
 class Calls:
     """What a caller can do, door-independent: each door decodes a request, calls one method, encodes the result.
 
-    Defaults (page size, top_k), pagination, and running store calls off the event
+    Defaults (page size), pagination, and running store calls off the event
     loop live here once; the results are the contract's resources (service/resources.py).
     """
 
@@ -451,21 +451,10 @@ class Calls:
         self.runtime.predictor.check_serving()
 
     async def predict(
-        self,
-        images: list[bytes],
-        heads: list[str],
-        top_k: int,
-        include_embedding: bool,
-        door: str,
-        *,
-        min_score: float = 0.0,
-        coverage: float | None = None,
+        self, images: list[bytes], heads: list[str], options: PredictOptions, *, door: str
     ) -> list[ImagePrediction]:
         refs = [head_ref(ref) for ref in heads]
-        return await self.runtime.predictor.predict(
-            self.tenant, images, refs, top_k=top_k or DEFAULT_TOP_K, embedding=include_embedding,
-            min_score=min_score, coverage=coverage, door=door,
-        )  # fmt: skip
+        return await self.runtime.predictor.predict(self.tenant, images, refs, options, door=door)
 
 
 async def once(

@@ -30,7 +30,6 @@ from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-DEFAULT_TOP_K = 5
 MAX_REF_CHARS = 256
 # Any backbone's bound; GET /v1/backbones/{backbone} shows each one's own (its split_points).
 MAX_FINETUNE_BLOCKS = max(spec.max_finetune_blocks for spec in BACKBONES.values())

@@ -34,7 +34,7 @@ from service.errors import ResourceExhausted
 class _Request:
     image: torch.Tensor
     heads: list[LoadedHead]
-    want_embedding: bool
+    include_embedding: bool
     future: asyncio.Future = field(repr=False)
 
     @property
@@ -105,7 +105,7 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=False)
 
-    async def submit(self, image: torch.Tensor, heads: list[LoadedHead], want_embedding: bool = False) -> RowResult:
+    async def submit(self, image: torch.Tensor, heads: list[LoadedHead], include_embedding: bool = False) -> RowResult:
         """Queue one preprocessed image [3, H, W]; refuse at once when the queue is full."""
         if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(
@@ -114,7 +114,7 @@ class Batcher:
                 retry_after_s=1.0,
             )
         self.start()
-        request = _Request(image, heads, want_embedding, asyncio.get_running_loop().create_future())
+        request = _Request(image, heads, include_embedding, asyncio.get_running_loop().create_future())
         self._queue.append(request)
         self._arrived.set()
         return await request.future
@@ -168,9 +168,9 @@ class Batcher:
 
     def _execute(self, batch: list[_Request]) -> list[RowResult | Exception]:
         images = _stack([request.image for request in batch], pin=self.backbone.placement.pin_memory)
-        want_embeddings = any(request.want_embedding for request in batch)
+        include_embedding = any(request.include_embedding for request in batch)
         with self.backbone.priority.serving():
-            output: BatchOutput = run_batch(self.backbone, images, [r.heads for r in batch], want_embeddings)
+            output: BatchOutput = run_batch(self.backbone, images, [r.heads for r in batch], include_embedding)
         self.stats.batches += 1
         self.stats.images += len(batch)
         embeddings = output.embeddings.cpu() if output.embeddings is not None else None
@@ -184,7 +184,7 @@ class Batcher:
             results.append(
                 RowResult(
                     logits=[logits.float().cpu() for logits in row_logits],
-                    embedding=embeddings[i] if embeddings is not None and request.want_embedding else None,
+                    embedding=embeddings[i] if embeddings is not None and request.include_embedding else None,
                 )
             )
         return results

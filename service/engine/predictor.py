@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -41,6 +40,7 @@ from service.engine.device import use_one_torch_thread
 from service.engine.head_cache import HeadCache, HeadKey, LoadedHead
 from service.engine.preprocess import prepare_image
 from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from service.prediction_options import DEFAULT_OPTIONS, PredictOptions
 from service.quotas import PredictionRate
 
 TRAINING_ONLY = (
@@ -79,58 +79,47 @@ class EngineMetrics(Protocol):
     def predictions(self, kind: str, door: str, count: int) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What a request asks of each head's scores: how many, when to abstain, and whether to add a set."""
+def thresholds(heads: list[LoadedHead], coverage: float | None) -> dict[HeadKey, float]:
+    """Each head's conformal threshold for the requested coverage; none asked, none computed."""
+    if coverage is None:
+        return {}
+    out = {}
+    for head in heads:
+        calibration = head.calibration
+        if calibration is None:
+            raise FailedPrecondition(
+                f"head '{head.name}' version {head.version} has no hold-out calibration (an ImageNet head, or "
+                "trained before graft calibrated heads), so it cannot promise a coverage; train it again",
+                head=head.name,
+                version=head.version,
+            )
+        if coverage > calibration.max_coverage:
+            n = len(calibration.scores)
+            raise FailedPrecondition(
+                f"head '{head.name}' version {head.version} was calibrated on {n} hold-out images: it can promise "
+                f"a coverage of at most {calibration.max_coverage:.4f} (n/(n+1)), not {coverage:g}; ask for "
+                "less, or train it on more images",
+                head=head.name,
+                version=head.version,
+                max_coverage=calibration.max_coverage,
+            )
+        out[head.key] = calibration.threshold(coverage)
+    return out
 
-    top_k: int
-    min_score: float
-    coverage: float | None
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_score <= 1.0:
-            raise InvalidArgument(f"min_score must be between 0 and 1 (0: never abstain), got {self.min_score:g}")
-        if self.coverage is not None and not 0.0 < self.coverage < 1.0:
-            raise InvalidArgument(f"coverage must be between 0 and 1 (exclusive), e.g. 0.9; got {self.coverage:g}")
-
-    def thresholds(self, heads: list[LoadedHead]) -> dict[HeadKey, float]:
-        """Each head's conformal threshold for the requested coverage; none asked, none computed."""
-        if self.coverage is None:
-            return {}
-        out = {}
-        for head in heads:
-            calibration = head.calibration
-            if calibration is None:
-                raise FailedPrecondition(
-                    f"head '{head.name}' version {head.version} has no hold-out calibration (an ImageNet head, or "
-                    "trained before graft calibrated heads), so it cannot promise a coverage; train it again",
-                    head=head.name, version=head.version,
-                )  # fmt: skip
-            if self.coverage > calibration.max_coverage:
-                n = len(calibration.scores)
-                raise FailedPrecondition(
-                    f"head '{head.name}' version {head.version} was calibrated on {n} hold-out images: it can promise "
-                    f"a coverage of at most {calibration.max_coverage:.4f} (n/(n+1)), not {self.coverage:g}; ask for "
-                    "less, or train it on more images",
-                    head=head.name, version=head.version, max_coverage=calibration.max_coverage,
-                )  # fmt: skip
-            out[head.key] = calibration.threshold(self.coverage)
-        return out
-
-    def of(self, head: LoadedHead, logits: torch.Tensor, threshold: float | None) -> HeadPrediction:
-        """The head's answer for one image (its logits are already temperature-scaled: head_cache.py)."""
-        scores = torch.softmax(logits.float(), dim=0)
-        best = scores.topk(min(self.top_k, scores.shape[0]))
-        return HeadPrediction(
-            head=head.name,
-            version=head.version,
-            top=[
-                LabelScore(label=head.classes[i], score=float(s))
-                for s, i in zip(best.values, best.indices, strict=True)
-            ],
-            abstained=float(best.values[0]) < self.min_score,
-            prediction_set=None if threshold is None else [head.classes[i] for i in prediction_set(scores, threshold)],
-        )
+def head_prediction(
+    head: LoadedHead, logits: torch.Tensor, threshold: float | None, options: PredictOptions
+) -> HeadPrediction:
+    """The head's answer for one image (its logits are already temperature-scaled: head_cache.py)."""
+    scores = torch.softmax(logits.float(), dim=0)
+    best = scores.topk(min(options.top_k, scores.shape[0]))
+    return HeadPrediction(
+        head=head.name,
+        version=head.version,
+        top=[LabelScore(label=head.classes[i], score=float(s)) for s, i in zip(best.values, best.indices, strict=True)],
+        abstained=float(best.values[0]) < options.min_score,
+        prediction_set=None if threshold is None else [head.classes[i] for i in prediction_set(scores, threshold)],
+    )
 
 
 class Predictor:
@@ -172,25 +161,21 @@ class Predictor:
         tenant: str,
         images: list[bytes],
         head_refs: list[str],
+        options: PredictOptions = DEFAULT_OPTIONS,
         *,
-        top_k: int = 5,
-        embedding: bool = False,
-        min_score: float = 0.0,
-        coverage: float | None = None,
         door: str = "engine",
     ) -> list[ImagePrediction]:
         """One answer per image, listing one prediction per entry of ``head_refs``, in order.
 
-        A head's answer is ``abstained`` when its top calibrated score is below
-        ``min_score``; with ``coverage`` it carries a conformal prediction set.
-        ``door`` names the caller ("http", "grpc") for metrics only.
+        ``options`` were bounded when the model was built (by a door). A head's answer is
+        ``abstained`` when its top calibrated score is below ``min_score``; with ``coverage``
+        it carries a conformal prediction set. ``door`` names the caller ("http", "grpc") for metrics only.
         """
         self.check_serving()
-        self._check_request(images, head_refs, top_k)
-        answer = Answer(top_k=top_k, min_score=min_score, coverage=coverage)
+        self._check_request(images, head_refs)
         self.rate.take(tenant, len(images))
         with self.holding(len(images)):
-            return await self._predict(tenant, images, head_refs, answer, embedding, door)
+            return await self._predict(tenant, images, head_refs, options, door)
 
     def check_serving(self) -> None:
         """Raise Unavailable on a replica that only trains (GRAFT_ROLE=train): it takes no predictions."""
@@ -224,11 +209,11 @@ class Predictor:
             self._admitted -= count
 
     async def _predict(
-        self, tenant: str, images: list[bytes], head_refs: list[str], answer: Answer, embedding: bool, door: str
+        self, tenant: str, images: list[bytes], head_refs: list[str], options: PredictOptions, door: str
     ) -> list[ImagePrediction]:
         by_ref = await self._load_heads(tenant, head_refs)
         heads = list({head.key: head for head in by_ref.values()}.values())  # one per version, however named
-        thresholds = answer.thresholds(heads)  # before any image is decoded: a head that cannot answer fails now
+        cuts = thresholds(heads, options.coverage)  # before any image is decoded: a head that cannot answer fails now
         by_backbone: dict[str, list[LoadedHead]] = {}
         for head in heads:
             by_backbone.setdefault(head.backbone, []).append(head)
@@ -245,9 +230,9 @@ class Predictor:
                     max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
                 )  # fmt: skip
                 tensor = await loop.run_in_executor(self._decode, prepare)
-                row = await self.batchers[backbone_name].submit(tensor, group, want_embedding=embedding)
+                row = await self.batchers[backbone_name].submit(tensor, group, options.include_embedding)
                 for head, logits in zip(group, row.logits, strict=True):
-                    results[head.key] = answer.of(head, logits, thresholds.get(head.key))
+                    results[head.key] = head_prediction(head, logits, cuts.get(head.key), options)
                 if row.embedding is not None and pooled is None:
                     pooled = row.embedding.tolist()
             return ImagePrediction(heads=[results[by_ref[ref].key] for ref in head_refs], embedding=pooled)
@@ -275,7 +260,7 @@ class Predictor:
             loaded[ref] = outcome
         return loaded
 
-    def _check_request(self, images: list[bytes], head_refs: list[str], top_k: int) -> None:
+    def _check_request(self, images: list[bytes], head_refs: list[str]) -> None:
         if not images:
             raise InvalidArgument("send at least one image")
         if len(images) > self.settings.max_images_per_request:
@@ -288,8 +273,6 @@ class Predictor:
             raise InvalidArgument(
                 f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}"
             )
-        if not 1 <= top_k <= 1000:
-            raise InvalidArgument(f"top_k must be between 1 and 1000, got {top_k}")
 
 
 def trunk_workers(backbone: Backbone) -> int:

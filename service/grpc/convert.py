@@ -18,6 +18,7 @@ from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
+from service.prediction_options import PredictOptions
 from service.resources import ExportFormat, TrainingKind, TrainingSpec
 
 M = TypeVar("M", bound=Message)
@@ -68,6 +69,13 @@ def export_format(value: api.ExportFormat) -> ExportFormat:
         raise InvalidArgument(f"format {value} is not a known export format; use one of "
                               f"{', '.join(api.ExportFormat.keys()[1:])}")  # fmt: skip
     return EXPORT_FORMATS[value]
+
+
+def predict_options(request: api.PredictRequest | api.StreamPredictRequest) -> PredictOptions:
+    """The options of a Predict or StreamPredict message, field by field of the model. proto3 cannot tell an unset
+    field from zero, so an option at zero (top_k 0, coverage 0) takes the model's default, as when HTTP omits it."""
+    given = {name: getattr(request, name) for name in PredictOptions.model_fields}
+    return PredictOptions(**{name: value for name, value in given.items() if value})
 
 
 def image_prediction(prediction: ImagePrediction) -> api.ImagePrediction:

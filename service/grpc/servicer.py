@@ -261,8 +261,8 @@ class HeadService(_Door, rpc.HeadServiceServicer):
 class PredictionService(_Door, rpc.PredictionServiceServicer):
     @door_method
     async def Predict(self, request, context, calls: Calls):
-        work = calls.predict(list(request.images), list(request.heads), request.top_k, request.include_embedding,
-                             door="grpc", min_score=request.min_score, coverage=request.coverage or None)  # fmt: skip
+        options = convert.predict_options(request)
+        work = calls.predict(list(request.images), list(request.heads), options, door="grpc")
         remaining = context.time_remaining()
         try:
             predictions = await (asyncio.wait_for(work, remaining) if remaining is not None else work)
@@ -285,9 +285,8 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
 
         async def answer(message) -> None:
             try:
-                [prediction] = await calls.predict([message.image], list(message.heads), message.top_k,
-                                                   message.include_embedding, door="grpc", min_score=message.min_score,
-                                                   coverage=message.coverage or None)  # fmt: skip
+                options = convert.predict_options(message)
+                [prediction] = await calls.predict([message.image], list(message.heads), options, door="grpc")
                 response = api.StreamPredictResponse(
                     request_id=message.request_id, prediction=convert.image_prediction(prediction)
                 )

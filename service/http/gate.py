@@ -21,11 +21,13 @@ one is counted as it streams.
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from fastapi import params
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import CLIENT
@@ -38,23 +40,27 @@ from service.runtime import Runtime
 TENANT = "graft.tenant"  # scope key: the authenticated tenant
 ADMIN = "graft.admin"  # scope key: True once the admin key was checked
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MULTIPART_PREDICT_PATH = "/v1/predict:upload"
-PREDICT_PATHS = ("/v1/predict", MULTIPART_PREDICT_PATH)
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, settings: Settings, runtime: Callable[[], Runtime]) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, runtime: Callable[[], Runtime], predictions: Sequence[BaseRoute]
+    ) -> None:
+        """``predictions``: the prediction routes (service/http/predict.py), matched as routes, not by path literals,
+        so that a renamed route keeps its checks before the body."""
         self.app = app
         self.settings = settings
         self.runtime = runtime
+        self.predictions = [route for route in predictions if isinstance(route, APIRoute)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        prediction = self._prediction(scope)
         try:
-            await self._admit(scope)
-            limit, setting = self._limit(scope)
+            await self._admit(scope, prediction)
+            limit, setting = self._limit(scope, prediction)
             _check_declared_length(Headers(scope=scope), limit, setting)
         except GraftError as exc:
             await error_response(exc)(scope, receive, send)
@@ -80,7 +86,11 @@ class Gate:
             if budget is not None:
                 budget.give_back()
 
-    async def _admit(self, scope: Scope) -> None:
+    def _prediction(self, scope: Scope) -> APIRoute | None:
+        """The prediction route that takes this request (path and method), if any."""
+        return next((route for route in self.predictions if route.matches(scope)[0] is Match.FULL), None)
+
+    async def _admit(self, scope: Scope, prediction: APIRoute | None) -> None:
         path: str = scope["path"]
         if _CONTROL.search(path):
             raise InvalidArgument("the request path contains control characters")
@@ -99,16 +109,21 @@ class Gate:
             scope[ADMIN] = True
         else:
             scope[TENANT] = await authenticate(tenants, authorization)
-        if scope["method"] == "POST" and path in PREDICT_PATHS:
+        if prediction is not None:
             self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 
-    def _limit(self, scope: Scope) -> tuple[int, str]:
+    def _limit(self, scope: Scope, prediction: APIRoute | None) -> tuple[int, str]:
         """The body limit of this route: multipart bodies are parsed as they stream, JSON ones in one piece."""
         if _is_upload(scope):
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
-        if scope["path"] == MULTIPART_PREDICT_PATH:
+        if prediction is not None and _reads_form(prediction):
             return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
         return self.settings.max_json_bytes, "GRAFT_MAX_JSON_BYTES"
+
+
+def _reads_form(route: APIRoute) -> bool:
+    """Whether the route's body is a form (multipart, parsed part by part), as FastAPI itself decides it."""
+    return route.body_field is not None and isinstance(route.body_field.field_info, params.Form)
 
 
 def _is_upload(scope: Scope) -> bool:

@@ -10,37 +10,26 @@ import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import ConfigDict, Field, StringConstraints
 
 from service.calls import Calls
 from service.config import Settings
 from service.errors import InvalidArgument
 from service.http.deps import calls
 from service.http.errors import COMMON_ERRORS, error_responses
-from service.resources import DEFAULT_TOP_K, HEAD_REF_PATTERN, PredictResponse
+from service.prediction_options import PredictOptions
+from service.resources import HEAD_REF_PATTERN, PredictResponse
 
 router = APIRouter(prefix="/v1", tags=["predict"], responses=error_responses(*COMMON_ERRORS, 404, 409, 429, 504))
 
 HeadRef = Annotated[str, StringConstraints(pattern=HEAD_REF_PATTERN)]
 Base64 = Annotated[str, StringConstraints(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")]
-MAX_TOP_K = 1000
-TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]
-MIN_SCORE = "a head whose top (calibrated) score is below this answers `abstained: true`; 0 never abstains"
-MinScore = Annotated[float, Field(ge=0.0, le=1.0, description=MIN_SCORE)]
-COVERAGE = "add each head's `prediction_set`: the labels that contain the true one with this probability"
-Coverage = Annotated[float | None, Field(gt=0.0, lt=1.0, description=COVERAGE)]
-# A form field is never null (a client that sent "null" would be refused): leaving it out asks for no set.
-FormCoverage = Annotated[
-    float | None,
-    Form(gt=0.0, lt=1.0),
-    WithJsonSchema({"type": "number", "exclusiveMinimum": 0.0, "exclusiveMaximum": 1.0, "description": COVERAGE}),
-]
 # The schema states the default limits; GRAFT_MAX_IMAGES_PER_REQUEST and GRAFT_MAX_HEADS_PER_REQUEST change them.
 MAX_IMAGES = Settings.model_fields["max_images_per_request"].default
 MAX_HEADS = Settings.model_fields["max_heads_per_request"].default
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(PredictOptions):
     model_config = ConfigDict(extra="forbid")
 
     images: list[Base64] = Field(
@@ -49,10 +38,20 @@ class PredictRequest(BaseModel):
     heads: list[HeadRef] = Field(
         min_length=1, max_length=MAX_HEADS, description="head references: 'name', 'name@3' or 'name:prod'"
     )
-    top_k: TopK = DEFAULT_TOP_K
-    include_embedding: bool = Field(False, description="also return the pooled backbone features")
-    min_score: MinScore = 0.0
-    coverage: Coverage = None
+
+
+def _coverage_never_null(schema: dict) -> None:
+    """A form field is never null (a client that sent "null" would be refused): `coverage` is stated as the number
+    it is when sent; leaving it out asks for no prediction set."""
+    coverage = schema["properties"]["coverage"]
+    coverage.update(next(branch for branch in coverage.pop("anyOf") if branch.get("type") != "null"))
+    coverage.pop("default", None)
+
+
+class PredictForm(PredictOptions):
+    """The options as multipart form fields, beside the files and heads."""
+
+    model_config = ConfigDict(json_schema_extra=_coverage_never_null)
 
 
 def _decode(index: int, text: str) -> bytes:
@@ -69,8 +68,7 @@ def _decode_all(texts: list[str]) -> list[bytes]:
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, api: Calls = Depends(calls)) -> PredictResponse:
     images = await asyncio.to_thread(_decode_all, body.images)  # up to GRAFT_MAX_JSON_BYTES: not on the loop
-    out = await api.predict(images, body.heads, body.top_k, body.include_embedding, door="http",
-                            min_score=body.min_score, coverage=body.coverage)  # fmt: skip
+    out = await api.predict(images, body.heads, body, door="http")
     return PredictResponse(predictions=out)
 
 
@@ -81,13 +79,9 @@ async def predict_upload(
         list[HeadRef],
         Form(min_length=1, max_length=MAX_HEADS, description="head references; repeat the field per head"),
     ],
-    top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = DEFAULT_TOP_K,
-    include_embedding: Annotated[bool, Form()] = False,
-    min_score: Annotated[float, Form(ge=0.0, le=1.0, description=MIN_SCORE)] = 0.0,
-    coverage: FormCoverage = None,
+    options: Annotated[PredictForm, Form()],
     api: Calls = Depends(calls),
 ) -> PredictResponse:
     images = [await upload.read() for upload in files]
-    out = await api.predict(images, heads, top_k, include_embedding, door="http", min_score=min_score,
-                            coverage=coverage)  # fmt: skip
+    out = await api.predict(images, heads, options, door="http")
     return PredictResponse(predictions=out)

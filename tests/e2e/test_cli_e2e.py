@@ -137,7 +137,7 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     assert [row.split()[2] for row in unsure.stdout.splitlines()[1:]] == ["unknown"] * len(HELD_OUT)
     assert [row.split()[4] for row in unsure.stdout.splitlines()[1:]] == labels  # the set column, best label first
     bad = graft("predict", "weave", str(images / "held_out"), "--coverage", "1", url=server.http_url, key=tenant)
-    assert bad.returncode == 2 and "argument --coverage: must be a number between 0 and 1" in bad.stderr
+    assert bad.returncode == 2 and "argument --coverage: must be a number > 0 and < 1" in bad.stderr
 
     alias = graft("alias", "weave", "prod", "1", url=server.http_url, key=tenant)
     assert alias.returncode == 0 and "weave:prod -> version 1" in alias.stdout

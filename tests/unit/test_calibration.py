@@ -13,6 +13,7 @@ import httpx
 import onnxruntime
 import pytest
 import torch
+from pydantic import ValidationError
 
 from adapters.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, Calibration, calibrate, prediction_set
 from adapters.errors import InvalidInput
@@ -23,12 +24,13 @@ from harness.sample_data import fashion_mnist_pngs
 from service.core import Core
 from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
-from service.errors import FailedPrecondition, InvalidArgument
+from service.errors import FailedPrecondition
 from service.export import export_onnx
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
+from service.prediction_options import PredictOptions
 from service.runtime import Runtime
 from service.store.heads import HeadVersionInfo
 from service.store.images import decode_rgb
@@ -75,7 +77,7 @@ def images() -> list[bytes]:
 async def predict(core: Core, images: list[bytes], heads: list[str], **options):
     predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
     try:
-        return await predictor.predict(TENANT, images, heads, **options)
+        return await predictor.predict(TENANT, images, heads, PredictOptions(**options))
     finally:
         await predictor.stop()
 
@@ -144,7 +146,7 @@ async def test_mlp_heads_are_served_at_their_temperature_too(core, fashion, imag
     version = core.trainer.train(TENANT, request)
     temperature = version.config["calibration"]["temperature"]
     backbone = core.backbones["mobilenet_v2"]
-    [image] = await predict(core, images[:1], ["fashion-mlp"], top_k=10, embedding=True)
+    [image] = await predict(core, images[:1], ["fashion-mlp"], top_k=10, include_embedding=True)
     head = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version))
     with torch.no_grad():
         logits = head(torch.tensor([image.embedding], dtype=torch.float32, device=backbone.placement.device))
@@ -226,9 +228,9 @@ async def test_a_head_without_calibration_serves_as_before_but_cannot_promise_a_
         ({"coverage": math.nan}, "coverage"),
     ],
 )
-async def test_out_of_range_options_are_invalid_arguments(core, calibrated, images, options, problem):
-    with pytest.raises(InvalidArgument, match=problem):
-        await predict(core, images[:1], ["fashion"], **options)
+def test_out_of_range_options_are_refused_before_a_prediction_starts(options, problem):
+    with pytest.raises(ValidationError, match=problem):
+        PredictOptions(**options)
 
 
 def test_the_threshold_is_the_finite_sample_corrected_order_statistic():

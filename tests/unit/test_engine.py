@@ -21,6 +21,7 @@ from service.engine.head_cache import HeadCache, HeadKey, LoadedHead, materialis
 from service.engine.predictor import Predictor
 from service.engine.priority import TrunkPriority
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.prediction_options import PredictOptions
 from service.store.db import HeadVersionRow
 
 TENANT = "acme"
@@ -170,7 +171,9 @@ async def test_predict_returns_top_k_per_image_per_head_and_the_embedding(core):
     save_random_head(core, "shapes", HeadKind.MLP, classes=3)
     predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
     try:
-        out = await predictor.predict(TENANT, [png(1), png(2)], ["colours", "shapes@1"], top_k=2, embedding=True)
+        out = await predictor.predict(
+            TENANT, [png(1), png(2)], ["colours", "shapes@1"], PredictOptions(top_k=2, include_embedding=True)
+        )
     finally:
         await predictor.stop()
     assert len(out) == 2
@@ -190,8 +193,6 @@ async def test_predict_rejects_bad_requests_before_doing_any_work(core):
             await predictor.predict(TENANT, [b""], ["ok"])
         with pytest.raises(InvalidArgument, match="at least one head"):
             await predictor.predict(TENANT, [png(1)], [])
-        with pytest.raises(InvalidArgument, match="top_k"):
-            await predictor.predict(TENANT, [png(1)], ["ok"], top_k=0)
         with pytest.raises(InvalidArgument, match="images in one request"):
             await predictor.predict(TENANT, [png(1)] * 65, ["ok"])
         with pytest.raises(InvalidArgument, match="malformed|invalid|head reference"):
@@ -231,11 +232,11 @@ async def test_a_deleted_version_is_never_answered_after_the_head_is_trained_aga
     save_random_head(core, "h", HeadKind.LINEAR, seed=2, prefix="old")
     predictor = predictor_for(core)
     try:
-        (before,) = await predictor.predict(TENANT, [png(1)], ["h"], top_k=4)
+        (before,) = await predictor.predict(TENANT, [png(1)], ["h"], PredictOptions(top_k=4))
         assert before.heads[0].version == 2
         core.heads.delete_version(TENANT, "h", 2)
         retrained = save_random_head(core, "h", HeadKind.LINEAR, classes=5, seed=3, prefix="new")
-        (after,) = await predictor.predict(TENANT, [png(1)], ["h"], top_k=5)
+        (after,) = await predictor.predict(TENANT, [png(1)], ["h"], PredictOptions(top_k=5))
     finally:
         await predictor.stop()
     assert retrained.version == 3
@@ -276,14 +277,14 @@ async def test_references_to_one_version_run_once_and_answer_in_request_order(co
     submitted: list[list[HeadKey]] = []
     real_submit = batcher.submit
 
-    async def recording_submit(image, heads, want_embedding=False):
+    async def recording_submit(image, heads, include_embedding=False):
         submitted.append([head.key for head in heads])
-        return await real_submit(image, heads, want_embedding)
+        return await real_submit(image, heads, include_embedding)
 
     monkeypatch.setattr(batcher, "submit", recording_submit)
     refs = ["h", "g", "h@1", "h:latest", "h:prod", "h"]
     try:
-        (answer,) = await predictor.predict(TENANT, [png(1)], refs, top_k=4)
+        (answer,) = await predictor.predict(TENANT, [png(1)], refs, PredictOptions(top_k=4))
     finally:
         await predictor.stop()
     assert [(p.head, p.version) for p in answer.heads] == [("h", 1), ("g", 1), ("h", 1), ("h", 1), ("h", 1), ("h", 1)]

@@ -25,6 +25,7 @@ from service.calls import ExportQueue
 from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, ResourceExhausted
 from service.http.app import create_app
+from service.prediction_options import PredictOptions
 from service.runtime import Runtime
 from service.store.images import decode_rgb
 from service.training import HyperParamOverrides, TrainRequest
@@ -96,7 +97,7 @@ def graft_probabilities(runtime: Runtime, heads: list[str], images: list[bytes],
     async def predict():
         predictor = Predictor(runtime.core.backbones, runtime.predictor.heads, runtime.settings)
         try:
-            return await predictor.predict(TENANT, images, heads, top_k=len(classes))
+            return await predictor.predict(TENANT, images, heads, PredictOptions(top_k=len(classes)))
         finally:
             await predictor.stop()
 

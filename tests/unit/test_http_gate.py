@@ -13,11 +13,13 @@ import threading
 import httpx
 import jsonschema_rs
 import pytest
+from fastapi import APIRouter
 from PIL import Image
 from sqlalchemy import event
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
+from service.http import predict
 from service.http.app import create_app
 from service.http.deps import IDEMPOTENCY_KEY_PATTERN
 from service.http.errors import error_response
@@ -159,6 +161,29 @@ async def test_a_prediction_on_a_full_replica_is_refused_with_429_before_its_bod
     body = Body(MAX_REQUEST // 2)
     response = await client.post("/v1/predict", content=body, headers=headers)
     assert response.status_code == 422 and body.pulled > 0  # room again: read, and refused for what it says
+
+
+async def test_a_prediction_route_moved_to_another_path_keeps_its_checks_before_the_body(runtime, key, monkeypatch):
+    """The gate finds the prediction routes on predict.py's router, not by copied paths: moved, both are still
+    refused unread on a full replica, and the multipart one keeps its larger limit."""
+    moved = APIRouter(prefix="/v1/moved")
+    for route in predict.router.routes:
+        moved.add_api_route(route.path.removeprefix("/v1"), route.endpoint, methods=list(route.methods))
+    monkeypatch.setattr(predict, "router", moved)
+    app = create_app(runtime.settings, lambda: runtime)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
+        json_headers = {**bearer(key), "Content-Type": "application/json"}
+        with runtime.predictor.holding(runtime.settings.max_queue_images):
+            for path in ("/v1/moved/predict", "/v1/moved/predict:upload"):
+                body = Body(MAX_REQUEST // 2)
+                response = await client.post(path, content=body, headers=json_headers)
+                assert response.status_code == 429 and body.pulled == 0, (path, response.text)
+        over = Body(10 * MAX_REQUEST, start=ENDLESS_ZIP_PART)
+        headers = {**bearer(key), "Content-Type": "multipart/form-data; boundary=b"}
+        response = await client.post("/v1/moved/predict:upload", content=over, headers=headers)
+        assert response.status_code == 413 and "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
+        assert MAX_JSON < over.pulled <= MAX_REQUEST + over.chunk
 
 
 async def test_documentation_needs_no_key(client):

@@ -16,6 +16,7 @@ from service.engine.head_cache import HeadCache
 from service.engine.predictor import Predictor
 from service.errors import InvalidArgument, NotFound
 from service.http.predict import PredictRequest
+from service.prediction_options import PredictOptions
 from service.resources import head_ref
 
 pytestmark = pytest.mark.anyio
@@ -78,7 +79,9 @@ async def test_an_imagenet_head_rides_a_tenants_request_without_another_trunk_pa
     metrics = CountingMetrics()
     predictor = predictor_for(core, metrics)
     try:
-        (answer,) = await predictor.predict("acme", [jpeg("chelsea")], ["colours", "imagenet@mobilenet_v2"], top_k=3)
+        (answer,) = await predictor.predict(
+            "acme", [jpeg("chelsea")], ["colours", "imagenet@mobilenet_v2"], PredictOptions(top_k=3)
+        )
     finally:
         await predictor.stop()
     assert [head.head for head in answer.heads] == ["colours", "imagenet@mobilenet_v2"]

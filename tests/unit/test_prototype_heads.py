@@ -17,6 +17,7 @@ from service.engine.preprocess import prepare_image
 from service.errors import FailedPrecondition
 from service.grpc import convert
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
+from service.prediction_options import PredictOptions
 from service.resources import TrainingKind, TrainingSpec
 from service.training import TrainRequest
 
@@ -59,7 +60,7 @@ def features_and_labels(core: Core, ds) -> tuple[torch.Tensor, torch.Tensor]:
 async def predict(core: Core, images: list[bytes], heads: list[str], top_k: int = 1):
     predictor = Predictor(core.backbones, HeadCache(core.heads, core.backbones, 1 << 30), core.settings)
     try:
-        return await predictor.predict(TENANT, images, heads, top_k=top_k)
+        return await predictor.predict(TENANT, images, heads, PredictOptions(top_k=top_k))
     finally:
         await predictor.stop()
 
