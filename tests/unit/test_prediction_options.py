@@ -47,18 +47,23 @@ def _request_properties(openapi: dict, schema: dict) -> dict:
     return properties
 
 
-def _stated(schema: dict) -> dict:
-    """A property's schema as OpenAPI states it: FastAPI leaves a null default out."""
-    return {key: value for key, value in schema.items() if not (key == "default" and value is None)}
+def _stated(schema: dict, *, form: bool = False) -> dict:
+    """A property's schema as OpenAPI states it: FastAPI leaves a null default out, and a form field, which
+    cannot be null, is stated as its non-null branch."""
+    stated = {key: value for key, value in schema.items() if not (key == "default" and value is None)}
+    if form and "anyOf" in stated:
+        stated |= next(branch for branch in stated.pop("anyOf") if branch.get("type") != "null")
+    return stated
 
 
 def test_both_prediction_routes_document_every_option_with_the_models_bounds():
     openapi = create_app(Settings(), lambda: None).openapi()
-    model = {name: _stated(schema) for name, schema in PredictOptions.model_json_schema()["properties"].items()}
+    properties = PredictOptions.model_json_schema()["properties"]
     encodings = set()
     for route in predict.router.routes:
         [(encoding, body)] = openapi["paths"][route.path]["post"]["requestBody"]["content"].items()
         encodings.add(encoding)
+        model = {name: _stated(schema, form=encoding != "application/json") for name, schema in properties.items()}
         documented = _request_properties(openapi, body["schema"])
         assert {name: documented.get(name) for name in model} == model, f"{encoding} at {route.path}"
     assert encodings == {"application/json", "multipart/form-data"}
