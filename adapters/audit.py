@@ -268,9 +268,14 @@ def audit_labels(
     thresholds = class_thresholds(oof.probabilities, y)
     suspects = label_suspects(oof.probabilities, y, thresholds)
     duplicate_count, duplicates, truncated = cross_label_duplicates(
-        x, y, min_similarity=duplicate_similarity, limit=max_duplicates, keys=keys, cancelled=cancelled,
+        x,
+        y,
+        min_similarity=duplicate_similarity,
+        limit=max_duplicates,
+        keys=keys,
+        cancelled=cancelled,
         max_candidates=max_candidates,
-    )  # fmt: skip
+    )
     return LabelAudit(
         folds=oof.folds,
         weight_decay=oof.weight_decay,

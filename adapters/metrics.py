@@ -112,11 +112,15 @@ def _reliability(confidence: Tensor, correct: Tensor) -> list[ReliabilityBin]:
     for index in range(ECE_BINS):
         in_bin = bin_of == index
         count = int(in_bin.sum())
-        bins.append(ReliabilityBin(
-            lo=edges[index].item(), hi=edges[index + 1].item(), count=count,
-            confidence=confidence[in_bin].mean().item() if count else None,
-            accuracy=correct[in_bin].float().mean().item() if count else None,
-        ))  # fmt: skip
+        bins.append(
+            ReliabilityBin(
+                lo=edges[index].item(),
+                hi=edges[index + 1].item(),
+                count=count,
+                confidence=confidence[in_bin].mean().item() if count else None,
+                accuracy=correct[in_bin].float().mean().item() if count else None,
+            )
+        )
     return bins
 
 

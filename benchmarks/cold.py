@@ -59,9 +59,16 @@ async def cold_heads(core: Core, names: list[str], jpegs: list[bytes], requests:
             samples.append((time.perf_counter() - started) * 1000)
     await predictor.stop()
     (cold_p50, cold_p99), (warm_p50, warm_p99) = percentiles(cold), percentiles(warm)
-    return {"heads_stored": len(names), "heads_cached": CACHED_HEADS, "requests": requests,
-            "cold_head_p50_ms": cold_p50, "cold_head_p99_ms": cold_p99, "warm_p50_ms": warm_p50,
-            "warm_p99_ms": warm_p99, "cache_holds": len(cache)}  # fmt: skip
+    return {
+        "heads_stored": len(names),
+        "heads_cached": CACHED_HEADS,
+        "requests": requests,
+        "cold_head_p50_ms": cold_p50,
+        "cold_head_p99_ms": cold_p99,
+        "warm_p50_ms": warm_p50,
+        "warm_p99_ms": warm_p99,
+        "cache_holds": len(cache),
+    }
 
 
 def cold_start(data_dir: Path, head: str, jpeg: bytes) -> tuple[float, float]:

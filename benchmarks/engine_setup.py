@@ -31,10 +31,18 @@ def create_linear_heads(core: Core, count: int, prefix: str = "h", tenant: str =
         head = build_head(config)
         name = f"{prefix}{i}"
         core.heads.create_version(
-            tenant, name, tensors=head_state(head), backbone=backbone.name, split_point=backbone.num_blocks,
-            kind="linear", classes=[f"class-{c}" for c in range(CLASSES)], config=config.model_dump(mode="json"),
-            hyperparams={}, metrics={}, dataset_id="ds_bench",
-        )  # fmt: skip
+            tenant,
+            name,
+            tensors=head_state(head),
+            backbone=backbone.name,
+            split_point=backbone.num_blocks,
+            kind="linear",
+            classes=[f"class-{c}" for c in range(CLASSES)],
+            config=config.model_dump(mode="json"),
+            hyperparams={},
+            metrics={},
+            dataset_id="ds_bench",
+        )
         names.append(name)
     return names
 

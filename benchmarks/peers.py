@@ -68,8 +68,13 @@ def ray_serve(config: RayPeerConfig) -> Iterator[str]:
     """A local Ray cluster with the peer deployed; yields its URL and shuts it all down after."""
     # Ray's workers import the deployment from this folder and graft's trunk from the repo.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=config.cpus, num_gpus=config.gpus, include_dashboard=False, object_store_memory=256 << 20,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=config.cpus,
+        num_gpus=config.gpus,
+        include_dashboard=False,
+        object_store_memory=256 << 20,
+        log_to_driver=False,
+    )
     try:
         port = free_port()
         deploy(config, port)

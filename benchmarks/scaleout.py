@@ -50,15 +50,19 @@ def log(message: str) -> None:
 def throughput(cluster: Cluster, key: str, image: bytes, seconds: float, concurrency: int) -> dict:
     async def run():
         stop = asyncio.Event()
-        load = asyncio.create_task(retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "probe",
-                                                        concurrency, stop))  # fmt: skip
+        load = asyncio.create_task(
+            retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "probe", concurrency, stop)
+        )
         await asyncio.sleep(seconds)
         stop.set()
         return await load
 
     result = asyncio.run(run())
-    return {"ips": round(result.ok / seconds, 2), "failed": result.failed,
-            "p50_ms": round(float(np.percentile(result.latencies_ms, 50)), 1)}  # fmt: skip
+    return {
+        "ips": round(result.ok / seconds, 2),
+        "failed": result.failed,
+        "p50_ms": round(float(np.percentile(result.latencies_ms, 50)), 1),
+    }
 
 
 def main() -> None:
@@ -96,8 +100,11 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
     cluster.nginx.reconfigure(both)
     two = throughput(cluster, key, image, seconds, concurrency)
 
-    registry = HeadRegistry(Database(cluster.postgres.url), BlobStore(cluster.data_dir / "blobs"),
-                            Quotas(Settings(data_dir=cluster.data_dir)))  # fmt: skip
+    registry = HeadRegistry(
+        Database(cluster.postgres.url),
+        BlobStore(cluster.data_dir / "blobs"),
+        Quotas(Settings(data_dir=cluster.data_dir)),
+    )
     resolve_ms = []
     for _ in range(200):
         started = time.perf_counter()
@@ -142,8 +149,9 @@ def measure(cluster: Cluster, root: Path, seconds: float, concurrency: int) -> d
 
     async def drain():
         stop = asyncio.Event()
-        load = asyncio.create_task(retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "probe",
-                                                        concurrency, stop))  # fmt: skip
+        load = asyncio.create_task(
+            retrying_predictions(cluster.http_url, cluster.grpc_target, key, image, "probe", concurrency, stop)
+        )
         await asyncio.sleep(3)
         drained = cluster.replicas[0]
         started = time.monotonic()

@@ -61,13 +61,31 @@ class Profile:
 
 
 PROFILES = {
-    "short": Profile(concurrency=8, warmup_s=4, idle_s=10, busy_limit_s=240, reader_images_per_class=8,
-                     writer_images_per_class=8, finetune_epochs=2, hostile_s=10, hostile_classes=40,
-                     hostile_versions=4),
-    "full": Profile(concurrency=32, warmup_s=15, idle_s=60, busy_limit_s=900, reader_images_per_class=24,
-                    writer_images_per_class=30, finetune_epochs=6, hostile_s=60, hostile_classes=200,
-                    hostile_versions=8),
-}  # fmt: skip
+    "short": Profile(
+        concurrency=8,
+        warmup_s=4,
+        idle_s=10,
+        busy_limit_s=240,
+        reader_images_per_class=8,
+        writer_images_per_class=8,
+        finetune_epochs=2,
+        hostile_s=10,
+        hostile_classes=40,
+        hostile_versions=4,
+    ),
+    "full": Profile(
+        concurrency=32,
+        warmup_s=15,
+        idle_s=60,
+        busy_limit_s=900,
+        reader_images_per_class=24,
+        writer_images_per_class=30,
+        finetune_epochs=6,
+        hostile_s=60,
+        hostile_classes=200,
+        hostile_versions=8,
+    ),
+}
 
 
 @dataclass
@@ -143,8 +161,9 @@ def answer_of_pb(head) -> Answer:
 
 def upload_http(client: httpx.Client, examples, name: str) -> str:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    response = client.post("/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]},
-                           files=files)  # fmt: skip
+    response = client.post(
+        "/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]}, files=files
+    )
     response.raise_for_status()
     return response.json()["name"]
 
@@ -175,8 +194,15 @@ class Reader:
     expected: list[Answer]  # per probe image, for probe@1
 
 
-async def load(server: Server, readers: list[Reader], probes: list[bytes], tally: Tally, concurrency: int,
-               stop: asyncio.Event, latencies: list[float]) -> None:  # fmt: skip
+async def load(
+    server: Server,
+    readers: list[Reader],
+    probes: list[bytes],
+    tally: Tally,
+    concurrency: int,
+    stop: asyncio.Event,
+    latencies: list[float],
+) -> None:
     """``concurrency`` workers predicting until ``stop``; every answer checked; latencies appended (ms)."""
     refs = ["probe", "probe@1", "probe:latest"]
     encoded = [base64.b64encode(image).decode() for image in probes]
@@ -188,8 +214,9 @@ async def load(server: Server, readers: list[Reader], probes: list[bytes], tally
             body = {"images": [encoded[image]], "heads": [ref], "top_k": 3}
             started = time.perf_counter()
             try:
-                response = await client.post("/v1/predict", json=body,
-                                             headers={"Authorization": f"Bearer {reader.key}"})  # fmt: skip
+                response = await client.post(
+                    "/v1/predict", json=body, headers={"Authorization": f"Bearer {reader.key}"}
+                )
             except httpx.HTTPError as exc:
                 tally.count("errors_5xx", f"http transport error: {exc!r}")
                 continue
@@ -209,8 +236,7 @@ async def load(server: Server, readers: list[Reader], probes: list[bytes], tally
             request = api.PredictRequest(images=[probes[image]], heads=[ref], top_k=3)
             started = time.perf_counter()
             try:
-                reply = await stub.Predict(request, metadata=[("authorization", f"Bearer {reader.key}")],
-                                           timeout=60)  # fmt: skip
+                reply = await stub.Predict(request, metadata=[("authorization", f"Bearer {reader.key}")], timeout=60)
             except grpc.aio.AioRpcError as exc:
                 latencies.append((time.perf_counter() - started) * 1000)
                 tally.count(grpc_outcome(exc.code()), f"grpc {exc.code().name}: {exc.details()}")
@@ -222,8 +248,10 @@ async def load(server: Server, readers: list[Reader], probes: list[bytes], tally
             i += concurrency
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.http_url, timeout=60, limits=limits) as client, \
-            grpc.aio.insecure_channel(server.grpc_target) as channel:  # fmt: skip
+    async with (
+        httpx.AsyncClient(base_url=server.http_url, timeout=60, limits=limits) as client,
+        grpc.aio.insecure_channel(server.grpc_target) as channel,
+    ):
         stub = rpc.PredictionServiceStub(channel)
         workers = [http_worker(w, client) if w % 2 == 0 else grpc_worker(w, stub) for w in range(concurrency)]
         await asyncio.gather(*workers)
@@ -257,11 +285,22 @@ class Writer:
             examples = textile_files(per_class=per_class, offset=100)
             three_classes = self.upload(client, examples)
             two_classes = self.upload(client, [e for e in examples if e[2] != "global"])  # new classes, same head
-            finetune = {"kind": "finetune", "finetune_blocks": 2, "search": {"lr": [1e-3], "weight_decay": [1e-4]},
-                        "hyperparams": {"lr": 1e-3, "weight_decay": 1e-4, "epochs": self.profile.finetune_epochs,
-                                        "batch_size": 16}}  # fmt: skip
-            plan = [(three_classes, {"search": QUICK_LINEAR}), (three_classes, finetune),
-                    (two_classes, {"search": QUICK_LINEAR})]  # fmt: skip
+            finetune = {
+                "kind": "finetune",
+                "finetune_blocks": 2,
+                "search": {"lr": [1e-3], "weight_decay": [1e-4]},
+                "hyperparams": {
+                    "lr": 1e-3,
+                    "weight_decay": 1e-4,
+                    "epochs": self.profile.finetune_epochs,
+                    "batch_size": 16,
+                },
+            }
+            plan = [
+                (three_classes, {"search": QUICK_LINEAR}),
+                (three_classes, finetune),
+                (two_classes, {"search": QUICK_LINEAR}),
+            ]
             for step, (dataset, spec) in enumerate(plan):
                 version = train_http(client, dataset, "w", **spec)
                 self.expected[version] = expected_answers(client, f"w@{version}", self.probes)
@@ -299,8 +338,9 @@ class Writer:
             response = client.post("/v1/predict", json=body)
             if response.status_code != 200:
                 return http_outcome(response.status_code) if response.status_code != 404 else "not_found", []
-            return "ok", [(p["heads"][0]["version"], answer_of_json(p["heads"][0]))
-                          for p in response.json()["predictions"]]  # fmt: skip
+            return "ok", [
+                (p["heads"][0]["version"], answer_of_json(p["heads"][0])) for p in response.json()["predictions"]
+            ]
         with grpc.insecure_channel(self.server.grpc_target) as channel:
             try:
                 reply = rpc.PredictionServiceStub(channel).Predict(
@@ -472,8 +512,10 @@ async def soak(server: Server, profile: Profile) -> dict:
     log(f"setting up two reader tenants ({profile.reader_images_per_class} images per class each)")
     readers = [setup_reader(server, name, profile, probes) for name in ("reader-a", "reader-b")]
     tally = Tally()
-    writers = [Writer(server, make_tenant_key(server, name), door, profile, probes, tally)
-               for name, door in (("writer-a", "http"), ("writer-b", "grpc"))]  # fmt: skip
+    writers = [
+        Writer(server, make_tenant_key(server, name), door, profile, probes, tally)
+        for name, door in (("writer-a", "http"), ("writer-b", "grpc"))
+    ]
 
     async def phase(seconds: float | None, during: threading.Thread | None = None) -> list[float]:
         """The readers' load for ``seconds`` (or while ``during`` runs); their latencies."""

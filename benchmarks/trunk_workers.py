@@ -59,8 +59,11 @@ async def main() -> None:
                 for arm in order:
                     figures = await http_level(servers[arm].http_url, bodies, heads, level, args.seconds)
                     ips[arm][level].append(figures["ips"])
-            print(f"round {round_ + 1}:", {arm: {c: v[-1] for c, v in by.items()} for arm, by in ips.items()},
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"round {round_ + 1}:",
+                {arm: {c: v[-1] for c, v in by.items()} for arm, by in ips.items()},
+                file=sys.stderr,
+            )
     finally:
         for server in servers.values():
             server.stop()

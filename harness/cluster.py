@@ -59,8 +59,9 @@ class Upstream(Protocol):
 
 
 def _conf_for(replicas: Sequence[Upstream], http_port: int, grpc_port: int) -> str:
-    return render_nginx_conf([r.http_url.removeprefix("http://") for r in replicas],
-                             [r.grpc_target for r in replicas], http_port, grpc_port)  # fmt: skip
+    return render_nginx_conf(
+        [r.http_url.removeprefix("http://") for r in replicas], [r.grpc_target for r in replicas], http_port, grpc_port
+    )
 
 
 @dataclass
@@ -90,8 +91,11 @@ def start_nginx(replicas: Sequence[Upstream]) -> tuple[Nginx, str, str]:
     prefix = Path(tempfile.mkdtemp(prefix="graft-nginx-"))
     http_port, grpc_port = free_port(), free_port()
     (prefix / "nginx.conf").write_text(_conf_for(replicas, http_port, grpc_port))
-    process = subprocess.Popen([str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                               stdout=(prefix / "out.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        [str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+        stdout=(prefix / "out.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -202,8 +206,9 @@ class LoadResult:
             self.failures.append(outcome)
 
 
-async def retrying_predictions(http_url: str, grpc_target: str, key: str, image: bytes, head: str,
-                               concurrency: int, stop: "asyncio.Event") -> LoadResult:  # fmt: skip
+async def retrying_predictions(
+    http_url: str, grpc_target: str, key: str, image: bytes, head: str, concurrency: int, stop: "asyncio.Event"
+) -> LoadResult:
     """Predict through the load balancer until ``stop``, half HTTP and half gRPC, as a careful client does:
     retry on 502/503/UNAVAILABLE (a replica going away) with a short backoff, at most 10 times per request, and
     on what a dropped connection gives each door (a transport error; a stream the load balancer reset, which
@@ -247,15 +252,18 @@ async def retrying_predictions(http_url: str, grpc_target: str, key: str, image:
             result.record(ok, started, outcome)
 
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=http_url, headers=headers, timeout=60) as client, \
-            grpc.aio.insecure_channel(grpc_target) as channel:  # fmt: skip
+    async with (
+        httpx.AsyncClient(base_url=http_url, headers=headers, timeout=60) as client,
+        grpc.aio.insecure_channel(grpc_target) as channel,
+    ):
         stub = rpc.PredictionServiceStub(channel)
         await asyncio.gather(*(http_worker(client) if i % 2 == 0 else grpc_worker(stub) for i in range(concurrency)))
     return result
 
 
-def predict_for(http_url: str, grpc_target: str, key: str, image: bytes, head: str, concurrency: int,
-                seconds: float) -> LoadResult:  # fmt: skip
+def predict_for(
+    http_url: str, grpc_target: str, key: str, image: bytes, head: str, concurrency: int, seconds: float
+) -> LoadResult:
     """``retrying_predictions`` through a load balancer for ``seconds``, from a blocking caller."""
 
     async def run() -> LoadResult:

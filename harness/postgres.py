@@ -43,13 +43,20 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """A fresh, empty database on this server; returns its SQLAlchemy URL."""
-        subprocess.run(_as_server_user([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                                        "-U", "postgres", name]), check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            _as_server_user(
+                [str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name]
+            ),
+            check=True,
+            capture_output=True,
+        )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        subprocess.run(_as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
-                                        "stop"]), capture_output=True)  # fmt: skip
+        subprocess.run(
+            _as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "stop"]),
+            capture_output=True,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -62,12 +69,20 @@ def start_postgres() -> PostgresServer:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
-    subprocess.run(_as_server_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                    "-E", "UTF8"]), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        _as_server_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
     port = _free_port()
     options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c max_connections=200"
-    subprocess.run(_as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
-                                    "-o", options, "-w", "start"]), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        _as_server_user(
+            [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     server = PostgresServer(root, port)
     deadline = time.monotonic() + 30
     while True:

@@ -30,8 +30,18 @@ def generate(out_dir: Path) -> None:
         sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
         well_known = str(files("grpc_tools") / "_proto")
         googleapis = str(Path(annotations_pb2.__file__).resolve().parent.parent.parent)  # holds google/api/*.proto
-        code = protoc.main(["protoc", f"-I{PROTOS}", f"-I{well_known}", f"-I{googleapis}", f"--python_out={tmp}",
-                            f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *sources])  # fmt: skip
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{PROTOS}",
+                f"-I{well_known}",
+                f"-I{googleapis}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                *sources,
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed with exit code {code}")
         if out_dir.exists():

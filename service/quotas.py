@@ -91,10 +91,14 @@ class Quotas:
 
     def check_new_job(self, session: Session, tenant: str) -> None:
         self._serialise(session, tenant)
-        unfinished = session.scalar(
-            select(func.count()).select_from(JobRow).where(
-                JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))
-        ) or 0  # fmt: skip
+        unfinished = (
+            session.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))
+            )
+            or 0
+        )
         if unfinished >= self.settings.quota_queued_jobs:
             raise ResourceExhausted(
                 f"tenant '{tenant}' has {unfinished} jobs queued or running, its quota (GRAFT_QUOTA_QUEUED_JOBS); "

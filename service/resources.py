@@ -347,11 +347,20 @@ class Job(BaseModel):
     @classmethod
     def of(cls, info: JobInfo) -> "Job":
         return cls(
-            name=f"jobs/{info.id}", state=info.state, done=info.done, phase=info.phase, progress=info.progress,
-            message=info.message, spec=TrainingSpec.of(info.request), metrics=info.metrics,
+            name=f"jobs/{info.id}",
+            state=info.state,
+            done=info.done,
+            phase=info.phase,
+            progress=info.progress,
+            message=info.message,
+            spec=TrainingSpec.of(info.request),
+            metrics=info.metrics,
             head_version=f"heads/{info.head}/versions/{info.head_version}" if info.head_version else None,
-            error=info.error, create_time=info.created_at, start_time=info.started_at, end_time=info.finished_at,
-        )  # fmt: skip
+            error=info.error,
+            create_time=info.created_at,
+            start_time=info.started_at,
+            end_time=info.finished_at,
+        )
 
 
 class HeadVersion(BaseModel):
@@ -374,12 +383,20 @@ class HeadVersion(BaseModel):
     @classmethod
     def of(cls, info: HeadVersionInfo) -> "HeadVersion":
         return cls(
-            name=f"heads/{info.name}/versions/{info.version}", version=info.version, backbone=info.backbone,
-            split_point=info.split_point, kind=HeadKind(info.kind), classes=info.classes,
-            hyperparams=info.hyperparams, metrics=info.metrics, dataset=f"datasets/{info.dataset_id}",
-            job=f"jobs/{info.job_id}" if info.job_id else None, param_bytes=info.param_bytes,
-            aliases=info.aliases, create_time=info.created_at,
-        )  # fmt: skip
+            name=f"heads/{info.name}/versions/{info.version}",
+            version=info.version,
+            backbone=info.backbone,
+            split_point=info.split_point,
+            kind=HeadKind(info.kind),
+            classes=info.classes,
+            hyperparams=info.hyperparams,
+            metrics=info.metrics,
+            dataset=f"datasets/{info.dataset_id}",
+            job=f"jobs/{info.job_id}" if info.job_id else None,
+            param_bytes=info.param_bytes,
+            aliases=info.aliases,
+            create_time=info.created_at,
+        )
 
 
 class Head(BaseModel):

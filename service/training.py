@@ -268,11 +268,14 @@ class Trainer:
             images=images,
             trials=request.trials,
             memory=max(
-                (self.feature_memory(backbone, self.split_point(request, backbone, kind), images)
-                 for backbone in candidates for kind in request.kinds),
+                (
+                    self.feature_memory(backbone, self.split_point(request, backbone, kind), images)
+                    for backbone in candidates
+                    for kind in request.kinds
+                ),
                 key=lambda memory: memory.bytes,
             ),
-        )  # fmt: skip
+        )
 
     @staticmethod
     def feature_memory(backbone: Backbone, split: int, images: int) -> FeatureMemory:
@@ -414,8 +417,16 @@ class Trainer:
         pooled = self.extractor.features(
             data.backbone, data.backbone.num_blocks, data.shas, tenant=data.tenant, cancelled=cancelled
         )
-        found = audit_labels(pooled, data.labels, data.num_classes, keys=data.shas, max_suspects=AUDIT_TOP,
-                             max_duplicates=AUDIT_TOP, seed=request.seed, cancelled=cancelled)  # fmt: skip
+        found = audit_labels(
+            pooled,
+            data.labels,
+            data.num_classes,
+            keys=data.shas,
+            max_suspects=AUDIT_TOP,
+            max_duplicates=AUDIT_TOP,
+            seed=request.seed,
+            cancelled=cancelled,
+        )
         return audit_summary(found, dataset.classes, AUDIT_TOP)
 
     def _fit(

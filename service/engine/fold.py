@@ -60,11 +60,12 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Con
             pairs.append((source[1], bn))  # type: ignore[arg-type]
 
     hooks = [
-        module.register_forward_hook(after_conv) if isinstance(module, nn.Conv2d)
+        module.register_forward_hook(after_conv)
+        if isinstance(module, nn.Conv2d)
         else module.register_forward_pre_hook(before_bn)
         for module in model.modules()
         if isinstance(module, nn.Conv2d | nn.BatchNorm2d)
-    ]  # fmt: skip
+    ]
     try:
         model(example)
     finally:

@@ -226,9 +226,13 @@ class Predictor:
             for backbone_name, group in by_backbone.items():
                 backbone = self.backbones[backbone_name]
                 prepare = partial(
-                    prepare_image, backbone, data, name=f"image {index}",
-                    max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
-                )  # fmt: skip
+                    prepare_image,
+                    backbone,
+                    data,
+                    name=f"image {index}",
+                    max_bytes=self.settings.max_image_bytes,
+                    max_pixels=self.settings.max_image_pixels,
+                )
                 tensor = await loop.run_in_executor(self._decode, prepare)
                 row = await self.batchers[backbone_name].submit(tensor, group, options.include_embedding)
                 for head, logits in zip(group, row.logits, strict=True):

@@ -24,10 +24,12 @@ from service.resources import ExportFormat, TrainingKind, TrainingSpec
 M = TypeVar("M", bound=Message)
 
 _ENUM_PREFIX: dict[type[Enum], str] = {HeadKind: "HEAD_KIND_", TrainingKind: "HEAD_KIND_", JobState: ""}
-EXPORT_FORMATS = {api.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.SAFETENSORS,
-                  api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
-                  api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
-                  api.EXPORT_FORMAT_PT2: ExportFormat.PT2}  # fmt: skip
+EXPORT_FORMATS = {
+    api.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.SAFETENSORS,
+    api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
+    api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
+    api.EXPORT_FORMAT_PT2: ExportFormat.PT2,
+}
 # Reserved in the proto; a client built on an older graft.v1 may still send it.
 REMOVED_EXPORT_FORMATS = {
     2: "EXPORT_FORMAT_TORCHSCRIPT (2) was removed (torch 2.14 deprecates TorchScript); use "
@@ -55,8 +57,7 @@ def training_spec(spec: pb.TrainingSpec) -> TrainingSpec:
     fields = json_format.MessageToDict(spec, preserving_proto_field_name=True)
     kind = fields.pop("kind", "HEAD_KIND_UNSPECIFIED")
     if kind not in ("HEAD_KIND_UNSPECIFIED", *(f"HEAD_KIND_{k.value.upper()}" for k in TrainingKind)):
-        raise InvalidArgument(f"kind {kind} is not a known head kind; use one of "
-                              f"{', '.join(pb.HeadKind.keys()[1:])}")  # fmt: skip
+        raise InvalidArgument(f"kind {kind} is not a known head kind; use one of {', '.join(pb.HeadKind.keys()[1:])}")
     if kind != "HEAD_KIND_UNSPECIFIED":
         fields["kind"] = kind.removeprefix("HEAD_KIND_").lower()
     return TrainingSpec.model_validate(fields)
@@ -66,8 +67,9 @@ def export_format(value: api.ExportFormat) -> ExportFormat:
     if value in REMOVED_EXPORT_FORMATS:
         raise InvalidArgument(REMOVED_EXPORT_FORMATS[value])
     if value not in EXPORT_FORMATS:
-        raise InvalidArgument(f"format {value} is not a known export format; use one of "
-                              f"{', '.join(api.ExportFormat.keys()[1:])}")  # fmt: skip
+        raise InvalidArgument(
+            f"format {value} is not a known export format; use one of {', '.join(api.ExportFormat.keys()[1:])}"
+        )
     return EXPORT_FORMATS[value]
 
 

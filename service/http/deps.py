@@ -18,8 +18,13 @@ DISCONNECT_POLL_S = 0.5  # how soon a long call notices that its client left
 
 # The query parameters of every List method.
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
-PageToken = Annotated[str, Query(pattern=PAGE_TOKEN_PATTERN, description="the previous page's next_page_token, "
-                                 "unchanged (opaque); empty for the first page")]  # fmt: skip
+PageToken = Annotated[
+    str,
+    Query(
+        pattern=PAGE_TOKEN_PATTERN,
+        description="the previous page's next_page_token, unchanged (opaque); empty for the first page",
+    ),
+]
 
 # The request id of a creating call (POST /v1/datasets, /v1/jobs, /v1/admin/tenants/{name}/keys); gRPC sends it as
 # the ``idempotency-key`` metadata. service/store/requests.py keeps it: printable ASCII, which over HTTP cannot begin

@@ -106,11 +106,20 @@ def _method_not_allowed(routes: list[BaseRoute]) -> Callable[[Request, Exception
     """405 with every method the path takes in ``Allow``: Starlette's names only the first matching route's."""
 
     async def handler(request: Request, _: Exception) -> JSONResponse:
-        allowed = sorted({m for route in routes if route.matches(request.scope)[0] is not Match.NONE
-                          for m in getattr(route, "methods", None) or ()})  # fmt: skip
+        allowed = sorted(
+            {
+                m
+                for route in routes
+                if route.matches(request.scope)[0] is not Match.NONE
+                for m in getattr(route, "methods", None) or ()
+            }
+        )
         message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
-        return JSONResponse(error_body("method_not_allowed", message, {"allowed": allowed}), status_code=405,
-                            headers={"Allow": ", ".join(allowed)})  # fmt: skip
+        return JSONResponse(
+            error_body("method_not_allowed", message, {"allowed": allowed}),
+            status_code=405,
+            headers={"Allow": ", ".join(allowed)},
+        )
 
     return handler
 

@@ -63,9 +63,11 @@ def _not_removed(value: object) -> object:
 Format = Annotated[
     ExportFormat,
     BeforeValidator(_not_removed),
-    Query(description="safetensors: the head's weights; onnx or pt2: backbone + head(s) in one file, "
-                      "class probabilities out, class names, input transforms and provenance in its metadata"),
-]  # fmt: skip
+    Query(
+        description="safetensors: the head's weights; onnx or pt2: backbone + head(s) in one file, "
+        "class probabilities out, class names, input transforms and provenance in its metadata"
+    ),
+]
 AdditionalHeads = Annotated[
     list[Annotated[str, StringConstraints(pattern=STORED_HEAD_REF_PATTERN)]],
     Query(max_length=MAX_HEADS - 1, description="onnx and pt2: more heads on the same backbone, one more output each"),
@@ -73,8 +75,11 @@ AdditionalHeads = Annotated[
 
 
 # Declared before /{head}: a path like 'name@2:export' would match that route too.
-@router.get("/{head}:export", response_class=Response,
-            responses=error_responses(404, 429) | {200: {"content": {"application/octet-stream": {}}}})  # fmt: skip
+@router.get(
+    "/{head}:export",
+    response_class=Response,
+    responses=error_responses(404, 429) | {200: {"content": {"application/octet-stream": {}}}},
+)
 async def export_head(
     head: HeadRef,
     format: Format = ExportFormat.SAFETENSORS,
@@ -109,8 +114,9 @@ async def delete_head(head: HeadName, api: Calls = Depends(calls)) -> Response:
     return Response(status_code=204)
 
 
-@router.delete("/{head}/versions/{version}", status_code=204, response_class=Response,
-               responses=error_responses(404, 409))  # fmt: skip
+@router.delete(
+    "/{head}/versions/{version}", status_code=204, response_class=Response, responses=error_responses(404, 409)
+)
 async def delete_head_version(head: HeadName, version: VersionNumber, api: Calls = Depends(calls)) -> Response:
     await api.delete_head_version(f"heads/{head}/versions/{version}")
     return Response(status_code=204)
@@ -123,8 +129,7 @@ async def set_alias(head: HeadName, alias: Alias, target: AliasTarget, api: Call
     return await api.set_alias(head, alias, target.version)
 
 
-@router.delete("/{head}/aliases/{alias}", status_code=204, response_class=Response,
-               responses=error_responses(404, 409))  # fmt: skip
+@router.delete("/{head}/aliases/{alias}", status_code=204, response_class=Response, responses=error_responses(404, 409))
 async def remove_alias(head: HeadName, alias: Alias, api: Calls = Depends(calls)) -> Response:
     await api.remove_alias(head, alias)
     return Response(status_code=204)

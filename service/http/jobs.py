@@ -44,8 +44,11 @@ async def list_jobs(
     return await api.list_jobs(page_size, page_token)
 
 
-@router.get("/{job}:watch", response_class=StreamingResponse,
-            responses=error_responses(404) | {200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+@router.get(
+    "/{job}:watch",
+    response_class=StreamingResponse,
+    responses=error_responses(404) | {200: {"content": {"text/event-stream": {}}}},
+)
 async def watch_job(job: JobId, api: Calls = Depends(calls)) -> StreamingResponse:
     """Server-sent events: one ``data: <Job JSON>`` per change, until the job ends.
 

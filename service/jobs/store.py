@@ -373,14 +373,18 @@ def _next_queued(session: Session) -> str | None:
     if not queued:
         return None
     tenants = [tenant for tenant, _ in queued]
-    running = dict(session.execute(
-        select(JobRow.tenant, func.count())
-        .where(JobRow.tenant.in_(tenants), JobRow.state == JobState.RUNNING.value)
-        .group_by(JobRow.tenant)
-    ).all())  # fmt: skip
-    last_start = dict(session.execute(
-        select(JobRow.tenant, func.max(JobRow.started_at)).where(JobRow.tenant.in_(tenants)).group_by(JobRow.tenant)
-    ).all())  # fmt: skip
+    running = dict(
+        session.execute(
+            select(JobRow.tenant, func.count())
+            .where(JobRow.tenant.in_(tenants), JobRow.state == JobState.RUNNING.value)
+            .group_by(JobRow.tenant)
+        ).all()
+    )
+    last_start = dict(
+        session.execute(
+            select(JobRow.tenant, func.max(JobRow.started_at)).where(JobRow.tenant.in_(tenants)).group_by(JobRow.tenant)
+        ).all()
+    )
     tenant, _ = min(queued, key=lambda row: (running.get(row[0], 0), last_start.get(row[0]) or NEVER, row[1]))
     return session.scalar(
         select(JobRow.id)

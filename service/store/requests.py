@@ -87,9 +87,17 @@ class IdempotencyKeys:
                             )
                         return row.result
                     self._make_room(session, tenant)
-                    session.add(IdempotencyKeyRow(tenant=tenant, key_sha256=digest, method=method,
-                                                  fingerprint=request, result=None, created_at=now,
-                                                  expires_at=now + self.pending))  # fmt: skip
+                    session.add(
+                        IdempotencyKeyRow(
+                            tenant=tenant,
+                            key_sha256=digest,
+                            method=method,
+                            fingerprint=request,
+                            result=None,
+                            created_at=now,
+                            expires_at=now + self.pending,
+                        )
+                    )
                     return None
             except IntegrityError:
                 continue  # another replica claimed it between our read and our insert: read its row

@@ -37,8 +37,9 @@ def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> s
     """Run in ``cwd`` outside the repository (its folders must not be importable), without the dev venv's variables."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("GRAFT_", "PYTHON", "VIRTUAL_ENV", "PIP_"))}
     clean |= {"PYTHONNOUSERSITE": "1", "GRAFT_CONFIG": "/nonexistent/graft.toml"} | (env or {})
-    return subprocess.run([str(c) for c in command], cwd=cwd, env=clean, capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
+    return subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=clean, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def install_client(tmp_path: Path) -> tuple[Path, Path, float]:
@@ -46,16 +47,20 @@ def install_client(tmp_path: Path) -> tuple[Path, Path, float]:
 
     The wheel is built from a copy: an in-tree setuptools build leaves build/ and *.egg-info behind.
     """
-    source = shutil.copytree(REPO / "client", tmp_path / "src" / "client",
-                             ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))  # fmt: skip
+    source = shutil.copytree(
+        REPO / "client",
+        tmp_path / "src" / "client",
+        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"),
+    )
     built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", source, "-w", tmp_path / "dist", cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("graft_client-*.whl")
     started, venv = time.monotonic(), tmp_path / "venv"
     made = run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    installed = run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel,
-                    cwd=tmp_path)  # fmt: skip
+    installed = run(
+        venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=tmp_path
+    )
     assert installed.returncode == 0, installed.stderr
     return wheel, venv, time.monotonic() - started
 
@@ -76,9 +81,11 @@ def test_the_client_wheel_installs_without_torch_and_runs_the_quickstart(client_
     assert not [name for name in names if "test" in name or name.endswith("pyproject.toml")]
 
     assert run(venv / "bin" / "python", "-m", "pip", "show", "torch", cwd=tmp_path).returncode != 0
-    probe = ("import importlib.util, sys, client.cli\n"
-             "print([m for m in ('torch', 'torchvision', 'service', 'adapters', 'harness')"
-             " if m in sys.modules or importlib.util.find_spec(m)])")  # fmt: skip
+    probe = (
+        "import importlib.util, sys, client.cli\n"
+        "print([m for m in ('torch', 'torchvision', 'service', 'adapters', 'harness')"
+        " if m in sys.modules or importlib.util.find_spec(m)])"
+    )
     found = run(venv / "bin" / "python", "-c", probe, cwd=tmp_path)
     assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
 

@@ -85,8 +85,9 @@ def test_unary_predict_answers_per_image_per_head(channel, keys, trained):
     images = [data for _, data, _ in textile_files(per_class=2, offset=300)]
     response = rpc.PredictionServiceStub(channel).Predict(
         api.PredictRequest(images=images, heads=["weave", "weave@1"], top_k=2, include_embedding=True),
-        metadata=auth(keys["carol"]), timeout=60,
-    )  # fmt: skip
+        metadata=auth(keys["carol"]),
+        timeout=60,
+    )
     assert len(response.predictions) == len(images)
     first = response.predictions[0]
     assert [h.head for h in first.heads] == ["weave", "weave"] and len(first.heads[0].top) == 2

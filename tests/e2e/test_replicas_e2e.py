@@ -49,8 +49,9 @@ def client(cluster: Cluster, key: str):
 
 
 def replica_client(cluster: Cluster, index: int, key: str) -> httpx.Client:
-    return httpx.Client(base_url=cluster.replicas[index].http_url, headers={"Authorization": f"Bearer {key}"},
-                        timeout=120)  # fmt: skip
+    return httpx.Client(
+        base_url=cluster.replicas[index].http_url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+    )
 
 
 def registry(cluster: Cluster) -> sa.Engine:
@@ -59,8 +60,9 @@ def registry(cluster: Cluster) -> sa.Engine:
 
 def upload_http(client: httpx.Client, examples, name: str) -> dict:
     files = [("files", (file_name, data, "image/jpeg")) for file_name, data, _ in examples]
-    response = client.post("/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]},
-                           files=files)  # fmt: skip
+    response = client.post(
+        "/v1/datasets", data={"display_name": name, "labels": [label for *_, label in examples]}, files=files
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -80,8 +82,9 @@ def test_uploads_over_both_doors_train_and_predict_through_the_load_balancer(clu
     def messages():
         yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name="over-grpc"))
         for file_name, data, label in examples:
-            yield api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(file_name=file_name, label=label,
-                                                                                data=data))  # fmt: skip
+            yield api.CreateDatasetRequest(
+                image=api.CreateDatasetRequest.Image(file_name=file_name, label=label, data=data)
+            )
 
     with grpc.insecure_channel(cluster.grpc_target) as channel:
         over_grpc = rpc.DatasetServiceStub(channel).CreateDataset(
@@ -170,8 +173,9 @@ def test_a_finetune_job_on_a_killed_replica_is_finished_by_the_other(cluster, cl
     finished = wait_for_job(client, job["name"], timeout_s=600)
     assert finished["state"] == "succeeded", finished
     with engine.connect() as db:
-        attempts, last_worker = db.execute(sa.text("SELECT attempts, worker FROM jobs WHERE id = :id"),
-                                           {"id": job["name"].removeprefix("jobs/")}).one()  # fmt: skip
+        attempts, last_worker = db.execute(
+            sa.text("SELECT attempts, worker FROM jobs WHERE id = :id"), {"id": job["name"].removeprefix("jobs/")}
+        ).one()
     assert attempts == 2 and last_worker != worker
     cluster.replace(victim, tmp_path / "replacement")
 

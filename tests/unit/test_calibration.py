@@ -63,10 +63,18 @@ def uncalibrated(core, calibrated) -> HeadVersionInfo:
     """The same weights stored as a version from before calibration: no `calibration` in its config."""
     config = {key: value for key, value in calibrated.config.items() if key != "calibration"}
     return core.heads.create_version(
-        TENANT, "old", tensors=core.heads.load_tensors(calibrated), backbone=calibrated.backbone,
-        split_point=calibrated.split_point, kind=calibrated.kind, classes=calibrated.classes, config=config,
-        hyperparams=calibrated.hyperparams, metrics={}, dataset_id=calibrated.dataset_id,
-    )  # fmt: skip
+        TENANT,
+        "old",
+        tensors=core.heads.load_tensors(calibrated),
+        backbone=calibrated.backbone,
+        split_point=calibrated.split_point,
+        kind=calibrated.kind,
+        classes=calibrated.classes,
+        config=config,
+        hyperparams=calibrated.hyperparams,
+        metrics={},
+        dataset_id=calibrated.dataset_id,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +165,21 @@ async def test_mlp_heads_are_served_at_their_temperature_too(core, fashion, imag
 
 async def test_the_exported_model_gives_the_calibrated_scores_the_service_serves(core, calibrated, images):
     backbone = core.backbones[calibrated.backbone]
-    onnx_file = export_onnx(backbone, [calibrated], [core.heads.load_tensors(calibrated)], images[:2],
-                            [calibrated.dataset_id], max_pixels=1 << 20)  # fmt: skip
+    onnx_file = export_onnx(
+        backbone,
+        [calibrated],
+        [core.heads.load_tensors(calibrated)],
+        images[:2],
+        [calibrated.dataset_id],
+        max_pixels=1 << 20,
+    )
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    batch = torch.stack([backbone.preprocess(decode_rgb(data, name="image", max_bytes=1 << 20, max_pixels=1 << 20))
-                         for data in images[:2]])  # fmt: skip
+    batch = torch.stack(
+        [
+            backbone.preprocess(decode_rgb(data, name="image", max_bytes=1 << 20, max_pixels=1 << 20))
+            for data in images[:2]
+        ]
+    )
     [exported] = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
     served = await predict(core, images[:2], ["fashion"], top_k=10)
     for row, image in zip(exported, served, strict=True):
@@ -274,16 +292,21 @@ async def test_http_predict_takes_min_score_and_coverage_in_json_and_multipart(r
     headers = {"Authorization": bearer}
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://graft") as client:
-            body = {"images": [base64.b64encode(images[0]).decode()], "heads": ["fashion"], "min_score": 1.0,
-                    "coverage": 0.8}  # fmt: skip
+            body = {
+                "images": [base64.b64encode(images[0]).decode()],
+                "heads": ["fashion"],
+                "min_score": 1.0,
+                "coverage": 0.8,
+            }
             answer = await client.post("/v1/predict", json=body, headers=headers)
             assert answer.status_code == 200, answer.text
             [head] = answer.json()["predictions"][0]["heads"]
             assert head["abstained"] is True and head["prediction_set"][0] == head["top"][0]["label"]
 
             form = {"heads": "fashion", "min_score": "0", "coverage": "0.8"}
-            answer = await client.post("/v1/predict:upload", data=form, files=[("files", ("a.png", images[0]))],
-                                       headers=headers)  # fmt: skip
+            answer = await client.post(
+                "/v1/predict:upload", data=form, files=[("files", ("a.png", images[0]))], headers=headers
+            )
             assert answer.status_code == 200, answer.text
             [head] = answer.json()["predictions"][0]["heads"]
             assert head["abstained"] is False and head["prediction_set"][0] == head["top"][0]["label"]
@@ -313,8 +336,9 @@ async def test_grpc_predict_and_stream_predict_take_min_score_and_coverage(runti
             assert not plain.predictions[0].heads[0].abstained and not plain.predictions[0].heads[0].prediction_set
 
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.Predict(api.PredictRequest(images=images[:1], heads=["fashion"], coverage=1.5),
-                                   metadata=metadata)  # fmt: skip
+                await stub.Predict(
+                    api.PredictRequest(images=images[:1], heads=["fashion"], coverage=1.5), metadata=metadata
+                )
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             requests = [

@@ -68,8 +68,11 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
         for method in service.methods:
             rule = method.GetOptions().Extensions[annotations_pb2.http]
             bindings = [rule, *rule.additional_bindings]
-            rules[method.full_name] = [(b.WhichOneof("pattern"), getattr(b, b.WhichOneof("pattern")))
-                                       for b in bindings if b.WhichOneof("pattern")]  # fmt: skip
+            rules[method.full_name] = [
+                (b.WhichOneof("pattern"), getattr(b, b.WhichOneof("pattern")))
+                for b in bindings
+                if b.WhichOneof("pattern")
+            ]
     return rules
 
 
@@ -84,8 +87,12 @@ def test_every_rpc_has_its_http_route_and_every_route_its_rpc(openapi):
     unbound = sorted(name for name, bindings in rules.items() if not bindings and name not in GRPC_ONLY)
     assert not unbound, f"RPCs without a google.api.http route: {unbound}"
     from_protos = {(verb, _template(path)) for bindings in rules.values() for verb, path in bindings}
-    from_openapi = {(verb, _template(path)) for path, operations in openapi["paths"].items()
-                    if not path.startswith("/v1/admin/") for verb in operations}  # fmt: skip
+    from_openapi = {
+        (verb, _template(path))
+        for path, operations in openapi["paths"].items()
+        if not path.startswith("/v1/admin/")
+        for verb in operations
+    }
     assert from_protos - from_openapi == set(), "routes the protos declare and HTTP lacks"
     assert from_openapi - from_protos == set(), "HTTP routes no RPC declares"
 

@@ -53,10 +53,18 @@ def save_random_head(
     if kind is not HeadKind.FINETUNE:
         head.set_standardisation(torch.randn(1280) * 0.1, torch.rand(1280) + 0.5)
     return core.heads.create_version(
-        TENANT, name, tensors=head_state(head), backbone="mobilenet_v2", split_point=split, kind=kind.value,
-        classes=[f"{prefix}{i}" for i in range(classes)], config=config.model_dump(mode="json"), hyperparams={},
-        metrics={}, dataset_id="ds_test",
-    )  # fmt: skip
+        TENANT,
+        name,
+        tensors=head_state(head),
+        backbone="mobilenet_v2",
+        split_point=split,
+        kind=kind.value,
+        classes=[f"{prefix}{i}" for i in range(classes)],
+        config=config.model_dump(mode="json"),
+        hyperparams={},
+        metrics={},
+        dataset_id="ds_test",
+    )
 
 
 def loaded(core: Core, info):
@@ -309,10 +317,16 @@ async def test_over_the_prediction_rate_is_refused_before_any_head_is_resolved(c
 def fake_linear(classes: int, dim: int = 1280, name: str = "h") -> LoadedHead:
     """A linear head straight from tensors: enough for planning the gathered matmul."""
     return LoadedHead(
-        key=HeadKey(TENANT, name, 1, f"sha-{name}"), backbone="mobilenet_v2", kind=HeadKind.LINEAR,
-        split_point=0, classes=tuple(f"c{i}" for i in range(classes)), weight=torch.randn(classes, dim),
-        bias=torch.randn(classes), module=None, nbytes=0,
-    )  # fmt: skip
+        key=HeadKey(TENANT, name, 1, f"sha-{name}"),
+        backbone="mobilenet_v2",
+        kind=HeadKind.LINEAR,
+        split_point=0,
+        classes=tuple(f"c{i}" for i in range(classes)),
+        weight=torch.randn(classes, dim),
+        bias=torch.randn(classes),
+        module=None,
+        nbytes=0,
+    )
 
 
 def test_linear_steps_keep_size_classes_apart_and_within_the_gather_budget():
@@ -378,9 +392,12 @@ async def test_a_broken_head_in_a_shared_batch_fails_only_its_own_request(core):
     image = torch.randn(3, 224, 224)
     try:
         results = await asyncio.gather(
-            batcher.submit(image, [good]), batcher.submit(image, [bad_linear]), batcher.submit(image, [good]),
-            batcher.submit(image, [bad_mlp]), return_exceptions=True,
-        )  # fmt: skip
+            batcher.submit(image, [good]),
+            batcher.submit(image, [bad_linear]),
+            batcher.submit(image, [good]),
+            batcher.submit(image, [bad_mlp]),
+            return_exceptions=True,
+        )
     finally:
         await batcher.stop()
     assert [type(r).__name__ for r in results] == ["RowResult", "FailedPrecondition", "RowResult", "FailedPrecondition"]

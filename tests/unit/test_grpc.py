@@ -379,8 +379,9 @@ async def test_idle_upload_streams_do_not_starve_other_tenants_calls_or_the_read
     good_key = runtime.tenants.create_key("good").secret
     await runtime.start()
     server, channel = await serve(runtime)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings, lambda: runtime)),
-                             base_url="http://graft")  # fmt: skip
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(settings, lambda: runtime)), base_url="http://graft"
+    )
     stop = asyncio.Event()
 
     async def header_then_nothing():

@@ -48,10 +48,18 @@ def add_versions(registry: HeadRegistry, tenant: str, name: str, count: int) -> 
     """``count`` versions of ``name``, each with a large confusion matrix; version v has accuracy v / 100."""
     for version in range(1, count + 1):
         registry.create_version(
-            tenant, name, tensors={"weight": torch.zeros(2, 4)}, backbone="mobilenet_v2", split_point=None,
-            kind="linear", classes=["a", "b"], config={"v": version}, hyperparams={"lr": 0.1},
-            metrics={"accuracy": version / 100, "confusion_matrix": CONFUSION}, dataset_id="ds_1",
-        )  # fmt: skip
+            tenant,
+            name,
+            tensors={"weight": torch.zeros(2, 4)},
+            backbone="mobilenet_v2",
+            split_point=None,
+            kind="linear",
+            classes=["a", "b"],
+            config={"v": version},
+            hyperparams={"lr": 0.1},
+            metrics={"accuracy": version / 100, "confusion_matrix": CONFUSION},
+            dataset_id="ds_1",
+        )
 
 
 @pytest.fixture
@@ -118,10 +126,16 @@ def test_describing_one_version_reads_its_full_metrics_and_aliases(registry):
 
 OTHER = "other"
 DOORS = ["http", "grpc"]
-HTTP_ROUTES = {"GetHead": ("GET", "/v1/{name}"), "GetHeadVersion": ("GET", "/v1/{name}"),
-               "SetAlias": ("PUT", "/v1/{name}/aliases/{alias}")}  # fmt: skip
-GRPC_REQUESTS = {"GetHead": api.GetHeadRequest, "GetHeadVersion": api.GetHeadVersionRequest,
-                 "SetAlias": api.SetAliasRequest}  # fmt: skip
+HTTP_ROUTES = {
+    "GetHead": ("GET", "/v1/{name}"),
+    "GetHeadVersion": ("GET", "/v1/{name}"),
+    "SetAlias": ("PUT", "/v1/{name}/aliases/{alias}"),
+}
+GRPC_REQUESTS = {
+    "GetHead": api.GetHeadRequest,
+    "GetHeadVersion": api.GetHeadVersionRequest,
+    "SetAlias": api.SetAliasRequest,
+}
 
 
 class Answer(NamedTuple):
@@ -250,15 +264,24 @@ async def test_both_clients_get_one_versions_whole_metrics_and_the_heads_summari
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("door", DOORS)
-async def test_graft_report_draws_the_whole_metrics_of_the_version_it_names(runtime, key, door, tmp_path, monkeypatch,
-                                                                             capsys):  # fmt: skip
+async def test_graft_report_draws_the_whole_metrics_of_the_version_it_names(
+    runtime, key, door, tmp_path, monkeypatch, capsys
+):
     evaluated = evaluate(torch.eye(3)[[0, 1, 2, 1]] * 3, torch.tensor([0, 1, 2, 2]), ["cat", "dog", "eel"])
     heads = runtime.core.heads
     heads.create_version(
-        TENANT, "pets", tensors={"weight": torch.zeros(3, 4)}, backbone="mobilenet_v2", split_point=None,
-        kind="linear", classes=["cat", "dog", "eel"], config={}, hyperparams={}, dataset_id="ds_1",
+        TENANT,
+        "pets",
+        tensors={"weight": torch.zeros(3, 4)},
+        backbone="mobilenet_v2",
+        split_point=None,
+        kind="linear",
+        classes=["cat", "dog", "eel"],
+        config={},
+        hyperparams={},
+        dataset_id="ds_1",
         metrics=evaluated.model_dump(mode="json"),
-    )  # fmt: skip
+    )
     add_versions(heads, TENANT, "pets", 1)  # a later version: the report draws the one the alias names
     heads.set_alias(TENANT, "pets", "prod", 1)
     monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")

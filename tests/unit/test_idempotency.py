@@ -123,10 +123,14 @@ async def test_another_tenant_using_the_same_key_string_gets_its_own_job(runtime
     acme, acme_data = tenant(runtime, "acme")
     other, other_data = tenant(runtime, "other")
     async with http(runtime) as client:
-        mine = await client.post("/v1/jobs", json=job_body(acme_data),
-                                 headers={"Authorization": f"Bearer {acme}", "Idempotency-Key": "k"})  # fmt: skip
-        theirs = await client.post("/v1/jobs", json=job_body(other_data, "g"),
-                                   headers={"Authorization": f"Bearer {other}", "Idempotency-Key": "k"})  # fmt: skip
+        mine = await client.post(
+            "/v1/jobs", json=job_body(acme_data), headers={"Authorization": f"Bearer {acme}", "Idempotency-Key": "k"}
+        )
+        theirs = await client.post(
+            "/v1/jobs",
+            json=job_body(other_data, "g"),
+            headers={"Authorization": f"Bearer {other}", "Idempotency-Key": "k"},
+        )
     assert mine.status_code == theirs.status_code == 202, theirs.text
     assert mine.json()["name"] != theirs.json()["name"]
     assert theirs.json()["spec"]["head"] == "g"  # not acme's job, nor a refusal for acme's other request

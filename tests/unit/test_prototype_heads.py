@@ -118,8 +118,10 @@ def test_gathered_prototype_heads_equal_the_calibrated_module_beside_linear_head
     batch = run_batch(backbone, images, row_heads, want_embeddings=False)
 
     configs = {info.kind: HeadConfig.model_validate(info.config) for info in (proto, linear)}
-    modules = {kind: load_head(config, core.heads.load_tensors(info)) for (kind, config), info in
-               zip(configs.items(), (proto, linear), strict=True)}  # fmt: skip
+    modules = {
+        kind: load_head(config, core.heads.load_tensors(info))
+        for (kind, config), info in zip(configs.items(), (proto, linear), strict=True)
+    }
     with torch.no_grad():
         pooled = backbone.features(images)
         # served logits carry the version's calibration temperature

@@ -33,10 +33,20 @@ def parts(registry_url: str, tmp_path: Path) -> tuple[JobStore, HeadRegistry]:
 def publish(store: JobStore, heads: HeadRegistry, holder: Holder) -> HeadVersionInfo:
     """What the trainer does at the end of a job's run: store the version under the run's guard."""
     return heads.create_version(
-        TENANT, "h", tensors={"weight": torch.zeros(2, 4)}, backbone="mobilenet_v2", split_point=None,
-        kind="linear", classes=["a", "b"], config={}, hyperparams={}, metrics={"accuracy": 0.5}, dataset_id="ds_1",
-        job_id=holder.job_id, guard=lambda session: store.check_holder(session, holder),
-    )  # fmt: skip
+        TENANT,
+        "h",
+        tensors={"weight": torch.zeros(2, 4)},
+        backbone="mobilenet_v2",
+        split_point=None,
+        kind="linear",
+        classes=["a", "b"],
+        config={},
+        hyperparams={},
+        metrics={"accuracy": 0.5},
+        dataset_id="ds_1",
+        job_id=holder.job_id,
+        guard=lambda session: store.check_holder(session, holder),
+    )
 
 
 def expire(store: JobStore, job_id: str) -> None:

@@ -24,9 +24,19 @@ def test_concurrent_writes_of_one_tenant_cannot_both_pass_a_quota_only_one_fits(
     def create(registry: HeadRegistry, name: str) -> None:
         start.wait()
         try:
-            registry.create_version("acme", name, tensors={"weight": torch.zeros(2, 4)}, backbone="mobilenet_v2",
-                                    split_point=None, kind="linear", classes=["a", "b"], config={}, hyperparams={},
-                                    metrics={}, dataset_id="ds_1")  # fmt: skip
+            registry.create_version(
+                "acme",
+                name,
+                tensors={"weight": torch.zeros(2, 4)},
+                backbone="mobilenet_v2",
+                split_point=None,
+                kind="linear",
+                classes=["a", "b"],
+                config={},
+                hyperparams={},
+                metrics={},
+                dataset_id="ds_1",
+            )
             outcomes.append("created")
         except ResourceExhausted:
             outcomes.append("refused")
@@ -41,8 +51,9 @@ def test_concurrent_writes_of_one_tenant_cannot_both_pass_a_quota_only_one_fits(
 
 def test_the_prediction_rate_refuses_a_burst_over_it_and_says_when_to_retry(tmp_path):
     now = [0.0]
-    rate = PredictionRate(Settings(data_dir=tmp_path, quota_predict_images_per_s=10, quota_predict_burst=20),
-                          clock=lambda: now[0])  # fmt: skip
+    rate = PredictionRate(
+        Settings(data_dir=tmp_path, quota_predict_images_per_s=10, quota_predict_burst=20), clock=lambda: now[0]
+    )
     rate.take("acme", 20)
     with pytest.raises(ResourceExhausted) as refused:
         rate.take("acme", 5)

@@ -34,9 +34,18 @@ def replicas(registry_url: str, tmp_path: Path) -> Iterator[tuple[HeadRegistry, 
 
 def create(registry: HeadRegistry) -> int:
     return registry.create_version(
-        TENANT, "cats", tensors={"weight": torch.zeros(2, 4)}, backbone="mobilenet_v2", split_point=None,
-        kind="linear", classes=["a", "b"], config={}, hyperparams={}, metrics={}, dataset_id="ds_1",
-    ).version  # fmt: skip
+        TENANT,
+        "cats",
+        tensors={"weight": torch.zeros(2, 4)},
+        backbone="mobilenet_v2",
+        split_point=None,
+        kind="linear",
+        classes=["a", "b"],
+        config={},
+        hyperparams={},
+        metrics={},
+        dataset_id="ds_1",
+    ).version
 
 
 def hold_before_alias_write(registry: HeadRegistry) -> threading.Event:
