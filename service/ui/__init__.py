@@ -1,4 +1,4 @@
-"""The web page (issue 11): static files served by the service itself, at ``/ui``, with ``/`` sending people there.
+"""The web page: static files served by the service itself, at ``/ui``, with ``/`` sending people there.
 
 Plain HTML, CSS and JavaScript modules in ``static/``: no build step and no CDN, so the page works wherever
 the service does, offline included. The page only calls the public ``/v1`` API, as any client would; the

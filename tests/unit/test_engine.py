@@ -223,9 +223,14 @@ def test_training_work_waits_while_a_prediction_batch_holds_the_trunk():
 
 
 def test_training_is_never_starved_by_constant_prediction_load():
+    """While a batch holds the trunk for good, training's wait ends at its bound instead of blocking for ever."""
     priority = TrunkPriority(max_wait_s=0.01)
+    went_ahead = threading.Event()
+    worker = threading.Thread(target=lambda: (priority.yield_to_serving(), went_ahead.set()))
     with priority.serving():
-        priority.yield_to_serving()  # returns after its bounded wait instead of blocking for ever
+        worker.start()
+        assert went_ahead.wait(10)  # the batch has not ended: only the bound let it through
+    worker.join()
 
 
 def predictor_for(core: Core, **settings) -> Predictor:
@@ -235,7 +240,7 @@ def predictor_for(core: Core, **settings) -> Predictor:
 
 
 async def test_a_deleted_version_is_never_answered_after_the_head_is_trained_again(core):
-    """Issue 8, item 5: train twice, predict, delete version 2, train on new classes."""
+    """Train twice, predict, delete version 2, train on new classes."""
     save_random_head(core, "h", HeadKind.LINEAR, seed=1, prefix="old")
     save_random_head(core, "h", HeadKind.LINEAR, seed=2, prefix="old")
     predictor = predictor_for(core)

@@ -105,7 +105,7 @@ async def test_an_upload_is_refused_at_the_file_that_crosses_the_byte_limit(chan
     assert "limit of 1,000 bytes at file '1.png'" in error.value.details()
 
 
-# -- item 9: unchecked values are INVALID_ARGUMENT, never UNKNOWN or INTERNAL ------------------------
+# -- unchecked values are INVALID_ARGUMENT, never UNKNOWN or INTERNAL ------------------------
 
 
 async def expect_invalid(call, request, text: str) -> None:
@@ -184,7 +184,7 @@ async def test_a_malformed_page_token_is_invalid_argument(channel, token):
     await expect_invalid(rpc.HeadServiceStub(channel).ListHeads, api.ListHeadsRequest(page_token=token), "page_token")
 
 
-# -- item 2: what upload streams may hold, and for how long -----------------------------------------
+# -- what upload streams may hold, and for how long -----------------------------------------
 
 
 async def test_uploads_in_progress_share_one_byte_budget_and_a_full_budget_says_when_to_retry(keyed):
@@ -245,7 +245,7 @@ async def test_an_upload_that_does_not_end_in_time_is_deadline_exceeded_and_stor
     assert list((await datasets.ListDatasets(api.ListDatasetsRequest(), metadata=me)).datasets) == []
 
 
-# -- item 7: nothing waits for the database on the event loop ----------------------------------------
+# -- nothing waits for the database on the event loop ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -284,7 +284,7 @@ async def test_the_event_loop_runs_while_a_call_waits_for_the_database(keyed, me
     assert released and all(released), "a database statement ran on the event loop"
 
 
-# -- item 11: revoked keys, readiness, internal errors -----------------------------------------------
+# -- revoked keys, readiness, internal errors -----------------------------------------------
 
 
 async def test_a_revoked_key_ends_an_open_prediction_stream(keyed):

@@ -1,4 +1,4 @@
-"""The gRPC door over TLS (issue 21, item 13): a real grpc.aio server with a self-signed certificate made here,
+"""The gRPC door over TLS: a real grpc.aio server with a self-signed certificate made here,
 the client over grpcs:// trusting it through a CA file; plaintext against the TLS port fails, and says why."""
 
 import asyncio

@@ -88,7 +88,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-# -- item 2: authenticated first, bounded while streaming ---------------------------------------------
+# -- authenticated first, bounded while streaming -----------------------------------------------------
 
 
 async def test_a_chunked_body_without_a_key_is_refused_before_a_byte_is_read(client):
@@ -108,7 +108,7 @@ async def test_a_chunked_body_is_refused_with_413_as_it_crosses_the_limit(client
 
 
 async def test_a_json_prediction_is_bounded_more_tightly_than_a_multipart_one(client, key):
-    """JSON is parsed in one piece on the event loop, where no other call moves meanwhile (item 7): a JSON body
+    """JSON is parsed in one piece on the event loop, where no other call moves meanwhile: a JSON body
     stops at GRAFT_MAX_JSON_BYTES, while a multipart prediction, parsed part by part, may be larger."""
     json_body = Body(10 * MAX_REQUEST)
     headers = {**bearer(key), "Content-Type": "application/json"}
@@ -210,7 +210,7 @@ async def test_authentication_does_not_hold_the_event_loop(runtime, client, key)
     assert released and all(released)
 
 
-# -- item 9: values out of range are 4xx ---------------------------------------------------------------
+# -- values out of range are 4xx ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", ["100000000000000000000", "2147483648", "0", "%C2%B2"])
@@ -312,7 +312,7 @@ async def test_a_malformed_page_token_is_a_client_error(client, key, token, stat
     assert response.status_code == status and "page_token" in response.json()["message"]
 
 
-# -- item 11 and 12: error bodies ------------------------------------------------------------------------
+# -- error bodies -----------------------------------------------------------------------------------------
 
 
 async def test_an_unexpected_error_is_a_500_with_a_reference_and_no_details(runtime, client, key, caplog):

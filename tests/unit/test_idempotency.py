@@ -1,4 +1,4 @@
-"""Creating calls run once per idempotency key (issue 21, item 12), over both doors, against real servers.
+"""Creating calls run once per idempotency key, over both doors, against real servers.
 
 The HTTP door runs in-process (ASGI) or under uvicorn behind a proxy that loses the first answer; the gRPC door
 is a real grpc.aio server. Jobs are created and never run (the runtime is not started); the trainer's cost check

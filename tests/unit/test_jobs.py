@@ -219,7 +219,7 @@ def finetune(dataset, head_name: str, blocks: int) -> TrainRequest:
 
 
 async def test_a_finetune_whose_features_exceed_the_memory_limit_is_refused_before_any_work(core, dataset):
-    """Item 9 of issue 21: 6 blocks of MobileNetV2 hold 96x14x14 maps per image; 1 block, 320x7x7 (smaller)."""
+    """6 blocks of MobileNetV2 hold 96x14x14 maps per image; 1 block, 320x7x7 (smaller)."""
     per_image = 96 * 14 * 14 * FEATURE_BYTES * FEATURE_COPIES
     limit = per_image * dataset.num_examples - 1  # one byte short of the 6-block fine-tune
     runner = make_runner(core, max_job_memory_bytes=limit)

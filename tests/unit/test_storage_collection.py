@@ -57,7 +57,7 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
-# -- the race of issue 8, item 6 ---------------------------------------------------------------
+# -- a sweep racing an upload of the same image -------------------------------------------------
 
 
 class PausingBlobStore(BlobStore):

@@ -1,4 +1,4 @@
-"""One decoder for upload, training and prediction: every pixel mode to the right 8-bit RGB (issue 8, item 10)."""
+"""One decoder for upload, training and prediction: every pixel mode to the right 8-bit RGB."""
 
 import io
 import tracemalloc

@@ -1,4 +1,4 @@
-"""Uploads hold memory bounded by settings, never by what a client declares (issue 8, item 3), and pay quotas."""
+"""Uploads hold memory bounded by settings, never by what a client declares and pay quotas."""
 
 import hashlib
 import io

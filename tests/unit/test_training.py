@@ -170,7 +170,7 @@ def test_the_cost_of_a_request_is_epochs_times_images_times_trials(core, fashion
 
 
 def test_the_memory_of_a_request_is_its_largest_split_points_features_times_images(core, fashion):
-    """Item 9 of issue 21: a fine-tune's block maps, not the pooled vectors, priced from the blocks' shapes."""
+    """A fine-tune's block maps, not the pooled vectors, priced from the blocks' shapes."""
     pooled = core.trainer.cost(TENANT, TrainRequest(dataset_id=fashion.id, head_name="p")).memory
     assert (pooled.split, pooled.elements) == ("pooled", 1280)
     assert pooled.bytes == fashion.num_examples * 1280 * FEATURE_BYTES * FEATURE_COPIES
