@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup weights data serve test test-unit test-all lint protos fuzz screenshots bench bento image lock clean
+.PHONY: setup weights data serve test test-unit lint protos fuzz screenshots bench bento image lock clean
 
 setup: $(STAMP)
 
@@ -66,16 +66,13 @@ image: setup weights $(PODMAN) $(RUNC) $(MMDEBSTRAP)
 	$(PY) scripts/build_image.py
 
 # tests/unit: in-process (real backbone, real SQLite and PostgreSQL); tests/e2e: against real `bentoml serve`
-# processes, nginx, a Bento, the image as containers and a browser. `make test` runs both; `slow` marks what only
-# `make test-all` runs.
+# processes, nginx, a Bento, the image as containers and a browser. `make test` runs both: every component is
+# exercised by every run.
 test: setup weights data
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q
 
 test-unit: setup weights data
-	$(PY) -m pytest -q -m "not slow" tests/unit
-
-test-all: setup weights data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/unit
 
 # Both generated trees from protos/graft/v1: the server's (service/grpc/gen) and the client's (client/_proto), checked
 # in; tests/unit/test_protos.py (server) and tests/unit/test_client.py (client) fail when either differs.
