@@ -82,6 +82,20 @@ class Settings(BaseSettings):
     )
     grpc_tls_key_file: Path | None = Field(None, description="PEM private key of GRAFT_GRPC_TLS_CERT_FILE.")
 
+    # A worker's thread pools, one per kind of work, so that no kind can take the threads another needs.
+    store_threads: int = Field(
+        8,
+        gt=0,
+        description="Registry and storage calls one worker runs at once, off its event loop (the batcher's): "
+        "reads and writes of datasets, heads, jobs and idempotency keys, and the blob collector.",
+    )
+    upload_threads: int = Field(
+        4,
+        gt=0,
+        description="Dataset images one worker validates and stores at once, all uploads of both doors together; "
+        "a streaming upload takes a thread only while one of its images is stored, never while its client is slow.",
+    )
+
     # Training.
     feature_batch_size: int = Field(
         16, gt=0, description="Images per trunk pass when extracting features (serving may cut in between)."

@@ -335,7 +335,7 @@ async def test_a_cancelled_audit_call_stops_its_work_and_frees_the_slot(runtime,
     dataset = runtime.core.datasets.create(
         TENANT, "cancelled", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)]
     )
-    calls = Calls(runtime, KeyCheck(runtime.tenants, None, TENANT, 60.0))
+    calls = Calls(runtime, KeyCheck(runtime, None, TENANT, 60.0))
     task = asyncio.ensure_future(calls.audit_dataset(dataset.id, "", 0, 0, None))
     assert await anyio.to_thread.run_sync(held.started.wait, 60)
     assert not slot_is_free()
