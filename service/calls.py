@@ -140,10 +140,11 @@ class InflightBytes:
 class ExportQueue:
     """Model exports run one at a time per replica, off the event loop: each takes seconds of every core.
 
-    A few wait their turn; more are refused with a retry hint rather than left waiting for minutes. The
-    places are shared fairly: one tenant holds at most ``per_tenant`` of them (one running + one waiting),
-    so no tenant can fill the queue, and when an export ends the next to run is the oldest waiting one of
-    another tenant than the one that just ran, if there is one. Only the event loop touches the counts.
+    A few (``waiting``: GRAFT_MAX_WAITING_EXPORTS) wait their turn; more are refused with a retry hint rather
+    than left waiting for minutes. The places are shared fairly: one tenant holds at most ``per_tenant`` of them
+    (one running + one waiting), so no tenant can fill the queue, and when an export ends the next to run is the
+    oldest waiting one of another tenant than the one that just ran, if there is one. Only the event loop touches
+    the counts.
     """
 
     def __init__(self, waiting: int, per_tenant: int = 2) -> None:
@@ -154,6 +155,10 @@ class ExportQueue:
         self._waiting: list[tuple[str, asyncio.Future[None]]] = []  # oldest first
         self._running: str | None = None  # the tenant whose export has the turn
         self._last: str | None = None  # the tenant whose export ran last
+
+    def shutdown(self) -> None:
+        """End the export thread once the running export finishes; nothing waits for it."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, tenant: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._admitted[tenant] >= self._per_tenant:
@@ -207,9 +212,6 @@ class ExportQueue:
         tenant, turn = self._waiting.pop(index)
         self._running = tenant
         turn.set_result(None)
-
-
-EXPORTS = ExportQueue(waiting=3)
 
 
 class KeyCheck:
@@ -442,7 +444,7 @@ class Calls:
             stored = export.stored_check_images(store, tenant, datasets)
             return build(backbone, infos, tensors, stored, datasets, max_pixels)
 
-        data = await EXPORTS.run(self.tenant, load_and_build)
+        data = await self.runtime.exports.run(self.tenant, load_and_build)
         return ExportedHead(file_name=f"{'+'.join(names)}.{format.value}", data=data)
 
     # -- predictions -----------------------------------------------------------------

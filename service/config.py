@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         description="Largest model file (ONNX or pt2) one export may build: the backbone up to the heads' deepest "
         "split point plus every head's weights, checked before anything is loaded (the build holds a few times it).",
     )
+    max_waiting_exports: int = Field(
+        3,
+        ge=0,
+        description="Model exports (ONNX or pt2) that wait their turn on one replica behind the one running: exports "
+        "run one at a time, each taking seconds of every core. More are refused with 'resource exhausted' and a "
+        "retry hint; one tenant holds at most one running and one waiting.",
+    )
 
     # gRPC door.
     grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")

@@ -24,7 +24,7 @@ from typing import ParamSpec, TypeVar
 from sqlalchemy import text
 
 from service.auth import Tenants
-from service.calls import InflightBytes, Pools, run_in
+from service.calls import ExportQueue, InflightBytes, Pools, run_in
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache
@@ -55,6 +55,7 @@ class Runtime:
     uploads: InflightBytes = field(init=False, repr=False)  # bytes all dataset uploads hold, both doors
     requests: IdempotencyKeys = field(init=False, repr=False)  # idempotency keys of creating calls, both doors
     pools: Pools = field(init=False, repr=False)  # threads for store calls, key lookups, the probe and uploads
+    exports: ExportQueue = field(init=False, repr=False)  # model exports, one at a time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class Runtime:
             self.core.db, settings.idempotency_ttl_s, settings.idempotency_keys_per_tenant, pending_s
         )
         self.pools = Pools(settings)
+        self.exports = ExportQueue(settings.max_waiting_exports)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -141,6 +143,7 @@ class Runtime:
         await self.jobs.stop()
         await self.predictor.stop()
         self.pools.shutdown()
+        self.exports.shutdown()
 
     async def _http_idle(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -9,11 +9,12 @@ import pytest
 
 from service.calls import run_in
 from service.config import Settings
+from service.errors import ResourceExhausted
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
-POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_")
+POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_", "export_")
 
 
 def open_runtime(data_dir: Path, **settings) -> Runtime:
@@ -63,8 +64,9 @@ async def test_a_stopped_runtime_leaves_no_pool_threads_behind(tmp_path):
     await runtime.in_thread(lambda: None)
     assert await runtime.authenticate(None) == "default"
     await run_in(runtime.pools.upload, lambda: None)
+    await runtime.exports.run("acme", lambda: None)
     started = pool_threads() - before
-    assert {thread.name.split("_")[0] for thread in started} == {"store", "auth", "probe", "upload"}
+    assert {thread.name.split("_")[0] for thread in started} == {"store", "auth", "probe", "upload", "export"}
     await runtime.stop()
     for thread in started:
         await asyncio.to_thread(thread.join, 5)
@@ -80,3 +82,30 @@ async def test_store_and_upload_calls_run_as_many_at_once_as_configured(tmp_path
     finally:
         await runtime.stop()
     assert (store.most, upload.most) == (2, 3)
+
+
+async def test_exports_waiting_in_one_runtime_do_not_count_in_another(tmp_path):
+    """GRAFT_MAX_WAITING_EXPORTS=1: one export runs and one waits in the busy runtime, which refuses a third;
+    the other runtime's queue is empty, so its export runs at once."""
+    busy = open_runtime(tmp_path / "busy", max_waiting_exports=1)
+    other = open_runtime(tmp_path / "other", max_waiting_exports=1)
+    started, release = threading.Event(), threading.Event()
+
+    def held() -> str:
+        started.set()
+        release.wait()
+        return "held"
+
+    running = asyncio.ensure_future(busy.exports.run("acme", held))
+    waiting = asyncio.ensure_future(busy.exports.run("globex", lambda: "waited"))
+    try:
+        await asyncio.to_thread(started.wait, 5)
+        await asyncio.sleep(0)  # the waiting export has taken its place
+        with pytest.raises(ResourceExhausted, match="retry"):
+            await busy.exports.run("initech", lambda: "refused")
+        assert await asyncio.wait_for(other.exports.run("initech", lambda: "at once"), 5) == "at once"
+    finally:
+        release.set()
+        assert await asyncio.gather(running, waiting) == ["held", "waited"]
+        await busy.stop()
+        await other.stop()
