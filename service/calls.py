@@ -343,7 +343,10 @@ class Calls:
         )
         cancel = threading.Event()
         try:
-            return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request, cancel))
+            audited = await asyncio.to_thread(
+                self.core.auditor.audit, self.tenant, request, cancel, self.runtime.audit_slots
+            )
+            return DatasetAudit.of(audited)
         finally:
             # Also when this call was cancelled (gRPC: the client cancelled; HTTP: it disconnected, see
             # service/http/datasets.py): the thread stops at its next check and frees the audit slot.

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         "cached, so asking again goes on from there); past it the audit fails with 'deadline exceeded' and frees "
         "the replica's audit slot. An audit also stops when its caller goes away.",
     )
+    max_concurrent_audits: int = Field(
+        1,
+        ge=1,
+        description="Label audits one worker runs at once, all tenants together (each may extract features with the "
+        "trunk and fit k probes); one more is refused with 'resource exhausted' (429) and a retry hint.",
+    )
     max_watches_per_tenant: int = Field(
         16,
         gt=0,

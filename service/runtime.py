@@ -17,6 +17,7 @@ threads end.
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
@@ -56,6 +57,7 @@ class Runtime:
     requests: IdempotencyKeys = field(init=False, repr=False)  # idempotency keys of creating calls, both doors
     pools: Pools = field(init=False, repr=False)  # threads for store calls, key lookups, the probe and uploads
     exports: ExportQueue = field(init=False, repr=False)  # model exports, one at a time
+    audit_slots: threading.BoundedSemaphore = field(init=False, repr=False)  # label audits running at once
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,7 @@ class Runtime:
         )
         self.pools = Pools(settings)
         self.exports = ExportQueue(settings.max_waiting_exports)
+        self.audit_slots = threading.BoundedSemaphore(settings.max_concurrent_audits)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
