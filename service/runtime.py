@@ -144,6 +144,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.jobs.stop()
+        self.jobs.close()
         await self.predictor.stop()
         self.pools.shutdown()
         self.exports.shutdown()

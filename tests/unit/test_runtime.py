@@ -9,12 +9,12 @@ import pytest
 
 from service.calls import run_in
 from service.config import Settings
-from service.errors import ResourceExhausted
+from service.errors import NotFound, ResourceExhausted
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
-POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_", "export_")
+POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_", "export_", "watch_")
 
 
 def open_runtime(data_dir: Path, **settings) -> Runtime:
@@ -65,8 +65,10 @@ async def test_a_stopped_runtime_leaves_no_pool_threads_behind(tmp_path):
     assert await runtime.authenticate(None) == "default"
     await run_in(runtime.pools.upload, lambda: None)
     await runtime.exports.run("acme", lambda: None)
+    with pytest.raises(NotFound):  # read in a watch thread
+        await anext(runtime.jobs.watch("default", "no-such-job"))
     started = pool_threads() - before
-    assert {thread.name.split("_")[0] for thread in started} == {"store", "auth", "probe", "upload", "export"}
+    assert {thread.name.split("_")[0] for thread in started} == {"store", "auth", "probe", "upload", "export", "watch"}
     await runtime.stop()
     for thread in started:
         await asyncio.to_thread(thread.join, 5)
