@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service import app
 from service.calls import run_in
 from service.config import Settings
 from service.errors import NotFound, ResourceExhausted
@@ -111,3 +112,11 @@ async def test_exports_waiting_in_one_runtime_do_not_count_in_another(tmp_path):
         assert await asyncio.gather(running, waiting) == ["held", "waited"]
         await busy.stop()
         await other.stop()
+
+
+def test_the_service_takes_the_bentos_weights_only_where_no_weights_dir_is_set(monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "bento_weights_dir", lambda: tmp_path / "bento")
+    monkeypatch.delenv("GRAFT_WEIGHTS_DIR", raising=False)
+    assert app.service_settings().weights_dir == tmp_path / "bento"
+    monkeypatch.setenv("GRAFT_WEIGHTS_DIR", str(tmp_path / "pinned"))
+    assert app.service_settings().weights_dir == tmp_path / "pinned"
