@@ -30,9 +30,18 @@ from service.provision import bento_weights_dir
 from service.runtime import Runtime
 
 log = logging.getLogger("graft")
-settings = Settings()
-if settings.weights_dir is None:
-    settings.weights_dir = bento_weights_dir()
+
+
+def service_settings() -> Settings:
+    """The GRAFT_* settings; without GRAFT_WEIGHTS_DIR, the checkpoints packed in the Bento, when the model store
+    has them. Built whole, once: nothing changes settings after a runtime read them."""
+    settings = Settings()
+    if settings.weights_dir is not None:
+        return settings
+    return settings.model_copy(update={"weights_dir": bento_weights_dir()})
+
+
+settings = service_settings()
 
 
 @bentoml.asgi_app(create_app(settings, lambda: bentoml.get_current_service().runtime), path="/")

@@ -3,10 +3,11 @@
 Bounds: the dataset's size is bounded at upload; the work of one audit is
 k linear-probe fits and a blocked similarity search on those features, which
 stops (truncated) after ``MAX_DUPLICATE_CANDIDATES`` pairs; a worker runs at most
-``MAX_CONCURRENT_AUDITS`` at once (a busy one answers ResourceExhausted with a
-retry hint), so audits cannot crowd out training or serving; and the slot is
-held no longer than ``GRAFT_MAX_AUDIT_SECONDS``, or until the caller goes away:
-extraction, fits and search check a stop flag between their steps.
+``GRAFT_MAX_CONCURRENT_AUDITS`` at once (its runtime's audit slots; a busy one
+answers ResourceExhausted with a retry hint), so audits cannot crowd out training
+or serving; and a slot is held no longer than ``GRAFT_MAX_AUDIT_SECONDS``, or
+until the caller goes away: extraction, fits and search check a stop flag
+between their steps.
 """
 
 import threading
@@ -25,10 +26,7 @@ from service.training import adapter_errors_translated
 
 DEFAULT_AUDIT_ITEMS = 50
 MAX_AUDIT_ITEMS = 1000
-MAX_CONCURRENT_AUDITS = 1
 AUDIT_RETRY_S = 10.0
-
-_running = threading.BoundedSemaphore(MAX_CONCURRENT_AUDITS)
 
 
 class AuditRequest(BaseModel):
@@ -68,15 +66,24 @@ class DatasetAuditor:
         self.max_seconds = max_seconds  # GRAFT_MAX_AUDIT_SECONDS
 
     @adapter_errors_translated()
-    def audit(self, tenant: str, request: AuditRequest, cancel: threading.Event | None = None) -> AuditedDataset:
+    def audit(
+        self,
+        tenant: str,
+        request: AuditRequest,
+        cancel: threading.Event | None = None,
+        slots: threading.Semaphore | None = None,
+    ) -> AuditedDataset:
         """Blocking (features may need the trunk): call it off the event loop. Setting ``cancel`` (the caller
         went away) stops it at its next check with Cancelled; past GRAFT_MAX_AUDIT_SECONDS it fails with
-        DeadlineExceeded. Either way the audit slot is free once this returns."""
+        DeadlineExceeded. ``slots`` are the serving worker's audit slots (its runtime's): with none free the audit
+        is refused, and its slot is free again once this returns. Without them (a benchmark, a test of the core)
+        nothing bounds how many run at once."""
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound first, for another tenant's too
         backbone = self.backbone(request.backbone or self.default_backbone)
-        if not _running.acquire(blocking=False):
+        if slots is not None and not slots.acquire(blocking=False):
             raise ResourceExhausted(
-                f"this worker is already running {MAX_CONCURRENT_AUDITS} audit(s); retry shortly",
+                "this worker is already running as many audits as it may at once (GRAFT_MAX_CONCURRENT_AUDITS); "
+                "retry shortly",
                 retry_after_s=AUDIT_RETRY_S,
             )
         deadline = time.monotonic() + self.max_seconds
@@ -109,7 +116,8 @@ class DatasetAuditor:
                 cancelled=stop,
             )
         finally:
-            _running.release()
+            if slots is not None:
+                slots.release()
         return AuditedDataset(
             dataset_id=dataset.id,
             backbone=backbone.name,

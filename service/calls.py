@@ -8,7 +8,8 @@ re-checks) and the readiness probe have pools of their own, and dataset uploads
 another, bounded one: no number of uploads, however slow their clients, can hold
 the threads that every other call needs. A streaming upload takes an upload
 thread only while one of its images is validated, never while it waits for the
-client's next message.
+client's next message. The pools (``Pools``) and the export queue belong to the
+runtime that made them, so two runtimes in one process share none of them.
 """
 
 import asyncio
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from service import export
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest
-from service.auth import NewKey, Tenants
+from service.auth import NewKey
+from service.config import Settings
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from service.prediction_options import PredictOptions
@@ -49,35 +51,36 @@ from service.resources import (
     resource_id,
 )
 from service.store.datasets import DatasetInfo, DatasetUpload
-from service.store.requests import ADMIN_SCOPE, IdempotencyKeys, fingerprint, seal, unseal
+from service.store.requests import ADMIN_SCOPE, fingerprint, seal, unseal
 
-if TYPE_CHECKING:  # the runtime uses in_thread too
+if TYPE_CHECKING:  # the runtime uses this module's pools and export queue
     from service.runtime import Runtime
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")  # registry calls
-_AUTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")  # key lookups: short, never behind others
-_PROBE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")  # the readiness probe's SELECT 1
-UPLOAD_THREADS = 4  # images validated and stored at once, all uploads of this worker together
-_UPLOAD_POOL = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+AUTH_THREADS = 4  # key lookups at once: each is short, and none waits behind a store call
+
+
+class Pools:
+    """The thread pools of one runtime, one per kind of work, so that no kind can take the threads another needs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = ThreadPoolExecutor(settings.store_threads, thread_name_prefix="store")  # registry calls
+        self.auth = ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="auth")
+        self.probe = ThreadPoolExecutor(1, thread_name_prefix="probe")  # the readiness probe's SELECT 1, alone
+        self.upload = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
+
+    def shutdown(self) -> None:
+        """Stop every pool's threads once they finish what runs; work still queued is cancelled."""
+        for pool in (self.store, self.auth, self.probe, self.upload):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def run_in(pool: ThreadPoolExecutor, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(*args, **kwargs)`` in ``pool``, awaited from the event loop."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(pool, call)
-
-
-async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """``fn(*args, **kwargs)`` in the store pool, awaited from the event loop."""
-    return await run_in(_STORE_POOL, fn, *args, **kwargs)
-
-
-async def in_probe_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """``fn(*args, **kwargs)`` in the readiness probe's own thread: nothing else can keep readiness from updating."""
-    return await run_in(_PROBE_POOL, fn, *args, **kwargs)
 
 
 class Upload:
@@ -87,13 +90,14 @@ class Upload:
     before ``abandon`` runs, so nothing is pinned after the upload released its images.
     """
 
-    def __init__(self, upload: DatasetUpload) -> None:
+    def __init__(self, upload: DatasetUpload, pool: ThreadPoolExecutor) -> None:
         self._upload = upload
+        self._pool = pool
         self._step: asyncio.Future[Any] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        step = asyncio.get_running_loop().run_in_executor(_UPLOAD_POOL, call)
+        step = asyncio.get_running_loop().run_in_executor(self._pool, call)
         self._step = step
         return await asyncio.shield(step)
 
@@ -106,7 +110,7 @@ class Upload:
     async def abandon(self) -> None:
         if self._step is not None and not self._step.done():
             await asyncio.wait({self._step})
-        await run_in(_UPLOAD_POOL, self._upload.abandon)
+        await run_in(self._pool, self._upload.abandon)
 
 
 class InflightBytes:
@@ -136,10 +140,11 @@ class InflightBytes:
 class ExportQueue:
     """Model exports run one at a time per replica, off the event loop: each takes seconds of every core.
 
-    A few wait their turn; more are refused with a retry hint rather than left waiting for minutes. The
-    places are shared fairly: one tenant holds at most ``per_tenant`` of them (one running + one waiting),
-    so no tenant can fill the queue, and when an export ends the next to run is the oldest waiting one of
-    another tenant than the one that just ran, if there is one. Only the event loop touches the counts.
+    A few (``waiting``: GRAFT_MAX_WAITING_EXPORTS) wait their turn; more are refused with a retry hint rather
+    than left waiting for minutes. The places are shared fairly: one tenant holds at most ``per_tenant`` of them
+    (one running + one waiting), so no tenant can fill the queue, and when an export ends the next to run is the
+    oldest waiting one of another tenant than the one that just ran, if there is one. Only the event loop touches
+    the counts.
     """
 
     def __init__(self, waiting: int, per_tenant: int = 2) -> None:
@@ -150,6 +155,10 @@ class ExportQueue:
         self._waiting: list[tuple[str, asyncio.Future[None]]] = []  # oldest first
         self._running: str | None = None  # the tenant whose export has the turn
         self._last: str | None = None  # the tenant whose export ran last
+
+    def shutdown(self) -> None:
+        """End the export thread once the running export finishes; nothing waits for it."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, tenant: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._admitted[tenant] >= self._per_tenant:
@@ -205,19 +214,11 @@ class ExportQueue:
         turn.set_result(None)
 
 
-EXPORTS = ExportQueue(waiting=3)
-
-
-async def authenticate(tenants: Tenants, authorization: str | None) -> str:
-    """The caller's tenant; the key lookup hits the database, so it runs in a thread, in a pool of its own."""
-    return await run_in(_AUTH_POOL, tenants.authenticate, authorization)
-
-
 class KeyCheck:
     """The key of an open stream, checked again every ``every_s`` so that revoking it ends the stream."""
 
-    def __init__(self, tenants: Tenants, authorization: str | None, tenant: str, every_s: float) -> None:
-        self.tenants = tenants
+    def __init__(self, runtime: "Runtime", authorization: str | None, tenant: str, every_s: float) -> None:
+        self.runtime = runtime
         self.authorization = authorization
         self.tenant = tenant
         self.every_s = every_s
@@ -230,7 +231,7 @@ class KeyCheck:
         """Raise Unauthenticated if the key was revoked (or now names another tenant)."""
         if self.seconds_left() > 0:
             return
-        if await authenticate(self.tenants, self.authorization) != self.tenant:
+        if await self.runtime.authenticate(self.authorization) != self.tenant:
             raise Unauthenticated("invalid API key")
         self.checked_at = time.monotonic()
 
@@ -271,14 +272,15 @@ class Calls:
     def __init__(self, runtime: "Runtime", key: KeyCheck) -> None:
         self.runtime = runtime
         self.core = runtime.core
+        self.in_thread = runtime.in_thread  # store calls run in the runtime's store pool
         self.key = key  # streams check it again while they are open
         self.tenant = key.tenant
 
     @classmethod
     async def authenticate(cls, runtime: "Runtime", authorization: str | None) -> "Calls":
         """The caller's calls; the key lookup hits the database, so it runs in the authentication pool."""
-        tenant = await authenticate(runtime.tenants, authorization)
-        return cls(runtime, KeyCheck(runtime.tenants, authorization, tenant, runtime.settings.key_recheck_s))
+        tenant = await runtime.authenticate(authorization)
+        return cls(runtime, KeyCheck(runtime, authorization, tenant, runtime.settings.key_recheck_s))
 
     # -- backbones -------------------------------------------------------------------
 
@@ -297,7 +299,7 @@ class Calls:
         received (files, a zip), run in the upload pool; once per ``request_id`` (see ``dataset_once``)."""
 
         async def run() -> Dataset:
-            return Dataset.of(await run_in(_UPLOAD_POOL, create, self.tenant, display_name, *args))
+            return Dataset.of(await run_in(self.runtime.pools.upload, create, self.tenant, display_name, *args))
 
         return await self.dataset_once(display_name, request_id, run)
 
@@ -306,24 +308,25 @@ class Calls:
     ) -> Dataset:
         """``create()`` unless an earlier upload with this idempotency key made a dataset: then that one. The
         request's fingerprint is its display name only (the images are checked as they stream in, after this)."""
+        request = fingerprint(display_name)
         return await once(
-            self.runtime.requests, self.tenant, request_id, "create_dataset", fingerprint(display_name),
-            create, lambda dataset: dataset.name, self.get_dataset,
-        )  # fmt: skip
+            self.runtime, self.tenant, request_id, "create_dataset", request, create, lambda d: d.name, self.get_dataset
+        )
 
     async def begin_upload(self, display_name: str) -> Upload:
         """A dataset a stream sends one image at a time: ``add`` each, then ``commit``, or ``abandon``."""
-        return Upload(await run_in(_UPLOAD_POOL, self.core.datasets.begin, self.tenant, display_name))
+        pool = self.runtime.pools.upload
+        return Upload(await run_in(pool, self.core.datasets.begin, self.tenant, display_name), pool)
 
     async def get_dataset(self, name: str) -> Dataset:
-        return Dataset.of(await in_thread(self.core.datasets.get, self.tenant, resource_id(name, "datasets")))
+        return Dataset.of(await self.in_thread(self.core.datasets.get, self.tenant, resource_id(name, "datasets")))
 
     async def list_datasets(self, page_size: int, page_token: str) -> ListDatasetsResponse:
-        datasets, token = await in_thread(self.core.datasets.list, self.tenant, *_page(page_size, page_token))
+        datasets, token = await self.in_thread(self.core.datasets.list, self.tenant, *_page(page_size, page_token))
         return ListDatasetsResponse(datasets=[Dataset.of(d) for d in datasets], next_page_token=token or "")
 
     async def delete_dataset(self, name: str) -> None:
-        await in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))
+        await self.in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))
 
     async def audit_dataset(
         self, name: str, backbone: str, max_suspects: int, max_duplicates: int, duplicate_similarity: float | None
@@ -340,7 +343,10 @@ class Calls:
         )
         cancel = threading.Event()
         try:
-            return DatasetAudit.of(await asyncio.to_thread(self.core.auditor.audit, self.tenant, request, cancel))
+            audited = await asyncio.to_thread(
+                self.core.auditor.audit, self.tenant, request, cancel, self.runtime.audit_slots
+            )
+            return DatasetAudit.of(audited)
         finally:
             # Also when this call was cancelled (gRPC: the client cancelled; HTTP: it disconnected, see
             # service/http/datasets.py): the thread stops at its next check and frees the audit slot.
@@ -355,14 +361,15 @@ class Calls:
             return Job.of(await self.runtime.jobs.submit(self.tenant, spec.request()))
 
         request = fingerprint(spec.model_dump_json())
-        return await once(self.runtime.requests, self.tenant, request_id, "create_job", request,
-                          submit, lambda job: job.name, self.get_job)  # fmt: skip
+        return await once(
+            self.runtime, self.tenant, request_id, "create_job", request, submit, lambda job: job.name, self.get_job
+        )
 
     async def get_job(self, name: str) -> Job:
-        return Job.of(await in_thread(self.runtime.jobs.get, self.tenant, resource_id(name, "jobs")))
+        return Job.of(await self.in_thread(self.runtime.jobs.get, self.tenant, resource_id(name, "jobs")))
 
     async def list_jobs(self, page_size: int, page_token: str) -> ListJobsResponse:
-        jobs, token = await in_thread(self.runtime.jobs.list, self.tenant, *_page(page_size, page_token))
+        jobs, token = await self.in_thread(self.runtime.jobs.list, self.tenant, *_page(page_size, page_token))
         return ListJobsResponse(jobs=[Job.of(j) for j in jobs], next_page_token=token or "")
 
     async def cancel_job(self, name: str) -> Job:
@@ -389,42 +396,42 @@ class Calls:
 
     async def get_head(self, name: str) -> Head:
         """The head with its versions' metrics summaries: cheap however many large versions it has."""
-        return Head.of(await in_thread(self.core.heads.get, self.tenant, resource_id(name, "heads")))
+        return Head.of(await self.in_thread(self.core.heads.get, self.tenant, resource_id(name, "heads")))
 
     async def get_head_version(self, name: str) -> HeadVersion:
         """One version with its whole metrics and its aliases."""
         head, version = head_version_ref(name)
-        return HeadVersion.of(await in_thread(self.core.heads.describe, self.tenant, f"{head}@{version}"))
+        return HeadVersion.of(await self.in_thread(self.core.heads.describe, self.tenant, f"{head}@{version}"))
 
     async def list_heads(self, page_size: int, page_token: str) -> ListHeadsResponse:
-        heads, token = await in_thread(self.core.heads.list, self.tenant, *_page(page_size, page_token))
+        heads, token = await self.in_thread(self.core.heads.list, self.tenant, *_page(page_size, page_token))
         return ListHeadsResponse(heads=[Head.of(h) for h in heads], next_page_token=token or "")
 
     async def delete_head(self, name: str) -> None:
-        await in_thread(self.core.heads.delete_head, self.tenant, resource_id(name, "heads"))
+        await self.in_thread(self.core.heads.delete_head, self.tenant, resource_id(name, "heads"))
 
     async def delete_head_version(self, name: str) -> None:
-        await in_thread(self.core.heads.delete_version, self.tenant, *head_version_ref(name))
+        await self.in_thread(self.core.heads.delete_version, self.tenant, *head_version_ref(name))
 
     async def set_alias(self, name: str, alias: str, version: int) -> Head:
         head = resource_id(name, "heads")
-        await in_thread(self.core.heads.set_alias, self.tenant, head, alias, version)
+        await self.in_thread(self.core.heads.set_alias, self.tenant, head, alias, version)
         return await self.get_head(head)
 
     async def remove_alias(self, name: str, alias: str) -> None:
-        await in_thread(self.core.heads.remove_alias, self.tenant, resource_id(name, "heads"), alias)
+        await self.in_thread(self.core.heads.remove_alias, self.tenant, resource_id(name, "heads"), alias)
 
     async def export_head(self, ref: str, format: ExportFormat, additional_heads: Sequence[str] = ()) -> ExportedHead:
         """Safetensors weights as stored, or one model file of backbone + heads (built and checked: seconds)."""
         if 1 + len(additional_heads) > export.MAX_HEADS:
             raise InvalidArgument(f"{1 + len(additional_heads)} heads in one export; the limit is {export.MAX_HEADS}")
         heads = self.core.heads
-        infos = [await in_thread(heads.resolve, self.tenant, head_ref(r)) for r in [ref, *additional_heads]]
+        infos = [await self.in_thread(heads.resolve, self.tenant, head_ref(r)) for r in [ref, *additional_heads]]
         first = infos[0]
         if format is ExportFormat.SAFETENSORS:
             if additional_heads:
                 raise InvalidArgument("safetensors holds one head's weights; export several heads as onnx or pt2")
-            data = await in_thread(heads.head_blob_bytes, first)
+            data = await self.in_thread(heads.head_blob_bytes, first)
             return ExportedHead(file_name=f"{first.name}-v{first.version}.safetensors", data=data)
         export.check_same_backbone(infos)
         names = export.output_names(infos)
@@ -440,7 +447,7 @@ class Calls:
             stored = export.stored_check_images(store, tenant, datasets)
             return build(backbone, infos, tensors, stored, datasets, max_pixels)
 
-        data = await EXPORTS.run(self.tenant, load_and_build)
+        data = await self.runtime.exports.run(self.tenant, load_and_build)
         return ExportedHead(file_name=f"{'+'.join(names)}.{format.value}", data=data)
 
     # -- predictions -----------------------------------------------------------------
@@ -458,7 +465,7 @@ class Calls:
 
 
 async def once(
-    requests: IdempotencyKeys,
+    runtime: "Runtime",
     scope: str,
     request_id: str | None,
     method: str,
@@ -471,16 +478,17 @@ async def once(
     ``replay(result)`` of what the first call created (service/store/requests.py). No ``request_id``: just create."""
     if request_id is None:
         return await create()
-    earlier = await in_thread(requests.claim, scope, request_id, method, request)
+    requests = runtime.requests
+    earlier = await runtime.in_thread(requests.claim, scope, request_id, method, request)
     if earlier is not None:
         return await replay(earlier)
     try:
         created = await create()
     except BaseException:
         # Shielded: a caller that left (cancelled) still frees the key, so its retry runs the call again.
-        await asyncio.shield(in_thread(requests.release, scope, request_id))
+        await asyncio.shield(runtime.in_thread(requests.release, scope, request_id))
         raise
-    await asyncio.shield(in_thread(requests.complete, scope, request_id, result_of(created)))
+    await asyncio.shield(runtime.in_thread(requests.complete, scope, request_id, result_of(created)))
     return created
 
 
@@ -490,7 +498,7 @@ async def create_key(runtime: "Runtime", tenant: str, request_id: str | None = N
     tenants = runtime.tenants
 
     async def create() -> NewKey:
-        return await in_thread(tenants.create_key, tenant)
+        return await runtime.in_thread(tenants.create_key, tenant)
 
     def result_of(key: NewKey) -> str:
         return f"{key.key_id}:{seal(key.secret, request_id or '')}"
@@ -499,8 +507,7 @@ async def create_key(runtime: "Runtime", tenant: str, request_id: str | None = N
         key_id, _, sealed = result.partition(":")
         return NewKey(key_id=key_id, tenant=tenant, secret=unseal(sealed, request_id or ""))
 
-    return await once(runtime.requests, ADMIN_SCOPE, request_id, "create_key", fingerprint(tenant),
-                      create, result_of, replay)  # fmt: skip
+    return await once(runtime, ADMIN_SCOPE, request_id, "create_key", fingerprint(tenant), create, result_of, replay)
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, str | None]:

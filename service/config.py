@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         description="Largest model file (ONNX or pt2) one export may build: the backbone up to the heads' deepest "
         "split point plus every head's weights, checked before anything is loaded (the build holds a few times it).",
     )
+    max_waiting_exports: int = Field(
+        3,
+        ge=0,
+        description="Model exports (ONNX or pt2) that wait their turn on one replica behind the one running: exports "
+        "run one at a time, each taking seconds of every core. More are refused with 'resource exhausted' and a "
+        "retry hint; one tenant holds at most one running and one waiting.",
+    )
 
     # gRPC door.
     grpc_port: int = Field(50051, ge=0, le=65535, description="Port of the gRPC server (0: any free port).")
@@ -81,6 +88,20 @@ class Settings(BaseSettings):
         "only (clients use grpcs://); unset: plaintext, for TLS ended at a load balancer or a private network.",
     )
     grpc_tls_key_file: Path | None = Field(None, description="PEM private key of GRAFT_GRPC_TLS_CERT_FILE.")
+
+    # A worker's thread pools, one per kind of work, so that no kind can take the threads another needs.
+    store_threads: int = Field(
+        8,
+        gt=0,
+        description="Registry and storage calls one worker runs at once, off its event loop (the batcher's): "
+        "reads and writes of datasets, heads, jobs and idempotency keys, and the blob collector.",
+    )
+    upload_threads: int = Field(
+        4,
+        gt=0,
+        description="Dataset images one worker validates and stores at once, all uploads of both doors together; "
+        "a streaming upload takes a thread only while one of its images is stored, never while its client is slow.",
+    )
 
     # Training.
     feature_batch_size: int = Field(
@@ -116,6 +137,12 @@ class Settings(BaseSettings):
         description="Wall-clock limit of one label audit (feature extraction included: what it computed stays "
         "cached, so asking again goes on from there); past it the audit fails with 'deadline exceeded' and frees "
         "the replica's audit slot. An audit also stops when its caller goes away.",
+    )
+    max_concurrent_audits: int = Field(
+        1,
+        ge=1,
+        description="Label audits one worker runs at once, all tenants together (each may extract features with the "
+        "trunk and fit k probes); one more is refused with 'resource exhausted' (429) and a retry hint.",
     )
     max_watches_per_tenant: int = Field(
         16,

@@ -8,17 +8,24 @@ doors' readiness says "not ready" while the database cannot be reached or
 while the worker drains (:meth:`Runtime.drain`), and it collects orphaned
 blobs every ``gc_interval_s``. A replica that only trains (``GRAFT_ROLE=train``)
 is never ready: readiness says "send me predictions", and it takes none.
+
+Everything a worker holds lives here, never in a module: several runtimes in one
+process (tests, benchmarks) share no thread pool, and a stopped runtime's
+threads end.
 """
 
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import text
 
 from service.auth import Tenants
-from service.calls import InflightBytes, in_probe_thread, in_thread
+from service.calls import ExportQueue, InflightBytes, Pools, run_in
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import HeadCache
@@ -28,6 +35,9 @@ from service.metrics import PrometheusMetrics
 from service.store.requests import IdempotencyKeys
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 PROBE_INTERVAL_S = 3.0
 DRAIN_NOTICE_S = 0.5  # the shortest time a draining replica keeps answering /readyz with 503
@@ -45,6 +55,9 @@ class Runtime:
     http_in_flight: int = 0  # HTTP calls admitted and not yet answered (kept by the HTTP gate)
     uploads: InflightBytes = field(init=False, repr=False)  # bytes all dataset uploads hold, both doors
     requests: IdempotencyKeys = field(init=False, repr=False)  # idempotency keys of creating calls, both doors
+    pools: Pools = field(init=False, repr=False)  # threads for store calls, key lookups, the probe and uploads
+    exports: ExportQueue = field(init=False, repr=False)  # model exports, one at a time
+    audit_slots: threading.BoundedSemaphore = field(init=False, repr=False)  # label audits running at once
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +68,9 @@ class Runtime:
         self.requests = IdempotencyKeys(
             self.core.db, settings.idempotency_ttl_s, settings.idempotency_keys_per_tenant, pending_s
         )
+        self.pools = Pools(settings)
+        self.exports = ExportQueue(settings.max_waiting_exports)
+        self.audit_slots = threading.BoundedSemaphore(settings.max_concurrent_audits)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -95,6 +111,14 @@ class Runtime:
             return TRAINING_ONLY
         return None
 
+    async def in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` in the store pool: a registry call never blocks the event loop."""
+        return await run_in(self.pools.store, fn, *args, **kwargs)
+
+    async def authenticate(self, authorization: str | None) -> str:
+        """The caller's tenant; the key lookup hits the database, so it runs in the authentication pool."""
+        return await run_in(self.pools.auth, self.tenants.authenticate, authorization)
+
     async def start(self) -> None:
         """Call from inside the serving event loop."""
         await self.jobs.start()
@@ -114,12 +138,16 @@ class Runtime:
         await asyncio.gather(self.jobs.stop(), self._http_idle(deadline), notice)
 
     async def stop(self) -> None:
+        """Call after the doors stopped: nothing submits work to the pools any more."""
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.jobs.stop()
+        self.jobs.close()
         await self.predictor.stop()
+        self.pools.shutdown()
+        self.exports.shutdown()
 
     async def _http_idle(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -132,10 +160,10 @@ class Runtime:
         while True:
             await asyncio.sleep(self.settings.gc_interval_s)
             try:
-                images = await in_thread(self.core.datasets.collect_garbage)
-                weights = await in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
-                features = await in_thread(self.core.extractor.cache.collect_garbage)
-                await in_thread(self.requests.collect_expired)
+                images = await self.in_thread(self.core.datasets.collect_garbage)
+                weights = await self.in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
+                features = await self.in_thread(self.core.extractor.cache.collect_garbage)
+                await self.in_thread(self.requests.collect_expired)
                 if images or weights or features:
                     log.info(
                         "collected %d orphaned image blob(s), %d weight file(s) and %d feature entries",
@@ -149,7 +177,7 @@ class Runtime:
     async def _probe_forever(self) -> None:
         """``SELECT 1`` every few seconds, in a thread of its own; readiness checks only read the flag it keeps."""
         while True:
-            reachable = await in_probe_thread(self._registry_answers)
+            reachable = await run_in(self.pools.probe, self._registry_answers)
             if reachable != self.registry_reachable:
                 log.warning("registry database is %s", "reachable again" if reachable else "unreachable: not ready")
             self.registry_reachable = reachable

@@ -55,7 +55,7 @@ def calls(request: Request) -> Calls:
     if TENANT not in request.scope:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     rt = runtime(request)
-    key = KeyCheck(rt.tenants, request.headers.get("authorization"), request.scope[TENANT], rt.settings.key_recheck_s)
+    key = KeyCheck(rt, request.headers.get("authorization"), request.scope[TENANT], rt.settings.key_recheck_s)
     return Calls(rt, key)
 
 

@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import CLIENT
-from service.calls import InflightBytes, authenticate
+from service.calls import InflightBytes
 from service.config import Settings
 from service.errors import GraftError, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
 from service.http.errors import error_response
@@ -108,7 +108,7 @@ class Gate:
             tenants.require_admin(authorization)
             scope[ADMIN] = True
         else:
-            scope[TENANT] = await authenticate(tenants, authorization)
+            scope[TENANT] = await self.runtime().authenticate(authorization)
         if prediction is not None:
             self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 

@@ -23,6 +23,8 @@ lease renewal.
 
 On ``stop()`` running jobs are interrupted and handed back to the queue, and
 queued jobs stay queued: the next replica (or this one, restarted) runs them.
+Watches still open then go on until the doors stop; ``close()`` ends their
+threads after that.
 
 The runner of a job keeps its progress in memory for watchers here, and writes
 it to the row at most every ``PERSIST_EVERY_S`` for watchers elsewhere.
@@ -69,7 +71,6 @@ from service.training import FEATURE_BYTES, FEATURE_COPIES, Trainer, TrainReques
 log = logging.getLogger(__name__)
 
 WATCH_THREADS = 2  # database reads of all job watches in a worker, at once
-_WATCH_POOL = ThreadPoolExecutor(max_workers=WATCH_THREADS, thread_name_prefix="watch")
 POLL_S = 0.5  # how often a replica looks for queued jobs and expired leases, and watch() re-reads a row
 PERSIST_EVERY_S = 0.5  # progress reaches the row at most this often (phase changes and the end always do)
 HANDED_BACK = "requeued: the replica running it shut down; another replica will run it again"
@@ -108,6 +109,7 @@ class JobRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.on_finished = on_finished
         self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_jobs, thread_name_prefix="train")
+        self._watch_pool = ThreadPoolExecutor(max_workers=WATCH_THREADS, thread_name_prefix="watch")
         self._live: dict[str, _LiveJob] = {}
         self._runs: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()  # guards _live and _runs, shared by the loop and the job threads
@@ -160,6 +162,10 @@ class JobRunner:
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
         self._pool.shutdown(wait=False)
+
+    def close(self) -> None:
+        """End the watches' threads: call after ``stop``, once the doors stopped and no watch reads any more."""
+        self._watch_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -237,7 +243,7 @@ class JobRunner:
 
     async def _read_for_watch(self, tenant: str, id: str) -> JobInfo:
         call = functools.partial(contextvars.copy_context().run, self.get, tenant, id)
-        return await asyncio.get_running_loop().run_in_executor(_WATCH_POOL, call)
+        return await asyncio.get_running_loop().run_in_executor(self._watch_pool, call)
 
     # -- submit (in a thread) ------------------------------------------------------------
 

@@ -4,6 +4,7 @@ import asyncio
 import io
 import threading
 import time
+from collections.abc import Awaitable
 
 import anyio
 import grpc
@@ -27,7 +28,7 @@ from harness.sample_data import fashion_mnist_pngs
 from service import auditing
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest, DatasetAuditor
 from service.calls import Calls, KeyCheck
-from service.errors import DeadlineExceeded, NotFound
+from service.errors import DeadlineExceeded, NotFound, ResourceExhausted
 from service.grpc import convert
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -297,9 +298,10 @@ def test_an_audit_past_its_wall_clock_limit_fails_naming_the_setting_and_frees_t
     hurried = DatasetAuditor(
         core.datasets, core.extractor, core.trainer.backbone, core.trainer.default_backbone, max_seconds=1e-9
     )
+    slots = threading.BoundedSemaphore(1)
     with pytest.raises(DeadlineExceeded, match="GRAFT_MAX_AUDIT_SECONDS"):
-        hurried.audit(TENANT, AuditRequest(dataset_id=dataset.id))
-    assert core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id)).audit.folds > 0  # the slot is free
+        hurried.audit(TENANT, AuditRequest(dataset_id=dataset.id), slots=slots)
+    assert slots.acquire(blocking=False)  # the slot is free
 
 
 class HeldAudit:
@@ -320,11 +322,16 @@ class HeldAudit:
             self.stopped.set()
 
 
-def slot_is_free() -> bool:
-    if not auditing._running.acquire(blocking=False):
+def slot_is_free(runtime: Runtime) -> bool:
+    if not runtime.audit_slots.acquire(blocking=False):
         return False
-    auditing._running.release()
+    runtime.audit_slots.release()
     return True
+
+
+def audit_call(runtime: Runtime, dataset_id: str) -> Awaitable[DatasetAudit]:
+    """The AuditDataset call of both doors, made by tenant ``TENANT``, with every argument at its default."""
+    return Calls(runtime, KeyCheck(runtime, None, TENANT, 60.0)).audit_dataset(dataset_id, "", 0, 0, None)
 
 
 @pytest.mark.anyio
@@ -335,16 +342,15 @@ async def test_a_cancelled_audit_call_stops_its_work_and_frees_the_slot(runtime,
     dataset = runtime.core.datasets.create(
         TENANT, "cancelled", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)]
     )
-    calls = Calls(runtime, KeyCheck(runtime.tenants, None, TENANT, 60.0))
-    task = asyncio.ensure_future(calls.audit_dataset(dataset.id, "", 0, 0, None))
+    task = asyncio.ensure_future(audit_call(runtime, dataset.id))
     assert await anyio.to_thread.run_sync(held.started.wait, 60)
-    assert not slot_is_free()
+    assert not slot_is_free(runtime)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await anyio.to_thread.run_sync(held.stopped.wait, 10), "the audit kept running"
     with anyio.fail_after(10):
-        while not slot_is_free():
+        while not slot_is_free(runtime):
             await anyio.sleep(0.01)
 
 
@@ -381,5 +387,28 @@ async def test_an_http_audit_whose_client_disconnects_stops_and_frees_the_slot(r
         await app(scope, receive, send)
     assert held.started.is_set() and await anyio.to_thread.run_sync(held.stopped.wait, 10), "the audit kept running"
     with anyio.fail_after(10):
-        while not slot_is_free():
+        while not slot_is_free(runtime):
             await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_an_audit_holding_one_runtimes_slot_does_not_refuse_an_audit_in_another(core, images):
+    dataset = core.datasets.create(TENANT, "two-runtimes", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
+    busy, other = Runtime.around(core), Runtime.around(core)
+    assert busy.audit_slots.acquire(blocking=False)  # an audit runs in the busy runtime, which is never used again
+    with pytest.raises(ResourceExhausted, match="GRAFT_MAX_CONCURRENT_AUDITS") as refused:
+        await audit_call(busy, dataset.id)
+    assert refused.value.retry_after_s
+    assert (await audit_call(other, dataset.id)).folds > 0
+
+
+@pytest.mark.anyio
+async def test_a_worker_runs_as_many_audits_at_once_as_configured(core, images, monkeypatch):
+    monkeypatch.setattr(core.settings, "max_concurrent_audits", 2)
+    runtime = Runtime.around(core)
+    dataset = core.datasets.create(TENANT, "two-slots", [(f"{i}.png", d, lbl) for i, (d, lbl) in enumerate(images)])
+    assert runtime.audit_slots.acquire(blocking=False)  # one audit runs (this runtime is never used again)
+    assert (await audit_call(runtime, dataset.id)).folds > 0  # a second one runs beside it
+    assert runtime.audit_slots.acquire(blocking=False)  # while two run, a third is refused
+    with pytest.raises(ResourceExhausted, match="GRAFT_MAX_CONCURRENT_AUDITS"):
+        await audit_call(runtime, dataset.id)

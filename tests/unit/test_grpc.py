@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from sqlalchemy import event
 
-from service import calls as calls_module
 from service.config import Settings
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -391,7 +390,7 @@ async def test_idle_upload_streams_do_not_starve_other_tenants_calls_or_the_read
     datasets = rpc.DatasetServiceStub(channel)
     idle = [
         asyncio.ensure_future(datasets.CreateDataset(header_then_nothing(), metadata=hostile))
-        for _ in range(calls_module._STORE_POOL._max_workers)
+        for _ in range(settings.store_threads)
     ]
     health = health_pb2_grpc.HealthStub(channel)
 
