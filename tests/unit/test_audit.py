@@ -212,7 +212,7 @@ async def test_http_audit_answers_the_owner_and_not_found_to_another_tenant(runt
     assert len(body["suspects"]) == 3 <= body["suspect_count"]
     assert {s["example"]["index"]: s["suggested_label"] for s in body["suspects"]} == truth
     assert theirs.status_code == 404 and theirs.json()["code"] == "not_found"
-    assert bad_backbone.status_code == 400 and "resnet9000" in bad_backbone.json()["message"]
+    assert bad_backbone.status_code == 404 and "resnet9000" in bad_backbone.json()["message"]
     assert too_many.status_code == 422 and too_many.json()["code"] == "invalid_argument"
     assert "max_suspects" in too_many.json()["message"]
 
@@ -248,7 +248,7 @@ async def test_grpc_audit_answers_the_owner_and_refuses_others_and_bad_arguments
     assert set(found.class_thresholds) == set(CLASSES)
     assert refused == {
         "theirs": grpc.StatusCode.NOT_FOUND,
-        "backbone": grpc.StatusCode.INVALID_ARGUMENT,
+        "backbone": grpc.StatusCode.NOT_FOUND,
         "negative": grpc.StatusCode.INVALID_ARGUMENT,
         "similarity": grpc.StatusCode.INVALID_ARGUMENT,
     }

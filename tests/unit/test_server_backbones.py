@@ -111,5 +111,5 @@ async def test_the_untrained_backbone_is_neither_listed_nor_trainable(http):
     assert [backbone["name"] for backbone in listed] == ["backbones/mobilenet_v2"]
     spec = {"dataset": "datasets/ds", "head": "h", "backbone": "mobilenet_v3_small-untrained"}
     refused = await http.post("/v1/jobs", json=spec)
-    assert refused.status_code == 400
+    assert refused.status_code == 404
     assert "backbone 'mobilenet_v3_small-untrained' is not loaded" in refused.text
