@@ -250,9 +250,14 @@ def export_onnx(
     meta = manifest(backbone, heads, "onnx")
     names = [output.name for output in meta.outputs]
     program = torch.onnx.export(
-        model, (_example(backbone),), dynamo=True, input_names=[INPUT_NAME], output_names=names,
-        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}, verbose=False,
-    )  # fmt: skip
+        model,
+        (_example(backbone),),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=names,
+        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}},
+        verbose=False,
+    )
     assert program is not None  # no file argument: the exporter returns the program
     proto = program.model_proto
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -123,8 +123,10 @@ class Runtime:
         """Call from inside the serving event loop."""
         await self.jobs.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._probe_forever(), name="registry-probe"),
-                       loop.create_task(self._collect_forever(), name="blob-collector")]  # fmt: skip
+        self._tasks = [
+            loop.create_task(self._probe_forever(), name="registry-probe"),
+            loop.create_task(self._collect_forever(), name="blob-collector"),
+        ]
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking work and finish what is in flight, within ``grace_s``: new calls are refused

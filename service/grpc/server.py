@@ -135,8 +135,10 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.grpc_tls_cert_file is None or settings.grpc_tls_key_file is None:
         return None
     pems = []
-    for setting, path in (("GRAFT_GRPC_TLS_KEY_FILE", settings.grpc_tls_key_file),
-                          ("GRAFT_GRPC_TLS_CERT_FILE", settings.grpc_tls_cert_file)):  # fmt: skip
+    for setting, path in (
+        ("GRAFT_GRPC_TLS_KEY_FILE", settings.grpc_tls_key_file),
+        ("GRAFT_GRPC_TLS_CERT_FILE", settings.grpc_tls_cert_file),
+    ):
         try:
             pems.append(path.read_bytes())
         except OSError as exc:
@@ -146,10 +148,13 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def start_grpc_server(runtime: Runtime, port: int, host: str | None = None) -> GrpcServer:
     limit = runtime.settings.grpc_max_message_bytes
-    server = grpc.aio.server(interceptors=[ClientAddress()], options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ])  # fmt: skip
+    server = grpc.aio.server(
+        interceptors=[ClientAddress()],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
     for service in SERVICES:
         registrar = getattr(rpc, f"add_{service.__name__}Servicer_to_server")
         registrar(service(runtime), server)

@@ -96,8 +96,9 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             raise InvalidArgument("the first message must carry the header (display_name)")
         display_name = first.header.display_name
         # A repeat of an upload that already made its dataset answers that one; the rest of its stream is unread.
-        return await calls.dataset_once(display_name, request_id, lambda: self._receive(calls, display_name,
-                                                                                       request_iterator))  # fmt: skip
+        return await calls.dataset_once(
+            display_name, request_id, lambda: self._receive(calls, display_name, request_iterator)
+        )
 
     async def _receive(
         self, calls: Calls, display_name: str, request_iterator: AsyncIterator[api.CreateDatasetRequest]

@@ -199,8 +199,9 @@ async def test_http_audit_answers_the_owner_and_not_found_to_another_tenant(runt
     async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
 
         async def audit(tenant: str, **params) -> httpx.Response:
-            return await client.get(f"/v1/datasets/{dataset.id}:audit", params=params,
-                                    headers={"Authorization": f"Bearer {keys[tenant]}"})  # fmt: skip
+            return await client.get(
+                f"/v1/datasets/{dataset.id}:audit", params=params, headers={"Authorization": f"Bearer {keys[tenant]}"}
+            )
 
         mine = await audit("door-acme", max_suspects=3)
         theirs = await audit("door-globex")
@@ -362,11 +363,19 @@ async def test_an_http_audit_whose_client_disconnects_stops_and_frees_the_slot(r
     dataset = runtime.core.datasets.create("door-acme", "left", examples)
     app = create_app(runtime.settings, lambda: runtime)
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": f"/v1/datasets/{dataset.id}:audit", "raw_path": f"/v1/datasets/{dataset.id}:audit".encode(),
-        "query_string": b"", "root_path": "", "server": ("graft", 80), "client": ("127.0.0.1", 5000),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"/v1/datasets/{dataset.id}:audit",
+        "raw_path": f"/v1/datasets/{dataset.id}:audit".encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": ("graft", 80),
+        "client": ("127.0.0.1", 5000),
         "headers": [(b"host", b"graft"), (b"authorization", f"Bearer {keys['door-acme']}".encode())],
-    }  # fmt: skip
+    }
     sent: list[dict] = []
     first = True
 

@@ -49,10 +49,13 @@ def runtime(tmp_path_factory, make_core) -> Runtime:
         ("tuned", HeadKind.FINETUNE, SearchSpace(lr=[1e-3], weight_decay=[1e-4])),
     ]:
         request = TrainRequest(
-            dataset_id=dataset.id, head_name=name, kind=kind, search=search,
+            dataset_id=dataset.id,
+            head_name=name,
+            kind=kind,
+            search=search,
             finetune_blocks=1 if kind is HeadKind.FINETUNE else None,
             hyperparams=None if kind is HeadKind.LINEAR else few_epochs,
-        )  # fmt: skip
+        )
         core.trainer.train(TENANT, request)
     runtime = Runtime.around(core)
     runtime.tenants.create_tenant(TENANT)
@@ -142,10 +145,17 @@ def test_the_onnx_metadata_names_classes_input_transforms_and_provenance(runtime
     linear = runtime.core.heads.resolve(TENANT, "linear")
     assert meta["format"] == "onnx" and meta["graft_version"]
     assert meta["input"] | {"mean": None, "std": None} == {
-        "name": "images", "layout": "NCHW", "dtype": "float32", "color": "RGB", "resize": 256,
-        "interpolation": "bilinear", "crop": 224, "scale": "pixel values / 255, then (x - mean) / std per channel",
-        "mean": None, "std": None,
-    }  # fmt: skip
+        "name": "images",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "color": "RGB",
+        "resize": 256,
+        "interpolation": "bilinear",
+        "crop": 224,
+        "scale": "pixel values / 255, then (x - mean) / std per channel",
+        "mean": None,
+        "std": None,
+    }
     assert meta["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert [o["name"] for o in meta["outputs"]] == ["linear_v1", "tuned_v1"]
     first = meta["outputs"][0]
