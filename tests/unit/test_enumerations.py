@@ -1,0 +1,104 @@
+"""Head kinds, job states and export formats are enumerated once: by the server (the head-kind registry in
+adapters/kinds.py, its enums) and the protos. The client takes its values from its generated protos; and a client
+reads a value newer than itself instead of failing on it."""
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import httpx
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from adapters.kinds import KINDS
+from client import models
+from client._proto.graft.v1 import resources_pb2 as pb
+from client._proto.graft.v1 import service_pb2_grpc as rpc
+from client.base import Client
+from client.grpc_client import GrpcClient
+from client.http_client import HttpClient
+from service.jobs import JobState
+from service.kind_choice import AUTO_KIND
+from service.resources import ExportFormat
+
+NEWER_KIND, NEWER_STATE = "knn", "paused"  # what a newer server may answer over HTTP
+NEWER_NUMBER = 99  # ... and over gRPC, where an enum value this client does not know is only a number
+CREATE_TIME = "2026-01-01T00:00:00Z"
+
+
+# --- every copy agrees with the source ------------------------------------------------------------------------
+
+
+def test_the_clients_kinds_states_and_formats_are_the_servers():
+    assert models.TRAINING_KINDS == (*KINDS, AUTO_KIND)
+    assert models.HEAD_KINDS == tuple(KINDS)
+    assert models.JOB_STATES == tuple(state.value for state in JobState)
+    assert models.EXPORT_FORMATS == tuple(export_format.value for export_format in ExportFormat)
+
+
+# --- a newer server's values --------------------------------------------------------------------------------------
+
+
+def newer_http_server(request: httpx.Request) -> httpx.Response:
+    """A newer server's HTTP door: its job and version are of a kind, and the job in a state, this client lacks."""
+    if request.url.path.startswith("/v1/jobs/"):
+        spec = {"dataset": "datasets/ds_1", "head": "h", "kind": NEWER_KIND}
+        job = {"name": "jobs/j1", "state": NEWER_STATE, "done": False, "spec": spec, "create_time": CREATE_TIME}
+        return httpx.Response(200, json=job)
+    version = {
+        "name": "heads/h/versions/1",
+        "version": 1,
+        "backbone": "b",
+        "kind": NEWER_KIND,
+        "classes": ["a", "b"],
+        "create_time": CREATE_TIME,
+    }
+    return httpx.Response(200, json=version)
+
+
+def created() -> Timestamp:
+    created = Timestamp()
+    created.FromJsonString(CREATE_TIME)
+    return created
+
+
+class NewerJobs(rpc.JobServiceServicer):
+    def GetJob(self, request, context):
+        spec = pb.TrainingSpec(dataset="datasets/ds_1", head="h", kind=NEWER_NUMBER)
+        return pb.Job(name=request.name, state=NEWER_NUMBER, spec=spec, create_time=created())
+
+
+class NewerHeads(rpc.HeadServiceServicer):
+    def GetHeadVersion(self, request, context):
+        return pb.HeadVersion(
+            name=request.name, version=1, backbone="b", kind=NEWER_NUMBER, classes=["a", "b"], create_time=created()
+        )
+
+
+@pytest.fixture
+def newer_grpc_server() -> Iterator[int]:
+    """A newer server's gRPC door (the same answers, as numbers); its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rpc.add_JobServiceServicer_to_server(NewerJobs(), server)
+    rpc.add_HeadServiceServicer_to_server(NewerHeads(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(grace=None)
+
+
+def read_job_and_version(client: Client) -> tuple[str, str, str]:
+    job = client.get_job("jobs/j1")
+    return job.state, job.spec.kind, client.get_head_version("h", 1).kind
+
+
+def test_a_kind_or_job_state_newer_than_the_client_comes_through_over_http():
+    with HttpClient("http://newer.invalid") as client:
+        client._http.close()
+        client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(newer_http_server))
+        assert read_job_and_version(client) == (NEWER_STATE, NEWER_KIND, NEWER_KIND)
+
+
+def test_a_kind_or_job_state_newer_than_the_client_comes_through_over_grpc_as_its_number(newer_grpc_server):
+    with GrpcClient(f"127.0.0.1:{newer_grpc_server}") as client:
+        assert read_job_and_version(client) == (str(NEWER_NUMBER),) * 3
