@@ -1,7 +1,8 @@
 """Head kinds, job states and export formats are enumerated once: by the server (the head-kind registry in
-adapters/kinds.py, its enums) and the protos. The client takes its values from its generated protos; and a client
-reads a value newer than itself instead of failing on it."""
+adapters/kinds.py, its enums) and the protos. The client takes its values from its generated protos, the CLI its
+choices from the client; and a client reads a value newer than itself instead of failing on it."""
 
+import argparse
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -11,7 +12,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from adapters.kinds import KINDS
-from client import models
+from client import cli, models
 from client._proto.graft.v1 import resources_pb2 as pb
 from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import Client
@@ -34,6 +35,16 @@ def test_the_clients_kinds_states_and_formats_are_the_servers():
     assert models.HEAD_KINDS == tuple(KINDS)
     assert models.JOB_STATES == tuple(state.value for state in JobState)
     assert models.EXPORT_FORMATS == tuple(export_format.value for export_format in ExportFormat)
+
+
+def cli_choices(command: str, option: str) -> tuple[str, ...]:
+    subcommands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return tuple(next(a for a in subcommands.choices[command]._actions if option in a.option_strings).choices)
+
+
+def test_the_cli_offers_every_kind_and_format_the_client_knows():
+    assert cli_choices("train", "--kind") == models.TRAINING_KINDS
+    assert cli_choices("export", "--format") == models.EXPORT_FORMATS
 
 
 # --- a newer server's values --------------------------------------------------------------------------------------
