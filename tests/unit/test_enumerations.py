@@ -1,6 +1,7 @@
 """Head kinds, job states and export formats are enumerated once: by the server (the head-kind registry in
 adapters/kinds.py, its enums) and the protos. The client takes its values from its generated protos, the CLI its
-choices from the client; and a client reads a value newer than itself instead of failing on it."""
+choices from the client; the OpenAPI document states each kind's description; and a client reads a value newer
+than itself instead of failing on it."""
 
 import argparse
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import Client
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
+from service.config import Settings
+from service.http.app import create_app
 from service.jobs import JobState
-from service.kind_choice import AUTO_KIND
+from service.kind_choice import AUTO_KIND, auto_description
 from service.resources import ExportFormat
 
 NEWER_KIND, NEWER_STATE = "knn", "paused"  # what a newer server may answer over HTTP
@@ -45,6 +48,18 @@ def cli_choices(command: str, option: str) -> tuple[str, ...]:
 def test_the_cli_offers_every_kind_and_format_the_client_knows():
     assert cli_choices("train", "--kind") == models.TRAINING_KINDS
     assert cli_choices("export", "--format") == models.EXPORT_FORMATS
+
+
+@pytest.fixture(scope="module")
+def schemas() -> dict:
+    return create_app(Settings(), lambda: None).openapi()["components"]["schemas"]
+
+
+def test_the_openapi_document_gives_every_kind_with_its_description(schemas):
+    assert schemas["TrainingKind"]["enum"] == [*KINDS, AUTO_KIND]
+    descriptions = schemas["TrainingSpec"]["properties"]["kind"]["x-enumDescriptions"]
+    assert descriptions == {name: spec.description for name, spec in KINDS.items()} | {AUTO_KIND: auto_description()}
+    assert schemas["ExportFormat"]["enum"] == [export_format.value for export_format in ExportFormat]
 
 
 # --- a newer server's values --------------------------------------------------------------------------------------
