@@ -1,11 +1,13 @@
 """Head kinds, job states and export formats are enumerated once: by the server (the head-kind registry in
 adapters/kinds.py, its enums) and the protos. The client takes its values from its generated protos, the CLI its
-choices from the client; the OpenAPI document states each kind's description; and a client reads a value newer
-than itself instead of failing on it."""
+choices from the client, the web page its choices from the OpenAPI document; and a client reads a value newer than
+itself instead of failing on it."""
 
 import argparse
+import re
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import httpx
@@ -25,6 +27,7 @@ from service.jobs import JobState
 from service.kind_choice import AUTO_KIND, auto_description
 from service.resources import ExportFormat
 
+STATIC = Path(__file__).parents[2] / "service" / "ui" / "static"
 NEWER_KIND, NEWER_STATE = "knn", "paused"  # what a newer server may answer over HTTP
 NEWER_NUMBER = 99  # ... and over gRPC, where an enum value this client does not know is only a number
 CREATE_TIME = "2026-01-01T00:00:00Z"
@@ -55,11 +58,30 @@ def schemas() -> dict:
     return create_app(Settings(), lambda: None).openapi()["components"]["schemas"]
 
 
-def test_the_openapi_document_gives_every_kind_with_its_description(schemas):
+def test_the_openapi_document_gives_the_page_every_kind_with_its_description(schemas):
     assert schemas["TrainingKind"]["enum"] == [*KINDS, AUTO_KIND]
     descriptions = schemas["TrainingSpec"]["properties"]["kind"]["x-enumDescriptions"]
     assert descriptions == {name: spec.description for name, spec in KINDS.items()} | {AUTO_KIND: auto_description()}
     assert schemas["ExportFormat"]["enum"] == [export_format.value for export_format in ExportFormat]
+
+
+def test_the_openapi_document_says_which_kinds_take_hyperparams_and_finetune_blocks_as_the_page_reads_it(schemas):
+    rules = schemas["TrainingSpec"]["allOf"]  # read as trainingKinds() in service/ui/static/train.js reads them
+    untuned = next(rule for rule in rules if rule["then"].get("properties", {}).get("hyperparams") == {"type": "null"})
+    assert untuned["if"]["properties"]["kind"]["enum"] == [n for n, s in KINDS.items() if not s.searched] + [AUTO_KIND]
+    blocks = next(rule for rule in rules if "finetune_blocks" in rule["if"]["required"])
+    block_kinds = [
+        kind for option in blocks["then"]["anyOf"] for kind in option["properties"].get("kind", {}).get("enum", [])
+    ]
+    assert block_kinds == [name for name, spec in KINDS.items() if spec.copies_tail]
+
+
+def test_the_web_page_names_no_kind_or_export_format_of_its_own():
+    # 'auto' is left out: it is also the page's backbone choice (GET /v1/backbones lists the loaded ones only).
+    names = [*KINDS, *(export_format.value for export_format in ExportFormat)]
+    as_value = re.compile(rf"""["'`>=]({"|".join(names)})(?![\w-])""")  # a string, an option's value or text, a query
+    found = {f"{path.name}: {match[0]}" for path in STATIC.iterdir() for match in as_value.finditer(path.read_text())}
+    assert not found, "the page must list the kinds and formats the service's /openapi.json gives"
 
 
 # --- a newer server's values --------------------------------------------------------------------------------------
