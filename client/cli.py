@@ -28,7 +28,7 @@ from client import config, connect, sources
 from client.base import Client
 from client.errors import GraftError, Unavailable
 from client.http_client import HttpClient
-from client.models import ImagePrediction, Job, PredictOptions
+from client.models import EXPORT_FORMATS, TRAINING_KINDS, ImagePrediction, Job, PredictOptions
 from client.progress import ProgressBar, human_bytes
 from client.retry import RetryPolicy
 
@@ -301,7 +301,7 @@ def alias(graft: Client, args: argparse.Namespace) -> int:
 def export(graft: Client, args: argparse.Namespace) -> int:
     additional = args.also.split(",") if args.also else []
     if additional and args.format == "safetensors":
-        raise UsageError("--also needs --format onnx or pt2: safetensors holds one head's weights")
+        raise UsageError("--also needs a --format with the backbone in it: safetensors holds one head's weights")
     data = graft.export(args.head, args.format, additional)
     stem = "+".join(head.replace(":", "_").replace("@", "_") for head in [args.head, *additional])
     out = Path(args.output or f"{stem}.{args.format}")
@@ -420,9 +420,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("train", train, "train a head on a dataset and follow the job until it ends")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
     sub.add_argument("--head", required=True, help="the head to create a version of")
-    sub.add_argument("--kind", choices=["linear", "mlp", "finetune", "prototype", "auto"],
-                     help="default linear; prototype learns from one image per class; auto keeps the best "
-                     "on the hold-out of prototype, linear and mlp")  # fmt: skip
+    sub.add_argument(
+        "--kind",
+        choices=TRAINING_KINDS,
+        help="default: the server's; the server's /docs describe each kind (schema TrainingKind)",
+    )
     sub.add_argument("--time-budget", type=float, metavar="SECONDS", help="--kind auto only (default: the server's)")
     sub.add_argument("--backbone", help="a backbone, or 'auto' (default: the server's)")
     sub.add_argument("--hyperparams", help="JSON overrides, e.g. '{\"epochs\": 10}'")
@@ -467,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
              "file with class names, input transforms and provenance in its metadata")  # fmt: skip
     sub = command("export", export, about)
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
-    sub.add_argument("--format", choices=["safetensors", "onnx", "pt2"], default="safetensors")
+    sub.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors")
     sub.add_argument("--also", metavar="HEADS", help="onnx/pt2: more heads on its backbone (a,b@2), one output each")
     sub.add_argument("-o", "--output", help="file to write (default: HEAD.FORMAT)")
 

@@ -274,7 +274,15 @@ def _plain(value: Any, key: str = "") -> Any:
         return {k: _plain(v, k) for k, v in value.items() if not (v == "" and k in _UNSET_WHEN_EMPTY)}
     if isinstance(value, list):
         return [_plain(item) for item in value]
-    if key in _ENUM_FIELDS and isinstance(value, str):
-        value = value.removeprefix("HEAD_KIND_")
-        return None if value.endswith("UNSPECIFIED") else value.lower()
+    if key in _ENUM_FIELDS and isinstance(value, str | int):
+        return _enum_value(value)
     return value
+
+
+def _enum_value(value: str | int) -> str | None:
+    """An enum value as the HTTP door's JSON has it (HEAD_KIND_LINEAR -> linear; unset -> None). A number this
+    client's protos do not name, a newer server's value, comes as its digits ('7'): a value, not a crash."""
+    if isinstance(value, int):
+        return str(value)
+    value = value.removeprefix("HEAD_KIND_")
+    return None if value.endswith("UNSPECIFIED") else value.lower()

@@ -4,18 +4,31 @@ The field names and meanings are the contract's, not a second vocabulary:
 ``name`` is a resource name (``datasets/{id}``, ``heads/{head}/versions/{v}``),
 ``display_name`` what a person called it. Over gRPC the messages are turned into
 the same JSON (proto field names, lowercase enum values), so both transports
-return these models. Unknown fields are ignored: a newer server does not break
-an older client (tests/unit/test_client.py checks the names against the protos).
+return these models. Unknown fields are ignored and enumerated fields (kind,
+state) take any string: a newer server does not break an older client
+(tests/unit/test_client.py checks the names against the protos).
 """
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HeadKind = Literal["linear", "mlp", "finetune", "prototype"]
-TrainingKind = HeadKind | Literal["auto"]  # 'auto' is request only: a version's kind is the kind that won
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from client._proto.graft.v1 import resources_pb2, service_pb2
+
+
+def _json_values(proto_names: list[str], prefix: str) -> tuple[str, ...]:
+    """A proto enum's values as the JSON spells them (HEAD_KIND_LINEAR -> linear), leaving out UNSPECIFIED."""
+    return tuple(name.removeprefix(prefix).lower() for name in proto_names if not name.endswith("UNSPECIFIED"))
+
+
+# The values this client's protos know (`make protos` brings new ones), which the CLI offers. A newer server may
+# answer others, so the models take any string there: clients tolerate unknown enum values (AIP-126).
+TRAINING_KINDS = _json_values(resources_pb2.HeadKind.keys(), "HEAD_KIND_")
+AUTO_KIND = "auto"  # request only: a version's kind is the kind that won
+HEAD_KINDS = tuple(kind for kind in TRAINING_KINDS if kind != AUTO_KIND)
+JOB_STATES = _json_values(resources_pb2.Job.State.keys(), "")
+EXPORT_FORMATS = _json_values(service_pb2.ExportFormat.keys(), "EXPORT_FORMAT_")
 
 
 class Backbone(BaseModel):
@@ -103,7 +116,7 @@ class TrainingSpec(BaseModel):
     head: str
     backbone: str | None = None
     latency_budget_ms: float | None = None
-    kind: TrainingKind | None = None
+    kind: str | None = Field(None, description=f"{', '.join(TRAINING_KINDS)}, or a kind newer than this client")
     time_budget_s: float | None = None
     auto_finetune: bool | None = None
     finetune_blocks: int | None = None
@@ -115,7 +128,7 @@ class TrainingSpec(BaseModel):
 
 class Job(BaseModel):
     name: str = Field(description="jobs/{job}")
-    state: JobState
+    state: str = Field(description=f"{', '.join(JOB_STATES)}, or a state newer than this client")
     done: bool
     phase: str = ""
     progress: float = 0.0
@@ -134,7 +147,7 @@ class HeadVersion(BaseModel):
     version: int
     backbone: str
     split_point: int | None = None
-    kind: HeadKind
+    kind: str = Field(description=f"{', '.join(HEAD_KINDS)}, or a kind newer than this client")
     classes: list[str]
     hyperparams: dict[str, Any] = {}
     metrics: dict[str, Any] = {}

@@ -66,10 +66,10 @@ def kinds_to_try(opt_in: bool, train_counts: Sequence[int]) -> tuple[list[HeadKi
 
 
 def auto_description() -> str:
-    """What kind 'auto' does, in the API's field descriptions: "'auto': the best on the hold-out of a, b and c"."""
+    """What kind 'auto' does, in the API's descriptions: "the best on the hold-out of a, b and c"."""
     names = [name for name, _ in _auto_rules(opt_in=False)]
     listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-    return f"'auto': the best on the hold-out of {listed}"
+    return f"the best on the hold-out of {listed}"
 
 
 def _auto_rules(opt_in: bool) -> list[tuple[str, AutoRule]]:

@@ -243,8 +243,11 @@ def _only_with(field: str, is_set: dict, then: dict) -> dict:
 TrainingKind = Enum(  # type: ignore[misc]
     "TrainingKind", {**{kind.name: kind.value for kind in HeadKind}, AUTO_KIND.upper(): AUTO_KIND}, type=str
 )
+# Each value's one line, for whoever chooses a kind: the registry's, and auto's.
+KIND_DESCRIPTIONS = {**{name: spec.description for name, spec in KINDS.items()}, AUTO_KIND: auto_description()}
 TrainingKind.__doc__ = (
-    "What a TrainingSpec may ask for: a head kind, or ``auto`` (request only: a version's kind is the winner's)."
+    "What a TrainingSpec may ask for: a head kind, or ``auto`` (request only: a version's kind is the winner's).\n\n"
+    + "\n".join(f"- {name}: {description}" for name, description in KIND_DESCRIPTIONS.items())
 )
 _TAIL_KINDS = [spec.name for spec in KINDS.values() if spec.copies_tail]  # the kinds finetune_blocks applies to
 _HIDDEN_LAYER_KINDS = [spec.name for spec in KINDS.values() if spec.hidden_layer]  # those search.hidden applies to
@@ -296,7 +299,10 @@ class TrainingSpec(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image"
     )
-    kind: TrainingKind | None = Field(None, description=f"default linear; {auto_description()}")
+    # x-enumDescriptions (a vendor extension, as Redoc reads it): each kind's line, which the web page shows.
+    kind: TrainingKind | None = Field(
+        None, description="default linear", json_schema_extra={"x-enumDescriptions": {**KIND_DESCRIPTIONS}}
+    )
     time_budget_s: float | None = Field(
         None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
     )

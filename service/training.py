@@ -93,7 +93,7 @@ class TrainRequest(BaseModel):
     latency_budget_ms: float | None = Field(
         None, gt=0, description="backbone 'auto' only: leave out backbones slower than this per image here"
     )
-    kind: HeadKind | AutoKind = Field(HeadKind("linear"), description=f"a head kind, or {auto_description()}")
+    kind: HeadKind | AutoKind = Field(HeadKind("linear"), description=f"a head kind, or 'auto': {auto_description()}")
     time_budget_s: float | None = Field(
         None, gt=0, le=MAX_TIME_BUDGET_S, description=f"kind 'auto' only: default {DEFAULT_TIME_BUDGET_S:g} s"
     )

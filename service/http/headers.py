@@ -1,10 +1,10 @@
 """Security headers on every HTTP answer of the app: the page gets a strict Content-Security-Policy.
 
 The web page (``/ui``) loads only its own scripts and stylesheet, shows images the user picked (``blob:``
-URLs) and the webcam, and talks only to this origin's ``/v1`` API; so its policy allows exactly that, and no
-other site may frame it (clickjacking). Other answers (JSON, Swagger UI's ``/docs``, which needs its inline
-script) get ``frame-ancestors 'none'`` only. ``X-Content-Type-Options: nosniff`` everywhere: a browser never
-runs a response as something other than its declared type.
+URLs) and the webcam, and talks only to this origin (its ``/v1`` API and ``/openapi.json``); so its policy
+allows exactly that, and no other site may frame it (clickjacking). Other answers (JSON, Swagger UI's
+``/docs``, which needs its inline script) get ``frame-ancestors 'none'`` only. ``X-Content-Type-Options:
+nosniff`` everywhere: a browser never runs a response as something other than its declared type.
 """
 
 from starlette.datastructures import MutableHeaders

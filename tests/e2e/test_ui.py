@@ -14,8 +14,11 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from adapters.kinds import KINDS
 from harness.sample_data import textile_files
 from harness.servers import Server, make_tenant_key, start_server
+from service.kind_choice import AUTO_KIND, auto_description
+from service.resources import ExportFormat
 
 CHROMIUM = Path("/usr/bin/chromium")
 DESKTOP = {"width": 1280, "height": 900}
@@ -149,6 +152,22 @@ def test_a_file_the_server_refuses_shows_its_message_next_to_it(page, server, ke
         "datasets"] == [], "nothing was stored"  # fmt: skip
 
 
+def test_the_kinds_offered_are_the_servers_each_with_its_description_and_the_settings_it_takes(page, server, key):
+    sign_in(page, server, key)
+    open_page(page, "New model")
+    kind = page.get_by_label("Kind of head")
+    expect(kind.locator("option")).to_have_text([*KINDS, AUTO_KIND])
+    expect(kind).to_have_value(next(iter(KINDS)))
+    for name, spec in KINDS.items():
+        kind.select_option(name)
+        expect(page.locator("#kind-help")).to_have_text(spec.description)
+        expect(page.locator("#epochs")).to_be_enabled(enabled=spec.searched)
+        expect(page.locator("#finetune-blocks")).to_be_enabled(enabled=spec.copies_tail)
+    kind.select_option(AUTO_KIND)  # auto trains each candidate with its defaults
+    expect(page.locator("#kind-help")).to_have_text(auto_description())
+    expect(page.locator("#epochs")).to_be_disabled()
+
+
 def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(page, server, key, screenshots):
     sign_in(page, server, key)
     open_page(page, "New model")
@@ -185,6 +204,7 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     expect(metrics.locator(".per-class tbody tr")).to_have_count(3)
     assert [url for url in version_fetches if "/versions/" in url] == ["/v1/heads/weave/versions/1"]
     shoot(page, screenshots, "heads")
+    expect(page.locator(".versions .actions button")).to_have_text([f.value for f in ExportFormat])
     with page.expect_download() as download:
         page.get_by_role("button", name="Download weave version 1 as safetensors").click()
     assert download.value.suggested_filename.endswith(".safetensors")

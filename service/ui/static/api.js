@@ -1,4 +1,4 @@
-// The page's only way to the service: the public /v1 API, as any client calls it.
+// The page's only way to the service: the public /v1 API, as any client calls it, and the API's own description.
 // Errors come back as the server's {code, message, details}, so the page can show its messages as they are.
 
 const KEY_STORAGE = "graft.apiKey";
@@ -46,6 +46,19 @@ export async function call(path, { method = "GET", json, key } = {}) {
   });
   if (!response.ok) throw await errorOf(response);
   return response.status === 204 ? null : response.json();
+}
+
+let schemas = null;
+
+/** The JSON schemas of the service's OpenAPI document (public, like /docs), fetched once. The head kinds, what
+ * each takes, and the export formats come from there: the page lists none of its own. */
+export async function apiSchemas() {
+  if (!schemas) {
+    const response = await fetch("/openapi.json");
+    if (!response.ok) throw await errorOf(response);
+    schemas = (await response.json()).components.schemas;
+  }
+  return schemas;
 }
 
 /** POST multipart (no progress needed): fetch with the key; JSON out. */

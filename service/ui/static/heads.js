@@ -1,15 +1,15 @@
 // "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export.
 
-import { call, download, listAll } from "./api.js";
+import { apiSchemas, call, download, listAll } from "./api.js";
 import { el, formatTime, metricsView, percent } from "./widgets.js";
 
 const list = () => document.getElementById("heads-list");
 
 export async function showHeads() {
   list().replaceChildren(el("p", {}, "Loading your heads…"));
-  let heads;
+  let heads, schemas;
   try {
-    heads = await listAll("heads");
+    [heads, schemas] = await Promise.all([listAll("heads"), apiSchemas()]);
   } catch (error) {
     list().replaceChildren(el("p", { class: "error", role: "alert" }, `Your heads could not be listed: ${error.message}`));
     return;
@@ -18,12 +18,13 @@ export async function showHeads() {
     list().replaceChildren(el("p", {}, "No heads yet. ", el("a", { href: "#new" }, "Teach a new model"), " to make one."));
     return;
   }
-  list().replaceChildren(...heads.map(headCard));
+  const formats = schemas.ExportFormat.enum;
+  list().replaceChildren(...heads.map((head) => headCard(head, formats)));
 }
 
 const shortName = (head) => head.name.replace(/^heads\//, "");
 
-function headCard(head) {
+function headCard(head, formats) {
   const name = shortName(head);
   const status = el("p", { class: "error", role: "alert" });
   const versions = [...head.versions].sort((a, b) => b.version - a.version);
@@ -32,7 +33,7 @@ function headCard(head) {
     el("p", { class: "hint" }, `latest version ${head.latest_version}`,
       versions[0] ? ` · ${versions[0].kind} on ${versions[0].backbone} · ${versions[0].classes.join(", ")}` : ""),
     aliasList(name, head, status),
-    el("div", { class: "scroll" }, versionTable(name, versions, status)),
+    el("div", { class: "scroll" }, versionTable(name, versions, formats, status)),
     versions.map((v) => versionMetrics(name, v)),
     aliasForm(name, versions, status),
     status);
@@ -67,7 +68,8 @@ function aliasList(name, head, status) {
         onclick: () => act(status, () => call(`heads/${name}/aliases/${alias}`, { method: "DELETE" })) }, "Remove"))));
 }
 
-function versionTable(name, versions, status) {
+/** Each version with a download button per export format the service offers. */
+function versionTable(name, versions, formats, status) {
   return el("table", { class: "versions" },
     el("caption", { class: "visually-hidden" }, `Versions of ${name}`),
     el("thead", {}, el("tr", {}, ["version", "kind", "backbone", "accuracy", "trained", "aliases", "export"]
@@ -79,11 +81,10 @@ function versionTable(name, versions, status) {
       el("td", {}, formatTime(v.create_time)),
       el("td", {}, v.aliases.join(", ")),
       el("td", { class: "actions" },
-        el("button", { type: "button", class: "quiet", "aria-label": `Download ${name} version ${v.version} as safetensors`,
-          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=safetensors`), false) }, "weights"),
-        el("button", { type: "button", class: "quiet",
-          "aria-label": `Download ${name} version ${v.version} as ONNX (backbone and head, runs in ONNX Runtime)`,
-          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=onnx`), false) }, "ONNX"),
+        formats.map((format) => el("button", { type: "button", class: "quiet",
+          "aria-label": `Download ${name} version ${v.version} as ${format}`,
+          onclick: () => act(status, () => download(`heads/${name}@${v.version}:export?format=${format}`), false) },
+        format)),
         el("a", { href: `#try?${name}@${v.version}`, "aria-label": `Try ${name} version ${v.version}` }, "try"))))));
 }
 

@@ -1,13 +1,13 @@
 // "New model": classes with example images, one upload with a progress bar, a training job followed live,
 // then its hold-out metrics. Files are checked by the server, and a refused file shows its message in place.
 
-import { ApiError, call, upload, watchJob } from "./api.js";
+import { ApiError, apiSchemas, call, upload, watchJob } from "./api.js";
 import { acceptDrops, el, metricsView, percent } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
 const classes = [];
 let nextClass = 1;
-let backbonesLoaded = false;
+let choicesLoaded = false;
 
 export function setUpNewModel() {
   $("add-class").addEventListener("click", () => addClass().name.focus());
@@ -20,17 +20,51 @@ export function setUpNewModel() {
 }
 
 export async function showNewModel() {
-  if (backbonesLoaded) return;
-  const select = $("backbone");
+  if (choicesLoaded) return;
   try {
-    const { backbones } = await call("backbones");
-    const names = backbones.map((b) => b.name.replace(/^backbones\//, ""));
-    select.replaceChildren(...names.map((name) => el("option", { value: name }, name)),
-      el("option", { value: "auto" }, "auto (graft picks the best for your images; slower)"));
-    backbonesLoaded = true;
+    const [{ backbones }, schemas] = await Promise.all([call("backbones"), apiSchemas()]);
+    showBackbones(backbones);
+    showKinds(trainingKinds(schemas));
+    choicesLoaded = true;
   } catch (error) {
-    $("new-error").textContent = `The backbones could not be listed: ${error.message}`;
+    $("new-error").textContent = `The backbones and kinds of head could not be listed: ${error.message}`;
   }
+}
+
+function showBackbones(backbones) {
+  const names = backbones.map((b) => b.name.replace(/^backbones\//, ""));
+  $("backbone").replaceChildren(...names.map((name) => el("option", { value: name }, name)),
+    el("option", { value: "auto" }, "auto (graft picks the best for your images; slower)"));
+}
+
+/** Every kind a TrainingSpec may ask for, in the service's order, with its description, whether it takes
+ * hyper-parameters and whether finetune_blocks applies to it. TrainingSpec's schema states the server's own
+ * cross-field rules as `allOf` if/then pairs; two of them say which kinds take what. */
+function trainingKinds(schemas) {
+  const spec = schemas.TrainingSpec;
+  const descriptions = spec.properties.kind["x-enumDescriptions"];
+  // "if kind is one of [...], then search and hyperparams are null"
+  const untuned = spec.allOf.find((rule) => rule.then.properties?.hyperparams?.type === "null").if.properties.kind.enum;
+  // "if finetune_blocks is set, then kind is one of [...], or auto_finetune is true"
+  const blocksRule = spec.allOf.find((rule) => rule.if.required.includes("finetune_blocks"));
+  const blockKinds = blocksRule.then.anyOf.flatMap((option) => option.properties.kind?.enum ?? []);
+  return schemas.TrainingKind.enum.map((name) => ({ name, description: descriptions[name],
+    tuned: !untuned.includes(name), blocks: blockKinds.includes(name) }));
+}
+
+/** The kinds as options, the first chosen; the chosen one's description below them, and the settings it does not
+ * take disabled. */
+function showKinds(kinds) {
+  const select = $("kind");
+  select.replaceChildren(...kinds.map((kind) => el("option", { value: kind.name }, kind.name)));
+  const showChosen = () => {
+    const kind = kinds.find((k) => k.name === select.value);
+    $("kind-help").textContent = kind.description;
+    $("epochs").disabled = !kind.tuned;
+    $("finetune-blocks").disabled = !kind.blocks;
+  };
+  select.addEventListener("change", showChosen);
+  showChosen();
 }
 
 function addClass() {
@@ -111,13 +145,14 @@ function readForm() {
 }
 
 function trainingSpec(dataset, head) {
-  const spec = { dataset, head, kind: $("kind").value, backbone: $("backbone").value || undefined };
+  const spec = { dataset, head, kind: $("kind").value || undefined, backbone: $("backbone").value || undefined };
   const holdout = Number($("holdout").value);
   if (holdout) spec.holdout_fraction = holdout;
   if ($("seed").value !== "") spec.seed = Number($("seed").value);
-  const tuned = !["prototype", "auto"].includes(spec.kind); // those take no hyper-parameters
-  if ($("epochs").value !== "" && tuned) spec.hyperparams = { epochs: Number($("epochs").value) };
-  if ($("finetune-blocks").value !== "" && spec.kind === "finetune") spec.finetune_blocks = Number($("finetune-blocks").value);
+  // A setting the chosen kind does not take is disabled (showKinds), and left out.
+  if ($("epochs").value !== "" && !$("epochs").disabled) spec.hyperparams = { epochs: Number($("epochs").value) };
+  const blocks = $("finetune-blocks");
+  if (blocks.value !== "" && !blocks.disabled) spec.finetune_blocks = Number(blocks.value);
   return spec;
 }
 
