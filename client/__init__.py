@@ -16,8 +16,14 @@ from client.retry import DEFAULT_RETRY, RetryPolicy
 __all__ = ["Client", "GraftError", "GrpcClient", "HttpClient", "RetryPolicy", "connect"]
 
 
-def connect(url: str, api_key: str | None = None, *, timeout_s: float = 60.0, retry: RetryPolicy = DEFAULT_RETRY,
-            ca_file: str | None = None) -> Client:  # fmt: skip
+def connect(
+    url: str,
+    api_key: str | None = None,
+    *,
+    timeout_s: float = 60.0,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    ca_file: str | None = None,
+) -> Client:
     """A client for ``http(s)://host:port`` (the HTTP door) or ``grpc://host:port`` / ``grpcs://host:port`` (the
     gRPC door, plaintext / TLS). TLS checks the server's certificate against the system's roots, or against
     ``ca_file`` (PEM) only, for a private or self-signed CA."""

@@ -56,8 +56,13 @@ class Client(ABC):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def create_dataset(self, source: DatasetSource, display_name: str, progress: UploadProgress | None = None,
-                       request_id: str | None = None) -> Dataset:  # fmt: skip
+    def create_dataset(
+        self,
+        source: DatasetSource,
+        display_name: str,
+        progress: UploadProgress | None = None,
+        request_id: str | None = None,
+    ) -> Dataset:
         """Upload a class-folder directory, a zip, a CSV of ``path,label`` or in-memory (image, label) pairs.
 
         Images are read one at a time as they are sent. Every try of one call carries one idempotency key
@@ -80,12 +85,14 @@ class Client(ABC):
         return self._upload_examples(display_name, sources.from_memory(source), progress, request_id)
 
     @abstractmethod
-    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
-                         request_id: str) -> Dataset: ...  # fmt: skip
+    def _upload_examples(
+        self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None, request_id: str
+    ) -> Dataset: ...
 
     @abstractmethod
-    def _upload_zip(self, display_name: str, path: Path, progress: UploadProgress | None,
-                    request_id: str) -> Dataset: ...  # fmt: skip
+    def _upload_zip(
+        self, display_name: str, path: Path, progress: UploadProgress | None, request_id: str
+    ) -> Dataset: ...
 
     @abstractmethod
     def get_dataset(self, name: str) -> Dataset: ...
@@ -97,8 +104,15 @@ class Client(ABC):
     def delete_dataset(self, name: str) -> None: ...
 
     @abstractmethod
-    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
-                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
+    def audit_dataset(
+        self,
+        name: str,
+        *,
+        backbone: str | None = None,
+        max_suspects: int = 0,
+        max_duplicates: int = 0,
+        duplicate_similarity: float | None = None,
+    ) -> DatasetAudit:
         """Images whose label is probably wrong, ranked, with suggested labels; near-duplicates under two labels.
 
         0 / None take the server's defaults (50 items each, its GRAFT_DEFAULT_BACKBONE, similarity 0.98). The server
@@ -107,9 +121,17 @@ class Client(ABC):
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 
-    def train(self, dataset: str, head: str, *, kind: str | None = None, backbone: str | None = None,
-              search: SearchSpace | dict | None = None, hyperparams: HyperParams | dict | None = None,
-              **spec: Any) -> Job:  # fmt: skip
+    def train(
+        self,
+        dataset: str,
+        head: str,
+        *,
+        kind: str | None = None,
+        backbone: str | None = None,
+        search: SearchSpace | dict | None = None,
+        hyperparams: HyperParams | dict | None = None,
+        **spec: Any,
+    ) -> Job:
         """Queue a training job (returns at once, state ``queued``); ``wait`` or ``watch`` follows it."""
         name = dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
         fields = {"kind": kind, "backbone": backbone, "search": search, "hyperparams": hyperparams, **spec}

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load(args.url, args.api_key, args.timeout, args.ca_file)
         retry = RetryPolicy(attempts=max(args.retries, 0) + 1)
-        with connect(settings.url, settings.api_key, timeout_s=settings.timeout_s, retry=retry,
-                     ca_file=settings.ca_file) as graft:  # fmt: skip
+        with connect(
+            settings.url, settings.api_key, timeout_s=settings.timeout_s, retry=retry, ca_file=settings.ca_file
+        ) as graft:
             return args.run(graft, args) or 0
     except (UsageError, ValueError, OSError) as exc:
         print(f"graft: {exc}", file=sys.stderr)
@@ -100,8 +101,11 @@ def upload(graft: Client, args: argparse.Namespace) -> int:
     bar = ProgressBar(total_bytes)
 
     def progress(sent: int, images: int) -> None:
-        bar.update(sent, f"{images}/{total_images} images  {human_bytes(sent)}/{human_bytes(total_bytes)}",
-                   force=images == total_images)  # fmt: skip
+        bar.update(
+            sent,
+            f"{images}/{total_images} images  {human_bytes(sent)}/{human_bytes(total_bytes)}",
+            force=images == total_images,
+        )
 
     try:
         dataset = graft.create_dataset(source, args.name or source.stem, progress=progress)
@@ -111,8 +115,10 @@ def upload(graft: Client, args: argparse.Namespace) -> int:
         print(dataset.model_dump_json())
     else:
         counts = ", ".join(f"{label} {count}" for label, count in sorted(dataset.examples_per_class.items()))
-        print(f"{dataset.name}  {dataset.display_name!r}: {dataset.example_count} images, "
-              f"{len(dataset.classes)} classes ({counts})")  # fmt: skip
+        print(
+            f"{dataset.name}  {dataset.display_name!r}: {dataset.example_count} images, "
+            f"{len(dataset.classes)} classes ({counts})"
+        )
     return 0
 
 
@@ -123,8 +129,14 @@ def _totals(examples: list[sources.Example]) -> tuple[int, int]:
 def train(graft: Client, args: argparse.Namespace) -> int:
     dataset = _dataset_name(graft, args.dataset)
     hyperparams = json.loads(args.hyperparams) if args.hyperparams else None
-    job = graft.train(dataset, args.head, kind=args.kind, backbone=args.backbone, hyperparams=hyperparams,
-                      time_budget_s=args.time_budget)  # fmt: skip
+    job = graft.train(
+        dataset,
+        args.head,
+        kind=args.kind,
+        backbone=args.backbone,
+        hyperparams=hyperparams,
+        time_budget_s=args.time_budget,
+    )
     print(f"{job.name}: training head {args.head!r} on {dataset}", file=sys.stderr)
     if args.no_wait:
         print(job.name)
@@ -207,10 +219,18 @@ def predict(graft: Client, args: argparse.Namespace) -> int:
     else:  # the best label per head; "unknown" where the head abstains; then its prediction set
         _table(
             ["file", "head", "label", "score", *(["set"] if args.coverage else [])],
-            [[str(path), f"{head.head}@{head.version}", UNKNOWN if head.abstained else head.top[0].label,
-              f"{head.top[0].score:.3f}", *([" ".join(head.prediction_set or [])] if args.coverage else [])]
-             for path, prediction in zip(files, predictions, strict=True) for head in prediction.heads],
-        )  # fmt: skip
+            [
+                [
+                    str(path),
+                    f"{head.head}@{head.version}",
+                    UNKNOWN if head.abstained else head.top[0].label,
+                    f"{head.top[0].score:.3f}",
+                    *([" ".join(head.prediction_set or [])] if args.coverage else []),
+                ]
+                for path, prediction in zip(files, predictions, strict=True)
+                for head in prediction.heads
+            ],
+        )
     return 0
 
 
@@ -244,9 +264,17 @@ def heads(graft: Client, args: argparse.Namespace) -> int:
         aliases = {v: [a for a, n in head.aliases.items() if n == v and a != "latest"] for v in head.aliases.values()}
         for version in head.versions:
             accuracy = version.metrics.get("accuracy")
-            rows.append([head.display, str(version.version), version.kind, version.backbone, str(len(version.classes)),
-                         f"{accuracy:.3f}" if isinstance(accuracy, int | float) else "-",
-                         ",".join(aliases.get(version.version, [])) or "-"])  # fmt: skip
+            rows.append(
+                [
+                    head.display,
+                    str(version.version),
+                    version.kind,
+                    version.backbone,
+                    str(len(version.classes)),
+                    f"{accuracy:.3f}" if isinstance(accuracy, int | float) else "-",
+                    ",".join(aliases.get(version.version, [])) or "-",
+                ]
+            )
     _table(["head", "version", "kind", "backbone", "classes", "accuracy", "aliases"], rows)
     return 0
 
@@ -257,32 +285,64 @@ def datasets(graft: Client, args: argparse.Namespace) -> int:
         for dataset in found:
             print(dataset.model_dump_json())
         return 0
-    _table(["dataset", "display name", "images", "classes", "created"],
-           [[d.name, d.display_name, str(d.example_count), str(len(d.classes)), f"{d.create_time:%Y-%m-%d %H:%M}"]
-            for d in found])  # fmt: skip
+    _table(
+        ["dataset", "display name", "images", "classes", "created"],
+        [
+            [d.name, d.display_name, str(d.example_count), str(len(d.classes)), f"{d.create_time:%Y-%m-%d %H:%M}"]
+            for d in found
+        ],
+    )
     return 0
 
 
 def audit(graft: Client, args: argparse.Namespace) -> int:
     dataset = _dataset_name(graft, args.dataset)
-    found = graft.audit_dataset(dataset, backbone=args.backbone, max_suspects=args.max_suspects,
-                                max_duplicates=args.max_duplicates, duplicate_similarity=args.similarity)  # fmt: skip
+    found = graft.audit_dataset(
+        dataset,
+        backbone=args.backbone,
+        max_suspects=args.max_suspects,
+        max_duplicates=args.max_duplicates,
+        duplicate_similarity=args.similarity,
+    )
     if args.json:
         print(found.model_dump_json())
         return 0
-    print(f"{found.dataset}: {found.example_count} images on {found.backbone} ({found.folds} folds): "
-          f"{found.suspect_count} probably mislabelled, {found.duplicate_count} near-duplicate pairs "
-          "under different labels")  # fmt: skip
+    print(
+        f"{found.dataset}: {found.example_count} images on {found.backbone} ({found.folds} folds): "
+        f"{found.suspect_count} probably mislabelled, {found.duplicate_count} near-duplicate pairs "
+        "under different labels"
+    )
     if found.suspects:
         print()
-        _table(["image", "sha256", "label", "suggested", "p(label)", "p(suggested)"],
-               [[str(s.example.index), s.example.image_sha256[:12], s.example.label, s.suggested_label,
-                 f"{s.label_score:.3f}", f"{s.suggested_score:.3f}"] for s in found.suspects])  # fmt: skip
+        _table(
+            ["image", "sha256", "label", "suggested", "p(label)", "p(suggested)"],
+            [
+                [
+                    str(s.example.index),
+                    s.example.image_sha256[:12],
+                    s.example.label,
+                    s.suggested_label,
+                    f"{s.label_score:.3f}",
+                    f"{s.suggested_score:.3f}",
+                ]
+                for s in found.suspects
+            ],
+        )
     if found.duplicates:
         print()
-        _table(["image", "label", "image", "label", "similarity"],
-               [[str(d.first.index), d.first.label, str(d.second.index), d.second.label,
-                 "identical" if d.identical else f"{d.similarity:.4f}"] for d in found.duplicates])  # fmt: skip
+        _table(
+            ["image", "label", "image", "label", "similarity"],
+            [
+                [
+                    str(d.first.index),
+                    d.first.label,
+                    str(d.second.index),
+                    d.second.label,
+                    "identical" if d.identical else f"{d.similarity:.4f}",
+                ]
+                for d in found.duplicates
+            ],
+        )
     return 0
 
 
@@ -310,8 +370,10 @@ def export(graft: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-REPORT_EXTRA = ("graft report draws with matplotlib, which is not installed: pip install 'graft-client[report]' "
-                "(from graft's repository: pip install './client[report]')")  # fmt: skip
+REPORT_EXTRA = (
+    "graft report draws with matplotlib, which is not installed: pip install 'graft-client[report]' "
+    "(from graft's repository: pip install './client[report]')"
+)
 
 
 def report(graft: Client, args: argparse.Namespace) -> int:
@@ -394,17 +456,30 @@ def _option(name: str, rule: str) -> Callable[[str], Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graft", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    parser.add_argument("--url", help="http(s)://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS) (env "
-                        f"GRAFT_URL; default {config.DEFAULT_URL})")  # fmt: skip
-    parser.add_argument("--ca-file", help="PEM CA to trust for grpcs:// and https:// instead of the system's roots, "
-                        "for a private or self-signed certificate (env GRAFT_CA_FILE)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--url",
+        help="http(s)://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS) (env "
+        f"GRAFT_URL; default {config.DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--ca-file",
+        help="PEM CA to trust for grpcs:// and https:// instead of the system's roots, "
+        "for a private or self-signed certificate (env GRAFT_CA_FILE)",
+    )
     parser.add_argument("--api-key", help="API key; visible in process lists: prefer env GRAFT_API_KEY")
     parser.add_argument("--timeout", type=float, help="seconds a call may take (env GRAFT_TIMEOUT_S; default 60)")
-    parser.add_argument("--retries", type=int, default=3, help="retries of a call the server refused for now "
-                        "(unavailable, or 429 with Retry-After); default 3")  # fmt: skip
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries of a call the server refused for now (unavailable, or 429 with Retry-After); default 3",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, run: Callable[[Client, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -455,8 +530,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--max-suspects", type=int, default=0, help="probable label errors to list (default 50)")
     sub.add_argument("--max-duplicates", type=int, default=0, help="duplicate pairs to list (default 50)")
-    sub.add_argument("--similarity", type=float, help="cosine similarity from which images are near-duplicates "
-                     "(default 0.98)")  # fmt: skip
+    sub.add_argument(
+        "--similarity", type=float, help="cosine similarity from which images are near-duplicates (default 0.98)"
+    )
     sub.add_argument("--json", action="store_true", help="print the audit as JSON")
 
     sub = command("alias", alias, "point an alias (e.g. prod) at a head version, or remove it")
@@ -465,8 +541,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("version", type=int, nargs="?")
     sub.add_argument("--remove", action="store_true")
 
-    about = ("download a head: safetensors weights, or backbone + head as one ONNX or torch.export (.pt2) "
-             "file with class names, input transforms and provenance in its metadata")  # fmt: skip
+    about = (
+        "download a head: safetensors weights, or backbone + head as one ONNX or torch.export (.pt2) "
+        "file with class names, input transforms and provenance in its metadata"
+    )
     sub = command("export", export, about)
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
     sub.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors")

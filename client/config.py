@@ -46,8 +46,9 @@ def _check_private(path: Path) -> None:
         )
 
 
-def load(url: str | None = None, api_key: str | None = None, timeout_s: float | None = None,
-         ca_file: str | None = None) -> Settings:  # fmt: skip
+def load(
+    url: str | None = None, api_key: str | None = None, timeout_s: float | None = None, ca_file: str | None = None
+) -> Settings:
     """Flags win over GRAFT_URL / GRAFT_API_KEY / GRAFT_TIMEOUT_S / GRAFT_CA_FILE, which win over the config file."""
     path = config_path()
     values: dict = {}
@@ -58,9 +59,12 @@ def load(url: str | None = None, api_key: str | None = None, timeout_s: float | 
             raise ValueError(f"{path} is not valid TOML ({exc}): fix or remove it") from None
         if "api_key" in values:
             _check_private(path)
-    environment = {"url": os.environ.get("GRAFT_URL"), "api_key": os.environ.get("GRAFT_API_KEY"),
-                   "timeout_s": os.environ.get("GRAFT_TIMEOUT_S"),
-                   "ca_file": os.environ.get("GRAFT_CA_FILE")}  # fmt: skip
+    environment = {
+        "url": os.environ.get("GRAFT_URL"),
+        "api_key": os.environ.get("GRAFT_API_KEY"),
+        "timeout_s": os.environ.get("GRAFT_TIMEOUT_S"),
+        "ca_file": os.environ.get("GRAFT_CA_FILE"),
+    }
     flags = {"url": url, "api_key": api_key, "timeout_s": timeout_s, "ca_file": ca_file}
     for layer in (environment, flags):
         values |= {key: value for key, value in layer.items() if value not in (None, "")}

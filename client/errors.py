@@ -13,8 +13,15 @@ class GraftError(Exception):
 
     code = "unknown"
 
-    def __init__(self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None,
-                 status: int | None = None, retry_after_s: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.code
@@ -85,14 +92,34 @@ class Internal(GraftError):
 
 _BY_CODE: dict[str, type[GraftError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, Unauthenticated, PermissionDenied, NotFound, AlreadyExists, FailedPrecondition,
-                ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled, Internal)
-}  # fmt: skip
+    for cls in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+    )
+}
 _BY_STATUS: dict[int, type[GraftError]] = {
-    400: InvalidArgument, 401: Unauthenticated, 403: PermissionDenied, 404: NotFound, 408: DeadlineExceeded,
-    409: FailedPrecondition, 413: InvalidArgument, 422: InvalidArgument, 429: ResourceExhausted, 502: Unavailable,
-    503: Unavailable, 504: DeadlineExceeded,
-}  # fmt: skip
+    400: InvalidArgument,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    404: NotFound,
+    408: DeadlineExceeded,
+    409: FailedPrecondition,
+    413: InvalidArgument,
+    422: InvalidArgument,
+    429: ResourceExhausted,
+    502: Unavailable,
+    503: Unavailable,
+    504: DeadlineExceeded,
+}
 
 
 def error_for(code: str, message: str, **kwargs: Any) -> GraftError:

@@ -31,14 +31,23 @@ _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is
 
 
 class GrpcClient(Client):
-    def __init__(self, target: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY, *, tls: bool = False,
-                 ca_file: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        *,
+        tls: bool = False,
+        ca_file: str | None = None,
+    ) -> None:
         """``tls``: the port speaks TLS (``grpcs://``); the certificate is checked against the system's roots, or
         against ``ca_file`` (PEM) only. Without TLS the API key travels in clear: use it on a private network."""
         super().__init__(f"{'grpcs' if tls else 'grpc'}://{target}", api_key, timeout_s, retry)
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
         self._tls = tls
         if tls:
             roots = Path(ca_file).expanduser().read_bytes() if ca_file else None
@@ -71,8 +80,9 @@ class GrpcClient(Client):
     def _call(self, method: Any, request: Any, *, safe: bool = True, request_id: str | None = None) -> Any:
         """A unary call, retried on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after. An UNAVAILABLE that may
         have come after the call ran is retried only when the call is ``safe`` (a read) or carries ``request_id``."""
-        return self.retry.call(lambda: self._invoke(method, request, request_id=request_id),
-                               safe=safe or request_id is not None)  # fmt: skip
+        return self.retry.call(
+            lambda: self._invoke(method, request, request_id=request_id), safe=safe or request_id is not None
+        )
 
     def _error(self, exc: grpc.RpcError) -> GraftError:
         code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
@@ -80,19 +90,23 @@ class GrpcClient(Client):
         trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
         retry_after = trailers.get("retry-after")
         if code == grpc.StatusCode.UNAVAILABLE and _never_connected(message):
-            return Unavailable(f"cannot reach graft at {self.url} ({message}): {self._connect_hint(message)}",
-                               may_have_run=False)  # fmt: skip
+            return Unavailable(
+                f"cannot reach graft at {self.url} ({message}): {self._connect_hint(message)}", may_have_run=False
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and message == "Deadline Exceeded":
-            return DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s; raise the timeout "
-                                    "(--timeout) or try again")  # fmt: skip
+            return DeadlineExceeded(
+                f"no answer from {self.url} within {self.timeout_s:g} s; raise the timeout (--timeout) or try again"
+            )
         return error_for(code.name, message, retry_after_s=float(retry_after) if retry_after else None)
 
     def _connect_hint(self, message: str) -> str:
         text = message.lower()
         if self._tls and any(words in text for words in ("ssl", "tls", "handshake", "certificate")):
-            return ("the TLS handshake failed: does the port speak TLS (else use grpc://), and is its certificate "
-                    "signed by a CA this client trusts (--ca-file / GRAFT_CA_FILE for a private or "
-                    "self-signed one)?")  # fmt: skip
+            return (
+                "the TLS handshake failed: does the port speak TLS (else use grpc://), and is its certificate "
+                "signed by a CA this client trusts (--ca-file / GRAFT_CA_FILE for a private or "
+                "self-signed one)?"
+            )
         if not self._tls and "socket closed" in text:
             return "the server closed the connection at once: if its port speaks TLS, use grpcs://HOST:PORT"
         return "is the server running and the target right (--url or GRAFT_URL)?"
@@ -109,15 +123,17 @@ class GrpcClient(Client):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
-                         request_id: str) -> Dataset:  # fmt: skip
+    def _upload_examples(
+        self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None, request_id: str
+    ) -> Dataset:
         def messages() -> Iterator[api.CreateDatasetRequest]:
             yield api.CreateDatasetRequest(header=api.CreateDatasetRequest.Header(display_name=display_name))
             sent = 0
             for count, example in enumerate(examples, start=1):
                 data = example.read()
-                yield api.CreateDatasetRequest(image=api.CreateDatasetRequest.Image(
-                    file_name=example.file_name, label=example.label, data=data))  # fmt: skip
+                yield api.CreateDatasetRequest(
+                    image=api.CreateDatasetRequest.Image(file_name=example.file_name, label=example.label, data=data)
+                )
                 sent += len(data)
                 if progress is not None:
                     progress(sent, count)
@@ -147,10 +163,21 @@ class GrpcClient(Client):
     def delete_dataset(self, name: str) -> None:
         self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")), safe=False)
 
-    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
-                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
-        request = api.AuditDatasetRequest(name=_named(name, "datasets"), backbone=backbone or "",
-                                          max_suspects=max_suspects, max_duplicates=max_duplicates)  # fmt: skip
+    def audit_dataset(
+        self,
+        name: str,
+        *,
+        backbone: str | None = None,
+        max_suspects: int = 0,
+        max_duplicates: int = 0,
+        duplicate_similarity: float | None = None,
+    ) -> DatasetAudit:
+        request = api.AuditDatasetRequest(
+            name=_named(name, "datasets"),
+            backbone=backbone or "",
+            max_suspects=max_suspects,
+            max_duplicates=max_duplicates,
+        )
         if duplicate_similarity is not None:
             request.duplicate_similarity = duplicate_similarity
         timeout_s = max(self.timeout_s, AUDIT_TIMEOUT_S)
@@ -265,8 +292,9 @@ def _named(name: str, collection: str) -> str:
 
 def _json(message: Message) -> dict[str, Any]:
     """The message as the HTTP door's JSON: proto field names, enums lowercase, unset strings as None."""
-    return _plain(json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True))  # fmt: skip
+    return _plain(
+        json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
 
 
 def _plain(value: Any, key: str = "") -> Any:

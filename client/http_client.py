@@ -30,8 +30,15 @@ PAGE_SIZE = 1000
 
 
 class HttpClient(Client):
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 retry: RetryPolicy = DEFAULT_RETRY, *, ca_file: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        *,
+        ca_file: str | None = None,
+    ) -> None:
         """``ca_file``: for https://, trust this PEM CA (a private or self-signed one) instead of the system's."""
         super().__init__(url.rstrip("/"), api_key, timeout_s, retry)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -47,15 +54,20 @@ class HttpClient(Client):
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
-            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s:g} s ({type(exc).__name__}); "
-                             "raise the timeout (--timeout) or try again") from None  # fmt: skip
+            raise DeadlineExceeded(
+                f"no answer from {self.url} within {self.timeout_s:g} s ({type(exc).__name__}); "
+                "raise the timeout (--timeout) or try again"
+            ) from None
         except httpx.ConnectError as exc:  # no connection: nothing was sent
-            raise Unavailable(f"cannot reach graft at {self.url} ({exc or type(exc).__name__}): is the server "
-                              "running and the URL right (--url or GRAFT_URL)?",
-                              may_have_run=False) from None  # fmt: skip
+            raise Unavailable(
+                f"cannot reach graft at {self.url} ({exc or type(exc).__name__}): is the server "
+                "running and the URL right (--url or GRAFT_URL)?",
+                may_have_run=False,
+            ) from None
         except httpx.TransportError as exc:  # the request went out; the server may have run it
-            raise Unavailable(f"the connection to {self.url} broke ({exc or type(exc).__name__}); the call may "
-                              "have run") from None  # fmt: skip
+            raise Unavailable(
+                f"the connection to {self.url} broke ({exc or type(exc).__name__}); the call may have run"
+            ) from None
         _raise_for_error(response)
         return response
 
@@ -78,8 +90,9 @@ class HttpClient(Client):
 
     # Datasets -----------------------------------------------------------------------------------------------------
 
-    def _upload_examples(self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None,
-                         request_id: str) -> Dataset:  # fmt: skip
+    def _upload_examples(
+        self, display_name: str, examples: Iterable[Example], progress: UploadProgress | None, request_id: str
+    ) -> Dataset:
         body = MultipartBody([("display_name", display_name)])
         stream, length = body.examples(examples, progress)
         return self._upload(body, stream, length, request_id)
@@ -106,13 +119,28 @@ class HttpClient(Client):
     def delete_dataset(self, name: str) -> None:
         self._call("DELETE", f"/v1/{_named(name, 'datasets')}")
 
-    def audit_dataset(self, name: str, *, backbone: str | None = None, max_suspects: int = 0,
-                      max_duplicates: int = 0, duplicate_similarity: float | None = None) -> DatasetAudit:  # fmt: skip
-        params = {"backbone": backbone, "max_suspects": max_suspects or None, "max_duplicates": max_duplicates or None,
-                  "duplicate_similarity": duplicate_similarity}  # fmt: skip
+    def audit_dataset(
+        self,
+        name: str,
+        *,
+        backbone: str | None = None,
+        max_suspects: int = 0,
+        max_duplicates: int = 0,
+        duplicate_similarity: float | None = None,
+    ) -> DatasetAudit:
+        params = {
+            "backbone": backbone,
+            "max_suspects": max_suspects or None,
+            "max_duplicates": max_duplicates or None,
+            "duplicate_similarity": duplicate_similarity,
+        }
         timeout = httpx.Timeout(self.timeout_s, read=max(self.timeout_s, AUDIT_TIMEOUT_S))
-        answer = self._call("GET", f"/v1/{_named(name, 'datasets')}:audit",
-                            params={k: v for k, v in params.items() if v is not None}, timeout=timeout)  # fmt: skip
+        answer = self._call(
+            "GET",
+            f"/v1/{_named(name, 'datasets')}:audit",
+            params={k: v for k, v in params.items() if v is not None},
+            timeout=timeout,
+        )
         return DatasetAudit.model_validate(answer)
 
     # Jobs ---------------------------------------------------------------------------------------------------------
@@ -160,8 +188,9 @@ class HttpClient(Client):
         self._call("DELETE", f"/v1/{_named(name, 'heads')}/versions/{version}")
 
     def set_alias(self, head: str, alias: str, version: int) -> Head:
-        return Head.model_validate(self._call("PUT", f"/v1/{_named(head, 'heads')}/aliases/{alias}",
-                                              json={"version": version}))  # fmt: skip
+        return Head.model_validate(
+            self._call("PUT", f"/v1/{_named(head, 'heads')}/aliases/{alias}", json={"version": version})
+        )
 
     def remove_alias(self, head: str, alias: str) -> None:
         self._call("DELETE", f"/v1/{_named(head, 'heads')}/aliases/{alias}")

@@ -39,8 +39,9 @@ class MultipartBody:
     def _tail(self) -> bytes:
         return f"--{self.boundary}--\r\n".encode()
 
-    def examples(self, examples: Iterable[Example],
-                 progress: Callable[[int, int], None] | None) -> tuple[Iterator[bytes], int | None]:  # fmt: skip
+    def examples(
+        self, examples: Iterable[Example], progress: Callable[[int, int], None] | None
+    ) -> tuple[Iterator[bytes], int | None]:
         """The body of ``files`` + ``labels`` parts, and its length if every example's size is known."""
         length = None
         if isinstance(examples, list) and all(e.size is not None for e in examples):
@@ -68,8 +69,9 @@ class MultipartBody:
 
         return body(), length
 
-    def archive(self, path: Path, progress: Callable[[int, int], None] | None,
-                images: int) -> tuple[Iterator[bytes], int]:  # fmt: skip
+    def archive(
+        self, path: Path, progress: Callable[[int, int], None] | None, images: int
+    ) -> tuple[Iterator[bytes], int]:
         """The body with one ``archive`` part streamed from disk; progress counts images as bytes go."""
         size = path.stat().st_size
         head = self._head() + self._file_head("archive", path.name)

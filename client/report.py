@@ -28,8 +28,9 @@ def draw(version: HeadVersion, out: Path) -> None:
     fig.suptitle(
         f"{version.display}  ·  {version.kind} on {version.backbone}  ·  hold-out accuracy "
         f"{_number(accuracy)}  ·  ECE {_number(ece)}  ·  {int(examples or 0)} hold-out images",
-        fontsize=13, fontweight="bold",
-    )  # fmt: skip
+        fontsize=13,
+        fontweight="bold",
+    )
     _confusion(axes[0, 0], version.classes, metrics["confusion"])
     _per_class(axes[0, 1], metrics["per_class"])
     _reliability(axes[1, 0], metrics.get("reliability") or [])
@@ -75,8 +76,9 @@ def _per_class(ax: Any, per_class: list[dict[str, Any]]) -> None:
         bars = ax.bar(x + offset, values, 0.26, label=key, color=colour)
         if len(labels) <= 10:
             ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=1)
-    ax.set_xticks(x, [f"{c['label']}\n(n={c.get('support', 0)})" for c in per_class],
-                  rotation=45 if len(labels) > 6 else 0)  # fmt: skip
+    ax.set_xticks(
+        x, [f"{c['label']}\n(n={c.get('support', 0)})" for c in per_class], rotation=45 if len(labels) > 6 else 0
+    )
     ax.set_ylim(0, 1.25)
     ax.set_title("Per class: precision, recall, F1 (n = hold-out images)")
     ax.legend(loc="upper center", ncols=3)
@@ -87,13 +89,33 @@ def _reliability(ax: Any, bins: list[dict[str, Any]]) -> None:
     filled = [b for b in bins if b.get("count")]
     if filled:
         width = filled[0]["hi"] - filled[0]["lo"]
-        ax.bar([b["lo"] for b in filled], [b["accuracy"] for b in filled], width, align="edge", alpha=0.7,
-               color="#4c72b0", edgecolor="white", label="accuracy in bin")  # fmt: skip
-        ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o-", color="#c44e52",
-                label="mean confidence → accuracy")  # fmt: skip
+        ax.bar(
+            [b["lo"] for b in filled],
+            [b["accuracy"] for b in filled],
+            width,
+            align="edge",
+            alpha=0.7,
+            color="#4c72b0",
+            edgecolor="white",
+            label="accuracy in bin",
+        )
+        ax.plot(
+            [b["confidence"] for b in filled],
+            [b["accuracy"] for b in filled],
+            "o-",
+            color="#c44e52",
+            label="mean confidence → accuracy",
+        )
         for b in filled:
-            ax.annotate(str(b["count"]), (b["lo"] + width / 2, b["accuracy"]), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                str(b["count"]),
+                (b["lo"] + width / 2, b["accuracy"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     else:
         ax.text(0.5, 0.5, "no reliability bins stored\n(trained before they were kept)", ha="center", va="center")
     ax.set_xlim(0, 1)

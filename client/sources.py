@@ -60,8 +60,9 @@ def from_csv(path: Path) -> list[Example]:
 def from_memory(images: Iterable[tuple[Any, str]]) -> Iterable[Example]:
     """(image, label) pairs, each image ``bytes`` or a PIL image (encoded as PNG when it is read)."""
     for index, (image, label) in enumerate(images):
-        yield Example(f"image_{index:06d}.png", label, len(image) if isinstance(image, bytes) else None,
-                      image_reader(image))  # fmt: skip
+        yield Example(
+            f"image_{index:06d}.png", label, len(image) if isinstance(image, bytes) else None, image_reader(image)
+        )
 
 
 def image_reader(image: Any) -> Callable[[], bytes]:
@@ -82,6 +83,7 @@ def zip_image_count(path: Path) -> int:
     """Images in a class-folder zip, from its central directory (for progress)."""
     with zipfile.ZipFile(path) as archive:
         return sum(
-            1 for info in archive.infolist()
+            1
+            for info in archive.infolist()
             if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_SUFFIXES
-        )  # fmt: skip
+        )

@@ -103,8 +103,9 @@ def tenant(server) -> str:
 
 
 def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_path):
-    code, upload = graft_in_terminal("upload", str(images / "train"), "--name", "textiles",
-                                     url=server.http_url, key=tenant)  # fmt: skip
+    code, upload = graft_in_terminal(
+        "upload", str(images / "train"), "--name", "textiles", url=server.http_url, key=tenant
+    )
     assert code == 0, upload
     assert f"{3 * TRAIN_PER_CLASS}/{3 * TRAIN_PER_CLASS} images" in upload  # the progress bar by images and bytes
     assert "KiB" in upload and f"{3 * TRAIN_PER_CLASS} images, 3 classes" in upload
@@ -122,8 +123,9 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     correct = sum(label == name.split("/")[0] for label, name in zip(labels, HELD_OUT, strict=True))
     assert correct >= 6, f"only {correct} of {len(HELD_OUT)} held-out images right: {labels}"
 
-    as_json = graft("predict", "weave", *(str(images / "held_out" / n) for n in HELD_OUT), "--json",
-                    url=server.http_url, key=tenant)  # fmt: skip
+    as_json = graft(
+        "predict", "weave", *(str(images / "held_out" / n) for n in HELD_OUT), "--json", url=server.http_url, key=tenant
+    )
     assert [json.loads(line)["heads"][0]["top"][0]["label"] for line in as_json.stdout.splitlines()] == labels
     as_csv = graft(
         "predict", "weave", str(images / "held_out"), "--csv", "--top-k", "2", url=server.http_url, key=tenant
@@ -131,8 +133,17 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     assert as_csv.stdout.splitlines()[0] == "file,head,version,rank,label,score"
     assert len(as_csv.stdout.splitlines()) == 1 + 2 * len(HELD_OUT)
     # No score reaches 1: every head abstains ("unknown"); each prediction set starts with the best label.
-    unsure = graft("predict", "weave", str(images / "held_out"), "--min-score", "1", "--coverage", "0.5",
-                   url=server.http_url, key=tenant)  # fmt: skip
+    unsure = graft(
+        "predict",
+        "weave",
+        str(images / "held_out"),
+        "--min-score",
+        "1",
+        "--coverage",
+        "0.5",
+        url=server.http_url,
+        key=tenant,
+    )
     assert unsure.returncode == 0, unsure.stderr
     assert [row.split()[2] for row in unsure.stdout.splitlines()[1:]] == ["unknown"] * len(HELD_OUT)
     assert [row.split()[4] for row in unsure.stdout.splitlines()[1:]] == labels  # the set column, best label first

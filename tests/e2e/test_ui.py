@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from adapters.kinds import KINDS
 from harness.sample_data import textile_files
+from harness.screenshots import record_digest
 from harness.servers import Server, make_tenant_key, start_server
 from service.kind_choice import AUTO_KIND, auto_description
 from service.resources import ExportFormat
@@ -71,11 +72,13 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 @pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
+def screenshots(tmp_path_factory) -> Iterator[Path]:
+    """Where the pictures go; into GRAFT_SCREENSHOTS_DIR with the digest of the page they show."""
     folder = os.environ.get("GRAFT_SCREENSHOTS_DIR")
     path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    yield path
+    record_digest(path)
 
 
 def shoot(page: Page, folder: Path, name: str) -> None:
@@ -148,8 +151,9 @@ def test_a_file_the_server_refuses_shows_its_message_next_to_it(page, server, ke
     expect(broken.locator(".file-error")).to_contain_text("file 'local/broken.jpg' is not a decodable image")
     expect(page.locator("#new-error")).to_contain_text("refused a file")
     assert page.locator(".file-error:not(:empty)").count() == 1, "only the refused file shows an error"
-    assert httpx.get(f"{server.http_url}/v1/datasets", headers={"Authorization": f"Bearer {key}"}).json()[
-        "datasets"] == [], "nothing was stored"  # fmt: skip
+    assert (
+        httpx.get(f"{server.http_url}/v1/datasets", headers={"Authorization": f"Bearer {key}"}).json()["datasets"] == []
+    ), "nothing was stored"
 
 
 def test_the_kinds_offered_are_the_servers_each_with_its_description_and_the_settings_it_takes(page, server, key):
@@ -222,8 +226,12 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     top_label = answers.first.locator(".top-label").inner_text()
     shoot(page, screenshots, "try")
 
-    reply = httpx.post(f"{server.http_url}/v1/predict:upload", files={"files": (name, data)},
-                       data={"heads": "weave"}, headers={"Authorization": f"Bearer {key}"}).json()  # fmt: skip
+    reply = httpx.post(
+        f"{server.http_url}/v1/predict:upload",
+        files={"files": (name, data)},
+        data={"heads": "weave"},
+        headers={"Authorization": f"Bearer {key}"},
+    ).json()
     assert top_label == reply["predictions"][0]["heads"][0]["top"][0]["label"] == label
     expect(answers.nth(1).locator(".top-label")).to_have_text(top_label)
 

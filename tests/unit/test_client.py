@@ -51,9 +51,15 @@ def test_the_client_and_the_cli_import_neither_torch_nor_the_server():
 
 
 # What client/ imports, by distribution (graft-client must require exactly these; stdlib and client itself aside).
-DISTRIBUTIONS = {"httpx": "httpx", "grpc": "grpcio", "google.protobuf": "protobuf",
-                 "google.api": "googleapis-common-protos", "pydantic": "pydantic", "matplotlib": "matplotlib",
-                 "numpy": "numpy"}  # fmt: skip
+DISTRIBUTIONS = {
+    "httpx": "httpx",
+    "grpc": "grpcio",
+    "google.protobuf": "protobuf",
+    "google.api": "googleapis-common-protos",
+    "pydantic": "pydantic",
+    "matplotlib": "matplotlib",
+    "numpy": "numpy",
+}
 
 
 def _third_party_imports(path: Path) -> set[str]:
@@ -107,15 +113,23 @@ def test_graft_report_without_matplotlib_says_how_to_install_it(monkeypatch, cap
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (models.Backbone, pb.Backbone), (models.Dataset, pb.Dataset), (models.Job, pb.Job),
-        (models.TrainingSpec, pb.TrainingSpec), (models.HyperParams, pb.HyperParams),
-        (models.SearchSpace, pb.SearchSpace), (models.HeadVersion, pb.HeadVersion), (models.Head, pb.Head),
-        (models.ImagePrediction, api.ImagePrediction), (models.HeadPrediction, api.HeadPrediction),
-        (models.LabelScore, api.LabelScore), (models.DatasetAudit, pb.DatasetAudit),
-        (models.LabelSuspect, pb.LabelSuspect), (models.DuplicatePair, pb.DuplicatePair),
+        (models.Backbone, pb.Backbone),
+        (models.Dataset, pb.Dataset),
+        (models.Job, pb.Job),
+        (models.TrainingSpec, pb.TrainingSpec),
+        (models.HyperParams, pb.HyperParams),
+        (models.SearchSpace, pb.SearchSpace),
+        (models.HeadVersion, pb.HeadVersion),
+        (models.Head, pb.Head),
+        (models.ImagePrediction, api.ImagePrediction),
+        (models.HeadPrediction, api.HeadPrediction),
+        (models.LabelScore, api.LabelScore),
+        (models.DatasetAudit, pb.DatasetAudit),
+        (models.LabelSuspect, pb.LabelSuspect),
+        (models.DuplicatePair, pb.DuplicatePair),
         (models.AuditedExample, pb.AuditedExample),
     ],
-)  # fmt: skip
+)
 def test_client_models_have_exactly_the_protos_field_names(model, message):
     assert set(model.model_fields) == set(message.DESCRIPTOR.fields_by_name)
 
@@ -182,7 +196,14 @@ def test_stored_metrics_carry_the_reliability_curve_and_the_report_draws_them(tm
 
 
 def test_a_report_of_a_version_without_evaluation_says_what_to_do(tmp_path):
-    version = models.HeadVersion(name="heads/pets/versions/1", version=1, backbone="b", kind="linear", classes=["a"],
-                                 metrics={}, create_time="2026-01-01T00:00:00Z")  # fmt: skip
+    version = models.HeadVersion(
+        name="heads/pets/versions/1",
+        version=1,
+        backbone="b",
+        kind="linear",
+        classes=["a"],
+        metrics={},
+        create_time="2026-01-01T00:00:00Z",
+    )
     with pytest.raises(ValueError, match="train it again"):
         draw(version, tmp_path / "r.png")

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from harness.screenshots import DIGEST_FILE, static_digest
 from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,3 +95,10 @@ def test_a_deprecation_warning_from_grafts_own_code_fails_the_run_and_a_third_pa
     failed = {line.split("[")[1].split("]")[0] for line in run.stdout.splitlines() if line.startswith("FAILED")}
     assert failed == {"service.engine.batcher", "adapters.heads", "client"}, run.stdout
     assert "1 passed" in run.stdout, run.stdout
+
+
+def test_the_readme_screenshots_show_the_web_page_as_it_is() -> None:
+    """The pictures under docs/screenshots record the digest of the page they show; any change to
+    service/ui/static makes them stale until `make screenshots` takes them again."""
+    recorded = (REPO / "docs" / "screenshots" / DIGEST_FILE).read_text().strip()
+    assert recorded == static_digest(), "service/ui/static changed since the screenshots: run `make screenshots`"
