@@ -36,7 +36,13 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
     install_error_handlers(app, [route for module in routers for route in module.router.routes])
     add_metrics_route(app, settings)  # /metrics: only with GRAFT_METRICS_KEY (service/http/telemetry.py)
     mount_ui(app)  # the web page at /ui (static files; it calls the /v1 API like any client)
-    app.add_middleware(Gate, settings=settings, runtime=runtime, predictions=predict.router.routes)
+    app.add_middleware(
+        Gate,
+        settings=settings,
+        runtime=runtime,
+        predictions=predict.router.routes,
+        datasets=datasets.router.routes,
+    )
     app.add_middleware(RequestMetrics)
     app.add_middleware(HideInternalErrors)
     app.add_middleware(SecurityHeaders)  # added last: outermost, so that every answer carries them

@@ -44,20 +44,27 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class Gate:
     def __init__(
-        self, app: ASGIApp, settings: Settings, runtime: Callable[[], Runtime], predictions: Sequence[BaseRoute]
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        runtime: Callable[[], Runtime],
+        predictions: Sequence[BaseRoute],
+        datasets: Sequence[BaseRoute],
     ) -> None:
-        """``predictions``: the prediction routes (service/http/predict.py), matched as routes, not by path literals,
-        so that a renamed route keeps its checks before the body."""
+        """``predictions`` and ``datasets``: the routers' routes (service/http/predict.py, datasets.py), matched
+        as routes, not by path literals, so that a renamed route keeps its checks before the body. A dataset
+        route that reads a form is an upload."""
         self.app = app
         self.settings = settings
         self.runtime = runtime
         self.predictions = [route for route in predictions if isinstance(route, APIRoute)]
+        self.uploads = [route for route in datasets if isinstance(route, APIRoute) and _reads_form(route)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        prediction = self._prediction(scope)
+        prediction = _matching(self.predictions, scope)
         try:
             await self._admit(scope, prediction)
             limit, setting = self._limit(scope, prediction)
@@ -70,7 +77,7 @@ class Gate:
             await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
             return
         runtime = self.runtime()
-        budget = _UploadBytes(runtime.uploads) if _is_upload(scope) else None
+        budget = _UploadBytes(runtime.uploads) if self._is_upload(scope) else None
         if budget is not None:
             try:
                 budget.reserve(Headers(scope=scope).get("content-length"))
@@ -86,9 +93,8 @@ class Gate:
             if budget is not None:
                 budget.give_back()
 
-    def _prediction(self, scope: Scope) -> APIRoute | None:
-        """The prediction route that takes this request (path and method), if any."""
-        return next((route for route in self.predictions if route.matches(scope)[0] is Match.FULL), None)
+    def _is_upload(self, scope: Scope) -> bool:
+        return _matching(self.uploads, scope) is not None
 
     async def _admit(self, scope: Scope, prediction: APIRoute | None) -> None:
         path: str = scope["path"]
@@ -114,7 +120,7 @@ class Gate:
 
     def _limit(self, scope: Scope, prediction: APIRoute | None) -> tuple[int, str]:
         """The body limit of this route: multipart bodies are parsed as they stream, JSON ones in one piece."""
-        if _is_upload(scope):
+        if self._is_upload(scope):
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
         if prediction is not None and _reads_form(prediction):
             return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
@@ -126,8 +132,9 @@ def _reads_form(route: APIRoute) -> bool:
     return route.body_field is not None and isinstance(route.body_field.field_info, params.Form)
 
 
-def _is_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"] == "/v1/datasets"
+def _matching(routes: list[APIRoute], scope: Scope) -> APIRoute | None:
+    """The one of ``routes`` that takes this request (path and method), if any."""
+    return next((route for route in routes if route.matches(scope)[0] is Match.FULL), None)
 
 
 class _UploadBytes:

@@ -19,7 +19,7 @@ from sqlalchemy import event
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, ResourceExhausted, Unavailable
-from service.http import predict
+from service.http import datasets, predict
 from service.http.app import create_app
 from service.http.deps import IDEMPOTENCY_KEY_PATTERN
 from service.http.errors import error_response
@@ -184,6 +184,23 @@ async def test_a_prediction_route_moved_to_another_path_keeps_its_checks_before_
         response = await client.post("/v1/moved/predict:upload", content=over, headers=headers)
         assert response.status_code == 413 and "GRAFT_MAX_REQUEST_BYTES" in response.json()["message"]
         assert MAX_JSON < over.pulled <= MAX_REQUEST + over.chunk
+
+
+async def test_a_dataset_upload_route_moved_to_another_path_keeps_its_own_limit(runtime, key, monkeypatch):
+    """The gate knows an upload as the datasets router's form route, not by its path: moved, its body may still
+    grow past the other limits up to GRAFT_MAX_UPLOAD_BYTES."""
+    moved = APIRouter(prefix="/v1/moved-datasets")
+    for route in datasets.router.routes:
+        moved.add_api_route(route.path.removeprefix("/v1/datasets"), route.endpoint, methods=list(route.methods))
+    monkeypatch.setattr(datasets, "router", moved)
+    app = create_app(runtime.settings, lambda: runtime)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
+        body = Body(100 * MAX_UPLOAD, start=ENDLESS_ZIP_PART)
+        headers = {**bearer(key), "Content-Type": "multipart/form-data; boundary=b"}
+        response = await client.post("/v1/moved-datasets", content=body, headers=headers)
+    assert response.status_code == 413 and "GRAFT_MAX_UPLOAD_BYTES" in response.json()["message"]
+    assert MAX_REQUEST < body.pulled <= MAX_UPLOAD + body.chunk
 
 
 async def test_documentation_needs_no_key(client):
