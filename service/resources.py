@@ -110,17 +110,9 @@ def head_ref(ref: str) -> str:
     return ref.removeprefix("heads/")
 
 
-class Backbone(BaseModel):
-    """``backbones/{backbone}``: a frozen, pretrained backbone heads are trained on."""
-
-    name: str
-    pretrained: bool
-    weights_source: str
-    feature_dim: int
-    num_blocks: int
-    split_points: list[int]
-    input_size: int
-    notes: str
+class Backbone(BackboneInfo):
+    """``backbones/{backbone}``: a frozen, pretrained backbone heads are trained on; the engine's facts under
+    its resource name."""
 
     @classmethod
     def of(cls, info: BackboneInfo) -> "Backbone":
