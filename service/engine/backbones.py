@@ -236,8 +236,7 @@ class Backbone:
         self.blocks = nn.ModuleList(spec.blocks(model))
         # The whole pooled path (what every linear and mlp head reads) as one frozen TorchScript graph:
         # its interpreter runs without the GIL, so the event loop's Python work (parsing requests,
-        # answering them) cannot stall the trunk between its ops (beside a thread parsing JSON, MobileNetV2
-        # ran 6 images/s eager and 54 as this graph; 94 alone).
+        # answering them) cannot stall the trunk between its ops (README, "HTTP under load").
         example = _probe(spec.crop_size).expand(2, -1, -1, -1).to(placement.device, placement.dtype)
         if placement.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)

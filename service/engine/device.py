@@ -17,23 +17,22 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     # Activations in NHWC: oneDNN's CPU convolutions and cuDNN's tensor cores both
-    # prefer it (on 2 shared CPU cores the folded MobileNetV2 ran 1.55x faster).
+    # prefer it (README, "Serving throughput": `benchmarks/serving.py --one-head`).
     channels_last: bool
     # Largest number of images per trunk call. On CPU, throughput per image
-    # falls for batches beyond a few images (activations leave the caches:
-    # MobileNetV2 on 2 cores ran 69 images/s at 4 and 33 at 32), so big batches
-    # are run as consecutive micro-batches. None: the whole batch at once (GPU).
+    # falls for batches beyond a few images (activations leave the caches;
+    # README, "Serving throughput"), so big batches are run as consecutive
+    # micro-batches. None: the whole batch at once (GPU).
     micro_batch: int | None = None
     # Images per serving batch unless GRAFT_MAX_BATCH_SIZE says otherwise. A batch as large as the
     # requests in flight leaves the trunk idle while their answers go back and the next requests
     # come in; on CPU, where a batch runs as micro-batches anyway, 8 keeps that pipeline full
-    # (HTTP, 32 in flight: 0.91 of the best level with 32, 1.0 with 8).
+    # (README, "HTTP under load": `benchmarks/http_load.py`).
     serving_batch: int = 32
     # Serving batches run side by side, one per torch thread and each single-threaded, instead of
     # one at a time as wide as torch's threads. On a CPU a wide batch stalls at every OpenMP
-    # barrier whenever the decode thread or the event loop holds one of the cores: over HTTP,
-    # interleaved on the same machine, 1 / 32 / 128 in flight ran 31 / 71 / 73 images/s one
-    # batch at a time and 38 / 80 / 83 side by side. A GPU runs its kernels in order anyway.
+    # barrier whenever the decode thread or the event loop holds one of the cores (README, "HTTP
+    # under load": `benchmarks/trunk_workers.py`). A GPU runs its kernels in order anyway.
     parallel_batches: bool = False
     # Stack each serving batch in page-locked host memory, so its copy to the
     # device is asynchronous (CUDA only: on CPU it would be a wasted copy).
@@ -66,8 +65,7 @@ def use_one_torch_thread() -> None:
     For the threads that decode and preprocess images beside the trunk: each of
     their small operators would otherwise open a parallel region as wide as the
     trunk's, and on a busy machine the two sets of OpenMP threads spin-wait on
-    each other (a 224-px resize and normalize ran 15x slower in wall time at 2
-    threads than at 1 while the machine was shared). ``torch.set_num_threads``
+    each other (README, "One head against the raw model"). ``torch.set_num_threads``
     cannot do this: it also changes the width that every thread started later
     inherits, the trunk's included; OpenMP's own setting is per thread.
     """
