@@ -3,10 +3,10 @@
 A pure ASGI middleware (``@app.middleware("http")`` would buffer the body). For
 ``/v1/...`` it authenticates the ``Authorization`` header in the authentication pool
 (the admin key for ``/v1/admin/...``) and puts the tenant into the request
-scope, where the ``tenant`` dependency reads it. Then it bounds the body (a JSON
-body more tightly than a multipart one, as JSON is parsed in one piece on the
-event loop): a declared ``Content-Length`` over the limit is refused at once; a chunked body is
-counted as it streams and refused when it crosses the limit, or when it does
+scope, where the ``tenant`` dependency reads it. Then it bounds the body (a
+JSON body more tightly than a multipart one, as JSON is parsed in one piece on
+the event loop): a declared ``Content-Length`` over the limit is refused at
+once; a chunked body is counted as it streams and refused when it crosses the limit, or when it does
 not end within ``upload_timeout_s``. While the worker drains, new ``/v1``
 calls are refused with 503 (clients and nginx retry on another replica) and
 the calls already admitted are counted, so the drain can wait for them. A
@@ -22,6 +22,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from fastapi import params
 from fastapi.routing import APIRoute
@@ -40,6 +41,7 @@ from service.runtime import Runtime
 TENANT = "graft.tenant"  # scope key: the authenticated tenant
 ADMIN = "graft.admin"  # scope key: True once the admin key was checked
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+Route = TypeVar("Route", bound=BaseRoute)
 
 
 class Gate:
@@ -65,9 +67,10 @@ class Gate:
             await self.app(scope, receive, send)
             return
         prediction = _matching(self.predictions, scope)
+        upload = _matching(self.uploads, scope) is not None
         try:
             await self._admit(scope, prediction)
-            limit, setting = self._limit(scope, prediction)
+            limit, setting = self._limit(prediction, upload)
             _check_declared_length(Headers(scope=scope), limit, setting)
         except GraftError as exc:
             await error_response(exc)(scope, receive, send)
@@ -77,7 +80,7 @@ class Gate:
             await self.app(scope, _bounded(receive, limit, setting, self.settings.upload_timeout_s), send)
             return
         runtime = self.runtime()
-        budget = _UploadBytes(runtime.uploads) if self._is_upload(scope) else None
+        budget = _UploadBytes(runtime.uploads) if upload else None
         if budget is not None:
             try:
                 budget.reserve(Headers(scope=scope).get("content-length"))
@@ -93,9 +96,6 @@ class Gate:
             if budget is not None:
                 budget.give_back()
 
-    def _is_upload(self, scope: Scope) -> bool:
-        return _matching(self.uploads, scope) is not None
-
     async def _admit(self, scope: Scope, prediction: APIRoute | None) -> None:
         path: str = scope["path"]
         if _CONTROL.search(path):
@@ -109,7 +109,7 @@ class Gate:
         CLIENT.set(client[0] if client else None)  # the rate limits of failed authentication count per address
         tenants = self.runtime().tenants
         if path.startswith("/v1/admin/"):
-            if not _has_route(scope):
+            if _matching(scope["app"].router.routes, scope) is None:
                 return  # an unknown route or method: the router answers 404 or 405, the body unread
             tenants.require_admin(authorization)
             scope[ADMIN] = True
@@ -118,9 +118,9 @@ class Gate:
         if prediction is not None:
             self.runtime().predictor.check_room()  # a full replica refuses before the body is read
 
-    def _limit(self, scope: Scope, prediction: APIRoute | None) -> tuple[int, str]:
+    def _limit(self, prediction: APIRoute | None, upload: bool) -> tuple[int, str]:
         """The body limit of this route: multipart bodies are parsed as they stream, JSON ones in one piece."""
-        if self._is_upload(scope):
+        if upload:
             return self.settings.max_upload_bytes, "GRAFT_MAX_UPLOAD_BYTES"
         if prediction is not None and _reads_form(prediction):
             return self.settings.max_request_bytes, "GRAFT_MAX_REQUEST_BYTES"
@@ -132,7 +132,7 @@ def _reads_form(route: APIRoute) -> bool:
     return route.body_field is not None and isinstance(route.body_field.field_info, params.Form)
 
 
-def _matching(routes: list[APIRoute], scope: Scope) -> APIRoute | None:
+def _matching(routes: Sequence[Route], scope: Scope) -> Route | None:
     """The one of ``routes`` that takes this request (path and method), if any."""
     return next((route for route in routes if route.matches(scope)[0] is Match.FULL), None)
 
@@ -165,11 +165,6 @@ class _UploadBytes:
     def give_back(self) -> None:
         self.inflight.give_back(self.held)
         self.held = 0
-
-
-def _has_route(scope: Scope) -> bool:
-    """Whether a route of the app takes this path and method."""
-    return any(route.matches(scope)[0] is Match.FULL for route in scope["app"].router.routes)
 
 
 def _check_declared_length(headers: Headers, limit: int, setting: str) -> None:
