@@ -27,7 +27,7 @@ lock: setup
 		--no-emit-trusted-host -o requirements.lock pyproject.toml
 
 weights: setup
-	$(PY) -m service.provision
+	$(PY) -m service.provision --trunks
 
 # Debian packages the tests use: Fashion-MNIST, real PostgreSQL and nginx servers (started by the tests), and
 # chromium, the browser Playwright drives in tests/e2e/test_ui.py (Playwright's own browser download needs the internet).

@@ -31,6 +31,16 @@ JOB_STATES = _json_values(resources_pb2.Job.State.keys(), "")
 EXPORT_FORMATS = _json_values(service_pb2.ExportFormat.keys(), "EXPORT_FORMAT_")
 
 
+class TrunkRuntime(BaseModel):
+    """How a replica runs a backbone's frozen trunk (runtime and precision: any string a newer server names)."""
+
+    runtime: str = ""
+    precision: str = ""
+    images_per_second: float = 0.0
+    max_abs_diff: float = 0.0
+    min_cosine: float = 0.0
+
+
 class Backbone(BaseModel):
     name: str
     pretrained: bool = True
@@ -40,6 +50,7 @@ class Backbone(BaseModel):
     split_points: list[int] = []
     input_size: int = 0
     notes: str = ""
+    trunk: TrunkRuntime | None = None
 
 
 class Dataset(BaseModel):

@@ -34,6 +34,19 @@ class Settings(BaseSettings):
         ["mobilenet_v2", "efficientnet_lite2"], description="Backbones to load, e.g. '[\"mobilenet_v2\"]'."
     )
     weights_dir: Path | None = Field(None, description="Extra folder with pinned checkpoints (a Bento's model).")
+    trunk_runtime: Literal["auto", "onnxruntime", "openvino", "torch"] = Field(
+        "auto",
+        description="What runs the frozen trunks: 'auto' measures every runtime within tolerance of torch at "
+        "start-up and keeps the fastest; a name keeps that one (refused at start-up if it cannot serve).",
+    )
+    trunk_precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
+        None,
+        description="What the trunks compute in; unset: fp32 on a CPU, bf16 (else fp16) on CUDA. Reduced precision "
+        "changes the features (heads are trained on the same ones); int8 is calibrated on photos graft ships.",
+    )
+    trunk_cache_dir: Path | None = Field(
+        None, description="Where exported trunk graphs are kept between starts; unset: ~/.cache/graft/trunks."
+    )
 
     # Upload limits: every one of them is checked before anything is stored.
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)

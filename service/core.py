@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from service.auditing import DatasetAuditor
 from service.config import Settings
-from service.engine.backbones import Backbone, BackboneInfo, load_backbone
+from service.engine.backbones import Backbone, BackboneInfo, TrunkOptions, load_backbone
 from service.engine.device import Placement, choose_placement, configure_cpu_threads
 from service.engine.extraction import FeatureExtractor
+from service.engine.runtimes import Precision
 from service.errors import NotFound
 from service.quotas import Quotas
 from service.store.blobs import BlobStore
@@ -45,7 +46,9 @@ class Core:
     def open(cls, settings: Settings | None = None, backbones: list[str] | None = None) -> "Core":
         """Open storage under ``settings.data_dir`` and load the backbones (default: ``settings.backbones``)."""
         settings = settings or Settings()
-        placement = choose_placement(settings.device)
+        placement = choose_placement(
+            settings.device, Precision(settings.trunk_precision) if settings.trunk_precision else None
+        )
         if placement.device.type == "cpu":
             configure_cpu_threads(settings.torch_threads)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,8 @@ class Core:
             max_pixels=settings.max_image_pixels,
         )
         names = settings.backbones if backbones is None else backbones
-        loaded = {name: load_backbone(name, placement, settings.weights_dir) for name in names}
+        options = TrunkOptions(runtime=settings.trunk_runtime, cache_dir=settings.trunk_cache_dir)
+        loaded = {name: load_backbone(name, placement, settings.weights_dir, options) for name in names}
         trainer = Trainer(loaded, datasets, extractor, heads, settings.default_backbone)
         auditor = DatasetAuditor(
             datasets, extractor, trainer.backbone, settings.default_backbone, settings.max_audit_seconds

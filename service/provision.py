@@ -1,7 +1,10 @@
 """`python -m service.provision`: fetch and verify every pretrained backbone's weights.
 
 Run once on a machine (``make weights``); the service then loads the verified
-files from torch's cache without touching the network. With ``--bentoml`` the
+files from torch's cache without touching the network. With ``--trunks`` each
+backbone's pooled trunk is also exported to ONNX into the trunk graph cache
+(GRAFT_TRUNK_CACHE_DIR), so that a CPU server starts without exporting it
+(the image is built so). With ``--bentoml`` the
 verified files are also imported into the BentoML model store as
 ``graft-backbone-weights``, which ``bentoml build`` packs into the Bento so
 that its container starts with no network (``make bento``).
@@ -13,7 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from service.engine.backbones import BACKBONES
+from service.config import Settings
+from service.engine.backbones import BACKBONES, Backbone, TrunkOptions
+from service.engine.device import choose_placement
+from service.engine.runtimes import Precision
 from service.engine.weights import WeightsUnavailable, ensure_weights
 
 BENTO_WEIGHTS_MODEL = "graft-backbone-weights"
@@ -23,6 +29,18 @@ def provision(*, allow_download: bool = True) -> list[Path]:
     """Every pinned checkpoint, verified; ``allow_download=False`` only checks what is already there."""
     pins = [spec.weights for spec in BACKBONES.values() if spec.weights is not None]
     return [ensure_weights(pin, allow_download=allow_download) for pin in pins]
+
+
+def export_trunks() -> list[Path]:
+    """Each pretrained backbone's pooled trunk as the CPU runtimes read it, in the trunk graph cache."""
+    settings = Settings()
+    placement = choose_placement("cpu")
+    graphs = []
+    for spec in BACKBONES.values():
+        if spec.weights is not None:
+            backbone = Backbone(spec, placement, settings.weights_dir, TrunkOptions(cache_dir=settings.trunk_cache_dir))
+            graphs.append(backbone.graph(0, backbone.num_blocks).onnx(Precision.FP32))
+    return graphs
 
 
 def import_into_bentoml(paths: list[Path]) -> str:
@@ -51,6 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bentoml", action="store_true", help="also import them into the BentoML model store")
     parser.add_argument("--offline", action="store_true", help="fetch nothing: fail unless every file is in place")
+    parser.add_argument("--trunks", action="store_true", help="also export each pooled trunk to GRAFT_TRUNK_CACHE_DIR")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -60,6 +79,9 @@ def main() -> int:
         return 1
     for path in paths:
         print(f"{path} (sha256 verified)")
+    if args.trunks:
+        for graph in export_trunks():
+            print(f"{graph} (trunk graph)")
     if args.bentoml:
         print(f"imported into the BentoML model store as {import_into_bentoml(paths)}")
     return 0

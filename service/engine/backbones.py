@@ -8,11 +8,13 @@ vector that linear and MLP heads read.
 """
 
 import copy
+import logging
 import math
 import statistics
+import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,19 @@ from torch import nn
 from torchvision import models
 from torchvision.transforms import v2 as T
 
-from service.engine.device import Placement
+from service.engine.device import Placement, use_one_torch_thread
 from service.engine.fold import fold_batch_norms
+from service.engine.onnx_graphs import GraphCache
 from service.engine.priority import TrunkPriority
+from service.engine.reference_images import calibration_batch, check_batch
+from service.engine.runtimes import RUNTIMES, CompiledTrunk, Lanes, Precision, RuntimeSpec, TrunkGraph
+from service.engine.trunk import Reference, RuntimeRefused, TrunkReport, check, choose
 from service.engine.weights import PinnedWeights, WheelSource, load_state_dict
 from service.errors import InvalidArgument, NotFound
 
 StateDict = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,16 @@ class BackboneInfo(BaseModel):
     split_points: list[int]
     input_size: int
     notes: str
+    trunk: TrunkReport  # the runtime that serves it here, chosen by measurement at start-up
+
+
+@dataclass(frozen=True)
+class TrunkOptions:
+    """How to pick the trunk runtime (GRAFT_TRUNK_RUNTIME) and where exported graphs are kept
+    (GRAFT_TRUNK_CACHE_DIR); the precision is the placement's."""
+
+    runtime: str = "auto"
+    cache_dir: Path | None = None
 
 
 # The model's own structure (torchvision's ``features``/``classifier``, timm's ``blocks``...) is the untyped part.
@@ -210,12 +228,20 @@ class Backbone:
     """One frozen torchvision model on its device, cut into blocks.
 
     The frozen copy serves features, its batch norms folded into its
-    convolutions; :meth:`fresh_tail` and :meth:`cpu_copy` hand out float32
-    copies of the model as published (real batch norms), loaded from the
-    same weights.
+    convolutions, through the trunk runtime measured fastest here within
+    tolerance of torch (``trunk``); :meth:`fresh_tail` and :meth:`cpu_copy`
+    hand out float32 copies of the model as published (real batch norms),
+    loaded from the same weights.
     """
 
-    def __init__(self, spec: BackboneSpec, placement: Placement, weights_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        placement: Placement,
+        weights_dir: Path | None = None,
+        options: TrunkOptions | None = None,
+    ) -> None:
+        options = options or TrunkOptions()
         self.spec = spec
         self.placement = placement
         self.priority = TrunkPriority()  # serving batches before training's extraction
@@ -225,7 +251,7 @@ class Backbone:
             self._cpu_model.load_state_dict(spec.convert(self._cpu_model, state) if spec.convert else state)
         self._cpu_model.eval()
         # The serving copy has its batch norms folded into its convolutions (in float32, before any cast);
-        # `_cpu_model` keeps them, for the training and export copies.
+        # `_cpu_model` keeps them, for the training and export copies and as the reference runtimes are checked on.
         model = copy.deepcopy(self._cpu_model)
         self.folded_batch_norms = fold_batch_norms(model, _probe(spec.crop_size))
         model = model.to(placement.device, placement.dtype)
@@ -234,13 +260,6 @@ class Backbone:
         model.requires_grad_(False)
         self.model = model
         self.blocks = nn.ModuleList(spec.blocks(model))
-        # The whole pooled path (what every linear and mlp head reads) as one frozen TorchScript graph:
-        # its interpreter runs without the GIL, so the event loop's Python work (parsing requests,
-        # answering them) cannot stall the trunk between its ops (README, "HTTP under load").
-        example = _probe(spec.crop_size).expand(2, -1, -1, -1).to(placement.device, placement.dtype)
-        if placement.channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        self._pooled_graph = _frozen_graph(_PooledTrunk(self.blocks), example)
         self._latency_ms: float | None = None
         self._feature_shapes: dict[int, tuple[int, ...]] | None = None
         self.preprocess = T.Compose(
@@ -252,6 +271,25 @@ class Backbone:
                 T.Normalize(spec.mean, spec.std),
             ]
         )
+        # Serving calls the trunk from side-by-side batches, each single-threaded, on a CPU (Placement).
+        threads = torch.get_num_threads()
+        self.lanes = Lanes(threads, 1) if placement.parallel_batches else Lanes(1, threads)
+        self.graphs = GraphCache(options.cache_dir)
+        self._photos = check_batch(self.preprocess)
+        self._calibration: torch.Tensor | None = None
+        self._lanes_pool: ThreadPoolExecutor | None = None
+        self._programs_lock = threading.Lock()
+        n = self.num_blocks
+        self.runtime, pooled, self.trunk = choose(
+            self.graph(0, n),
+            placement.precision,
+            self.lanes,
+            self.reference(0, n),
+            batch=placement.micro_batch or placement.serving_batch,
+            requested=options.runtime,
+        )
+        # (start, stop) -> the compiled blocks [start, stop) and the runtime that runs them
+        self._programs: dict[tuple[int, int], tuple[CompiledTrunk, RuntimeSpec]] = {(0, n): (pooled, self.runtime)}
 
     @property
     def name(self) -> str:
@@ -273,6 +311,7 @@ class Backbone:
             split_points=self.split_points(),
             input_size=spec.crop_size,
             notes=spec.notes,
+            trunk=self.trunk,
         )
 
     def split_points(self) -> list[int]:
@@ -294,8 +333,15 @@ class Backbone:
 
     @staticmethod
     def split_key(split: int, num_blocks: int) -> str:
-        """Feature-cache key of a split point."""
+        """A split point's name: "pooled" or "block{split}"."""
         return "pooled" if split == num_blocks else f"block{split}"
+
+    def feature_key(self, split: int) -> str:
+        """Feature-cache key of a split point and the numeric path that computes its features here (runtime and
+        precision): a head is trained on features from the same path that serves it."""
+        _, runtime = self._program(0, split)
+        precision = self.placement.precision if runtime is self.runtime else "fp32"
+        return f"{self.split_key(split, self.num_blocks)}.{runtime.name}-{precision}"
 
     def feature_shape(self, split: int) -> tuple[int, ...]:
         """The shape of one image's features at ``split`` (what the feature cache holds): [C, H, W] at a block's
@@ -317,27 +363,85 @@ class Backbone:
         return math.prod(self.feature_shape(split))
 
     @torch.inference_mode()
-    def features(self, images: torch.Tensor, split: int | None = None, start: int = 0) -> torch.Tensor:
+    def features(
+        self, images: torch.Tensor, split: int | None = None, start: int = 0, *, side_by_side: bool = False
+    ) -> torch.Tensor:
         """Run blocks ``[start, split)``; at ``split == num_blocks`` also pool to [N, D].
 
         ``images`` are preprocessed float32 CPU or device tensors; the result is
-        float32 on the backbone's device.
+        float32 on the backbone's device. Micro-batches run one after another, or
+        with ``side_by_side`` across the trunk's lanes (training's extraction:
+        serving batches are side by side already).
         """
         split = self.num_blocks if split is None else split
+        program, _ = self._program(start, split)
         chunk = self.placement.micro_batch or max(len(images), 1)
-        return torch.cat([self._run_blocks(part, start, split) for part in images.split(chunk)])
+        parts = images.split(chunk)
+        if side_by_side and len(parts) > 1 and self.lanes.count > 1:
+            return torch.cat(list(self._pool().map(program, parts)))
+        return torch.cat([program(part) for part in parts])
 
-    def _run_blocks(self, images: torch.Tensor, start: int, split: int) -> torch.Tensor:
-        x = images.to(self.placement.device, self.placement.dtype, non_blocking=True)
-        if self.placement.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if start == 0 and split == self.num_blocks:
-            return self._pooled_graph(x).float()
-        for block in self.blocks[start:split]:
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._lanes_pool is None:
+            self._lanes_pool = ThreadPoolExecutor(
+                self.lanes.count, thread_name_prefix=f"trunk-{self.name}", initializer=use_one_torch_thread
+            )
+        return self._lanes_pool
+
+    def _program(self, start: int, stop: int) -> tuple[CompiledTrunk, RuntimeSpec]:
+        """Blocks ``[start, stop)`` compiled by the serving runtime (once, checked against torch), or by torch
+        where that runtime is refused on them."""
+        found = self._programs.get((start, stop))
+        if found is not None:
+            return found
+        with self._programs_lock:
+            if (start, stop) not in self._programs:
+                graph, reference = self.graph(start, stop), self.reference(start, stop)
+                try:
+                    checked = check(self.runtime, graph, self.placement.precision, self.lanes, reference)
+                    self._programs[start, stop] = (checked.trunk, self.runtime)
+                except RuntimeRefused as exc:
+                    log.warning("%s; blocks %d..%d run on torch in float32 instead", exc, start, stop)
+                    fallback = RUNTIMES["torch"]
+                    self._programs[start, stop] = (fallback.compile(graph, Precision.FP32, self.lanes), fallback)
+            return self._programs[start, stop]
+
+    def graph(self, start: int, stop: int) -> TrunkGraph:
+        """Blocks ``[start, stop)`` (pooled at the last block) of the folded model, for a runtime to compile."""
+        pooled = stop == self.num_blocks
+        label = f"{self.name}[{start}:{stop}]" + ("+pool" if pooled else "")
+        with torch.inference_mode():
+            example = self._prefix(self._photos[:2], start)
+        return TrunkGraph(
+            label=label,
+            module=_BlockRange(self.blocks[start:stop], pooled),
+            example=example,
+            calibration=lambda: self._prefix(self._calibration_images(), start),
+            cache=self.graphs,
+            device=self.placement.device,
+            dtype=self.placement.dtype,
+            channels_last=self.placement.channels_last,
+        )
+
+    def reference(self, start: int, stop: int) -> Reference:
+        """The shipped photos through torch's float32 blocks ``[0, start)``, and on through ``[start, stop)``."""
+        with torch.inference_mode():
+            inputs = self._prefix(self._photos, start)
+            blocks = self.spec.blocks(self._cpu_model)[start:stop]
+            expected = _BlockRange(nn.ModuleList(blocks), stop == self.num_blocks)(inputs)
+        return Reference(inputs, expected)
+
+    @torch.inference_mode()
+    def _prefix(self, images: torch.Tensor, start: int) -> torch.Tensor:
+        x = images
+        for block in self.spec.blocks(self._cpu_model)[:start]:
             x = block(x)
-        if split == self.num_blocks:
-            x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        return x.float()
+        return x
+
+    def _calibration_images(self) -> torch.Tensor:
+        if self._calibration is None:
+            self._calibration = calibration_batch(self.preprocess)
+        return self._calibration
 
     @torch.inference_mode()
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -389,32 +493,23 @@ class Backbone:
         return self.cpu_copy(split).requires_grad_(True)
 
 
-class _PooledTrunk(nn.Module):
-    """Every block, then global average pooling: the pooled features as one module to trace."""
+class _BlockRange(nn.Module):
+    """Consecutive blocks, then (``pooled``) global average pooling: one module to run or export."""
 
-    def __init__(self, blocks: nn.ModuleList) -> None:
+    def __init__(self, blocks: nn.ModuleList, pooled: bool) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
+        self.pooled = pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(images), 1), 1)
+        x = self.blocks(images)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1) if self.pooled else x
 
 
-def _frozen_graph(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """``module`` traced on ``example`` and frozen (weights as constants): one call, run outside the GIL.
-
-    torch warns that TorchScript is deprecated in favour of torch.compile and
-    torch.export; neither yet gives a graph that Python calls without holding
-    the GIL between kernels on CPU, which is the point here.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-        with torch.inference_mode():
-            return torch.jit.freeze(torch.jit.trace(module.eval(), example))
-
-
-def load_backbone(name: str, placement: Placement, weights_dir: Path | None = None) -> Backbone:
-    return Backbone(get_spec(name), placement, weights_dir)
+def load_backbone(
+    name: str, placement: Placement, weights_dir: Path | None = None, options: TrunkOptions | None = None
+) -> Backbone:
+    return Backbone(get_spec(name), placement, weights_dir, options)
 
 
 def _probe(size: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.engine.runtimes import Precision
+
 log = logging.getLogger(__name__)
 
 
@@ -15,7 +17,9 @@ class Placement:
     """Where a frozen trunk lives and in what precision it runs."""
 
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # what torch holds the folded trunk in (the ONNX runtimes read it as float32)
+    # What the trunk computes in: the runtime is chosen among those that run it (service/engine/trunk.py).
+    precision: Precision
     # Activations in NHWC: oneDNN's CPU convolutions and cuDNN's tensor cores both
     # prefer it (README, "Serving throughput": `benchmarks/serving.py --one-head`).
     channels_last: bool
@@ -39,15 +43,29 @@ class Placement:
     pin_memory: bool = False
 
 
-def choose_placement(requested: str = "auto") -> Placement:
-    """CUDA when asked or available (bf16/fp16, channels_last, pinned batches), else CPU in float32, channels_last."""
+def choose_placement(requested: str = "auto", precision: Precision | None = None) -> Placement:
+    """CUDA when asked or available (bf16/fp16, channels_last, pinned batches), else the CPU, channels_last.
+
+    ``precision`` (GRAFT_TRUNK_PRECISION) unset: float32 on a CPU (reduced precision changes the
+    features, so it is only ever asked for), bf16 or else fp16 on CUDA.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("GRAFT_DEVICE=cuda but no CUDA device is visible to torch")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Placement(torch.device("cuda"), dtype, channels_last=True, pin_memory=True)
+        if precision is None:
+            precision = Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
+        dtypes = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+        if precision not in dtypes:
+            raise RuntimeError(f"GRAFT_TRUNK_PRECISION={precision} does not run on CUDA; use one of {list(dtypes)}")
+        return Placement(torch.device("cuda"), dtypes[precision], precision, channels_last=True, pin_memory=True)
     return Placement(
-        torch.device("cpu"), torch.float32, channels_last=True, micro_batch=4, serving_batch=8, parallel_batches=True
+        torch.device("cpu"),
+        torch.float32,
+        precision or Precision.FP32,
+        channels_last=True,
+        micro_batch=4,
+        serving_batch=8,
+        parallel_batches=True,
     )
 
 

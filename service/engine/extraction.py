@@ -47,7 +47,7 @@ class FeatureExtractor:
 
         Read from and written to ``tenant``'s cache; with no tenant, all computed and nothing cached.
         """
-        key = Backbone.split_key(split, backbone.num_blocks)
+        key = backbone.feature_key(split)
         unique = list(dict.fromkeys(shas))
         # What reads back; a corrupt entry is a miss.
         found = {} if tenant is None else self.cache.get_many(tenant, unique, backbone.name, key)
@@ -61,7 +61,7 @@ class FeatureExtractor:
             chunk = todo[start : start + self.batch_size]
             batch = torch.stack([backbone.preprocess(self._decode(sha)) for sha in chunk])
             # Rounded as the cache stores them, so results never depend on whether the cache was warm.
-            feats = backbone.features(batch, split).cpu().to(torch.float16).to(torch.float32)
+            feats = backbone.features(batch, split, side_by_side=True).cpu().to(torch.float16).to(torch.float32)
             computed = dict(zip(chunk, feats, strict=True))
             if tenant is not None:
                 self.cache.put_many(tenant, computed, backbone.name, key)

@@ -145,7 +145,7 @@ def test_features_of_one_tenant_never_appear_under_another_tenants_folder(
 
     assert sorted(p.stem for p in alice_dir.rglob("*.npy")) == sorted(alices)
     assert not bob_dir.exists()
-    assert extractor.cache.get_many("bob", bobs, mobilenet.name, "pooled") == {}
+    assert extractor.cache.get_many("bob", bobs, mobilenet.name, mobilenet.feature_key(mobilenet.num_blocks)) == {}
     extractor.features(mobilenet, mobilenet.num_blocks, bobs, tenant="bob")
     assert sorted(p.stem for p in bob_dir.rglob("*.npy")) == sorted(bobs)
     assert {p.parents[3] for p in (tmp_path / "cache").rglob("*.npy")} == {alice_dir, bob_dir}
@@ -167,7 +167,7 @@ def test_a_tenants_feature_bytes_count_against_its_quota_and_its_least_recently_
     features = extractor.features(mobilenet, mobilenet.num_blocks, shas[2:], tenant="alice")
     assert features.shape == (2, 1280)
     assert extractor.cache.bytes_used("alice") <= 2 * one_entry
-    kept = set(extractor.cache.get_many("alice", shas, mobilenet.name, "pooled"))
+    kept = set(extractor.cache.get_many("alice", shas, mobilenet.name, mobilenet.feature_key(mobilenet.num_blocks)))
     assert kept == set(shas[2:])
     alice_files = (tmp_path / "cache" / "tenants" / tenant_dir("alice")).rglob("*.npy")
     assert {p.stem for p in alice_files} == kept  # evicted entries' files are gone too
@@ -193,15 +193,22 @@ def test_deleting_a_dataset_removes_its_images_features_after_the_grace_period(
     cache = extractor.cache
 
     assert cache.collect_garbage() == 0  # within the grace: a job may still be reading them
-    assert set(cache.get_many("alice", sorted(shas), mobilenet.name, "pooled")) == shas
+    assert (
+        set(cache.get_many("alice", sorted(shas), mobilenet.name, mobilenet.feature_key(mobilenet.num_blocks))) == shas
+    )
 
     collector = cache_on(store, tmp_path / "cache", grace_s=1e-6)
     time.sleep(0.01)
     assert collector.collect_garbage() == 1
-    assert set(cache.get_many("alice", sorted(shas), mobilenet.name, "pooled")) == shas - only_dropped
+    assert (
+        set(cache.get_many("alice", sorted(shas), mobilenet.name, mobilenet.feature_key(mobilenet.num_blocks)))
+        == shas - only_dropped
+    )
     files = {p.stem for p in (tmp_path / "cache" / "tenants" / tenant_dir("alice")).rglob("*.npy")}
     assert files == shas - only_dropped
-    assert set(cache.get_many("bob", bobs, mobilenet.name, "pooled")) == set(bobs)  # Bob still has his
+    assert set(cache.get_many("bob", bobs, mobilenet.name, mobilenet.feature_key(mobilenet.num_blocks))) == set(
+        bobs
+    )  # Bob still has his
 
 
 def test_the_old_shared_cache_layout_is_collected(store: DatasetStore, tmp_path: Path) -> None:

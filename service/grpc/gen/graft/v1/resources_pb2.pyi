@@ -27,7 +27,7 @@ HEAD_KIND_PROTOTYPE: HeadKind
 HEAD_KIND_AUTO: HeadKind
 
 class Backbone(_message.Message):
-    __slots__ = ("name", "pretrained", "weights_source", "feature_dim", "num_blocks", "split_points", "input_size", "notes")
+    __slots__ = ("name", "pretrained", "weights_source", "feature_dim", "num_blocks", "split_points", "input_size", "notes", "trunk")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Backbone(_message.Message):
     SPLIT_POINTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_FIELD_NUMBER: _ClassVar[int]
     name: str
     pretrained: bool
     weights_source: str
@@ -44,7 +45,22 @@ class Backbone(_message.Message):
     split_points: _containers.RepeatedScalarFieldContainer[int]
     input_size: int
     notes: str
-    def __init__(self, name: _Optional[str] = ..., pretrained: _Optional[bool] = ..., weights_source: _Optional[str] = ..., feature_dim: _Optional[int] = ..., num_blocks: _Optional[int] = ..., split_points: _Optional[_Iterable[int]] = ..., input_size: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
+    trunk: TrunkRuntime
+    def __init__(self, name: _Optional[str] = ..., pretrained: _Optional[bool] = ..., weights_source: _Optional[str] = ..., feature_dim: _Optional[int] = ..., num_blocks: _Optional[int] = ..., split_points: _Optional[_Iterable[int]] = ..., input_size: _Optional[int] = ..., notes: _Optional[str] = ..., trunk: _Optional[_Union[TrunkRuntime, _Mapping]] = ...) -> None: ...
+
+class TrunkRuntime(_message.Message):
+    __slots__ = ("runtime", "precision", "images_per_second", "max_abs_diff", "min_cosine")
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    runtime: str
+    precision: str
+    images_per_second: float
+    max_abs_diff: float
+    min_cosine: float
+    def __init__(self, runtime: _Optional[str] = ..., precision: _Optional[str] = ..., images_per_second: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., min_cosine: _Optional[float] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("name", "display_name", "create_time", "example_count", "classes", "examples_per_class")
