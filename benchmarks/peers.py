@@ -1,11 +1,13 @@
 """graft against Ray Serve model multiplexing, side by side in one run, over HTTP on loopback.
 
-Both serve the same MobileNetV2 trunk and the same 1, 100 and 1,000 linear
-heads (Ray reads graft's own safetensors files), to the same client sending
-the same JSON bodies (one base64 250x250 JPEG each) at the same concurrency.
-Both servers are up for the whole run, and each level is measured on graft
-then at once on Ray (the idle one only waits), so both see the same machine
-load: this machine is shared and drifts. The run stops itself (and both
+Two Ray peers: ``ray`` runs the published MobileNetV2 in eager torch, as Ray
+Serve's documentation writes it; ``ray_same_runtime`` runs graft's own trunk
+(the runtime graft chose at start-up), so that ratio measures the serving
+architecture alone. All three serve the same 1, 100 and 1,000 linear heads
+(Ray reads graft's own safetensors files), to the same client sending the same
+JSON bodies (one base64 250x250 JPEG each) at the same concurrency. All are up
+for the whole run, and each level is measured on each in turn (the idle ones
+only wait), so all see the same machine load: this machine is shared and drifts. The run stops itself (and both
 servers) after ``--max-minutes``.
 Ray's configuration (``benchmarks/ray_peer.py``) is printed in the JSON.
 Draws benchmarks/results/peers.png (throughput against concurrency, 1,000 heads).
@@ -29,7 +31,7 @@ import ray
 from engine_setup import create_linear_heads
 from http_load import UNLIMITED_QUOTAS, http_level
 from ray import serve
-from ray_peer import RayPeerConfig, deploy, head_file
+from ray_peer import RayPeerConfig, deploy, head_file, start
 
 from harness.sample_data import textile_files
 from harness.servers import REPO, free_port, start_server
@@ -63,9 +65,12 @@ async def compare(systems: dict[str, Level], heads: list[str], seconds: float) -
     return result
 
 
+PEERS = {"ray": ("torch", "/torch"), "ray_same_runtime": ("graft", "/graft")}  # system -> (its trunk, its route)
+
+
 @contextmanager
 def ray_serve(config: RayPeerConfig) -> Iterator[str]:
-    """A local Ray cluster with the peer deployed; yields its URL and shuts it all down after."""
+    """A local Ray cluster with both peers deployed (``PEERS``); yields its URL and shuts it all down after."""
     # Ray's workers import the deployment from this folder and graft's trunk from the repo.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
     ray.init(
@@ -77,7 +82,9 @@ def ray_serve(config: RayPeerConfig) -> Iterator[str]:
     )
     try:
         port = free_port()
-        deploy(config, port)
+        start(port)
+        for trunk, route in PEERS.values():
+            deploy(config.model_copy(update={"trunk": trunk}), route)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -88,12 +95,11 @@ async def run(data_dir: Path, config: RayPeerConfig, bodies: list[bytes], heads:
     server = start_server(data_dir, GRAFT_AUTH="open", GRAFT_DEVICE=config.device, **UNLIMITED_QUOTAS)
     try:
         with ray_serve(config) as ray_url:
-            systems: dict[str, Level] = {
-                "graft": lambda used, c, s: http_level(server.http_url, bodies, used, c, s),
-                "ray": lambda used, c, s: http_level(
-                    ray_url, bodies, used, c, s, path="/", model_header="serve_multiplexed_model_id"
-                ),
-            }
+            systems: dict[str, Level] = {"graft": lambda used, c, s: http_level(server.http_url, bodies, used, c, s)}
+            for system, (_, route) in PEERS.items():
+                systems[system] = lambda used, c, s, route=route: http_level(
+                    ray_url, bodies, used, c, s, path=route, model_header="serve_multiplexed_model_id"
+                )
             return await compare(systems, heads, seconds)
     finally:
         server.stop()
@@ -110,14 +116,19 @@ def draw(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system, marker in (("graft", "o-"), ("ray", "s--")):
+    labels = {
+        "graft": "graft",
+        "ray": "Ray Serve, torch (multiplexed + batched)",
+        "ray_same_runtime": "Ray Serve, graft's trunk runtime",
+    }
+    for system, marker in (("graft", "o-"), ("ray", "s--"), ("ray_same_runtime", "^:")):
         levels = result[system]["heads_1000"]
         concurrencies = [int(key[1:]) for key in levels]
         ax.plot(
             concurrencies,
             [levels[f"c{c}"]["ips"] for c in concurrencies],
             marker,
-            label="graft" if system == "graft" else "Ray Serve (multiplexed + batched)",
+            label=labels[system],
         )
     ax.set(
         xscale="log",
@@ -166,10 +177,14 @@ async def main() -> None:
     result: dict = {"seconds_per_level": args.seconds, "image": "250x250 JPEG", "ray_config": config.described()}
     result.update(await run(data_dir, config, bodies, heads, args.seconds))
     for count, _ in PLAN:
-        result[f"graft_http_ips_{count}"] = best(result["graft"][f"heads_{count}"])
-        result[f"ray_http_ips_{count}"] = best(result["ray"][f"heads_{count}"])
+        for system in ("graft", *PEERS):
+            result[f"{system}_http_ips_{count}"] = best(result[system][f"heads_{count}"])
     result["ratio_1"] = round(result["graft_http_ips_1"] / result["ray_http_ips_1"], 3)
     result["ratio_1000"] = round(result["graft_http_ips_1000"] / result["ray_http_ips_1000"], 3)
+    result["ratio_1_same_runtime"] = round(result["graft_http_ips_1"] / result["ray_same_runtime_http_ips_1"], 3)
+    result["ratio_1000_same_runtime"] = round(
+        result["graft_http_ips_1000"] / result["ray_same_runtime_http_ips_1000"], 3
+    )
     OUT.mkdir(exist_ok=True)
     draw(result, OUT / "peers.png")
     print(json.dumps(result))

@@ -5,9 +5,11 @@
   a miss reads the head's safetensors file (the very file graft stores);
 - ``@serve.batch``: requests for any head are batched for the shared trunk,
   then each row goes through its own head.
-The trunk is graft's own ``Backbone`` (same MobileNetV2 weights, same
-preprocessing, same CPU micro-batching), so the comparison measures serving
-architecture, not model code. Decoding and the trunk run in threads, so the
+The trunk (``RayPeerConfig.trunk``) is either the published MobileNetV2 in
+eager torch (``torch``: what Ray's documentation writes, given graft's CPU
+micro-batching), or graft's own ``Backbone`` (``graft``: the same runtime
+graft chose at start-up, the same folded weights), so the second comparison
+measures serving architecture alone. Both use graft's preprocessing. Decoding and the trunk run in threads, so the
 replica's event loop keeps accepting requests while a batch runs; decoding
 gets graft's own decode pool (half the cores, torch single-threaded in it:
 ``use_one_torch_thread``), so Ray does not pay for the thread contention graft
@@ -18,9 +20,11 @@ import asyncio
 import base64
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import safetensors.torch
 import torch
@@ -29,7 +33,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.engine.backbones import load_backbone
+from service.engine.backbones import Backbone, load_backbone
 from service.engine.device import choose_placement, use_one_torch_thread
 from service.engine.predictor import decode_workers
 from service.store.images import decode_rgb
@@ -49,6 +53,7 @@ class RayPeerConfig(BaseModel):
     torch_threads: int = 2
     max_ongoing_requests: int = 256  # above the highest concurrency measured: no proxy-side queueing
     head_files: dict[str, str] = {}  # model id -> safetensors path
+    trunk: Literal["torch", "graft"] = "torch"
 
     @classmethod
     def for_device(cls, device: str, head_files: dict[str, str]) -> "RayPeerConfig":
@@ -77,6 +82,7 @@ class HeadServer:
         torch.set_num_threads(config.torch_threads)
         self.backbone = load_backbone("mobilenet_v2", choose_placement(config.device))
         self.device = self.backbone.placement.device
+        self.features = self.backbone.features if config.trunk == "graft" else eager_trunk(self.backbone)
         self.files = config.head_files
         self.decode = ThreadPoolExecutor(decode_workers(), "decode", initializer=use_one_torch_thread)
 
@@ -90,7 +96,7 @@ class HeadServer:
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def classify(self, images: list[torch.Tensor], heads: list[_Head], top_ks: list[int]) -> list[list[dict]]:
-        pooled = await asyncio.to_thread(self.backbone.features, torch.stack(images))
+        pooled = await asyncio.to_thread(self.features, torch.stack(images))
         answers = []
         for row, head, k in zip(pooled, heads, top_ks, strict=True):
             best = torch.softmax(row @ head.weight.T + head.bias, dim=0).topk(k)
@@ -110,15 +116,32 @@ class HeadServer:
         return self.backbone.preprocess(decode_rgb(data, name="image", max_bytes=20 << 20, max_pixels=40_000_000))
 
 
-def deploy(config: RayPeerConfig, port: int) -> None:
-    """Start Ray Serve's HTTP proxy on loopback ``port`` with the peer deployment at ``/``."""
+def eager_trunk(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The published blocks (real batch norms) in eager torch, then global pooling, in graft's micro-batches."""
+    blocks = backbone.cpu_copy(0).to(backbone.placement.device)
+    micro_batch = backbone.placement.micro_batch
+
+    @torch.inference_mode()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        parts = images.to(backbone.placement.device).split(micro_batch or len(images))
+        return torch.cat([torch.flatten(torch.nn.functional.adaptive_avg_pool2d(blocks(p), 1), 1) for p in parts])
+
+    return features
+
+
+def start(port: int) -> None:
+    """Start Ray Serve's HTTP proxy on loopback ``port``."""
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def deploy(config: RayPeerConfig, route: str) -> None:
+    """The peer deployment, its trunk as configured, at ``route`` (e.g. "/torch")."""
     app = HeadServer.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0, "num_gpus": config.gpus / config.num_replicas},
     ).bind(config)
-    serve.run(app, name="peer", route_prefix="/", blocking=False)
+    serve.run(app, name=f"peer-{config.trunk}", route_prefix=route, blocking=False)
 
 
 def head_file(blob_root: Path, blob_key: str) -> str:

@@ -80,7 +80,9 @@ class RawModel:
         return len(images) / (time.perf_counter() - started)
 
 
-async def engine_ips(core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool) -> float:
+async def engine_ips(
+    core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool, workers: int = 1
+) -> float:
     cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
     heads = [await cache.get(TENANT, name) for name in names]  # loaded before timing: a warm cache
     batcher = Batcher(
@@ -89,6 +91,7 @@ async def engine_ips(core, images: torch.Tensor, names: list[str], batch_size: i
         max_latency_ms=2,
         max_queue=len(images) + 1,
         group_by_head=group_by_head,
+        workers=workers,
     )
     # Warm-up with one full batch, as the raw loop gets: this worker thread's first
     # trunk call at a new shape pays one-time set-up costs.

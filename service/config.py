@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine.runtimes import RUNTIMES, Precision
+
 MIN_ADMIN_KEY_CHARS = 32  # 'openssl rand -hex 32' gives 64
 MIN_KEY_DISTINCT_CHARS = 8  # refuses 'aaaa...' and short patterns repeated to length
 
@@ -34,12 +36,13 @@ class Settings(BaseSettings):
         ["mobilenet_v2", "efficientnet_lite2"], description="Backbones to load, e.g. '[\"mobilenet_v2\"]'."
     )
     weights_dir: Path | None = Field(None, description="Extra folder with pinned checkpoints (a Bento's model).")
-    trunk_runtime: Literal["auto", "onnxruntime", "openvino", "torch"] = Field(
+    trunk_runtime: str = Field(
         "auto",
         description="What runs the frozen trunks: 'auto' measures every runtime within tolerance of torch at "
-        "start-up and keeps the fastest; a name keeps that one (refused at start-up if it cannot serve).",
+        "start-up and keeps the fastest; a name from the runtime registry keeps that one (refused at start-up "
+        "if it cannot serve).",
     )
-    trunk_precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
+    trunk_precision: Precision | None = Field(
         None,
         description="What the trunks compute in; unset: fp32 on a CPU, bf16 (else fp16) on CUDA. Reduced precision "
         "changes the features (heads are trained on the same ones); int8 is calibrated on photos graft ships.",
@@ -246,6 +249,13 @@ class Settings(BaseSettings):
     idempotency_keys_per_tenant: int = Field(
         10_000, gt=0, description="Idempotency keys remembered per tenant; past it the oldest are forgotten first."
     )
+
+    @field_validator("trunk_runtime")
+    @classmethod
+    def _a_registered_runtime(cls, value: str) -> str:
+        if value != "auto" and value not in RUNTIMES:
+            raise ValueError(f"GRAFT_TRUNK_RUNTIME must be 'auto' or one of {sorted(RUNTIMES)}, got {value!r}")
+        return value
 
     @field_validator("admin_key", "metrics_key")
     @classmethod

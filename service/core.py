@@ -11,7 +11,6 @@ from service.config import Settings
 from service.engine.backbones import Backbone, BackboneInfo, TrunkOptions, load_backbone
 from service.engine.device import Placement, choose_placement, configure_cpu_threads
 from service.engine.extraction import FeatureExtractor
-from service.engine.runtimes import Precision
 from service.errors import NotFound
 from service.quotas import Quotas
 from service.store.blobs import BlobStore
@@ -46,9 +45,7 @@ class Core:
     def open(cls, settings: Settings | None = None, backbones: list[str] | None = None) -> "Core":
         """Open storage under ``settings.data_dir`` and load the backbones (default: ``settings.backbones``)."""
         settings = settings or Settings()
-        placement = choose_placement(
-            settings.device, Precision(settings.trunk_precision) if settings.trunk_precision else None
-        )
+        placement = choose_placement(settings.device, settings.trunk_precision)
         if placement.device.type == "cpu":
             configure_cpu_threads(settings.torch_threads)
         settings.data_dir.mkdir(parents=True, exist_ok=True)

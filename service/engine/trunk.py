@@ -36,8 +36,10 @@ class Tolerance:
 
 TOLERANCES: dict[Precision, Tolerance] = {
     Precision.FP32: Tolerance(min_cosine=0.99999, atol=1e-4, rtol=1e-4),
-    Precision.BF16: Tolerance(min_cosine=0.99),
-    Precision.FP16: Tolerance(min_cosine=0.99),
+    # Reduced precision is asked for knowing its features differ (its accuracy cost is measured:
+    # benchmarks/runtime.py); these bounds only refuse a runtime that computes something else.
+    Precision.BF16: Tolerance(min_cosine=0.95),
+    Precision.FP16: Tolerance(min_cosine=0.95),
     Precision.INT8: Tolerance(min_cosine=0.9),
 }
 

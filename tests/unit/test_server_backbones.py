@@ -10,14 +10,19 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from client.models import Backbone as ClientBackbone
 from harness.sample_data import fashion_mnist_pngs
 from service.auditing import AuditRequest
 from service.config import Settings
 from service.core import Core
+from service.engine.runtimes import RUNTIMES
 from service.errors import NotFound
+from service.grpc import convert
+from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.http.app import create_app
 from service.jobs.runner import JobRunner
 from service.quotas import Quotas
+from service.resources import Backbone
 from service.runtime import Runtime
 from service.training import TrainRequest
 
@@ -113,3 +118,26 @@ async def test_the_untrained_backbone_is_neither_listed_nor_trainable(http):
     refused = await http.post("/v1/jobs", json=spec)
     assert refused.status_code == 404
     assert "backbone 'mobilenet_v3_small-untrained' is not loaded" in refused.text
+
+
+@pytest.mark.anyio
+async def test_a_backbone_reports_the_runtime_precision_and_speed_its_trunk_runs_at(http, mobilenet):
+    got = (await http.get("/v1/backbones/mobilenet_v2")).json()
+    assert got["trunk"] == mobilenet.trunk.model_dump(mode="json")
+    assert got["trunk"]["runtime"] in RUNTIMES and got["trunk"]["precision"] == "fp32"
+    assert got["trunk"]["images_per_second"] > 0 and got["trunk"]["max_abs_diff"] <= 1e-4
+
+    message = convert.message(Backbone.of(mobilenet.info()), pb.Backbone)  # what GetBackbone answers
+    assert message.trunk.runtime == mobilenet.trunk.runtime and message.trunk.precision == "fp32"
+    assert message.trunk.images_per_second == pytest.approx(mobilenet.trunk.images_per_second)
+    assert ClientBackbone.model_validate(got).trunk.runtime == mobilenet.trunk.runtime  # the client reads it
+
+
+def test_an_unknown_trunk_runtime_or_precision_stops_the_settings(monkeypatch):
+    monkeypatch.setenv("GRAFT_TRUNK_RUNTIME", "tensorrt")
+    with pytest.raises(ValidationError, match="GRAFT_TRUNK_RUNTIME must be 'auto' or one of"):
+        Settings()
+    monkeypatch.setenv("GRAFT_TRUNK_RUNTIME", "auto")
+    monkeypatch.setenv("GRAFT_TRUNK_PRECISION", "int4")
+    with pytest.raises(ValidationError, match="trunk_precision"):
+        Settings()
