@@ -25,8 +25,8 @@ batches of 8, all cores:
 - reduced precision: the trunk with ``GRAFT_TRUNK_PRECISION=int8`` and ``bf16``
   against fp32 (``reduced_over_fp32`` is the faster one's, per backbone and the
   lower of the two), and the accuracy cost: linear heads trained by graft on each
-  precision's features of the same splits, Fashion-MNIST 2,000 / 2,000 and textile
-  300 / 1,700 (MobileNetV2).
+  precision's features of the same splits, Fashion-MNIST 2,000 / 2,000 and five
+  random textile 300 / 1,700 splits, their mean (MobileNetV2).
 
     python benchmarks/runtime.py             # prints one JSON object last
     python benchmarks/runtime.py --quick     # fewer rounds and images, no torch.compile or accuracy
@@ -78,8 +78,9 @@ def eager_trunk(backbone: Backbone) -> Trunk:
 
 
 def compiled_trunk(backbone: Backbone, example: torch.Tensor) -> Trunk:
-    """``torch.compile`` of the same folded module graft exports, compiled here on the example batch."""
-    module = torch.compile(backbone.graph(0, backbone.num_blocks).module)
+    """``torch.compile`` of the same folded module graft exports, compiled here on the example batch (static
+    shapes: both backbones' modules share one forward, which would otherwise be recompiled for any size)."""
+    module = torch.compile(backbone.graph(0, backbone.num_blocks).module, dynamic=False)
     started = time.perf_counter()
     with torch.inference_mode():
         module(example)
@@ -204,36 +205,42 @@ async def engine_rounds(core, args) -> dict:
     }
 
 
-def accuracy_by_precision(cores: dict[str, Core]) -> dict:
-    """Linear heads trained by graft on each precision's MobileNetV2 features, the same splits, tested alike."""
+def accuracy_by_precision(cores: dict[str, Core], textile_splits: int) -> dict:
+    """Linear heads trained by graft on each precision's MobileNetV2 features, the same splits, tested alike:
+    Fashion-MNIST 2,000 / 2,000, and ``textile_splits`` random textile 300 / 1,700 splits (one split's test
+    accuracy moves by a point or more with which 300 images train: the mean over splits is the figure)."""
     fashion_train = [(f"{i}.png", d, label) for i, (d, label) in enumerate(fashion_mnist_pngs("train", 200))]
     fashion_test = [(f"{i}.png", d, label) for i, (d, label) in enumerate(fashion_mnist_pngs("test", 200))]
     files = textile_files(10_000)
-    textile_train, textile_test = train_test_split(
-        files, train_size=300, test_size=1700, stratify=[label for _, _, label in files], random_state=0
-    )
-    result: dict = {}
+    labels = [label for _, _, label in files]
+    splits = [("fashion_mnist", fashion_train, fashion_test)]
+    for seed in range(textile_splits):
+        train, test = train_test_split(files, train_size=300, test_size=1700, stratify=labels, random_state=seed)
+        splits.append((f"textile{seed}", train, test))
+    accuracies: dict[str, dict[str, float]] = {}
     for precision, core in cores.items():
-        for dataset, train_items, test_items in (
-            ("fashion_mnist", fashion_train, fashion_test),
-            ("textile", textile_train, textile_test),
-        ):
-            train = core.datasets.create(TENANT, f"{dataset}-train", train_items)
-            test = core.datasets.create(TENANT, f"{dataset}-test", test_items)
-            request = TrainRequest(dataset_id=train.id, head_name=dataset, backbone="mobilenet_v2", kind="linear")
+        backbone = core.backbones["mobilenet_v2"]
+        for name, train_items, test_items in splits:
+            train = core.datasets.create(TENANT, f"{name}-train", train_items)
+            test = core.datasets.create(TENANT, f"{name}-test", test_items)
+            request = TrainRequest(dataset_id=train.id, head_name=f"{name.replace('_', '-')}", backbone=backbone.name)
             version = core.trainer.train(TENANT, request)
             examples = core.datasets.examples(TENANT, test.id)
             index = {label: i for i, label in enumerate(train.classes)}
             y_test = torch.tensor([index[label] for _, label in examples])
-            backbone = core.backbones["mobilenet_v2"]
             x_test = core.extractor.features(backbone, backbone.num_blocks, [sha for sha, _ in examples])
-            accuracy = head_accuracy(core, version, x_test, y_test)
-            result[f"{dataset}_{precision}_acc"] = round(accuracy, 4)
-            print(f"{dataset} {precision}: {accuracy:.4f}", file=sys.stderr)
+            accuracies.setdefault(precision, {})[name] = head_accuracy(core, version, x_test, y_test)
+            print(f"{name} {precision}: {accuracies[precision][name]:.4f}", file=sys.stderr)
+    result: dict = {}
+    for precision, by_split in accuracies.items():
+        textile = [by_split[f"textile{seed}"] for seed in range(textile_splits)]
+        result[f"fashion_mnist_{precision}_acc"] = round(by_split["fashion_mnist"], 4)
+        result[f"textile_{precision}_acc_mean"] = round(statistics.mean(textile), 4)
+        result[f"textile_{precision}_acc_splits"] = [round(value, 4) for value in textile]
     for precision in cores:
         if precision != "fp32":
-            for dataset in ("fashion_mnist", "textile"):
-                points = 100 * (result[f"{dataset}_{precision}_acc"] - result[f"{dataset}_fp32_acc"])
+            for dataset, key in (("fashion_mnist", "fashion_mnist_{}_acc"), ("textile", "textile_{}_acc_mean")):
+                points = 100 * (result[key.format(precision)] - result[key.format("fp32")])
                 result[f"{precision}_minus_fp32_acc_points_{dataset}"] = round(points, 2)
     return result
 
@@ -243,6 +250,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="each arm's timing window per round")
     parser.add_argument("--images", type=int, default=256, help="requests per engine measurement")
+    parser.add_argument("--textile-splits", type=int, default=5, help="random 300 / 1,700 textile splits")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s, no torch.compile, no accuracy")
     args = parser.parse_args()
     args.compile = not args.quick
@@ -279,7 +287,7 @@ def main() -> None:
     print(f"tuning: {result['tuning_mobilenet_ips']}", file=sys.stderr)
     result.update(asyncio.run(engine_rounds(cores["fp32"], args)))
     if not args.quick:
-        result.update(accuracy_by_precision(cores))
+        result.update(accuracy_by_precision(cores, args.textile_splits))
         chosen = result["reduced_precision"]
         result["reduced_minus_fp32_acc_points"] = min(
             result[f"{chosen}_minus_fp32_acc_points_{dataset}"] for dataset in ("fashion_mnist", "textile")

@@ -24,9 +24,10 @@ class Placement:
     # prefer it (README, "Serving throughput": `benchmarks/serving.py --one-head`).
     channels_last: bool
     # Largest number of images per trunk call. On CPU, throughput per image
-    # falls for batches beyond a few images (activations leave the caches;
-    # README, "Serving throughput"), so big batches are run as consecutive
-    # micro-batches. None: the whole batch at once (GPU).
+    # falls as batches grow (activations leave the caches), so a batch runs as
+    # consecutive micro-batches: with the CPU runtimes, 2 per call was the best
+    # measured (README, "Trunk runtimes": `benchmarks/runtime.py`,
+    # `tuning_mobilenet_ips`). None: the whole batch at once (GPU).
     micro_batch: int | None = None
     # Images per serving batch unless GRAFT_MAX_BATCH_SIZE says otherwise. A batch as large as the
     # requests in flight leaves the trunk idle while their answers go back and the next requests
@@ -63,7 +64,7 @@ def choose_placement(requested: str = "auto", precision: Precision | None = None
         torch.float32,
         precision or Precision.FP32,
         channels_last=True,
-        micro_batch=4,
+        micro_batch=2,
         serving_batch=8,
         parallel_batches=True,
     )
