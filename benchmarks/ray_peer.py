@@ -82,7 +82,7 @@ class HeadServer:
         torch.set_num_threads(config.torch_threads)
         self.backbone = load_backbone("mobilenet_v2", choose_placement(config.device))
         self.device = self.backbone.placement.device
-        self.features = self.backbone.features if config.trunk == "graft" else eager_trunk(self.backbone)
+        self.features = graft_trunk(self.backbone) if config.trunk == "graft" else eager_trunk(self.backbone)
         self.files = config.head_files
         self.decode = ThreadPoolExecutor(decode_workers(), "decode", initializer=use_one_torch_thread)
 
@@ -127,6 +127,11 @@ def eager_trunk(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.cat([torch.flatten(torch.nn.functional.adaptive_avg_pool2d(blocks(p), 1), 1) for p in parts])
 
     return features
+
+
+def graft_trunk(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """graft's serving runtime, its micro-batches spread over every core (Ray calls it from one thread at a time)."""
+    return lambda images: backbone.features(images, side_by_side=True)
 
 
 def start(port: int) -> None:

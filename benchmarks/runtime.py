@@ -50,7 +50,6 @@ from torch import nn
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.core import Core
 from service.engine.backbones import Backbone
-from service.engine.predictor import trunk_workers
 from service.engine.runtimes import RUNTIMES, Lanes, Precision
 from service.engine.trunk import images_per_second
 from service.store.images import decode_rgb
@@ -187,13 +186,12 @@ async def engine_rounds(core, args) -> dict:
     backbone = core.backbones["mobilenet_v2"]
     images = torch.randn(args.images, 3, 224, 224)
     names = create_linear_heads(core, 1000)
-    workers = trunk_workers(backbone)
     samples: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         measured = {
             "trunk_alone": rate(served(backbone), images[:BATCH], backbone.lanes.count, args.seconds),
-            "engine_1_head": await engine_ips(core, images, names[:1], BATCH, False, workers=workers),
-            "engine_1000_heads": await engine_ips(core, images, names, BATCH, False, workers=workers),
+            "engine_1_head": await engine_ips(core, images, names[:1], BATCH, False),
+            "engine_1000_heads": await engine_ips(core, images, names, BATCH, False),
         }
         for arm, value in measured.items():
             samples.setdefault(arm, []).append(value)

@@ -47,6 +47,7 @@ from torch import nn
 from service.engine.backbones import BACKBONES, Backbone
 from service.engine.batcher import Batcher
 from service.engine.head_cache import HeadCache, LoadedHead
+from service.engine.predictor import trunk_workers
 
 OUT = Path(__file__).resolve().parent / "results"
 MAIN_BACKBONE = "mobilenet_v2"
@@ -81,17 +82,19 @@ class RawModel:
 
 
 async def engine_ips(
-    core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool, workers: int = 1
+    core, images: torch.Tensor, names: list[str], batch_size: int, group_by_head: bool, workers: int | None = None
 ) -> float:
+    """Images/s of the shared batcher; ``workers`` batches side by side (default: as the service runs them)."""
     cache = HeadCache(core.heads, core.backbones, max_bytes=1 << 34)
     heads = [await cache.get(TENANT, name) for name in names]  # loaded before timing: a warm cache
+    backbone = core.backbones[core.settings.default_backbone]
     batcher = Batcher(
-        core.backbones[core.settings.default_backbone],
+        backbone,
         max_batch_size=batch_size,
         max_latency_ms=2,
         max_queue=len(images) + 1,
         group_by_head=group_by_head,
-        workers=workers,
+        workers=workers or trunk_workers(backbone),
     )
     # Warm-up with one full batch, as the raw loop gets: this worker thread's first
     # trunk call at a new shape pays one-time set-up costs.
