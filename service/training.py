@@ -383,7 +383,11 @@ class Trainer:
             config=result.config.model_copy(update={"calibration": calibration}).model_dump(mode="json"),
             hyperparams=result.best.model_dump(mode="json"),
             metrics=finite(
-                {**metrics, "trials": [t.model_dump(mode="json") for t in result.trials]}
+                {
+                    **metrics,
+                    "trials": [t.model_dump(mode="json") for t in result.trials],
+                    "trunk": backbone.numeric_path(fitted.split),  # the features it was trained on
+                }
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
                 | (
                     kind_choice_metrics(kind_choice) | {"kind_choice": kind_choice.model_dump(mode="json")}

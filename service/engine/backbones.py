@@ -336,12 +336,16 @@ class Backbone:
         """A split point's name: "pooled" or "block{split}"."""
         return "pooled" if split == num_blocks else f"block{split}"
 
-    def feature_key(self, split: int) -> str:
-        """Feature-cache key of a split point and the numeric path that computes its features here (runtime and
-        precision): a head is trained on features from the same path that serves it."""
+    def numeric_path(self, split: int) -> str:
+        """What computes the features at ``split`` here, "<runtime>-<precision>" (e.g. "onnxruntime-int8")."""
         _, runtime = self._program(0, split)
-        precision = self.placement.precision if runtime is self.runtime else "fp32"
-        return f"{self.split_key(split, self.num_blocks)}.{runtime.name}-{precision}"
+        precision = self.placement.precision if runtime is self.runtime else Precision.FP32
+        return f"{runtime.name}-{precision}"
+
+    def feature_key(self, split: int) -> str:
+        """Feature-cache key of a split point and the numeric path that computes its features here: a head is
+        trained on features from the same path that serves it."""
+        return f"{self.split_key(split, self.num_blocks)}.{self.numeric_path(split)}"
 
     def feature_shape(self, split: int) -> tuple[int, ...]:
         """The shape of one image's features at ``split`` (what the feature cache holds): [C, H, W] at a block's

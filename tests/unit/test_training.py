@@ -46,6 +46,9 @@ def test_each_head_kind_learns_fashion_mnist_well_above_chance(core, fashion, ki
     version = core.trainer.train(TENANT, request)
     assert version.kind == kind.value
     assert version.metrics["accuracy"] >= min_accuracy  # chance is 0.1
+    # It says which runtime and precision computed the features it was trained on: those that serve it here.
+    assert version.metrics["trunk"] == core.backbones["mobilenet_v2"].numeric_path(version.split_point)
+    assert version.metrics["trunk"].endswith("-fp32")
     assert len(version.metrics["confusion"]) == 10
 
     # The stored head reloads and reproduces its hold-out predictions.
