@@ -1,20 +1,36 @@
-"""Shared set-up for the serving benchmarks: a core in a temp folder and many linear heads.
+"""Shared set-up for the serving benchmarks: a core in a temp folder, many linear heads, the published trunk.
 
 Heads get random weights: serving cost does not depend on what a head learnt.
 """
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from adapters.heads import head_state
 from adapters.kinds import HeadConfig, HeadKind, build_head
 from service.config import Settings
 from service.core import Core
+from service.engine.backbones import Backbone
 
 TENANT = "bench"
 CLASSES = 10
+
+
+def published_trunk(backbone: Backbone, micro_batch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a user runs without graft: the published blocks (real batch norms, NCHW) in eager torch on the
+    backbone's device, then global pooling; in ``micro_batch``-image pieces when given."""
+    blocks = backbone.cpu_copy(0).to(backbone.placement.device)
+
+    @torch.inference_mode()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        parts = images.to(backbone.placement.device).split(micro_batch or len(images))
+        return torch.cat([torch.flatten(nn.functional.adaptive_avg_pool2d(blocks(part), 1), 1) for part in parts])
+
+    return features
 
 
 def open_core(**settings) -> Core:

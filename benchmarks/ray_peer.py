@@ -28,6 +28,7 @@ from typing import Literal
 
 import safetensors.torch
 import torch
+from engine_setup import published_trunk
 from pydantic import BaseModel
 from ray import serve
 from starlette.requests import Request
@@ -82,7 +83,10 @@ class HeadServer:
         torch.set_num_threads(config.torch_threads)
         self.backbone = load_backbone("mobilenet_v2", choose_placement(config.device))
         self.device = self.backbone.placement.device
-        self.features = graft_trunk(self.backbone) if config.trunk == "graft" else eager_trunk(self.backbone)
+        placed = self.backbone
+        self.features = (
+            graft_trunk(placed) if config.trunk == "graft" else published_trunk(placed, placed.placement.micro_batch)
+        )
         self.files = config.head_files
         self.decode = ThreadPoolExecutor(decode_workers(), "decode", initializer=use_one_torch_thread)
 
@@ -114,19 +118,6 @@ class HeadServer:
 
     def _prepare(self, data: bytes) -> torch.Tensor:
         return self.backbone.preprocess(decode_rgb(data, name="image", max_bytes=20 << 20, max_pixels=40_000_000))
-
-
-def eager_trunk(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The published blocks (real batch norms) in eager torch, then global pooling, in graft's micro-batches."""
-    blocks = backbone.cpu_copy(0).to(backbone.placement.device)
-    micro_batch = backbone.placement.micro_batch
-
-    @torch.inference_mode()
-    def features(images: torch.Tensor) -> torch.Tensor:
-        parts = images.to(backbone.placement.device).split(micro_batch or len(images))
-        return torch.cat([torch.flatten(torch.nn.functional.adaptive_avg_pool2d(blocks(p), 1), 1) for p in parts])
-
-    return features
 
 
 def graft_trunk(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -42,10 +42,9 @@ from collections.abc import Callable
 
 import torch
 from accuracy import head_accuracy
-from engine_setup import TENANT, create_linear_heads, open_core
+from engine_setup import TENANT, create_linear_heads, open_core, published_trunk
 from serving import engine_ips
 from sklearn.model_selection import train_test_split
-from torch import nn
 
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.core import Core
@@ -63,17 +62,6 @@ Trunk = Callable[[torch.Tensor], torch.Tensor]
 def textile_batch(backbone: Backbone, count: int) -> torch.Tensor:
     files = textile_files(count // 3 + 1)[:count]
     return torch.stack([backbone.preprocess(decode_rgb(data, max_pixels=10**8, name=name)) for name, data, _ in files])
-
-
-def eager_trunk(backbone: Backbone) -> Trunk:
-    """What a user runs without graft: the published blocks, unfolded, NCHW, then global pooling."""
-    blocks = backbone.cpu_copy(0)
-
-    @torch.inference_mode()
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(blocks(images), 1), 1)
-
-    return run
 
 
 def compiled_trunk(backbone: Backbone, example: torch.Tensor) -> Trunk:
@@ -122,7 +110,7 @@ def trunk_rounds(backbones: dict[str, Backbone], reduced: dict[str, dict[str, Ba
     for name, backbone in backbones.items():
         key = BACKBONE_KEYS[name]
         batch = torch.randn(BATCH, 3, backbone.spec.crop_size, backbone.spec.crop_size)
-        eager = eager_trunk(backbone)
+        eager = published_trunk(backbone)
         arms = candidates(backbone, batch, args.compile)
         lanes = backbone.lanes.count
         samples: dict[str, list[float]] = {}

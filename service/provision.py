@@ -38,7 +38,9 @@ def export_trunks() -> list[Path]:
     graphs = []
     for spec in BACKBONES.values():
         if spec.weights is not None:
-            backbone = Backbone(spec, placement, settings.weights_dir, TrunkOptions(cache_dir=settings.trunk_cache_dir))
+            # One ONNX runtime is enough to export: no need to check and time every candidate here.
+            options = TrunkOptions(runtime="onnxruntime", cache_dir=settings.trunk_cache_dir)
+            backbone = Backbone(spec, placement, settings.weights_dir, options)
             graphs.append(backbone.graph(0, backbone.num_blocks).onnx(Precision.FP32))
     return graphs
 

@@ -414,12 +414,10 @@ class Backbone:
         """Blocks ``[start, stop)`` (pooled at the last block) of the folded model, for a runtime to compile."""
         pooled = stop == self.num_blocks
         label = f"{self.name}[{start}:{stop}]" + ("+pool" if pooled else "")
-        with torch.inference_mode():
-            example = self._prefix(self._photos[:2], start)
         return TrunkGraph(
             label=label,
             module=_BlockRange(self.blocks[start:stop], pooled),
-            example=example,
+            example=self._prefix(self._photos[:2], start),
             calibration=lambda: self._prefix(self._calibration_images(), start),
             cache=self.graphs,
             device=self.placement.device,

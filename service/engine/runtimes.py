@@ -14,6 +14,7 @@ from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +96,11 @@ def _compile_torch(graph: TrunkGraph, precision: Precision, lanes: Lanes) -> Com
     return run
 
 
+def _cpu_array(images: torch.Tensor) -> np.ndarray:
+    """The images as the ONNX runtimes read them: a contiguous float32 NCHW array in host memory."""
+    return images.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 def _onnxruntime_missing() -> str | None:
     try:
         import onnxruntime  # noqa: F401
@@ -115,8 +121,7 @@ def _compile_onnxruntime(graph: TrunkGraph, precision: Precision, lanes: Lanes) 
     session = onnxruntime.InferenceSession(str(graph.onnx(precision)), options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(session.run(None, {"images": array})[0])
+        return torch.from_numpy(session.run(None, {"images": _cpu_array(images)})[0])
 
     return run
 
@@ -166,8 +171,7 @@ def _compile_openvino(graph: TrunkGraph, precision: Precision, lanes: Lanes) -> 
     def run(images: torch.Tensor) -> torch.Tensor:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(requests.request.infer({0: array})[0].copy())
+        return torch.from_numpy(requests.request.infer({0: _cpu_array(images)})[0].copy())
 
     return run
 
