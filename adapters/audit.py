@@ -37,11 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
-from torch import Tensor, nn
+from torch import Tensor
 
-from adapters.crossval import DEFAULT_FOLDS, PROBE_ROUNDS, PROBE_WEIGHT_DECAYS, standardised_folds
+from adapters.crossval import CV_TOLERANCE, DEFAULT_FOLDS, fold_of
 from adapters.errors import InvalidInput
-from adapters.trainer import CancelCheck, HyperParams, class_weights_for, fit_linear_layer, raise_if_cancelled
+from adapters.logistic import solve
+from adapters.recipe import class_weights, scaled, scaling_stats
+from adapters.trainer import CancelCheck, raise_if_cancelled
+
+PROBE_WEIGHT_DECAYS = (1.0, 0.1, 1e-2, 1e-3)  # the probe's path: its best neighbourhood is enough to rank labels
 
 DEFAULT_DUPLICATE_SIMILARITY = 0.98
 SIMILARITY_BLOCK_ROWS = 128  # rows of the similarity matrix held at once: 128 x N floats, and the pairs one block adds
@@ -98,13 +102,13 @@ def out_of_fold_probabilities(
     seed: int = 0,
     cancelled: CancelCheck | None = None,
 ) -> OutOfFold:
-    """Out-of-fold softmax probabilities of the linear probe on pooled features ``x`` [N, D].
+    """Out-of-fold softmax probabilities of a linear probe (standardised, balanced) on pooled features ``x`` [N, D].
 
-    The first fold walks the weight-decay path (strong to weak, warm-started) and
-    keeps the weight decay with the lowest validation log-loss; a proper scoring
+    Every fold x weight decay is fitted side by side (adapters/logistic.py);
+    the weight decay with the lowest out-of-fold log-loss wins: a proper scoring
     rule, because the flagging rule compares probabilities, not just argmaxes.
-    The other folds fit at that weight decay. Memory: one [N, C] matrix.
-    A class with fewer examples than ``folds`` lowers the folds to its size (at least 2).
+    Memory: the [folds x weight decays, N, C] logits. A class with fewer
+    examples than ``folds`` lowers the folds to its size (at least 2).
     """
     x = x.float()
     y = y.to(torch.int64)
@@ -116,29 +120,28 @@ def out_of_fold_probabilities(
             f"the smallest class has {smallest}"
         )
     folds = min(folds, smallest)
-    path = sorted(weight_decays, reverse=True)
-    probabilities = torch.zeros(len(y), num_classes)
-    chosen: float | None = None
-    for val, z_fit, y_fit, z_val, y_val in standardised_folds(x, y, folds, seed):
-        weights = class_weights_for(y_fit, num_classes)
-        torch.manual_seed(seed)
-        linear = nn.Linear(x.shape[1], num_classes)
-        # Warm starts: the first fold walks the whole path, the others stop at the chosen weight decay.
-        walk = path if chosen is None else path[: path.index(chosen) + 1]
-        best_loss = float("inf")
-        for weight_decay in walk:
-            hp = HyperParams(lr=1.0, weight_decay=weight_decay, epochs=PROBE_ROUNDS, batch_size=4096)
-            fit_linear_layer(linear, z_fit, y_fit, hp, class_weights=weights, cancelled=cancelled)
-            with torch.no_grad():
-                log_probs = F.log_softmax(linear(z_val), dim=1)
-            loss = F.nll_loss(log_probs, y_val).item()
-            if chosen is not None or loss < best_loss or weight_decay == walk[0]:
-                best_loss = loss
-                best = weight_decay
-                probabilities[val] = log_probs.exp()
-        chosen = best
-    assert chosen is not None  # at least 2 folds ran
-    return OutOfFold(probabilities=probabilities, folds=folds, weight_decay=chosen)
+    assignment = fold_of(y, folds, seed)
+    z = scaled(x, "standardise", *scaling_stats(x, "standardise"))
+    rows, decays = [], []
+    for f in range(folds):
+        fit = assignment != f
+        weights = class_weights(y[fit], num_classes, "balanced")
+        assert weights is not None  # balanced weighs classes
+        row = fit.float() * weights[y]
+        for weight_decay in weight_decays:
+            rows.append(row / row.sum())
+            decays.append(weight_decay)
+    solution = solve(
+        z, y, num_classes, torch.stack(rows), torch.tensor(decays), tolerance=CV_TOLERANCE, cancelled=cancelled
+    )
+    log_probs = F.log_softmax(solution.logits(z), dim=2).view(folds, len(weight_decays), len(y), num_classes)
+    out_of_fold = torch.empty(len(weight_decays), len(y), num_classes)
+    for f in range(folds):
+        val = assignment == f
+        out_of_fold[:, val] = log_probs[f][:, val]
+    losses = [F.nll_loss(out_of_fold[j], y).item() for j in range(len(weight_decays))]
+    best = min(range(len(weight_decays)), key=lambda j: (losses[j], -weight_decays[j]))
+    return OutOfFold(probabilities=out_of_fold[best].exp(), folds=folds, weight_decay=weight_decays[best])
 
 
 def class_thresholds(probabilities: Tensor, y: Tensor) -> Tensor:

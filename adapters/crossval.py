@@ -1,48 +1,39 @@
-"""Stratified k-fold cross-validation of a linear probe on cached features.
+"""Choosing by stratified k-fold cross-validation on cached features, with the one-standard-error rule.
 
-Why k folds: with a few hundred images one hold-out split is too noisy to
-choose between backbones (on 300 textile images a 60-image hold-out prefers the
-wrong one); k folds validate on every example once, and on cached features a
-fold costs one L-BFGS fit, not a trunk pass.
+Why k folds: with a few hundred images one hold-out split is too noisy to choose
+a recipe, a kind or a backbone (on 300 textile images a 60-image hold-out
+prefers the wrong backbone); k folds validate on every example once, and on
+cached features a fold costs one solver run, not a trunk pass.
 
-The probe is the linear head's own model (standardise, L2-penalised logistic
-regression). Each fold walks the weight-decay path from strong to weak
-penalties, warm-starting every fit from the previous one; the score of a
-backbone is its best weight decay's mean over the folds, and the spread is that
-weight decay's standard deviation across folds. The linear head's own
-hyper-parameter search (adapters/tuning.py) walks the same path on small
-training sets, so its weight decay is chosen by k folds too.
+Why one standard error: candidates whose scores differ by less than the noise
+of the folds are not really different, so the rule takes the simplest (or
+cheapest) candidate whose per-fold deficit to the best is within one standard
+error of the paired differences (same folds, so the differences are paired).
+
+`search_linear` is the linear recipe's search: every scaling x class weighting
+x weight decay (SearchSpace), all folds of a scaling solved side by side
+(adapters/logistic.py). The weight-decay grid extends itself while a recipe's
+best value sits on its edge, then is refined by half a decade around the best
+of the recipes still in contention. It keeps the chosen candidate's
+out-of-fold logits, which the label audit reads instead of fitting its own folds.
 """
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel
-from torch import Tensor, nn
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
 
 from adapters.errors import InvalidInput
-from adapters.heads import standardisation_stats
-from adapters.trainer import CancelCheck, HyperParams, accuracy, class_weights_for, fit_linear_layer
+from adapters.logistic import PrincipalAxes, solve
+from adapters.recipe import class_weights, get_objective, scaled, scaling_stats, score
 
 DEFAULT_FOLDS = 5
-# A coarser path than the linear search's (8 values): the choice between backbones
-# needs each one's best neighbourhood, not its exact optimum.
-PROBE_WEIGHT_DECAYS = (1.0, 0.1, 1e-2, 1e-3)
-PROBE_ROUNDS = 5  # L-BFGS rounds per fit; warm starts converge in fewer
-
-
-class CrossValScore(BaseModel):
-    """One candidate's cross-validated linear-probe accuracy."""
-
-    mean: float
-    std: float  # across folds, at the best weight decay
-    folds: list[float]  # per-fold accuracy at the best weight decay, fold order
-    weight_decay: float
-    loss: float | None = None  # mean validation cross-entropy over the folds; None when not finite
+CV_TOLERANCE = 1e-4  # the folds only rank candidates: a looser fit than the final head's ranks them the same
+MIN_WEIGHT_DECAY, MAX_WEIGHT_DECAY = 1e-7, 10.0  # HyperParams' bounds (0 excluded: an unpenalised fit may not exist)
+MAX_EXTENSIONS = 4  # grid steps added beyond an edge, per recipe
 
 
 def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:
@@ -74,178 +65,329 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.nd
     return [np.sort(np.asarray(fold, dtype=np.int64)) for fold in folds]
 
 
-class Fold(NamedTuple):
-    """One fold, standardised with its fitting part's statistics (the probe's own preprocessing)."""
-
-    val_idx: Tensor  # positions of the validation examples
-    z_fit: Tensor
-    y_fit: Tensor
-    z_val: Tensor
-    y_val: Tensor
+def fold_count(y: Tensor, folds: int = DEFAULT_FOLDS) -> int:
+    """As many folds as asked, but no more than the smallest class has examples."""
+    counts = torch.bincount(y.to("cpu", torch.int64))
+    return min(folds, int(counts[counts > 0].min()))
 
 
-def standardised_folds(x: Tensor, y: Tensor, k: int, seed: int = 0) -> Iterator[Fold]:
-    """Each of ``k`` stratified folds (``stratified_folds``) of float features ``x``, ready for a linear probe."""
-    for val_idx in stratified_folds(y.tolist(), k, seed):
-        val = torch.from_numpy(val_idx)
-        fit_mask = torch.ones(len(y), dtype=torch.bool)
-        fit_mask[val] = False
-        mean, std = standardisation_stats(x[fit_mask])
-        yield Fold(val, (x[fit_mask] - mean) / std, y[fit_mask], (x[val] - mean) / std, y[val])
+def fold_of(y: Tensor, folds: int, seed: int) -> Tensor:
+    """Each example's fold [N] (`stratified_folds`)."""
+    assignment = torch.empty(len(y), dtype=torch.int64)
+    for f, members in enumerate(stratified_folds(y.tolist(), folds, seed)):
+        assignment[torch.from_numpy(members)] = f
+    return assignment
 
 
-def cross_validate_linear(
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    *,
-    folds: int = DEFAULT_FOLDS,
-    weight_decays: Sequence[float] = PROBE_WEIGHT_DECAYS,
-    seed: int = 0,
-    cancelled: CancelCheck | None = None,
-) -> CrossValScore:
-    """Cross-validated accuracy of the linear probe on pooled features ``x`` [N, D], at its best weight decay.
+class FoldScores(BaseModel):
+    """One candidate's cross-validated scores: the objective per fold, and both figures' means."""
 
-    A class with fewer examples than ``folds`` lowers the number of folds to its
-    size (at least 2), so small datasets still get an estimate.
-    """
-    y = y.to(torch.int64)
-    path = [
-        HyperParams(lr=1.0, weight_decay=weight_decay, epochs=PROBE_ROUNDS, batch_size=4096)
-        for weight_decay in weight_decays
-    ]
-    weights = class_weights_for(y, num_classes)
-    scores = cross_validate_path(
-        x, y, num_classes, path, folds=folds, seed=seed, class_weights=weights, cancelled=cancelled
-    )
-    return scores[best_index(scores)]
+    folds: list[float]  # the objective, per fold
+    mean: float
+    std: float  # across folds
+    accuracy: float  # mean over folds
+    balanced_accuracy: float
 
-
-def cross_validate_path(
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    candidates: Sequence[HyperParams],
-    *,
-    folds: int = DEFAULT_FOLDS,
-    seed: int = 0,
-    class_weights: Tensor | None = None,
-    cancelled: CancelCheck | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[CrossValScore]:
-    """Each candidate's k-fold score for the linear probe on ``x`` [N, D], in the candidates' order.
-
-    Candidates that differ only in weight decay form one path, fitted from the
-    strongest penalty to the weakest with warm starts; each path starts from
-    the same seeded layer, so the scores depend only on the data and ``seed``.
-    ``progress(done, total)`` is called after each fold. A candidate whose
-    validation loss is not finite in some fold gets ``loss=None``.
-    """
-    x = x.float()
-    y = y.to(torch.int64)
-    counts = torch.bincount(y)
-    folds = min(folds, int(counts[counts > 0].min()))
-    paths: dict[str, list[int]] = {}
-    for index, hp in enumerate(candidates):  # strong to weak: each fit starts near its answer
-        paths.setdefault(hp.model_copy(update={"weight_decay": 0.0}).model_dump_json(), []).append(index)
-    accuracies = np.zeros((len(candidates), folds))
-    losses = np.zeros((len(candidates), folds))
-    for f, (_, z_fit, y_fit, z_val, y_val) in enumerate(standardised_folds(x, y, folds, seed)):
-        for members in paths.values():
-            torch.manual_seed(seed)
-            linear = nn.Linear(x.shape[1], num_classes)
-            for index in sorted(members, key=lambda i: -candidates[i].weight_decay):
-                hp = candidates[index]
-                fit_linear_layer(linear, z_fit, y_fit, hp, class_weights=class_weights, cancelled=cancelled)
-                with torch.no_grad():
-                    logits = linear(z_val)
-                accuracies[index, f] = accuracy(logits, y_val)
-                losses[index, f] = F.cross_entropy(logits, y_val).item()
-                if not math.isfinite(losses[index, f]):  # a diverged fit is no start for the next one
-                    torch.manual_seed(seed)
-                    linear = nn.Linear(x.shape[1], num_classes)
-        if progress is not None:
-            progress(f + 1, folds)
-    return [
-        CrossValScore(
-            mean=float(accuracies[i].mean()),
-            std=float(accuracies[i].std()),
-            folds=[float(a) for a in accuracies[i]],
-            weight_decay=hp.weight_decay,
-            loss=float(losses[i].mean()) if np.isfinite(losses[i]).all() else None,
+    @classmethod
+    def of(cls, objective_folds: Sequence[float], accuracy: float, balanced_accuracy: float) -> "FoldScores":
+        values = np.asarray(objective_folds, dtype=np.float64)
+        return cls(
+            folds=[float(v) for v in values],
+            mean=float(values.mean()),
+            std=float(values.std()),
+            accuracy=accuracy,
+            balanced_accuracy=balanced_accuracy,
         )
-        for i, hp in enumerate(candidates)
-    ]
 
-
-def best_index(scores: Sequence[CrossValScore]) -> int:
-    """The highest mean accuracy, ties to the lower mean loss, then to the earlier; a diverged score never wins."""
-    finite = [i for i, score in enumerate(scores) if score.loss is not None]
-    if not finite:
-        raise InvalidInput(
-            f"all {len(scores)} cross-validated trials diverged (non-finite validation loss); "
-            "try a smaller lr or weight_decay"
-        )
-    return max(finite, key=lambda i: (scores[i].mean, -(scores[i].loss or 0.0), -i))
+    def shown(self) -> str:
+        return f"{self.mean:.3f} ± {self.std:.3f} over {len(self.folds)} folds"
 
 
 class Choice(BaseModel):
-    """Which candidate won, and why, in words a person can check against the scores."""
+    """Which candidate the one-standard-error rule chose among named ones, and why, in words a person can check."""
 
     chosen: str
+    best: str  # the highest mean
     reason: str
-    scores: dict[str, CrossValScore]
-    costs: dict[str, float]
+    scores: dict[str, FoldScores]
 
 
-def choose(scores: dict[str, CrossValScore], costs: dict[str, float]) -> Choice:
-    """The best mean cross-validated accuracy wins, unless a cheaper candidate ties with it.
+def one_standard_error(scores: dict[str, FoldScores], order: Sequence[str], what: str = "simplest") -> Choice:
+    """The first of ``order`` (simplest or cheapest first) whose mean is within one standard error of the best's.
 
-    A tie: the leader's per-fold advantage over the cheaper candidate (same
-    folds, so the differences are paired) is no larger than its standard error.
-    Among tying candidates the cheapest wins.
+    The standard error is that of the per-fold differences to the best
+    (paired: the same folds). Ties on the mean go to the earlier in ``order``.
     """
     if not scores:
         raise InvalidInput("no candidates to choose from")
-    leader = max(scores, key=lambda name: (scores[name].mean, -costs[name]))
-    lead = scores[leader]
-
-    def ties_with_leader(name: str) -> bool:
-        gap, error = _paired_gap(lead, scores[name])
-        return gap <= error
-
-    ties = [name for name in scores if costs[name] < costs[leader] and ties_with_leader(name)]
+    rank = {name: i for i, name in enumerate(order)}
+    best = max(scores, key=lambda name: (scores[name].mean, -rank[name]))
+    chosen = next(name for name in order if name in scores and _paired_gap(scores[best], scores[name]) <= 0)
     if len(scores) == 1:
-        return Choice(
-            chosen=leader, reason=f"{leader} is the only candidate ({_shown(lead)})", scores=scores, costs=costs
-        )
-    if ties:
-        cheapest = min(ties, key=lambda name: costs[name])
-        gap, error = _paired_gap(lead, scores[cheapest])
+        reason = f"{best} is the only candidate ({scores[best].shown()})"
+    elif chosen == best:
+        runner = max((n for n in scores if n != best), key=lambda n: scores[n].mean)
+        gap, error = _gap_and_error(scores[best], scores[runner])
         reason = (
-            f"tie: {leader} ({_shown(lead)}) leads {cheapest} ({_shown(scores[cheapest])}) by "
-            f"{100 * gap:.1f} points, within the standard error of the per-fold differences "
-            f"({100 * error:.1f}); the cheaper {cheapest} wins ({costs[cheapest]:g} against "
-            f"{costs[leader]:g} GFLOPs)"
+            f"{best} has the best mean ({scores[best].shown()}); no {what} candidate is within one standard error "
+            f"(the runner-up {runner}, {scores[runner].shown()}, trails by {100 * gap:.1f} points, "
+            f"standard error {100 * error:.1f})"
         )
-        return Choice(chosen=cheapest, reason=reason, scores=scores, costs=costs)
-    runner_up = max((name for name in scores if name != leader), key=lambda name: scores[name].mean)
-    gap, error = _paired_gap(lead, scores[runner_up])
-    reason = (
-        f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
-        f"points, more than the standard error of the per-fold differences ({100 * error:.1f})"
-        if costs[runner_up] < costs[leader]
-        else f"{leader} ({_shown(lead)}) beats {runner_up} ({_shown(scores[runner_up])}) by {100 * gap:.1f} "
-        f"points and is no more expensive"
+    else:
+        gap, error = _gap_and_error(scores[best], scores[chosen])
+        reason = (
+            f"{chosen} ({scores[chosen].shown()}) trails the best, {best} ({scores[best].shown()}), by "
+            f"{100 * gap:.1f} points, within one standard error of the per-fold differences ({100 * error:.1f}); "
+            f"it is the {what} such candidate"
+        )
+    return Choice(chosen=chosen, best=best, reason=reason, scores=scores)
+
+
+def _gap_and_error(best: FoldScores, other: FoldScores) -> tuple[float, float]:
+    """Mean of best's per-fold advantage over other, and its standard error."""
+    diffs = np.asarray(best.folds) - np.asarray(other.folds)
+    error = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+    return float(diffs.mean()), error
+
+
+def _paired_gap(best: FoldScores, other: FoldScores) -> float:
+    """How far other falls short of best beyond one standard error (<= 0: within it)."""
+    gap, error = _gap_and_error(best, other)
+    return gap - error - 1e-12
+
+
+class RecipeCandidate(BaseModel):
+    """One linear recipe the search scored: its choices and its fold scores."""
+
+    scaling: str
+    class_weighting: str
+    weight_decay: float
+    scores: FoldScores
+
+    @property
+    def name(self) -> str:
+        return f"{self.scaling}/{self.class_weighting}/weight_decay={self.weight_decay:.4g}"
+
+
+class RecipeSearch(BaseModel):
+    """The linear search's evidence and verdict, as stored in a version's metrics (out-of-fold logits aside)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    objective: str
+    folds: int
+    candidates: list[RecipeCandidate]  # in the order they were scored
+    chosen: RecipeCandidate
+    rule: str
+    out_of_fold_logits: Tensor  # [N, C]: the chosen candidate's, each example's from the fold that left it out
+
+    def report(self) -> dict:
+        """JSON for the version's metrics: every candidate's mean and spread, the choice and the rule."""
+        return {
+            "objective": self.objective,
+            "folds": self.folds,
+            "chosen": self.chosen.model_dump(mode="json"),
+            "rule": self.rule,
+            "candidates": [
+                {
+                    "scaling": c.scaling,
+                    "class_weighting": c.class_weighting,
+                    "weight_decay": c.weight_decay,
+                    "mean": c.scores.mean,
+                    "std": c.scores.std,
+                    "folds": c.scores.folds,
+                    "accuracy": c.scores.accuracy,
+                    "balanced_accuracy": c.scores.balanced_accuracy,
+                }
+                for c in self.candidates
+            ],
+        }
+
+
+Progress = Callable[[str], None]
+
+
+def search_linear(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    scalings: Sequence[str],
+    class_weightings: Sequence[str],
+    weight_decays: Sequence[float],
+    objective: str,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    extend: bool = True,
+    cancelled: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+) -> RecipeSearch:
+    """Score every scaling x class weighting x weight decay by stratified k folds of x [N, D], y [N]; choose one.
+
+    ``scalings`` and ``class_weightings`` are in order of simplicity; the
+    objective's own weighting counts as the simplest. With ``extend``, a
+    recipe's grid grows past an edge that holds its best weight decay (by the
+    grid's own step, within HyperParams' bounds) and is refined by half a step
+    around the best of every recipe within one standard error of the best.
+    """
+    x = x.float()
+    y = y.to(torch.int64)
+    k = fold_count(y, folds)
+    assignment = fold_of(y, k, seed)
+    preferred = get_objective(objective).class_weighting
+    weightings = sorted(class_weightings, key=lambda w: w != preferred)  # stable: the objective's first
+    scored: dict[tuple[str, str, float], tuple[FoldScores, Tensor]] = {}
+    features: dict[str, tuple[Tensor, PrincipalAxes]] = {}
+    # A weighting that weighs every fold's examples the same as the first weighting poses the same problems:
+    # solved once, scored under both names (balanced weights on classes of equal size are all 1).
+    same_as_first = {w: _same_rows(y, assignment, k, num_classes, weightings[0], w) for w in weightings}
+
+    def run(scaling: str, pairs: list[tuple[str, float]]) -> None:
+        pairs = [pair for pair in pairs if (scaling, *pair) not in scored]
+        for weighting, decay in pairs:
+            if same_as_first[weighting] and (scaling, weightings[0], decay) in scored:
+                scored[(scaling, weighting, decay)] = scored[(scaling, weightings[0], decay)]
+        pairs = [pair for pair in pairs if (scaling, *pair) not in scored]
+        solved = [(w, d) for w, d in pairs if not (same_as_first[w] and w != weightings[0])]
+        solved += [(weightings[0], d) for w, d in pairs if same_as_first[w] and (weightings[0], d) not in solved]
+        if not solved:
+            return
+        if scaling not in features:  # unsupervised statistics of the whole training split
+            z = scaled(x, scaling, *scaling_stats(x, scaling))
+            features[scaling] = (z, PrincipalAxes.of(z))
+        z, axes = features[scaling]
+        rows = [_row_weights(y, assignment != f, num_classes, w) for f in range(k) for w, _ in solved]
+        solution = solve(
+            z,
+            y,
+            num_classes,
+            torch.stack(rows),
+            torch.tensor([decay for _ in range(k) for _, decay in solved]),
+            axes=axes,
+            tolerance=CV_TOLERANCE,
+            cancelled=cancelled,
+        )
+        pairs, all_pairs = solved, pairs
+        logits = solution.logits(z).view(k, len(pairs), len(y), num_classes)
+        for j, (weighting, decay) in enumerate(pairs):
+            out_of_fold = torch.empty(len(y), num_classes)
+            for f in range(k):
+                val = assignment == f
+                out_of_fold[val] = logits[f, j][val]
+            predicted = out_of_fold.argmax(1)
+            per_fold = [score(objective, predicted[assignment == f], y[assignment == f], num_classes) for f in range(k)]
+            scores = FoldScores.of(
+                per_fold,
+                accuracy=float(
+                    np.mean(
+                        [
+                            score("accuracy", predicted[assignment == f], y[assignment == f], num_classes)
+                            for f in range(k)
+                        ]
+                    )
+                ),
+                balanced_accuracy=float(
+                    np.mean(
+                        [
+                            score("balanced_accuracy", predicted[assignment == f], y[assignment == f], num_classes)
+                            for f in range(k)
+                        ]
+                    )
+                ),
+            )
+            scored[(scaling, weighting, decay)] = (scores, out_of_fold)
+        for weighting, decay in all_pairs:
+            if (scaling, weighting, decay) not in scored:
+                scored[(scaling, weighting, decay)] = scored[(scaling, weightings[0], decay)]
+        if progress is not None:
+            progress(f"{scaling}: {len(pairs) * k} fits over {k} folds")
+
+    grid = sorted(set(weight_decays))
+    for scaling in scalings:
+        run(scaling, [(w, d) for w in weightings for d in grid])
+
+    if extend:
+        step = _grid_step(grid)
+        for scaling in scalings:
+            for _ in range(MAX_EXTENSIONS):
+                additions = []
+                for weighting in weightings:
+                    tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
+                    best = max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
+                    if best == tried[0] and best / step >= MIN_WEIGHT_DECAY:
+                        additions.append((weighting, _rounded(best / step)))
+                    elif best == tried[-1] and best * step <= MAX_WEIGHT_DECAY:
+                        additions.append((weighting, _rounded(best * step)))
+                if not additions:
+                    break
+                run(scaling, additions)
+        leader, keys = _choice(scored, scalings, weightings)
+        lead_scores = scored[keys[leader.best]][0]
+        for scaling in scalings:
+            refinements = []
+            for weighting in weightings:
+                tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
+                best = max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
+                if _paired_gap(lead_scores, scored[(scaling, weighting, best)][0]) <= 0:
+                    half = math.sqrt(step)
+                    refinements += [(weighting, _rounded(best / half)), (weighting, _rounded(best * half))]
+            run(scaling, [(w, d) for w, d in refinements if MIN_WEIGHT_DECAY <= d <= MAX_WEIGHT_DECAY])
+
+    choice, keys = _choice(scored, scalings, weightings)
+    candidates = [
+        RecipeCandidate(scaling=s, class_weighting=w, weight_decay=d, scores=scores)
+        for (s, w, d), (scores, _) in scored.items()
+    ]
+    chosen = next(c for c in candidates if c.name == choice.chosen)
+    return RecipeSearch(
+        objective=objective,
+        folds=k,
+        candidates=candidates,
+        chosen=chosen,
+        rule=choice.reason,
+        out_of_fold_logits=scored[keys[choice.chosen]][1],
     )
-    return Choice(chosen=leader, reason=reason, scores=scores, costs=costs)
 
 
-def _paired_gap(a: CrossValScore, b: CrossValScore) -> tuple[float, float]:
-    """Mean of a's per-fold advantage over b, and its standard error."""
-    diffs = np.asarray(a.folds) - np.asarray(b.folds)
-    return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+def _row_weights(y: Tensor, fit: Tensor, num_classes: int, weighting: str) -> Tensor:
+    """One problem's row weights [N]: the ``fit`` rows, weighted by ``weighting`` on their own labels, summing to 1."""
+    weights = class_weights(y[fit], num_classes, weighting)
+    row = fit.float() if weights is None else fit.float() * weights[y]
+    return row / row.sum()
 
 
-def _shown(score: CrossValScore) -> str:
-    return f"{score.mean:.3f} ± {score.std:.3f} over {len(score.folds)} folds"
+def _same_rows(y: Tensor, assignment: Tensor, k: int, num_classes: int, first: str, other: str) -> bool:
+    """Whether ``other`` weighs every fold's fitting examples as ``first`` does (up to a common factor)."""
+    for f in range(k):
+        fit = y[assignment != f]
+        a, b = class_weights(fit, num_classes, first), class_weights(fit, num_classes, other)
+        ones = torch.ones(num_classes)
+        a, b = (ones if a is None else a)[fit], (ones if b is None else b)[fit]
+        if not torch.allclose(a / a.sum(), b / b.sum(), rtol=1e-5, atol=1e-9):
+            return False
+    return True
+
+
+def _rounded(weight_decay: float) -> float:
+    """A grid value as people write it (6 significant digits), so that stepping down and up meets the same value."""
+    return float(f"{weight_decay:.6g}")
+
+
+def _grid_step(grid: Sequence[float]) -> float:
+    """The ratio between neighbours of a weight-decay grid (a decade when it has one value)."""
+    if len(grid) < 2:
+        return 10.0
+    return float(np.exp(np.mean(np.diff(np.log(grid)))))
+
+
+def _choice(
+    scored: dict[tuple[str, str, float], tuple[FoldScores, Tensor]], scalings: Sequence[str], weightings: Sequence[str]
+) -> tuple[Choice, dict[str, tuple[str, str, float]]]:
+    """The one-standard-error rule over every scored recipe (the objective's weighting, then the simpler scaling,
+    then the stronger penalty, is simpler), and each candidate's key by name."""
+    keys = {
+        RecipeCandidate(scaling=s, class_weighting=w, weight_decay=d, scores=v[0]).name: (s, w, d)
+        for (s, w, d), v in scored.items()
+    }
+    order = sorted(keys, key=lambda n: (weightings.index(keys[n][1]), scalings.index(keys[n][0]), -keys[n][2]))
+    return one_standard_error({n: scored[keys[n]][0] for n in keys}, order), keys

@@ -5,14 +5,13 @@ adapters/kinds.py says how to build, train and serve it, and `HeadConfig`
 there holds the shapes to rebuild one from its stored weights (safetensors).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-# A feature whose spread is below this is treated as constant: it is centred but
-# not scaled, the same rule as scikit-learn's StandardScaler.
-_MIN_STD = 1e-6
+from adapters.recipe import get_scaling, scaled
 
 
 class GatheredWeights(NamedTuple):
@@ -28,71 +27,63 @@ class GatheredWeights(NamedTuple):
     centre: Tensor | None  # [D]
 
 
-def standardisation_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std of x [N, D]; constant features get std 1."""
-    mean = x.mean(dim=0)
-    std = x.std(dim=0, unbiased=False)
-    std = torch.where(std < _MIN_STD, torch.ones_like(std), std)
-    return mean, std
+class _ScaledHead(nn.Module):
+    """Base for heads on pooled features: carries its own scaling (adapters/recipe.py's SCALINGS).
 
-
-class _StandardisedHead(nn.Module):
-    """Base for heads on pooled features: carries its own standardisation.
-
-    Keeping mean/std as buffers makes the stored head self-contained: whoever
-    loads it feeds raw pooled features and never needs a separate scaler.
+    Keeping mean/std as buffers (zero and one when the scaling does not
+    standardise) makes the stored head self-contained: whoever loads it feeds
+    raw pooled features and never needs a separate scaler.
     """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, scaling: str) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.scaling = get_scaling(scaling).name
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("std", torch.ones(in_features))
 
     @torch.no_grad()
-    def set_standardisation(self, mean: Tensor, std: Tensor) -> None:
+    def set_scaling_stats(self, mean: Tensor, std: Tensor) -> None:
         self.mean.copy_(mean)
         self.std.copy_(std)
 
-    def standardise(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+    def scale(self, x: Tensor) -> Tensor:
+        return scaled(x, self.scaling, self.mean, self.std)
 
 
-class LinearHead(_StandardisedHead):
-    """Standardisation + one linear layer: multinomial logistic regression."""
+class LinearHead(_ScaledHead):
+    """Scaling + one linear layer: multinomial logistic regression."""
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features: int, num_classes: int, scaling: str = "standardise") -> None:
+        super().__init__(in_features, num_classes, scaling)
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.standardise(x))
+        return self.linear(self.scale(x))
 
     @torch.no_grad()
-    def effective_weight_bias(self) -> tuple[Tensor, Tensor]:
-        """Fold the standardisation into (W', b') so that logits = x @ W'.T + b'.
+    def gathered(self) -> GatheredWeights:
+        """The scaling folded into (W', b'), which the engine stacks with other heads' into one batched matmul.
 
-        The inference engine stacks many linear heads into one batched matmul;
-        folding removes the per-head standardisation step from that path.
+        A per-feature scaling folds into the weights whole; rows scaled to unit
+        length are the engine's per-image normalisation (a zero centre), with
+        the sqrt(D) folded in.
         """
         weight = self.linear.weight / self.std
         bias = self.linear.bias - weight @ self.mean
-        return weight, bias
-
-    def gathered(self) -> GatheredWeights:
-        """The folded weight and bias, which the engine stacks with other heads' into one batched matmul."""
-        weight, bias = self.effective_weight_bias()
-        return GatheredWeights(weight, bias, centre=None)
+        if not get_scaling(self.scaling).unit_rows:
+            return GatheredWeights(weight, bias, centre=None)
+        return GatheredWeights(weight * math.sqrt(weight.shape[1]), bias, centre=torch.zeros_like(self.mean))
 
 
-class MLPHead(_StandardisedHead):
-    """Standardisation + one hidden ReLU layer with dropout."""
+class MLPHead(_ScaledHead):
+    """Scaling + one hidden ReLU layer with dropout."""
 
-    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float) -> None:
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float, scaling: str = "standardise"):
+        super().__init__(in_features, num_classes, scaling)
         self.layers = nn.Sequential(
             nn.Linear(in_features, hidden),
             nn.ReLU(),
@@ -101,7 +92,7 @@ class MLPHead(_StandardisedHead):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(self.standardise(x))
+        return self.layers(self.scale(x))
 
 
 class FinetuneHead(nn.Module):

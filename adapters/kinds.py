@@ -12,19 +12,19 @@ the protos): docs/maintaining.md says what to write.
 `build_head` and `load_head` turn it back into the kind's module.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from adapters.calibration import Calibration
-from adapters.crossval import DEFAULT_FOLDS, CrossValScore, cross_validate_path
 from adapters.errors import InvalidInput
 from adapters.heads import FinetuneHead, GatheredWeights, LinearHead, MLPHead, PrototypeHead
 from adapters.prototype import fit_prototype
+from adapters.recipe import SCALINGS, Scaling
 from adapters.search_space import SearchSpace
 from adapters.trainer import CancelCheck, FitResult, HyperParams, Progress, fit_finetune, fit_linear, fit_mlp
 
@@ -61,25 +61,6 @@ class Fit(Protocol[H_contra]):
     ) -> FitResult | None: ...
 
 
-class CrossValidate(Protocol):
-    """Each candidate's k-fold score on a training split, in the candidates' order (`cross_validate_path`)."""
-
-    def __call__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        num_classes: int,
-        candidates: Sequence[HyperParams],
-        /,
-        *,
-        folds: int = DEFAULT_FOLDS,
-        seed: int = 0,
-        class_weights: Tensor | None = None,
-        cancelled: CancelCheck | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[CrossValScore]: ...
-
-
 @dataclass(frozen=True)
 class AutoRule:
     """When kind 'auto' trains a kind among its candidates."""
@@ -108,9 +89,15 @@ class HeadKindSpec(Generic[H]):
     # False: nothing to search (a closed form): a request may set neither search nor hyperparams, and with no
     # hold-out the head is fit on every example instead of being refused.
     searched: bool = True
-    # Scores a small training split's candidates by k folds of it instead of on the hold-out
-    # (adapters/tuning.py): for kinds whose fit is cheap on cached features.
-    cross_validate: CrossValidate | None = None
+    # Its search scores every scaling x class weighting x weight decay by k folds of the training split
+    # (adapters/crossval.py's search_linear) instead of on the hold-out: a fit is cheap on cached features.
+    cross_validate: bool = False
+    # The scalings its search tries unless a request names one (adapters/recipe.py; the first when it is not
+    # searched); empty: it reads the features as they are (a copied tail, or its own normalisation).
+    scalings: tuple[str, ...] = ()
+    # How its loss weighs classes: 'searched' (both weightings, by k folds), 'objective' (the request's
+    # objective's weighting), None (it has no loss to weigh).
+    class_weighting: Literal["searched", "objective"] | None = None
     # How the engine serves it: its weights gathered into one batched matmul with every other such head of the
     # batch; None: its own module runs on its rows.
     gather: Callable[[H], GatheredWeights] | None = None
@@ -128,12 +115,13 @@ class HeadKindSpec(Generic[H]):
 
 
 def _linear(config: "HeadConfig", tail: nn.Module | None) -> LinearHead:
-    return LinearHead(config.in_features, config.num_classes)
+    assert config.scaling is not None  # HeadConfig requires it of a kind with scalings
+    return LinearHead(config.in_features, config.num_classes, config.scaling.value)
 
 
 def _mlp(config: "HeadConfig", tail: nn.Module | None) -> MLPHead:
-    assert config.hidden is not None  # HeadConfig requires it of a kind with a hidden layer
-    return MLPHead(config.in_features, config.hidden, config.num_classes, config.dropout)
+    assert config.hidden is not None and config.scaling is not None  # HeadConfig requires them
+    return MLPHead(config.in_features, config.hidden, config.num_classes, config.dropout, config.scaling.value)
 
 
 def _finetune(config: "HeadConfig", tail: nn.Module | None) -> FinetuneHead:
@@ -147,13 +135,16 @@ def _prototype(config: "HeadConfig", tail: nn.Module | None) -> PrototypeHead:
 
 LINEAR = HeadKindSpec(
     name="linear",
-    description="logistic regression on the pooled features, fit to convergence by L-BFGS",
+    description="logistic regression on the pooled features, its recipe chosen by k-fold cross-validation",
     build=_linear,
     fit=fit_linear,
     hyperparams=HyperParams(lr=1.0, weight_decay=1e-3, epochs=10, batch_size=4096),
-    # L2 strength is what matters for logistic regression; lr is L-BFGS's step scale.
-    search_space=SearchSpace(lr=[1.0], weight_decay=[1e-4, 4e-4, 1.5e-3, 5e-3, 2e-2, 7e-2, 0.25, 1.0]),
-    cross_validate=cross_validate_path,
+    # L2 strength is what matters for logistic regression: decades, which the search extends past an edge that
+    # holds the best and refines by half a decade around the best (lr is unused by its solver).
+    search_space=SearchSpace(lr=[1.0], weight_decay=[1e-4, 1e-3, 1e-2, 0.1, 1.0]),
+    cross_validate=True,
+    scalings=tuple(SCALINGS),
+    class_weighting="searched",
     gather=LinearHead.gathered,
     auto=AutoRule(rank=1),
 )
@@ -164,6 +155,8 @@ MLP = HeadKindSpec(
     fit=fit_mlp,
     hyperparams=HyperParams(lr=1e-3, weight_decay=1e-4, epochs=60, batch_size=64, hidden=512, patience=10),
     search_space=SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4, 1e-2], hidden=[256, 512]),
+    scalings=("standardise",),
+    class_weighting="objective",
     hidden_layer=True,
     dropout=0.2,
     auto=AutoRule(rank=2),
@@ -175,6 +168,7 @@ FINETUNE = HeadKindSpec(
     fit=fit_finetune,
     hyperparams=HyperParams(lr=1e-3, weight_decay=1e-4, epochs=15, batch_size=64, label_smoothing=0.1, patience=15),
     search_space=SearchSpace(lr=[1e-3, 3e-3], weight_decay=[1e-4]),  # finetuning is expensive: two runs
+    class_weighting="objective",
     copies_tail=True,
     dropout=0.2,
     auto=AutoRule(rank=3, opt_in=True, min_per_class=AUTO_FINETUNE_MIN_PER_CLASS),
@@ -219,7 +213,9 @@ class HeadConfig(BaseModel):
     size for kinds that read pooled features). A kind that copies the tail gets
     the tail itself from the backbone: `tail_blocks` records how many trailing
     blocks the caller copied and `tail_out_channels` how many channels those
-    blocks emit. `calibration` is how to read its logits
+    blocks emit. `scaling` is how a kind with scalings scales the pooled
+    features (versions stored before graft searched it were standardised).
+    `calibration` is how to read its logits
     (adapters/calibration.py); versions stored before graft calibrated heads
     have none and serve their raw softmax.
     """
@@ -233,6 +229,7 @@ class HeadConfig(BaseModel):
     dropout: float = Field(ge=0.0, lt=0.9)
     tail_blocks: int | None = Field(default=None, ge=1)
     tail_out_channels: int | None = Field(default=None, ge=1)
+    scaling: Scaling | None = None
     calibration: Calibration | None = None
 
     @model_validator(mode="before")
@@ -243,6 +240,10 @@ class HeadConfig(BaseModel):
             spec = KINDS.get(data["kind"])  # an unknown kind fails the field's own validation
             if spec is not None:
                 data = {**data, "dropout": 0.0 if spec.dropout is None else spec.dropout}
+        if isinstance(data, dict) and data.get("scaling") is None and isinstance(data.get("kind"), str):
+            spec = KINDS.get(data["kind"])
+            if spec is not None and spec.scalings:
+                data = {**data, "scaling": "standardise"}
         return data
 
     @model_validator(mode="after")
@@ -252,6 +253,8 @@ class HeadConfig(BaseModel):
             raise ValueError(f"a {spec.name} head needs `hidden` (the hidden layer width)")
         if not spec.hidden_layer and self.hidden is not None:
             raise ValueError(f"`hidden` only applies to heads with a hidden layer, not {spec.name}")
+        if bool(spec.scalings) != (self.scaling is not None):
+            raise ValueError(f"`scaling` applies to heads on scaled pooled features only, not {spec.name}")
         if spec.dropout is None and self.dropout != 0.0:
             raise ValueError(f"a {spec.name} head has no dropout: it is fit in closed form or convex")
         for name in ("tail_blocks", "tail_out_channels"):

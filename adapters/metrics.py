@@ -34,6 +34,7 @@ class ReliabilityBin(BaseModel):
 
 class EvalMetrics(BaseModel):
     accuracy: float
+    balanced_accuracy: float  # mean recall over the classes present: every class counts the same
     per_class: list[ClassMetrics]
     confusion: list[list[int]]  # rows = true class, columns = predicted class
     ece: float
@@ -43,7 +44,7 @@ class EvalMetrics(BaseModel):
 
 
 def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetrics:
-    """Accuracy, per-class precision/recall/F1, confusion, calibration and loss."""
+    """Accuracy and balanced accuracy, per-class precision/recall/F1, confusion, calibration and loss."""
     num_classes = len(class_names)
     if logits.dim() != 2 or logits.shape[1] != num_classes:
         raise InvalidInput(
@@ -66,9 +67,12 @@ def evaluate(logits: Tensor, labels: Tensor, class_names: list[str]) -> EvalMetr
         num_classes, num_classes
     )
     bins = _reliability(confidence, correct)
+    support = confusion.sum(dim=1)
+    present = support > 0
 
     return EvalMetrics(
         accuracy=correct.float().mean().item(),
+        balanced_accuracy=(confusion.diag()[present].double() / support[present]).mean().item(),
         per_class=_per_class(confusion, class_names),
         confusion=confusion.tolist(),
         ece=_expected_calibration_error(bins),

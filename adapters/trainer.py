@@ -3,9 +3,9 @@
 Each head kind gets the optimiser that suits it (its record in adapters/kinds.py
 names its fit):
 
-* linear (`fit_linear`): full-batch L-BFGS on the convex, L2-penalised
-  cross-entropy of the standardised features (the same problem scikit-learn's
-  LogisticRegression solves, so the result matches it);
+* linear (`fit_linear`): L-BFGS to convergence on the convex, L2-penalised
+  cross-entropy of the scaled features (adapters/logistic.py: the problem
+  scikit-learn's LogisticRegression solves, so the result matches it);
 * mlp and finetune (`fit_mlp`, `fit_finetune`): mini-batch AdamW with a
   one-cycle schedule, keeping the weights of the epoch with the best validation
   accuracy.
@@ -26,14 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import FinetuneHead, LinearHead, MLPHead, standardisation_stats
+from adapters.heads import FinetuneHead, LinearHead, MLPHead
+from adapters.logistic import solve
+from adapters.recipe import scaling_stats
 
-# L-BFGS runs in rounds of this many iterations; `epochs` counts rounds, and
-# progress is reported between rounds. The cancel flag is checked at every
-# objective evaluation, so a stop never waits for a whole round.
-LBFGS_ITERATIONS_PER_ROUND = 50
-# A round that lowers the linear objective by less than this means it converged.
-LBFGS_CONVERGED = 1e-7
+# A linear fit's L-BFGS steps per `epochs` (HyperParams): its bound on the work, never reached in practice.
+LBFGS_STEPS_PER_EPOCH = 50
 # Rows per forward pass when only predicting (validation, scoring).
 PREDICT_BATCH = 1024
 
@@ -41,9 +39,8 @@ PREDICT_BATCH = 1024
 class HyperParams(BaseModel):
     """Training knobs. Out-of-range, NaN or infinite values fail validation.
 
-    For a linear head `lr` scales the L-BFGS step (1.0 is the natural value),
-    `epochs` counts L-BFGS rounds, and batch_size/patience are unused (it trains
-    full-batch to convergence). `hidden` is a search dimension for mlp heads:
+    A linear head trains full-batch to convergence: `epochs` x 50 bounds its
+    L-BFGS steps, and lr/batch_size/patience/label_smoothing are unused. `hidden` is a search dimension for mlp heads:
     the trainer takes the head as built, so it only matters to `tune`.
     """
 
@@ -73,20 +70,6 @@ class FitResult(BaseModel):
     epochs_run: int
     best_val_accuracy: float | None  # None when no validation data was given
     train_loss: float  # mean cross-entropy on the training set, without the L2 term
-
-
-def class_weights_for(y: Tensor, num_classes: int) -> Tensor:
-    """Inverse class frequency, normalised to mean 1 over the classes present.
-
-    Passed to the cross-entropy so that a rare class costs as much in total as
-    a common one. Absent classes get weight 0 (they contribute no terms anyway).
-    """
-    counts = torch.bincount(y.detach().to("cpu", torch.int64), minlength=num_classes).double()
-    present = counts > 0
-    weights = torch.zeros(num_classes, dtype=torch.float64)
-    weights[present] = 1.0 / counts[present]
-    weights[present] /= weights[present].mean()
-    return weights.float()
 
 
 @contextmanager
@@ -131,29 +114,40 @@ def fit_linear(
     cancelled: CancelCheck | None = None,
     seed: int = 0,
 ) -> FitResult:
-    """A linear head on pooled features [N, D]: its standardisation from x_train, then `fit_linear_layer`.
+    """A linear head on pooled features [N, D]: its scaling's statistics from x_train, then logistic regression.
 
-    Like every fit here, it trains the head in place on the device x_train
-    lives on and leaves it in eval mode. It raises TrainingCancelled as soon as
-    `cancelled()` is true, checked at every L-BFGS evaluation (every mini-batch
-    for AdamW), so a stop takes effect well within an epoch. Features may come
-    from inference_mode; the head itself must be built outside it, since its
-    weights are updated in place.
+    Minimises the (class-weighted) mean cross-entropy + weight_decay * ||W||^2 / 2
+    (bias not penalised) to convergence: scikit-learn's objective at
+    C = 1 / (weight_decay * n_train). Like every fit here, it trains the head in
+    place on the device x_train lives on and leaves it in eval mode. It raises
+    TrainingCancelled as soon as `cancelled()` is true, checked at every step
+    (every mini-batch for AdamW), so a stop takes effect well within an epoch.
     """
     with _fitting(head, x_train.device, seed):
         examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
-        head.set_standardisation(*standardisation_stats(examples.x_train))
-        return fit_linear_layer(
-            head.linear,
-            head.standardise(examples.x_train),
-            examples.y_train,
-            hp,
-            z_val=head.standardise(examples.x_val) if examples.x_val is not None else None,
-            y_val=examples.y_val,
-            class_weights=examples.class_weights,
-            progress=progress,
+        head.set_scaling_stats(*scaling_stats(examples.x_train, head.scaling))
+        z = head.scale(examples.x_train).detach().cpu()
+        y = examples.y_train.cpu()
+        row = torch.ones(len(y)) if examples.class_weights is None else examples.class_weights.cpu()[y]
+        solution = solve(
+            z,
+            y,
+            head.num_classes,
+            (row / row.sum())[None],
+            torch.tensor([hp.weight_decay]),
+            dtype=torch.float64,
+            max_iterations=hp.epochs * LBFGS_STEPS_PER_EPOCH,
             cancelled=cancelled,
         )
+        with torch.no_grad():
+            head.linear.weight.copy_(solution.weight[0])
+            head.linear.bias.copy_(solution.bias[0])
+    val_accuracy = None
+    if examples.x_val is not None and examples.y_val is not None:
+        val_accuracy = accuracy(predict_logits(head, examples.x_val), examples.y_val)
+    train_loss = F.cross_entropy(predict_logits(head, examples.x_train), examples.y_train).item()
+    _report(progress, "fit", 1.0, "done", **_summary(train_loss, val_accuracy))
+    return FitResult(epochs_run=int(solution.iterations[0]), best_val_accuracy=val_accuracy, train_loss=train_loss)
 
 
 def fit_mlp(
@@ -169,10 +163,10 @@ def fit_mlp(
     cancelled: CancelCheck | None = None,
     seed: int = 0,
 ) -> FitResult:
-    """An mlp head on pooled features [N, D]: its standardisation from x_train, then AdamW (see `fit_linear`)."""
+    """An mlp head on pooled features [N, D]: its scaling's statistics from x_train, then AdamW (see `fit_linear`)."""
     with _fitting(head, x_train.device, seed):
         examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
-        head.set_standardisation(*standardisation_stats(examples.x_train))
+        head.set_scaling_stats(*scaling_stats(examples.x_train, head.scaling))
         return _fit_minibatch(head, examples, hp, progress, cancelled, seed)
 
 
@@ -232,72 +226,6 @@ def _checked(
     if x_val is not None and y_val is not None:
         x_val, y_val = check_examples(x_val.to(device), y_val.to(device), num_classes, feature_dims, "validation")
     return _Examples(x_train, y_train, x_val, y_val, check_class_weights(class_weights, num_classes, device))
-
-
-def fit_linear_layer(
-    linear: nn.Linear,
-    z_train: Tensor,
-    y_train: Tensor,
-    hp: HyperParams,
-    *,
-    z_val: Tensor | None = None,
-    y_val: Tensor | None = None,
-    class_weights: Tensor | None = None,
-    progress: Progress | None = None,
-    cancelled: CancelCheck | None = None,
-) -> FitResult:
-    """Multinomial logistic regression on already-standardised features.
-
-    Minimises mean cross-entropy + weight_decay * ||W||^2 / 2 (bias not
-    penalised) with full-batch L-BFGS. That is scikit-learn's objective with
-    C = 1 / (weight_decay * n_train), so the two agree. Exposed separately for
-    cross-validation and the label audit, which standardise each fold themselves.
-    """
-    with training_mode():
-        device = z_train.device
-        z_train, y_train = as_training_tensor(z_train), y_train.to(device, torch.int64)
-        if class_weights is not None:
-            class_weights = as_training_tensor(class_weights.to(device))
-        optimizer = torch.optim.LBFGS(
-            linear.parameters(),
-            lr=hp.lr,
-            max_iter=LBFGS_ITERATIONS_PER_ROUND,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
-
-        def objective() -> Tensor:
-            data_loss = F.cross_entropy(
-                linear(z_train), y_train, weight=class_weights, label_smoothing=hp.label_smoothing
-            )
-            return data_loss + 0.5 * hp.weight_decay * linear.weight.square().sum()
-
-        def closure() -> Tensor:
-            raise_if_cancelled(cancelled)
-            optimizer.zero_grad()
-            loss = objective()
-            loss.backward()
-            return loss
-
-        previous = math.inf
-        rounds = 0
-        for rounds in range(1, hp.epochs + 1):
-            raise_if_cancelled(cancelled)
-            optimizer.step(closure)
-            with torch.no_grad():
-                current = objective().item()
-            _report(progress, "fit", rounds / hp.epochs, f"L-BFGS round {rounds}/{hp.epochs}", objective=current)
-            if previous - current < LBFGS_CONVERGED:
-                break
-            previous = current
-
-        with torch.no_grad():
-            train_loss = F.cross_entropy(linear(z_train), y_train).item()
-            val_accuracy = None
-            if z_val is not None and y_val is not None:
-                val_accuracy = accuracy(linear(z_val.to(device)), y_val.to(device))
-    _report(progress, "fit", 1.0, "done", **_summary(train_loss, val_accuracy))
-    return FitResult(epochs_run=rounds, best_val_accuracy=val_accuracy, train_loss=train_loss)
 
 
 def _fit_minibatch(

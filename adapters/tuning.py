@@ -3,31 +3,31 @@
 Two ways to validate. By default each trial trains on the training split and
 is scored on the hold-out; the winning head is returned as trained (no refit on
 train + validation), so the validation score reported for it is the one it
-really earned. A kind whose record can cross-validate (linear) instead
-chooses, on a small training split, by stratified k-fold cross-validation on
-the training split alone (adapters/crossval.py), then fits the winner on the
-whole training split: with a few hundred images one small hold-out picks a
-noisy weight decay, while on cached features k folds cost only a few more
-L-BFGS fits. The hold-out then chooses nothing, so the caller's score of the
-returned head on it stays honest.
+really earned. A kind whose record cross-validates (linear) instead chooses its
+whole recipe (scaling x class weighting x weight decay) by stratified k-fold
+cross-validation on the training split alone with the one-standard-error rule
+(adapters/crossval.py), then fits the winner on the whole training split: with
+a few hundred images one small hold-out picks a noisy recipe, while on cached
+features k folds cost only a few solver runs. The hold-out then chooses
+nothing, so the caller's score of the returned head on it stays honest.
 
 Every kind-specific step (how a trial trains, what it reads, whether it has a
 width to search) is a field of the kind's record (adapters/kinds.py).
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from adapters.crossval import DEFAULT_FOLDS, best_index
+from adapters.crossval import RecipeSearch, search_linear
 from adapters.errors import InvalidInput
-from adapters.kinds import HeadConfig, HeadKindSpec, build_head, get_kind
+from adapters.kinds import HeadConfig, build_head, get_kind
+from adapters.recipe import Scaling, class_weights
 from adapters.search_space import SearchSpace
 from adapters.trainer import (
     CancelCheck,
@@ -35,17 +35,11 @@ from adapters.trainer import (
     Progress,
     ProgressEvent,
     accuracy,
-    check_class_weights,
     check_examples,
     predict_logits,
     raise_if_cancelled,
     training_mode,
 )
-
-# Searches choose by k folds up to this many training examples. Above it the
-# hold-out (a fifth of the data by default) has 2,500+ images, precise to about a
-# point, and k folds would cost k times the search for no better choice.
-KFOLD_MAX_EXAMPLES = 10_000
 
 
 class Trial(BaseModel):
@@ -54,10 +48,12 @@ class Trial(BaseModel):
     # Mean cross-entropy on validation, without class weights; None when the trial
     # diverged (a non-finite loss), so results stay plain JSON numbers.
     val_loss: float | None
-    # Per-fold accuracy when the trial was scored by k-fold cross-validation on the
-    # training split (val_accuracy and val_loss are then the folds' means); None
-    # when it was scored on the hold-out.
+    # The objective per fold when the trial was scored by k-fold cross-validation on
+    # the training split (val_accuracy is then their mean, val_loss None); None when
+    # it was scored on the hold-out.
     cv_folds: list[float] | None = None
+    scaling: str | None = None  # the recipe it was trained with, for kinds that have one
+    class_weighting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,8 @@ class TuneResult:
     config: HeadConfig  # the best head's config (for mlp, `hidden` is the winning width)
     best: HyperParams
     trials: list[Trial]
+    class_weighting: str | None  # the winner's (None: the kind weighs no loss)
+    search: RecipeSearch | None = None  # the k-fold evidence, when the kind cross-validates
 
 
 def tune(
@@ -78,12 +76,22 @@ def tune(
     space: SearchSpace,
     base: HyperParams | None = None,
     tail_factory: Callable[[], nn.Module] | None = None,
-    class_weights: Tensor | None = None,
+    objective: str = "accuracy",
+    scalings: Sequence[str] = (),
+    class_weightings: Sequence[str] = (),
+    known: RecipeSearch | None = None,
     progress: Progress | None = None,
     cancelled: CancelCheck | None = None,
     seed: int = 0,
 ) -> TuneResult:
     """Train one head per search point on train, score each on val, return the best.
+
+    ``known`` is a k-fold search already run on these training examples with
+    these options and seed (backbone or kind 'auto' ran it to compare): its
+    verdict is fitted instead of searching again.
+    ``scalings`` and ``class_weightings`` are the recipes to try, simplest first
+    (adapters/recipe.py); a kind that does not cross-validate trains with the
+    config's scaling and the first weighting (none given: no class weights).
 
     `base` supplies everything the space does not vary (epochs, batch size...);
     without it, the kind's defaults. A kind that copies the tail needs
@@ -107,19 +115,25 @@ def tune(
         x_val, y_val = check_examples(
             x_val.to(x_train.device), y_val.to(x_train.device), config.num_classes, feature_dims, "validation"
         )
-        class_weights = check_class_weights(class_weights, config.num_classes, x_train.device)
         if kfold_applies(config, y_train):
             return _tune_by_kfold(
-                spec,
                 config,
                 x_train,
                 y_train,
-                candidates,
-                class_weights,
+                space,
+                base or spec.hyperparams,
+                objective,
+                scalings or [config.scaling.value if config.scaling else "standardise"],
+                class_weightings or ["none"],
+                known=known,
                 progress=progress,
                 cancelled=cancelled,
                 seed=seed,
             )
+        weighting = class_weightings[0] if class_weightings else None
+        weights = class_weights(y_train, config.num_classes, weighting) if weighting else None
+        if weights is not None:
+            weights = weights.to(x_train.device)
 
         best: tuple[tuple[float, float], Trial, nn.Module, HeadConfig] | None = None
         trials: list[Trial] = []
@@ -139,7 +153,7 @@ def tune(
                 hp,
                 x_val=x_val,
                 y_val=y_val,
-                class_weights=class_weights,
+                class_weights=weights,
                 progress=trial_progress,
                 cancelled=cancelled,
                 seed=seed,
@@ -148,7 +162,13 @@ def tune(
             logits = predict_logits(head, x_val)
             val_loss = F.cross_entropy(logits, y_val).item()
             diverged = not math.isfinite(val_loss)
-            trial = Trial(hp=hp, val_accuracy=accuracy(logits, y_val), val_loss=None if diverged else val_loss)
+            trial = Trial(
+                hp=hp,
+                val_accuracy=accuracy(logits, y_val),
+                val_loss=None if diverged else val_loss,
+                scaling=trial_config.scaling.value if trial_config.scaling else None,
+                class_weighting=weighting,
+            )
             trials.append(trial)
             rank = (trial.val_accuracy, -val_loss)  # higher accuracy, then lower loss
             if not diverged and (best is None or rank > best[0]):
@@ -168,86 +188,92 @@ def tune(
             f"all {len(trials)} trials diverged (non-finite validation loss); try a smaller lr or weight_decay"
         )
     _, best_trial, best_head, best_config = best
-    return TuneResult(head=best_head.eval(), config=best_config, best=best_trial.hp, trials=trials)
+    return TuneResult(
+        head=best_head.eval(), config=best_config, best=best_trial.hp, trials=trials, class_weighting=weighting
+    )
 
 
 def kfold_applies(config: HeadConfig, y_train: Tensor) -> bool:
     """Whether the search validates by k folds of the training split rather than on the hold-out.
 
-    Only for kinds whose record can cross-validate (linear: a fold costs one
-    L-BFGS fit on cached features; an mlp or finetune trial costs a full
-    training run), on at most `KFOLD_MAX_EXAMPLES` training examples, with at
-    least 2 of every class so each can be validated.
+    Only for kinds whose record cross-validates (linear: a fold costs one
+    solver run on cached features; an mlp or finetune trial costs a full
+    training run), with at least 2 of every class so each can be validated.
     """
     counts = torch.bincount(y_train.to("cpu", torch.int64))
-    return (
-        get_kind(config.kind).cross_validate is not None
-        and len(y_train) <= KFOLD_MAX_EXAMPLES
-        and int(counts[counts > 0].min()) >= 2
-    )
+    return get_kind(config.kind).cross_validate and int(counts[counts > 0].min()) >= 2
 
 
 def _tune_by_kfold(
-    spec: HeadKindSpec[Any],
     config: HeadConfig,
     x_train: Tensor,
     y_train: Tensor,
-    candidates: list[HyperParams],
-    class_weights: Tensor | None,
+    space: SearchSpace,
+    base: HyperParams,
+    objective: str,
+    scalings: Sequence[str],
+    class_weightings: Sequence[str],
     *,
+    known: RecipeSearch | None,
     progress: Progress | None,
     cancelled: CancelCheck | None,
     seed: int,
 ) -> TuneResult:
-    """Score every candidate by stratified k folds of the training split, then fit the best on all of it."""
-    assert spec.cross_validate is not None  # kfold_applies
-    counts = torch.bincount(y_train)
-    folds = min(DEFAULT_FOLDS, int(counts[counts > 0].min()))  # as many as the smallest class allows
-    fits = folds + 1  # progress: the folds, then the final fit
+    """Choose the recipe by stratified k folds of the training split (`search_linear`), then fit it on all of it."""
 
-    def fold_done(done: int, total: int) -> None:
+    def searched(message: str) -> None:
         if progress is not None:
-            message = f"cross-validation fold {done}/{total}"
-            progress(ProgressEvent(phase="search", fraction=done / fits, message=message))
+            progress(ProgressEvent(phase="search", fraction=0.5, message=f"cross-validation: {message}"))
 
-    def final_fit(event: ProgressEvent) -> None:
-        if progress is not None:
-            update = {
-                "phase": "search",
-                "fraction": (folds + event.fraction) / fits,
-                "message": f"final fit: {event.message}",
-            }
-            progress(event.model_copy(update=update))
-
-    scores = spec.cross_validate(
+    search = known or search_linear(
+        x_train.cpu(),
+        y_train.cpu(),
+        config.num_classes,
+        scalings=scalings,
+        class_weightings=class_weightings,
+        weight_decays=space.weight_decay,
+        objective=objective,
+        seed=seed,
+        cancelled=cancelled,
+        progress=searched,
+    )
+    chosen = search.chosen
+    best = base.model_copy(update={"weight_decay": chosen.weight_decay})
+    chosen_config = config.model_copy(update={"scaling": Scaling(chosen.scaling)})
+    torch.manual_seed(seed)
+    head = build_head(chosen_config)
+    weights = class_weights(y_train, config.num_classes, chosen.class_weighting)
+    get_kind(config.kind).fit(
+        head,
         x_train,
         y_train,
-        config.num_classes,
-        candidates,
-        folds=folds,
-        seed=seed,
-        class_weights=class_weights,
+        best,
+        class_weights=None if weights is None else weights.to(x_train.device),
         cancelled=cancelled,
-        progress=fold_done,
+        seed=seed,
     )
     trials = [
-        Trial(hp=hp, val_accuracy=score.mean, val_loss=score.loss, cv_folds=score.folds)
-        for hp, score in zip(candidates, scores, strict=True)
-    ]
-    best = trials[best_index(scores)]
-    torch.manual_seed(seed)
-    head = build_head(config)
-    spec.fit(
-        head, x_train, y_train, best.hp, class_weights=class_weights, progress=final_fit, cancelled=cancelled, seed=seed
-    )
-    if progress is not None:
-        message = (
-            f"weight_decay={best.hp.weight_decay:g} chosen by {folds}-fold cross-validation "
-            f"(accuracy {best.val_accuracy:.3f}), fitted on the whole training split"
+        Trial(
+            hp=base.model_copy(update={"weight_decay": c.weight_decay}),
+            val_accuracy=c.scores.mean,
+            val_loss=None,
+            cv_folds=c.scores.folds,
+            scaling=c.scaling,
+            class_weighting=c.class_weighting,
         )
-        metrics = {"cv_accuracy": best.val_accuracy}
-        progress(ProgressEvent(phase="search", fraction=1.0, message=message, metrics=metrics))
-    return TuneResult(head=head.eval(), config=config, best=best.hp, trials=trials)
+        for c in search.candidates
+    ]
+    if progress is not None:
+        message = f"{chosen.name} chosen by {search.folds}-fold cross-validation: {search.rule}"
+        progress(ProgressEvent(phase="search", fraction=1.0, message=message, metrics={"cv_score": chosen.scores.mean}))
+    return TuneResult(
+        head=head.eval(),
+        config=chosen_config,
+        best=best,
+        trials=trials,
+        class_weighting=chosen.class_weighting,
+        search=search,
+    )
 
 
 def _candidates(space: SearchSpace, base: HyperParams) -> list[HyperParams]:

@@ -1,12 +1,14 @@
-"""``kind: "auto"``: train several head kinds within a time budget and keep the best on the hold-out.
+"""``kind: "auto"``: score several head kinds by k-fold cross-validation within a time budget, keep one.
 
 The candidates are the kinds whose record has an auto rule (adapters/kinds.py),
-tried cheapest first by its rank (prototype, linear, mlp, then finetune when
+scored cheapest first by its rank (prototype, linear, mlp, then finetune when
 asked for and the dataset is large enough), so a budget that runs out still
-leaves the cheap ones tried; the first is always trained to the end, so there
-is always a winner. A kind still training when the budget runs out is stopped
-and reported as such. Ties on hold-out accuracy go to the cheaper kind: it
-serves for less and has less to overfit.
+leaves the cheap ones scored; the first is always scored to the end, so there
+is always a winner. A kind still being scored when the budget runs out is
+stopped and reported as such. Every kind is scored on the same stratified folds
+of the training split, by the request's objective; the one-standard-error rule
+(adapters/crossval.py) takes the cheapest kind within one standard error of the
+best: it serves for less and has less to overfit.
 """
 
 import time
@@ -15,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from adapters.crossval import FoldScores, one_standard_error
 from adapters.kinds import KINDS, AutoRule, HeadKind
 
 AUTO_KIND = "auto"  # request only: a version's kind is the kind that won
@@ -26,12 +29,11 @@ Status = Literal["trained", "over_budget", "skipped"]
 
 
 class KindCandidate(BaseModel):
-    """One kind ``auto`` considered: how it did on the hold-out and what it cost."""
+    """One kind ``auto`` considered: its k-fold scores (the objective per fold) and what they cost."""
 
     kind: HeadKind
     status: Status
-    holdout_accuracy: float | None = None  # None unless trained
-    holdout_loss: float | None = None
+    scores: FoldScores | None = None  # None unless trained on every fold
     seconds: float = 0.0
     note: str = ""
 
@@ -69,7 +71,7 @@ def auto_description() -> str:
     """What kind 'auto' does, in the API's descriptions: "the best on the hold-out of a, b and c"."""
     names = [name for name, _ in _auto_rules(opt_in=False)]
     listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-    return f"the best on the hold-out of {listed}"
+    return f"the best by k-fold cross-validation of {listed} (the cheapest within one standard error of the best)"
 
 
 def _auto_rules(opt_in: bool) -> list[tuple[str, AutoRule]]:
@@ -97,23 +99,26 @@ class Budget:
 
 
 def choose_kind(candidates: list[KindCandidate], time_budget_s: float) -> KindChoice:
-    """The trained candidate with the best hold-out accuracy; ties go to the earlier (cheaper) kind."""
-    trained = [c for c in candidates if c.status == "trained" and c.holdout_accuracy is not None]
-    best = max(trained, key=lambda c: (c.holdout_accuracy, -candidates.index(c)))
-    scores = ", ".join(
-        f"{c.kind.value} {c.holdout_accuracy:.3f}" if c.status == "trained" else f"{c.kind.value} {c.status}"
+    """The cheapest scored kind within one standard error of the best (``candidates`` come cheapest first)."""
+    scored = {c.kind.value: c.scores for c in candidates if c.status == "trained" and c.scores is not None}
+    order = [c.kind.value for c in candidates if c.kind.value in scored]
+    choice = one_standard_error(scored, order, what="cheapest")
+    others = [
+        f"{c.kind.value} {c.status}" + (f" ({c.note})" if c.note else "")
         for c in candidates
-    )
-    reason = f"{best.kind.value}: best hold-out accuracy ({scores})"
-    return KindChoice(chosen=best.kind, reason=reason, time_budget_s=time_budget_s, candidates=candidates)
+        if c.kind.value not in scored
+    ]
+    reason = f"{choice.chosen}: {choice.reason}" + (f"; not compared: {', '.join(others)}" if others else "")
+    return KindChoice(chosen=HeadKind(choice.chosen), reason=reason, time_budget_s=time_budget_s, candidates=candidates)
 
 
 def kind_choice_metrics(choice: KindChoice) -> dict[str, float]:
-    """Each trained kind's hold-out accuracy and seconds, as numeric metrics (job progress, version metrics)."""
+    """Each scored kind's k-fold mean and spread and seconds, as numeric metrics (job progress, version metrics)."""
     metrics = {}
     for candidate in choice.candidates:
-        if candidate.holdout_accuracy is not None:
-            metrics[f"auto_accuracy_{candidate.kind.value}"] = candidate.holdout_accuracy
+        if candidate.scores is not None:
+            metrics[f"auto_score_{candidate.kind.value}"] = candidate.scores.mean
+            metrics[f"auto_std_{candidate.kind.value}"] = candidate.scores.std
         if candidate.status != "skipped":
             metrics[f"auto_seconds_{candidate.kind.value}"] = candidate.seconds
     return metrics

@@ -17,24 +17,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
 from adapters.audit import audit_labels, audit_summary
 from adapters.calibration import Calibration, calibrate, calibration_report
-from adapters.crossval import Choice, choose, cross_validate_linear
+from adapters.crossval import (
+    Choice,
+    FoldScores,
+    RecipeSearch,
+    fold_count,
+    fold_of,
+    one_standard_error,
+    search_linear,
+)
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import head_state
 from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
 from adapters.metrics import evaluate, finite
+from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective, score
 from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
     ProgressEvent,
-    accuracy,
-    class_weights_for,
     predict_logits,
 )
 from adapters.tuning import TuneResult, tune
@@ -105,6 +111,20 @@ class TrainRequest(BaseModel):
     hyperparams: HyperParamOverrides | None = Field(
         None, description="fixed settings the search varies around; unset ones take the kind's defaults"
     )
+    objective: Objective = Field(
+        Objective("accuracy"),
+        description="what 'best' means to every choice graft makes: accuracy (on data distributed like the "
+        "upload) or balanced_accuracy (every class counts the same); reports show both",
+    )
+    class_weighting: ClassWeighting | None = Field(
+        None,
+        description="none or balanced; unset: linear searches both (the objective's own wins a tie), "
+        "mlp and finetune take the objective's (balanced for balanced_accuracy)",
+    )
+    scaling: Scaling | None = Field(
+        None,
+        description="kinds linear and mlp: none, standardise or l2; unset: linear searches all three, mlp standardises",
+    )
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     seed: int = Field(0, ge=0)
 
@@ -127,7 +147,33 @@ class TrainRequest(BaseModel):
             raise ValueError(f"search.hidden applies to kind {_kinds_where(lambda spec: spec.hidden_layer)} only")
         if self.latency_budget_ms is not None and self.backbone != AUTO:
             raise ValueError("latency_budget_ms applies to backbone 'auto' only")
+        if self.scaling is not None and not any(get_kind(kind).scalings for kind in self.kinds):
+            raise ValueError(f"scaling applies to kind {_kinds_where(lambda spec: bool(spec.scalings))} only")
+        if self.class_weighting is not None and not any(get_kind(kind).class_weighting for kind in self.kinds):
+            raise ValueError(
+                f"class_weighting applies to kind {_kinds_where(lambda spec: spec.class_weighting is not None)} only"
+            )
         return self
+
+    def scalings(self, kind: HeadKind) -> list[str]:
+        """The scalings the kind trains with, simplest first: the one asked for, else the kind's own."""
+        spec = get_kind(kind)
+        if not spec.scalings:
+            return []
+        return [self.scaling.value] if self.scaling is not None else list(spec.scalings)
+
+    def class_weightings(self, kind: HeadKind) -> list[str]:
+        """The class weightings the kind trains with: the one asked for, else both for a kind that searches
+        them, else the objective's."""
+        spec = get_kind(kind)
+        if spec.class_weighting is None:
+            return []
+        if self.class_weighting is not None:
+            return [self.class_weighting.value]
+        preferred = get_objective(self.objective).class_weighting
+        if spec.class_weighting == "searched":
+            return [preferred] + [w.value for w in ClassWeighting if w.value != preferred]
+        return [preferred]
 
     @property
     def kinds(self) -> list[HeadKind]:
@@ -332,9 +378,9 @@ class Trainer:
 
             return report_part
 
-        choice = None
+        choice = known = None
         if request.backbone == AUTO:
-            choice = self._choose_backbone(
+            choice, known = self._choose_backbone(
                 tenant,
                 request,
                 candidates,
@@ -357,9 +403,18 @@ class Trainer:
         pooled_progress = extraction_progress(slices - 1, backbone.name)
         kind_choice = None
         if request.kind == AUTO_KIND:
-            fitted, kind_choice = self._choose_kind(request, data, pooled_progress, training_progress, cancelled)
+            fitted, kind_choice = self._choose_kind(request, data, pooled_progress, training_progress, cancelled, known)
         else:
-            fitted = self._fit(request, data, HeadKind(request.kind), pooled_progress, training_progress, cancelled)
+            kind = HeadKind(request.kind)
+            fitted = self._fit(
+                request,
+                data,
+                kind,
+                pooled_progress,
+                training_progress,
+                cancelled,
+                known if get_kind(kind).cross_validate else None,
+            )
         result = fitted.result
         calibration = fitted.calibration(data, request.seed)
         metrics = fitted.metrics(data, dataset.classes, calibration)
@@ -387,6 +442,8 @@ class Trainer:
                     **metrics,
                     "trials": [t.model_dump(mode="json") for t in result.trials],
                     "trunk": backbone.numeric_path(fitted.split),  # the features it was trained on
+                    "objective": request.objective.value,
+                    "recipe": _recipe_report(result),
                 }
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
                 | (
@@ -412,17 +469,14 @@ class Trainer:
     ) -> dict | None:
         """The label audit's summary for the version's metrics, when the head was trained on pooled features.
 
-        The pooled features are in the cache by then, so the audit costs its
+        It reads the pooled features the head was trained on, so it costs its
         probe fits only; a finetune head's job skips it rather than pool again.
         """
         if fitted.split != data.backbone.num_blocks or min(dataset.counts.values()) < 2:  # 2 folds need 2 per class
             return None
         report(ProgressEvent(phase="audit", fraction=1.0, message="auditing the labels"))
-        pooled = self.extractor.features(
-            data.backbone, data.backbone.num_blocks, data.shas, tenant=data.tenant, cancelled=cancelled
-        )
         found = audit_labels(
-            pooled,
+            fitted.features,
             data.labels,
             data.num_classes,
             keys=data.shas,
@@ -441,11 +495,13 @@ class Trainer:
         extraction: Callable[[int, int], None] | None,
         progress: Progress,
         cancelled: Callable[[], bool] | None,
+        known: RecipeSearch | None = None,
     ) -> "_Fitted":
-        """One kind: its features (from the cache when there), its search on the hold-out, its hold-out logits.
+        """One kind: its features (from the cache when there), its search, its hold-out logits.
 
         With no hold-out (no class has two examples) a kind with nothing to
-        search (train admits no other here) is fit on every example.
+        search (train admits no other here) is fit on every example. ``known``:
+        the k-fold search 'auto' already ran for it on these examples.
         """
         spec = get_kind(kind)
         backbone = data.backbone
@@ -454,22 +510,14 @@ class Trainer:
             backbone, split, data.shas, tenant=data.tenant, progress=extraction, cancelled=cancelled
         )
         base = request.hyperparameters(kind)
-        config = HeadConfig.model_validate(
-            {  # validated: dropout takes the kind's default
-                "kind": kind,
-                "in_features": int(features.shape[1]),
-                "num_classes": data.num_classes,
-                "hidden": base.hidden if spec.hidden_layer else None,
-                "tail_blocks": backbone.num_blocks - split if spec.copies_tail else None,
-                "tail_out_channels": backbone.spec.feature_dim if spec.copies_tail else None,
-            }
-        )
+        config = _head_config(request, backbone, kind, split, int(features.shape[1]), data.num_classes)
         tail_factory = (lambda: backbone.fresh_tail(split)) if spec.copies_tail else None
         x_train, y_train = features[data.train_idx], data.labels[data.train_idx]
         if len(data.holdout_idx) == 0:
             head = build_head(config, tail_factory() if tail_factory is not None else None)
             spec.fit(head, x_train, y_train, base, cancelled=cancelled, seed=request.seed)
-            return _Fitted(TuneResult(head=head.eval(), config=config, best=base, trials=[]), split, None)
+            result = TuneResult(head=head.eval(), config=config, best=base, trials=[], class_weighting=None)
+            return _Fitted(result, split, None, features)
         x_holdout = features[data.holdout_idx]
         result = tune(
             config,
@@ -480,12 +528,15 @@ class Trainer:
             space=request.search or spec.search_space,
             base=base,
             tail_factory=tail_factory,
-            class_weights=class_weights_for(y_train, config.num_classes),
+            objective=request.objective.value,
+            scalings=request.scalings(kind),
+            class_weightings=request.class_weightings(kind),
+            known=known,
             progress=progress,
             cancelled=cancelled,
             seed=request.seed,  # the folds 'auto' chose by: a named backbone and 'auto' get the same head
         )
-        return _Fitted(result, split, predict_logits(result.head, x_holdout))
+        return _Fitted(result, split, predict_logits(result.head, x_holdout), features)
 
     def _choose_kind(
         self,
@@ -494,8 +545,10 @@ class Trainer:
         pooled_progress: Callable[[int, int], None],
         progress: Progress,
         cancelled: Callable[[], bool] | None,
+        known: RecipeSearch | None,
     ) -> tuple["_Fitted", KindChoice]:
-        """kind 'auto': each candidate kind in turn, cheapest first, within the time budget (service/kind_choice.py).
+        """kind 'auto': each candidate kind scored by the same k folds, cheapest first, within the time budget
+        (service/kind_choice.py); then the chosen kind is trained as if it had been named.
 
         The pooled features are extracted before the clock starts: the budget
         is for training, and every kind but finetune reads them from the cache.
@@ -503,11 +556,11 @@ class Trainer:
         budget_s = request.time_budget_s or DEFAULT_TIME_BUDGET_S
         counts = torch.bincount(data.labels[data.train_idx], minlength=data.num_classes).tolist()
         kinds, left_out = kinds_to_try(bool(request.auto_finetune), counts)
-        if len(data.holdout_idx) == 0:
+        if len(data.holdout_idx) == 0 or min(counts) < 2:
             unsearched = next(kind for kind in kinds if not get_kind(kind).searched)  # else train refused the request
             fitted = self._fit(request, data, unsearched, pooled_progress, progress, cancelled)
-            why = "no hold-out to compare kinds on (no class has two examples)"
-            candidates = [KindCandidate(kind=unsearched, status="trained", note="fit on every example")]
+            why = "no folds to compare kinds on (a class has fewer than two training examples)"
+            candidates = [KindCandidate(kind=unsearched, status="trained", note="fit without comparison")]
             candidates += [KindCandidate(kind=kind, status="skipped", note=why) for kind in kinds if kind != unsearched]
             candidates += left_out
             reason = f"{unsearched.value}: {why}; it is the kind that learns from one example per class"
@@ -517,54 +570,104 @@ class Trainer:
             backbone, backbone.num_blocks, data.shas, tenant=data.tenant, progress=pooled_progress, cancelled=cancelled
         )
         budget = Budget(budget_s, cancelled)
-        y_holdout = data.labels[data.holdout_idx]
-        fitted_kinds: dict[HeadKind, _Fitted] = {}
+        searches: dict[HeadKind, RecipeSearch] = {}
         candidates = []
         for index, kind in enumerate(kinds):
             if index > 0 and budget.spent():
                 candidates.append(KindCandidate(kind=kind, status="over_budget", note="not started: budget spent"))
                 continue
-
-            def part(event: ProgressEvent, index: int = index, kind: HeadKind = kind) -> None:
-                fraction = (index + event.fraction) / len(kinds)
-                progress(event.model_copy(update={"fraction": fraction, "message": f"{kind.value}: {event.message}"}))
-
             started = time.monotonic()
-            try:  # the first kind always runs to the end, so that there is a winner
-                fitted = self._fit(request, data, kind, None, part, budget.check if index > 0 else cancelled)
+            check = budget.check if index > 0 else cancelled  # the first kind always runs to the end
+            try:
+                scores, search = self._cross_validate_kind(request, data, kind, check, known)
             except (Cancelled, TrainingCancelled):
                 if budget.cancelled():
                     raise
                 seconds = time.monotonic() - started
                 candidates.append(KindCandidate(kind=kind, status="over_budget", seconds=seconds, note="stopped"))
                 continue
-            assert fitted.holdout_logits is not None  # there is a hold-out
-            candidate = KindCandidate(
-                kind=kind,
-                status="trained",
-                holdout_accuracy=accuracy(fitted.holdout_logits, y_holdout),
-                holdout_loss=F.cross_entropy(fitted.holdout_logits, y_holdout).item(),
-                seconds=time.monotonic() - started,
-            )
+            if search is not None:
+                searches[kind] = search
+            candidate = KindCandidate(kind=kind, status="trained", scores=scores, seconds=time.monotonic() - started)
             candidates.append(candidate)
-            fitted_kinds[kind] = fitted
             progress(
                 ProgressEvent(
                     phase="auto",
-                    fraction=(index + 1) / len(kinds),
-                    message=f"{kind.value}: hold-out accuracy {candidate.holdout_accuracy:.3f} "
-                    f"in {candidate.seconds:.1f} s",
-                    metrics={
-                        f"auto_accuracy_{kind.value}": candidate.holdout_accuracy,
-                        f"auto_seconds_{kind.value}": candidate.seconds,
-                    },
+                    fraction=(index + 1) / (len(kinds) + 1),
+                    message=f"{kind.value}: {request.objective.value} {scores.shown()} in {candidate.seconds:.1f} s",
+                    metrics={f"auto_score_{kind.value}": scores.mean, f"auto_seconds_{kind.value}": candidate.seconds},
                 )
             )
         choice = choose_kind(candidates + left_out, budget_s)
         progress(
-            ProgressEvent(phase="choose", fraction=1.0, message=choice.reason, metrics=kind_choice_metrics(choice))
+            ProgressEvent(
+                phase="choose",
+                fraction=len(kinds) / (len(kinds) + 1),
+                message=choice.reason,
+                metrics=kind_choice_metrics(choice),
+            )
         )
-        return fitted_kinds[choice.chosen], choice
+
+        def last_part(event: ProgressEvent) -> None:
+            fraction = (len(kinds) + event.fraction) / (len(kinds) + 1)
+            progress(
+                event.model_copy(update={"fraction": fraction, "message": f"{choice.chosen.value}: {event.message}"})
+            )
+
+        fitted = self._fit(request, data, choice.chosen, None, last_part, cancelled, searches.get(choice.chosen))
+        return fitted, choice
+
+    def _cross_validate_kind(
+        self,
+        request: TrainRequest,
+        data: "_Examples",
+        kind: HeadKind,
+        cancelled: Callable[[], bool] | None,
+        known: RecipeSearch | None,
+    ) -> tuple[FoldScores, RecipeSearch | None]:
+        """The kind's k-fold scores on the training split: a kind that cross-validates its recipe (linear) by its
+        own search (its verdict's folds), the others fit with their defaults on each fold."""
+        spec = get_kind(kind)
+        backbone = data.backbone
+        split = self.split_point(request, backbone, kind)
+        features = self.extractor.features(backbone, split, data.shas, tenant=data.tenant, cancelled=cancelled)
+        x, y = features[data.train_idx], data.labels[data.train_idx]
+        if spec.cross_validate:
+            search = known or search_linear(
+                x,
+                y,
+                data.num_classes,
+                scalings=request.scalings(kind),
+                class_weightings=request.class_weightings(kind),
+                weight_decays=(request.search or spec.search_space).weight_decay,
+                objective=request.objective.value,
+                seed=request.seed,
+                cancelled=cancelled,
+            )
+            return search.chosen.scores, search
+        config = _head_config(request, backbone, kind, split, int(features.shape[1]), data.num_classes)
+        weightings = request.class_weightings(kind)
+        assignment = fold_of(y, fold_count(y), request.seed)
+        objective, accuracies, balanced = [], [], []
+        for fold in range(int(assignment.max()) + 1):
+            fit, val = assignment != fold, assignment == fold
+            weights = class_weights(y[fit], data.num_classes, weightings[0]) if weightings else None
+            torch.manual_seed(request.seed)
+            head = build_head(config, backbone.fresh_tail(split) if spec.copies_tail else None)
+            spec.fit(
+                head,
+                x[fit],
+                y[fit],
+                request.hyperparameters(kind),
+                class_weights=None if weights is None else weights.to(x.device),
+                cancelled=cancelled,
+                seed=request.seed,
+            )
+            predicted = predict_logits(head, x[val]).argmax(1).cpu()
+            objective.append(score(request.objective.value, predicted, y[val], data.num_classes))
+            accuracies.append(score("accuracy", predicted, y[val], data.num_classes))
+            balanced.append(score("balanced_accuracy", predicted, y[val], data.num_classes))
+        return FoldScores.of(objective, float(np.mean(accuracies)), float(np.mean(balanced))), None
 
     def _choose_backbone(
         self,
@@ -578,12 +681,14 @@ class Trainer:
         extraction_progress: Callable[[int, str], Callable[[int, int], None]],
         report: Progress,
         cancelled: Callable[[], bool] | None,
-    ) -> Choice:
-        """'auto': k-fold cross-validate a linear probe on each candidate's pooled features of the training split.
+    ) -> tuple[Choice, RecipeSearch]:
+        """'auto': each candidate's linear recipe searched by k folds of its pooled features of the training split;
+        the cheapest backbone (GFLOPs) within one standard error of the best wins.
 
         The hold-out split stays out of it, so the metrics reported for the
         winner are as honest as with a named backbone. The features land in the
-        cache, so the winner's training reads them back instead of running its trunk again.
+        cache, so the winner's training reads them back instead of running its
+        trunk again, and a linear head reuses the winner's search.
         """
         if request.latency_budget_ms is not None:
             measured = {backbone.name: backbone.latency_ms() for backbone in candidates}
@@ -594,7 +699,9 @@ class Trainer:
                     f"no backbone runs one image within latency_budget_ms={request.latency_budget_ms:g} here "
                     f"(measured: {shown}); raise the budget or name a backbone"
                 )
-        scores = {}
+        linear = HeadKind("linear")
+        space = request.search if request.kind == linear and request.search else get_kind(linear).search_space
+        searches = {}
         for part, backbone in enumerate(candidates):
             pooled = self.extractor.features(
                 backbone,
@@ -604,10 +711,20 @@ class Trainer:
                 progress=extraction_progress(part, backbone.name),
                 cancelled=cancelled,
             )
-            scores[backbone.name] = cross_validate_linear(
-                pooled[train_idx], y_train, num_classes, seed=request.seed, cancelled=cancelled
+            searches[backbone.name] = search_linear(
+                pooled[train_idx],
+                y_train,
+                num_classes,
+                scalings=request.scalings(linear),
+                class_weightings=request.class_weightings(linear),
+                weight_decays=space.weight_decay,
+                objective=request.objective.value,
+                seed=request.seed,
+                cancelled=cancelled,
             )
-        choice = choose(scores, {backbone.name: backbone.spec.gflops for backbone in candidates})
+        cheapest_first = [backbone.name for backbone in sorted(candidates, key=lambda b: (b.spec.gflops, b.name))]
+        scores = {name: search.chosen.scores for name, search in searches.items()}
+        choice = one_standard_error(scores, cheapest_first, what="cheapest")
         report(
             ProgressEvent(
                 phase="choose",
@@ -616,7 +733,7 @@ class Trainer:
                 metrics=choice_metrics(choice),
             )
         )
-        return choice
+        return choice, searches[choice.chosen]
 
 
 @dataclass(frozen=True)
@@ -634,11 +751,13 @@ class _Examples:
 
 @dataclass(frozen=True)
 class _Fitted:
-    """A kind's best head, where it splits the backbone, and its hold-out logits (None: no hold-out)."""
+    """A kind's best head, where it splits the backbone, its hold-out logits (None: no hold-out), and the
+    features of every example at the split it read (the audit reads pooled ones again rather than reload them)."""
 
     result: TuneResult
     split: int
     holdout_logits: torch.Tensor | None
+    features: torch.Tensor
 
     def calibration(self, data: _Examples, seed: int) -> Calibration | None:
         """Temperature and conformal scores fitted on the hold-out (None: there is no hold-out)."""
@@ -660,15 +779,45 @@ class _Fitted:
         }
 
 
+def _recipe_report(result: TuneResult) -> dict[str, Any]:
+    """The version's recipe and how it was chosen: the k-fold evidence and rule when the kind cross-validates."""
+    chosen = {
+        "scaling": result.config.scaling.value if result.config.scaling else None,
+        "class_weighting": result.class_weighting,
+        "weight_decay": result.best.weight_decay,
+    }
+    if result.search is None:
+        return {"chosen": chosen, "rule": "the best trial on the hold-out" if len(result.trials) > 1 else "fixed"}
+    return result.search.report() | {"chosen": chosen}
+
+
+def _head_config(
+    request: TrainRequest, backbone: Backbone, kind: HeadKind, split: int, in_features: int, num_classes: int
+) -> HeadConfig:
+    """The shape of the kind's head on ``backbone`` at ``split`` (validated: dropout takes the kind's default)."""
+    spec = get_kind(kind)
+    return HeadConfig.model_validate(
+        {
+            "kind": kind,
+            "in_features": in_features,
+            "num_classes": num_classes,
+            "hidden": request.hyperparameters(kind).hidden if spec.hidden_layer else None,
+            "scaling": request.scalings(kind)[0] if spec.scalings else None,
+            "tail_blocks": backbone.num_blocks - split if spec.copies_tail else None,
+            "tail_out_channels": backbone.spec.feature_dim if spec.copies_tail else None,
+        }
+    )
+
+
 def _kinds_where(has: Callable[[HeadKindSpec[Any]], bool]) -> str:
     """The kinds whose record ``has`` it, quoted for a message: 'finetune', or 'a' or 'b'."""
     return " or ".join(f"'{spec.name}'" for spec in KINDS.values() if has(spec))
 
 
 def choice_metrics(choice: Choice) -> dict[str, float]:
-    """Each candidate's cross-validated linear-probe accuracy and spread, as the job's numeric metrics."""
+    """Each backbone's cross-validated linear-recipe score (the objective) and spread, as numeric metrics."""
     metrics = {}
-    for name, score in choice.scores.items():
-        metrics[f"cv_accuracy_{name}"] = score.mean
-        metrics[f"cv_std_{name}"] = score.std
+    for name, scores in choice.scores.items():
+        metrics[f"cv_score_{name}"] = scores.mean
+        metrics[f"cv_std_{name}"] = scores.std
     return metrics

@@ -18,23 +18,22 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
-from adapters.heads import LinearHead, head_state, standardisation_stats
+from adapters.heads import LinearHead, head_state, normalised
 from adapters.kinds import HeadConfig, HeadKind, build_head, get_kind, load_head
 from adapters.metrics import evaluate, finite
+from adapters.recipe import Scaling, class_weights
 from adapters.search_space import MAX_GRID_VALUES, SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
     HyperParams,
     ProgressEvent,
     accuracy,
-    class_weights_for,
     fit_finetune,
     fit_linear,
-    fit_linear_layer,
     fit_mlp,
     predict_logits,
 )
-from adapters.tuning import KFOLD_MAX_EXAMPLES, kfold_applies, tune
+from adapters.tuning import kfold_applies, tune
 from harness.sample_data import fashion_mnist_pngs
 from service.errors import Cancelled, InvalidArgument, NotFound
 from service.training import TrainRequest, adapter_errors_translated
@@ -248,10 +247,21 @@ def test_fit_rejects_labels_outside_the_head_classes(digits: Digits) -> None:
 # --- the linear head's folded form and storage ---------------------------------------
 
 
-def test_effective_weight_bias_reproduces_the_forward_logits(digits: Digits, linear_head: LinearHead) -> None:
+def test_gathered_weights_reproduce_the_forward_logits(digits: Digits, linear_head: LinearHead) -> None:
     _, _, x_val, _ = digits.pooled()
-    weight, bias = linear_head.effective_weight_bias()
+    weight, bias, centre = linear_head.gathered()
+    assert centre is None  # a per-feature scaling folds into the weights whole
     torch.testing.assert_close(x_val @ weight.T + bias, predict_logits(linear_head, x_val), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", ["none", "standardise", "l2"])
+def test_every_scaling_gathers_into_the_engines_matmul_with_the_forward_logits(digits: Digits, scaling: str) -> None:
+    x_train, y_train, x_val, _ = digits.pooled()
+    head = build_head(LINEAR.model_copy(update={"scaling": Scaling(scaling)}))
+    fit_linear(head, x_train, y_train, get_kind(HeadKind.LINEAR).hyperparams)
+    weight, bias, centre = head.gathered()
+    inputs = x_val if centre is None else normalised(x_val, centre)  # as the engine feeds a gathered head
+    torch.testing.assert_close(inputs @ weight.T + bias, predict_logits(head, x_val), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "finetune"])
@@ -373,7 +383,7 @@ def test_search_space_rejects_unsafe_or_oversized_grids(fields: dict) -> None:
 
 
 def test_default_search_spaces_have_the_documented_sizes() -> None:
-    assert len(get_kind(HeadKind.LINEAR).search_space.points()) == 8
+    assert len(get_kind(HeadKind.LINEAR).search_space.points()) == 5  # decades; the k-fold search extends them
     assert len(get_kind(HeadKind.MLP).search_space.points()) == 8
     assert len(get_kind(HeadKind.FINETUNE).search_space.points()) == 2
 
@@ -468,36 +478,51 @@ def test_tune_raises_cancelled_once_a_stop_is_requested(digits: Digits) -> None:
 SMALL_LINEAR_SPACE = SearchSpace(lr=[1.0], weight_decay=[1e-3, 2e-2, 1.0])
 
 
-def test_a_small_linear_search_keeps_the_best_cross_validated_weight_decay_and_reports_progress(
-    digits: Digits,
-) -> None:
+def test_a_linear_search_scores_every_recipe_by_k_folds_and_reports_progress(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
     events: list[ProgressEvent] = []
-    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE, progress=events.append)
+    result = tune(
+        LINEAR,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        space=SMALL_LINEAR_SPACE,
+        scalings=["none", "standardise", "l2"],
+        class_weightings=["none", "balanced"],
+        progress=events.append,
+    )
 
-    assert [trial.hp.weight_decay for trial in result.trials] == [1e-3, 2e-2, 1.0]
+    tried = {(trial.scaling, trial.class_weighting, trial.hp.weight_decay) for trial in result.trials}
+    assert {
+        (s, w, d) for s in ("none", "standardise", "l2") for w in ("none", "balanced") for d in (1e-3, 2e-2, 1.0)
+    } <= tried
     assert all(trial.cv_folds is not None and len(trial.cv_folds) == 5 for trial in result.trials)
     assert all(trial.val_accuracy == pytest.approx(np.mean(trial.cv_folds or [])) for trial in result.trials)
-    best = max(result.trials, key=lambda trial: (trial.val_accuracy, -(trial.val_loss or math.inf)))
-    assert result.best == best.hp
+    assert result.search is not None and result.search.folds == 5
+    chosen = result.search.chosen
+    assert (result.config.scaling.value, result.class_weighting, result.best.weight_decay) == (
+        chosen.scaling,
+        chosen.class_weighting,
+        chosen.weight_decay,
+    )
     assert accuracy(predict_logits(result.head, x_val), y_val) >= 0.9
 
     fractions = [event.fraction for event in events]
     assert all(event.phase == "search" for event in events)
     assert fractions == sorted(fractions)
     assert fractions[-1] == pytest.approx(1.0)
+    assert "one standard error" in events[-1].message
 
 
 def test_a_cross_validated_search_returns_the_winner_fitted_on_the_whole_training_split(digits: Digits) -> None:
     x_train, y_train, x_val, y_val = digits.pooled()
-    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE)
+    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE, class_weightings=["balanced"])
 
-    torch.manual_seed(0)
-    refit = LinearHead(LINEAR.in_features, LINEAR.num_classes)
-    mean, std = standardisation_stats(x_train)
-    refit.set_standardisation(mean, std)
-    fit_linear_layer(refit.linear, (x_train - mean) / std, y_train, result.best)
-    torch.testing.assert_close(predict_logits(result.head, x_val), predict_logits(refit.eval(), x_val))
+    assert result.class_weighting == "balanced"
+    refit = build_head(result.config)
+    fit_linear(refit, x_train, y_train, result.best, class_weights=class_weights(y_train, 10, "balanced"))
+    torch.testing.assert_close(predict_logits(result.head, x_val), predict_logits(refit, x_val))
 
 
 def test_the_hold_out_chooses_nothing_in_a_cross_validated_search(digits: Digits) -> None:
@@ -509,12 +534,12 @@ def test_the_hold_out_chooses_nothing_in_a_cross_validated_search(digits: Digits
     assert torch.equal(predict_logits(honest.head, x_val), predict_logits(scrambled.head, x_val))
 
 
-def test_a_linear_search_on_a_large_training_split_keeps_the_best_trial_on_the_hold_out(
-    digits: Digits, monkeypatch: pytest.MonkeyPatch
+def test_a_linear_search_with_a_class_of_one_training_example_keeps_the_best_trial_on_the_hold_out(
+    digits: Digits,
 ) -> None:
-    monkeypatch.setattr("adapters.tuning.KFOLD_MAX_EXAMPLES", 100)  # digits' 1,437 training images count as large
     x_train, y_train, x_val, y_val = digits.pooled()
-    result = tune(LINEAR, x_train, y_train, x_val, y_val, space=SMALL_LINEAR_SPACE)
+    keep = torch.cat([torch.nonzero(y_train != 0).flatten(), torch.nonzero(y_train == 0).flatten()[:1]])
+    result = tune(LINEAR, x_train[keep], y_train[keep], x_val, y_val, space=SMALL_LINEAR_SPACE)
 
     assert all(trial.cv_folds is None for trial in result.trials)
     best_accuracy = max(trial.val_accuracy for trial in result.trials)
@@ -522,12 +547,11 @@ def test_a_linear_search_on_a_large_training_split_keeps_the_best_trial_on_the_h
     assert accuracy(predict_logits(result.head, x_val), y_val) == pytest.approx(best_accuracy)
 
 
-def test_k_folds_validate_small_linear_searches_only() -> None:
+def test_k_folds_validate_linear_searches_only() -> None:
     two_each = torch.tensor([0, 0, 1, 1])
     assert kfold_applies(LINEAR, two_each)
     assert not kfold_applies(LINEAR, torch.tensor([0, 0, 1]))  # a single example of a class cannot be validated
-    assert not kfold_applies(MLP, two_each)  # an mlp trial is a full training run, not one L-BFGS fit
-    assert not kfold_applies(LINEAR, torch.arange(KFOLD_MAX_EXAMPLES + 1) % 2)
+    assert not kfold_applies(MLP, two_each)  # an mlp trial is a full training run, not one solver run
 
 
 def test_tune_of_an_mlp_returns_the_config_of_the_winning_width(digits: Digits) -> None:
@@ -587,7 +611,7 @@ def test_tune_of_a_finetune_head_needs_a_tail_factory(digits: Digits) -> None:
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
-    weights = class_weights_for(torch.tensor([0, 0, 0, 1]), num_classes=2)
+    weights = class_weights(torch.tensor([0, 0, 0, 1]), 2, "balanced")
     torch.testing.assert_close(weights, torch.tensor([0.5, 1.5]))
 
 
@@ -611,7 +635,7 @@ def test_class_weights_raise_minority_recall_on_an_imbalanced_problem() -> None:
         fit_linear(head, x_train, y_train, hp, class_weights=class_weights)
         return evaluate(predict_logits(head, x_test), y_test, ["common", "rare"]).per_class[1].recall
 
-    assert minority_recall(class_weights_for(y_train, 2)) > minority_recall(None) + 0.2
+    assert minority_recall(class_weights(y_train, 2, "balanced")) > minority_recall(None) + 0.2
 
 
 # --- adapters' own errors, and the one place the service translates them ------------------

@@ -7,16 +7,8 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
-from adapters.crossval import (
-    CrossValScore,
-    best_index,
-    choose,
-    cross_validate_linear,
-    cross_validate_path,
-    stratified_folds,
-)
+from adapters.crossval import FoldScores, one_standard_error, search_linear, stratified_folds
 from adapters.errors import InvalidInput
-from adapters.trainer import HyperParams
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
@@ -27,8 +19,13 @@ from service.training import TrainRequest
 TENANT = "acme"
 
 
-def score(*folds: float) -> CrossValScore:
-    return CrossValScore(mean=float(np.mean(folds)), std=float(np.std(folds)), folds=list(folds), weight_decay=0.1)
+def score(*folds: float) -> FoldScores:
+    return FoldScores.of(folds, accuracy=float(np.mean(folds)), balanced_accuracy=float(np.mean(folds)))
+
+
+def one_recipe(x: torch.Tensor, y: torch.Tensor, classes: int, **options):
+    fixed = {"scalings": ["standardise"], "class_weightings": ["none"], "weight_decays": [1e-2]}
+    return search_linear(x, y, classes, objective="accuracy", **(fixed | options))
 
 
 def test_folds_are_stratified_disjoint_and_cover_every_example():
@@ -45,52 +42,55 @@ def test_a_class_smaller_than_the_folds_is_a_clear_error():
 
 
 def test_a_clear_lead_beats_a_cheaper_backbone():
-    choice = choose(
+    choice = one_standard_error(
         {"cheap": score(0.70, 0.72, 0.71, 0.69, 0.70), "big": score(0.78, 0.80, 0.77, 0.79, 0.78)},
-        {"cheap": 0.3, "big": 0.87},
+        ["cheap", "big"],
+        what="cheapest",
     )
-    assert choice.chosen == "big"
-    assert "big (0.784" in choice.reason and "more than the standard error" in choice.reason
+    assert choice.chosen == "big" == choice.best
+    assert "big has the best mean (0.784" in choice.reason and "no cheapest candidate" in choice.reason
 
 
-def test_a_lead_within_the_spread_goes_to_the_cheaper_backbone():
-    choice = choose(
+def test_a_lead_within_one_standard_error_goes_to_the_cheaper_backbone():
+    choice = one_standard_error(
         {"cheap": score(0.80, 0.76, 0.83, 0.78, 0.81), "big": score(0.79, 0.80, 0.82, 0.80, 0.80)},
-        {"cheap": 0.3, "big": 0.87},
+        ["cheap", "big"],
+        what="cheapest",
     )
-    assert choice.chosen == "cheap"
-    assert choice.reason.startswith("tie:") and "the cheaper cheap wins" in choice.reason
+    assert (choice.chosen, choice.best) == ("cheap", "big")
+    assert "within one standard error" in choice.reason and "it is the cheapest such candidate" in choice.reason
+
+
+def test_equal_means_go_to_the_simpler_candidate():
+    same = score(0.8, 0.7, 0.9)
+    assert one_standard_error({"complex": same, "simple": same}, ["simple", "complex"]).chosen == "simple"
 
 
 def test_cross_validation_scores_separable_features_perfectly():
     torch.manual_seed(0)
     y = torch.arange(60) % 3
     x = torch.randn(60, 8) * 0.1 + torch.nn.functional.one_hot(y, 8).float() * 5
-    result = cross_validate_linear(x, y, 3)
+    result = one_recipe(x, y, 3).chosen.scores
     assert result.mean == 1.0 and result.std == 0.0 and len(result.folds) == 5
 
 
-def test_equal_cross_validated_accuracy_goes_to_the_lower_loss_and_a_diverged_candidate_never_wins():
-    def scored(accuracy: float, loss: float | None) -> CrossValScore:
-        return score(accuracy, accuracy).model_copy(update={"loss": loss})
-
-    assert best_index([scored(0.8, 0.6), scored(0.8, 0.4), scored(0.7, 0.1)]) == 1
-    assert best_index([scored(0.9, None), scored(0.6, 0.9)]) == 1
-    with pytest.raises(InvalidInput, match="all 2 cross-validated trials diverged"):
-        best_index([scored(0.9, None), scored(0.8, None)])
-
-
-def test_cross_validation_scores_each_candidate_in_the_order_given_whatever_that_order():
+def test_the_weight_decay_grid_extends_past_an_edge_that_holds_the_best_and_is_refined_around_it():
     torch.manual_seed(0)
-    y = torch.arange(60) % 3
-    x = torch.randn(60, 8) + torch.nn.functional.one_hot(y, 8).float()
-    grid = [(lr, wd) for lr in (1.0, 0.5) for wd in (1e-3, 1.0)]
-    candidates = [HyperParams(lr=lr, weight_decay=wd, epochs=5, batch_size=4096) for lr, wd in grid]
-    scores = cross_validate_path(x, y, 3, candidates)
-    assert [s.weight_decay for s in scores] == [1e-3, 1.0, 1e-3, 1.0]
-    assert all(len(s.folds) == 5 and s.loss is not None for s in scores)
-    # Each lr's path always runs from the strongest penalty to the weakest, so the order given changes nothing.
-    assert cross_validate_path(x, y, 3, candidates[::-1]) == scores[::-1]
+    y = torch.arange(200) % 2
+    nuisance = torch.randn(200) * 3  # the signal is the difference of two features: a strong penalty misses it
+    x = torch.stack([y + nuisance + 0.3 * torch.randn(200), nuisance + 0.1 * torch.randn(200)], dim=1)
+    search = one_recipe(x, y, 2, weight_decays=[10.0, 1.0])  # far too strong: the best lies below the grid
+    tried = sorted(c.weight_decay for c in search.candidates)
+    assert tried[0] < 1.0 and search.chosen.weight_decay < 1.0
+    assert {1e-3, 1e-2, 0.1} <= set(tried)
+    assert set(tried) & {0.00316228, 0.0316228}  # half a decade around the best
+
+
+def test_a_class_smaller_than_the_folds_gets_fewer_folds():
+    torch.manual_seed(0)
+    y = torch.tensor([0] * 10 + [1] * 3)
+    x = torch.randn(13, 4) + torch.nn.functional.one_hot(y, 4).float() * 5
+    assert one_recipe(x, y, 2).folds == 3
 
 
 # The accuracy benchmark's whole textile training split: measured, the choice needs all
@@ -135,7 +135,7 @@ def fashion_auto(two_backbone_core) -> HeadVersionInfo:
 def test_auto_picks_efficientnet_lite2_on_the_textile_images(textile_auto):
     """EfficientNet-Lite2 leads MobileNetV2 by about 7 points in 5-fold CV, over three standard errors."""
     assert textile_auto.backbone == "efficientnet_lite2", textile_auto.metrics["backbone_choice"]["reason"]
-    assert textile_auto.metrics["cv_accuracy_efficientnet_lite2"] > textile_auto.metrics["cv_accuracy_mobilenet_v2"]
+    assert textile_auto.metrics["cv_score_efficientnet_lite2"] > textile_auto.metrics["cv_score_mobilenet_v2"]
     assert set(textile_auto.metrics["backbone_choice"]["scores"]) == {"mobilenet_v2", "efficientnet_lite2"}
 
 
@@ -171,10 +171,3 @@ def test_auto_needs_a_pretrained_backbone(tmp_path, untrained_backbone):
 def test_a_latency_budget_needs_backbone_auto():
     with pytest.raises(ValueError, match="latency_budget_ms applies to backbone 'auto' only"):
         TrainRequest(dataset_id="ds", head_name="h", latency_budget_ms=10)
-
-
-def test_a_class_smaller_than_the_folds_gets_fewer_folds():
-    torch.manual_seed(0)
-    y = torch.tensor([0] * 10 + [1] * 3)
-    x = torch.randn(13, 4) + torch.nn.functional.one_hot(y, 4).float() * 5
-    assert len(cross_validate_linear(x, y, 2).folds) == 3

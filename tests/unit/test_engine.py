@@ -51,7 +51,7 @@ def save_random_head(
     )
     head = build_head(config, backbone.fresh_tail(split) if finetune else None)
     if kind is not HeadKind.FINETUNE:
-        head.set_standardisation(torch.randn(1280) * 0.1, torch.rand(1280) + 0.5)
+        head.set_scaling_stats(torch.randn(1280) * 0.1, torch.rand(1280) + 0.5)
     return core.heads.create_version(
         TENANT,
         name,

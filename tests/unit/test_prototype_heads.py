@@ -1,5 +1,6 @@
 """Instant prototype heads and ``kind: "auto"``, on real MobileNetV2 features of real Fashion-MNIST images."""
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -147,7 +148,7 @@ def test_the_temperature_is_fit_on_leave_one_out_scores_and_defaults_without_the
     assert (lone(x1).argmax(1) == y1).all()
 
 
-def test_auto_keeps_the_kind_with_the_best_hold_out_score_and_reports_every_candidate(core, few_shot):
+def test_auto_keeps_the_cheapest_kind_within_one_standard_error_of_the_best_k_fold_score(core, few_shot):
     events = []
     version = core.trainer.train(
         TENANT, TrainRequest(dataset_id=few_shot.id, head_name="auto", kind="auto"), progress=events.append
@@ -157,10 +158,17 @@ def test_auto_keeps_the_kind_with_the_best_hold_out_score_and_reports_every_cand
     candidates = {c["kind"]: c for c in choice["candidates"]}
     assert list(candidates) == ["prototype", "linear", "mlp"]
     assert all(c["status"] == "trained" and c["seconds"] > 0 for c in candidates.values())
-    best = max(c["holdout_accuracy"] for c in candidates.values())
-    assert version.kind == choice["chosen"] and candidates[version.kind]["holdout_accuracy"] == best
-    assert version.metrics["accuracy"] == pytest.approx(best)
-    assert {f"auto_accuracy_{kind}" for kind in candidates} <= set(version.metrics)
+    folds = {kind: np.asarray(c["scores"]["folds"]) for kind, c in candidates.items()}
+    assert all(c["scores"]["mean"] == pytest.approx(folds[kind].mean()) for kind, c in candidates.items())
+    best = max(folds, key=lambda kind: folds[kind].mean())
+
+    def within_one_standard_error(kind: str) -> bool:
+        gaps = folds[best] - folds[kind]
+        return gaps.mean() <= gaps.std(ddof=1) / np.sqrt(len(gaps)) + 1e-12
+
+    assert version.kind == choice["chosen"] == next(kind for kind in candidates if within_one_standard_error(kind))
+    assert "standard error" in choice["reason"]
+    assert {f"auto_score_{kind}" for kind in candidates} <= set(version.metrics)
     assert [e.phase for e in events if e.phase in ("auto", "choose")] == ["auto", "auto", "auto", "choose"]
     assert all(0.0 <= e.fraction <= 1.0 for e in events)
 
@@ -180,7 +188,7 @@ def test_auto_stops_at_its_time_budget_but_always_trains_the_first_kind(core, fe
 def test_auto_on_one_image_per_class_trains_a_prototype_and_says_why(core, one_shot):
     version = core.trainer.train(TENANT, TrainRequest(dataset_id=one_shot.id, head_name="auto-one", kind="auto"))
     assert version.kind == "prototype"
-    assert "no hold-out" in version.metrics["kind_choice"]["reason"]
+    assert "no folds to compare kinds on" in version.metrics["kind_choice"]["reason"]
 
 
 def test_a_kind_that_needs_a_hold_out_refuses_one_image_per_class_and_names_the_kind_that_does_not(core, one_shot):
