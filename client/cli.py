@@ -2,6 +2,7 @@
 
     graft upload my_images/ --name textiles       # class folders, a .zip or a .csv of path,label
     graft train textiles --head textiles          # live progress until the job ends
+    graft train textiles --head textiles --objective balanced_accuracy   # every class counts the same
     graft predict textiles photos/                # a table; --json / --csv for pipes
     graft audit textiles                          # images whose label is probably wrong
     graft predict textiles photos/ --min-score 0.8 --coverage 0.9   # "unknown" below 0.8; 90 % label sets
@@ -28,7 +29,16 @@ from client import config, connect, sources
 from client.base import Client
 from client.errors import GraftError, Unavailable
 from client.http_client import HttpClient
-from client.models import EXPORT_FORMATS, TRAINING_KINDS, ImagePrediction, Job, PredictOptions
+from client.models import (
+    CLASS_WEIGHTINGS,
+    EXPORT_FORMATS,
+    OBJECTIVES,
+    SCALINGS,
+    TRAINING_KINDS,
+    ImagePrediction,
+    Job,
+    PredictOptions,
+)
 from client.progress import ProgressBar, human_bytes
 from client.retry import RetryPolicy
 
@@ -136,6 +146,9 @@ def train(graft: Client, args: argparse.Namespace) -> int:
         backbone=args.backbone,
         hyperparams=hyperparams,
         time_budget_s=args.time_budget,
+        objective=args.objective,
+        class_weighting=args.class_weighting,
+        scaling=args.scaling,
     )
     print(f"{job.name}: training head {args.head!r} on {dataset}", file=sys.stderr)
     if args.no_wait:
@@ -502,6 +515,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--time-budget", type=float, metavar="SECONDS", help="--kind auto only (default: the server's)")
     sub.add_argument("--backbone", help="a backbone, or 'auto' (default: the server's)")
+    sub.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="what 'best' means to every choice graft makes (default: accuracy); balanced_accuracy counts every "
+        "class the same",
+    )
+    sub.add_argument(
+        "--class-weighting",
+        choices=CLASS_WEIGHTINGS,
+        help="kinds linear, mlp, finetune or auto: how much each example's loss counts (default: the server decides)",
+    )
+    sub.add_argument(
+        "--scaling",
+        choices=SCALINGS,
+        help="kinds linear, mlp or auto: how the backbone's features are scaled (default: the server decides)",
+    )
     sub.add_argument("--hyperparams", help="JSON overrides, e.g. '{\"epochs\": 10}'")
     sub.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
     sub.add_argument("--json", action="store_true", help="print the finished job as JSON")

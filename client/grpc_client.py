@@ -26,7 +26,15 @@ from client.sources import Example, from_directory
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default GRAFT_GRPC_MAX_MESSAGE_BYTES
 PAGE_SIZE = 1000
-_ENUM_FIELDS = {"state", "kind"}  # QUEUED -> queued, HEAD_KIND_LINEAR -> linear, as over HTTP
+# The enumerated fields and their values' proto prefix: QUEUED -> queued, HEAD_KIND_LINEAR -> linear, as over HTTP.
+_ENUM_FIELDS = {
+    "state": "",
+    "kind": "HEAD_KIND_",
+    "objective": "OBJECTIVE_",
+    "class_weighting": "CLASS_WEIGHTING_",
+    "scaling": "FEATURE_SCALING_",
+}
+_SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
 _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is HTTP's null
 
 
@@ -188,8 +196,9 @@ class GrpcClient(Client):
 
     def create_job(self, spec: TrainingSpec, request_id: str | None = None) -> Job:
         fields = spec.model_dump(mode="json", exclude_none=True)
-        if "kind" in fields:
-            fields["kind"] = f"HEAD_KIND_{fields['kind'].upper()}"
+        for field in _SPEC_ENUM_FIELDS:
+            if field in fields:
+                fields[field] = f"{_ENUM_FIELDS[field]}{fields[field].upper()}"
         request = api.CreateJobRequest(spec=json_format.ParseDict(fields, pb.TrainingSpec()))
         answer = self._call(self._jobs.CreateJob, request, request_id=request_id or new_request_id())
         return Job.model_validate(_json(answer))
@@ -303,14 +312,14 @@ def _plain(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [_plain(item) for item in value]
     if key in _ENUM_FIELDS and isinstance(value, str | int):
-        return _enum_value(value)
+        return _enum_value(value, _ENUM_FIELDS[key])
     return value
 
 
-def _enum_value(value: str | int) -> str | None:
+def _enum_value(value: str | int, prefix: str) -> str | None:
     """An enum value as the HTTP door's JSON has it (HEAD_KIND_LINEAR -> linear; unset -> None). A number this
     client's protos do not name, a newer server's value, comes as its digits ('7'): a value, not a crash."""
     if isinstance(value, int):
         return str(value)
-    value = value.removeprefix("HEAD_KIND_")
+    value = value.removeprefix(prefix)
     return None if value.endswith("UNSPECIFIED") else value.lower()

@@ -5,7 +5,7 @@ The field names and meanings are the contract's, not a second vocabulary:
 ``display_name`` what a person called it. Over gRPC the messages are turned into
 the same JSON (proto field names, lowercase enum values), so both transports
 return these models. Unknown fields are ignored and enumerated fields (kind,
-state) take any string: a newer server does not break an older client
+state, objective, ...) take any string: a newer server does not break an older client
 (tests/unit/test_client.py checks the names against the protos).
 """
 
@@ -29,6 +29,9 @@ AUTO_KIND = "auto"  # request only: a version's kind is the kind that won
 HEAD_KINDS = tuple(kind for kind in TRAINING_KINDS if kind != AUTO_KIND)
 JOB_STATES = _json_values(resources_pb2.Job.State.keys(), "")
 EXPORT_FORMATS = _json_values(service_pb2.ExportFormat.keys(), "EXPORT_FORMAT_")
+OBJECTIVES = _json_values(resources_pb2.Objective.keys(), "OBJECTIVE_")
+CLASS_WEIGHTINGS = _json_values(resources_pb2.ClassWeighting.keys(), "CLASS_WEIGHTING_")
+SCALINGS = _json_values(resources_pb2.FeatureScaling.keys(), "FEATURE_SCALING_")
 
 
 class TrunkRuntime(BaseModel):
@@ -133,6 +136,15 @@ class TrainingSpec(BaseModel):
     finetune_blocks: int | None = None
     search: SearchSpace | None = None
     hyperparams: HyperParams | None = None
+    objective: str | None = Field(
+        None, description=f"what 'best' means: {', '.join(OBJECTIVES)}, or an objective newer than this client"
+    )
+    class_weighting: str | None = Field(
+        None, description=f"{', '.join(CLASS_WEIGHTINGS)}, or a class weighting newer than this client"
+    )
+    scaling: str | None = Field(
+        None, description=f"feature scaling: {', '.join(SCALINGS)}, or a scaling newer than this client"
+    )
     holdout_fraction: float | None = None
     seed: int | None = None
 

@@ -34,7 +34,7 @@ def draw(version: HeadVersion, out: Path) -> None:
     _confusion(axes[0, 0], version.classes, metrics["confusion"])
     _per_class(axes[0, 1], metrics["per_class"])
     _reliability(axes[1, 0], metrics.get("reliability") or [])
-    _trials(axes[1, 1], metrics.get("trials") or [])
+    _trials(axes[1, 1], metrics.get("trials") or [], (metrics.get("recipe") or {}).get("chosen"), version.hyperparams)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out, format="png")
     plt.close(fig)
@@ -126,27 +126,39 @@ def _reliability(ax: Any, bins: list[dict[str, Any]]) -> None:
     ax.legend(loc="best")
 
 
-def _trials(ax: Any, trials: list[dict[str, Any]]) -> None:
+def _trials(ax: Any, trials: list[dict[str, Any]], chosen: dict[str, Any] | None, hyperparams: dict[str, Any]) -> None:
+    """Each trial's validation score (k-fold mean with its spread, or hold-out accuracy), the chosen one green."""
     if not trials:
         ax.text(0.5, 0.5, "no search: one fixed configuration", ha="center", va="center")
         ax.set_axis_off()
         return
-    accuracies = [t.get("val_accuracy") or 0.0 for t in trials]
-    best = max(range(len(trials)), key=lambda i: (accuracies[i], -(trials[i].get("val_loss") or float("inf"))))
+    scores = [t.get("val_accuracy") or 0.0 for t in trials]
+
+    def is_chosen(t: dict[str, Any]) -> bool:
+        recipe = (t.get("scaling"), t.get("class_weighting"))
+        picked = (chosen or {}).get("scaling"), (chosen or {}).get("class_weighting")
+        return t.get("hp") == hyperparams and (chosen is None or recipe == picked)
+
+    best = next((i for i, t in enumerate(trials) if is_chosen(t)), max(range(len(trials)), key=lambda i: scores[i]))
     varied = [k for k in trials[0].get("hp", {}) if len({repr(t["hp"].get(k)) for t in trials}) > 1]
-    labels = [", ".join(_setting(k, t["hp"][k]) for k in varied) or f"trial {i + 1}" for i, t in enumerate(trials)]
+    recipes = [k for k in ("scaling", "class_weighting") if len({t.get(k) for t in trials}) > 1]
+    labels = [
+        ", ".join([*(str(t[k]) for k in recipes), *(_setting(k, t["hp"][k]) for k in varied)]) or f"trial {i + 1}"
+        for i, t in enumerate(trials)
+    ]
     colours = ["#55a868" if i == best else "#8c8c8c" for i in range(len(trials))]
+    spread = [float(np.std(t["cv_folds"])) if t.get("cv_folds") else 0.0 for t in trials]
     y = np.arange(len(trials))
-    ax.barh(y, accuracies, color=colours)
+    ax.barh(y, scores, xerr=spread, color=colours)
     for i, t in enumerate(trials):
         loss = t.get("val_loss")
-        outcome = f"  (loss {loss:.3f})" if loss is not None else "  (diverged)"
-        ax.text(accuracies[i] + 0.01, i, f"{accuracies[i]:.3f}{outcome}", va="center", fontsize=8)
-    ax.set_yticks(y, labels, fontsize=8)
+        outcome = "  (k folds)" if t.get("cv_folds") else f"  (loss {loss:.3f})" if loss is not None else "  (diverged)"
+        ax.text(scores[i] + 0.01, i, f"{scores[i]:.3f}{outcome}", va="center", fontsize=7 if len(trials) > 16 else 8)
+    ax.set_yticks(y, labels, fontsize=6 if len(trials) > 16 else 8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.25)
-    ax.set_xlabel("validation accuracy")
-    ax.set_title(f"Hyper-parameter search: {len(trials)} trials (green: chosen)")
+    ax.set_xlabel("validation score (k folds: mean ± spread of the objective)")
+    ax.set_title(f"Search: {len(trials)} trials (green: chosen)")
 
 
 def _setting(key: str, value: object) -> str:

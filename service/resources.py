@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
+from adapters.recipe import ClassWeighting, Objective, Scaling
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
 from service.engine.backbones import BACKBONES, BackboneInfo
@@ -244,6 +245,16 @@ TrainingKind.__doc__ = (
 _TAIL_KINDS = [spec.name for spec in KINDS.values() if spec.copies_tail]  # the kinds finetune_blocks applies to
 _HIDDEN_LAYER_KINDS = [spec.name for spec in KINDS.values() if spec.hidden_layer]  # those search.hidden applies to
 _UNSEARCHED_KINDS = [spec.name for spec in KINDS.values() if not spec.searched]  # those that take no search
+_SCALED_KINDS = [spec.name for spec in KINDS.values() if spec.scalings]  # those scaling applies to
+_WEIGHTED_KINDS = [spec.name for spec in KINDS.values() if spec.class_weighting is not None]  # and class_weighting
+_DEFAULT_KIND = TrainRequest.model_fields["kind"].get_default().value  # what a spec without a kind trains
+
+
+def _kind_is(*kinds: str) -> dict:
+    """JSON schema: the kind is one of ``kinds``; an unset one (absent or null) is the default kind."""
+    if _DEFAULT_KIND in kinds:
+        return {"properties": {"kind": {"enum": [*kinds, None]}}}
+    return _is("kind", *kinds)
 
 
 class TrainingSpec(BaseModel):
@@ -264,6 +275,8 @@ class TrainingSpec(BaseModel):
                 _only_with("latency_budget_ms", {"type": "number"}, _is("backbone", "auto")),
                 _only_with("time_budget_s", {"type": "number"}, _is("kind", AUTO_KIND)),
                 _only_with("auto_finetune", {"type": "boolean"}, _is("kind", AUTO_KIND)),
+                _only_with("scaling", {"type": "string"}, _kind_is(*_SCALED_KINDS, AUTO_KIND)),
+                _only_with("class_weighting", {"type": "string"}, _kind_is(*_WEIGHTED_KINDS, AUTO_KIND)),
                 _only_with(
                     "search",
                     {"type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "array"}}},
@@ -309,6 +322,17 @@ class TrainingSpec(BaseModel):
     search: SearchSpace | None = Field(None, description="hyper-parameter grid; default: the kind's small grid")
     hyperparams: HyperParamOverrides | None = Field(
         None, description="fixed settings the search varies around; unset ones take the kind's defaults"
+    )
+    objective: Objective | None = Field(
+        None,
+        description="what 'best' means to every choice graft makes: accuracy (default) or balanced_accuracy; "
+        "the version's metrics report both",
+    )
+    class_weighting: ClassWeighting | None = Field(
+        None, description="none or balanced; default: linear searches both, mlp and finetune follow the objective"
+    )
+    scaling: Scaling | None = Field(
+        None, description="linear and mlp: none, standardise or l2; default: linear searches all three"
     )
     holdout_fraction: float | None = Field(None, gt=0.0, lt=0.9)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

@@ -2,7 +2,8 @@
 
 Messages are built from the resources' own field names: a field one side has and
 the other lacks fails at once, so the doors cannot drift apart. Only the enums
-differ in spelling (``linear`` <-> ``HEAD_KIND_LINEAR``, ``queued`` <-> ``QUEUED``).
+differ in spelling (``linear`` <-> ``HEAD_KIND_LINEAR``, ``queued`` <-> ``QUEUED``,
+``standardise`` <-> ``FEATURE_SCALING_STANDARDISE``).
 """
 
 from enum import Enum
@@ -13,6 +14,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel
 
 from adapters.kinds import HeadKind
+from adapters.recipe import ClassWeighting, Objective, Scaling
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
@@ -23,7 +25,21 @@ from service.resources import ExportFormat, TrainingKind, TrainingSpec
 
 M = TypeVar("M", bound=Message)
 
-_ENUM_PREFIX: dict[type[Enum], str] = {HeadKind: "HEAD_KIND_", TrainingKind: "HEAD_KIND_", JobState: ""}
+_ENUM_PREFIX: dict[type[Enum], str] = {
+    HeadKind: "HEAD_KIND_",
+    TrainingKind: "HEAD_KIND_",
+    JobState: "",
+    Objective: "OBJECTIVE_",
+    ClassWeighting: "CLASS_WEIGHTING_",
+    Scaling: "FEATURE_SCALING_",
+}
+# TrainingSpec's enumerated fields: the resource's enum, what a refusal calls it, and the proto enum's values.
+_SPEC_ENUMS: dict[str, tuple[type[Enum], str, list[str]]] = {
+    "kind": (TrainingKind, "head kind", pb.HeadKind.keys()),
+    "objective": (Objective, "objective", pb.Objective.keys()),
+    "class_weighting": (ClassWeighting, "class weighting", pb.ClassWeighting.keys()),
+    "scaling": (Scaling, "feature scaling", pb.FeatureScaling.keys()),
+}
 EXPORT_FORMATS = {
     api.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.SAFETENSORS,
     api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
@@ -55,11 +71,19 @@ def _proto_values(value: Any) -> Any:
 def training_spec(spec: pb.TrainingSpec) -> TrainingSpec:
     """A TrainingSpec message as the resource: fields it does not set take the service's defaults."""
     fields = json_format.MessageToDict(spec, preserving_proto_field_name=True)
-    kind = fields.pop("kind", "HEAD_KIND_UNSPECIFIED")
-    if kind not in ("HEAD_KIND_UNSPECIFIED", *(f"HEAD_KIND_{k.value.upper()}" for k in TrainingKind)):
-        raise InvalidArgument(f"kind {kind} is not a known head kind; use one of {', '.join(pb.HeadKind.keys()[1:])}")
-    if kind != "HEAD_KIND_UNSPECIFIED":
-        fields["kind"] = kind.removeprefix("HEAD_KIND_").lower()
+    for field, (enum, what, proto_names) in _SPEC_ENUMS.items():
+        # UNSPECIFIED (left out by MessageToDict) takes the service's default; a number with no name is a newer
+        # client's value, refused as this server cannot honour it
+        value = fields.pop(field, None)
+        if value in (None, f"{_ENUM_PREFIX[enum]}UNSPECIFIED"):
+            continue
+        known = {f"{_ENUM_PREFIX[enum]}{member.value.upper()}": member.value for member in enum}
+        if value not in known:
+            raise InvalidArgument(
+                f"{field} {value} is not a known {what}; use one of "
+                f"{', '.join(name for name in proto_names if not name.endswith('_UNSPECIFIED'))}"
+            )
+        fields[field] = known[value]
     return TrainingSpec.model_validate(fields)
 
 

@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from adapters.kinds import KINDS
+from adapters.recipe import CLASS_WEIGHTINGS, OBJECTIVES, SCALINGS
 from harness.sample_data import textile_files
 from harness.screenshots import record_digest
 from harness.servers import Server, make_tenant_key, start_server
@@ -167,9 +168,44 @@ def test_the_kinds_offered_are_the_servers_each_with_its_description_and_the_set
         expect(page.locator("#kind-help")).to_have_text(spec.description)
         expect(page.locator("#epochs")).to_be_enabled(enabled=spec.searched)
         expect(page.locator("#finetune-blocks")).to_be_enabled(enabled=spec.copies_tail)
+        expect(page.locator("#scaling")).to_be_enabled(enabled=bool(spec.scalings))
+        expect(page.locator("#class-weighting")).to_be_enabled(enabled=spec.class_weighting is not None)
     kind.select_option(AUTO_KIND)  # auto trains each candidate with its defaults
     expect(page.locator("#kind-help")).to_have_text(auto_description())
     expect(page.locator("#epochs")).to_be_disabled()
+    expect(page.locator("#scaling")).to_be_enabled()  # passed on to the candidates that take it
+    expect(page.locator("#class-weighting")).to_be_enabled()
+
+
+def test_the_recipe_choices_offered_are_the_servers_and_the_chosen_ones_are_sent(page, server, key):
+    sign_in(page, server, key)
+    open_page(page, "New model")
+    page.get_by_text("Advanced settings").click()
+    chosen = {}
+    for label, field, registry in (
+        ("Objective", "objective", OBJECTIVES),
+        ("Class weighting", "class_weighting", CLASS_WEIGHTINGS),
+        ("Feature scaling", "scaling", SCALINGS),
+    ):
+        choice = page.get_by_label(label, exact=True)
+        expect(choice.locator("option")).to_have_text(["default", *registry])
+        expect(choice).to_have_value("")  # left out of the spec: the server decides
+        chosen[field] = list(registry)[-1]
+        choice.select_option(chosen[field])
+    page.get_by_label("Kind of head").select_option(next(name for name, spec in KINDS.items() if spec.scalings))
+    page.get_by_label("Model name").fill("recipe")
+    add_classes(page, per_class=2)
+
+    sent: list[dict] = []
+
+    def refuse(route) -> None:  # the spec is what this test is about, not the training
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=400, json={"code": "invalid_argument", "message": "not trained by this test"})
+
+    page.route("**/v1/jobs", refuse)
+    page.get_by_role("button", name="Upload and train").click()
+    expect(page.locator("#new-error")).to_contain_text("not trained by this test")
+    assert {field: sent[0].get(field) for field in chosen} == chosen
 
 
 def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(page, server, key, screenshots):

@@ -6,9 +6,11 @@ and no backbone loaded.
 """
 
 import asyncio
+import contextlib
 import io
 import os
 import threading
+from typing import NamedTuple
 
 import grpc
 import httpx
@@ -17,6 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from sqlalchemy import event
 
+from client import cli
+from client.grpc_client import GrpcClient
+from client.http_client import HttpClient
+from harness.inprocess import serve_http
+from service.auth import OPEN_TENANT
 from service.config import Settings
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
@@ -24,6 +31,7 @@ from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import default_host, start_grpc_server
 from service.http.app import create_app
 from service.runtime import Runtime
+from service.training import FeatureMemory, TrainingCost
 
 pytestmark = pytest.mark.anyio
 
@@ -117,6 +125,104 @@ async def expect_invalid(call, request, text: str) -> None:
 async def test_an_unknown_head_kind_is_invalid_argument(channel):
     spec = pb.TrainingSpec(dataset="datasets/ds_1", head="h", kind=99)
     await expect_invalid(rpc.JobServiceStub(channel).CreateJob, api.CreateJobRequest(spec=spec), "kind 99")
+
+
+@pytest.mark.parametrize(
+    ("options", "text"),
+    [
+        ({"objective": 7}, "objective 7 is not a known objective; use one of OBJECTIVE_ACCURACY, "),
+        ({"class_weighting": 7}, "class_weighting 7 is not a known class weighting; use one of CLASS_WEIGHTING_NONE"),
+        ({"scaling": 9}, "scaling 9 is not a known feature scaling; use one of FEATURE_SCALING_NONE"),
+        ({"kind": pb.HEAD_KIND_PROTOTYPE, "scaling": pb.FEATURE_SCALING_L2}, "scaling applies to kind"),
+        ({"kind": pb.HEAD_KIND_FINETUNE, "scaling": pb.FEATURE_SCALING_NONE}, "scaling applies to kind"),
+        ({"kind": pb.HEAD_KIND_PROTOTYPE, "class_weighting": pb.CLASS_WEIGHTING_NONE}, "class_weighting applies to"),
+    ],
+)
+async def test_an_unknown_recipe_value_or_one_the_kind_does_not_take_is_invalid_argument(channel, options, text):
+    spec = pb.TrainingSpec(dataset="datasets/ds_1", head="h", **options)
+    await expect_invalid(rpc.JobServiceStub(channel).CreateJob, api.CreateJobRequest(spec=spec), text)
+
+
+class Jobs(NamedTuple):
+    stub: rpc.JobServiceStub
+    runtime: Runtime
+    dataset: str  # datasets/{dataset}
+    port: int  # the gRPC door's
+
+
+@pytest.fixture
+async def jobs(tmp_path):
+    """A JobService stub, the runtime behind it and a dataset there. Jobs are created and never run (the runtime
+    is not started); the trainer's cost check reads the dataset only, as no backbone is loaded."""
+    runtime = Runtime.open(Settings(data_dir=tmp_path, auth="open", backbones=[]))
+    datasets = runtime.core.datasets
+
+    def cost(tenant, request):
+        images = datasets.get(tenant, request.dataset_id).num_examples
+        memory = FeatureMemory(backbone="mobilenet_v2", split="pooled", elements=1280, bytes=images * 1280 * 12)
+        return TrainingCost(epochs=request.epochs, images=images, trials=request.trials, memory=memory)
+
+    runtime.core.trainer.cost = cost  # type: ignore[method-assign]
+    images = [("r.png", noise_png(8)), ("b.png", noise_png(8))]
+    dataset = datasets.create_from_labelled(OPEN_TENANT, "ds", images, ["r", "b"])
+    server, channel = await serve(runtime)
+    async with channel:
+        yield Jobs(rpc.JobServiceStub(channel), runtime, f"datasets/{dataset.id}", server.port)
+    await server.stop(grace=1)
+
+
+RECIPE = {
+    "objective": pb.OBJECTIVE_BALANCED_ACCURACY,
+    "class_weighting": pb.CLASS_WEIGHTING_BALANCED,
+    "scaling": pb.FEATURE_SCALING_STANDARDISE,
+}
+
+
+@pytest.mark.parametrize("kind", [pb.HEAD_KIND_LINEAR, pb.HEAD_KIND_AUTO])
+async def test_the_recipe_options_reach_the_jobs_spec_and_its_stored_request(jobs, kind):
+    spec = pb.TrainingSpec(dataset=jobs.dataset, head="h", backbone="mobilenet_v2", kind=kind, **RECIPE)
+    created = await jobs.stub.CreateJob(api.CreateJobRequest(spec=spec))
+    read = await jobs.stub.GetJob(api.GetJobRequest(name=created.name))
+    for job in (created, read):
+        assert {field: getattr(job.spec, field) for field in RECIPE} == RECIPE
+    request = jobs.runtime.jobs.get(OPEN_TENANT, created.name.removeprefix("jobs/")).request
+    assert {field: getattr(request, field).value for field in RECIPE} == {
+        "objective": "balanced_accuracy",
+        "class_weighting": "balanced",
+        "scaling": "standardise",
+    }
+
+
+async def test_a_spec_without_recipe_options_shows_the_default_objective_and_leaves_the_rest_unspecified(jobs):
+    spec = pb.TrainingSpec(dataset=jobs.dataset, head="h", backbone="mobilenet_v2", kind=pb.HEAD_KIND_PROTOTYPE)
+    job = await jobs.stub.CreateJob(api.CreateJobRequest(spec=spec))
+    assert job.spec.objective == pb.OBJECTIVE_ACCURACY
+    assert job.spec.class_weighting == pb.CLASS_WEIGHTING_UNSPECIFIED
+    assert job.spec.scaling == pb.FEATURE_SCALING_UNSPECIFIED
+
+
+@pytest.mark.parametrize("door", ["grpc", "http"])
+async def test_the_clis_recipe_options_reach_the_job_over_either_door(jobs, door, monkeypatch, capsys):
+    """graft train --objective/--class-weighting/--scaling: the client's own conversions both ways."""
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    for name in ("GRAFT_URL", "GRAFT_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    options = ["--objective", "balanced_accuracy", "--class-weighting", "none", "--scaling", "l2"]
+    with contextlib.ExitStack() as stack:
+        port = jobs.port if door == "grpc" else stack.enter_context(serve_http(jobs.runtime))
+        url = f"{door}://127.0.0.1:{port}"
+        args = ["--url", url, "train", jobs.dataset, "--head", "h", "--backbone", "mobilenet_v2", *options, "--no-wait"]
+        assert await asyncio.to_thread(cli.main, args) == 0, capsys.readouterr().err
+        name = capsys.readouterr().out.strip()
+        with GrpcClient(f"127.0.0.1:{jobs.port}") if door == "grpc" else HttpClient(url) as client:
+            spec = (await asyncio.to_thread(client.get_job, name)).spec
+    assert (spec.objective, spec.class_weighting, spec.scaling) == ("balanced_accuracy", "none", "l2")
+    request = jobs.runtime.jobs.get(OPEN_TENANT, name.removeprefix("jobs/")).request
+    assert (request.objective.value, request.class_weighting.value, request.scaling.value) == (
+        "balanced_accuracy",
+        "none",
+        "l2",
+    )
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from service.http.errors import error_response
 from service.resources import MAX_FINETUNE_BLOCKS, decimal_pattern
 from service.runtime import Runtime
 from service.store.requests import check_key
+from service.training import FeatureMemory, TrainingCost
 
 pytestmark = pytest.mark.anyio
 
@@ -288,6 +289,19 @@ def test_the_version_pattern_matches_exactly_the_numbers_from_1_to_its_limit(lim
         ({"kind": "prototype", "hyperparams": {"epochs": 5}}, False),
         ({"kind": "auto", "search": {"lr": [0.1], "weight_decay": [0.0]}}, False),
         ({"kind": "auto", "search": None, "hyperparams": None}, True),
+        ({"kind": "linear", "objective": "balanced_accuracy", "class_weighting": "none", "scaling": "l2"}, True),
+        ({"scaling": "standardise"}, True),  # an unset kind is linear
+        ({"kind": None, "class_weighting": "balanced"}, True),
+        ({"kind": "mlp", "scaling": "none", "class_weighting": "balanced"}, True),
+        ({"kind": "finetune", "class_weighting": "balanced"}, True),
+        ({"kind": "auto", "scaling": "standardise", "class_weighting": "none"}, True),
+        ({"kind": "prototype", "objective": "balanced_accuracy"}, True),
+        ({"kind": "prototype", "scaling": "l2"}, False),
+        ({"kind": "finetune", "scaling": "standardise"}, False),
+        ({"kind": "prototype", "class_weighting": "balanced"}, False),
+        ({"objective": "f1"}, False),
+        ({"class_weighting": "inverse"}, False),
+        ({"scaling": "L2"}, False),
     ],
 )
 async def test_a_training_spec_is_refused_by_its_schema_exactly_when_the_server_refuses_it(client, key, spec, valid):
@@ -297,6 +311,72 @@ async def test_a_training_spec_is_refused_by_its_schema_exactly_when_the_server_
     assert jsonschema_rs.Draft202012Validator(schema).is_valid(spec) == valid
     response = await client.post("/v1/jobs", json=spec, headers=bearer(key))
     assert (response.status_code != 422) == valid, response.text  # valid: on to the dataset (404)
+
+
+@pytest.fixture
+def dataset(runtime, key) -> str:
+    """A dataset of acme's, on which jobs can be created (and are never run: the runtime is not started); the
+    trainer's cost check reads the dataset only, as no backbone is loaded."""
+    datasets = runtime.core.datasets
+
+    def cost(tenant, request):
+        images = datasets.get(tenant, request.dataset_id).num_examples
+        memory = FeatureMemory(backbone="mobilenet_v2", split="pooled", elements=1280, bytes=images * 1280 * 12)
+        return TrainingCost(epochs=request.epochs, images=images, trials=request.trials, memory=memory)
+
+    runtime.core.trainer.cost = cost  # type: ignore[method-assign]
+    created = datasets.create_from_labelled("acme", "ds", [("r.png", PNG_RED), ("b.png", PNG_BLUE)], ["r", "b"])
+    return f"datasets/{created.id}"
+
+
+RECIPE = {"objective": "balanced_accuracy", "class_weighting": "balanced", "scaling": "l2"}
+
+
+@pytest.mark.parametrize("kind", ["linear", "auto"])
+async def test_the_recipe_options_reach_the_jobs_spec_and_its_stored_request(runtime, client, key, dataset, kind):
+    spec = {"dataset": dataset, "head": "h", "backbone": "mobilenet_v2", "kind": kind, **RECIPE}
+    created = await client.post("/v1/jobs", json=spec, headers=bearer(key))
+    assert created.status_code == 202, created.text
+    read = await client.get(f"/v1/{created.json()['name']}", headers=bearer(key))
+    for job in (created.json(), read.json()):
+        assert {field: job["spec"][field] for field in RECIPE} == RECIPE
+    request = runtime.jobs.get("acme", created.json()["name"].removeprefix("jobs/")).request
+    assert {field: getattr(request, field).value for field in RECIPE} == RECIPE
+
+
+async def test_a_spec_without_recipe_options_shows_the_default_objective_and_leaves_the_rest_to_graft(
+    client, key, dataset
+):
+    spec = {"dataset": dataset, "head": "h", "backbone": "mobilenet_v2", "kind": "prototype"}
+    created = await client.post("/v1/jobs", json=spec, headers=bearer(key))
+    assert created.status_code == 202, created.text
+    job_spec = created.json()["spec"]
+    assert job_spec["objective"] == "accuracy"
+    assert job_spec.get("class_weighting") is None and job_spec.get("scaling") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"kind": "prototype", "scaling": "l2"}, None, "scaling applies to kind"),
+        ({"kind": "finetune", "scaling": "none"}, None, "scaling applies to kind"),
+        ({"kind": "prototype", "class_weighting": "none"}, None, "class_weighting applies to kind"),
+        ({"objective": "f1"}, "objective", "'accuracy' or 'balanced_accuracy'"),
+        ({"class_weighting": "inverse"}, "class_weighting", "'none' or 'balanced'"),
+        ({"scaling": "pca"}, "scaling", "'none', 'standardise' or 'l2'"),
+    ],
+)
+async def test_a_bad_recipe_option_is_refused_with_a_message_that_names_it_and_no_job_is_made(
+    runtime, client, key, dataset, options, field, message
+):
+    spec = {"dataset": dataset, "head": "h", "backbone": "mobilenet_v2", **options}
+    response = await client.post("/v1/jobs", json=spec, headers=bearer(key))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "invalid_argument" and message in body["message"], body
+    if field is not None:
+        assert any(field in problem["field"] for problem in body["details"]["problems"]), body
+    assert runtime.jobs.list("acme", 10, None)[0] == []
 
 
 def test_no_form_field_is_documented_as_null_which_a_form_cannot_send():

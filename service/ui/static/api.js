@@ -51,7 +51,8 @@ export async function call(path, { method = "GET", json, key } = {}) {
 let schemas = null;
 
 /** The JSON schemas of the service's OpenAPI document (public, like /docs), fetched once. The head kinds, what
- * each takes, and the export formats come from there: the page lists none of its own. */
+ * each takes, the training objectives, class weightings and scalings, and the export formats come from there: the
+ * page lists none of its own. */
 export async function apiSchemas() {
   if (!schemas) {
     const response = await fetch("/openapi.json");

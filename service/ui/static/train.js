@@ -8,6 +8,8 @@ const $ = (id) => document.getElementById(id);
 const classes = [];
 let nextClass = 1;
 let choicesLoaded = false;
+// The training options the form offers as choices of the schema's enums: each select's id, and its TrainingSpec field.
+const ENUM_OPTIONS = { objective: "objective", "class-weighting": "class_weighting", scaling: "scaling" };
 
 export function setUpNewModel() {
   $("add-class").addEventListener("click", () => addClass().name.focus());
@@ -24,6 +26,7 @@ export async function showNewModel() {
   try {
     const [{ backbones }, schemas] = await Promise.all([call("backbones"), apiSchemas()]);
     showBackbones(backbones);
+    showEnumOptions(schemas);
     showKinds(trainingKinds(schemas));
     choicesLoaded = true;
   } catch (error) {
@@ -37,9 +40,22 @@ function showBackbones(backbones) {
     el("option", { value: "auto" }, "auto (graft picks the best for your images; slower)"));
 }
 
+/** Each enumerated training option's values, in the service's order, after a first "default" (left out of the
+ * spec: the server decides); the field's description below it. */
+function showEnumOptions(schemas) {
+  for (const [id, field] of Object.entries(ENUM_OPTIONS)) {
+    const property = schemas.TrainingSpec.properties[field];
+    const ref = (property.anyOf ?? [property]).find((option) => option.$ref).$ref;
+    const values = schemas[ref.split("/").pop()].enum;
+    $(id).replaceChildren(el("option", { value: "" }, "default"),
+      ...values.map((value) => el("option", { value }, value)));
+    $(`${id}-help`).textContent = property.description;
+  }
+}
+
 /** Every kind a TrainingSpec may ask for, in the service's order, with its description, whether it takes
- * hyper-parameters and whether finetune_blocks applies to it. TrainingSpec's schema states the server's own
- * cross-field rules as `allOf` if/then pairs; two of them say which kinds take what. */
+ * hyper-parameters and which of finetune_blocks, scaling and class_weighting apply to it. TrainingSpec's schema
+ * states the server's own cross-field rules as `allOf` if/then pairs; some of them say which kinds take what. */
 function trainingKinds(schemas) {
   const spec = schemas.TrainingSpec;
   const descriptions = spec.properties.kind["x-enumDescriptions"];
@@ -48,8 +64,13 @@ function trainingKinds(schemas) {
   // "if finetune_blocks is set, then kind is one of [...], or auto_finetune is true"
   const blocksRule = spec.allOf.find((rule) => rule.if.required.includes("finetune_blocks"));
   const blockKinds = blocksRule.then.anyOf.flatMap((option) => option.properties.kind?.enum ?? []);
+  // "if scaling (class_weighting) is set, then kind is one of [...]"
+  const kindsTaking = (field) => spec.allOf.find((rule) => rule.if.required.includes(field)).then.properties.kind.enum;
+  const scaledKinds = kindsTaking("scaling");
+  const weightedKinds = kindsTaking("class_weighting");
   return schemas.TrainingKind.enum.map((name) => ({ name, description: descriptions[name],
-    tuned: !untuned.includes(name), blocks: blockKinds.includes(name) }));
+    tuned: !untuned.includes(name), blocks: blockKinds.includes(name), scaled: scaledKinds.includes(name),
+    weighted: weightedKinds.includes(name) }));
 }
 
 /** The kinds as options, the first chosen; the chosen one's description below them, and the settings it does not
@@ -62,6 +83,8 @@ function showKinds(kinds) {
     $("kind-help").textContent = kind.description;
     $("epochs").disabled = !kind.tuned;
     $("finetune-blocks").disabled = !kind.blocks;
+    $("scaling").disabled = !kind.scaled;
+    $("class-weighting").disabled = !kind.weighted;
   };
   select.addEventListener("change", showChosen);
   showChosen();
@@ -153,6 +176,9 @@ function trainingSpec(dataset, head) {
   if ($("epochs").value !== "" && !$("epochs").disabled) spec.hyperparams = { epochs: Number($("epochs").value) };
   const blocks = $("finetune-blocks");
   if (blocks.value !== "" && !blocks.disabled) spec.finetune_blocks = Number(blocks.value);
+  for (const [id, field] of Object.entries(ENUM_OPTIONS)) {
+    if ($(id).value !== "" && !$(id).disabled) spec[field] = $(id).value;
+  }
   return spec;
 }
 

@@ -19,12 +19,41 @@ class HeadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEAD_KIND_FINETUNE: _ClassVar[HeadKind]
     HEAD_KIND_PROTOTYPE: _ClassVar[HeadKind]
     HEAD_KIND_AUTO: _ClassVar[HeadKind]
+
+class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
+    OBJECTIVE_ACCURACY: _ClassVar[Objective]
+    OBJECTIVE_BALANCED_ACCURACY: _ClassVar[Objective]
+
+class ClassWeighting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CLASS_WEIGHTING_UNSPECIFIED: _ClassVar[ClassWeighting]
+    CLASS_WEIGHTING_NONE: _ClassVar[ClassWeighting]
+    CLASS_WEIGHTING_BALANCED: _ClassVar[ClassWeighting]
+
+class FeatureScaling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEATURE_SCALING_UNSPECIFIED: _ClassVar[FeatureScaling]
+    FEATURE_SCALING_NONE: _ClassVar[FeatureScaling]
+    FEATURE_SCALING_STANDARDISE: _ClassVar[FeatureScaling]
+    FEATURE_SCALING_L2: _ClassVar[FeatureScaling]
 HEAD_KIND_UNSPECIFIED: HeadKind
 HEAD_KIND_LINEAR: HeadKind
 HEAD_KIND_MLP: HeadKind
 HEAD_KIND_FINETUNE: HeadKind
 HEAD_KIND_PROTOTYPE: HeadKind
 HEAD_KIND_AUTO: HeadKind
+OBJECTIVE_UNSPECIFIED: Objective
+OBJECTIVE_ACCURACY: Objective
+OBJECTIVE_BALANCED_ACCURACY: Objective
+CLASS_WEIGHTING_UNSPECIFIED: ClassWeighting
+CLASS_WEIGHTING_NONE: ClassWeighting
+CLASS_WEIGHTING_BALANCED: ClassWeighting
+FEATURE_SCALING_UNSPECIFIED: FeatureScaling
+FEATURE_SCALING_NONE: FeatureScaling
+FEATURE_SCALING_STANDARDISE: FeatureScaling
+FEATURE_SCALING_L2: FeatureScaling
 
 class Backbone(_message.Message):
     __slots__ = ("name", "pretrained", "weights_source", "feature_dim", "num_blocks", "split_points", "input_size", "notes", "trunk")
@@ -181,7 +210,7 @@ class HyperParams(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., patience: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms", "time_budget_s", "auto_finetune")
+    __slots__ = ("dataset", "head", "backbone", "kind", "finetune_blocks", "search", "hyperparams", "holdout_fraction", "seed", "latency_budget_ms", "time_budget_s", "auto_finetune", "objective", "class_weighting", "scaling")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +223,9 @@ class TrainingSpec(_message.Message):
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     AUTO_FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     head: str
     backbone: str
@@ -206,7 +238,10 @@ class TrainingSpec(_message.Message):
     latency_budget_ms: float
     time_budget_s: float
     auto_finetune: bool
-    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., auto_finetune: _Optional[bool] = ...) -> None: ...
+    objective: Objective
+    class_weighting: ClassWeighting
+    scaling: FeatureScaling
+    def __init__(self, dataset: _Optional[str] = ..., head: _Optional[str] = ..., backbone: _Optional[str] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., finetune_blocks: _Optional[int] = ..., search: _Optional[_Union[SearchSpace, _Mapping]] = ..., hyperparams: _Optional[_Union[HyperParams, _Mapping]] = ..., holdout_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., latency_budget_ms: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., auto_finetune: _Optional[bool] = ..., objective: _Optional[_Union[Objective, str]] = ..., class_weighting: _Optional[_Union[ClassWeighting, str]] = ..., scaling: _Optional[_Union[FeatureScaling, str]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "state", "done", "phase", "progress", "message", "spec", "metrics", "head_version", "error", "create_time", "start_time", "end_time")
