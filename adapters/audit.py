@@ -57,7 +57,7 @@ class OutOfFold(BaseModel, arbitrary_types_allowed=True):
 
     probabilities: Tensor  # [N, C]
     folds: int
-    weight_decay: float  # chosen on the first fold by log-loss against the given labels
+    weight_decay: float  # the probe's: the lowest out-of-fold log-loss, or the job's chosen recipe's
 
 
 class Suspect(BaseModel):
@@ -256,8 +256,14 @@ def audit_labels(
     seed: int = 0,
     cancelled: CancelCheck | None = None,
     max_candidates: int = MAX_DUPLICATE_CANDIDATES,
+    out_of_fold: OutOfFold | None = None,
 ) -> LabelAudit:
-    """The whole audit of pooled features ``x`` [N, D] with given labels ``y``; ``keys`` name identical images."""
+    """The whole audit of pooled features ``x`` [N, D] with given labels ``y``; ``keys`` name identical images.
+
+    ``out_of_fold``: probabilities the caller already has from models that did
+    not see each example (a training job's k-fold search and its hold-out),
+    instead of the audit's own probe.
+    """
     if x.ndim != 2 or len(x) != len(y):
         raise InvalidInput(f"the audit needs pooled features [N, D] and N labels; got {tuple(x.shape)} and {len(y)}")
     if max_suspects < 0:
@@ -267,7 +273,7 @@ def audit_labels(
     if keys is not None and len(keys) != len(y):
         raise InvalidInput(f"got {len(keys)} image keys for {len(y)} examples")
     y = y.to(torch.int64)
-    oof = out_of_fold_probabilities(x, y, num_classes, folds=folds, seed=seed, cancelled=cancelled)
+    oof = out_of_fold or out_of_fold_probabilities(x, y, num_classes, folds=folds, seed=seed, cancelled=cancelled)
     thresholds = class_thresholds(oof.probabilities, y)
     suspects = label_suspects(oof.probabilities, y, thresholds)
     duplicate_count, duplicates, truncated = cross_label_duplicates(

@@ -126,13 +126,18 @@ def one_standard_error(scores: dict[str, FoldScores], order: Sequence[str], what
     if len(scores) == 1:
         reason = f"{best} is the only candidate ({scores[best].shown()})"
     elif chosen == best:
-        runner = max((n for n in scores if n != best), key=lambda n: scores[n].mean)
-        gap, error = _gap_and_error(scores[best], scores[runner])
-        reason = (
-            f"{best} has the best mean ({scores[best].shown()}); no {what} candidate is within one standard error "
-            f"(the runner-up {runner}, {scores[runner].shown()}, trails by {100 * gap:.1f} points, "
-            f"standard error {100 * error:.1f})"
-        )
+        comparative = _COMPARATIVES.get(what, what)
+        ahead = [name for name in order[: rank[best]] if name in scores]
+        reason = f"{best} has the best mean ({scores[best].shown()})"
+        if ahead:
+            closest = max(ahead, key=lambda n: scores[n].mean)
+            gap, error = _gap_and_error(scores[best], scores[closest])
+            reason += (
+                f"; no {comparative} candidate is within one standard error of it (the closest, {closest}, "
+                f"{scores[closest].shown()}, trails by {100 * gap:.1f} points, standard error {100 * error:.1f})"
+            )
+        else:
+            reason += f" and is the {what} candidate"
     else:
         gap, error = _gap_and_error(scores[best], scores[chosen])
         reason = (
@@ -141,6 +146,9 @@ def one_standard_error(scores: dict[str, FoldScores], order: Sequence[str], what
             f"it is the {what} such candidate"
         )
     return Choice(chosen=chosen, best=best, reason=reason, scores=scores)
+
+
+_COMPARATIVES = {"simplest": "simpler", "cheapest": "cheaper"}
 
 
 def _gap_and_error(best: FoldScores, other: FoldScores) -> tuple[float, float]:

@@ -25,9 +25,11 @@ def draw(version: HeadVersion, out: Path) -> None:
         raise ValueError(f"{version.name} has no {', '.join(missing)} in its metrics: train it again to report on it")
     fig, axes = plt.subplots(2, 2, figsize=(13, 10.5), dpi=110)
     accuracy, ece, examples = metrics.get("accuracy"), metrics.get("ece"), metrics.get("num_examples")
+    balanced = metrics.get("balanced_accuracy")
     fig.suptitle(
         f"{version.display}  ·  {version.kind} on {version.backbone}  ·  hold-out accuracy "
-        f"{_number(accuracy)}  ·  ECE {_number(ece)}  ·  {int(examples or 0)} hold-out images",
+        f"{_number(accuracy)} (balanced {_number(balanced)})  ·  ECE {_number(ece)}  ·  "
+        f"{int(examples or 0)} hold-out images",
         fontsize=13,
         fontweight="bold",
     )

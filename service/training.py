@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from sqlalchemy.orm import Session
 
-from adapters.audit import audit_labels, audit_summary
+from adapters.audit import OutOfFold, audit_labels, audit_summary
 from adapters.calibration import Calibration, calibrate, calibration_report
 from adapters.crossval import (
     Choice,
@@ -469,12 +469,22 @@ class Trainer:
     ) -> dict | None:
         """The label audit's summary for the version's metrics, when the head was trained on pooled features.
 
-        It reads the pooled features the head was trained on, so it costs its
-        probe fits only; a finetune head's job skips it rather than pool again.
+        It reads the pooled features the head was trained on. A head chosen by
+        k folds shares them: each training example's probabilities come from
+        the search's fold that left it out, each hold-out example's from the
+        head (which never saw it), so the audit fits nothing of its own. A
+        finetune head's job skips it rather than pool again.
         """
         if fitted.split != data.backbone.num_blocks or min(dataset.counts.values()) < 2:  # 2 folds need 2 per class
             return None
         report(ProgressEvent(phase="audit", fraction=1.0, message="auditing the labels"))
+        search = fitted.result.search
+        shared = None
+        if search is not None and fitted.holdout_logits is not None:
+            probabilities = torch.empty(len(data.labels), data.num_classes)
+            probabilities[data.train_idx] = search.out_of_fold_logits.softmax(dim=1)
+            probabilities[data.holdout_idx] = fitted.holdout_logits.float().cpu().softmax(dim=1)
+            shared = OutOfFold(probabilities=probabilities, folds=search.folds, weight_decay=search.chosen.weight_decay)
         found = audit_labels(
             fitted.features,
             data.labels,
@@ -484,6 +494,7 @@ class Trainer:
             max_duplicates=AUDIT_TOP,
             seed=request.seed,
             cancelled=cancelled,
+            out_of_fold=shared,
         )
         return audit_summary(found, dataset.classes, AUDIT_TOP)
 

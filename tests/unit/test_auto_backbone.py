@@ -48,7 +48,8 @@ def test_a_clear_lead_beats_a_cheaper_backbone():
         what="cheapest",
     )
     assert choice.chosen == "big" == choice.best
-    assert "big has the best mean (0.784" in choice.reason and "no cheapest candidate" in choice.reason
+    assert "big has the best mean (0.784" in choice.reason and "no cheaper candidate is within" in choice.reason
+    assert "the closest, cheap" in choice.reason
 
 
 def test_a_lead_within_one_standard_error_goes_to_the_cheaper_backbone():

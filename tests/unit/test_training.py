@@ -201,3 +201,40 @@ def test_a_diverged_trial_leaves_the_stored_metrics_plain_json(core, fashion):
 def test_searching_hidden_widths_applies_to_mlp_heads_only():
     with pytest.raises(ValueError, match="search.hidden applies to kind 'mlp' only"):
         TrainRequest(dataset_id="ds_1", head_name="x", search=SearchSpace(lr=[1e-3], weight_decay=[0.0], hidden=[8]))
+
+
+def test_a_linear_job_explains_every_choice_of_its_recipe_in_its_metrics(core, fashion):
+    version = core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="explained"))
+    recipe = version.metrics["recipe"]
+    assert recipe["objective"] == version.metrics["objective"] == "accuracy"
+    assert recipe["chosen"] == {
+        "scaling": version.config["scaling"],
+        "class_weighting": recipe["chosen"]["class_weighting"],
+        "weight_decay": version.hyperparams["weight_decay"],
+    }
+    assert {c["scaling"] for c in recipe["candidates"]} == {"none", "standardise", "l2"}
+    assert {c["class_weighting"] for c in recipe["candidates"]} == {"none", "balanced"}
+    for candidate in recipe["candidates"]:
+        assert len(candidate["folds"]) == recipe["folds"]
+        assert candidate["mean"] == pytest.approx(sum(candidate["folds"]) / len(candidate["folds"]))
+        assert {"std", "accuracy", "balanced_accuracy"} <= set(candidate)
+    assert "standard error" in recipe["rule"]
+    assert 0.0 <= version.metrics["balanced_accuracy"] <= 1.0  # the hold-out reports both figures
+    # The label audit shares the search's folds: it fits no probe of its own.
+    assert version.metrics["audit"]["folds"] == recipe["folds"]
+
+
+def test_a_fixed_recipe_is_trained_as_asked(core, fashion):
+    request = TrainRequest(
+        dataset_id=fashion.id,
+        head_name="fixed",
+        scaling="l2",
+        class_weighting="balanced",
+        objective="balanced_accuracy",
+    )
+    version = core.trainer.train(TENANT, request)
+    assert version.config["scaling"] == "l2"
+    assert {(c["scaling"], c["class_weighting"]) for c in version.metrics["recipe"]["candidates"]} == {
+        ("l2", "balanced")
+    }
+    assert version.metrics["recipe"]["objective"] == "balanced_accuracy"
