@@ -416,7 +416,8 @@ class Trainer:
                 known if get_kind(kind).cross_validate else None,
             )
         result = fitted.result
-        calibration = fitted.calibration(data, request.seed)
+        served = self._served_head(request, data, fitted, cancelled)
+        calibration = fitted.calibration(data, request.seed, refit=served is not result.head)
         metrics = fitted.metrics(data, dataset.classes, calibration)
         audit = self._audit(request, data, fitted, dataset, report, cancelled)
         report(
@@ -430,7 +431,7 @@ class Trainer:
         return self.heads.create_version(
             tenant,
             request.head_name,
-            tensors=head_state(result.head),
+            tensors=head_state(served),
             backbone=backbone.name,
             split_point=fitted.split,
             kind=result.config.kind.value,
@@ -444,6 +445,10 @@ class Trainer:
                     "trunk": backbone.numeric_path(fitted.split),  # the features it was trained on
                     "objective": request.objective.value,
                     "recipe": _recipe_report(result),
+                    "served": "the chosen recipe fit on every example, hold-out included; the metrics above are "
+                    "the same recipe's, fit without the hold-out and measured on it"
+                    if served is not result.head
+                    else "the head measured above",
                 }
                 | (choice_metrics(choice) | {"backbone_choice": choice.model_dump(mode="json")} if choice else {})
                 | (
@@ -457,6 +462,35 @@ class Trainer:
             job_id=job_id,
             guard=guard,
         )
+
+    def _served_head(
+        self, request: TrainRequest, data: "_Examples", fitted: "_Fitted", cancelled: Callable[[], bool] | None
+    ) -> torch.nn.Module:
+        """The head to store: a cross-validated kind's chosen recipe refit on every example, else the head as fit.
+
+        The k folds chose the recipe on the training split and the hold-out has
+        measured and calibrated it; nothing is left to choose, so the served
+        head learns from every image the client gave (a fifth more by default),
+        as scikit-learn's searches refit their winner. A kind searched on the
+        hold-out keeps the head the hold-out chose.
+        """
+        result = fitted.result
+        if result.search is None or len(data.holdout_idx) == 0:
+            return result.head
+        spec = get_kind(result.config.kind)
+        weights = class_weights(data.labels, data.num_classes, result.class_weighting or "none")
+        torch.manual_seed(request.seed)
+        head = build_head(result.config)
+        spec.fit(
+            head,
+            fitted.features,
+            data.labels.to(fitted.features.device),
+            result.best,
+            class_weights=None if weights is None else weights.to(fitted.features.device),
+            cancelled=cancelled,
+            seed=request.seed,
+        )
+        return head.eval()
 
     def _audit(
         self,
@@ -770,11 +804,21 @@ class _Fitted:
     holdout_logits: torch.Tensor | None
     features: torch.Tensor
 
-    def calibration(self, data: _Examples, seed: int) -> Calibration | None:
-        """Temperature and conformal scores fitted on the hold-out (None: there is no hold-out)."""
+    def calibration(self, data: _Examples, seed: int, refit: bool) -> Calibration | None:
+        """Temperature and conformal scores fitted on logits of examples their model never saw (None: no hold-out).
+
+        The hold-out's, from the head as fit; for a head ``refit`` on every
+        example, every example's: the search's out-of-fold logits on the
+        training split and the hold-out's, as scikit-learn's
+        CalibratedClassifierCV calibrates a classifier refit on all its data.
+        """
         if self.holdout_logits is None:
             return None
-        return calibrate(self.holdout_logits, data.labels[data.holdout_idx], seed=seed)
+        logits, labels = self.holdout_logits.float().cpu(), data.labels[data.holdout_idx]
+        if refit and self.result.search is not None:
+            logits = torch.cat([self.result.search.out_of_fold_logits, logits])
+            labels = torch.cat([data.labels[data.train_idx], labels])
+        return calibrate(logits, labels, seed=seed)
 
     def metrics(self, data: _Examples, classes: list[str], calibration: Calibration | None) -> dict[str, Any]:
         """The hold-out evaluation; without a hold-out, a note that says so instead of made-up numbers.

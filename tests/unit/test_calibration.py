@@ -39,7 +39,7 @@ from service.training import TrainRequest
 pytestmark = pytest.mark.anyio
 
 TENANT = "acme"
-ONE_TRIAL = SearchSpace(lr=[1.0], weight_decay=[1e-3])
+ONE_MLP_TRIAL = SearchSpace(lr=[3e-3], weight_decay=[1e-4], hidden=[64])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def fashion(core):
 
 @pytest.fixture(scope="module")
 def calibrated(core, fashion) -> HeadVersionInfo:
-    return core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="fashion", search=ONE_TRIAL))
+    """An mlp head: chosen and served as fit on the training split, so its hold-out is calibration data it never saw."""
+    request = TrainRequest(dataset_id=fashion.id, head_name="fashion", kind="mlp", search=ONE_MLP_TRIAL)
+    return core.trainer.train(TENANT, request)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,17 @@ def test_training_stores_the_nll_minimising_temperature_and_the_sorted_holdout_s
     probabilities = (logits.double() / calibration.temperature).softmax(dim=1)
     expected = sorted((1 - probabilities[range(len(labels)), labels]).tolist())
     assert calibration.scores == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_linear_head_refit_on_every_example_is_calibrated_on_every_examples_out_of_fold_logits(core, fashion):
+    version = core.trainer.train(TENANT, TrainRequest(dataset_id=fashion.id, head_name="refit"))
+    calibration = Calibration.model_validate(version.config["calibration"])
+    assert (
+        len(calibration.scores) == fashion.num_examples
+    )  # the search's folds and the hold-out: none seen by its model
+    assert version.metrics["calibration"]["conformal_examples"] == fashion.num_examples
+    assert version.metrics["served"].startswith("the chosen recipe fit on every example")
+    assert version.metrics["num_examples"] == len(holdout_logits(core, version, fashion)[1])  # measured on the hold-out
 
 
 def test_the_versions_metrics_report_the_calibration_error_before_and_after(core, fashion, calibrated):
