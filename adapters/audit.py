@@ -134,14 +134,18 @@ def out_of_fold_probabilities(
     solution = solve(
         z, y, num_classes, torch.stack(rows), torch.tensor(decays), tolerance=CV_TOLERANCE, cancelled=cancelled
     )
-    log_probs = F.log_softmax(solution.logits(z), dim=2).view(folds, len(weight_decays), len(y), num_classes)
-    out_of_fold = torch.empty(len(weight_decays), len(y), num_classes)
-    for f in range(folds):
-        val = assignment == f
-        out_of_fold[:, val] = log_probs[f][:, val]
-    losses = [F.nll_loss(out_of_fold[j], y).item() for j in range(len(weight_decays))]
-    best = min(range(len(weight_decays)), key=lambda j: (losses[j], -weight_decays[j]))
-    return OutOfFold(probabilities=out_of_fold[best].exp(), folds=folds, weight_decay=weight_decays[best])
+    best: tuple[float, float, Tensor] | None = None  # (loss, -weight decay, log-probabilities): one [N, C] kept
+    for j, weight_decay in enumerate(weight_decays):
+        log_probs = torch.empty(len(y), num_classes)
+        for f in range(folds):
+            val = assignment == f
+            problem = f * len(weight_decays) + j  # the rows were stacked fold by fold
+            log_probs[val] = F.log_softmax(z[val] @ solution.weight[problem].T + solution.bias[problem], dim=1)
+        loss = F.nll_loss(log_probs, y).item()
+        if best is None or (loss, -weight_decay) < best[:2]:
+            best = (loss, -weight_decay, log_probs)
+    assert best is not None  # weight_decays is not empty
+    return OutOfFold(probabilities=best[2].exp(), folds=folds, weight_decay=-best[1])
 
 
 def class_thresholds(probabilities: Tensor, y: Tensor) -> Tensor:

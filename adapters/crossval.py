@@ -276,33 +276,13 @@ def search_linear(
             cancelled=cancelled,
         )
         pairs, all_pairs = solved, pairs
-        logits = solution.logits(z).view(k, len(pairs), len(y), num_classes)
         for j, (weighting, decay) in enumerate(pairs):
             out_of_fold = torch.empty(len(y), num_classes)
             for f in range(k):
                 val = assignment == f
-                out_of_fold[val] = logits[f, j][val]
-            predicted = out_of_fold.argmax(1)
-            per_fold = [score(objective, predicted[assignment == f], y[assignment == f], num_classes) for f in range(k)]
-            scores = FoldScores.of(
-                per_fold,
-                accuracy=float(
-                    np.mean(
-                        [
-                            score("accuracy", predicted[assignment == f], y[assignment == f], num_classes)
-                            for f in range(k)
-                        ]
-                    )
-                ),
-                balanced_accuracy=float(
-                    np.mean(
-                        [
-                            score("balanced_accuracy", predicted[assignment == f], y[assignment == f], num_classes)
-                            for f in range(k)
-                        ]
-                    )
-                ),
-            )
+                problem = f * len(pairs) + j  # the rows were stacked fold by fold
+                out_of_fold[val] = z[val].float() @ solution.weight[problem].T + solution.bias[problem]
+            scores = _fold_scores(out_of_fold.argmax(1), y, assignment, k, num_classes, objective)
             scored[(scaling, weighting, decay)] = (scores, out_of_fold)
         for weighting, decay in all_pairs:
             if (scaling, weighting, decay) not in scored:
@@ -354,6 +334,21 @@ def search_linear(
         chosen=chosen,
         rule=choice.reason,
         out_of_fold_logits=scored[keys[choice.chosen]][1],
+    )
+
+
+def _fold_scores(
+    predicted: Tensor, y: Tensor, assignment: Tensor, k: int, num_classes: int, objective: str
+) -> FoldScores:
+    """The objective on each fold's validation examples, and both figures' means over the folds."""
+
+    def per_fold(name: str) -> list[float]:
+        return [score(name, predicted[assignment == f], y[assignment == f], num_classes) for f in range(k)]
+
+    return FoldScores.of(
+        per_fold(objective),
+        accuracy=float(np.mean(per_fold("accuracy"))),
+        balanced_accuracy=float(np.mean(per_fold("balanced_accuracy"))),
     )
 
 

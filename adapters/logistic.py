@@ -37,6 +37,10 @@ DEFAULT_TOLERANCE = 1e-6  # converged: relative change of the objective below th
 DEFAULT_MAX_ITERATIONS = 300
 HESSIAN_BOUND = 0.5  # Boehning: the softmax cross-entropy's Hessian is at most 1/2 x the feature covariance
 RANK_CUTOFF = 1e-7  # principal axes with variance below this fraction of the largest carry nothing to fit
+# Values held at once by the problems solved side by side (float32: 256 MiB); more problems are solved in turns.
+SIDE_BY_SIDE_ELEMENTS = 1 << 26
+ROW_COPIES = 6  # [N, P, C] tensors an objective evaluation holds: logits, log-probabilities, residual and temporaries
+PARAMETER_COPIES = 8  # [P, R + 1, C] tensors L-BFGS holds beside its history: iterate, gradient, direction, trials
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,23 @@ def solve(
     curvature = HESSIAN_BOUND * axes.variance[None, :] + decay[:, None]
     scale = torch.cat([curvature.rsqrt(), torch.full((p, 1), HESSIAN_BOUND**-0.5, dtype=dtype)], dim=1)  # [P, R + 1]
     onehot = F.one_hot(y.long(), num_classes).to(dtype)
-    objective = _Objective(axes.coordinates, onehot, row_weights.to(dtype), decay)
     if start is None:
         v = torch.zeros(p, axes.rank + 1, num_classes, dtype=dtype)
     else:
         v = axes.to_axes(start) / scale[:, :, None]
-    v, iterations = _lbfgs(objective, v, scale, tolerance, max_iterations, cancelled)
+    iterations = torch.zeros(p, dtype=torch.int64)
+    for chunk in _chunks(p, n, axes.rank + 1, num_classes):
+        objective = _Objective(axes.coordinates, onehot, row_weights[chunk].to(dtype), decay[chunk])
+        v[chunk], iterations[chunk] = _lbfgs(objective, v[chunk], scale[chunk], tolerance, max_iterations, cancelled)
     return axes.from_axes(v * scale[:, :, None], iterations)
+
+
+def _chunks(problems: int, rows: int, parameters: int, classes: int) -> list[slice]:
+    """The problems in groups that each hold at most SIDE_BY_SIDE_ELEMENTS values at once: a request's size
+    bounds the solver's memory, however many problems a search poses (one problem alone is what it is)."""
+    per_problem = classes * (ROW_COPIES * rows + (2 * HISTORY + PARAMETER_COPIES) * parameters)
+    size = max(1, SIDE_BY_SIDE_ELEMENTS // per_problem)
+    return [slice(start, min(start + size, problems)) for start in range(0, problems, size)]
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,16 @@ def test_a_head_keeps_its_scaling_so_whoever_loads_it_feeds_raw_features(digits)
     weights = class_weights(y, 10, "balanced")
     assert weights is not None and weights.mean().item() == pytest.approx(1.0)
     torch.testing.assert_close(head.scale(x), scaled(x, "l2", *scaling_stats(x, "l2")))
+
+
+def test_problems_too_many_to_hold_at_once_are_solved_in_turns_with_the_same_answers(digits, monkeypatch):
+    x, y = digits
+    rows, decays = uniform(len(y), 3), torch.tensor([1e-3, 1e-2, 1e-1])
+    converged = {"dtype": torch.float64, "tolerance": 1e-12, "max_iterations": 5000}
+    together = solve(x, y, 10, rows, decays, **converged)
+    monkeypatch.setattr("adapters.logistic.SIDE_BY_SIDE_ELEMENTS", 1)  # one problem at a time
+    in_turns = solve(x, y, 10, rows, decays, **converged)
+    for p in range(3):  # the same optimum (summation order differs with the matmul's width)
+        reached = [objective(x, y, s.weight[p], s.bias[p], float(decays[p])) for s in (together, in_turns)]
+        assert reached[0] == pytest.approx(reached[1], rel=1e-5)
+        assert torch.equal(together.logits(x)[p].argmax(1), in_turns.logits(x)[p].argmax(1))
