@@ -176,6 +176,23 @@ async def test_mlp_heads_are_served_at_their_temperature_too(core, fashion, imag
     assert [served[label] for label in version.classes] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("scaling", ["none", "l2"])
+async def test_a_linear_head_of_every_scaling_is_served_as_its_module_computes(core, fashion, images, scaling):
+    """Unscaled and unit-length rows gather into the engine's one matmul like standardised ones (linear default)."""
+    request = TrainRequest(dataset_id=fashion.id, head_name=f"fashion-{scaling}", scaling=scaling)
+    version = core.trainer.train(TENANT, request)
+    assert version.config["scaling"] == scaling
+    temperature = version.config["calibration"]["temperature"]
+    backbone = core.backbones["mobilenet_v2"]
+    [image] = await predict(core, images[:1], [f"fashion-{scaling}"], top_k=10, include_embedding=True)
+    head = load_head(HeadConfig.model_validate(version.config), core.heads.load_tensors(version))
+    with torch.no_grad():
+        logits = head(torch.tensor([image.embedding], dtype=torch.float32, device=backbone.placement.device))
+    expected = (logits[0].double() / temperature).softmax(dim=0)
+    served = {s.label: s.score for s in image.heads[0].top}
+    assert [served[label] for label in version.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 async def test_the_exported_model_gives_the_calibrated_scores_the_service_serves(core, calibrated, images):
     backbone = core.backbones[calibrated.backbone]
     onnx_file = export_onnx(
