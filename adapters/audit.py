@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
-from adapters.crossval import CV_TOLERANCE, DEFAULT_FOLDS, fold_of
+from adapters.crossval import CV_TOLERANCE, DEFAULT_FOLDS, fold_of, fold_row_weights, out_of_fold_logits
 from adapters.errors import InvalidInput
 from adapters.logistic import solve
-from adapters.recipe import class_weights, scaled, scaling_stats
+from adapters.recipe import scaled, scaling_stats
 from adapters.trainer import CancelCheck, raise_if_cancelled
 
 PROBE_WEIGHT_DECAYS = (1.0, 0.1, 1e-2, 1e-3)  # the probe's path: its best neighbourhood is enough to rank labels
@@ -122,25 +122,18 @@ def out_of_fold_probabilities(
     folds = min(folds, smallest)
     assignment = fold_of(y, folds, seed)
     z = scaled(x, "standardise", *scaling_stats(x, "standardise"))
-    rows, decays = [], []
-    for f in range(folds):
-        fit = assignment != f
-        weights = class_weights(y[fit], num_classes, "balanced")
-        assert weights is not None  # balanced weighs classes
-        row = fit.float() * weights[y]
-        for weight_decay in weight_decays:
-            rows.append(row / row.sum())
-            decays.append(weight_decay)
     solution = solve(
-        z, y, num_classes, torch.stack(rows), torch.tensor(decays), tolerance=CV_TOLERANCE, cancelled=cancelled
+        z,
+        y,
+        num_classes,
+        fold_row_weights(y, assignment, folds, num_classes, ["balanced"] * len(weight_decays)),
+        torch.tensor(list(weight_decays) * folds),
+        tolerance=CV_TOLERANCE,
+        cancelled=cancelled,
     )
     best: tuple[float, float, Tensor] | None = None  # (loss, -weight decay, log-probabilities): one [N, C] kept
     for j, weight_decay in enumerate(weight_decays):
-        log_probs = torch.empty(len(y), num_classes)
-        for f in range(folds):
-            val = assignment == f
-            problem = f * len(weight_decays) + j  # the rows were stacked fold by fold
-            log_probs[val] = F.log_softmax(z[val] @ solution.weight[problem].T + solution.bias[problem], dim=1)
+        log_probs = F.log_softmax(out_of_fold_logits(z, solution, assignment, folds, j, len(weight_decays)), dim=1)
         loss = F.nll_loss(log_probs, y).item()
         if best is None or (loss, -weight_decay) < best[:2]:
             best = (loss, -weight_decay, log_probs)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from adapters.errors import InvalidInput
-from adapters.logistic import PrincipalAxes, solve
+from adapters.logistic import PrincipalAxes, Solution, solve
 from adapters.recipe import class_weights, get_objective, scaled, scaling_stats, score
 
 DEFAULT_FOLDS = 5
@@ -197,16 +197,8 @@ class RecipeSearch(BaseModel):
             "chosen": self.chosen.model_dump(mode="json"),
             "rule": self.rule,
             "candidates": [
-                {
-                    "scaling": c.scaling,
-                    "class_weighting": c.class_weighting,
-                    "weight_decay": c.weight_decay,
-                    "mean": c.scores.mean,
-                    "std": c.scores.std,
-                    "folds": c.scores.folds,
-                    "accuracy": c.scores.accuracy,
-                    "balanced_accuracy": c.scores.balanced_accuracy,
-                }
+                {"scaling": c.scaling, "class_weighting": c.class_weighting, "weight_decay": c.weight_decay}
+                | c.scores.model_dump()
                 for c in self.candidates
             ],
         }
@@ -250,45 +242,40 @@ def search_linear(
     # solved once, scored under both names (balanced weights on classes of equal size are all 1).
     same_as_first = {w: _same_rows(y, assignment, k, num_classes, weightings[0], w) for w in weightings}
 
+    # The weighting each one's problems are solved under: the first, where they are the same problems.
+    solved_as = {w: weightings[0] if same_as_first[w] else w for w in weightings}
+
     def run(scaling: str, pairs: list[tuple[str, float]]) -> None:
-        pairs = [pair for pair in pairs if (scaling, *pair) not in scored]
-        for weighting, decay in pairs:
-            if same_as_first[weighting] and (scaling, weightings[0], decay) in scored:
-                scored[(scaling, weighting, decay)] = scored[(scaling, weightings[0], decay)]
-        pairs = [pair for pair in pairs if (scaling, *pair) not in scored]
-        solved = [(w, d) for w, d in pairs if not (same_as_first[w] and w != weightings[0])]
-        solved += [(weightings[0], d) for w, d in pairs if same_as_first[w] and (weightings[0], d) not in solved]
-        if not solved:
-            return
-        if scaling not in features:  # unsupervised statistics of the whole training split
-            z = scaled(x, scaling, *scaling_stats(x, scaling))
-            features[scaling] = (z, PrincipalAxes.of(z))
-        z, axes = features[scaling]
-        rows = [_row_weights(y, assignment != f, num_classes, w) for f in range(k) for w, _ in solved]
-        solution = solve(
-            z,
-            y,
-            num_classes,
-            torch.stack(rows),
-            torch.tensor([decay for _ in range(k) for _, decay in solved]),
-            axes=axes,
-            tolerance=CV_TOLERANCE,
-            cancelled=cancelled,
-        )
-        pairs, all_pairs = solved, pairs
-        for j, (weighting, decay) in enumerate(pairs):
-            out_of_fold = torch.empty(len(y), num_classes)
-            for f in range(k):
-                val = assignment == f
-                problem = f * len(pairs) + j  # the rows were stacked fold by fold
-                out_of_fold[val] = z[val].float() @ solution.weight[problem].T + solution.bias[problem]
-            scores = _fold_scores(out_of_fold.argmax(1), y, assignment, k, num_classes, objective)
-            scored[(scaling, weighting, decay)] = (scores, out_of_fold)
-        for weighting, decay in all_pairs:
-            if (scaling, weighting, decay) not in scored:
-                scored[(scaling, weighting, decay)] = scored[(scaling, weightings[0], decay)]
-        if progress is not None:
-            progress(f"{scaling}: {len(pairs) * k} fits over {k} folds")
+        wanted = [(w, d) for w, d in pairs if (scaling, w, d) not in scored]
+        solved = list(dict.fromkeys((solved_as[w], d) for w, d in wanted if (scaling, solved_as[w], d) not in scored))
+        if solved:
+            if scaling not in features:  # unsupervised statistics of the whole training split
+                z = scaled(x, scaling, *scaling_stats(x, scaling))
+                features[scaling] = (z, PrincipalAxes.of(z))
+            z, axes = features[scaling]
+            solution = solve(
+                z,
+                y,
+                num_classes,
+                fold_row_weights(y, assignment, k, num_classes, [w for w, _ in solved]),
+                torch.tensor([decay for _ in range(k) for _, decay in solved]),
+                axes=axes,
+                tolerance=CV_TOLERANCE,
+                cancelled=cancelled,
+            )
+            for j, (weighting, decay) in enumerate(solved):
+                logits = out_of_fold_logits(z, solution, assignment, k, j, len(solved))
+                scores = fold_scores(logits.argmax(1), y, assignment, k, num_classes, objective)
+                scored[(scaling, weighting, decay)] = (scores, logits)
+            if progress is not None:
+                progress(f"{scaling}: {len(solved) * k} fits over {k} folds")
+        for weighting, decay in wanted:
+            scored[(scaling, weighting, decay)] = scored[(scaling, solved_as[weighting], decay)]
+
+    def best_decay(scaling: str, weighting: str) -> tuple[list[float], float]:
+        """The weight decays tried for a recipe, in order, and the one with the best mean."""
+        tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
+        return tried, max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
 
     grid = sorted(set(weight_decays))
     for scaling in scalings:
@@ -300,8 +287,7 @@ def search_linear(
             for _ in range(MAX_EXTENSIONS):
                 additions = []
                 for weighting in weightings:
-                    tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
-                    best = max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
+                    tried, best = best_decay(scaling, weighting)
                     if best == tried[0] and best / step >= MIN_WEIGHT_DECAY:
                         additions.append((weighting, _rounded(best / step)))
                     elif best == tried[-1] and best * step <= MAX_WEIGHT_DECAY:
@@ -314,8 +300,7 @@ def search_linear(
         for scaling in scalings:
             refinements = []
             for weighting in weightings:
-                tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
-                best = max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
+                _, best = best_decay(scaling, weighting)
                 if _paired_gap(lead_scores, scored[(scaling, weighting, best)][0]) <= 0:
                     half = math.sqrt(step)
                     refinements += [(weighting, _rounded(best / half)), (weighting, _rounded(best * half))]
@@ -337,7 +322,7 @@ def search_linear(
     )
 
 
-def _fold_scores(
+def fold_scores(
     predicted: Tensor, y: Tensor, assignment: Tensor, k: int, num_classes: int, objective: str
 ) -> FoldScores:
     """The objective on each fold's validation examples, and both figures' means over the folds."""
@@ -352,11 +337,28 @@ def _fold_scores(
     )
 
 
-def _row_weights(y: Tensor, fit: Tensor, num_classes: int, weighting: str) -> Tensor:
-    """One problem's row weights [N]: the ``fit`` rows, weighted by ``weighting`` on their own labels, summing to 1."""
-    weights = class_weights(y[fit], num_classes, weighting)
-    row = fit.float() if weights is None else fit.float() * weights[y]
-    return row / row.sum()
+def fold_row_weights(y: Tensor, assignment: Tensor, k: int, num_classes: int, weightings: Sequence[str]) -> Tensor:
+    """Row weights [k x W, N] of one problem per fold and weighting, stacked fold by fold: each fold's fitting
+    rows, weighted by the weighting on their own labels, summing to 1."""
+    rows = []
+    for f in range(k):
+        fit = assignment != f
+        for weighting in weightings:
+            weights = class_weights(y[fit], num_classes, weighting)
+            row = fit.float() if weights is None else fit.float() * weights[y]
+            rows.append(row / row.sum())
+    return torch.stack(rows)
+
+
+def out_of_fold_logits(z: Tensor, solution: Solution, assignment: Tensor, k: int, j: int, per_fold: int) -> Tensor:
+    """Logits [N, C] of the j-th of ``per_fold`` problems stacked fold by fold (`fold_row_weights`): each
+    example's from the fold that left it out."""
+    logits = torch.empty(len(z), solution.bias.shape[1])
+    for f in range(k):
+        val = assignment == f
+        problem = f * per_fold + j
+        logits[val] = z[val].float() @ solution.weight[problem].T + solution.bias[problem]
+    return logits
 
 
 def _same_rows(y: Tensor, assignment: Tensor, k: int, num_classes: int, first: str, other: str) -> bool:

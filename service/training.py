@@ -28,6 +28,7 @@ from adapters.crossval import (
     RecipeSearch,
     fold_count,
     fold_of,
+    fold_scores,
     one_standard_error,
     search_linear,
 )
@@ -35,7 +36,7 @@ from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import head_state
 from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
 from adapters.metrics import evaluate, finite
-from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective, score
+from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective
 from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
 from adapters.trainer import (
@@ -692,9 +693,10 @@ class Trainer:
             return search.chosen.scores, search
         config = _head_config(request, backbone, kind, split, int(features.shape[1]), data.num_classes)
         weightings = request.class_weightings(kind)
-        assignment = fold_of(y, fold_count(y), request.seed)
-        objective, accuracies, balanced = [], [], []
-        for fold in range(int(assignment.max()) + 1):
+        folds = fold_count(y)
+        assignment = fold_of(y, folds, request.seed)
+        predicted = torch.empty(len(y), dtype=torch.int64)
+        for fold in range(folds):
             fit, val = assignment != fold, assignment == fold
             weights = class_weights(y[fit], data.num_classes, weightings[0]) if weightings else None
             torch.manual_seed(request.seed)
@@ -708,11 +710,8 @@ class Trainer:
                 cancelled=cancelled,
                 seed=request.seed,
             )
-            predicted = predict_logits(head, x[val]).argmax(1).cpu()
-            objective.append(score(request.objective.value, predicted, y[val], data.num_classes))
-            accuracies.append(score("accuracy", predicted, y[val], data.num_classes))
-            balanced.append(score("balanced_accuracy", predicted, y[val], data.num_classes))
-        return FoldScores.of(objective, float(np.mean(accuracies)), float(np.mean(balanced))), None
+            predicted[val] = predict_logits(head, x[val]).argmax(1).cpu()
+        return fold_scores(predicted, y.cpu(), assignment, folds, data.num_classes, request.objective.value), None
 
     def _choose_backbone(
         self,
