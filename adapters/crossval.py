@@ -188,6 +188,7 @@ class RecipeSearch(BaseModel):
     chosen: RecipeCandidate
     rule: str
     out_of_fold_logits: Tensor  # [N, C]: the chosen candidate's, each example's from the fold that left it out
+    axes: PrincipalAxes  # of the chosen scaling's features (float64): the final fit on the same rows reuses them
 
     def report(self) -> dict:
         """JSON for the version's metrics: every candidate's mean and spread, the choice and the rule."""
@@ -237,7 +238,7 @@ def search_linear(
     preferred = get_objective(objective).class_weighting
     weightings = sorted(class_weightings, key=lambda w: w != preferred)  # stable: the objective's first
     scored: dict[tuple[str, str, float], tuple[FoldScores, Tensor]] = {}
-    features: dict[str, tuple[Tensor, PrincipalAxes]] = {}
+    features: dict[str, tuple[Tensor, PrincipalAxes]] = {}  # each scaling's features and their float64 axes
     # A weighting that weighs every fold's examples the same as the first weighting poses the same problems:
     # solved once, scored under both names (balanced weights on classes of equal size are all 1).
     same_as_first = {w: _same_rows(y, assignment, k, num_classes, weightings[0], w) for w in weightings}
@@ -251,7 +252,7 @@ def search_linear(
         if solved:
             if scaling not in features:  # unsupervised statistics of the whole training split
                 z = scaled(x, scaling, *scaling_stats(x, scaling))
-                features[scaling] = (z, PrincipalAxes.of(z))
+                features[scaling] = (z, PrincipalAxes.of(z.double()))
             z, axes = features[scaling]
             solution = solve(
                 z,
@@ -319,6 +320,7 @@ def search_linear(
         chosen=chosen,
         rule=choice.reason,
         out_of_fold_logits=scored[keys[choice.chosen]][1],
+        axes=features[chosen.scaling][1],
     )
 
 

@@ -86,7 +86,9 @@ def solve(
             f"row_weights must be [P, {n}], weight_decay [P] and y [{n}]; got {list(row_weights.shape)}, "
             f"{list(weight_decay.shape)} and {list(y.shape)}"
         )
-    axes = axes or PrincipalAxes.of(z.to(dtype))
+    if axes is not None and axes.coordinates.shape[0] != n:
+        raise InvalidInput(f"axes of {axes.coordinates.shape[0]} rows given for features of {n} rows")
+    axes = PrincipalAxes.of(z.to(dtype)) if axes is None else axes.to(dtype)
     decay = weight_decay.to(dtype)
     # Per problem and axis (the bias last): the preconditioning change of variables theta = scale * v.
     curvature = HESSIAN_BOUND * axes.variance[None, :] + decay[:, None]
@@ -141,6 +143,12 @@ class PrincipalAxes:
             values, basis = values[keep].to(z.dtype), vectors[:, keep].to(z.dtype)
             coordinates = centred @ basis
         return cls(mean, basis, coordinates, values / n)
+
+    def to(self, dtype: torch.dtype) -> "PrincipalAxes":
+        """The same axes in ``dtype``: computed once in float64, they serve float32 searches and float64 fits."""
+        if self.basis.dtype == dtype:
+            return self
+        return PrincipalAxes(*(t.to(dtype) for t in (self.mean, self.basis, self.coordinates, self.variance)))
 
     def to_axes(self, solution: Solution) -> Tensor:
         """A solution's parameters in these coordinates: [P, R + 1, C], the bias last (centred)."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
 from adapters.heads import FinetuneHead, LinearHead, MLPHead
-from adapters.logistic import solve
+from adapters.logistic import PrincipalAxes, solve
 from adapters.recipe import scaling_stats
 
 # A linear fit's L-BFGS steps per `epochs` (HyperParams): its bound on the work, never reached in practice.
@@ -113,6 +113,7 @@ def fit_linear(
     progress: Progress | None = None,
     cancelled: CancelCheck | None = None,
     seed: int = 0,
+    axes: PrincipalAxes | None = None,
 ) -> FitResult:
     """A linear head on pooled features [N, D]: its scaling's statistics from x_train, then logistic regression.
 
@@ -122,6 +123,8 @@ def fit_linear(
     place on the device x_train lives on and leaves it in eval mode. It raises
     TrainingCancelled as soon as `cancelled()` is true, checked at every step
     (every mini-batch for AdamW), so a stop takes effect well within an epoch.
+    ``axes``: `PrincipalAxes` of exactly these scaled features, from a search on
+    the same rows, spare the fit its eigendecomposition.
     """
     with _fitting(head, x_train.device, seed):
         examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
@@ -135,6 +138,7 @@ def fit_linear(
             head.num_classes,
             (row / row.sum())[None],
             torch.tensor([hp.weight_decay]),
+            axes=axes,
             dtype=torch.float64,
             max_iterations=hp.epochs * LBFGS_STEPS_PER_EPOCH,
             cancelled=cancelled,

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from adapters.crossval import RecipeSearch, search_linear
 from adapters.errors import InvalidInput
+from adapters.heads import LinearHead
 from adapters.kinds import HeadConfig, build_head, get_kind
+from adapters.logistic import PrincipalAxes
 from adapters.recipe import Scaling, class_weights
 from adapters.search_space import SearchSpace
 from adapters.trainer import (
@@ -36,6 +38,7 @@ from adapters.trainer import (
     ProgressEvent,
     accuracy,
     check_examples,
+    fit_linear,
     predict_logits,
     raise_if_cancelled,
     training_mode,
@@ -240,15 +243,13 @@ def _tune_by_kfold(
     chosen = search.chosen
     best = base.model_copy(update={"weight_decay": chosen.weight_decay})
     chosen_config = config.model_copy(update={"scaling": Scaling(chosen.scaling)})
-    torch.manual_seed(seed)
-    head = build_head(chosen_config)
-    weights = class_weights(y_train, config.num_classes, chosen.class_weighting)
-    get_kind(config.kind).fit(
-        head,
+    head = fit_recipe(
+        chosen_config,
         x_train,
         y_train,
         best,
-        class_weights=None if weights is None else weights.to(x_train.device),
+        chosen.class_weighting,
+        axes=search.axes,
         cancelled=cancelled,
         seed=seed,
     )
@@ -274,6 +275,41 @@ def _tune_by_kfold(
         class_weighting=chosen.class_weighting,
         search=search,
     )
+
+
+def fit_recipe(
+    config: HeadConfig,
+    x: Tensor,
+    y: Tensor,
+    hp: HyperParams,
+    class_weighting: str,
+    *,
+    axes: PrincipalAxes | None = None,
+    cancelled: CancelCheck | None = None,
+    seed: int = 0,
+) -> LinearHead:
+    """A searched linear recipe (scaling in ``config``, ``hp.weight_decay``, ``class_weighting``) fit on x, y.
+
+    ``axes``: the search's principal axes of the same rows (`fit_linear`), so the
+    fit on the training split skips its eigendecomposition. Both the fit on the
+    training split and the refit on every example come here.
+    """
+    torch.manual_seed(seed)
+    head = build_head(config)
+    if not isinstance(head, LinearHead):
+        raise InvalidInput(f"a searched recipe is a linear head's, not a {config.kind.value} head's")
+    weights = class_weights(y, config.num_classes, class_weighting)
+    fit_linear(
+        head,
+        x,
+        y,
+        hp,
+        class_weights=None if weights is None else weights.to(x.device),
+        cancelled=cancelled,
+        seed=seed,
+        axes=axes,
+    )
+    return head.eval()
 
 
 def _candidates(space: SearchSpace, base: HyperParams) -> list[HyperParams]:

@@ -33,7 +33,7 @@ from adapters.crossval import (
     search_linear,
 )
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
-from adapters.heads import head_state
+from adapters.heads import LinearHead, head_state
 from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
 from adapters.metrics import evaluate, finite
 from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective
@@ -44,7 +44,7 @@ from adapters.trainer import (
     ProgressEvent,
     predict_logits,
 )
-from adapters.tuning import TuneResult, tune
+from adapters.tuning import TuneResult, fit_recipe, tune
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import Cancelled, FailedPrecondition, GraftError, InvalidArgument, NotFound
@@ -476,22 +476,17 @@ class Trainer:
         hold-out keeps the head the hold-out chose.
         """
         result = fitted.result
-        if result.search is None or len(data.holdout_idx) == 0:
+        if result.search is None or len(data.holdout_idx) == 0 or not isinstance(result.head, LinearHead):
             return result.head
-        spec = get_kind(result.config.kind)
-        weights = class_weights(data.labels, data.num_classes, result.class_weighting or "none")
-        torch.manual_seed(request.seed)
-        head = build_head(result.config)
-        spec.fit(
-            head,
+        return fit_recipe(
+            result.config,
             fitted.features,
             data.labels.to(fitted.features.device),
             result.best,
-            class_weights=None if weights is None else weights.to(fitted.features.device),
+            result.class_weighting or "none",
             cancelled=cancelled,
             seed=request.seed,
         )
-        return head.eval()
 
     def _audit(
         self,
