@@ -34,17 +34,20 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Backbone,
+    CompareHeadVersionsResponse,
     Dataset,
     DatasetAudit,
     ExportedHead,
     ExportFormat,
     Head,
+    HeadComparison,
     HeadVersion,
     Job,
     ListBackbonesResponse,
     ListDatasetsResponse,
     ListHeadsResponse,
     ListJobsResponse,
+    PredictionFeedback,
     TrainingSpec,
     head_ref,
     head_version_ref,
@@ -421,6 +424,27 @@ class Calls:
     async def remove_alias(self, name: str, alias: str) -> None:
         await self.in_thread(self.core.heads.remove_alias, self.tenant, resource_id(name, "heads"), alias)
 
+    async def set_shadow(self, name: str, version: int) -> Head:
+        head = resource_id(name, "heads")
+        await self.in_thread(self.core.heads.set_shadow, self.tenant, head, version)
+        return await self.get_head(head)
+
+    async def clear_shadow(self, name: str) -> Head:
+        head = resource_id(name, "heads")
+        await self.in_thread(self.core.heads.clear_shadow, self.tenant, head)
+        return await self.get_head(head)
+
+    async def compare_head_versions(self, name: str) -> CompareHeadVersionsResponse:
+        """The head's comparisons over every replica, this replica's latest predictions included."""
+        head = resource_id(name, "heads")
+        info = await self.get_head(head)  # NotFound for an unknown head (or another tenant's)
+        await self.runtime.monitor.flush()
+        comparisons = await self.in_thread(self.runtime.monitor.observations.comparisons, self.tenant, head)
+        return CompareHeadVersionsResponse(
+            head=info.name.removeprefix("heads/"),
+            comparisons=[HeadComparison.model_validate(c.model_dump()) for c in comparisons],
+        )
+
     async def export_head(self, ref: str, format: ExportFormat, additional_heads: Sequence[str] = ()) -> ExportedHead:
         """Safetensors weights as stored, or one model file of backbone + heads (built and checked: seconds)."""
         if 1 + len(additional_heads) > export.MAX_HEADS:
@@ -456,6 +480,12 @@ class Calls:
         """Raise now what would refuse every prediction of a stream (a replica that only trains): the stream
         fails at once, before a request is read, instead of answering each with the same error."""
         self.runtime.predictor.check_serving()
+
+    async def report_feedback(self, name: str, label: str) -> PredictionFeedback:
+        """The true label of a prediction (``predictions/{id}``), counted once for each version that answered."""
+        prediction_id = name.removeprefix("predictions/")
+        feedback = await self.runtime.monitor.feedback(self.tenant, prediction_id, label)
+        return PredictionFeedback.model_validate(feedback.model_dump())
 
     async def predict(
         self, images: list[bytes], heads: list[str], options: PredictOptions, *, door: str

@@ -250,6 +250,30 @@ class Settings(BaseSettings):
         10_000, gt=0, description="Idempotency keys remembered per tenant; past it the oldest are forgotten first."
     )
 
+    # What serving observes (service/monitoring.py): shadow comparisons, prediction ids for feedback, monitoring.
+    monitor_flush_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a replica adds what it observed (comparisons, prediction records, monitoring "
+        "counts) to the registry database; reading :compare, :monitor or sending feedback flushes first.",
+    )
+    prediction_ttl_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long a prediction id can be given feedback (its true label) after the prediction.",
+    )
+    max_prediction_records: int = Field(
+        100_000,
+        gt=0,
+        description="Prediction records (for feedback) kept per tenant; past it the oldest are dropped first.",
+    )
+    monitor_max_pending: int = Field(
+        100_000,
+        gt=0,
+        description="Observations (images compared or recorded) one replica holds between two flushes, all tenants "
+        "together; past it the rest of that interval goes unrecorded (its predictions are still answered).",
+    )
+
     @field_validator("trunk_runtime")
     @classmethod
     def _a_registered_runtime(cls, value: str) -> str:

@@ -24,6 +24,11 @@ class PredictOptions(BaseModel):
         le=1.0,
         description="a head whose top (calibrated) score is below this answers `abstained: true`; 0 never abstains",
     )
+    include_shadow: bool = Field(
+        False,
+        description="also return each head's shadow version's own prediction (`shadow`, null where the head has "
+        "none); the shadow is scored either way",
+    )
     coverage: float | None = Field(
         None,
         gt=0.0,

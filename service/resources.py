@@ -27,6 +27,7 @@ from service.jobs import JobInfo, JobState
 from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
 from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
 from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
+from service.store.observations import Comparison, Feedback
 from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
@@ -428,6 +429,9 @@ class Head(BaseModel):
     latest_version: int
     versions: list[HeadVersion]
     aliases: dict[str, int]
+    shadow_version: int | None = Field(
+        description="the version every prediction of this head also scores, to compare (GET :compare); null: none"
+    )
 
     @classmethod
     def of(cls, info: HeadInfo) -> "Head":
@@ -436,7 +440,19 @@ class Head(BaseModel):
             latest_version=info.latest_version,
             versions=[HeadVersion.of(v) for v in info.versions],
             aliases=info.aliases,
+            shadow_version=info.shadow_version,
         )
+
+
+class HeadComparison(Comparison):
+    """One (served version, shadow version) pair of a head, summed over every replica. ``confusion[i][j]``: images
+    the served version labelled ``labels[i]`` and the shadow ``labels[j]``; accuracies are null until ``labelled``
+    (compared images whose true label was reported) is above 0."""
+
+
+class CompareHeadVersionsResponse(BaseModel):
+    head: str = Field(description="the head's name")
+    comparisons: list[HeadComparison] = Field(description="one per (served, shadow) pair ever compared, newest first")
 
 
 class ExportFormat(str, Enum):
@@ -481,3 +497,7 @@ class ListHeadsResponse(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[ImagePrediction]
+
+
+class PredictionFeedback(Feedback):
+    """What a reported true label said of each head version (and its shadow) that answered the prediction."""

@@ -32,6 +32,8 @@ from service.engine.head_cache import HeadCache
 from service.engine.predictor import TRAINING_ONLY, Predictor
 from service.jobs import JobRunner
 from service.metrics import PrometheusMetrics
+from service.monitoring import Monitor
+from service.store.observations import Observations
 from service.store.requests import IdempotencyKeys
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Runtime:
     pools: Pools = field(init=False, repr=False)  # threads for store calls, key lookups, the probe and uploads
     exports: ExportQueue = field(init=False, repr=False)  # model exports, one at a time
     audit_slots: threading.BoundedSemaphore = field(init=False, repr=False)  # label audits running at once
+    monitor: Monitor = field(init=False, repr=False)  # what serving observed, flushed to the registry
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,9 @@ class Runtime:
         self.pools = Pools(settings)
         self.exports = ExportQueue(settings.max_waiting_exports)
         self.audit_slots = threading.BoundedSemaphore(settings.max_concurrent_audits)
+        observations = Observations(self.core.db, settings.prediction_ttl_s, settings.max_prediction_records)
+        self.monitor = Monitor(observations, settings, lambda fn: run_in(self.pools.store, fn))
+        self.predictor.observer = self.monitor  # the predictor is built first (around): it reports from now on
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -126,6 +132,7 @@ class Runtime:
         self._tasks = [
             loop.create_task(self._probe_forever(), name="registry-probe"),
             loop.create_task(self._collect_forever(), name="blob-collector"),
+            loop.create_task(self.monitor.run(), name="observation-flusher"),
         ]
 
     async def drain(self, grace_s: float) -> None:
@@ -148,6 +155,10 @@ class Runtime:
         await self.jobs.stop()
         self.jobs.close()
         await self.predictor.stop()
+        try:
+            await self.monitor.flush()  # what this replica observed last
+        except Exception:
+            log.exception("could not write the last observations to the registry")
         self.pools.shutdown()
         self.exports.shutdown()
 
@@ -158,7 +169,7 @@ class Runtime:
 
     async def _collect_forever(self) -> None:
         """Orphaned blobs and cached features (deleted datasets' images, a crashed upload's or job's files), after
-        their grace, and expired idempotency keys."""
+        their grace, expired idempotency keys and expired prediction records."""
         while True:
             await asyncio.sleep(self.settings.gc_interval_s)
             try:
@@ -166,6 +177,7 @@ class Runtime:
                 weights = await self.in_thread(self.core.heads.collect_orphans, self.settings.blob_grace_s)
                 features = await self.in_thread(self.core.extractor.cache.collect_garbage)
                 await self.in_thread(self.requests.collect_expired)
+                await self.in_thread(self.monitor.observations.collect_expired)
                 if images or weights or features:
                     log.info(
                         "collected %d orphaned image blob(s), %d weight file(s) and %d feature entries",

@@ -36,6 +36,7 @@ class _Request:
     heads: list[LoadedHead]
     include_embedding: bool
     future: asyncio.Future = field(repr=False)
+    keep_pooled: bool = False  # hand the pooled row back if the batch computed it anyway (monitoring)
 
     @property
     def group(self) -> tuple:
@@ -105,8 +106,14 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=False)
 
-    async def submit(self, image: torch.Tensor, heads: list[LoadedHead], include_embedding: bool = False) -> RowResult:
-        """Queue one preprocessed image [3, H, W]; refuse at once when the queue is full."""
+    async def submit(
+        self, image: torch.Tensor, heads: list[LoadedHead], include_embedding: bool = False, keep_pooled: bool = False
+    ) -> RowResult:
+        """Queue one preprocessed image [3, H, W]; refuse at once when the queue is full.
+
+        ``include_embedding`` makes the trunk run to the pooled features if no head needs them; ``keep_pooled``
+        only hands them back when some head of the batch needed them anyway, so it never costs a trunk block.
+        """
         if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(
                 f"the prediction queue for {self.backbone.name} is full ({self.max_queue} images, "
@@ -114,7 +121,7 @@ class Batcher:
                 retry_after_s=1.0,
             )
         self.start()
-        request = _Request(image, heads, include_embedding, asyncio.get_running_loop().create_future())
+        request = _Request(image, heads, include_embedding, asyncio.get_running_loop().create_future(), keep_pooled)
         self._queue.append(request)
         self._arrived.set()
         return await request.future
@@ -173,7 +180,8 @@ class Batcher:
             output: BatchOutput = run_batch(self.backbone, images, [r.heads for r in batch], include_embedding)
         self.stats.batches += 1
         self.stats.images += len(batch)
-        embeddings = output.embeddings.cpu() if output.embeddings is not None else None
+        wanted = any(request.include_embedding or request.keep_pooled for request in batch)
+        embeddings = output.embeddings.cpu() if output.embeddings is not None and wanted else None
         results: list[RowResult | Exception] = []
         for i, request in enumerate(batch):
             error = output.errors[i]
@@ -184,7 +192,9 @@ class Batcher:
             results.append(
                 RowResult(
                     logits=[logits.float().cpu() for logits in row_logits],
-                    embedding=embeddings[i] if embeddings is not None and request.include_embedding else None,
+                    embedding=embeddings[i]
+                    if embeddings is not None and (request.include_embedding or request.keep_pooled)
+                    else None,
                 )
             )
         return results

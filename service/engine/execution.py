@@ -45,7 +45,7 @@ class BatchOutput:
     """
 
     logits: list[list[torch.Tensor | None]]
-    embeddings: torch.Tensor | None  # [N, D] pooled features, when asked for
+    embeddings: torch.Tensor | None  # [N, D] pooled features, when asked for or computed for a head anyway
     errors: list[FailedPrecondition | None]
 
 
@@ -98,7 +98,7 @@ def run_batch(
     for row, _, head in pairs:
         if errors[row] is None and id(head) in failures:
             errors[row] = failures[id(head)]
-    return BatchOutput(logits=logits, embeddings=pooled if want_embeddings else None, errors=errors)
+    return BatchOutput(logits=logits, embeddings=pooled, errors=errors)
 
 
 def linear_chunks(pairs: list[Pair], dim: int, element_size: int, budget: int | None = None) -> list[list[Pair]]:

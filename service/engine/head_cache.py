@@ -160,7 +160,16 @@ class HeadCache:
     async def get(self, tenant: str, ref: str) -> LoadedHead:
         if (backbone := imagenet_backbone(ref)) is not None:
             return self.imagenet(backbone)
-        info = await asyncio.to_thread(self.registry.resolve, tenant, ref)
+        return await self._loaded(await asyncio.to_thread(self.registry.resolve, tenant, ref))
+
+    async def get_served(self, tenant: str, ref: str) -> tuple[LoadedHead, LoadedHead | None]:
+        """``ref``'s head and its head's shadow version (None: no shadow, or the one served), resolved together."""
+        if (backbone := imagenet_backbone(ref)) is not None:
+            return self.imagenet(backbone), None
+        info, shadow = await asyncio.to_thread(self.registry.resolve_served, tenant, ref)
+        return await self._loaded(info), None if shadow is None else await self._loaded(shadow)
+
+    async def _loaded(self, info: ServedVersion) -> LoadedHead:
         key = head_key(info)
         head = self._heads.get(key)
         if head is not None:

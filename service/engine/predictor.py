@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -55,6 +56,8 @@ class LabelScore(BaseModel):
 
 
 class HeadPrediction(BaseModel):
+    """One head version's answer for one image."""
+
     head: str
     version: int
     top: list[LabelScore]
@@ -64,11 +67,43 @@ class HeadPrediction(BaseModel):
     prediction_set: list[str] | None = Field(
         None, description="with `coverage`: the labels that contain the true one with that probability, likeliest first"
     )
+    shadow: "HeadPrediction | None" = Field(
+        None, description="with `include_shadow`: the head's shadow version's own answer (null: it has none)"
+    )
 
 
 class ImagePrediction(BaseModel):
     heads: list[HeadPrediction]
     embedding: list[float] | None = None
+    prediction_id: str | None = Field(
+        None,
+        description="report this image's true label with POST /v1/predictions/{prediction_id}:feedback, "
+        "within GRAFT_PREDICTION_TTL_S",
+    )
+
+
+@dataclass(frozen=True)
+class Served:
+    """One distinct head version of a request and what it, and its head's shadow version, answered per image."""
+
+    head: LoadedHead
+    shadow: LoadedHead | None
+    answers: list[HeadPrediction]
+    shadow_answers: list[HeadPrediction] | None  # None: no shadow (or it could not run on this backbone)
+
+
+class PredictionObserver(Protocol):
+    """What watches every answered request (service/monitoring.py): comparisons, prediction ids, monitoring."""
+
+    @property
+    def keeps_embeddings(self) -> bool:
+        """Whether to hand back the pooled features a batch computed anyway (monitoring is on)."""
+        ...
+
+    def observe(self, tenant: str, served: list[Served], embeddings: dict[str, torch.Tensor]) -> list[str]:
+        """Record one request (``embeddings``: per backbone, [images, D], where every image's was computed);
+        answer each image's prediction id."""
+        ...
 
 
 class EngineMetrics(Protocol):
@@ -129,11 +164,13 @@ class Predictor:
         heads: HeadCache,
         settings: Settings,
         metrics: EngineMetrics | None = None,
+        observer: PredictionObserver | None = None,
     ) -> None:
         self.backbones = backbones
         self.heads = heads
         self.settings = settings
         self.metrics = metrics
+        self.observer = observer
         self.rate = PredictionRate(settings)
         self.batchers = {
             name: Batcher(
@@ -211,18 +248,38 @@ class Predictor:
     async def _predict(
         self, tenant: str, images: list[bytes], head_refs: list[str], options: PredictOptions, door: str
     ) -> list[ImagePrediction]:
+        """Every head of the request, and each one's shadow version, scored from one trunk pass per image.
+
+        A shadow joins its head's backbone group, so it is one more row of the same batch (for a linear head,
+        of the same gathered matmul); a shadow trained on another backbone than the version served would need a
+        second trunk pass, so it is not scored. The shadow's answer is returned only with ``include_shadow``.
+        """
         by_ref = await self._load_heads(tenant, head_refs)
-        heads = list({head.key: head for head in by_ref.values()}.values())  # one per version, however named
+        pairs = {head.key: (head, shadow) for head, shadow in by_ref.values()}  # one per version, however named
+        heads = [head for head, _ in pairs.values()]
         cuts = thresholds(heads, options.coverage)  # before any image is decoded: a head that cannot answer fails now
+        shadows = {
+            head.key: shadow
+            for head, shadow in pairs.values()
+            if shadow is not None and shadow.backbone == head.backbone
+        }
+        shadow_cuts = {
+            key: cut
+            for key, cut in _optional_thresholds(list(shadows.values()), options.coverage).items()
+            if cut is not None
+        }
         by_backbone: dict[str, list[LoadedHead]] = {}
-        for head in heads:
-            by_backbone.setdefault(head.backbone, []).append(head)
+        for head in [*heads, *shadows.values()]:
+            group = by_backbone.setdefault(head.backbone, [])
+            if all(other.key != head.key for other in group):
+                group.append(head)
+        keep_pooled = self.observer is not None and self.observer.keeps_embeddings
 
         loop = asyncio.get_running_loop()
 
-        async def one_image(index: int, data: bytes) -> ImagePrediction:
+        async def one_image(index: int, data: bytes) -> tuple[dict[HeadKey, HeadPrediction], dict[str, torch.Tensor]]:
             results: dict[HeadKey, HeadPrediction] = {}
-            pooled: list[float] | None = None
+            pooled: dict[str, torch.Tensor] = {}
             for backbone_name, group in by_backbone.items():
                 backbone = self.backbones[backbone_name]
                 prepare = partial(
@@ -234,30 +291,58 @@ class Predictor:
                     max_pixels=self.settings.max_image_pixels,
                 )
                 tensor = await loop.run_in_executor(self._decode, prepare)
-                row = await self.batchers[backbone_name].submit(tensor, group, options.include_embedding)
+                row = await self.batchers[backbone_name].submit(tensor, group, options.include_embedding, keep_pooled)
                 for head, logits in zip(group, row.logits, strict=True):
-                    results[head.key] = head_prediction(head, logits, cuts.get(head.key), options)
-                if row.embedding is not None and pooled is None:
-                    pooled = row.embedding.tolist()
-            return ImagePrediction(heads=[results[by_ref[ref].key] for ref in head_refs], embedding=pooled)
+                    cut = cuts.get(head.key, shadow_cuts.get(head.key))
+                    results[head.key] = head_prediction(head, logits, cut, options)
+                if row.embedding is not None:
+                    pooled[backbone_name] = row.embedding
+            return results, pooled
 
         # Every image ends (answered or failed) before the request does: its slots are free once given back.
         outcomes = await asyncio.gather(*(one_image(i, data) for i, data in enumerate(images)), return_exceptions=True)
-        predictions: list[ImagePrediction] = []
+        answered: list[tuple[dict[HeadKey, HeadPrediction], dict[str, torch.Tensor]]] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-            predictions.append(outcome)
+            answered.append(outcome)
+        served = [
+            Served(
+                head=head,
+                shadow=shadows.get(head.key),
+                answers=[results[head.key] for results, _ in answered],
+                shadow_answers=[results[shadow.key] for results, _ in answered]
+                if (shadow := shadows.get(head.key)) is not None
+                else None,
+            )
+            for head in heads
+        ]
+        ids: list[str | None] = [None] * len(images)
+        if self.observer is not None:
+            embeddings = {
+                name: torch.stack([pooled[name] for _, pooled in answered])
+                for name in by_backbone
+                if all(name in pooled for _, pooled in answered)
+            }
+            ids = list(self.observer.observe(tenant, served, embeddings))
+        predictions = [
+            ImagePrediction(
+                heads=[_answer(by_ref[ref][0], results, shadows, options) for ref in head_refs],
+                embedding=_embedding(pooled) if options.include_embedding else None,
+                prediction_id=prediction_id,
+            )
+            for (results, pooled), prediction_id in zip(answered, ids, strict=True)
+        ]
         if self.metrics is not None:
             for head in heads:
                 self.metrics.predictions(head.kind.value, door, len(images))
         return predictions
 
-    async def _load_heads(self, tenant: str, head_refs: list[str]) -> dict[str, LoadedHead]:
-        """Each distinct reference's head; the first failing reference in request order raises."""
+    async def _load_heads(self, tenant: str, head_refs: list[str]) -> dict[str, tuple[LoadedHead, LoadedHead | None]]:
+        """Each distinct reference's head and its shadow; the first failing reference in request order raises."""
         refs = list(dict.fromkeys(head_refs))
-        outcomes = await asyncio.gather(*(self.heads.get(tenant, ref) for ref in refs), return_exceptions=True)
-        loaded: dict[str, LoadedHead] = {}
+        outcomes = await asyncio.gather(*(self.heads.get_served(tenant, ref) for ref in refs), return_exceptions=True)
+        loaded: dict[str, tuple[LoadedHead, LoadedHead | None]] = {}
         for ref, outcome in zip(refs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -277,6 +362,37 @@ class Predictor:
             raise InvalidArgument(
                 f"{len(head_refs)} heads in one request; the limit is {self.settings.max_heads_per_request}"
             )
+
+
+def _answer(
+    head: LoadedHead,
+    results: dict[HeadKey, HeadPrediction],
+    shadows: dict[HeadKey, LoadedHead],
+    options: PredictOptions,
+) -> HeadPrediction:
+    """The head's answer, with its shadow's when asked (null where it has none)."""
+    answer = results[head.key]
+    if not options.include_shadow:
+        return answer
+    shadow = shadows.get(head.key)
+    return answer.model_copy(update={"shadow": None if shadow is None else results[shadow.key]})
+
+
+def _embedding(pooled: dict[str, torch.Tensor]) -> list[float] | None:
+    """The image's pooled features (the first backbone's, as before shadows: one backbone per request is usual)."""
+    return next(iter(pooled.values())).tolist() if pooled else None
+
+
+def _optional_thresholds(heads: list[LoadedHead], coverage: float | None) -> dict[HeadKey, float | None]:
+    """Shadows' conformal thresholds where they can promise ``coverage``; a shadow that cannot has no set (it
+    must never fail the request it only watches)."""
+    out: dict[HeadKey, float | None] = {}
+    for head in heads:
+        try:
+            out |= thresholds([head], coverage)
+        except FailedPrecondition:
+            out[head.key] = None
+    return out
 
 
 def trunk_workers(backbone: Backbone) -> int:

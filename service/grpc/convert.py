@@ -21,7 +21,7 @@ from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
 from service.prediction_options import PredictOptions
-from service.resources import ExportFormat, TrainingKind, TrainingSpec
+from service.resources import CompareHeadVersionsResponse, ExportFormat, TrainingKind, TrainingSpec
 
 M = TypeVar("M", bound=Message)
 
@@ -106,3 +106,11 @@ def predict_options(request: api.PredictRequest | api.StreamPredictRequest) -> P
 
 def image_prediction(prediction: ImagePrediction) -> api.ImagePrediction:
     return message(prediction, api.ImagePrediction)
+
+
+def comparisons(response: CompareHeadVersionsResponse) -> api.CompareHeadVersionsResponse:
+    """The one resource with a matrix: proto3 has no repeated repeated, so each row is a ConfusionRow."""
+    fields = response.model_dump(exclude_none=True)
+    for comparison in fields["comparisons"]:
+        comparison["confusion"] = [{"counts": row} for row in comparison["confusion"]]
+    return api.CompareHeadVersionsResponse(**fields)

@@ -252,6 +252,18 @@ class HeadService(_Door, rpc.HeadServiceServicer):
         return empty_pb2.Empty()
 
     @door_method
+    async def SetHeadShadow(self, request, context, calls: Calls):
+        return convert.message(await calls.set_shadow(request.name, request.version), pb.Head)
+
+    @door_method
+    async def ClearHeadShadow(self, request, context, calls: Calls):
+        return convert.message(await calls.clear_shadow(request.name), pb.Head)
+
+    @door_method
+    async def CompareHeadVersions(self, request, context, calls: Calls):
+        return convert.comparisons(await calls.compare_head_versions(request.name))
+
+    @door_method
     async def ExportHead(self, request, context, calls: Calls):
         format = convert.export_format(request.format)
         exported = await calls.export_head(request.head, format, list(request.additional_heads))
@@ -260,6 +272,10 @@ class HeadService(_Door, rpc.HeadServiceServicer):
 
 
 class PredictionService(_Door, rpc.PredictionServiceServicer):
+    @door_method
+    async def ReportPredictionFeedback(self, request, context, calls: Calls):
+        return convert.message(await calls.report_feedback(request.name, request.label), api.PredictionFeedback)
+
     @door_method
     async def Predict(self, request, context, calls: Calls):
         options = convert.predict_options(request)

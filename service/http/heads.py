@@ -18,6 +18,7 @@ from service.resources import (
     NOT_LATEST,
     REMOVED_EXPORT_FORMATS,
     STORED_HEAD_REF_PATTERN,
+    CompareHeadVersionsResponse,
     ExportFormat,
     Head,
     HeadVersion,
@@ -41,6 +42,10 @@ HeadRef = Annotated[str, Path(pattern=STORED_HEAD_REF_PATTERN, description="'nam
 
 
 class AliasTarget(BaseModel):
+    version: Version
+
+
+class ShadowTarget(BaseModel):
     version: Version
 
 
@@ -94,6 +99,27 @@ async def export_head(
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{exported.file_name}"'},
     )
+
+
+# Declared before /{head}, as :export is.
+@router.put("/{head}:shadow", response_model=Head, responses=error_responses(404, 409))
+async def set_shadow(head: HeadName, target: ShadowTarget, api: Calls = Depends(calls)) -> Head:
+    """Score ``version`` beside every prediction of this head (same batch, no second trunk pass) and compare the
+    two (``GET :compare``); predictions return its answer only with ``include_shadow``. Idempotent."""
+    return await api.set_shadow(head, target.version)
+
+
+@router.delete("/{head}:shadow", response_model=Head, responses=error_responses(404, 409))
+async def clear_shadow(head: HeadName, api: Calls = Depends(calls)) -> Head:
+    """Stop scoring the shadow; its comparison figures are kept."""
+    return await api.clear_shadow(head)
+
+
+@router.get("/{head}:compare", response_model=CompareHeadVersionsResponse, responses=error_responses(404))
+async def compare_head_versions(head: HeadName, api: Calls = Depends(calls)) -> CompareHeadVersionsResponse:
+    """Per (served version, shadow version): images compared, top-1 agreement, the label confusion table, the mean
+    top-score difference and, from feedback, both versions' accuracy; over every replica."""
+    return await api.compare_head_versions(head)
 
 
 @router.get("/{head}", response_model=Head, responses=error_responses(404))

@@ -132,6 +132,8 @@ class HeadNameRow(Base):
     tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_version: Mapped[int] = mapped_column(Integer, default=0)
+    # the version every prediction of this head also scores, to compare (service/monitoring.py); cleared with it
+    shadow_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class HeadVersionRow(Base):
@@ -177,6 +179,74 @@ class HeadAliasRow(Base):
     name: Mapped[str] = mapped_column(String(64))
     alias: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
+
+
+class HeadComparisonRow(Base):
+    """What a head's served version and its shadow answered, summed over every replica (service/monitoring.py).
+
+    Replicas add their counts (``compared += n``), never overwrite, so two replicas' traffic combines; the
+    row is deleted with either version, kept when the shadow is cleared.
+    """
+
+    __tablename__ = "head_comparisons"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    served_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shadow_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    compared: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreed: Mapped[int] = mapped_column(BigInteger, default=0)  # same top-1 label
+    score_difference_sum: Mapped[float] = mapped_column(Float, default=0.0)  # sum of shadow - served top score
+    labelled: Mapped[int] = mapped_column(BigInteger, default=0)  # compared images with feedback
+    served_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    shadow_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ComparisonCellRow(Base):
+    """One cell of a comparison's confusion table: images the served version labelled ``served_label`` and the
+    shadow ``shadow_label``. At most classes x classes rows per comparison, whatever the traffic."""
+
+    __tablename__ = "head_comparison_cells"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    served_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shadow_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    served_label: Mapped[str] = mapped_column(String(128), primary_key=True)
+    shadow_label: Mapped[str] = mapped_column(String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PredictionRecordRow(Base):
+    """What one image's prediction answered, kept so its caller can report the true label later (feedback).
+
+    ``heads`` lists, per head version asked: head, version, top label and, where it had one, the shadow
+    version and its top label. Kept until ``expires_at`` (GRAFT_PREDICTION_TTL_S) and at most
+    GRAFT_MAX_PREDICTION_RECORDS per tenant, the oldest dropped first; ``label`` is set once, by feedback.
+    """
+
+    __tablename__ = "prediction_records"
+    __table_args__ = (Index("ix_prediction_records_tenant_created_at", "tenant", "created_at"),)
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    heads: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    label: Mapped[str | None] = mapped_column(String(128))
+
+
+class VersionFeedbackRow(Base):
+    """Live accuracy of one head version: feedback counts, added to by every replica; deleted with the version."""
+
+    __tablename__ = "version_feedback"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    labelled: Mapped[int] = mapped_column(BigInteger, default=0)
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class JobRow(Base):

@@ -49,6 +49,7 @@ from service.store.db import (
     rows_changed,
     utcnow,
 )
+from service.store.observations import drop_observations
 from service.store.pages import check_page_size, decode_token, encode_token, malformed_token
 
 NAME_PATTERN = r"[a-z][a-z0-9-]{0,62}"
@@ -119,6 +120,7 @@ class HeadInfo(BaseModel):
     latest_version: int
     versions: list[HeadVersionInfo]
     aliases: dict[str, int]
+    shadow_version: int | None = None
 
 
 class HeadRegistry:
@@ -262,14 +264,24 @@ class HeadRegistry:
         """
         with self.db.session() as session:
             name, number = self._number(session, tenant, ref)
-            row = session.execute(
-                select(*_SERVED_COLUMNS).where(
-                    HeadVersionRow.tenant == tenant, HeadVersionRow.name == name, HeadVersionRow.version == number
-                )
-            ).one_or_none()
-            if row is None:
+            served = _served(session, tenant, name, number)
+            if served is None:
                 raise self._no_version(session, tenant, name, number)
-        return ServedVersion.model_validate(row._asdict())
+        return served
+
+    def resolve_served(self, tenant: str, ref: str) -> tuple[ServedVersion, ServedVersion | None]:
+        """``ref``'s version and the head's shadow version (None: no shadow, or the shadow is the version served),
+        read in one transaction: what a prediction scores."""
+        with self.db.session() as session:
+            name, number = self._number(session, tenant, ref)
+            served = _served(session, tenant, name, number)
+            if served is None:
+                raise self._no_version(session, tenant, name, number)
+            shadow_number = _shadow_version(session, tenant, name)
+            shadow = None
+            if shadow_number is not None and shadow_number != number:
+                shadow = _served(session, tenant, name, shadow_number)
+        return served, shadow
 
     def describe(self, tenant: str, ref: str) -> HeadVersionInfo:
         """One version with everything clients see of it: its full metrics and its aliases (``latest`` too, as in
@@ -403,6 +415,33 @@ class HeadRegistry:
                 raise NotFound(f"head '{name}' has no alias '{alias}'")
             session.delete(row)
 
+    # -- shadow --------------------------------------------------------------------
+
+    def set_shadow(self, tenant: str, name: str, version: int) -> None:
+        """Make ``version`` the head's shadow: every prediction of the head also scores it (idempotent)."""
+        check_name("head name", name)
+        check_version(version)
+        with self.db.session() as session:
+            if _version_row(session, tenant, name, version, lock=True) is None:  # see set_alias
+                raise self._no_version(session, tenant, name, version)
+            session.execute(
+                update(HeadNameRow)
+                .where(HeadNameRow.tenant == tenant, HeadNameRow.name == name)
+                .values(shadow_version=version)
+            )
+
+    def clear_shadow(self, tenant: str, name: str) -> None:
+        """Stop scoring a shadow (the comparison figures are kept); NotFound for an unknown head."""
+        check_name("head name", name)
+        with self.db.session() as session:
+            if _latest_version(session, tenant, name) is None:
+                raise _head_not_found(name)
+            session.execute(
+                update(HeadNameRow)
+                .where(HeadNameRow.tenant == tenant, HeadNameRow.name == name)
+                .values(shadow_version=None)
+            )
+
     # -- delete --------------------------------------------------------------------
 
     def delete_version(self, tenant: str, name: str, version: int) -> None:
@@ -420,6 +459,12 @@ class HeadRegistry:
                 )
             )
             session.delete(row)
+            session.execute(
+                update(HeadNameRow)
+                .where(HeadNameRow.tenant == tenant, HeadNameRow.name == name, HeadNameRow.shadow_version == version)
+                .values(shadow_version=None)
+            )
+            drop_observations(session, tenant, name, version)
         self.blobs.delete_named(blob_key)
 
     def delete_head(self, tenant: str, name: str) -> None:
@@ -433,6 +478,12 @@ class HeadRegistry:
                 raise NotFound(f"head '{name}' not found; nothing was deleted", head=name)
             session.execute(delete(HeadAliasRow).where(HeadAliasRow.tenant == tenant, HeadAliasRow.name == name))
             session.execute(delete(HeadVersionRow).where(*where))
+            session.execute(
+                update(HeadNameRow)
+                .where(HeadNameRow.tenant == tenant, HeadNameRow.name == name)
+                .values(shadow_version=None)
+            )
+            drop_observations(session, tenant, name, None)
         for key in blob_keys:
             self.blobs.delete_named(key)
 
@@ -508,6 +559,22 @@ def _next_version(session: Session, tenant: str, name: str) -> int:
     return session.scalar(select(HeadNameRow.last_version).where(*where)) or 0
 
 
+def _served(session: Session, tenant: str, name: str, number: int) -> ServedVersion | None:
+    """One version's serving columns, or None."""
+    row = session.execute(
+        select(*_SERVED_COLUMNS).where(
+            HeadVersionRow.tenant == tenant, HeadVersionRow.name == name, HeadVersionRow.version == number
+        )
+    ).one_or_none()
+    return None if row is None else ServedVersion.model_validate(row._asdict())
+
+
+def _shadow_version(session: Session, tenant: str, name: str) -> int | None:
+    return session.scalar(
+        select(HeadNameRow.shadow_version).where(HeadNameRow.tenant == tenant, HeadNameRow.name == name)
+    )
+
+
 def _latest_version(session: Session, tenant: str, name: str) -> int | None:
     """The highest stored version of ``name`` (what ``latest`` means), None when it has none."""
     return session.scalar(
@@ -579,6 +646,12 @@ def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInf
     )
     for alias in alias_rows:
         aliases_by_name[alias.name][alias.alias] = alias.version
+    shadow_rows = session.execute(
+        select(HeadNameRow.name, HeadNameRow.shadow_version).where(
+            HeadNameRow.tenant == tenant, HeadNameRow.name.in_(names)
+        )
+    )
+    shadows = {name: version for name, version in shadow_rows}
 
     heads = []
     for name in sorted(rows_by_name):
@@ -593,6 +666,7 @@ def _load_heads(session: Session, tenant: str, names: list[str]) -> list[HeadInf
                     for row in rows
                 ],
                 aliases=aliases,
+                shadow_version=shadows.get(name),
             )
         )
     return heads

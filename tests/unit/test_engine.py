@@ -290,9 +290,9 @@ async def test_references_to_one_version_run_once_and_answer_in_request_order(co
     submitted: list[list[HeadKey]] = []
     real_submit = batcher.submit
 
-    async def recording_submit(image, heads, include_embedding=False):
+    async def recording_submit(image, heads, include_embedding=False, keep_pooled=False):
         submitted.append([head.key for head in heads])
-        return await real_submit(image, heads, include_embedding)
+        return await real_submit(image, heads, include_embedding, keep_pooled)
 
     monkeypatch.setattr(batcher, "submit", recording_submit)
     refs = ["h", "g", "h@1", "h:latest", "h:prod", "h"]

@@ -318,7 +318,7 @@ class HeadVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., backbone: _Optional[str] = ..., split_point: _Optional[int] = ..., kind: _Optional[_Union[HeadKind, str]] = ..., classes: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[str] = ..., job: _Optional[str] = ..., param_bytes: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Head(_message.Message):
-    __slots__ = ("name", "latest_version", "versions", "aliases")
+    __slots__ = ("name", "latest_version", "versions", "aliases", "shadow_version")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -330,8 +330,10 @@ class Head(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     latest_version: int
     versions: _containers.RepeatedCompositeFieldContainer[HeadVersion]
     aliases: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., latest_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    shadow_version: int
+    def __init__(self, name: _Optional[str] = ..., latest_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[HeadVersion, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., shadow_version: _Optional[int] = ...) -> None: ...

@@ -702,6 +702,21 @@ class HeadServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.RemoveAliasRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetHeadShadow = channel.unary_unary(
+                '/graft.v1.HeadService/SetHeadShadow',
+                request_serializer=graft_dot_v1_dot_service__pb2.SetHeadShadowRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Head.FromString,
+                _registered_method=True)
+        self.ClearHeadShadow = channel.unary_unary(
+                '/graft.v1.HeadService/ClearHeadShadow',
+                request_serializer=graft_dot_v1_dot_service__pb2.ClearHeadShadowRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Head.FromString,
+                _registered_method=True)
+        self.CompareHeadVersions = channel.unary_unary(
+                '/graft.v1.HeadService/CompareHeadVersions',
+                request_serializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.FromString,
+                _registered_method=True)
         self.ExportHead = channel.unary_stream(
                 '/graft.v1.HeadService/ExportHead',
                 request_serializer=graft_dot_v1_dot_service__pb2.ExportHeadRequest.SerializeToString,
@@ -761,6 +776,30 @@ class HeadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHeadShadow(self, request, context):
+        """Every prediction served by a version of this head also scores `version`
+        in the same batch (no second trunk pass); the shadow's answer is returned
+        only with `include_shadow`. Idempotent; answers the head as GetHead does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearHeadShadow(self, request, context):
+        """Stop scoring a shadow; the comparison figures are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareHeadVersions(self, request, context):
+        """What the served versions and their shadows answered, over every replica:
+        one entry per (served version, shadow version) pair, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportHead(self, request, context):
         """The head as a file, in chunks: its safetensors weights, or one ONNX or
         torch.export (.pt2) file of backbone + head(s) that runs without graft:
@@ -808,6 +847,21 @@ def add_HeadServiceServicer_to_server(servicer, server):
                     servicer.RemoveAlias,
                     request_deserializer=graft_dot_v1_dot_service__pb2.RemoveAliasRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'SetHeadShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHeadShadow,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.SetHeadShadowRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Head.SerializeToString,
+            ),
+            'ClearHeadShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearHeadShadow,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ClearHeadShadowRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Head.SerializeToString,
+            ),
+            'CompareHeadVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareHeadVersions,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.SerializeToString,
             ),
             'ExportHead': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportHead,
@@ -1015,6 +1069,87 @@ class HeadService:
             _registered_method=True)
 
     @staticmethod
+    def SetHeadShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/SetHeadShadow',
+            graft_dot_v1_dot_service__pb2.SetHeadShadowRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Head.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearHeadShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/ClearHeadShadow',
+            graft_dot_v1_dot_service__pb2.ClearHeadShadowRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Head.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareHeadVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/CompareHeadVersions',
+            graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ExportHead(request,
             target,
             options=(),
@@ -1051,6 +1186,11 @@ class PredictionServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ReportPredictionFeedback = channel.unary_unary(
+                '/graft.v1.PredictionService/ReportPredictionFeedback',
+                request_serializer=graft_dot_v1_dot_service__pb2.ReportPredictionFeedbackRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.PredictionFeedback.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/graft.v1.PredictionService/Predict',
                 request_serializer=graft_dot_v1_dot_service__pb2.PredictRequest.SerializeToString,
@@ -1065,6 +1205,16 @@ class PredictionServiceStub:
 
 class PredictionServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def ReportPredictionFeedback(self, request, context):
+        """The true label of an image predicted before (its `prediction_id`): each
+        head version that answered it (and its shadow) is counted right or wrong,
+        for live accuracy (GetHeadMonitoring, CompareHeadVersions). Once per id;
+        NOT_FOUND for an unknown, expired or other tenant's id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -1084,6 +1234,11 @@ class PredictionServiceServicer:
 
 def add_PredictionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ReportPredictionFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPredictionFeedback,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ReportPredictionFeedbackRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.PredictionFeedback.SerializeToString,
+            ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
                     request_deserializer=graft_dot_v1_dot_service__pb2.PredictRequest.FromString,
@@ -1104,6 +1259,33 @@ def add_PredictionServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PredictionService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def ReportPredictionFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.PredictionService/ReportPredictionFeedback',
+            graft_dot_v1_dot_service__pb2.ReportPredictionFeedbackRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.PredictionFeedback.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Predict(request,

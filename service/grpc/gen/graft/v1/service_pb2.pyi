@@ -199,6 +199,63 @@ class RemoveAliasRequest(_message.Message):
     alias: str
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
+class SetHeadShadowRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ClearHeadShadowRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CompareHeadVersionsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class HeadComparison(_message.Message):
+    __slots__ = ("served_version", "shadow_version", "compared", "agreement", "mean_top_score_difference", "labels", "confusion", "labelled", "served_accuracy", "shadow_accuracy")
+    class ConfusionRow(_message.Message):
+        __slots__ = ("counts",)
+        COUNTS_FIELD_NUMBER: _ClassVar[int]
+        counts: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_TOP_SCORE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    SERVED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    served_version: int
+    shadow_version: int
+    compared: int
+    agreement: float
+    mean_top_score_difference: float
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    confusion: _containers.RepeatedCompositeFieldContainer[HeadComparison.ConfusionRow]
+    labelled: int
+    served_accuracy: float
+    shadow_accuracy: float
+    def __init__(self, served_version: _Optional[int] = ..., shadow_version: _Optional[int] = ..., compared: _Optional[int] = ..., agreement: _Optional[float] = ..., mean_top_score_difference: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., confusion: _Optional[_Iterable[_Union[HeadComparison.ConfusionRow, _Mapping]]] = ..., labelled: _Optional[int] = ..., served_accuracy: _Optional[float] = ..., shadow_accuracy: _Optional[float] = ...) -> None: ...
+
+class CompareHeadVersionsResponse(_message.Message):
+    __slots__ = ("head", "comparisons")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    comparisons: _containers.RepeatedCompositeFieldContainer[HeadComparison]
+    def __init__(self, head: _Optional[str] = ..., comparisons: _Optional[_Iterable[_Union[HeadComparison, _Mapping]]] = ...) -> None: ...
+
 class ExportHeadRequest(_message.Message):
     __slots__ = ("head", "format", "additional_heads")
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -224,42 +281,48 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class HeadPrediction(_message.Message):
-    __slots__ = ("head", "version", "top", "abstained", "prediction_set")
+    __slots__ = ("head", "version", "top", "abstained", "prediction_set", "shadow")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     ABSTAINED_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_SET_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     head: str
     version: int
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
     abstained: bool
     prediction_set: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., abstained: _Optional[bool] = ..., prediction_set: _Optional[_Iterable[str]] = ...) -> None: ...
+    shadow: HeadPrediction
+    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., abstained: _Optional[bool] = ..., prediction_set: _Optional[_Iterable[str]] = ..., shadow: _Optional[_Union[HeadPrediction, _Mapping]] = ...) -> None: ...
 
 class ImagePrediction(_message.Message):
-    __slots__ = ("heads", "embedding")
+    __slots__ = ("heads", "embedding", "prediction_id")
     HEADS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     heads: _containers.RepeatedCompositeFieldContainer[HeadPrediction]
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, heads: _Optional[_Iterable[_Union[HeadPrediction, _Mapping]]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    prediction_id: str
+    def __init__(self, heads: _Optional[_Iterable[_Union[HeadPrediction, _Mapping]]] = ..., embedding: _Optional[_Iterable[float]] = ..., prediction_id: _Optional[str] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "heads", "top_k", "include_embedding", "min_score", "coverage")
+    __slots__ = ("images", "heads", "top_k", "include_embedding", "min_score", "coverage", "include_shadow")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SHADOW_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     heads: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     include_embedding: bool
     min_score: float
     coverage: float
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ...) -> None: ...
+    include_shadow: bool
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ..., include_shadow: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions",)
@@ -267,8 +330,40 @@ class PredictResponse(_message.Message):
     predictions: _containers.RepeatedCompositeFieldContainer[ImagePrediction]
     def __init__(self, predictions: _Optional[_Iterable[_Union[ImagePrediction, _Mapping]]] = ...) -> None: ...
 
+class ReportPredictionFeedbackRequest(_message.Message):
+    __slots__ = ("name", "label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    label: str
+    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class FeedbackVerdict(_message.Message):
+    __slots__ = ("head", "version", "correct", "shadow_version", "shadow_correct")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    version: int
+    correct: bool
+    shadow_version: int
+    shadow_correct: bool
+    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., correct: _Optional[bool] = ..., shadow_version: _Optional[int] = ..., shadow_correct: _Optional[bool] = ...) -> None: ...
+
+class PredictionFeedback(_message.Message):
+    __slots__ = ("prediction_id", "label", "heads")
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    label: str
+    heads: _containers.RepeatedCompositeFieldContainer[FeedbackVerdict]
+    def __init__(self, prediction_id: _Optional[str] = ..., label: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[FeedbackVerdict, _Mapping]]] = ...) -> None: ...
+
 class StreamPredictRequest(_message.Message):
-    __slots__ = ("request_id", "image", "heads", "top_k", "include_embedding", "min_score", "coverage")
+    __slots__ = ("request_id", "image", "heads", "top_k", "include_embedding", "min_score", "coverage", "include_shadow")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +371,7 @@ class StreamPredictRequest(_message.Message):
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SHADOW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     image: bytes
     heads: _containers.RepeatedScalarFieldContainer[str]
@@ -283,7 +379,8 @@ class StreamPredictRequest(_message.Message):
     include_embedding: bool
     min_score: float
     coverage: float
-    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ...) -> None: ...
+    include_shadow: bool
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., include_embedding: _Optional[bool] = ..., min_score: _Optional[float] = ..., coverage: _Optional[float] = ..., include_shadow: _Optional[bool] = ...) -> None: ...
 
 class StreamPredictResponse(_message.Message):
     __slots__ = ("request_id", "prediction", "error_code", "error_message")

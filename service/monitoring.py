@@ -1,0 +1,120 @@
+"""One replica's observations of what it serves: shadow comparisons, prediction records (for feedback) and
+monitoring.
+
+Every image answered gets a prediction id (a random URL-safe token); what each head version and its shadow
+answered is recorded under it so that the caller can report the true label later (:meth:`Monitor.feedback`).
+
+The predictor hands every answered request to :meth:`Monitor.observe`, on the event loop: it only adds to
+in-memory counts (no database call, no allocation that grows with traffic beyond the bound), so serving never
+waits for the registry. A background task (:meth:`Monitor.run`) adds the counts to the registry database every
+GRAFT_MONITOR_FLUSH_S, additively (service/store/observations.py), so the figures of every replica combine;
+reads (:compare, ...) flush this replica first, so a caller sees its own predictions at once. What one replica
+holds between flushes is bounded by GRAFT_MONITOR_MAX_PENDING; a flush that fails (the database is away) is
+logged and its counts are lost, never retried into unbounded memory.
+"""
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import torch
+
+from service.config import Settings
+from service.engine.head_cache import IMAGENET_TENANT
+from service.engine.predictor import Served
+from service.store.db import utcnow
+from service.store.observations import (
+    ComparisonKey,
+    ComparisonTally,
+    Feedback,
+    Observations,
+    PredictionRecord,
+    RecordedHead,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+InThread = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+class Monitor:
+    def __init__(self, observations: Observations, settings: Settings, in_thread: InThread) -> None:
+        """``in_thread(fn)`` runs a database write off the event loop (the runtime's store pool)."""
+        self.observations = observations
+        self.settings = settings
+        self._in_thread = in_thread
+        self._comparisons: dict[ComparisonKey, ComparisonTally] = {}
+        self._records: list[PredictionRecord] = []
+        self._pending = 0  # observations held since the last flush
+        self._flushing = asyncio.Lock()
+
+    @property
+    def keeps_embeddings(self) -> bool:
+        return False
+
+    def observe(self, tenant: str, served: list[Served], embeddings: dict[str, torch.Tensor]) -> list[str]:
+        """Count each head's agreement with its shadow, record what every image was answered; its ids."""
+        images = len(served[0].answers) if served else 0
+        ids = [secrets.token_urlsafe(16) for _ in range(images)]
+        if self._room(images):
+            now = utcnow()
+            for index, prediction_id in enumerate(ids):
+                heads = [_recorded(one, index) for one in served if one.head.key.tenant != IMAGENET_TENANT]
+                self._records.append(PredictionRecord(tenant, prediction_id, heads, now))
+        for one in served:
+            if one.shadow is None or one.shadow_answers is None:
+                continue
+            if not self._room(len(one.answers)):
+                break
+            key = ComparisonKey(tenant, one.head.name, one.head.version, one.shadow.version)
+            tally = self._comparisons.setdefault(key, ComparisonTally())
+            for answer, shadow in zip(one.answers, one.shadow_answers, strict=True):
+                tally.add(answer.top[0].label, shadow.top[0].label, answer.top[0].score, shadow.top[0].score)
+        return ids
+
+    def _room(self, count: int) -> bool:
+        """Take ``count`` places of GRAFT_MONITOR_MAX_PENDING, or say there are none."""
+        if self._pending + count > self.settings.monitor_max_pending:
+            return False
+        self._pending += count
+        return True
+
+    async def flush(self) -> None:
+        """Add what this replica observed to the database; returns once everything observed before the call is
+        there (a flush already under way is waited for)."""
+        async with self._flushing:
+            comparisons, self._comparisons = self._comparisons, {}
+            records, self._records = self._records, []
+            self._pending = 0
+            await self._in_thread(lambda: self.observations.add_comparisons(comparisons))
+            await self._in_thread(lambda: self.observations.add_records(records))
+
+    async def feedback(self, tenant: str, prediction_id: str, label: str) -> Feedback:
+        """The true label of a prediction, counted for each version that answered it (this replica's pending
+        records flushed first, so an id it answered a moment ago is found)."""
+        await self.flush()
+        return await self._in_thread(lambda: self.observations.feedback(tenant, prediction_id, label))
+
+    async def run(self) -> None:
+        """Flush every GRAFT_MONITOR_FLUSH_S until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.monitor_flush_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not write observations to the registry; they are dropped")
+
+
+def _recorded(served: Served, index: int) -> RecordedHead:
+    answer = served.answers[index]
+    shadow = served.shadow_answers[index] if served.shadow_answers is not None else None
+    return RecordedHead(
+        head=served.head.name,
+        version=served.head.version,
+        label=answer.top[0].label,
+        shadow_version=None if shadow is None else shadow.version,
+        shadow_label=None if shadow is None else shadow.top[0].label,
+    )
