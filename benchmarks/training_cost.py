@@ -48,8 +48,9 @@ def main() -> None:
         first = timed_train(core, default)
         retrain = timed_train(core, default)
         one_point = SearchSpace(lr=grid.lr[:1], weight_decay=grid.weight_decay[2:3])
-        fixed = default.model_copy(update={"search": one_point, "scaling": "standardise", "class_weighting": "none"})
-        fixed_s = timed_train(core, TrainRequest.model_validate(fixed.model_dump()))
+        recipe = {"search": one_point.model_dump(), "scaling": "standardise", "class_weighting": "none"}
+        fixed = TrainRequest.model_validate(default.model_dump() | recipe)
+        fixed_s = timed_train(core, fixed)
 
     print(
         json.dumps(
