@@ -23,10 +23,12 @@ from client.models import (
     Dataset,
     DatasetAudit,
     Head,
+    HeadComparisons,
     HeadVersion,
     HyperParams,
     ImagePrediction,
     Job,
+    PredictionFeedback,
     PredictOptions,
     SearchSpace,
     TrainingSpec,
@@ -214,6 +216,26 @@ class Client(ABC):
 
         ``additional_heads`` (onnx and pt2): more heads on the same backbone, one more output each.
         """
+
+    # Shadow versions, feedback and monitoring ---------------------------------------------------------------------
+
+    @abstractmethod
+    def set_shadow(self, head: str, version: int) -> Head:
+        """Have ``version`` answer every prediction of ``head`` beside the version served, on the same trunk pass;
+        callers keep getting the served answer. Replaces any shadow the head had."""
+
+    @abstractmethod
+    def clear_shadow(self, head: str) -> Head:
+        """Stop shadowing; the comparison figures are kept."""
+
+    @abstractmethod
+    def compare(self, head: str) -> HeadComparisons:
+        """How each shadow version answered beside the served one (agreement, confusion, accuracy on feedback)."""
+
+    @abstractmethod
+    def report_feedback(self, prediction_id: str, label: str) -> PredictionFeedback:
+        """The true label of an image predicted earlier (``ImagePrediction.prediction_id``), once per prediction:
+        it scores the served and the shadow versions' answers."""
 
     # Prediction ---------------------------------------------------------------------------------------------------
 

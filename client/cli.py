@@ -6,6 +6,9 @@
     graft predict textiles photos/                # a table; --json / --csv for pipes
     graft audit textiles                          # images whose label is probably wrong
     graft predict textiles photos/ --min-score 0.8 --coverage 0.9   # "unknown" below 0.8; 90 % label sets
+    graft shadow textiles 3                       # version 3 answers beside the served one, unseen
+    graft compare textiles                        # how often they agree, and on what they differ
+    graft feedback PREDICTION_ID hole             # the true label of an image predicted earlier
 
 Server, transport and key: --url / --api-key, else GRAFT_URL / GRAFT_API_KEY, else the
 config file (client/config.py). Exit codes: 0 success, 1 the server refused or failed
@@ -35,6 +38,8 @@ from client.models import (
     OBJECTIVES,
     SCALINGS,
     TRAINING_KINDS,
+    HeadComparison,
+    HeadPrediction,
     ImagePrediction,
     Job,
     PredictOptions,
@@ -220,31 +225,52 @@ def predict(graft: Client, args: argparse.Namespace) -> int:
     heads = args.head.split(",")
     options = {name: getattr(args, name) for name in PredictOptions.model_fields}
     predictions = graft.predict(files, heads, batch_size=args.batch_size, concurrency=args.concurrency, **options)
-    # Columns for --min-score / --coverage only when asked for: scripts reading the plain CSV keep working.
+    # Columns for --min-score / --coverage / --include-shadow only when asked for: scripts reading the plain CSV
+    # keep working (prediction_id comes last).
     extra = (["abstained"] if args.min_score else []) + (["prediction_set"] if args.coverage else [])
+    extra += ["shadow_version", "shadow_label", "shadow_score"] if args.include_shadow else []
     if args.json:
         for path, prediction in zip(files, predictions, strict=True):
             print(json.dumps({"file": str(path)} | prediction.model_dump(exclude_none=True)))
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "head", "version", "rank", "label", "score", *extra])
+        writer.writerow(["file", "head", "version", "rank", "label", "score", *extra, "prediction_id"])
         writer.writerows(_prediction_rows(files, predictions, extra))
-    else:  # the best label per head; "unknown" where the head abstains; then its prediction set
+    else:  # the best label per head ("unknown" where it abstains), its prediction set, its shadow's, the id
         _table(
-            ["file", "head", "label", "score", *(["set"] if args.coverage else [])],
+            [
+                "file",
+                "head",
+                "label",
+                "score",
+                *(["set"] if args.coverage else []),
+                *(["shadow"] if args.include_shadow else []),
+                "prediction id",
+            ],
             [
                 [
                     str(path),
                     f"{head.head}@{head.version}",
-                    UNKNOWN if head.abstained else head.top[0].label,
+                    _best(head),
                     f"{head.top[0].score:.3f}",
                     *([" ".join(head.prediction_set or [])] if args.coverage else []),
+                    *([_shadow_answer(head.shadow)] if args.include_shadow else []),
+                    prediction.prediction_id or "-",
                 ]
                 for path, prediction in zip(files, predictions, strict=True)
                 for head in prediction.heads
             ],
         )
     return 0
+
+
+def _best(head: HeadPrediction) -> str:
+    return UNKNOWN if head.abstained else head.top[0].label
+
+
+def _shadow_answer(shadow: HeadPrediction | None) -> str:
+    """'@3 stain 0.912': the shadow version's best label, or '-' where the head has no shadow."""
+    return f"@{shadow.version} {_best(shadow)} {shadow.top[0].score:.3f}" if shadow and shadow.top else "-"
 
 
 def _image_files(paths: list[Path]) -> Iterator[Path]:
@@ -258,12 +284,22 @@ def _image_files(paths: list[Path]) -> Iterator[Path]:
 
 
 def _prediction_rows(files: list[Path], predictions: list[ImagePrediction], extra: list[str]) -> Iterator[list[Any]]:
-    """file, head, version, rank, label, score, then the ``extra`` columns: abstained, prediction_set (';'-joined)."""
+    """file, head, version, rank, label, score, then the ``extra`` columns (abstained, prediction_set ';'-joined,
+    the shadow's version, label and score at the same rank), then prediction_id."""
     for path, prediction in zip(files, predictions, strict=True):
         for head in prediction.heads:
-            more = {"abstained": head.abstained, "prediction_set": ";".join(head.prediction_set or [])}
+            shadow = head.shadow
             for rank, top in enumerate(head.top, start=1):
-                yield [str(path), head.head, head.version, rank, top.label, top.score, *(more[c] for c in extra)]
+                theirs = shadow.top[rank - 1] if shadow and rank <= len(shadow.top) else None
+                more = {
+                    "abstained": head.abstained,
+                    "prediction_set": ";".join(head.prediction_set or []),
+                    "shadow_version": shadow.version if shadow else "",
+                    "shadow_label": theirs.label if theirs else "",
+                    "shadow_score": theirs.score if theirs else "",
+                }
+                row = [str(path), head.head, head.version, rank, top.label, top.score, *(more[c] for c in extra)]
+                yield [*row, prediction.prediction_id or ""]
 
 
 def heads(graft: Client, args: argparse.Namespace) -> int:
@@ -369,6 +405,78 @@ def alias(graft: Client, args: argparse.Namespace) -> int:
     head = graft.set_alias(args.head, args.alias, args.version)
     print(f"{head.display}:{args.alias} -> version {head.aliases[args.alias]}")
     return 0
+
+
+def shadow(graft: Client, args: argparse.Namespace) -> int:
+    if args.clear:
+        if args.version is not None:
+            raise UsageError("give a version to shadow, or --clear, not both")
+        head = graft.clear_shadow(args.head)
+        print(f"{head.display}: no shadow (its comparisons are kept: graft compare {head.display})")
+        return 0
+    if args.version is None:
+        raise UsageError("give the version that shadows the head (graft shadow HEAD VERSION), or --clear")
+    head = graft.set_shadow(args.head, args.version)
+    print(
+        f"{head.display}: version {head.shadow_version} answers every prediction beside the served one, unseen by "
+        f"callers; graft compare {head.display} shows how they differ"
+    )
+    return 0
+
+
+def compare(graft: Client, args: argparse.Namespace) -> int:
+    found = graft.compare(args.head)
+    if args.json:
+        print(found.model_dump_json())
+        return 0
+    if not found.comparisons:
+        print(f"{found.head}: no shadow has answered yet (attach one: graft shadow {found.head} VERSION)")
+        return 0
+    for number, comparison in enumerate(found.comparisons):
+        if number:
+            print()
+        _print_comparison(found.head, comparison)
+    return 0
+
+
+def _print_comparison(head: str, c: HeadComparison) -> None:
+    print(f"{head}: shadow version {c.shadow_version} beside served version {c.served_version}")
+    agreement = "-" if c.agreement is None else _percent(c.agreement)
+    difference = "-" if c.mean_top_score_difference is None else f"{c.mean_top_score_difference:+.3f}"
+    print(
+        f"  {c.compared} images compared: agreement {agreement}, "
+        f"mean top-score difference {difference} (shadow - served)"
+    )
+    if c.labelled:
+        print(
+            f"  {c.labelled} with a reported label: accuracy served {_percent(c.served_accuracy)}, "
+            f"shadow {_percent(c.shadow_accuracy)}"
+        )
+    if c.confusion:
+        print()
+        _table(
+            ["served \\ shadow", *c.labels],
+            [[label, *(str(count) for count in row)] for label, row in zip(c.labels, c.confusion, strict=False)],
+        )
+
+
+def feedback(graft: Client, args: argparse.Namespace) -> int:
+    found = graft.report_feedback(args.prediction_id, args.label)
+    if args.json:
+        print(found.model_dump_json())
+        return 0
+    verdicts = []
+    for head in found.heads:
+        verdict = f"{head.head}@{head.version} {'right' if head.correct else 'wrong'}"
+        if head.shadow_version is not None and head.shadow_correct is not None:
+            verdict += f", shadow @{head.shadow_version} {'right' if head.shadow_correct else 'wrong'}"
+        verdicts.append(verdict)
+    print(f"{found.prediction_id}: {found.label!r} recorded; {'; '.join(verdicts) or 'no head to score'}")
+    return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def export(graft: Client, args: argparse.Namespace) -> int:
@@ -569,6 +677,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("alias")
     sub.add_argument("version", type=int, nargs="?")
     sub.add_argument("--remove", action="store_true")
+
+    sub = command("shadow", shadow, "have a version answer every prediction beside the served one, or stop it")
+    sub.add_argument("head")
+    sub.add_argument("version", type=int, nargs="?", help="the version that shadows the head")
+    sub.add_argument("--clear", action="store_true", help="stop shadowing (the comparisons are kept)")
+
+    sub = command("compare", compare, "how a head's shadow versions answered beside the served one")
+    sub.add_argument("head")
+    sub.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+
+    sub = command("feedback", feedback, "report the true label of an image predicted earlier (once per prediction)")
+    sub.add_argument("prediction_id", help="the prediction id graft predict printed")
+    sub.add_argument("label")
+    sub.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     about = (
         "download a head: safetensors weights, or backbone + head as one ONNX or torch.export (.pt2) "

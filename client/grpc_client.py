@@ -20,7 +20,18 @@ from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import AUDIT_TIMEOUT_S, IDEMPOTENCY_METADATA, Client, PredictOptions, UploadProgress, new_request_id
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
-from client.models import Backbone, Dataset, DatasetAudit, Head, HeadVersion, ImagePrediction, Job, TrainingSpec
+from client.models import (
+    Backbone,
+    Dataset,
+    DatasetAudit,
+    Head,
+    HeadComparisons,
+    HeadVersion,
+    ImagePrediction,
+    Job,
+    PredictionFeedback,
+    TrainingSpec,
+)
 from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, from_directory
 
@@ -35,7 +46,7 @@ _ENUM_FIELDS = {
     "scaling": "FEATURE_SCALING_",
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
-_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone"}  # proto3 "" is HTTP's null
+_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id"}  # proto3 "" is HTTP's null
 
 
 class GrpcClient(Client):
@@ -269,6 +280,30 @@ class GrpcClient(Client):
 
         return self.retry.call(download)
 
+    # Shadow versions, feedback and monitoring ---------------------------------------------------------------------
+
+    def set_shadow(self, head: str, version: int) -> Head:
+        request = api.SetHeadShadowRequest(name=_named(head, "heads"), version=version)
+        return Head.model_validate(_json(self._call(self._heads.SetHeadShadow, request)))
+
+    def clear_shadow(self, head: str) -> Head:
+        request = api.ClearHeadShadowRequest(name=_named(head, "heads"))
+        return Head.model_validate(_json(self._call(self._heads.ClearHeadShadow, request)))
+
+    def compare(self, head: str) -> HeadComparisons:
+        reply = self._call(self._heads.CompareHeadVersions, api.CompareHeadVersionsRequest(name=_named(head, "heads")))
+        answer = _json(reply)
+        for comparison in answer["comparisons"]:  # proto rows of counts: the HTTP door's list of lists
+            comparison["confusion"] = [row["counts"] for row in comparison["confusion"]]
+        return HeadComparisons.model_validate(answer)
+
+    def report_feedback(self, prediction_id: str, label: str) -> PredictionFeedback:
+        # Not retried once it may have run: a second try would answer ALREADY_EXISTS, as if reported twice.
+        request = api.ReportPredictionFeedbackRequest(name=_named(prediction_id, "predictions"), label=label)
+        return PredictionFeedback.model_validate(
+            _json(self._call(self._predictions.ReportPredictionFeedback, request, safe=False))
+        )
+
     # Prediction and backbones -------------------------------------------------------------------------------------
 
     def _predict(self, images: list[bytes], heads: list[str], options: PredictOptions) -> list[ImagePrediction]:
@@ -279,7 +314,8 @@ class GrpcClient(Client):
         for prediction in predictions:
             prediction.embedding = prediction.embedding if options.include_embedding else None
             for head in prediction.heads:
-                head.prediction_set = (head.prediction_set or []) if options.coverage else None
+                for answer in (head, head.shadow) if head.shadow else (head,):
+                    answer.prediction_set = (answer.prediction_set or []) if options.coverage else None
         return predictions
 
     def list_backbones(self) -> list[Backbone]:

@@ -5,6 +5,7 @@ import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -15,10 +16,12 @@ from client.models import (
     Dataset,
     DatasetAudit,
     Head,
+    HeadComparisons,
     HeadVersion,
     ImagePrediction,
     Job,
     NewKey,
+    PredictionFeedback,
     Tenant,
     TrainingSpec,
 )
@@ -199,6 +202,22 @@ class HttpClient(Client):
         path = f"/v1/{_named(head, 'heads')}:export"
         params = {"format": format, "additional_heads": list(additional_heads)}
         return self.retry.call(lambda: self._send("GET", path, params=params)).content
+
+    # Shadow versions, feedback and monitoring ---------------------------------------------------------------------
+
+    def set_shadow(self, head: str, version: int) -> Head:
+        return Head.model_validate(self._call("PUT", f"/v1/{_named(head, 'heads')}:shadow", json={"version": version}))
+
+    def clear_shadow(self, head: str) -> Head:
+        return Head.model_validate(self._call("DELETE", f"/v1/{_named(head, 'heads')}:shadow", safe=True))
+
+    def compare(self, head: str) -> HeadComparisons:
+        return HeadComparisons.model_validate(self._call("GET", f"/v1/{_named(head, 'heads')}:compare"))
+
+    def report_feedback(self, prediction_id: str, label: str) -> PredictionFeedback:
+        # Not retried once it may have run: a second try would answer 409, as if the label were reported twice.
+        path = f"/v1/predictions/{quote(prediction_id.removeprefix('predictions/'), safe='')}:feedback"
+        return PredictionFeedback.model_validate(self._call("POST", path, json={"label": label}, safe=False))
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 

@@ -192,6 +192,9 @@ class Head(BaseModel):
     latest_version: int
     versions: list[HeadVersion]
     aliases: dict[str, int] = {}
+    shadow_version: int | None = Field(
+        None, description="a version that answers every prediction beside the served one, to be compared with it"
+    )
 
     @property
     def display(self) -> str:
@@ -222,6 +225,11 @@ class PredictOptions(BaseModel):
         le=1.0,
         description="a head whose top (calibrated) score is below this answers `abstained: true`; 0 never abstains",
     )
+    include_shadow: bool = Field(
+        False,
+        description="also return each head's shadow version's own prediction (`shadow`, null where the head has "
+        "none); the shadow is scored either way",
+    )
     coverage: float | None = Field(
         None,
         gt=0.0,
@@ -243,11 +251,58 @@ class HeadPrediction(BaseModel):
     prediction_set: list[str] | None = Field(
         None, description="with coverage: labels holding the true one, likeliest first"
     )
+    shadow: "HeadPrediction | None" = Field(
+        None, description="with include_shadow: the head's shadow version's own answer (None: it has no shadow)"
+    )
 
 
 class ImagePrediction(BaseModel):
     heads: list[HeadPrediction]
     embedding: list[float] | None = None
+    prediction_id: str | None = Field(
+        None, description="names this answer when its true label is reported (report_feedback); None: not recorded"
+    )
+
+
+# Shadow versions, feedback and monitoring ---------------------------------------------------------------------------
+
+
+class HeadComparison(BaseModel):
+    """What a shadow version answered beside the served one, over every replica, since it was first attached."""
+
+    served_version: int
+    shadow_version: int
+    compared: int = Field(0, description="images both versions answered")
+    agreement: float | None = Field(None, description="share of those where both gave the same top label")
+    mean_top_score_difference: float | None = Field(None, description="mean of shadow top score - served top score")
+    labels: list[str] = []
+    confusion: list[list[int]] = Field([], description="[i][j]: images served labelled labels[i], shadow labels[j]")
+    labelled: int = Field(0, description="compared images whose true label was reported (feedback)")
+    served_accuracy: float | None = None
+    shadow_accuracy: float | None = None
+
+
+class HeadComparisons(BaseModel):
+    head: str
+    comparisons: list[HeadComparison] = Field(
+        [], description="one per (served, shadow) pair ever compared, newest first"
+    )
+
+
+class FeedbackVerdict(BaseModel):
+    """Whether one head's answer to a reported prediction was right (and its shadow's, if it had one)."""
+
+    head: str
+    version: int
+    correct: bool
+    shadow_version: int | None = None
+    shadow_correct: bool | None = None
+
+
+class PredictionFeedback(BaseModel):
+    prediction_id: str
+    label: str
+    heads: list[FeedbackVerdict] = []
 
 
 class Tenant(BaseModel):

@@ -130,7 +130,7 @@ def test_upload_train_predict_from_the_command_line(server, images, tenant, tmp_
     as_csv = graft(
         "predict", "weave", str(images / "held_out"), "--csv", "--top-k", "2", url=server.http_url, key=tenant
     )
-    assert as_csv.stdout.splitlines()[0] == "file,head,version,rank,label,score"
+    assert as_csv.stdout.splitlines()[0] == "file,head,version,rank,label,score,prediction_id"
     assert len(as_csv.stdout.splitlines()) == 1 + 2 * len(HELD_OUT)
     # No score reaches 1: every head abstains ("unknown"); each prediction set starts with the best label.
     unsure = graft(

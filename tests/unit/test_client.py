@@ -128,6 +128,10 @@ def test_graft_report_without_matplotlib_says_how_to_install_it(monkeypatch, cap
         (models.LabelSuspect, pb.LabelSuspect),
         (models.DuplicatePair, pb.DuplicatePair),
         (models.AuditedExample, pb.AuditedExample),
+        (models.HeadComparisons, api.CompareHeadVersionsResponse),
+        (models.HeadComparison, api.HeadComparison),
+        (models.PredictionFeedback, api.PredictionFeedback),
+        (models.FeedbackVerdict, api.FeedbackVerdict),
     ],
 )
 def test_client_models_have_exactly_the_protos_field_names(model, message):
