@@ -38,6 +38,16 @@ JOB_SECONDS = Histogram(
     labelnames=["state"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600),
 )
+# Fixed cardinality: never a label per head or per tenant.
+SHADOW_PREDICTIONS = Counter(
+    name="graft_shadow_predictions_total",
+    documentation="Images a head's shadow version scored beside the version served (service/monitoring.py).",
+)
+FEEDBACK = Counter(
+    name="graft_feedback_total",
+    documentation="Head versions' answers whose true label was reported, by whether they were right.",
+    labelnames=["outcome"],
+)
 
 
 class PrometheusMetrics:
@@ -49,6 +59,12 @@ class PrometheusMetrics:
 
     def predictions(self, kind: str, door: str, count: int) -> None:
         PREDICTIONS.labels(kind=kind, door=door).inc(count)
+
+    def shadow_predictions(self, count: int) -> None:
+        SHADOW_PREDICTIONS.inc(count)
+
+    def feedback(self, correct: bool) -> None:
+        FEEDBACK.labels(outcome="correct" if correct else "incorrect").inc()
 
     def job_finished(self, job: "JobInfo") -> None:
         if job.finished_at is not None:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -40,9 +40,24 @@ T = TypeVar("T")
 InThread = Callable[[Callable[[], T]], Awaitable[T]]
 
 
+class ObservationMetrics(Protocol):
+    """Where observations are counted for Prometheus (fixed-cardinality series only: service/metrics.py)."""
+
+    def shadow_predictions(self, count: int) -> None: ...
+
+    def feedback(self, correct: bool) -> None: ...
+
+
 class Monitor:
-    def __init__(self, observations: Observations, settings: Settings, in_thread: InThread) -> None:
+    def __init__(
+        self,
+        observations: Observations,
+        settings: Settings,
+        in_thread: InThread,
+        metrics: ObservationMetrics | None = None,
+    ) -> None:
         """``in_thread(fn)`` runs a database write off the event loop (the runtime's store pool)."""
+        self.metrics = metrics
         self.observations = observations
         self.settings = settings
         self._in_thread = in_thread
@@ -67,6 +82,8 @@ class Monitor:
         for one in served:
             if one.shadow is None or one.shadow_answers is None:
                 continue
+            if self.metrics is not None:
+                self.metrics.shadow_predictions(len(one.answers))
             if not self._room(len(one.answers)):
                 break
             key = ComparisonKey(tenant, one.head.name, one.head.version, one.shadow.version)
@@ -96,7 +113,11 @@ class Monitor:
         """The true label of a prediction, counted for each version that answered it (this replica's pending
         records flushed first, so an id it answered a moment ago is found)."""
         await self.flush()
-        return await self._in_thread(lambda: self.observations.feedback(tenant, prediction_id, label))
+        feedback = await self._in_thread(lambda: self.observations.feedback(tenant, prediction_id, label))
+        if self.metrics is not None:
+            for verdict in feedback.heads:
+                self.metrics.feedback(verdict.correct)
+        return feedback
 
     async def run(self) -> None:
         """Flush every GRAFT_MONITOR_FLUSH_S until cancelled."""

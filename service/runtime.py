@@ -53,6 +53,7 @@ class Runtime:
     tenants: Tenants
     registry_reachable: bool = True
     probe_interval_s: float = PROBE_INTERVAL_S
+    metrics: PrometheusMetrics | None = None  # None: nothing is reported (tests)
     draining: bool = False  # set on SIGTERM: not ready, new calls refused so clients retry elsewhere
     http_in_flight: int = 0  # HTTP calls admitted and not yet answered (kept by the HTTP gate)
     uploads: InflightBytes = field(init=False, repr=False)  # bytes all dataset uploads hold, both doors
@@ -75,7 +76,7 @@ class Runtime:
         self.exports = ExportQueue(settings.max_waiting_exports)
         self.audit_slots = threading.BoundedSemaphore(settings.max_concurrent_audits)
         observations = Observations(self.core.db, settings.prediction_ttl_s, settings.max_prediction_records)
-        self.monitor = Monitor(observations, settings, lambda fn: run_in(self.pools.store, fn))
+        self.monitor = Monitor(observations, settings, lambda fn: run_in(self.pools.store, fn), self.metrics)
         self.predictor.observer = self.monitor  # the predictor is built first (around): it reports from now on
 
     @classmethod
@@ -89,7 +90,7 @@ class Runtime:
         predictor = Predictor(core.backbones, heads, core.settings, metrics)
         on_finished = metrics.job_finished if metrics else None
         jobs = JobRunner(core.db, core.trainer, core.settings, core.quotas, on_finished=on_finished)
-        return cls(core, predictor, jobs, Tenants(core.db, core.settings))
+        return cls(core, predictor, jobs, Tenants(core.db, core.settings), metrics=metrics)
 
     @property
     def settings(self) -> Settings:

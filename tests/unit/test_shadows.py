@@ -4,13 +4,17 @@ doors, and dropped with their versions."""
 import grpc
 import httpx
 import pytest
+import torch
+from prometheus_client import REGISTRY
 
 from adapters.kinds import HeadKind
 from service.calls import Calls, KeyCheck
+from service.errors import NotFound
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
+from service.metrics import PrometheusMetrics
 from service.prediction_options import PredictOptions
 from service.runtime import Runtime
 from tests.unit.test_engine import TENANT, png, save_random_head
@@ -155,3 +159,58 @@ async def test_over_grpc_a_shadow_is_set_predicted_with_and_compared(runtime):
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(grace=1)
+
+
+async def test_prometheus_counts_shadow_predictions_and_feedback_without_a_label_per_head_or_tenant(
+    make_core, tmp_path
+):
+    core = make_core(tmp_path)
+    save_random_head(core, "h", HeadKind.LINEAR, seed=1)
+    save_random_head(core, "h", HeadKind.LINEAR, seed=2)
+    runtime = Runtime.around(core, PrometheusMetrics())
+    before = {name: REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in SERIES}
+    await calls(runtime).set_shadow("h", 2)
+    answers = await calls(runtime).predict(IMAGES[:3], ["h@1"], PredictOptions(), door="test")
+    await calls(runtime).report_feedback(answers[0].prediction_id or "", answers[0].heads[0].top[0].label)
+    after = {name: REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in SERIES}
+    assert [after[name] - before[name] for name, _ in SERIES] == [3, 1]
+    for family in REGISTRY.collect():
+        if family.name in ("graft_shadow_predictions", "graft_feedback"):
+            assert all(set(s.labels) <= {"outcome"} for s in family.samples)
+
+
+SERIES = [("graft_shadow_predictions_total", {}), ("graft_feedback_total", {"outcome": "correct"})]
+
+
+async def test_a_tenant_can_neither_see_nor_set_nor_feel_another_tenants_shadow(runtime):
+    await calls(runtime).set_shadow("h", 2)
+    await calls(runtime).predict(IMAGES[:2], ["h:prod"], PredictOptions(), door="test")
+    other = calls(runtime, "other")
+    with pytest.raises(NotFound):
+        await other.set_shadow("h", 2)
+    with pytest.raises(NotFound):
+        await other.compare_head_versions("h")
+    with pytest.raises(NotFound):
+        await other.clear_shadow("h")
+
+    # the other tenant's own 'h' (same name, same version numbers) has no shadow and compares nothing of acme's
+    for seed in (3, 4):
+        runtime.core.heads.create_version(
+            "other", "h", **{**_stored(runtime, TENANT, "h", 1), "tensors": _tensors(runtime, seed)}
+        )
+    [answer] = await other.predict(IMAGES[:1], ["h@1"], PredictOptions(include_shadow=True), door="test")
+    assert answer.heads[0].shadow is None
+    assert (await other.compare_head_versions("h")).comparisons == []
+    assert [c.compared for c in (await calls(runtime).compare_head_versions("h")).comparisons] == [2]
+
+
+def _stored(runtime: Runtime, tenant: str, name: str, version: int) -> dict:
+    info = runtime.core.heads.describe(tenant, f"{name}@{version}")
+    fields = ("backbone", "split_point", "kind", "classes", "config", "hyperparams", "metrics", "dataset_id")
+    return {field: getattr(info, field) for field in fields}
+
+
+def _tensors(runtime: Runtime, seed: int) -> dict:
+    info = runtime.core.heads.resolve(TENANT, "h@1")
+    torch.manual_seed(seed)
+    return {key: torch.randn_like(t) for key, t in runtime.core.heads.load_tensors(info).items()}
