@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from adapters.kinds import KINDS
 from adapters.recipe import CLASS_WEIGHTINGS, OBJECTIVES, SCALINGS
+from client import connect
 from harness.sample_data import textile_files
 from harness.screenshots import record_digest
 from harness.servers import Server, make_tenant_key, start_server
@@ -278,3 +279,33 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     expect(answers).to_have_count(2)
     expect(answers.first.locator(".top-label")).to_have_text(re.compile(f"^({'|'.join(CLASSES)})$"))
     page.get_by_role("button", name="Stop the webcam").click()
+
+
+def test_a_heads_shadow_is_set_on_its_card_and_compared_with_the_served_version(page, server, screenshots):
+    """A tenant of its own: head 'watch' with two versions trained on different images; version 1 shadows the
+    latest, 2."""
+    key = make_tenant_key(server, "watch")
+    with connect(server.http_url, key) as graft:
+        for offset in (0, 100):
+            pairs = [(data, label) for _, data, label in textile_files(per_class=10, offset=offset)]
+            dataset = graft.create_dataset(pairs, f"watch-{offset}")
+            job = graft.wait(graft.train(dataset.name, "watch", kind="prototype").name)
+            assert job.state == "succeeded", job.error
+    sign_in(page, server, key)
+    card = page.get_by_role("article", name="watch")
+    card.get_by_label("Shadow with").select_option("1")
+    card.get_by_role("button", name="Set shadow").click()
+    expect(card.get_by_text("Version 1 shadows this head")).to_be_visible()
+    assert unlabelled_controls(page) == []
+
+    held_out = [data for _, data, _ in textile_files(per_class=10, offset=400)]
+    with connect(server.http_url, key) as graft:
+        answers = graft.predict(held_out, "watch", include_shadow=True)
+    assert all(a.heads[0].version == 2 and a.heads[0].shadow.version == 1 for a in answers)  # type: ignore[union-attr]
+    page.reload()
+    card.get_by_text("Shadow against served").click()
+    comparison = card.locator(".comparison")
+    expect(comparison.get_by_role("heading")).to_have_text("Shadow version 1 beside served version 2")
+    expect(comparison.locator("dd").first).to_have_text(str(len(held_out)))
+    expect(comparison.locator(".confusion-matrix tbody td")).to_have_count(len(CLASSES) ** 2)
+    shoot(page, screenshots, "shadow")

@@ -1,6 +1,8 @@
-// "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export.
+// "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export; set
+// or stop its shadow version and compare it with the served one.
 
 import { apiSchemas, call, download, listAll } from "./api.js";
+import { shadowPanel } from "./shadow.js";
 import { el, formatTime, metricsView, percent } from "./widgets.js";
 
 const list = () => document.getElementById("heads-list");
@@ -33,9 +35,10 @@ function headCard(head, formats) {
     el("p", { class: "hint" }, `latest version ${head.latest_version}`,
       versions[0] ? ` · ${versions[0].kind} on ${versions[0].backbone} · ${versions[0].classes.join(", ")}` : ""),
     aliasList(name, head, status),
-    el("div", { class: "scroll" }, versionTable(name, versions, formats, status)),
+    el("div", { class: "scroll" }, versionTable(name, versions, formats, head.shadow_version, status)),
     versions.map((v) => versionMetrics(name, v)),
     aliasForm(name, versions, status),
+    shadowPanel(name, head, versions, (change) => act(status, change)),
     status);
 }
 
@@ -68,8 +71,8 @@ function aliasList(name, head, status) {
         onclick: () => act(status, () => call(`heads/${name}/aliases/${alias}`, { method: "DELETE" })) }, "Remove"))));
 }
 
-/** Each version with a download button per export format the service offers. */
-function versionTable(name, versions, formats, status) {
+/** Each version with a download button per export format the service offers; the shadow is marked. */
+function versionTable(name, versions, formats, shadowVersion, status) {
   return el("table", { class: "versions" },
     el("caption", { class: "visually-hidden" }, `Versions of ${name}`),
     el("thead", {}, el("tr", {}, ["version", "kind", "backbone", "accuracy", "trained", "aliases", "export"]
@@ -79,7 +82,7 @@ function versionTable(name, versions, formats, status) {
       el("td", {}, v.kind), el("td", {}, v.backbone),
       el("td", {}, v.metrics.accuracy === undefined ? "–" : percent(v.metrics.accuracy)),
       el("td", {}, formatTime(v.create_time)),
-      el("td", {}, v.aliases.join(", ")),
+      el("td", {}, [...v.aliases, ...(v.version === shadowVersion ? ["shadow"] : [])].join(", ")),
       el("td", { class: "actions" },
         formats.map((format) => el("button", { type: "button", class: "quiet",
           "aria-label": `Download ${name} version ${v.version} as ${format}`,

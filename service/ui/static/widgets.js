@@ -46,9 +46,15 @@ export function metricsView(metrics, classes) {
     metrics.confusion ? confusionMatrix(metrics.confusion, classes) : null);
 }
 
-/** The confusion matrix as a table shaded by each row's share: rows are true classes, columns predictions. */
-export function confusionMatrix(confusion, classes) {
-  const header = el("tr", {}, el("th", { scope: "col", class: "corner" }, "true ↓ predicted →"),
+const HOLD_OUT = {
+  corner: "true ↓ predicted →",
+  caption: "Confusion matrix on the hold-out images: rows are the true class, columns what the head predicted; green cells are right.",
+};
+
+/** A confusion matrix as a table shaded by each row's share: by default rows are true classes, columns predictions
+ * (``corner`` and ``caption`` say otherwise, e.g. a served version's labels against its shadow's). */
+export function confusionMatrix(confusion, classes, { corner, caption } = HOLD_OUT) {
+  const header = el("tr", {}, el("th", { scope: "col", class: "corner" }, corner),
     classes.map((name) => el("th", { scope: "col" }, name)));
   const rows = confusion.map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
@@ -58,14 +64,14 @@ export function confusionMatrix(confusion, classes) {
       return el("td", {
         class: i === j ? "diagonal" : null,
         style: `background: rgba(${i === j ? "22, 101, 52" : "153, 27, 27"}, ${(0.05 + 0.45 * share).toFixed(2)})`,
-        title: `${count} of ${total} ${classes[i]} images predicted as ${classes[j]}`,
+        title: `${count} of ${total} images in row ${classes[i]}, column ${classes[j]}`,
       }, String(count));
     }));
   });
   return el("figure", { class: "confusion" },
     el("div", { class: "scroll" }, el("table", { class: "confusion-matrix" },
       el("thead", {}, header), el("tbody", {}, rows))),
-    el("figcaption", {}, "Confusion matrix on the hold-out images: rows are the true class, columns what the head predicted; green cells are right."));
+    el("figcaption", {}, caption));
 }
 
 /** Drag and drop onto ``zone``: files, and the files inside dropped folders. */
