@@ -36,6 +36,7 @@ from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import LinearHead, head_state
 from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
 from adapters.metrics import evaluate, finite
+from adapters.monitoring import MonitoringReference
 from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective
 from adapters.search_space import SearchSpace
 from adapters.splits import stratified_split
@@ -462,6 +463,7 @@ class Trainer:
             dataset_id=dataset.id,
             job_id=job_id,
             guard=guard,
+            monitoring=data.monitoring(fitted.split, fitted.features, request.seed),
         )
 
     def _served_head(
@@ -786,6 +788,22 @@ class _Examples:
     train_idx: np.ndarray
     holdout_idx: np.ndarray
     num_classes: int
+
+    def monitoring(self, split: int, features: torch.Tensor, seed: int) -> dict[str, torch.Tensor] | None:
+        """The version's monitoring reference (``MonitoringReference.to_tensors``), fitted on the pooled features
+        of its training split and hold-out: the space serving observes. None for a head that reads the trunk
+        before its end (a fine-tune: serving never computes its pooled features) or with too few examples."""
+        if split != self.backbone.num_blocks:
+            return None
+        train = torch.as_tensor(self.train_idx, dtype=torch.long)
+        holdout = torch.as_tensor(self.holdout_idx, dtype=torch.long)
+        try:
+            reference = MonitoringReference.fit(
+                features[train], self.labels[train], features[holdout], self.num_classes, seed=seed
+            )
+        except InvalidInput:
+            return None
+        return reference.to_tensors()
 
 
 @dataclass(frozen=True)

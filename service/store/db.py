@@ -168,6 +168,28 @@ class HeadVersionRow(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))  # identity of the weights: caches key on it
     param_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Monitoring (service/monitoring.py): the reference fitted on its training features, stored apart from the
+    # weights (which load strictly); None when it has none (too few examples, a fine-tuned head).
+    monitor_blob_key: Mapped[str | None] = mapped_column(String(512))
+    drift_status: Mapped[str] = mapped_column(String(16), default="ok", server_default="ok")  # ok | drifting
+    drifting_since: Mapped[datetime | None]
+    drift_evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)  # the window that alarmed
+
+
+class MonitorWindowRow(Base):
+    """One closed monitoring window of a head version on one replica: its summary (adapters/monitoring.py
+    ``WindowStats.summary``). Each version keeps its newest GRAFT_MONITOR_WINDOWS_KEPT, all replicas' together."""
+
+    __tablename__ = "monitor_windows"
+    __table_args__ = (Index("ix_monitor_windows_version_end", "tenant", "name", "version", "end_time"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    replica: Mapped[str] = mapped_column(String(300))
+    end_time: Mapped[datetime]
+    summary: Mapped[dict[str, Any]]
 
 
 class HeadAliasRow(Base):

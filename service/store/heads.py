@@ -24,7 +24,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -83,6 +83,7 @@ class ServedVersion(BaseModel):
     created_at: datetime
     blob_key: str = Field(exclude=True)  # storage detail: never sent to clients
     weights_sha256: str = Field(exclude=True)  # identity of the weights: what caches key on
+    monitor_blob_key: str | None = Field(None, exclude=True)  # its monitoring reference's blob; None: it has none
 
 
 class HeadVersionInfo(ServedVersion):
@@ -110,6 +111,7 @@ _SERVED_COLUMNS = (
     HeadVersionRow.created_at,
     HeadVersionRow.blob_key,
     HeadVersionRow.weights_sha256,
+    HeadVersionRow.monitor_blob_key,
 )
 
 
@@ -147,8 +149,12 @@ class HeadRegistry:
         dataset_id: str,
         job_id: str | None = None,
         guard: Callable[[Session], None] | None = None,
+        monitoring: dict[str, torch.Tensor] | None = None,
     ) -> HeadVersionInfo:
         """Store the weights, then commit the row under the next never-used version number of ``name``.
+
+        ``monitoring``: the version's monitoring reference (``MonitoringReference.to_tensors``), stored as a blob
+        of its own because the weights load strictly.
 
         ``guard(session)`` runs inside the inserting transaction, before the
         insert (a job checks it still holds its lease there): if it raises,
@@ -160,13 +166,16 @@ class HeadRegistry:
                 f"head name '{IMAGENET_HEAD}' is reserved for the backbones' own ImageNet classifiers "
                 f"('{IMAGENET_HEAD}@<backbone>'); choose another name"
             )
-        # clone(): safetensors refuses tensors that share storage
-        weights = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
+        weights = _saveable(tensors)
         param_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         blob_key = f"{HEADS_FOLDER}/{uuid.uuid4().hex}.safetensors"
         data = safetensors.torch.save(weights)
         self.blobs.put_named(blob_key, data)
         weights_sha256 = hashlib.sha256(data).hexdigest()
+        monitor_key = None
+        if monitoring is not None:
+            monitor_key = f"{HEADS_FOLDER}/{uuid.uuid4().hex}.monitor.safetensors"
+            self.blobs.put_named(monitor_key, safetensors.torch.save(_saveable(monitoring)))
 
         def insert(session: Session) -> HeadVersionRow:
             # the counter first: on SQLite that takes the write lock before anything is read, so the
@@ -195,6 +204,7 @@ class HeadRegistry:
                 weights_sha256=weights_sha256,
                 param_bytes=param_bytes,
                 created_at=utcnow(),
+                monitor_blob_key=monitor_key,
             )
             session.add(row)
             return row
@@ -203,10 +213,10 @@ class HeadRegistry:
             row = self._commit_retrying(insert)
         except _AlreadyPublished as published:
             # an earlier run of this job published it (then stalled or died before finishing the job)
-            self.blobs.delete_named(blob_key)
+            self._delete_blobs([blob_key, monitor_key])
             return published.info
         except BaseException:
-            self.blobs.delete_named(blob_key)
+            self._delete_blobs([blob_key, monitor_key])
             raise
         return _version_info(row, aliases=[LATEST])
 
@@ -247,6 +257,7 @@ class HeadRegistry:
             return 0
         with self.db.session() as session:
             referenced = set(session.scalars(select(HeadVersionRow.blob_key)))
+            referenced |= set(session.scalars(select(HeadVersionRow.monitor_blob_key)))
         removed = 0
         for path in candidates:
             if f"{HEADS_FOLDER}/{path.name}" not in referenced:
@@ -381,6 +392,12 @@ class HeadRegistry:
             )
         return safetensors.torch.load(data)
 
+    def load_monitoring(self, info: ServedVersion) -> dict[str, torch.Tensor] | None:
+        """The version's monitoring reference as stored (``monitor.*`` tensors); None when it has none."""
+        if info.monitor_blob_key is None:
+            return None
+        return safetensors.torch.load(self.blobs.get_named(info.monitor_blob_key))
+
     def head_blob_bytes(self, info: ServedVersion) -> bytes:
         """The version's safetensors file, as stored (for export)."""
         return self.blobs.get_named(info.blob_key)
@@ -452,7 +469,7 @@ class HeadRegistry:
             row = _version_row(session, tenant, name, version, lock=True)  # see set_alias
             if row is None:
                 raise NotFound(f"head '{name}' has no version {version}; nothing was deleted")
-            blob_key = row.blob_key
+            blob_keys = [row.blob_key, row.monitor_blob_key]
             session.execute(
                 delete(HeadAliasRow).where(
                     HeadAliasRow.tenant == tenant, HeadAliasRow.name == name, HeadAliasRow.version == version
@@ -465,7 +482,7 @@ class HeadRegistry:
                 .values(shadow_version=None)
             )
             drop_observations(session, tenant, name, version)
-        self.blobs.delete_named(blob_key)
+        self._delete_blobs(blob_keys)
 
     def delete_head(self, tenant: str, name: str) -> None:
         """Delete every version and alias of ``name``; then the weights. Its version numbers are never reused."""
@@ -473,8 +490,10 @@ class HeadRegistry:
         with self.db.session() as session:
             where = (HeadVersionRow.tenant == tenant, HeadVersionRow.name == name)
             begin_immediate(session)  # SQLite; PostgreSQL locks the rows (a concurrent set_alias waits, or NotFound)
-            blob_keys = list(session.scalars(select(HeadVersionRow.blob_key).where(*where).with_for_update()))
-            if not blob_keys:
+            rows = session.execute(
+                select(HeadVersionRow.blob_key, HeadVersionRow.monitor_blob_key).where(*where).with_for_update()
+            ).all()
+            if not rows:
                 raise NotFound(f"head '{name}' not found; nothing was deleted", head=name)
             session.execute(delete(HeadAliasRow).where(HeadAliasRow.tenant == tenant, HeadAliasRow.name == name))
             session.execute(delete(HeadVersionRow).where(*where))
@@ -484,8 +503,12 @@ class HeadRegistry:
                 .values(shadow_version=None)
             )
             drop_observations(session, tenant, name, None)
-        for key in blob_keys:
-            self.blobs.delete_named(key)
+        self._delete_blobs([key for row in rows for key in row])
+
+    def _delete_blobs(self, keys: Iterable[str | None]) -> None:
+        for key in keys:
+            if key is not None:
+                self.blobs.delete_named(key)
 
 
 class _AlreadyPublished(Exception):
@@ -494,6 +517,11 @@ class _AlreadyPublished(Exception):
     def __init__(self, info: HeadVersionInfo) -> None:
         super().__init__(info.name, info.version)
         self.info = info
+
+
+def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous and unshared: safetensors refuses tensors that share storage."""
+    return {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
 
 
 def _job_version_row(session: Session, job_id: str) -> HeadVersionRow | None:

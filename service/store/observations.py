@@ -31,6 +31,7 @@ from service.store.db import (
     rows_changed,
     utcnow,
 )
+from service.store.windows import drop_windows
 
 MAX_LABEL_CHARS = 128  # the column's width, as a dataset's labels
 
@@ -348,3 +349,4 @@ def drop_observations(session: Session, tenant: str, name: str, version: int | N
     if version is not None:
         feedback.append(VersionFeedbackRow.version == version)
     session.execute(delete(VersionFeedbackRow).where(*feedback))
+    drop_windows(session, tenant, name, version)
