@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.monitoring import DEFAULT_WINDOW
 from service.engine.runtimes import RUNTIMES, Precision
 
 MIN_ADMIN_KEY_CHARS = 32  # 'openssl rand -hex 32' gives 64
@@ -272,6 +273,34 @@ class Settings(BaseSettings):
         gt=0,
         description="Observations (images compared or recorded) one replica holds between two flushes, all tenants "
         "together; past it the rest of that interval goes unrecorded (its predictions are still answered).",
+    )
+
+    monitoring: bool = Field(
+        True,
+        description="Monitor every head version served: each image's OOD score against the version's training "
+        "features and, per window of GRAFT_MONITOR_WINDOW images, label counts, confidences and a drift test "
+        "(GET .../versions/{version}:monitor). Off: no embeddings are kept and no windows written.",
+    )
+    monitor_window: int = Field(
+        DEFAULT_WINDOW,
+        ge=2,
+        le=10_000,
+        description="Images per monitoring window of one head version on one replica; a full window is closed, "
+        "drift-tested and written to the registry.",
+    )
+    monitor_windows_kept: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Closed monitoring windows kept per head version (all replicas'), the newest.",
+    )
+    monitor_max_versions: int = Field(
+        64,
+        ge=1,
+        description="Head versions one replica keeps a monitoring window open for (least recently served beyond "
+        "it: its open window is dropped), and closed windows it holds until the next flush. Each window holds up "
+        "to GRAFT_MONITOR_WINDOW embeddings, GRAFT_MONITOR_WINDOW x D x 4 bytes (512 KB at 100 x 1280), so the "
+        "memory bound is 2 x this x that (64 MB by default).",
     )
 
     @field_validator("trunk_runtime")

@@ -48,6 +48,11 @@ FEEDBACK = Counter(
     documentation="Head versions' answers whose true label was reported, by whether they were right.",
     labelnames=["outcome"],
 )
+MONITOR_WINDOWS = Counter(
+    name="graft_monitor_windows_total",
+    documentation="Monitoring windows closed (service/monitoring.py), by whether their drift test said drifting.",
+    labelnames=["status"],
+)
 
 
 class PrometheusMetrics:
@@ -65,6 +70,9 @@ class PrometheusMetrics:
 
     def feedback(self, correct: bool) -> None:
         FEEDBACK.labels(outcome="correct" if correct else "incorrect").inc()
+
+    def monitor_window(self, drifting: bool) -> None:
+        MONITOR_WINDOWS.labels(status="drifting" if drifting else "ok").inc()
 
     def job_finished(self, job: "JobInfo") -> None:
         if job.finished_at is not None:

@@ -11,11 +11,18 @@ GRAFT_MONITOR_FLUSH_S, additively (service/store/observations.py), so the figure
 reads (:compare, ...) flush this replica first, so a caller sees its own predictions at once. What one replica
 holds between flushes is bounded by GRAFT_MONITOR_MAX_PENDING; a flush that fails (the database is away) is
 logged and its counts are lost, never retried into unbounded memory.
+
+With GRAFT_MONITORING on, every served version's images also go into that version's open window
+(service/monitor_windows.py); a full window is summarised, drift test included, in the store thread at the next
+flush and written as this replica's row (service/store/windows.py), which may mark the version drifting.
 """
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -24,6 +31,7 @@ import torch
 from service.config import Settings
 from service.engine.head_cache import IMAGENET_TENANT
 from service.engine.predictor import Served
+from service.monitor_windows import FullWindow, OpenWindows
 from service.store.db import utcnow
 from service.store.observations import (
     ComparisonKey,
@@ -33,6 +41,7 @@ from service.store.observations import (
     PredictionRecord,
     RecordedHead,
 )
+from service.store.windows import ClosedWindow, MonitorWindows
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ class ObservationMetrics(Protocol):
     def shadow_predictions(self, count: int) -> None: ...
 
     def feedback(self, correct: bool) -> None: ...
+
+    def monitor_window(self, drifting: bool) -> None: ...
 
 
 class Monitor:
@@ -65,10 +76,14 @@ class Monitor:
         self._records: list[PredictionRecord] = []
         self._pending = 0  # observations held since the last flush
         self._flushing = asyncio.Lock()
+        self.windows = OpenWindows(settings.monitor_window, settings.monitor_max_versions)
+        replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.window_store = MonitorWindows(observations.db, replica, settings.monitor_windows_kept)
 
     @property
     def keeps_embeddings(self) -> bool:
-        return False
+        """Monitoring compares served images' pooled features with the training data's."""
+        return self.settings.monitoring
 
     def observe(self, tenant: str, served: list[Served], embeddings: dict[str, torch.Tensor]) -> list[str]:
         """Count each head's agreement with its shadow, record what every image was answered; its ids."""
@@ -90,6 +105,10 @@ class Monitor:
             tally = self._comparisons.setdefault(key, ComparisonTally())
             for answer, shadow in zip(one.answers, one.shadow_answers, strict=True):
                 tally.add(answer.top[0].label, shadow.top[0].label, answer.top[0].score, shadow.top[0].score)
+        if self.settings.monitoring:
+            for one in served:
+                if one.head.key.tenant != IMAGENET_TENANT:
+                    self.windows.add(one.head, one.answers, embeddings.get(one.head.backbone))
         return ids
 
     def _room(self, count: int) -> bool:
@@ -106,8 +125,19 @@ class Monitor:
             comparisons, self._comparisons = self._comparisons, {}
             records, self._records = self._records, []
             self._pending = 0
+            full = self.windows.take_full()
             await self._in_thread(lambda: self.observations.add_comparisons(comparisons))
             await self._in_thread(lambda: self.observations.add_records(records))
+            closed = await self._in_thread(lambda: self._write_windows(full))
+            if self.metrics is not None:
+                for window in closed:
+                    self.metrics.monitor_window(window.drifting)
+
+    def _write_windows(self, full: list[FullWindow]) -> list[ClosedWindow]:
+        """Summarise (drift-test) the full windows and write them: in the store thread, never on the loop."""
+        closed = [ClosedWindow(*window.key, window.end_time, window.summary()) for window in full]
+        self.window_store.add(closed)
+        return closed
 
     async def feedback(self, tenant: str, prediction_id: str, label: str) -> Feedback:
         """The true label of a prediction, counted for each version that answered it (this replica's pending

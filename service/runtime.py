@@ -86,7 +86,9 @@ class Runtime:
     @classmethod
     def around(cls, core: Core, metrics: PrometheusMetrics | None = None) -> "Runtime":
         """The predictor, jobs and tenants that serve ``core``; without ``metrics`` nothing is reported (tests)."""
-        heads = HeadCache(core.heads, core.backbones, core.settings.head_cache_bytes)
+        heads = HeadCache(
+            core.heads, core.backbones, core.settings.head_cache_bytes, monitoring=core.settings.monitoring
+        )
         predictor = Predictor(core.backbones, heads, core.settings, metrics)
         on_finished = metrics.job_finished if metrics else None
         jobs = JobRunner(core.db, core.trainer, core.settings, core.quotas, on_finished=on_finished)

@@ -14,6 +14,7 @@ so asking for it beside a tenant's heads costs no extra trunk pass.
 """
 
 import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,11 +23,15 @@ import torch
 from torch import nn
 
 from adapters.calibration import Calibration, TemperatureScaled
+from adapters.errors import InvalidInput
 from adapters.heads import normalised
 from adapters.kinds import HeadConfig, HeadKind, get_kind, load_head
+from adapters.monitoring import MonitoringReference
 from service.engine.backbones import Backbone
 from service.errors import FailedPrecondition, NotFound
 from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
+
+log = logging.getLogger(__name__)
 
 IMAGENET_TENANT = ""  # no tenant's name is empty: built-in heads never collide with a tenant's
 IMAGENET_VERSION = 1  # the classifier as published; it never changes
@@ -66,6 +71,7 @@ class LoadedHead:
     nbytes: int
     centre: torch.Tensor | None = None  # gathered with one: [D], inputs are centred and L2-normalised first
     calibration: Calibration | None = None
+    monitoring: MonitoringReference | None = None  # what its traffic is compared with (None: none, or off)
 
     @property
     def name(self) -> str:
@@ -145,8 +151,13 @@ def head_key(info: ServedVersion) -> HeadKey:
 
 
 class HeadCache:
-    def __init__(self, registry: HeadRegistry, backbones: dict[str, Backbone], max_bytes: int) -> None:
+    def __init__(
+        self, registry: HeadRegistry, backbones: dict[str, Backbone], max_bytes: int, *, monitoring: bool = False
+    ) -> None:
+        """``monitoring``: load each version's monitoring reference with it (GRAFT_MONITORING); it counts
+        towards ``max_bytes`` like the weights."""
         self.registry = registry
+        self.monitoring = monitoring
         self.backbones = backbones
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -197,7 +208,25 @@ class HeadCache:
             raise FailedPrecondition(
                 f"head '{info.name}' needs backbone '{info.backbone}', which this service does not load"
             )
-        return materialise(info, self.registry.load_tensors(info), backbone)
+        head = materialise(info, self.registry.load_tensors(info), backbone)
+        if self.monitoring:
+            head.monitoring = self._reference(info)
+            if head.monitoring is not None:
+                head.nbytes += sum(t.nbytes for t in head.monitoring.to_tensors().values())
+        return head
+
+    def _reference(self, info: ServedVersion) -> MonitoringReference | None:
+        """The version's monitoring reference; a damaged one is logged and the version served unmonitored."""
+        tensors = self.registry.load_monitoring(info)
+        if tensors is None:
+            return None
+        try:
+            return MonitoringReference.from_tensors(tensors)
+        except InvalidInput:
+            log.exception(
+                "the monitoring reference of %s version %d is damaged; not monitored", info.name, info.version
+            )
+            return None
 
     def _insert(self, head: LoadedHead) -> None:
         self._heads[head.key] = head
