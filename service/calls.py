@@ -29,6 +29,7 @@ from service.auth import NewKey
 from service.config import Settings
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from service.monitoring_report import monitored_ref, monitoring_report
 from service.prediction_options import PredictOptions
 from service.resources import (
     DEFAULT_PAGE_SIZE,
@@ -41,6 +42,7 @@ from service.resources import (
     ExportFormat,
     Head,
     HeadComparison,
+    HeadMonitoring,
     HeadVersion,
     Job,
     ListBackbonesResponse,
@@ -444,6 +446,22 @@ class Calls:
             head=info.name.removeprefix("heads/"),
             comparisons=[HeadComparison.model_validate(c.model_dump()) for c in comparisons],
         )
+
+    async def head_monitoring(self, name: str) -> HeadMonitoring:
+        """'heads/{head}' (the version it serves by default) or 'heads/{head}/versions/{version}': its drift status
+        and every replica's windows, this replica's full ones written first."""
+        info = await self.in_thread(self.core.heads.resolve, self.tenant, monitored_ref(name))  # 404: not theirs
+        monitor = self.runtime.monitor
+        await monitor.flush()
+        registry = self.core.heads
+        return await self.in_thread(monitoring_report, registry, monitor.window_store, monitor.observations, info)
+
+    async def clear_head_drift(self, name: str) -> HeadMonitoring:
+        """Back to 'ok': the caller looked at the traffic and accepts it."""
+        head, version = head_version_ref(name)
+        await self.in_thread(self.core.heads.resolve, self.tenant, f"{head}@{version}")  # 404: not theirs
+        await self.in_thread(self.runtime.monitor.window_store.clear_drift, self.tenant, head, version)
+        return await self.head_monitoring(name)
 
     async def export_head(self, ref: str, format: ExportFormat, additional_heads: Sequence[str] = ()) -> ExportedHead:
         """Safetensors weights as stored, or one model file of backbone + heads (built and checked: seconds)."""

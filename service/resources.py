@@ -28,6 +28,7 @@ from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGE
 from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
 from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.store.observations import Comparison, Feedback
+from service.store.windows import DriftStatus, MonitorWindow
 from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
@@ -453,6 +454,35 @@ class HeadComparison(Comparison):
 class CompareHeadVersionsResponse(BaseModel):
     head: str = Field(description="the head's name")
     comparisons: list[HeadComparison] = Field(description="one per (served, shadow) pair ever compared, newest first")
+
+
+class LiveAccuracy(BaseModel):
+    labelled: int = Field(description="the version's predictions whose true label was reported (feedback)")
+    accuracy: float | None = Field(description="the fraction of them it got right; null before any")
+
+
+class HeadMonitoring(BaseModel):
+    """How a head version's traffic compares with its training data, over every replica's closed windows."""
+
+    head: str = Field(description="the head's name")
+    version: int
+    status: DriftStatus = Field(
+        description="'drifting' from the first window whose drift test rejected the training distribution "
+        "until cleared (POST :clearDrift); the OOD rate alone never alarms"
+    )
+    drifting_since: datetime | None = Field(description="the end of the window that turned it drifting")
+    evidence: MonitorWindow | None = Field(description="that window")
+    reference: bool = Field(
+        description="whether the version has a monitoring reference (OOD scores and drift tests); without one, "
+        "windows still count labels, confidences and abstentions"
+    )
+    reference_note: str | None = Field(description="why it has none")
+    labels: list[str] = Field(description="the version's classes: the order of label counts and distributions")
+    training_label_distribution: list[float] | None = Field(description="its training labels' shares; null: none")
+    live: LiveAccuracy
+    windows: list[MonitorWindow] = Field(
+        description="every replica's closed windows, oldest first: the newest GRAFT_MONITOR_WINDOWS_KEPT"
+    )
 
 
 class ExportFormat(str, Enum):

@@ -22,6 +22,7 @@ from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
 from service.prediction_options import PredictOptions
 from service.resources import CompareHeadVersionsResponse, ExportFormat, TrainingKind, TrainingSpec
+from service.store.windows import DriftStatus
 
 M = TypeVar("M", bound=Message)
 
@@ -32,6 +33,7 @@ _ENUM_PREFIX: dict[type[Enum], str] = {
     Objective: "OBJECTIVE_",
     ClassWeighting: "CLASS_WEIGHTING_",
     Scaling: "FEATURE_SCALING_",
+    DriftStatus: "DRIFT_STATUS_",
 }
 # TrainingSpec's enumerated fields: the resource's enum, what a refusal calls it, and the proto enum's values.
 _SPEC_ENUMS: dict[str, tuple[type[Enum], str, list[str]]] = {

@@ -264,6 +264,14 @@ class HeadService(_Door, rpc.HeadServiceServicer):
         return convert.comparisons(await calls.compare_head_versions(request.name))
 
     @door_method
+    async def GetHeadMonitoring(self, request, context, calls: Calls):
+        return convert.message(await calls.head_monitoring(request.name), api.HeadMonitoring)
+
+    @door_method
+    async def ClearHeadDrift(self, request, context, calls: Calls):
+        return convert.message(await calls.clear_head_drift(request.name), api.HeadMonitoring)
+
+    @door_method
     async def ExportHead(self, request, context, calls: Calls):
         format = convert.export_format(request.format)
         exported = await calls.export_head(request.head, format, list(request.additional_heads))

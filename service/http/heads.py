@@ -21,6 +21,7 @@ from service.resources import (
     CompareHeadVersionsResponse,
     ExportFormat,
     Head,
+    HeadMonitoring,
     HeadVersion,
     ListHeadsResponse,
     Version,
@@ -120,6 +121,28 @@ async def compare_head_versions(head: HeadName, api: Calls = Depends(calls)) -> 
     """Per (served version, shadow version): images compared, top-1 agreement, the label confusion table, the mean
     top-score difference and, from feedback, both versions' accuracy; over every replica."""
     return await api.compare_head_versions(head)
+
+
+@router.get("/{head}:monitor", response_model=HeadMonitoring, responses=error_responses(404))
+async def get_head_monitoring(head: HeadName, api: Calls = Depends(calls)) -> HeadMonitoring:
+    """The monitoring of the version the head serves by default (its latest): as for a version's ``:monitor``."""
+    return await api.head_monitoring(head)
+
+
+@router.get("/{head}/versions/{version}:monitor", response_model=HeadMonitoring, responses=error_responses(404))
+async def get_head_version_monitoring(
+    head: HeadName, version: VersionNumber, api: Calls = Depends(calls)
+) -> HeadMonitoring:
+    """The version's drift status and its traffic per window (labels, confidences, abstentions, OOD rate, drift
+    test), every replica's, oldest first; this replica's full windows are written first."""
+    return await api.head_monitoring(f"heads/{head}/versions/{version}")
+
+
+@router.post("/{head}/versions/{version}:clearDrift", response_model=HeadMonitoring, responses=error_responses(404))
+async def clear_head_drift(head: HeadName, version: VersionNumber, api: Calls = Depends(calls)) -> HeadMonitoring:
+    """Set the version's status back to 'ok' (the traffic was looked at and accepted); the next drifting window
+    marks it again."""
+    return await api.clear_head_drift(f"heads/{head}/versions/{version}")
 
 
 @router.get("/{head}", response_model=Head, responses=error_responses(404))

@@ -717,6 +717,16 @@ class HeadServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetHeadMonitoring = channel.unary_unary(
+                '/graft.v1.HeadService/GetHeadMonitoring',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetHeadMonitoringRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.HeadMonitoring.FromString,
+                _registered_method=True)
+        self.ClearHeadDrift = channel.unary_unary(
+                '/graft.v1.HeadService/ClearHeadDrift',
+                request_serializer=graft_dot_v1_dot_service__pb2.ClearHeadDriftRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.HeadMonitoring.FromString,
+                _registered_method=True)
         self.ExportHead = channel.unary_stream(
                 '/graft.v1.HeadService/ExportHead',
                 request_serializer=graft_dot_v1_dot_service__pb2.ExportHeadRequest.SerializeToString,
@@ -800,6 +810,23 @@ class HeadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHeadMonitoring(self, request, context):
+        """A head version's drift status and its traffic per window (labels,
+        confidences, abstentions, OOD rate, drift test), every replica's, oldest
+        first. "heads/{head}" names the version the head serves by default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearHeadDrift(self, request, context):
+        """Set a version's drift status back to ok (its traffic was looked at and
+        accepted); the next drifting window marks it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportHead(self, request, context):
         """The head as a file, in chunks: its safetensors weights, or one ONNX or
         torch.export (.pt2) file of backbone + head(s) that runs without graft:
@@ -862,6 +889,16 @@ def add_HeadServiceServicer_to_server(servicer, server):
                     servicer.CompareHeadVersions,
                     request_deserializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.FromString,
                     response_serializer=graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.SerializeToString,
+            ),
+            'GetHeadMonitoring': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeadMonitoring,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetHeadMonitoringRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.HeadMonitoring.SerializeToString,
+            ),
+            'ClearHeadDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearHeadDrift,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ClearHeadDriftRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.HeadMonitoring.SerializeToString,
             ),
             'ExportHead': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportHead,
@@ -1139,6 +1176,60 @@ class HeadService:
             '/graft.v1.HeadService/CompareHeadVersions',
             graft_dot_v1_dot_service__pb2.CompareHeadVersionsRequest.SerializeToString,
             graft_dot_v1_dot_service__pb2.CompareHeadVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeadMonitoring(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/GetHeadMonitoring',
+            graft_dot_v1_dot_service__pb2.GetHeadMonitoringRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.HeadMonitoring.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearHeadDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.HeadService/ClearHeadDrift',
+            graft_dot_v1_dot_service__pb2.ClearHeadDriftRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.HeadMonitoring.FromString,
             options,
             channel_credentials,
             insecure,

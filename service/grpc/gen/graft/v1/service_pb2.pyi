@@ -1,5 +1,8 @@
+import datetime
+
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from service.grpc.gen.graft.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -10,12 +13,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DriftStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DRIFT_STATUS_UNSPECIFIED: _ClassVar[DriftStatus]
+    DRIFT_STATUS_OK: _ClassVar[DriftStatus]
+    DRIFT_STATUS_DRIFTING: _ClassVar[DriftStatus]
+
 class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
     EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
     EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
     EXPORT_FORMAT_PT2: _ClassVar[ExportFormat]
+DRIFT_STATUS_UNSPECIFIED: DriftStatus
+DRIFT_STATUS_OK: DriftStatus
+DRIFT_STATUS_DRIFTING: DriftStatus
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 EXPORT_FORMAT_SAFETENSORS: ExportFormat
 EXPORT_FORMAT_ONNX: ExportFormat
@@ -255,6 +267,90 @@ class CompareHeadVersionsResponse(_message.Message):
     head: str
     comparisons: _containers.RepeatedCompositeFieldContainer[HeadComparison]
     def __init__(self, head: _Optional[str] = ..., comparisons: _Optional[_Iterable[_Union[HeadComparison, _Mapping]]] = ...) -> None: ...
+
+class GetHeadMonitoringRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ClearHeadDriftRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DriftTest(_message.Message):
+    __slots__ = ("statistic", "threshold", "p_value", "drifting", "window", "test")
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTING_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    statistic: float
+    threshold: float
+    p_value: float
+    drifting: bool
+    window: int
+    test: str
+    def __init__(self, statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., p_value: _Optional[float] = ..., drifting: _Optional[bool] = ..., window: _Optional[int] = ..., test: _Optional[str] = ...) -> None: ...
+
+class MonitorWindow(_message.Message):
+    __slots__ = ("end_time", "predictions", "label_counts", "label_distance", "confidence_histogram", "abstention_rate", "ood_rate", "mean_ood_score", "drift")
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    ABSTENTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    OOD_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    end_time: _timestamp_pb2.Timestamp
+    predictions: int
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    label_distance: float
+    confidence_histogram: _containers.RepeatedScalarFieldContainer[int]
+    abstention_rate: float
+    ood_rate: float
+    mean_ood_score: float
+    drift: DriftTest
+    def __init__(self, end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., predictions: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., label_distance: _Optional[float] = ..., confidence_histogram: _Optional[_Iterable[int]] = ..., abstention_rate: _Optional[float] = ..., ood_rate: _Optional[float] = ..., mean_ood_score: _Optional[float] = ..., drift: _Optional[_Union[DriftTest, _Mapping]] = ...) -> None: ...
+
+class LiveAccuracy(_message.Message):
+    __slots__ = ("labelled", "accuracy")
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    labelled: int
+    accuracy: float
+    def __init__(self, labelled: _Optional[int] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class HeadMonitoring(_message.Message):
+    __slots__ = ("head", "version", "status", "drifting_since", "evidence", "reference", "reference_note", "labels", "training_label_distribution", "live", "windows")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DRIFTING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_NOTE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_LABEL_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    version: int
+    status: DriftStatus
+    drifting_since: _timestamp_pb2.Timestamp
+    evidence: MonitorWindow
+    reference: bool
+    reference_note: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    training_label_distribution: _containers.RepeatedScalarFieldContainer[float]
+    live: LiveAccuracy
+    windows: _containers.RepeatedCompositeFieldContainer[MonitorWindow]
+    def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[_Union[DriftStatus, str]] = ..., drifting_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., evidence: _Optional[_Union[MonitorWindow, _Mapping]] = ..., reference: _Optional[bool] = ..., reference_note: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., training_label_distribution: _Optional[_Iterable[float]] = ..., live: _Optional[_Union[LiveAccuracy, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[MonitorWindow, _Mapping]]] = ...) -> None: ...
 
 class ExportHeadRequest(_message.Message):
     __slots__ = ("head", "format", "additional_heads")
