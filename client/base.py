@@ -24,6 +24,7 @@ from client.models import (
     DatasetAudit,
     Head,
     HeadComparisons,
+    HeadMonitoring,
     HeadVersion,
     HyperParams,
     ImagePrediction,
@@ -236,6 +237,16 @@ class Client(ABC):
     def report_feedback(self, prediction_id: str, label: str) -> PredictionFeedback:
         """The true label of an image predicted earlier (``ImagePrediction.prediction_id``), once per prediction:
         it scores the served and the shadow versions' answers."""
+
+    @abstractmethod
+    def monitor(self, head: str, version: int | None = None) -> HeadMonitoring:
+        """A version's live traffic window by window, and whether its inputs drift from its training data
+        (``status``); ``version`` None: the version the head serves by default."""
+
+    @abstractmethod
+    def clear_drift(self, head: str, version: int) -> HeadMonitoring:
+        """Set a version's status back to ok once its traffic was looked at and accepted; the next drifting
+        window marks it again."""
 
     # Prediction ---------------------------------------------------------------------------------------------------
 

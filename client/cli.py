@@ -9,6 +9,7 @@
     graft shadow textiles 3                       # version 3 answers beside the served one, unseen
     graft compare textiles                        # how often they agree, and on what they differ
     graft feedback PREDICTION_ID hole             # the true label of an image predicted earlier
+    graft monitor textiles                        # live traffic per window: drifting or ok
 
 Server, transport and key: --url / --api-key, else GRAFT_URL / GRAFT_API_KEY, else the
 config file (client/config.py). Exit codes: 0 success, 1 the server refused or failed
@@ -22,6 +23,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,11 @@ from client.models import (
     SCALINGS,
     TRAINING_KINDS,
     HeadComparison,
+    HeadMonitoring,
     HeadPrediction,
     ImagePrediction,
     Job,
+    MonitorWindow,
     PredictOptions,
 )
 from client.progress import ProgressBar, human_bytes
@@ -475,8 +479,92 @@ def feedback(graft: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def monitor(graft: Client, args: argparse.Namespace) -> int:
+    name, _, ref = args.head.partition("@")
+    name, _, alias = name.partition(":")
+    version = _version_number(graft, name, ref or alias) if ref or alias else None
+    if args.clear_drift:
+        if version is None:
+            raise UsageError("name the version whose drift you accept: graft monitor HEAD@VERSION --clear-drift")
+        found = graft.clear_drift(name, version)
+    else:
+        found = graft.monitor(name, version)
+    if args.json:
+        print(found.model_dump_json())
+        return 0
+    _print_monitoring(found, args.last)
+    return 0
+
+
+def _version_number(graft: Client, head: str, ref: str) -> int:
+    """A version number from '3' or an alias ('prod'), which only the head knows."""
+    if ref.isdigit():
+        return int(ref)
+    try:
+        return graft.get_head(head).version(ref).version
+    except KeyError as exc:
+        raise UsageError(str(exc).strip("'\"")) from None
+
+
+def _print_monitoring(found: HeadMonitoring, last: int) -> None:
+    since = f" since {_when(found.drifting_since)}" if found.drifting_since else ""
+    print(f"{found.head}@{found.version}: {found.status or 'unknown'}{since}")
+    if not found.reference:
+        print(f"  no OOD scores or drift tests: {found.reference_note or 'the version has no monitoring reference'}")
+    if found.evidence is not None:
+        print(f"  evidence: the window ending {_when(found.evidence.end_time)}: drift {_drift_text(found.evidence)}")
+    if found.live.labelled:
+        print(f"  live accuracy {_percent(found.live.accuracy)} on {found.live.labelled} reported labels")
+    if not found.windows:
+        print("  no window of predictions closed yet")
+        return
+    ood = [w.ood_rate for w in found.windows if w.ood_rate is not None]
+    drift = [w.drift.statistic / w.drift.threshold for w in found.windows if w.drift and w.drift.threshold > 0]
+    if ood:
+        print(f"  ood rate        {sparkline(ood)}  (per window, oldest first)")
+    if drift:
+        print(f"  drift/threshold {sparkline(drift)}")
+    print()
+    _table(
+        ["end time", "predictions", "ood rate", "abstained", "label distance", "drift (statistic / threshold)"],
+        [
+            [
+                _when(w.end_time),
+                str(w.predictions),
+                _percent(w.ood_rate),
+                _percent(w.abstention_rate),
+                "-" if w.label_distance is None else f"{w.label_distance:.3f}",
+                _drift_text(w),
+            ]
+            for w in found.windows[-last:]
+        ],
+    )
+
+
+def _drift_text(window: MonitorWindow) -> str:
+    test = window.drift
+    if test is None:
+        return "-"
+    return f"{test.statistic:.3g} / {test.threshold:.3g}{' drifting' if test.drifting else ''}"
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One character per value, its height relative to the largest (all zero: the lowest)."""
+    top = max(values, default=0.0)
+    return "".join(
+        SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5)) if top > 0 else 0] for v in values
+    )
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment.astimezone():%Y-%m-%d %H:%M:%S}"
 
 
 def export(graft: Client, args: argparse.Namespace) -> int:
@@ -691,6 +779,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("prediction_id", help="the prediction id graft predict printed")
     sub.add_argument("label")
     sub.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    sub = command("monitor", monitor, "a head version's live traffic window by window, and whether it drifts")
+    sub.add_argument("head", help="HEAD (the version served by default), HEAD@3 or HEAD:alias")
+    sub.add_argument("--last", type=int, default=24, help="windows in the table, newest last (default 24)")
+    sub.add_argument(
+        "--clear-drift",
+        action="store_true",
+        help="HEAD@VERSION: its traffic was looked at and accepted: back to ok until the next drifting window",
+    )
+    sub.add_argument("--json", action="store_true", help="print the monitoring as JSON (every window kept)")
 
     about = (
         "download a head: safetensors weights, or backbone + head as one ONNX or torch.export (.pt2) "

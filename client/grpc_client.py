@@ -26,6 +26,7 @@ from client.models import (
     DatasetAudit,
     Head,
     HeadComparisons,
+    HeadMonitoring,
     HeadVersion,
     ImagePrediction,
     Job,
@@ -44,6 +45,7 @@ _ENUM_FIELDS = {
     "objective": "OBJECTIVE_",
     "class_weighting": "CLASS_WEIGHTING_",
     "scaling": "FEATURE_SCALING_",
+    "status": "DRIFT_STATUS_",
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
 _UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id"}  # proto3 "" is HTTP's null
@@ -303,6 +305,15 @@ class GrpcClient(Client):
         return PredictionFeedback.model_validate(
             _json(self._call(self._predictions.ReportPredictionFeedback, request, safe=False))
         )
+
+    def monitor(self, head: str, version: int | None = None) -> HeadMonitoring:
+        name = _named(head, "heads") + ("" if version is None else f"/versions/{version}")
+        reply = self._call(self._heads.GetHeadMonitoring, api.GetHeadMonitoringRequest(name=name))
+        return HeadMonitoring.model_validate(_json(reply))
+
+    def clear_drift(self, head: str, version: int) -> HeadMonitoring:
+        request = api.ClearHeadDriftRequest(name=f"{_named(head, 'heads')}/versions/{version}")
+        return HeadMonitoring.model_validate(_json(self._call(self._heads.ClearHeadDrift, request)))
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 

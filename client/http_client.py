@@ -17,6 +17,7 @@ from client.models import (
     DatasetAudit,
     Head,
     HeadComparisons,
+    HeadMonitoring,
     HeadVersion,
     ImagePrediction,
     Job,
@@ -218,6 +219,14 @@ class HttpClient(Client):
         # Not retried once it may have run: a second try would answer 409, as if the label were reported twice.
         path = f"/v1/predictions/{quote(prediction_id.removeprefix('predictions/'), safe='')}:feedback"
         return PredictionFeedback.model_validate(self._call("POST", path, json={"label": label}, safe=False))
+
+    def monitor(self, head: str, version: int | None = None) -> HeadMonitoring:
+        name = _named(head, "heads") + ("" if version is None else f"/versions/{version}")
+        return HeadMonitoring.model_validate(self._call("GET", f"/v1/{name}:monitor"))
+
+    def clear_drift(self, head: str, version: int) -> HeadMonitoring:
+        path = f"/v1/{_named(head, 'heads')}/versions/{version}:clearDrift"
+        return HeadMonitoring.model_validate(self._call("POST", path, json={}, safe=True))
 
     # Prediction and backbones -------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ EXPORT_FORMATS = _json_values(service_pb2.ExportFormat.keys(), "EXPORT_FORMAT_")
 OBJECTIVES = _json_values(resources_pb2.Objective.keys(), "OBJECTIVE_")
 CLASS_WEIGHTINGS = _json_values(resources_pb2.ClassWeighting.keys(), "CLASS_WEIGHTING_")
 SCALINGS = _json_values(resources_pb2.FeatureScaling.keys(), "FEATURE_SCALING_")
+DRIFT_STATUSES = _json_values(service_pb2.DriftStatus.keys(), "DRIFT_STATUS_")
 
 
 class TrunkRuntime(BaseModel):
@@ -303,6 +304,52 @@ class PredictionFeedback(BaseModel):
     prediction_id: str
     label: str
     heads: list[FeedbackVerdict] = []
+
+
+class DriftTest(BaseModel):
+    """A window's kernel two-sample test against the version's training features: drift when statistic > threshold."""
+
+    statistic: float
+    threshold: float = Field(description="the permutation statistics' 1 - alpha quantile")
+    p_value: float
+    drifting: bool = False
+    window: int = Field(0, description="the window's images tested")
+    test: str = Field("", description="which test (a newer server may name one this client does not know)")
+
+
+class MonitorWindow(BaseModel):
+    """One closed window of one replica's traffic to a head version."""
+
+    end_time: datetime
+    predictions: int = 0
+    label_counts: list[int] = Field([], description="top labels answered, in the order of HeadMonitoring.labels")
+    label_distance: float | None = Field(None, description="total variation distance from the training labels")
+    confidence_histogram: list[int] = Field([], description="top scores in 10 bins of width 0.1")
+    abstention_rate: float | None = None
+    ood_rate: float | None = Field(None, description="share of images scored out of distribution; None: no reference")
+    mean_ood_score: float | None = None
+    drift: DriftTest | None = Field(None, description="None: no reference, or too few images")
+
+
+class LiveAccuracy(BaseModel):
+    labelled: int = Field(0, description="predictions whose true label was reported (feedback)")
+    accuracy: float | None = None
+
+
+class HeadMonitoring(BaseModel):
+    """A head version's traffic window by window, and whether its inputs drifted from its training data."""
+
+    head: str
+    version: int
+    status: str | None = Field(None, description=f"{', '.join(DRIFT_STATUSES)}, or a status newer than this client")
+    drifting_since: datetime | None = Field(None, description="the end of the window that turned it drifting")
+    evidence: MonitorWindow | None = Field(None, description="that window")
+    reference: bool = Field(False, description="whether the version can be monitored for OOD images and drift")
+    reference_note: str | None = Field(None, description="why it cannot")
+    labels: list[str] = []
+    training_label_distribution: list[float] = []
+    live: LiveAccuracy = LiveAccuracy()
+    windows: list[MonitorWindow] = Field([], description="oldest first")
 
 
 class Tenant(BaseModel):

@@ -132,6 +132,10 @@ def test_graft_report_without_matplotlib_says_how_to_install_it(monkeypatch, cap
         (models.HeadComparison, api.HeadComparison),
         (models.PredictionFeedback, api.PredictionFeedback),
         (models.FeedbackVerdict, api.FeedbackVerdict),
+        (models.HeadMonitoring, api.HeadMonitoring),
+        (models.MonitorWindow, api.MonitorWindow),
+        (models.DriftTest, api.DriftTest),
+        (models.LiveAccuracy, api.LiveAccuracy),
     ],
 )
 def test_client_models_have_exactly_the_protos_field_names(model, message):

@@ -3,6 +3,8 @@ in-process service: each call's answer comes back as the same model whichever do
 
 import asyncio
 import contextlib
+import re
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,8 +17,12 @@ from client.errors import AlreadyExists, InvalidArgument, NotFound
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from harness.inprocess import serve_http
+from harness.sample_data import fashion_mnist_pngs, textile_files
+from service.config import Settings
+from service.core import Core
 from service.grpc.server import start_grpc_server
 from service.runtime import Runtime
+from service.training import TrainRequest
 from tests.unit.test_engine import TENANT, png, save_random_head
 
 pytestmark = pytest.mark.anyio
@@ -158,3 +164,66 @@ async def test_graft_feedback_prints_whether_each_version_was_right(runtime, key
         assert capsys.readouterr().out == f"{prediction_id}: {label!r} recorded; h@2 right\n"
         assert await graft(monkeypatch, key, url, "feedback", prediction_id, label) == cli.EXIT_ERROR
         assert "already has feedback" in capsys.readouterr().err
+
+
+WINDOW = 30  # the smallest window a drift test runs on
+SHIFTED = [data for data, _ in fashion_mnist_pngs("test", per_class=3, seed=1)][:WINDOW]  # not textiles
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_core) -> Path:
+    """A data folder whose registry holds 'textile' version 1, a prototype head on textile JPEGs."""
+    data_dir = tmp_path_factory.mktemp("trained")
+    core = make_core(data_dir)
+    dataset = core.datasets.create(TENANT, "textile", textile_files(per_class=20))
+    core.trainer.train(TENANT, TrainRequest(dataset_id=dataset.id, head_name="textile", kind="prototype"))
+    return data_dir
+
+
+@pytest.fixture
+def drifting(trained, mobilenet, tmp_path) -> Runtime:
+    """A copy of ``trained`` whose version 1 has served one window of Fashion-MNIST images: drifting."""
+    shutil.copytree(trained, tmp_path / "data")
+    core = Core.open(Settings(data_dir=tmp_path / "data", monitor_window=WINDOW), backbones=[])
+    core.backbones[mobilenet.name] = mobilenet
+    runtime = Runtime.around(core)
+    runtime.tenants.create_tenant(TENANT)
+    return runtime
+
+
+@pytest.mark.parametrize("door", DOORS)
+async def test_the_client_reads_a_drifting_versions_monitoring_and_clears_its_drift(drifting, door):
+    key = drifting.tenants.create_key(TENANT).secret
+    async with client_of(drifting, key, door) as graft_client:
+        await asyncio.to_thread(graft_client.predict, SHIFTED, "textile")
+        served = await asyncio.to_thread(graft_client.monitor, "textile")
+        named = await asyncio.to_thread(graft_client.monitor, "heads/textile", 1)
+        cleared = await asyncio.to_thread(graft_client.clear_drift, "textile", 1)
+    assert served == named
+    assert (served.head, served.version, served.status, served.reference) == ("textile", 1, "drifting", True)
+    assert served.labels == ["global", "local", "nominal"] and len(served.training_label_distribution) == 3
+    [window] = served.windows
+    assert window.predictions == WINDOW and sum(window.label_counts) == WINDOW and window.ood_rate is not None
+    assert window.drift is not None and window.drift.drifting and window.drift.statistic > window.drift.threshold
+    assert served.evidence == window and served.drifting_since == window.end_time
+    assert (cleared.status, cleared.evidence, cleared.windows) == ("ok", None, [window])
+
+
+@pytest.mark.parametrize("door", DOORS)
+async def test_graft_monitor_prints_the_status_its_evidence_and_a_table_of_windows(drifting, door, monkeypatch, capsys):
+    key = drifting.tenants.create_key(TENANT).secret
+    async with client_of(drifting, key, door) as graft_client:
+        await asyncio.to_thread(graft_client.predict, SHIFTED, "textile")
+        url = graft_client.url
+        assert await graft(monkeypatch, key, url, "monitor", "textile") == 0, capsys.readouterr().err
+        shown = capsys.readouterr().out.splitlines()
+        assert await graft(monkeypatch, key, url, "monitor", "textile", "--clear-drift") == cli.EXIT_USAGE
+        assert "graft monitor HEAD@VERSION --clear-drift" in capsys.readouterr().err
+        assert await graft(monkeypatch, key, url, "monitor", "textile@1", "--clear-drift") == 0
+        assert capsys.readouterr().out.startswith("textile@1: ok\n")
+    assert shown[0].startswith("textile@1: drifting since ")
+    assert shown[1].startswith("  evidence: the window ending ") and shown[1].endswith(" drifting")
+    assert shown[2].startswith("  ood rate        ") and shown[3].startswith("  drift/threshold ")
+    header, row = re.split(r"\s{2,}", shown[5]), shown[6]
+    assert header[:3] == ["end time", "predictions", "ood rate"] and len(shown) == 7
+    assert f"  {WINDOW}  " in row and row.endswith(" drifting")

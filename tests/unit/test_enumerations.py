@@ -20,6 +20,7 @@ from adapters.kinds import KINDS
 from adapters.recipe import CLASS_WEIGHTINGS, OBJECTIVES, SCALINGS
 from client import cli, models
 from client._proto.graft.v1 import resources_pb2 as pb
+from client._proto.graft.v1 import service_pb2 as api
 from client._proto.graft.v1 import service_pb2_grpc as rpc
 from client.base import Client
 from client.grpc_client import GrpcClient
@@ -31,11 +32,13 @@ from service.http.app import create_app
 from service.jobs import JobState
 from service.kind_choice import AUTO_KIND, auto_description
 from service.resources import ExportFormat, TrainingSpec
+from service.store.windows import DriftStatus
 
 STATIC = Path(__file__).parents[2] / "service" / "ui" / "static"
 NEWER_KIND, NEWER_STATE = "knn", "paused"  # what a newer server may answer over HTTP
 NEWER_NUMBER = 99  # ... and over gRPC, where an enum value this client does not know is only a number
 NEWER_OPTIONS = {"objective": "macro_f1", "class_weighting": "sqrt", "scaling": "pca"}  # a newer server's recipe
+NEWER_STATUS = "recovering"  # a drift status a newer server may answer
 
 
 class RecipeEnum(NamedTuple):
@@ -66,6 +69,7 @@ def test_the_clients_kinds_states_and_formats_are_the_servers():
     assert models.HEAD_KINDS == tuple(KINDS)
     assert models.JOB_STATES == tuple(state.value for state in JobState)
     assert models.EXPORT_FORMATS == tuple(export_format.value for export_format in ExportFormat)
+    assert models.DRIFT_STATUSES == tuple(status.value for status in DriftStatus)
 
 
 @each_recipe_enum
@@ -158,8 +162,10 @@ def test_the_web_page_names_no_kind_export_format_or_recipe_value_of_its_own():
 
 
 def newer_http_server(request: httpx.Request) -> httpx.Response:
-    """A newer server's HTTP door: its job and version are of a kind, and the job in a state and with recipe
-    choices, this client lacks."""
+    """A newer server's HTTP door: its job and version are of a kind, its monitoring in a status, and the job in a
+    state and with recipe choices, this client lacks."""
+    if request.url.path.endswith(":monitor"):
+        return httpx.Response(200, json={"head": "h", "version": 1, "status": NEWER_STATUS})
     if request.url.path.startswith("/v1/jobs/"):
         spec = {"dataset": "datasets/ds_1", "head": "h", "kind": NEWER_KIND, **NEWER_OPTIONS}
         job = {"name": "jobs/j1", "state": NEWER_STATE, "done": False, "spec": spec, "create_time": CREATE_TIME}
@@ -189,6 +195,9 @@ class NewerJobs(rpc.JobServiceServicer):
 
 
 class NewerHeads(rpc.HeadServiceServicer):
+    def GetHeadMonitoring(self, request, context):
+        return api.HeadMonitoring(head="h", version=1, status=NEWER_NUMBER)  # type: ignore[arg-type]
+
     def GetHeadVersion(self, request, context):
         return pb.HeadVersion(
             name=request.name, version=1, backbone="b", kind=NEWER_NUMBER, classes=["a", "b"], create_time=created()
@@ -239,3 +248,15 @@ def test_recipe_values_newer_than_the_client_come_through_over_http():
 def test_recipe_values_newer_than_the_client_come_through_over_grpc_as_their_numbers(newer_grpc_server):
     with GrpcClient(f"127.0.0.1:{newer_grpc_server}") as client:
         assert read_recipe(client) == dict.fromkeys(NEWER_OPTIONS, str(NEWER_NUMBER))
+
+
+def test_a_drift_status_newer_than_the_client_comes_through_over_http():
+    with HttpClient("http://newer.invalid") as client:
+        client._http.close()
+        client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(newer_http_server))
+        assert client.monitor("h").status == NEWER_STATUS
+
+
+def test_a_drift_status_newer_than_the_client_comes_through_over_grpc_as_its_number(newer_grpc_server):
+    with GrpcClient(f"127.0.0.1:{newer_grpc_server}") as client:
+        assert client.monitor("h").status == str(NEWER_NUMBER)
