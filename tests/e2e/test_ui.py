@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from adapters.kinds import KINDS
 from adapters.recipe import CLASS_WEIGHTINGS, OBJECTIVES, SCALINGS
 from client import connect
-from harness.sample_data import textile_files
+from harness.sample_data import fashion_mnist_pngs, textile_files
 from harness.screenshots import record_digest
 from harness.servers import Server, make_tenant_key, start_server
 from service.kind_choice import AUTO_KIND, auto_description
@@ -28,6 +28,7 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 CLASSES = ("global", "local", "nominal")  # the textile folders, as textile_files orders them
 TIMEOUT_MS = 120_000  # uploads and training on 2 busy cores
+MONITOR_WINDOW = 30  # images per monitoring window: the smallest a drift test runs on
 # Every text the training status shows, as the job's server-sent events arrive.
 SEEN_PROGRESS = """() => {
   window.seenProgress = [];
@@ -39,7 +40,12 @@ SEEN_PROGRESS = """() => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("ui"), GRAFT_AUTH="keys", GRAFT_BACKBONES='["mobilenet_v2"]')
+    server = start_server(
+        tmp_path_factory.mktemp("ui"),
+        GRAFT_AUTH="keys",
+        GRAFT_BACKBONES='["mobilenet_v2"]',
+        GRAFT_MONITOR_WINDOW=str(MONITOR_WINDOW),
+    )
     yield server
     server.stop()
 
@@ -281,9 +287,9 @@ def test_teach_three_classes_train_with_live_progress_and_try_a_held_out_image(p
     page.get_by_role("button", name="Stop the webcam").click()
 
 
-def test_a_heads_shadow_is_set_on_its_card_and_compared_with_the_served_version(page, server, screenshots):
+def test_a_heads_shadow_comparison_and_drifting_traffic_show_on_its_card(page, server, screenshots):
     """A tenant of its own: head 'watch' with two versions trained on different images; version 1 shadows the
-    latest, 2."""
+    latest, 2, which then serves a window of textiles and one of Fashion-MNIST clothes."""
     key = make_tenant_key(server, "watch")
     with connect(server.http_url, key) as graft:
         for offset in (0, 100):
@@ -293,19 +299,32 @@ def test_a_heads_shadow_is_set_on_its_card_and_compared_with_the_served_version(
             assert job.state == "succeeded", job.error
     sign_in(page, server, key)
     card = page.get_by_role("article", name="watch")
+    expect(card.locator(".monitor-status .status")).to_have_text("ok")
     card.get_by_label("Shadow with").select_option("1")
     card.get_by_role("button", name="Set shadow").click()
     expect(card.get_by_text("Version 1 shadows this head")).to_be_visible()
     assert unlabelled_controls(page) == []
 
     held_out = [data for _, data, _ in textile_files(per_class=10, offset=400)]
+    clothes = [data for data, _ in fashion_mnist_pngs("test", per_class=3, seed=1)][:MONITOR_WINDOW]
     with connect(server.http_url, key) as graft:
         answers = graft.predict(held_out, "watch", include_shadow=True)
+        graft.predict(clothes, "watch")
     assert all(a.heads[0].version == 2 and a.heads[0].shadow.version == 1 for a in answers)  # type: ignore[union-attr]
     page.reload()
     card.get_by_text("Shadow against served").click()
     comparison = card.locator(".comparison")
     expect(comparison.get_by_role("heading")).to_have_text("Shadow version 1 beside served version 2")
-    expect(comparison.locator("dd").first).to_have_text(str(len(held_out)))
+    expect(comparison.locator("dd").first).to_have_text(str(len(held_out) + len(clothes)))
     expect(comparison.locator(".confusion-matrix tbody td")).to_have_count(len(CLASSES) ** 2)
     shoot(page, screenshots, "shadow")
+
+    expect(card.locator(".monitor-status .status")).to_have_text("drifting")  # the version served: 2
+    card.get_by_text("Live traffic of version 2", exact=True).click()
+    monitoring = card.locator(".monitoring")
+    expect(monitoring.get_by_role("alert")).to_contain_text("drifting since")
+    expect(monitoring.locator(".chart svg")).to_have_count(4)
+    expect(monitoring.locator(".drifting-window")).to_have_count(4)  # the second window, marked on each chart
+    expect(monitoring.locator(".windows tbody tr")).to_have_count(2)
+    expect(monitoring.locator(".windows tbody tr.drifting")).to_have_count(1)
+    shoot(page, screenshots, "monitoring")

@@ -1,7 +1,8 @@
-// "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export; set
-// or stop its shadow version and compare it with the served one.
+// "Your heads": every head with its versions, aliases and hold-out metrics; set or remove an alias; export; its
+// shadow version and live traffic.
 
 import { apiSchemas, call, download, listAll } from "./api.js";
+import { monitorStatus, versionMonitoring } from "./monitor.js";
 import { shadowPanel } from "./shadow.js";
 import { el, formatTime, metricsView, percent } from "./widgets.js";
 
@@ -34,11 +35,13 @@ function headCard(head, formats) {
     el("h2", { id: `head-${name}` }, name),
     el("p", { class: "hint" }, `latest version ${head.latest_version}`,
       versions[0] ? ` · ${versions[0].kind} on ${versions[0].backbone} · ${versions[0].classes.join(", ")}` : ""),
+    monitorStatus(name),
     aliasList(name, head, status),
     el("div", { class: "scroll" }, versionTable(name, versions, formats, head.shadow_version, status)),
     versions.map((v) => versionMetrics(name, v)),
     aliasForm(name, versions, status),
     shadowPanel(name, head, versions, (change) => act(status, change)),
+    versions.map((v) => versionMonitoring(name, v.version)),
     status);
 }
 
