@@ -127,6 +127,11 @@ class MonitoringReference:
         unseen = scorer.scores(holdout_x)
         if _conformal_rank(len(unseen)) > len(unseen):
             unseen = torch.cat([unseen, _cross_fitted_scores(train_x[fit_rows], train_y[fit_rows], generator)])
+        if _conformal_rank(len(unseen)) > len(unseen):
+            raise InvalidInput(
+                f"monitoring needs more rows to place its OOD threshold at the {OOD_QUANTILE:g} quantile: "
+                f"{len(unseen)} hold-out and cross-fitted training scores have no such rank"
+            )
         threshold = unseen.sort().values[_conformal_rank(len(unseen)) - 1]
 
         pooled = torch.cat([train_x, holdout_x])

@@ -118,6 +118,7 @@ def test_the_training_label_distribution_is_kept():
         (lambda x, y: MonitoringReference.fit(x, y + CLASSES, x, CLASSES), "training labels must lie in"),
         (lambda x, y: MonitoringReference.fit(x[:5], y[:5], x, CLASSES), "at least 10 training rows"),
         (lambda x, y: MonitoringReference.fit(x * torch.nan, y, x, CLASSES), "NaN"),
+        (lambda x, y: MonitoringReference.fit(x[:12], y[:12], x[:0], CLASSES), "more rows to place its OOD threshold"),
     ],
 )
 def test_fit_rejects_what_it_cannot_use(call, message):
