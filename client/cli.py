@@ -40,6 +40,7 @@ from client.models import (
     OBJECTIVES,
     SCALINGS,
     TRAINING_KINDS,
+    Head,
     HeadComparison,
     HeadMonitoring,
     HeadPrediction,
@@ -55,6 +56,7 @@ EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 1,
 
 
 UNKNOWN = "unknown"  # the label shown where a head abstains (its top score is below --min-score)
+SHADOW_MARK = "(shadow)"  # in the aliases column of `graft heads`
 
 
 class UsageError(Exception):
@@ -325,11 +327,16 @@ def heads(graft: Client, args: argparse.Namespace) -> int:
                     version.backbone,
                     str(len(version.classes)),
                     f"{accuracy:.3f}" if isinstance(accuracy, int | float) else "-",
-                    ",".join(aliases.get(version.version, [])) or "-",
+                    ",".join([*aliases.get(version.version, []), *_shadow_mark(head, version.version)]) or "-",
                 ]
             )
     _table(["head", "version", "kind", "backbone", "classes", "accuracy", "aliases"], rows)
     return 0
+
+
+def _shadow_mark(head: Head, version: int) -> list[str]:
+    """'(shadow)' beside the aliases of the version that shadows the head: in brackets, as no alias can be."""
+    return [SHADOW_MARK] if version == head.shadow_version else []
 
 
 def datasets(graft: Client, args: argparse.Namespace) -> int:

@@ -303,6 +303,7 @@ def test_a_heads_shadow_comparison_and_drifting_traffic_show_on_its_card(page, s
     card.get_by_label("Shadow with").select_option("1")
     card.get_by_role("button", name="Set shadow").click()
     expect(card.get_by_text("Version 1 shadows this head")).to_be_visible()
+    expect(card.locator(".versions tbody tr").nth(1).locator("td").nth(4)).to_have_text("(shadow)")  # version 1
     assert unlabelled_controls(page) == []
 
     held_out = [data for _, data, _ in textile_files(per_class=10, offset=400)]

@@ -115,6 +115,8 @@ async def test_graft_shadow_predict_and_compare_print_the_shadow_and_the_compari
         table = capsys.readouterr().out.splitlines()
         assert await graft(monkeypatch, key, url, "compare", "h") == 0
         compared = capsys.readouterr().out
+        assert await graft(monkeypatch, key, url, "heads", "h") == 0
+        listed = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
         assert await graft(monkeypatch, key, url, "shadow", "h", "--clear") == 0
         assert capsys.readouterr().out == "h: no shadow (its comparisons are kept: graft compare h)\n"
         assert await graft(monkeypatch, key, url, "shadow", "h") == cli.EXIT_USAGE
@@ -125,6 +127,7 @@ async def test_graft_shadow_predict_and_compare_print_the_shadow_and_the_compari
     assert len({row[-1] for row in rows}) == len(files)  # one prediction id per image
     assert compared.startswith(f"h: shadow version 2 beside served version 1\n  {len(files)} images compared: ")
     assert "served \\ shadow  c0" in compared  # the confusion, served labels down, the shadow's across
+    assert [(row[1], row[-1]) for row in listed] == [("1", "prod"), ("2", "(shadow)")]
 
 
 @pytest.mark.parametrize("door", DOORS)

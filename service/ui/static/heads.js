@@ -85,7 +85,7 @@ function versionTable(name, versions, formats, shadowVersion, status) {
       el("td", {}, v.kind), el("td", {}, v.backbone),
       el("td", {}, v.metrics.accuracy === undefined ? "–" : percent(v.metrics.accuracy)),
       el("td", {}, formatTime(v.create_time)),
-      el("td", {}, [...v.aliases, ...(v.version === shadowVersion ? ["shadow"] : [])].join(", ")),
+      el("td", {}, [...v.aliases, ...(v.version === shadowVersion ? ["(shadow)"] : [])].join(", ")),
       el("td", { class: "actions" },
         formats.map((format) => el("button", { type: "button", class: "quiet",
           "aria-label": `Download ${name} version ${v.version} as ${format}`,
