@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from adapters.errors import InvalidInput
 from service.config import Settings
 from service.engine.head_cache import IMAGENET_TENANT
 from service.engine.predictor import Served
@@ -108,8 +109,16 @@ class Monitor:
         if self.settings.monitoring:
             for one in served:
                 if one.head.key.tenant != IMAGENET_TENANT:
-                    self.windows.add(one.head, one.answers, embeddings.get(one.head.backbone))
+                    self._watch(one, embeddings.get(one.head.backbone))
         return ids
+
+    def _watch(self, served: Served, embeddings: torch.Tensor | None) -> None:
+        """Count the answers into the version's window; what monitoring cannot count (a broken head's NaN scores)
+        is logged and left out, never failing the request it only watches."""
+        try:
+            self.windows.add(served.head, served.answers, embeddings)
+        except InvalidInput as exc:
+            log.warning("%s version %d: not monitored: %s", served.head.name, served.head.version, exc)
 
     def _room(self, count: int) -> bool:
         """Take ``count`` places of GRAFT_MONITOR_MAX_PENDING, or say there are none."""

@@ -15,6 +15,7 @@ from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.calls import Calls, KeyCheck
 from service.config import Settings
 from service.core import Core
+from service.engine.predictor import HeadPrediction, LabelScore, Served
 from service.errors import InvalidArgument, NotFound
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
@@ -263,3 +264,14 @@ async def test_over_grpc_monitoring_is_read_by_either_name_and_drift_cleared(ran
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(grace=1)
+
+
+async def test_answers_monitoring_cannot_count_are_left_out_without_failing_the_request(random_heads, mobilenet):
+    runtime = open_runtime(random_heads, mobilenet, monitor_window=2)
+    head = await runtime.predictor.heads.get(TENANT, "h@1")
+    broken = HeadPrediction(head="h", version=1, top=[LabelScore(label="c0", score=float("nan"))])
+    ids = runtime.monitor.observe(TENANT, [Served(head, None, [broken], None)], {})
+    assert len(ids) == 1
+    await predict(runtime, RANDOM[:2], "h@1")
+    [window] = (await calls(runtime).head_monitoring("heads/h/versions/1")).windows
+    assert window.predictions == 2  # the broken answer was not counted
