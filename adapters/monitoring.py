@@ -344,7 +344,7 @@ class _Scorer:
         mean = x.mean(dim=0)
         centred = x - mean
         k = min(MAX_COMPONENTS, x.shape[1], max(1, len(x) // 2))  # half the rows: the residual stays informative
-        components = torch.linalg.svd(centred, full_matrices=False).Vh[:k].T
+        components = _principal_directions(centred, k)
         z = centred @ components
         classes, index = torch.unique(y, return_inverse=True)
         means = torch.zeros(len(classes), k, dtype=torch.float64).index_add_(0, index, z)
@@ -369,6 +369,17 @@ class _Scorer:
 
     def scores(self, x: Tensor) -> Tensor:
         return _ood_scores(x.double(), self.mean, self.components, self.scales, self.class_means, self.residual_weight)
+
+
+def _principal_directions(centred: Tensor, k: int) -> Tensor:
+    """The top ``k`` principal directions [D, k] (unit columns) of centred rows [N, D], from the smaller of the two
+    Gram eigenproblems: every training job fits one, and an SVD of all the rows costs several times more."""
+    n, d = centred.shape
+    if n > d:
+        return torch.linalg.eigh(centred.T @ centred).eigenvectors.flip(1)[:, :k]
+    vectors = torch.linalg.eigh(centred @ centred.T).eigenvectors.flip(1)[:, :k]
+    directions = centred.T @ vectors  # each column is its eigenvalue's square root times a unit direction
+    return directions / directions.norm(dim=0).clamp(min=torch.finfo(directions.dtype).tiny)
 
 
 def _ood_scores(
