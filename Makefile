@@ -98,6 +98,7 @@ screenshots: setup weights data
 bench: setup weights data
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/training_cost.py
+	$(PY) benchmarks/monitoring.py
 	$(PY) benchmarks/runtime.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/latency.py
