@@ -46,6 +46,10 @@ from service.store.windows import ClosedWindow, MonitorWindows
 
 log = logging.getLogger(__name__)
 
+PREDICTION_ID_BYTES = 16  # random bytes of a prediction id: 22 URL-safe characters
+# What a prediction id can look like (URL-safe base64, with room to grow): anything else is refused before a lookup.
+PREDICTION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
 T = TypeVar("T")
 InThread = Callable[[Callable[[], T]], Awaitable[T]]
 
@@ -89,7 +93,7 @@ class Monitor:
     def observe(self, tenant: str, served: list[Served], embeddings: dict[str, torch.Tensor]) -> list[str]:
         """Count each head's agreement with its shadow, record what every image was answered; its ids."""
         images = len(served[0].answers) if served else 0
-        ids = [secrets.token_urlsafe(16) for _ in range(images)]
+        ids = [secrets.token_urlsafe(PREDICTION_ID_BYTES) for _ in range(images)]
         if self._room(images):
             now = utcnow()
             for index, prediction_id in enumerate(ids):

@@ -8,12 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.calls import Calls
 from service.http.deps import calls
 from service.http.errors import COMMON_ERRORS, error_responses
+from service.monitoring import PREDICTION_ID_PATTERN
 from service.resources import PredictionFeedback
 from service.store.observations import MAX_LABEL_CHARS
 
 router = APIRouter(prefix="/v1/predictions", tags=["predict"], responses=error_responses(*COMMON_ERRORS))
 
-PredictionId = Annotated[str, Path(description="the prediction_id a prediction answered with")]
+PredictionId = Annotated[
+    str, Path(pattern=PREDICTION_ID_PATTERN, description="the prediction_id a prediction answered with")
+]
 
 
 class FeedbackLabel(BaseModel):

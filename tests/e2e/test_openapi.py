@@ -269,9 +269,16 @@ parameters."path.job" = { dictionary = "queued-job", probability = 1.0 }
 
 # Images must decode (and a dataset needs two classes, one label per file): content, not shape. The fuzzer's
 # bytes are refused with 400, rightly, and its real image (above) is accepted; a refusal of the shape (422) of
-# valid data still fails the check. Real uploads are in test_http_e2e.
+# valid data still fails the check. Real uploads are in test_http_e2e. Feedback's label must be a class of the
+# heads that made the prediction (a real id from a stateful link, with a made-up label: 400, rightly); real
+# feedback is in test_shadows_e2e.
 [[operations]]
-include-name = ["POST /v1/datasets", "POST /v1/predict", "POST /v1/predict:upload"]
+include-name = [
+    "POST /v1/datasets",
+    "POST /v1/predict",
+    "POST /v1/predict:upload",
+    "POST /v1/predictions/{prediction_id}:feedback",
+]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """)
 
