@@ -12,6 +12,7 @@ business (mark and sweep), so a delete never races another tenant's upload.
 from __future__ import annotations
 
 import builtins
+import re
 import unicodedata
 import uuid
 from collections import Counter
@@ -32,10 +33,18 @@ from service.store.blobs import BlobStore
 from service.store.collector import BlobCollector, Pin
 from service.store.db import Database, DatasetRow, ExampleRow, utcnow
 from service.store.images import inspect_image
-from service.store.pages import check_page_size, decode_time, decode_token, encode_token
+from service.store.pages import check_page_size, decode_time, decode_token, encode_token, malformed_token
 
 MAX_LABEL_CHARS = 128
 MAX_NAME_CHARS = 256
+MAX_FILE_NAME_CHARS = 1024
+MAX_CLIENT_ID_CHARS = 128
+# A client id is addressed in a URL path (datasets/{dataset}/examples/{example}): URL-safe characters only, and not
+# all digits, which address an example by its position.
+CLIENT_ID_PATTERN = rf"^[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}$"
+
+# An upload's image with the uploader's own id for it (None: none given).
+IdentifiedExample = tuple[str, bytes, str, str | None]
 
 
 class DatasetInfo(BaseModel):
@@ -46,6 +55,16 @@ class DatasetInfo(BaseModel):
     num_examples: int
     classes: list[str]
     counts: dict[str, int]
+
+
+class ExampleInfo(BaseModel):
+    """One example as its upload named it: ``file_name`` is None for examples uploaded before names were kept."""
+
+    index: int
+    file_name: str | None
+    client_id: str | None
+    label: str
+    image_sha256: str
 
 
 class UploadBudget:
@@ -85,12 +104,12 @@ class DatasetStore:
 
     # -- create ------------------------------------------------------------------
 
-    def create(self, tenant: str, name: str, examples: Iterable[Example]) -> DatasetInfo:
-        """Validate and store each (file name, image bytes, label) as it arrives, then commit the rows."""
+    def create(self, tenant: str, name: str, examples: Iterable[Example | IdentifiedExample]) -> DatasetInfo:
+        """Validate and store each (file name, image bytes, label[, client id]) as it arrives, then commit."""
         upload = self.begin(tenant, name)
         try:
-            for file_name, data, label in examples:
-                upload.add(file_name, data, label)
+            for example in examples:
+                upload.add(*example)
             return upload.commit()
         except BaseException:
             upload.abandon()
@@ -110,19 +129,33 @@ class DatasetStore:
             )
 
     def create_from_labelled(
-        self, tenant: str, name: str, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]
+        self,
+        tenant: str,
+        name: str,
+        files: Sequence[tuple[str, bytes | BinaryIO]],
+        labels: Sequence[str],
+        client_ids: Sequence[str] = (),
     ) -> DatasetInfo:
-        """Multipart uploads: files (bytes, or file objects read one at a time) and labels as parallel lists."""
+        """Multipart uploads: files (bytes, or file objects read one at a time), labels and, optionally, client ids
+        as parallel lists (an empty client id: that file has none)."""
         if len(labels) != len(files):
             raise InvalidArgument(
                 f"{len(labels)} labels for {len(files)} files; send exactly one label per file, in the same order"
             )
-        return self.create(tenant, name, self._read_labelled(files, labels))
+        if client_ids and len(client_ids) != len(files):
+            raise InvalidArgument(
+                f"{len(client_ids)} client ids for {len(files)} files; send none, or exactly one per file in the "
+                "same order (an empty one for a file without)"
+            )
+        ids = [client_id or None for client_id in client_ids] if client_ids else [None] * len(files)
+        return self.create(tenant, name, self._read_labelled(files, labels, ids))
 
-    def _read_labelled(self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str]) -> Iterator[Example]:
+    def _read_labelled(
+        self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str], client_ids: Sequence[str | None]
+    ) -> Iterator[IdentifiedExample]:
         limit = self.settings.max_image_bytes + 1  # one byte more tells "over the limit" from "at the limit"
-        for (file_name, data), label in zip(files, labels, strict=True):
-            yield file_name, data if isinstance(data, bytes) else data.read(limit), label
+        for (file_name, data), label, client_id in zip(files, labels, client_ids, strict=True):
+            yield file_name, data if isinstance(data, bytes) else data.read(limit), label, client_id
 
     def create_from_zip(self, tenant: str, name: str, archive: bytes | Path | BinaryIO) -> DatasetInfo:
         """A class-folder zip: bytes, a path, or a seekable file object (never read whole)."""
@@ -161,6 +194,47 @@ class DatasetStore:
             infos = [_info(row, counts[row.id]) for row in page]
         next_token = encode_token(page[-1].created_at.isoformat(), page[-1].id) if more else None
         return infos, next_token
+
+    def named_examples(self, tenant: str, id: str) -> builtins.list[ExampleInfo]:
+        """Every example with its names, in upload order (what an audit names its findings by)."""
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            query = select(ExampleRow).where(ExampleRow.dataset_id == id).order_by(ExampleRow.position)
+            return [_example(row) for row in session.scalars(query)]
+
+    def list_examples(
+        self, tenant: str, id: str, page_size: int = 50, page_token: str | None = None
+    ) -> tuple[builtins.list[ExampleInfo], str | None]:
+        """In upload order; the token is the position of the last example returned."""
+        check_page_size(page_size)
+        query = select(ExampleRow).where(ExampleRow.dataset_id == id)
+        if page_token:
+            (last,) = decode_token(page_token, 1)
+            position = _position(last)
+            if position is None:
+                raise malformed_token(page_token)
+            query = query.where(ExampleRow.position > position)
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            rows = list(session.scalars(query.order_by(ExampleRow.position).limit(page_size + 1)))
+            page, more = rows[:page_size], len(rows) > page_size
+            infos = [_example(row) for row in page]
+        return infos, encode_token(str(page[-1].position)) if more else None
+
+    def get_example(self, tenant: str, id: str, example: str) -> ExampleInfo:
+        """By its client id, or (all digits) by its position in upload order."""
+        position = _position(example)
+        where = ExampleRow.client_id == example if position is None else ExampleRow.position == position
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            row = session.scalar(select(ExampleRow).where(ExampleRow.dataset_id == id, where))
+            if row is None:
+                raise NotFound(
+                    f"dataset '{id}' has no example '{example}' (a client id, or a position from 0); "
+                    "list its examples to see them",
+                    dataset_id=id,
+                )
+            return _example(row)
 
     def examples(self, tenant: str, id: str) -> builtins.list[tuple[str, str]]:
         """(image sha256, label) pairs in upload order."""
@@ -202,16 +276,20 @@ class DatasetUpload:
         self.tenant = tenant
         self.name = name
         self.pins: dict[str, Pin] = {}
-        self.labelled: list[tuple[str, str]] = []
+        self.labelled: list[tuple[str, str, str, str | None]] = []  # (sha256, label, file name, client id)
+        self.client_ids: set[str] = set()
         self.counts: Counter[str] = Counter()
         self.stored_bytes = 0
         self.budget = UploadBudget(store.settings)
         self._ended = False
 
-    def add(self, file_name: str, data: bytes, label: str) -> None:
+    def add(self, file_name: str, data: bytes, label: str, client_id: str | None = None) -> None:
         settings = self.store.settings
         self.budget.take(file_name, len(data))
+        _check_text("file name", file_name, MAX_FILE_NAME_CHARS)
         _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
+        if client_id is not None:
+            self._check_client_id(file_name, client_id)
         if label not in self.counts:
             self.store._check_class_count(len(self.counts) + 1, file_name, label)
         info = inspect_image(
@@ -221,8 +299,22 @@ class DatasetUpload:
             self.pins[info.sha256] = self.store.collector.pin(info.sha256, len(data))
             self.store.blobs.put(data)  # pinned first, so no sweep can take the file away now
             self.stored_bytes += len(data)
-        self.labelled.append((info.sha256, label))
+        self.labelled.append((info.sha256, label, file_name, client_id))
         self.counts[label] += 1
+
+    def _check_client_id(self, file_name: str, client_id: str) -> None:
+        if re.fullmatch(CLIENT_ID_PATTERN, client_id) is None or client_id.isdigit():
+            raise InvalidArgument(
+                f"client id {client_id[:MAX_CLIENT_ID_CHARS]!r} of file '{file_name}' is not 1 to "
+                f"{MAX_CLIENT_ID_CHARS} of the characters A-Z a-z 0-9 . _ ~ - (and not all digits, which address an "
+                "example by its position); choose another"
+            )
+        if client_id in self.client_ids:
+            raise InvalidArgument(
+                f"client id '{client_id}' of file '{file_name}' is given to an earlier file of this upload too; "
+                "client ids are unique within a dataset"
+            )
+        self.client_ids.add(client_id)
 
     def commit(self) -> DatasetInfo:
         _check_classes(self.counts)
@@ -236,7 +328,8 @@ class DatasetUpload:
             stored_bytes=self.stored_bytes,
         )
         row.examples = [
-            ExampleRow(image_sha256=sha, label=label, position=i) for i, (sha, label) in enumerate(self.labelled)
+            ExampleRow(image_sha256=sha, label=label, position=i, file_name=file_name, client_id=client_id)
+            for i, (sha, label, file_name, client_id) in enumerate(self.labelled)
         ]
         collector = self.store.collector
         with self.store.db.session() as session:
@@ -260,6 +353,23 @@ def _owned(session: Session, tenant: str, id: str) -> DatasetRow:
     if row is None:
         raise NotFound(f"dataset '{id}' not found; list your datasets to see valid ids", dataset_id=id)
     return row
+
+
+def _example(row: ExampleRow) -> ExampleInfo:
+    return ExampleInfo(
+        index=row.position,
+        file_name=row.file_name,
+        client_id=row.client_id,
+        label=row.label,
+        image_sha256=row.image_sha256,
+    )
+
+
+def _position(text: str) -> int | None:
+    """A position written as ASCII digits, within the column's range; None for anything else."""
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        return int(text)
+    return None
 
 
 def _counts(session: Session, ids: list[str]) -> dict[str, Counter[str]]:
