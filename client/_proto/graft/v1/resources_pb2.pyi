@@ -114,15 +114,35 @@ class Dataset(_message.Message):
     examples_per_class: _containers.ScalarMap[str, int]
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., example_count: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., examples_per_class: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class Example(_message.Message):
+    __slots__ = ("name", "index", "file_name", "client_id", "label", "image_sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    file_name: str
+    client_id: str
+    label: str
+    image_sha256: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., file_name: _Optional[str] = ..., client_id: _Optional[str] = ..., label: _Optional[str] = ..., image_sha256: _Optional[str] = ...) -> None: ...
+
 class AuditedExample(_message.Message):
-    __slots__ = ("index", "image_sha256", "label")
+    __slots__ = ("index", "image_sha256", "label", "file_name", "client_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     index: int
     image_sha256: str
     label: str
-    def __init__(self, index: _Optional[int] = ..., image_sha256: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    file_name: str
+    client_id: str
+    def __init__(self, index: _Optional[int] = ..., image_sha256: _Optional[str] = ..., label: _Optional[str] = ..., file_name: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class LabelSuspect(_message.Message):
     __slots__ = ("example", "suggested_label", "label_score", "suggested_score")

@@ -57,14 +57,16 @@ class CreateDatasetRequest(_message.Message):
         display_name: str
         def __init__(self, display_name: _Optional[str] = ...) -> None: ...
     class Image(_message.Message):
-        __slots__ = ("file_name", "label", "data")
+        __slots__ = ("file_name", "label", "data", "client_id")
         FILE_NAME_FIELD_NUMBER: _ClassVar[int]
         LABEL_FIELD_NUMBER: _ClassVar[int]
         DATA_FIELD_NUMBER: _ClassVar[int]
+        CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
         file_name: str
         label: str
         data: bytes
-        def __init__(self, file_name: _Optional[str] = ..., label: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+        client_id: str
+        def __init__(self, file_name: _Optional[str] = ..., label: _Optional[str] = ..., data: _Optional[bytes] = ..., client_id: _Optional[str] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     header: CreateDatasetRequest.Header
@@ -94,6 +96,30 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[_resources_pb2.Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListExamplesRequest(_message.Message):
+    __slots__ = ("parent", "page_size", "page_token")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    page_size: int
+    page_token: str
+    def __init__(self, parent: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListExamplesResponse(_message.Message):
+    __slots__ = ("examples", "next_page_token")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    examples: _containers.RepeatedCompositeFieldContainer[_resources_pb2.Example]
+    next_page_token: str
+    def __init__(self, examples: _Optional[_Iterable[_Union[_resources_pb2.Example, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetExampleRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str

@@ -186,6 +186,16 @@ class DatasetServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListExamples = channel.unary_unary(
+                '/graft.v1.DatasetService/ListExamples',
+                request_serializer=graft_dot_v1_dot_service__pb2.ListExamplesRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ListExamplesResponse.FromString,
+                _registered_method=True)
+        self.GetExample = channel.unary_unary(
+                '/graft.v1.DatasetService/GetExample',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetExampleRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Example.FromString,
+                _registered_method=True)
         self.AuditDataset = channel.unary_unary(
                 '/graft.v1.DatasetService/AuditDataset',
                 request_serializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
@@ -225,6 +235,20 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExamples(self, request, context):
+        """The dataset's examples in upload order, each with its file name and client id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExample(self, request, context):
+        """One example, by its client id or its position: "datasets/{dataset}/examples/{example}".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AuditDataset(self, request, context):
         """Images whose label is probably wrong (out-of-fold probabilities of a
         linear probe against per-class thresholds), ranked, each with a suggested
@@ -257,6 +281,16 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExamples,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ListExamplesRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ListExamplesResponse.SerializeToString,
+            ),
+            'GetExample': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExample,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetExampleRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Example.SerializeToString,
             ),
             'AuditDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.AuditDataset,
@@ -372,6 +406,60 @@ class DatasetService:
             '/graft.v1.DatasetService/DeleteDataset',
             graft_dot_v1_dot_service__pb2.DeleteDatasetRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/ListExamples',
+            graft_dot_v1_dot_service__pb2.ListExamplesRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ListExamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/GetExample',
+            graft_dot_v1_dot_service__pb2.GetExampleRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Example.FromString,
             options,
             channel_credentials,
             insecure,
