@@ -21,7 +21,7 @@ from adapters.audit import DEFAULT_DUPLICATE_SIMILARITY, LabelAudit, audit_label
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import DeadlineExceeded, ResourceExhausted
-from service.store.datasets import DatasetStore
+from service.store.datasets import DatasetStore, ExampleInfo
 from service.training import adapter_errors_translated
 
 DEFAULT_AUDIT_ITEMS = 50
@@ -40,13 +40,12 @@ class AuditRequest(BaseModel):
 
 
 class AuditedDataset(BaseModel):
-    """The adapters' audit with what it was run on: the examples' images and labels, by position."""
+    """The adapters' audit with what it was run on: the examples (images, labels and names), by position."""
 
     dataset_id: str
     backbone: str
     classes: list[str]
-    shas: list[str]
-    labels: list[str]
+    examples: list[ExampleInfo]
     audit: LabelAudit
 
 
@@ -100,10 +99,10 @@ class DatasetAuditor:
             return False
 
         try:
-            examples = self.datasets.examples(tenant, request.dataset_id)
-            shas = [sha for sha, _ in examples]
+            examples = self.datasets.named_examples(tenant, request.dataset_id)
+            shas = [example.image_sha256 for example in examples]
             class_index = {name: i for i, name in enumerate(dataset.classes)}
-            labels = torch.tensor([class_index[label] for _, label in examples])
+            labels = torch.tensor([class_index[example.label] for example in examples])
             features = self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
             audit = audit_labels(
                 features,
@@ -122,7 +121,6 @@ class DatasetAuditor:
             dataset_id=dataset.id,
             backbone=backbone.name,
             classes=dataset.classes,
-            shas=shas,
-            labels=[label for _, label in examples],
+            examples=examples,
             audit=audit,
         )

@@ -38,6 +38,7 @@ from service.resources import (
     CompareHeadVersionsResponse,
     Dataset,
     DatasetAudit,
+    Example,
     ExportedHead,
     ExportFormat,
     Head,
@@ -47,6 +48,7 @@ from service.resources import (
     Job,
     ListBackbonesResponse,
     ListDatasetsResponse,
+    ListExamplesResponse,
     ListHeadsResponse,
     ListJobsResponse,
     PredictionFeedback,
@@ -106,8 +108,8 @@ class Upload:
         self._step = step
         return await asyncio.shield(step)
 
-    async def add(self, file_name: str, data: bytes, label: str) -> None:
-        await self._run(self._upload.add, file_name, data, label)
+    async def add(self, file_name: str, data: bytes, label: str, client_id: str | None = None) -> None:
+        await self._run(self._upload.add, file_name, data, label, client_id)
 
     async def commit(self) -> Dataset:
         return Dataset.of(await self._run(self._upload.commit))
@@ -329,6 +331,20 @@ class Calls:
     async def list_datasets(self, page_size: int, page_token: str) -> ListDatasetsResponse:
         datasets, token = await self.in_thread(self.core.datasets.list, self.tenant, *_page(page_size, page_token))
         return ListDatasetsResponse(datasets=[Dataset.of(d) for d in datasets], next_page_token=token or "")
+
+    async def list_examples(self, parent: str, page_size: int, page_token: str) -> ListExamplesResponse:
+        dataset_id = resource_id(parent, "datasets")
+        store = self.core.datasets
+        examples, token = await self.in_thread(
+            store.list_examples, self.tenant, dataset_id, *_page(page_size, page_token)
+        )
+        return ListExamplesResponse(examples=[Example.of(dataset_id, e) for e in examples], next_page_token=token or "")
+
+    async def get_example(self, dataset: str, example: str) -> Example:
+        """``dataset`` is its id or name; ``example`` a client id or a position (gRPC passes both from one name)."""
+        dataset_id = resource_id(dataset, "datasets")
+        found = await self.in_thread(self.core.datasets.get_example, self.tenant, dataset_id, example)
+        return Example.of(dataset_id, found)
 
     async def delete_dataset(self, name: str) -> None:
         await self.in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))

@@ -25,7 +25,7 @@ from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
 from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
-from service.store.datasets import MAX_NAME_CHARS, DatasetInfo
+from service.store.datasets import MAX_NAME_CHARS, DatasetInfo, ExampleInfo
 from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.store.observations import Comparison, Feedback
 from service.store.windows import DriftStatus, MonitorWindow
@@ -144,12 +144,32 @@ class Dataset(BaseModel):
         )
 
 
+class Example(BaseModel):
+    """``datasets/{dataset}/examples/{index}``: one labelled image, with the names its upload gave it."""
+
+    name: str = Field(description="datasets/{dataset}/examples/{index}; the client id addresses it too")
+    index: int = Field(description="its position in upload order, from 0")
+    file_name: str | None = Field(
+        description="the multipart file name, or the path inside the zip or folder; null for examples uploaded "
+        "before graft kept names"
+    )
+    client_id: str | None = Field(description="the uploader's own id for it, unique within the dataset")
+    label: str
+    image_sha256: str
+
+    @classmethod
+    def of(cls, dataset_id: str, info: ExampleInfo) -> "Example":
+        return cls(name=f"datasets/{dataset_id}/examples/{info.index}", **info.model_dump())
+
+
 class AuditedExample(BaseModel):
-    """One example of a dataset, by its position in upload order."""
+    """One example of a dataset: its position in upload order, and the names its upload gave it."""
 
     index: int
     image_sha256: str
     label: str
+    file_name: str | None = Field(description="as uploaded; null for examples uploaded before graft kept names")
+    client_id: str | None = None
 
 
 class LabelSuspect(BaseModel):
@@ -195,12 +215,12 @@ class DatasetAudit(BaseModel):
         audit, classes = audited.audit, audited.classes
 
         def example(index: int) -> AuditedExample:
-            return AuditedExample(index=index, image_sha256=audited.shas[index], label=audited.labels[index])
+            return AuditedExample(**audited.examples[index].model_dump(exclude={"index"}), index=index)
 
         return cls(
             dataset=f"datasets/{audited.dataset_id}",
             backbone=audited.backbone,
-            example_count=len(audited.shas),
+            example_count=len(audited.examples),
             folds=audit.folds,
             class_thresholds=dict(zip(classes, audit.thresholds, strict=True)),
             suspect_count=audit.suspect_count,
@@ -512,6 +532,11 @@ class ListBackbonesResponse(BaseModel):
 
 class ListDatasetsResponse(BaseModel):
     datasets: list[Dataset]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListExamplesResponse(BaseModel):
+    examples: list[Example]
     next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
 
 

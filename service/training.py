@@ -353,9 +353,9 @@ class Trainer:
         candidates = self.candidates(request)
         self.check_split_points(request, candidates)
         dataset = self.datasets.get(tenant, request.dataset_id)
-        examples = self.datasets.examples(tenant, request.dataset_id)
+        examples = self.datasets.named_examples(tenant, request.dataset_id)
         class_index = {name: i for i, name in enumerate(dataset.classes)}
-        labels = torch.tensor([class_index[label] for _, label in examples])
+        labels = torch.tensor([class_index[example.label] for example in examples])
         train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
         if len(holdout_idx) == 0 and all(get_kind(kind).searched for kind in request.kinds):  # before extracting
             raise FailedPrecondition(
@@ -363,7 +363,7 @@ class Trainer:
                 f"or train kind {_kinds_where(lambda spec: not spec.searched)} (or 'auto'), which learns from one"
             )
 
-        shas = [sha for sha, _ in examples]
+        shas = [example.image_sha256 for example in examples]
         # 'auto' extracts for every candidate, then for the winner: each its slice of the extraction share.
         slices = len(candidates) + 1 if request.backbone == AUTO else 1
 
@@ -401,7 +401,8 @@ class Trainer:
         def training_progress(event: ProgressEvent) -> None:
             report(event.model_copy(update={"fraction": EXTRACTION_SHARE + (1 - EXTRACTION_SHARE) * event.fraction}))
 
-        data = _Examples(tenant, backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes))
+        names = [(example.file_name, example.client_id) for example in examples]
+        data = _Examples(tenant, backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes), names)
         pooled_progress = extraction_progress(slices - 1, backbone.name)
         kind_choice = None
         if request.kind == AUTO_KIND:
@@ -528,7 +529,10 @@ class Trainer:
             cancelled=cancelled,
             out_of_fold=shared,
         )
-        return audit_summary(found, dataset.classes, AUDIT_TOP)
+        summary = audit_summary(found, dataset.classes, AUDIT_TOP)
+        for suspect in summary["suspects"]:  # named as uploaded, so a person can find the file to fix
+            suspect["file_name"], suspect["client_id"] = data.names[suspect["index"]]
+        return summary
 
     def _fit(
         self,
@@ -788,6 +792,7 @@ class _Examples:
     train_idx: np.ndarray
     holdout_idx: np.ndarray
     num_classes: int
+    names: list[tuple[str | None, str | None]]  # per example: (file name, client id), for the audit's findings
 
     def monitoring(self, split: int, features: torch.Tensor, seed: int) -> dict[str, torch.Tensor] | None:
         """The version's monitoring reference (``MonitoringReference.to_tensors``), fitted on the pooled features

@@ -22,8 +22,7 @@ from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.resources import Dataset
 from service.runtime import Runtime
-from service.store.archives import Example
-from service.store.datasets import UploadBudget
+from service.store.datasets import IdentifiedExample, UploadBudget
 
 EXPORT_CHUNK_BYTES = 1 << 20
 UPLOAD_QUEUE_IMAGES = 4  # images one CreateDataset stream holds between reading and validating them
@@ -149,6 +148,20 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         )
 
     @door_method
+    async def ListExamples(self, request, context, calls: Calls):
+        response = await calls.list_examples(request.parent, request.page_size, request.page_token)
+        return convert.message(response, api.ListExamplesResponse)
+
+    @door_method
+    async def GetExample(self, request, context, calls: Calls):
+        dataset, separator, example = request.name.rpartition("/examples/")
+        if not separator or not example:
+            raise InvalidArgument(
+                f"{request.name[:300]!r} is not an example name of the form 'datasets/{{dataset}}/examples/{{example}}'"
+            )
+        return convert.message(await calls.get_example(dataset, example), pb.Example)
+
+    @door_method
     async def DeleteDataset(self, request, context, calls: Calls):
         await calls.delete_dataset(request.name)
         return empty_pb2.Empty()
@@ -167,14 +180,14 @@ def _request_id(context: grpc.aio.ServicerContext) -> str | None:
     return dict(context.invocation_metadata() or ()).get("idempotency-key") or None
 
 
-def _example(message: api.CreateDatasetRequest, index: int) -> Example:
+def _example(message: api.CreateDatasetRequest, index: int) -> IdentifiedExample:
     part = message.WhichOneof("part")
     if part == "header":
         raise InvalidArgument("send the header once, as the first message")
     if part != "image":
         raise InvalidArgument("each message must carry a header or an image")
     image = message.image
-    return image.file_name or f"image {index}", image.data, image.label
+    return image.file_name or f"image {index}", image.data, image.label, image.client_id or None
 
 
 async def _put_unless_done(queue: asyncio.Queue, item: object, store: asyncio.Future) -> bool:

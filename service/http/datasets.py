@@ -17,9 +17,11 @@ from service.resources import (
     ID_PATTERN,
     Dataset,
     DatasetAudit,
+    Example,
     ListDatasetsResponse,
+    ListExamplesResponse,
 )
-from service.store.datasets import MAX_LABEL_CHARS, MAX_NAME_CHARS
+from service.store.datasets import MAX_CLIENT_ID_CHARS, MAX_LABEL_CHARS, MAX_NAME_CHARS
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
@@ -27,6 +29,17 @@ router = APIRouter(
 
 Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS, pattern=DISPLAY_NAME_PATTERN)]
 DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in datasets/{dataset}")]
+# Empty: that file has no client id. The store also refuses an all-digit one (it would read as a position).
+ClientId = Annotated[str, StringConstraints(max_length=MAX_CLIENT_ID_CHARS, pattern=r"^[A-Za-z0-9._~-]*$")]
+ExampleRef = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_CLIENT_ID_CHARS,
+        pattern=r"^[A-Za-z0-9._~-]+$",
+        description="the example's client id, or its position in upload order (from 0)",
+    ),
+]
 
 
 # Either images with their labels or one zip, never both: a rule of the body as a whole, which FastAPI's
@@ -34,7 +47,10 @@ DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in datas
 _FILES_OR_ARCHIVE = {
     "oneOf": [
         {"required": ["files", "labels"], "not": {"required": ["archive"]}},
-        {"required": ["archive"], "not": {"anyOf": [{"required": ["files"]}, {"required": ["labels"]}]}},
+        {
+            "required": ["archive"],
+            "not": {"anyOf": [{"required": ["files"]}, {"required": ["labels"]}, {"required": ["client_ids"]}]},
+        },
     ]
 }
 
@@ -50,6 +66,11 @@ async def create_dataset(
     display_name: str = Form(..., min_length=1, max_length=MAX_NAME_CHARS, pattern=DISPLAY_NAME_PATTERN),
     files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order"),
     labels: list[Label] = Form([], description="one label per file, in the same order"),
+    client_ids: list[ClientId] = Form(
+        [],
+        description="optional: your own id per file, in the same order (empty: none for that file); unique within "
+        "the dataset, addressable as datasets/{dataset}/examples/{client_id}",
+    ),
     archive: UploadFile = File(None, description="or: a zip in class-folder layout (label/image.jpg)"),
     idempotency_key: IdempotencyKey = None,
     api: Calls = Depends(calls),
@@ -61,15 +82,15 @@ async def create_dataset(
     repeat with the same display name answers the dataset the first upload made.
     """
     store = api.core.datasets
-    if archive is not None and files:
-        raise InvalidArgument("send either `files` with `labels` or one zip `archive`, not both")
+    if archive is not None and (files or client_ids):
+        raise InvalidArgument("send either `files` with `labels` (and `client_ids`) or one zip `archive`, not both")
     if archive is not None:
         return await api.create_dataset(store.create_from_zip, display_name, archive.file, request_id=idempotency_key)
     if not files:
         raise InvalidArgument("send images as `files` (with one `labels` field each) or a zip as `archive`")
     uploads = [(upload.filename or f"file {i}", upload.file) for i, upload in enumerate(files)]
     return await api.create_dataset(
-        store.create_from_labelled, display_name, uploads, labels or [], request_id=idempotency_key
+        store.create_from_labelled, display_name, uploads, labels or [], client_ids, request_id=idempotency_key
     )
 
 
@@ -106,6 +127,23 @@ async def audit_dataset(
     """
     call = api.audit_dataset(dataset, backbone, max_suspects, max_duplicates, duplicate_similarity)
     return await unless_disconnected(request, call)
+
+
+@router.get("/{dataset}/examples", response_model=ListExamplesResponse, responses=error_responses(404))
+async def list_examples(
+    dataset: DatasetId,
+    page_size: PageSize = DEFAULT_PAGE_SIZE,
+    page_token: PageToken = "",
+    api: Calls = Depends(calls),
+) -> ListExamplesResponse:
+    """The dataset's examples in upload order, each with the file name and client id its upload gave it."""
+    return await api.list_examples(dataset, page_size, page_token)
+
+
+@router.get("/{dataset}/examples/{example}", response_model=Example, responses=error_responses(404))
+async def get_example(dataset: DatasetId, example: ExampleRef, api: Calls = Depends(calls)) -> Example:
+    """One example, by its client id or by its position (all digits)."""
+    return await api.get_example(dataset, example)
 
 
 @router.get("/{dataset}", response_model=Dataset, responses=error_responses(404))

@@ -20,6 +20,8 @@ SAME_FIELDS: dict[str, Descriptor] = {
     "LabelSuspect": pb.LabelSuspect.DESCRIPTOR,
     "DuplicatePair": pb.DuplicatePair.DESCRIPTOR,
     "AuditedExample": pb.AuditedExample.DESCRIPTOR,
+    "Example": pb.Example.DESCRIPTOR,
+    "ListExamplesResponse": api.ListExamplesResponse.DESCRIPTOR,
     "TrainingSpec": pb.TrainingSpec.DESCRIPTOR,
     "SearchSpace": pb.SearchSpace.DESCRIPTOR,
     "HyperParamOverrides": pb.HyperParams.DESCRIPTOR,
