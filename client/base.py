@@ -22,6 +22,7 @@ from client.models import (
     Backbone,
     Dataset,
     DatasetAudit,
+    DatasetExample,
     Head,
     HeadComparisons,
     HeadMonitoring,
@@ -105,6 +106,10 @@ class Client(ABC):
 
     @abstractmethod
     def delete_dataset(self, name: str) -> None: ...
+
+    @abstractmethod
+    def list_examples(self, dataset: str) -> list[DatasetExample]:
+        """The dataset's examples in upload order, each with the file name and client id its upload gave it."""
 
     @abstractmethod
     def audit_dataset(

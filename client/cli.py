@@ -375,10 +375,11 @@ def audit(graft: Client, args: argparse.Namespace) -> int:
     if found.suspects:
         print()
         _table(
-            ["image", "sha256", "label", "suggested", "p(label)", "p(suggested)"],
+            ["file", "client id", "sha256", "label", "suggested", "p(label)", "p(suggested)"],
             [
                 [
-                    str(s.example.index),
+                    s.example.display,
+                    s.example.client_id or "",
                     s.example.image_sha256[:12],
                     s.example.label,
                     s.suggested_label,
@@ -391,12 +392,12 @@ def audit(graft: Client, args: argparse.Namespace) -> int:
     if found.duplicates:
         print()
         _table(
-            ["image", "label", "image", "label", "similarity"],
+            ["file", "label", "file", "label", "similarity"],
             [
                 [
-                    str(d.first.index),
+                    d.first.display,
                     d.first.label,
-                    str(d.second.index),
+                    d.second.display,
                     d.second.label,
                     "identical" if d.identical else f"{d.similarity:.4f}",
                 ]

@@ -5,9 +5,10 @@ enum values lowercase without their prefix), so both transports return the same
 models. Uploads are a client stream of one image per message.
 """
 
+import functools
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from client.models import (
     Backbone,
     Dataset,
     DatasetAudit,
+    DatasetExample,
     Head,
     HeadComparisons,
     HeadMonitoring,
@@ -132,7 +134,7 @@ class GrpcClient(Client):
             return "the server closed the connection at once: if its port speaks TLS, use grpcs://HOST:PORT"
         return "is the server running and the target right (--url or GRAFT_URL)?"
 
-    def _pages(self, method: Any, request_type: type, key: str) -> list[Message]:
+    def _pages(self, method: Any, request_type: Callable[..., Message], key: str) -> list[Message]:
         items: list[Message] = []
         token = ""
         while True:
@@ -180,6 +182,11 @@ class GrpcClient(Client):
     def list_datasets(self) -> list[Dataset]:
         pages = self._pages(self._datasets.ListDatasets, api.ListDatasetsRequest, "datasets")
         return [Dataset.model_validate(_json(d)) for d in pages]
+
+    def list_examples(self, dataset: str) -> list[DatasetExample]:
+        request = functools.partial(api.ListExamplesRequest, parent=_named(dataset, "datasets"))
+        pages = self._pages(self._datasets.ListExamples, request, "examples")
+        return [DatasetExample.model_validate(_json(e)) for e in pages]
 
     def delete_dataset(self, name: str) -> None:
         self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")), safe=False)

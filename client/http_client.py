@@ -15,6 +15,7 @@ from client.models import (
     Backbone,
     Dataset,
     DatasetAudit,
+    DatasetExample,
     Head,
     HeadComparisons,
     HeadMonitoring,
@@ -122,6 +123,10 @@ class HttpClient(Client):
 
     def delete_dataset(self, name: str) -> None:
         self._call("DELETE", f"/v1/{_named(name, 'datasets')}")
+
+    def list_examples(self, dataset: str) -> list[DatasetExample]:
+        pages = self._pages(f"/v1/{_named(dataset, 'datasets')}/examples", "examples")
+        return [DatasetExample.model_validate(e) for e in pages]
 
     def audit_dataset(
         self,

@@ -70,10 +70,32 @@ class Dataset(BaseModel):
         return self.name.removeprefix("datasets/")
 
 
+class DatasetExample(BaseModel):
+    """One labelled image of a dataset, with the names its upload gave it."""
+
+    name: str = Field(description="datasets/{dataset}/examples/{index}")
+    index: int = Field(description="position in upload order")
+    file_name: str | None = Field(None, description="as uploaded; None for examples uploaded before graft kept names")
+    client_id: str | None = None
+    label: str
+    image_sha256: str
+
+    @property
+    def display(self) -> str:
+        return self.file_name or f"#{self.index}"
+
+
 class AuditedExample(BaseModel):
     index: int = Field(description="position in upload order")
     image_sha256: str
     label: str
+    file_name: str | None = Field(None, description="as uploaded; None for examples uploaded before graft kept names")
+    client_id: str | None = None
+
+    @property
+    def display(self) -> str:
+        """What a person finds the image by: its file name, else its position."""
+        return self.file_name or f"#{self.index}"
 
 
 class LabelSuspect(BaseModel):

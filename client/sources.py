@@ -51,7 +51,8 @@ def from_csv(path: Path) -> list[Example]:
             image = (path.parent / row[0].strip()).resolve()
             if not image.is_file():
                 raise ValueError(f"{path}:{number}: {image} does not exist")
-            examples.append(Example(image.name, row[1].strip(), image.stat().st_size, image.read_bytes))
+            # Named as the CSV names it, so the server's listings point back to the row's file.
+            examples.append(Example(row[0].strip(), row[1].strip(), image.stat().st_size, image.read_bytes))
     if not examples:
         raise ValueError(f"{path} has no 'path,label' rows")
     return examples
