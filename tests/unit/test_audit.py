@@ -170,6 +170,7 @@ def test_a_trained_versions_metrics_carry_the_audit(core, images):
     audit = version.metrics["audit"]
     assert audit["suspect_count"] >= len(truth)
     assert {s["index"]: s["suggested_label"] for s in audit["suspects"][: len(truth)]} == truth
+    assert all(s["file_name"] == f"{s['index']}.png" and s["client_id"] is None for s in audit["suspects"])
 
 
 # -- the doors -------------------------------------------------------------------------------------------------------
