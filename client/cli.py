@@ -5,6 +5,7 @@
     graft train textiles --head textiles --objective balanced_accuracy   # every class counts the same
     graft predict textiles photos/                # a table; --json / --csv for pipes
     graft audit textiles                          # images whose label is probably wrong
+    graft examples textiles                       # each image's file name, client id and label
     graft predict textiles photos/ --min-score 0.8 --coverage 0.9   # "unknown" below 0.8; 90 % label sets
     graft shadow textiles 3                       # version 3 answers beside the served one, unseen
     graft compare textiles                        # how often they agree, and on what they differ
@@ -351,6 +352,19 @@ def datasets(graft: Client, args: argparse.Namespace) -> int:
             [d.name, d.display_name, str(d.example_count), str(len(d.classes)), f"{d.create_time:%Y-%m-%d %H:%M}"]
             for d in found
         ],
+    )
+    return 0
+
+
+def examples(graft: Client, args: argparse.Namespace) -> int:
+    found = graft.list_examples(_dataset_name(graft, args.dataset))
+    if args.json:
+        for example in found:
+            print(example.model_dump_json())
+        return 0
+    _table(
+        ["file", "client id", "position", "label", "sha256"],
+        [[e.display, e.client_id or "", str(e.index), e.label, e.image_sha256[:12]] for e in found],
     )
     return 0
 
@@ -754,6 +768,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true")
 
     sub = command("datasets", datasets, "list datasets")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("examples", examples, "list a dataset's images: file name, client id, position, label")
+    sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
     sub.add_argument("--json", action="store_true")
 
     sub = command("audit", audit, "find images whose label is probably wrong, and near-duplicates under two labels")

@@ -50,7 +50,8 @@ _ENUM_FIELDS = {
     "status": "DRIFT_STATUS_",
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
-_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id"}  # proto3 "" is HTTP's null
+# proto3 "" is HTTP's null for these fields
+_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id", "file_name", "client_id"}
 
 
 class GrpcClient(Client):

@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from client import cli
+from client.grpc_client import GrpcClient
+from client.http_client import HttpClient
 from harness.inprocess import serve_http
 from harness.sample_data import fashion_mnist_pngs
 from service.auditing import AuditRequest
@@ -271,7 +273,9 @@ def test_audit_suspects_name_the_files_of_a_class_folder_upload(runtime, class_f
 
 
 @pytest.mark.anyio
-async def test_graft_audit_prints_the_file_names_first(runtime, keys, class_folders, monkeypatch, capsys):
+async def test_graft_audit_prints_the_file_names_first_and_graft_examples_lists_them(
+    runtime, keys, class_folders, monkeypatch, capsys
+):
     root, misfiled = class_folders
     monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
     monkeypatch.setenv("GRAFT_API_KEY", keys[TENANT])
@@ -280,7 +284,34 @@ async def test_graft_audit_prints_the_file_names_first(runtime, keys, class_fold
         assert await asyncio.to_thread(cli.main, ["--url", url, "upload", str(root), "--name", "garments"]) == 0
         capsys.readouterr()
         assert await asyncio.to_thread(cli.main, ["--url", url, "audit", "garments"]) == 0
-    rows = capsys.readouterr().out.splitlines()
-    header = next(i for i, row in enumerate(rows) if row.startswith("file"))
-    named = {row.split()[0] for row in rows[header + 1 : header + 1 + len(misfiled)]}
+        audit = capsys.readouterr().out.splitlines()
+        assert await asyncio.to_thread(cli.main, ["--url", url, "examples", "garments"]) == 0
+    header = next(i for i, row in enumerate(audit) if row.startswith("file"))
+    named = {row.split()[0] for row in audit[header + 1 : header + 1 + len(misfiled)]}
     assert named == misfiled
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split() == ["file", "client", "id", "position", "label", "sha256"]
+    assert sorted(row.split()[0] for row in listed[1:]) == sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*.png")
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", ["http", "grpc"])
+async def test_both_clients_list_examples_with_their_names(runtime, keys, door):
+    dataset = runtime.core.datasets.create_from_labelled(TENANT, "pets", files(3), labels(3), ["a", "", "c"])
+    if door == "http":
+        with serve_http(runtime) as port, HttpClient(f"http://127.0.0.1:{port}", keys[TENANT]) as client:
+            found = await asyncio.to_thread(client.list_examples, dataset.id)
+    else:
+        server = await start_grpc_server(runtime, 0, host="127.0.0.1")
+        try:
+            with GrpcClient(f"127.0.0.1:{server.port}", keys[TENANT]) as client:
+                found = await asyncio.to_thread(client.list_examples, dataset.id)
+        finally:
+            await server.stop(grace=1)
+    assert [(e.display, e.client_id, e.label) for e in found] == [
+        ("shots/img_0.png", "a", "cat"),
+        ("shots/img_1.png", None, "dog"),
+        ("shots/img_2.png", "c", "cat"),
+    ]
