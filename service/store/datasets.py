@@ -39,8 +39,8 @@ MAX_LABEL_CHARS = 128
 MAX_NAME_CHARS = 256
 MAX_FILE_NAME_CHARS = 1024
 MAX_CLIENT_ID_CHARS = 128
-# A client id is addressed in a URL path (datasets/{dataset}/examples/{example}): URL-safe characters only, and not
-# all digits, which address an example by its position.
+# A client id is addressed in a URL path (datasets/{dataset}/examples/{example}): URL-safe characters only, not
+# all digits (those address an example by its position) and not '.' or '..' (path segments a URL resolves away).
 CLIENT_ID_PATTERN = rf"^[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}$"
 
 # An upload's image with the uploader's own id for it (None: none given).
@@ -303,11 +303,11 @@ class DatasetUpload:
         self.counts[label] += 1
 
     def _check_client_id(self, file_name: str, client_id: str) -> None:
-        if re.fullmatch(CLIENT_ID_PATTERN, client_id) is None or client_id.isdigit():
+        if re.fullmatch(CLIENT_ID_PATTERN, client_id) is None or client_id.isdigit() or client_id in (".", ".."):
             raise InvalidArgument(
                 f"client id {client_id[:MAX_CLIENT_ID_CHARS]!r} of file '{file_name}' is not 1 to "
                 f"{MAX_CLIENT_ID_CHARS} of the characters A-Z a-z 0-9 . _ ~ - (and not all digits, which address an "
-                "example by its position); choose another"
+                "example by its position, nor '.' or '..', which a URL path drops); choose another"
             )
         if client_id in self.client_ids:
             raise InvalidArgument(

@@ -87,12 +87,22 @@ def test_folder_files_keep_their_paths_below_the_folder(store, tmp_path):
         (["x", "a/b", "z"], "client id 'a/b' of file 'shots/img_1.png' is not 1 to 128"),
         (["x", "y", "42"], "not all digits"),
         (["x", "y", "z" * 129], "is not 1 to 128"),
+        (["x", "..", "z"], "nor '.' or '..'"),
         (["x", "y"], "2 client ids for 3 files"),
     ],
 )
 def test_bad_or_duplicate_client_ids_are_refused_and_nothing_is_stored(store, client_ids, message):
     with pytest.raises(InvalidArgument, match=message):
         store.create_from_labelled(TENANT, "pets", files(3), labels(3), client_ids)
+    assert store.list(TENANT) == ([], None)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "message"), [("x" * 1025, "file name is 1025 characters"), ("a\nb.png", "control characters")]
+)
+def test_file_names_too_long_or_with_control_characters_are_refused(store, file_name, message):
+    with pytest.raises(InvalidArgument, match=message):
+        store.create_from_labelled(TENANT, "pets", [(file_name, image_bytes()), *files(1)], labels(2))
     assert store.list(TENANT) == ([], None)
 
 
