@@ -50,6 +50,8 @@ from service.kind_choice import auto_candidates
 from service.training import TrainRequest
 
 TENANT = "bench"
+# Tenant policy, lifted: every run adds datasets and head versions, and --data-dir keeps them for the next run.
+QUOTAS = {"quota_datasets": 100_000, "quota_heads": 100_000, "quota_head_versions": 100_000}
 
 
 def sklearn_reference_accuracy(x_train, y_train, x_test, y_test) -> tuple[float, float]:
@@ -217,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
-    core = Core.open(Settings(data_dir=data_dir))
+    core = Core.open(Settings(data_dir=data_dir, **QUOTAS))
     backbone = core.backbones["mobilenet_v2"]
     train_files = fashion_mnist_pngs("train", args.per_class, seed=0)
     test_files = fashion_mnist_pngs("test", args.per_class, seed=0)
