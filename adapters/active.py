@@ -18,6 +18,7 @@ lies closer than DUPLICATE_FRACTION of the typical nearest-neighbour distance.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,7 @@ STRATEGIES = {
     spec.name: spec
     for spec in (
         StrategySpec(
-            "diverse-margin",
+            "diverse_margin",
             "the least sure images, grouped in embedding space; from each group its most typical unsure image",
             _diverse_margin,
         ),
@@ -140,7 +141,12 @@ STRATEGIES = {
         StrategySpec("random", "images drawn at random: the baseline the others must beat", _random),
     )
 }
-DEFAULT_STRATEGY = "diverse-margin"
+DEFAULT_STRATEGY = "diverse_margin"
+
+Strategy = Enum("Strategy", {name.upper(): name for name in STRATEGIES}, type=str)  # type: ignore[misc]
+Strategy.__doc__ = "How images to label next are chosen.\n\n" + "\n".join(
+    f"- {s.name}: {s.description}" for s in STRATEGIES.values()
+)
 
 
 def get_strategy(name: str) -> StrategySpec:

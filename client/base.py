@@ -33,6 +33,7 @@ from client.models import (
     PredictionFeedback,
     PredictOptions,
     SearchSpace,
+    Suggestions,
     TrainingSpec,
 )
 from client.retry import RetryPolicy
@@ -126,6 +127,14 @@ class Client(ABC):
         0 / None take the server's defaults (50 items each, its GRAFT_DEFAULT_BACKBONE, similarity 0.98). The server
         computes features it has not cached first, so the call may take as long as a training job's extraction.
         """
+
+    @abstractmethod
+    def suggest_examples(
+        self, dataset: str, head: str, *, count: int = 0, strategy: str | None = None, seed: int = 0
+    ) -> Suggestions:
+        """The dataset's unlabelled examples worth labelling next for ``head`` (a name, name@3 or name:alias), best
+        first, each with the reason. 0 / None take the server's defaults (20, diverse_margin); like an audit, the
+        server computes features it has not cached first."""
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

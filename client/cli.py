@@ -6,6 +6,7 @@
     graft predict textiles photos/                # a table; --json / --csv for pipes
     graft audit textiles                          # images whose label is probably wrong
     graft examples textiles                       # each image's file name, client id and label
+    graft suggest textiles --head textiles        # unlabelled images worth labelling next, and why
     graft predict textiles photos/ --min-score 0.8 --coverage 0.9   # "unknown" below 0.8; 90 % label sets
     graft shadow textiles 3                       # version 3 answers beside the served one, unseen
     graft compare textiles                        # how often they agree, and on what they differ
@@ -40,6 +41,7 @@ from client.models import (
     EXPORT_FORMATS,
     OBJECTIVES,
     SCALINGS,
+    SUGGESTION_STRATEGIES,
     TRAINING_KINDS,
     Head,
     HeadComparison,
@@ -366,6 +368,35 @@ def examples(graft: Client, args: argparse.Namespace) -> int:
         ["file", "client id", "position", "label", "sha256"],
         [[e.display, e.client_id or "", str(e.index), e.label, e.image_sha256[:12]] for e in found],
     )
+    return 0
+
+
+def suggest(graft: Client, args: argparse.Namespace) -> int:
+    dataset = _dataset_name(graft, args.dataset)
+    found = graft.suggest_examples(dataset, args.head, count=args.count, strategy=args.strategy, seed=args.seed)
+    if args.json:
+        print(found.model_dump_json())
+        return 0
+    print(
+        f"{found.dataset}: {len(found.suggestions)} of {found.pool_size} unlabelled images to label next for "
+        f"{found.head_version} ({found.strategy})"
+    )
+    if found.suggestions:
+        print()
+        _table(
+            ["file", "client id", "position", "likeliest", "margin", "why"],
+            [
+                [
+                    s.example.display,
+                    s.example.client_id or "",
+                    str(s.example.index),
+                    " / ".join(f"{p.label} {p.score:.2f}" for p in s.likeliest),
+                    f"{s.margin:.3f}",
+                    s.reason,
+                ]
+                for s in found.suggestions
+            ],
+        )
     return 0
 
 
@@ -773,6 +804,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("examples", examples, "list a dataset's images: file name, client id, position, label")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
     sub.add_argument("--json", action="store_true")
+
+    sub = command("suggest", suggest, "rank a dataset's unlabelled images by what a label would teach a head")
+    sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    sub.add_argument("--head", required=True, help="the head version that judges them: name, name@3, name:alias")
+    sub.add_argument("--count", type=int, default=0, help="images to suggest (default 20, at most 200)")
+    sub.add_argument("--strategy", choices=SUGGESTION_STRATEGIES, help="default: diverse_margin")
+    sub.add_argument("--seed", type=int, default=0, help="the same seed and data give the same answer")
+    sub.add_argument("--json", action="store_true", help="print the suggestions as JSON")
 
     sub = command("audit", audit, "find images whose label is probably wrong, and near-duplicates under two labels")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")

@@ -33,6 +33,7 @@ from client.models import (
     ImagePrediction,
     Job,
     PredictionFeedback,
+    Suggestions,
     TrainingSpec,
 )
 from client.retry import DEFAULT_RETRY, RetryPolicy
@@ -48,6 +49,7 @@ _ENUM_FIELDS = {
     "class_weighting": "CLASS_WEIGHTING_",
     "scaling": "FEATURE_SCALING_",
     "status": "DRIFT_STATUS_",
+    "strategy": "SUGGESTION_STRATEGY_",
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
 # proto3 "" is HTTP's null for these fields
@@ -212,6 +214,16 @@ class GrpcClient(Client):
         timeout_s = max(self.timeout_s, AUDIT_TIMEOUT_S)
         answer = self.retry.call(lambda: self._invoke(self._datasets.AuditDataset, request, timeout_s=timeout_s))
         return DatasetAudit.model_validate(_json(answer))
+
+    def suggest_examples(
+        self, dataset: str, head: str, *, count: int = 0, strategy: str | None = None, seed: int = 0
+    ) -> Suggestions:
+        request = api.SuggestExamplesRequest(name=_named(dataset, "datasets"), head=head, count=count, seed=seed)
+        if strategy is not None:
+            request.strategy = api.SuggestionStrategy.Value(f"{_ENUM_FIELDS['strategy']}{strategy.upper()}")
+        timeout_s = max(self.timeout_s, AUDIT_TIMEOUT_S)
+        answer = self.retry.call(lambda: self._invoke(self._datasets.SuggestExamples, request, timeout_s=timeout_s))
+        return Suggestions.model_validate(_json(answer))
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from client.models import (
     Job,
     NewKey,
     PredictionFeedback,
+    Suggestions,
     Tenant,
     TrainingSpec,
 )
@@ -151,6 +152,19 @@ class HttpClient(Client):
             timeout=timeout,
         )
         return DatasetAudit.model_validate(answer)
+
+    def suggest_examples(
+        self, dataset: str, head: str, *, count: int = 0, strategy: str | None = None, seed: int = 0
+    ) -> Suggestions:
+        params = {"head": head, "count": count or None, "strategy": strategy, "seed": seed or None}
+        timeout = httpx.Timeout(self.timeout_s, read=max(self.timeout_s, AUDIT_TIMEOUT_S))
+        answer = self._call(
+            "GET",
+            f"/v1/{_named(dataset, 'datasets')}:suggest",
+            params={k: v for k, v in params.items() if v is not None},
+            timeout=timeout,
+        )
+        return Suggestions.model_validate(answer)
 
     # Jobs ---------------------------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ OBJECTIVES = _json_values(resources_pb2.Objective.keys(), "OBJECTIVE_")
 CLASS_WEIGHTINGS = _json_values(resources_pb2.ClassWeighting.keys(), "CLASS_WEIGHTING_")
 SCALINGS = _json_values(resources_pb2.FeatureScaling.keys(), "FEATURE_SCALING_")
 DRIFT_STATUSES = _json_values(service_pb2.DriftStatus.keys(), "DRIFT_STATUS_")
+SUGGESTION_STRATEGIES = _json_values(service_pb2.SuggestionStrategy.keys(), "SUGGESTION_STRATEGY_")
 
 
 class TrunkRuntime(BaseModel):
@@ -264,6 +265,30 @@ class PredictOptions(BaseModel):
 class LabelScore(BaseModel):
     label: str
     score: float
+
+
+class ExampleSuggestion(BaseModel):
+    """An unlabelled example worth labelling next, and why."""
+
+    example: DatasetExample
+    score: float = Field(description="the strategy's ranking value, higher first; comparable within one answer only")
+    margin: float = Field(description="the head's top probability minus its second: small is unsure")
+    cluster: int | None = Field(None, description="the group of unsure images it stands for")
+    reason: str
+    likeliest: list[LabelScore] = Field([], description="the head's two likeliest labels for it")
+
+
+class Suggestions(BaseModel):
+    """A dataset's unlabelled examples worth labelling next for one head version, best first."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    head_version: str = Field(description="heads/{head}/versions/{version}")
+    strategy: str | None = Field(
+        None, description=f"{', '.join(SUGGESTION_STRATEGIES)}, or a strategy newer than this client"
+    )
+    pool_size: int = Field(0, description="unlabelled examples ranked")
+    labelled_size: int = Field(0, description="labelled examples the picks were kept apart from")
+    suggestions: list[ExampleSuggestion] = []
 
 
 class HeadPrediction(BaseModel):

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from adapters.active import Strategy
 from service import export
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import NewKey
@@ -52,13 +53,16 @@ from service.resources import (
     ListHeadsResponse,
     ListJobsResponse,
     PredictionFeedback,
+    SuggestExamplesResponse,
     TrainingSpec,
     head_ref,
     head_version_ref,
     resource_id,
 )
 from service.store.datasets import DatasetInfo, DatasetUpload
+from service.store.images import image_content_type
 from service.store.requests import ADMIN_SCOPE, fingerprint, seal, unseal
+from service.suggestions import SuggestRequest
 
 if TYPE_CHECKING:  # the runtime uses this module's pools and export queue
     from service.runtime import Runtime
@@ -346,6 +350,13 @@ class Calls:
         found = await self.in_thread(self.core.datasets.get_example, self.tenant, dataset_id, example)
         return Example.of(dataset_id, found)
 
+    async def get_example_image(self, dataset: str, example: str) -> tuple[str, bytes]:
+        """(content type, bytes) of an example's image as uploaded."""
+        dataset_id = resource_id(dataset, "datasets")
+        found = await self.in_thread(self.core.datasets.get_example, self.tenant, dataset_id, example)
+        data = await self.in_thread(self.core.datasets.read_image, found.image_sha256)
+        return image_content_type(data), data
+
     async def delete_dataset(self, name: str) -> None:
         await self.in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))
 
@@ -371,6 +382,27 @@ class Calls:
         finally:
             # Also when this call was cancelled (gRPC: the client cancelled; HTTP: it disconnected, see
             # service/http/datasets.py): the thread stops at its next check and frees the audit slot.
+            cancel.set()
+
+    async def suggest_examples(
+        self, name: str, head: str, count: int, strategy: Strategy | None, seed: int
+    ) -> SuggestExamplesResponse:
+        """The dataset's unlabelled images worth labelling next for ``head``; run like an audit (a thread of its
+        own, an audit slot, stopped when this call is cancelled). 0 or None arguments take their defaults."""
+        request = SuggestRequest(
+            dataset_id=resource_id(name, "datasets"),
+            head=head,
+            seed=seed,
+            **({"count": count} if count else {}),
+            **({"strategy": strategy} if strategy is not None else {}),
+        )
+        cancel = threading.Event()
+        try:
+            found = await asyncio.to_thread(
+                self.core.suggester.suggest, self.tenant, request, cancel, self.runtime.audit_slots
+            )
+            return SuggestExamplesResponse.of(found)
+        finally:
             cancel.set()
 
     # -- jobs ------------------------------------------------------------------------

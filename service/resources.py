@@ -16,12 +16,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from adapters.active import Strategy
 from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
 from service.engine.backbones import BACKBONES, BackboneInfo
-from service.engine.predictor import ImagePrediction
+from service.engine.predictor import ImagePrediction, LabelScore
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
 from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
@@ -29,6 +30,7 @@ from service.store.datasets import MAX_NAME_CHARS, DatasetInfo, ExampleInfo
 from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.store.observations import Comparison, Feedback
 from service.store.windows import DriftStatus, MonitorWindow
+from service.suggestions import Suggestions
 from service.training import HyperParamOverrides, TrainRequest
 
 DEFAULT_PAGE_SIZE = 50
@@ -160,6 +162,49 @@ class Example(BaseModel):
     @classmethod
     def of(cls, dataset_id: str, info: ExampleInfo) -> "Example":
         return cls(name=f"datasets/{dataset_id}/examples/{info.index}", **info.model_dump())
+
+
+class ExampleSuggestion(BaseModel):
+    """An unlabelled example worth labelling next, and why."""
+
+    example: Example
+    score: float = Field(description="the strategy's ranking value, higher first; comparable within one answer only")
+    margin: float = Field(description="the head's top probability minus its second: small is unsure")
+    cluster: int | None = Field(None, description="the group of unsure images it stands for (diverse_margin)")
+    reason: str
+    likeliest: list[LabelScore] = Field(description="the head's two likeliest labels for it, with probabilities")
+
+
+class SuggestExamplesResponse(BaseModel):
+    """A dataset's unlabelled examples worth labelling next for one head version, best first."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    head_version: str = Field(description="heads/{head}/versions/{version}: the version that judged the pool")
+    strategy: Strategy
+    pool_size: int = Field(description="unlabelled examples ranked")
+    labelled_size: int = Field(description="labelled examples of the dataset the picks were kept apart from")
+    suggestions: list[ExampleSuggestion]
+
+    @classmethod
+    def of(cls, found: Suggestions) -> "SuggestExamplesResponse":
+        return cls(
+            dataset=f"datasets/{found.dataset_id}",
+            head_version=f"heads/{found.head.name}/versions/{found.head.version}",
+            strategy=found.strategy,
+            pool_size=found.pool_size,
+            labelled_size=found.labelled_size,
+            suggestions=[
+                ExampleSuggestion(
+                    example=Example.of(found.dataset_id, s.example),
+                    score=s.suggestion.score,
+                    margin=s.suggestion.margin,
+                    cluster=s.suggestion.cluster,
+                    reason=s.suggestion.reason,
+                    likeliest=[LabelScore(label=label, score=p) for label, p in s.likeliest],
+                )
+                for s in found.suggestions
+            ],
+        )
 
 
 class AuditedExample(BaseModel):

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel
 
+from adapters.active import Strategy
 from adapters.kinds import HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
 from service.engine.predictor import ImagePrediction
@@ -34,6 +35,7 @@ _ENUM_PREFIX: dict[type[Enum], str] = {
     ClassWeighting: "CLASS_WEIGHTING_",
     Scaling: "FEATURE_SCALING_",
     DriftStatus: "DRIFT_STATUS_",
+    Strategy: "SUGGESTION_STRATEGY_",
 }
 # TrainingSpec's enumerated fields: the resource's enum, what a refusal calls it, and the proto enum's values.
 _SPEC_ENUMS: dict[str, tuple[type[Enum], str, list[str]]] = {
@@ -97,6 +99,18 @@ def export_format(value: api.ExportFormat) -> ExportFormat:
             f"format {value} is not a known export format; use one of {', '.join(api.ExportFormat.keys()[1:])}"
         )
     return EXPORT_FORMATS[value]
+
+
+def suggestion_strategy(value: int) -> Strategy | None:
+    """A SuggestionStrategy number as the resource's enum; UNSPECIFIED (None) takes the server's default."""
+    if value == api.SUGGESTION_STRATEGY_UNSPECIFIED:
+        return None
+    if value not in api.SuggestionStrategy.values():
+        raise InvalidArgument(
+            f"strategy {value} is not a known suggestion strategy; use one of "
+            f"{', '.join(api.SuggestionStrategy.keys()[1:])}"
+        )
+    return Strategy(api.SuggestionStrategy.Name(value).removeprefix("SUGGESTION_STRATEGY_").lower())
 
 
 def predict_options(request: api.PredictRequest | api.StreamPredictRequest) -> PredictOptions:

@@ -154,12 +154,14 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
 
     @door_method
     async def GetExample(self, request, context, calls: Calls):
-        dataset, separator, example = request.name.rpartition("/examples/")
-        if not separator or not example:
-            raise InvalidArgument(
-                f"{request.name[:300]!r} is not an example name of the form 'datasets/{{dataset}}/examples/{{example}}'"
-            )
+        dataset, example = _example_name(request.name)
         return convert.message(await calls.get_example(dataset, example), pb.Example)
+
+    @door_method
+    async def GetExampleImage(self, request, context, calls: Calls):
+        dataset, example = _example_name(request.name)
+        content_type, data = await calls.get_example_image(dataset, example)
+        return api.ExampleImage(content_type=content_type, data=data)
 
     @door_method
     async def DeleteDataset(self, request, context, calls: Calls):
@@ -173,6 +175,24 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             request.name, request.backbone, request.max_suspects, request.max_duplicates, similarity
         )
         return convert.message(audit, pb.DatasetAudit)
+
+    @door_method
+    async def SuggestExamples(self, request, context, calls: Calls):
+        strategy = convert.suggestion_strategy(request.strategy)
+        found = await calls.suggest_examples(  # a client's cancel cancels this task, which stops the ranking
+            request.name, request.head, request.count, strategy, request.seed
+        )
+        return convert.message(found, api.SuggestExamplesResponse)
+
+
+def _example_name(name: str) -> tuple[str, str]:
+    """'datasets/{dataset}/examples/{example}' -> (dataset, example)."""
+    dataset, separator, example = name.rpartition("/examples/")
+    if not separator or not example:
+        raise InvalidArgument(
+            f"{name[:300]!r} is not an example name of the form 'datasets/{{dataset}}/examples/{{example}}'"
+        )
+    return dataset, example
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str | None:

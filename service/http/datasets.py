@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 from pydantic import StringConstraints
 
+from adapters.active import Strategy
 from service.auditing import MAX_AUDIT_ITEMS
 from service.calls import Calls
 from service.errors import InvalidArgument
@@ -15,13 +16,16 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     DISPLAY_NAME_PATTERN,
     ID_PATTERN,
+    MAX_REF_CHARS,
     Dataset,
     DatasetAudit,
     Example,
     ListDatasetsResponse,
     ListExamplesResponse,
+    SuggestExamplesResponse,
 )
 from service.store.datasets import MAX_CLIENT_ID_CHARS, MAX_LABEL_CHARS, MAX_NAME_CHARS
+from service.suggestions import MAX_SUGGESTIONS
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
@@ -129,6 +133,32 @@ async def audit_dataset(
     return await unless_disconnected(request, call)
 
 
+@router.get("/{dataset}:suggest", response_model=SuggestExamplesResponse, responses=error_responses(400, 404, 409, 429))
+async def suggest_examples(
+    dataset: DatasetId,
+    request: Request,
+    head: str = Query(
+        ...,
+        min_length=1,
+        max_length=MAX_REF_CHARS,
+        description="the head version that judges: name, name@3, name:alias",
+    ),
+    count: int = Query(0, ge=0, le=MAX_SUGGESTIONS, description="0: the default, 20"),
+    strategy: Strategy | None = Query(None, description="default: diverse_margin"),
+    seed: int = Query(0, ge=0, le=2**31 - 1, description="the same seed and data give the same answer"),
+    api: Calls = Depends(calls),
+) -> SuggestExamplesResponse:
+    """The dataset's unlabelled images worth labelling next for a head version, best first, each with a reason.
+
+    diverse_margin (the default): the images the head is least sure of (smallest margin between its two likeliest
+    classes), grouped in embedding space, and from each group its most typical one, so one answer covers several
+    confusions and no two picks are near-duplicates (nor near-duplicates of labelled images). Features not yet
+    cached are computed first. Runs in an audit slot, at most GRAFT_MAX_AUDIT_SECONDS; a disconnect stops it.
+    """
+    call = api.suggest_examples(dataset, head, count, strategy, seed)
+    return await unless_disconnected(request, call)
+
+
 @router.get("/{dataset}/examples", response_model=ListExamplesResponse, responses=error_responses(404))
 async def list_examples(
     dataset: DatasetId,
@@ -138,6 +168,17 @@ async def list_examples(
 ) -> ListExamplesResponse:
     """The dataset's examples in upload order, each with the file name and client id its upload gave it."""
     return await api.list_examples(dataset, page_size, page_token)
+
+
+@router.get(
+    "/{dataset}/examples/{example}:image",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}}, **error_responses(404)},
+)
+async def get_example_image(dataset: DatasetId, example: ExampleRef, api: Calls = Depends(calls)) -> Response:
+    """The example's image as it was uploaded."""
+    content_type, data = await api.get_example_image(dataset, example)
+    return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/{dataset}/examples/{example}", response_model=Example, responses=error_responses(404))

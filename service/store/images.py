@@ -153,3 +153,9 @@ def _bomb(name: str, max_pixels: int, detail: str) -> InvalidArgument:
         f"file '{name}' has too many pixels ({detail}); the limit is {max_pixels:,} pixels, resize it",
         file=name,
     )
+
+
+def image_content_type(data: bytes) -> str:
+    """The media type of a stored image (validated at upload), from its header alone."""
+    with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+        return f"image/{(image.format or 'octet-stream').lower()}"

@@ -56,7 +56,7 @@ def test_unsure_images_are_preferred_to_confident_ones() -> None:
     probs = torch.tensor([0.97, 0.01, 0.01, 0.01]).repeat(len(x), 1)
     unsure = torch.arange(0, len(x), 2)  # 100 images over every blob: the default groups the 10 x count least sure
     probs[unsure] = torch.tensor([0.4, 0.35, 0.15, 0.1])
-    for strategy in ("diverse-margin", "margin"):
+    for strategy in ("diverse_margin", "margin"):
         out = suggest(x, probs, x[:0], 10, strategy=strategy)
         assert {s.index for s in out} <= set(unsure.tolist()), strategy
         assert all(s.margin == pytest.approx(0.05, abs=1e-6) for s in out)

@@ -196,10 +196,20 @@ class DatasetServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.GetExampleRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_resources__pb2.Example.FromString,
                 _registered_method=True)
+        self.GetExampleImage = channel.unary_unary(
+                '/graft.v1.DatasetService/GetExampleImage',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetExampleImageRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ExampleImage.FromString,
+                _registered_method=True)
         self.AuditDataset = channel.unary_unary(
                 '/graft.v1.DatasetService/AuditDataset',
                 request_serializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_resources__pb2.DatasetAudit.FromString,
+                _registered_method=True)
+        self.SuggestExamples = channel.unary_unary(
+                '/graft.v1.DatasetService/SuggestExamples',
+                request_serializer=graft_dot_v1_dot_service__pb2.SuggestExamplesRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.SuggestExamplesResponse.FromString,
                 _registered_method=True)
 
 
@@ -249,11 +259,27 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExampleImage(self, request, context):
+        """An example's image as it was uploaded (what a labelling page shows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AuditDataset(self, request, context):
         """Images whose label is probably wrong (out-of-fold probabilities of a
         linear probe against per-class thresholds), ranked, each with a suggested
         label; and near-duplicate images filed under different labels. Computes
         the backbone's features of images not yet in the feature cache first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuggestExamples(self, request, context):
+        """The dataset's unlabelled images worth labelling next for a head version,
+        best first, each with the reason it was chosen. Computes the features of
+        images not yet in the feature cache first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,10 +318,20 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     request_deserializer=graft_dot_v1_dot_service__pb2.GetExampleRequest.FromString,
                     response_serializer=graft_dot_v1_dot_resources__pb2.Example.SerializeToString,
             ),
+            'GetExampleImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExampleImage,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetExampleImageRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ExampleImage.SerializeToString,
+            ),
             'AuditDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.AuditDataset,
                     request_deserializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.FromString,
                     response_serializer=graft_dot_v1_dot_resources__pb2.DatasetAudit.SerializeToString,
+            ),
+            'SuggestExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuggestExamples,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.SuggestExamplesRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.SuggestExamplesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -471,6 +507,33 @@ class DatasetService:
             _registered_method=True)
 
     @staticmethod
+    def GetExampleImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/GetExampleImage',
+            graft_dot_v1_dot_service__pb2.GetExampleImageRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ExampleImage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def AuditDataset(request,
             target,
             options=(),
@@ -487,6 +550,33 @@ class DatasetService:
             '/graft.v1.DatasetService/AuditDataset',
             graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
             graft_dot_v1_dot_resources__pb2.DatasetAudit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuggestExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/SuggestExamples',
+            graft_dot_v1_dot_service__pb2.SuggestExamplesRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.SuggestExamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SuggestionStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SUGGESTION_STRATEGY_UNSPECIFIED: _ClassVar[SuggestionStrategy]
+    SUGGESTION_STRATEGY_DIVERSE_MARGIN: _ClassVar[SuggestionStrategy]
+    SUGGESTION_STRATEGY_MARGIN: _ClassVar[SuggestionStrategy]
+    SUGGESTION_STRATEGY_RANDOM: _ClassVar[SuggestionStrategy]
+
 class DriftStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DRIFT_STATUS_UNSPECIFIED: _ClassVar[DriftStatus]
@@ -25,6 +32,10 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
     EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
     EXPORT_FORMAT_PT2: _ClassVar[ExportFormat]
+SUGGESTION_STRATEGY_UNSPECIFIED: SuggestionStrategy
+SUGGESTION_STRATEGY_DIVERSE_MARGIN: SuggestionStrategy
+SUGGESTION_STRATEGY_MARGIN: SuggestionStrategy
+SUGGESTION_STRATEGY_RANDOM: SuggestionStrategy
 DRIFT_STATUS_UNSPECIFIED: DriftStatus
 DRIFT_STATUS_OK: DriftStatus
 DRIFT_STATUS_DRIFTING: DriftStatus
@@ -138,6 +149,66 @@ class AuditDatasetRequest(_message.Message):
     max_duplicates: int
     duplicate_similarity: float
     def __init__(self, name: _Optional[str] = ..., backbone: _Optional[str] = ..., max_suspects: _Optional[int] = ..., max_duplicates: _Optional[int] = ..., duplicate_similarity: _Optional[float] = ...) -> None: ...
+
+class GetExampleImageRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExampleImage(_message.Message):
+    __slots__ = ("content_type", "data")
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    content_type: str
+    data: bytes
+    def __init__(self, content_type: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SuggestExamplesRequest(_message.Message):
+    __slots__ = ("name", "head", "count", "strategy", "seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    head: str
+    count: int
+    strategy: SuggestionStrategy
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., head: _Optional[str] = ..., count: _Optional[int] = ..., strategy: _Optional[_Union[SuggestionStrategy, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ExampleSuggestion(_message.Message):
+    __slots__ = ("example", "score", "margin", "cluster", "reason", "likeliest")
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LIKELIEST_FIELD_NUMBER: _ClassVar[int]
+    example: _resources_pb2.Example
+    score: float
+    margin: float
+    cluster: int
+    reason: str
+    likeliest: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, example: _Optional[_Union[_resources_pb2.Example, _Mapping]] = ..., score: _Optional[float] = ..., margin: _Optional[float] = ..., cluster: _Optional[int] = ..., reason: _Optional[str] = ..., likeliest: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
+class SuggestExamplesResponse(_message.Message):
+    __slots__ = ("dataset", "head_version", "strategy", "pool_size", "labelled_size", "suggestions")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    head_version: str
+    strategy: SuggestionStrategy
+    pool_size: int
+    labelled_size: int
+    suggestions: _containers.RepeatedCompositeFieldContainer[ExampleSuggestion]
+    def __init__(self, dataset: _Optional[str] = ..., head_version: _Optional[str] = ..., strategy: _Optional[_Union[SuggestionStrategy, str]] = ..., pool_size: _Optional[int] = ..., labelled_size: _Optional[int] = ..., suggestions: _Optional[_Iterable[_Union[ExampleSuggestion, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec",)
