@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import BaseModel
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -48,6 +48,9 @@ IdentifiedExample = tuple[str, bytes, str, str | None]
 
 
 class DatasetInfo(BaseModel):
+    """``classes`` are the labels its labelled examples have, ``counts`` how many of each; ``num_unlabelled`` the
+    examples without a label yet (a pool's)."""
+
     id: str
     name: str
     tenant: str
@@ -55,15 +58,18 @@ class DatasetInfo(BaseModel):
     num_examples: int
     classes: list[str]
     counts: dict[str, int]
+    num_labelled: int
+    num_unlabelled: int
 
 
 class ExampleInfo(BaseModel):
-    """One example as its upload named it: ``file_name`` is None for examples uploaded before names were kept."""
+    """One example as its upload named it: ``file_name`` is None for examples uploaded before names were kept;
+    ``label`` is None for an unlabelled example (a pool's image, not yet labelled)."""
 
     index: int
     file_name: str | None
     client_id: str | None
-    label: str
+    label: str | None
     image_sha256: str
 
 
@@ -202,6 +208,20 @@ class DatasetStore:
             query = select(ExampleRow).where(ExampleRow.dataset_id == id).order_by(ExampleRow.position)
             return [_example(row) for row in session.scalars(query)]
 
+    def labelled_examples(self, tenant: str, id: str) -> builtins.list[ExampleInfo]:
+        """The examples that have a label, in upload order (what training and audits read)."""
+        return self._examples_where(tenant, id, ExampleRow.label.is_not(None))
+
+    def unlabelled_examples(self, tenant: str, id: str) -> builtins.list[ExampleInfo]:
+        """The examples still without a label, in upload order (the pool a labelling suggestion picks from)."""
+        return self._examples_where(tenant, id, ExampleRow.label.is_(None))
+
+    def _examples_where(self, tenant: str, id: str, condition: ColumnElement[bool]) -> builtins.list[ExampleInfo]:
+        with self.db.session() as session:
+            _owned(session, tenant, id)
+            query = select(ExampleRow).where(ExampleRow.dataset_id == id, condition).order_by(ExampleRow.position)
+            return [_example(row) for row in session.scalars(query)]
+
     def list_examples(
         self, tenant: str, id: str, page_size: int = 50, page_token: str | None = None
     ) -> tuple[builtins.list[ExampleInfo], str | None]:
@@ -237,11 +257,9 @@ class DatasetStore:
             return _example(row)
 
     def examples(self, tenant: str, id: str) -> builtins.list[tuple[str, str]]:
-        """(image sha256, label) pairs in upload order."""
-        with self.db.session() as session:
-            _owned(session, tenant, id)
-            query = select(ExampleRow.image_sha256, ExampleRow.label).where(ExampleRow.dataset_id == id)
-            return [(sha, label) for sha, label in session.execute(query.order_by(ExampleRow.position))]
+        """(image sha256, label) pairs of the labelled examples, in upload order."""
+        labelled = self.labelled_examples(tenant, id)
+        return [(example.image_sha256, example.label) for example in labelled if example.label is not None]
 
     def read_image(self, sha: str) -> bytes:
         return self.blobs.get(sha)
@@ -276,22 +294,25 @@ class DatasetUpload:
         self.tenant = tenant
         self.name = name
         self.pins: dict[str, Pin] = {}
-        self.labelled: list[tuple[str, str, str, str | None]] = []  # (sha256, label, file name, client id)
+        self.added: list[tuple[str, str | None, str, str | None]] = []  # (sha256, label, file name, client id)
         self.client_ids: set[str] = set()
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str | None] = Counter()  # None: the unlabelled examples
         self.stored_bytes = 0
         self.budget = UploadBudget(store.settings)
         self._ended = False
 
-    def add(self, file_name: str, data: bytes, label: str, client_id: str | None = None) -> None:
+    def add(self, file_name: str, data: bytes, label: str | None, client_id: str | None = None) -> None:
+        """One image; a label that is None or empty leaves it unlabelled (a pool's image, labelled later)."""
         settings = self.store.settings
         self.budget.take(file_name, len(data))
         _check_text("file name", file_name, MAX_FILE_NAME_CHARS)
-        _check_text(f"label of file '{file_name}'", label, MAX_LABEL_CHARS)
+        label = label or None
+        if label is not None:
+            check_label(f"label of file '{file_name}'", label)
         if client_id is not None:
             self._check_client_id(file_name, client_id)
-        if label not in self.counts:
-            self.store._check_class_count(len(self.counts) + 1, file_name, label)
+        if label is not None and label not in self.counts:
+            self.store._check_class_count(len(set(self.counts) - {None}) + 1, file_name, label)
         info = inspect_image(
             data, name=file_name, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
@@ -299,7 +320,7 @@ class DatasetUpload:
             self.pins[info.sha256] = self.store.collector.pin(info.sha256, len(data))
             self.store.blobs.put(data)  # pinned first, so no sweep can take the file away now
             self.stored_bytes += len(data)
-        self.labelled.append((info.sha256, label, file_name, client_id))
+        self.added.append((info.sha256, label, file_name, client_id))
         self.counts[label] += 1
 
     def _check_client_id(self, file_name: str, client_id: str) -> None:
@@ -323,13 +344,13 @@ class DatasetUpload:
             tenant=self.tenant,
             name=self.name,
             created_at=utcnow(),
-            num_examples=len(self.labelled),
-            classes=sorted(self.counts),
+            num_examples=len(self.added),
+            classes=sorted(label for label in self.counts if label is not None),
             stored_bytes=self.stored_bytes,
         )
         row.examples = [
             ExampleRow(image_sha256=sha, label=label, position=i, file_name=file_name, client_id=client_id)
-            for i, (sha, label, file_name, client_id) in enumerate(self.labelled)
+            for i, (sha, label, file_name, client_id) in enumerate(self.added)
         ]
         collector = self.store.collector
         with self.store.db.session() as session:
@@ -372,8 +393,9 @@ def _position(text: str) -> int | None:
     return None
 
 
-def _counts(session: Session, ids: list[str]) -> dict[str, Counter[str]]:
-    counts: dict[str, Counter[str]] = {id: Counter() for id in ids}
+def _counts(session: Session, ids: list[str]) -> dict[str, Counter[str | None]]:
+    """Per dataset, how many examples each label has; the None key counts the unlabelled ones."""
+    counts: dict[str, Counter[str | None]] = {id: Counter() for id in ids}
     query = (
         select(ExampleRow.dataset_id, ExampleRow.label, func.count())
         .where(ExampleRow.dataset_id.in_(ids))
@@ -384,15 +406,18 @@ def _counts(session: Session, ids: list[str]) -> dict[str, Counter[str]]:
     return counts
 
 
-def _info(row: DatasetRow, counts: Counter[str]) -> DatasetInfo:
+def _info(row: DatasetRow, counts: Counter[str | None]) -> DatasetInfo:
+    labelled = {label: count for label, count in counts.items() if label is not None and count}
     return DatasetInfo(
         id=row.id,
         name=row.name,
         tenant=row.tenant,
         created_at=row.created_at,
         num_examples=row.num_examples,
-        classes=list(row.classes),
-        counts={label: counts[label] for label in sorted(counts)},
+        classes=sorted(labelled),
+        counts={label: labelled[label] for label in sorted(labelled)},
+        num_labelled=sum(labelled.values()),
+        num_unlabelled=counts[None],
     )
 
 
@@ -405,10 +430,20 @@ def _check_text(what: str, value: object, max_chars: int) -> None:
         raise InvalidArgument(f"{what} {value!r} contains control characters; remove them")
 
 
-def _check_classes(counts: Counter[str]) -> None:
+def check_label(what: str, label: object) -> None:
+    """A label as uploads and labelling calls accept it: non-blank text, at most MAX_LABEL_CHARS, no control
+    characters."""
+    _check_text(what, label, MAX_LABEL_CHARS)
+
+
+def _check_classes(counts: Counter[str | None]) -> None:
+    """An upload holds images; fully labelled, of two classes at least (a pool, with unlabelled images, may have
+    fewer: it is labelled later)."""
     if not counts:
-        raise InvalidArgument("the dataset has no examples; upload labelled images of at least two classes")
-    if len(counts) < 2:
+        raise InvalidArgument(
+            "the dataset has no examples; upload labelled images of at least two classes, or unlabelled images"
+        )
+    if None not in counts and len(counts) < 2:
         (only,) = counts
         raise InvalidArgument(
             f"the dataset has only one class ('{only}'); add examples of at least one more class to train a classifier"

@@ -73,8 +73,9 @@ class DatasetRow(Base):
 
 
 class ExampleRow(Base):
-    """One labelled image of a dataset. ``file_name`` is the name its upload gave it (null for rows older than
-    migration 0009); ``client_id`` the uploader's own id for it, unique within the dataset when given."""
+    """One image of a dataset, with its label (null: unlabelled, a pool's image). ``file_name`` is the name its
+    upload gave it (null for rows older than migration 0009); ``client_id`` the uploader's own id for it, unique
+    within the dataset when given."""
 
     __tablename__ = "examples"
     __table_args__ = (Index("ix_examples_dataset_client_id", "dataset_id", "client_id", unique=True),)
@@ -82,7 +83,7 @@ class ExampleRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    label: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str | None] = mapped_column(String(128), nullable=True)
     position: Mapped[int] = mapped_column(Integer)
     file_name: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     client_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
