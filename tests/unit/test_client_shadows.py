@@ -2,25 +2,19 @@
 in-process service: each call's answer comes back as the same model whichever door carried it."""
 
 import asyncio
-import contextlib
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from adapters.kinds import HeadKind
 from client import cli
-from client.base import Client
 from client.errors import AlreadyExists, InvalidArgument, NotFound
-from client.grpc_client import GrpcClient
-from client.http_client import HttpClient
-from harness.inprocess import serve_http
+from harness.inprocess import client_of
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
 from service.core import Core
-from service.grpc.server import start_grpc_server
 from service.runtime import Runtime
 from service.training import TrainRequest
 from tests.unit.test_engine import TENANT, png, save_random_head
@@ -45,21 +39,6 @@ def runtime(make_core, tmp_path) -> Runtime:
 @pytest.fixture
 def key(runtime: Runtime) -> str:
     return runtime.tenants.create_key(TENANT).secret
-
-
-@contextlib.asynccontextmanager
-async def client_of(runtime: Runtime, key: str, door: str) -> AsyncIterator[Client]:
-    """A client of ``runtime`` as the tenant: over HTTP (uvicorn in a thread) or gRPC (an in-process server)."""
-    if door == "http":
-        with serve_http(runtime) as port, HttpClient(f"http://127.0.0.1:{port}", key) as client:
-            yield client
-        return
-    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
-    try:
-        with GrpcClient(f"127.0.0.1:{server.port}", key) as client:
-            yield client
-    finally:
-        await server.stop(grace=1)
 
 
 def image_files(folder: Path) -> list[str]:

@@ -21,11 +21,8 @@ from sqlalchemy import event
 
 from adapters.metrics import evaluate
 from client import cli
-from client.base import Client
 from client.errors import NotFound
-from client.grpc_client import GrpcClient
-from client.http_client import HttpClient
-from harness.inprocess import serve_http
+from harness.inprocess import client_of
 from service.config import Settings
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
@@ -291,18 +288,3 @@ async def test_graft_report_draws_the_whole_metrics_of_the_version_it_names(
         code = await asyncio.to_thread(cli.main, ["--url", client.url, "report", "pets:prod", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and capsys.readouterr().out == f"{out}: pets@1\n"
-
-
-@contextlib.asynccontextmanager
-async def client_of(runtime: Runtime, key: str, door: str) -> AsyncIterator[Client]:
-    """A client of ``runtime`` as acme: over HTTP (uvicorn in a thread) or gRPC (an in-process server)."""
-    if door == "http":
-        with serve_http(runtime) as port, HttpClient(f"http://127.0.0.1:{port}", key) as client:
-            yield client
-        return
-    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
-    try:
-        with GrpcClient(f"127.0.0.1:{server.port}", key) as client:
-            yield client
-    finally:
-        await server.stop(grace=1)
