@@ -153,3 +153,10 @@ export async function download(path) {
   link.remove();
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
+
+/** An image the API serves (it needs the key, which an <img src> cannot send) as an object URL to show. */
+export async function imageUrl(path) {
+  const response = await fetch(`/v1/${path}`, { headers: authHeaders() });
+  if (!response.ok) throw await errorOf(response);
+  return URL.createObjectURL(await response.blob());
+}

@@ -2,10 +2,11 @@
 
 import { ApiError, apiKey, call, setApiKey } from "./api.js";
 import { showHeads } from "./heads.js";
+import { setUpLabel, showLabel } from "./label.js";
 import { setUpNewModel, showNewModel } from "./train.js";
 import { setUpTry, showTry } from "./try.js";
 
-const PAGES = { heads: showHeads, new: showNewModel, try: showTry };
+const PAGES = { heads: showHeads, new: showNewModel, try: showTry, label: showLabel };
 let needsKey = false;
 let signedIn = false;
 
@@ -79,6 +80,7 @@ async function start() {
   window.addEventListener("hashchange", route);
   setUpNewModel();
   setUpTry();
+  setUpLabel();
   try {
     needsKey = (await checkAccess("")) !== null;
     signedIn = !needsKey || (apiKey() !== "" && (await checkAccess(apiKey())) === null);
