@@ -18,6 +18,7 @@ from service.store.datasets import DatasetStore
 from service.store.db import Database
 from service.store.features import FeatureCache
 from service.store.heads import HeadRegistry
+from service.store.labels import DatasetLabels
 from service.training import Trainer
 
 
@@ -34,6 +35,7 @@ class Core:
     backbones: dict[str, Backbone]
     trainer: Trainer
     auditor: DatasetAuditor
+    labels: DatasetLabels
 
     def backbone_info(self, name: str) -> BackboneInfo:
         """The ``backbones/{name}`` resource, for either door; NotFound if this service does not load it."""
@@ -69,4 +71,5 @@ class Core:
         auditor = DatasetAuditor(
             datasets, extractor, trainer.backbone, settings.default_backbone, settings.max_audit_seconds
         )
-        return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer, auditor)
+        labels = DatasetLabels(db, settings)
+        return cls(settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer, auditor, labels)
