@@ -20,7 +20,7 @@ from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
-from service.resources import Dataset
+from service.resources import Dataset, ExampleLabel
 from service.runtime import Runtime
 from service.store.datasets import IdentifiedExample, UploadBudget
 
@@ -154,12 +154,26 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
 
     @door_method
     async def GetExample(self, request, context, calls: Calls):
-        dataset, separator, example = request.name.rpartition("/examples/")
-        if not separator or not example:
-            raise InvalidArgument(
-                f"{request.name[:300]!r} is not an example name of the form 'datasets/{{dataset}}/examples/{{example}}'"
-            )
+        dataset, example = _example_name(request.name)
         return convert.message(await calls.get_example(dataset, example), pb.Example)
+
+    @door_method
+    async def UpdateExample(self, request, context, calls: Calls):
+        dataset, example = _example_name(request.example.name)
+        mask = ",".join(request.update_mask.paths)
+        return convert.message(await calls.update_example(dataset, example, request.example.label, mask), pb.Example)
+
+    @door_method
+    async def BatchUpdateExamples(self, request, context, calls: Calls):
+        updates = [
+            ExampleLabel.model_construct(example=u.example, label=u.label) for u in request.updates
+        ]  # the store checks them
+        response = await calls.batch_update_examples(request.parent, updates)
+        return convert.message(response, api.BatchUpdateExamplesResponse)
+
+    @door_method
+    async def ImportLabels(self, request, context, calls: Calls):
+        return convert.message(await calls.import_labels(request.parent, request.csv), api.ImportLabelsResponse)
 
     @door_method
     async def DeleteDataset(self, request, context, calls: Calls):
@@ -173,6 +187,16 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
             request.name, request.backbone, request.max_suspects, request.max_duplicates, similarity
         )
         return convert.message(audit, pb.DatasetAudit)
+
+
+def _example_name(name: str) -> tuple[str, str]:
+    """'datasets/{dataset}/examples/{example}' -> (dataset, example)."""
+    dataset, separator, example = name.rpartition("/examples/")
+    if not separator or not example:
+        raise InvalidArgument(
+            f"{name[:300]!r} is not an example name of the form 'datasets/{{dataset}}/examples/{{example}}'"
+        )
+    return dataset, example
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str | None:
