@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -30,6 +30,7 @@ from client.models import (
     HyperParams,
     ImagePrediction,
     Job,
+    LabelImport,
     PredictionFeedback,
     PredictOptions,
     SearchSpace,
@@ -111,6 +112,19 @@ class Client(ABC):
     @abstractmethod
     def list_examples(self, dataset: str) -> list[DatasetExample]:
         """The dataset's examples in upload order, each with the file name and client id its upload gave it."""
+
+    @abstractmethod
+    def label_example(self, dataset: str, example: str, label: str | None) -> DatasetExample:
+        """Label one example (by client id or position); None unlabels it."""
+
+    @abstractmethod
+    def label_examples(self, dataset: str, labels: Mapping[str, str | None]) -> list[DatasetExample]:
+        """Label several examples at once, {client id or position: label or None}: all or none."""
+
+    @abstractmethod
+    def import_labels(self, dataset: str, rows: bytes) -> LabelImport:
+        """Label examples from CSV ``file,label`` rows (file name or client id; an empty label unlabels): all or
+        none."""
 
     @abstractmethod
     def audit_dataset(

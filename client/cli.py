@@ -139,9 +139,10 @@ def upload(graft: Client, args: argparse.Namespace) -> int:
         print(dataset.model_dump_json())
     else:
         counts = ", ".join(f"{label} {count}" for label, count in sorted(dataset.examples_per_class.items()))
+        unlabelled = f", {dataset.unlabelled_example_count} unlabelled" if dataset.unlabelled_example_count else ""
         print(
             f"{dataset.name}  {dataset.display_name!r}: {dataset.example_count} images, "
-            f"{len(dataset.classes)} classes ({counts})"
+            f"{len(dataset.classes)} classes ({counts}){unlabelled}"
         )
     return 0
 
@@ -366,7 +367,7 @@ def examples(graft: Client, args: argparse.Namespace) -> int:
         return 0
     _table(
         ["file", "client id", "position", "label", "sha256"],
-        [[e.display, e.client_id or "", str(e.index), e.label, e.image_sha256[:12]] for e in found],
+        [[e.display, e.client_id or "", str(e.index), e.label or "-", e.image_sha256[:12]] for e in found],
     )
     return 0
 
@@ -397,6 +398,26 @@ def suggest(graft: Client, args: argparse.Namespace) -> int:
                 for s in found.suggestions
             ],
         )
+    return 0
+
+
+def label(graft: Client, args: argparse.Namespace) -> int:
+    """One example's label (``--unlabel`` clears it), or a CSV of file,label rows (``--import``)."""
+    dataset = _dataset_name(graft, args.dataset)
+    if args.import_csv is not None:
+        if args.example is not None or args.label is not None or args.unlabel:
+            raise UsageError("give either EXAMPLE LABEL or --import labels.csv, not both")
+        imported = graft.import_labels(dataset, Path(args.import_csv).read_bytes())
+        print(
+            f"{imported.row_count} rows applied; {imported.dataset.name}: "
+            f"{imported.dataset.labelled_example_count} labelled in {len(imported.dataset.classes)} classes, "
+            f"{imported.dataset.unlabelled_example_count} unlabelled"
+        )
+        return 0
+    if args.example is None or (args.label is None) == (not args.unlabel):
+        raise UsageError("give EXAMPLE and LABEL (or EXAMPLE --unlabel), or --import labels.csv")
+    example = graft.label_example(dataset, args.example, None if args.unlabel else args.label)
+    print(f"{example.name}  {example.display}: {example.label if example.label is not None else '(unlabelled)'}")
     return 0
 
 
@@ -812,6 +833,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--strategy", choices=SUGGESTION_STRATEGIES, help="default: diverse_margin")
     sub.add_argument("--seed", type=int, default=0, help="the same seed and data give the same answer")
     sub.add_argument("--json", action="store_true", help="print the suggestions as JSON")
+
+    sub = command("label", label, "label a dataset's image (by client id or position), or import file,label rows")
+    sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    sub.add_argument("example", nargs="?", help="the example's client id or position (see `graft examples`)")
+    sub.add_argument("label", nargs="?", help="its new label")
+    sub.add_argument("--unlabel", action="store_true", help="clear the example's label (back to the pool)")
+    sub.add_argument(
+        "--import", dest="import_csv", metavar="CSV", help="rows of file,label (file name or client id): all or none"
+    )
 
     sub = command("audit", audit, "find images whose label is probably wrong, and near-duplicates under two labels")
     sub.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")

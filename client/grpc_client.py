@@ -8,7 +8,7 @@ models. Uploads are a client stream of one image per message.
 import functools
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from client.models import (
     HeadVersion,
     ImagePrediction,
     Job,
+    LabelImport,
     PredictionFeedback,
     Suggestions,
     TrainingSpec,
@@ -53,7 +54,7 @@ _ENUM_FIELDS = {
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
 # proto3 "" is HTTP's null for these fields
-_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id", "file_name", "client_id"}
+_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id", "file_name", "client_id", "label"}
 
 
 class GrpcClient(Client):
@@ -190,6 +191,21 @@ class GrpcClient(Client):
         request = functools.partial(api.ListExamplesRequest, parent=_named(dataset, "datasets"))
         pages = self._pages(self._datasets.ListExamples, request, "examples")
         return [DatasetExample.model_validate(_json(e)) for e in pages]
+
+    def label_example(self, dataset: str, example: str, label: str | None) -> DatasetExample:
+        name = f"{_named(dataset, 'datasets')}/examples/{example}"
+        request = api.UpdateExampleRequest(example=pb.Example(name=name, label=label or ""))
+        return DatasetExample.model_validate(_json(self._call(self._datasets.UpdateExample, request)))
+
+    def label_examples(self, dataset: str, labels: Mapping[str, str | None]) -> list[DatasetExample]:
+        updates = [api.ExampleLabel(example=example, label=label or "") for example, label in labels.items()]
+        request = api.BatchUpdateExamplesRequest(parent=_named(dataset, "datasets"), updates=updates)
+        answer = self._call(self._datasets.BatchUpdateExamples, request)
+        return [DatasetExample.model_validate(_json(e)) for e in answer.examples]
+
+    def import_labels(self, dataset: str, rows: bytes) -> LabelImport:
+        request = api.ImportLabelsRequest(parent=_named(dataset, "datasets"), csv=rows)
+        return LabelImport.model_validate(_json(self._call(self._datasets.ImportLabels, request)))
 
     def delete_dataset(self, name: str) -> None:
         self._call(self._datasets.DeleteDataset, api.DeleteDatasetRequest(name=_named(name, "datasets")), safe=False)

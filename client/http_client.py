@@ -2,7 +2,7 @@
 
 import json
 import ssl
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +22,7 @@ from client.models import (
     HeadVersion,
     ImagePrediction,
     Job,
+    LabelImport,
     NewKey,
     PredictionFeedback,
     Suggestions,
@@ -128,6 +129,20 @@ class HttpClient(Client):
     def list_examples(self, dataset: str) -> list[DatasetExample]:
         pages = self._pages(f"/v1/{_named(dataset, 'datasets')}/examples", "examples")
         return [DatasetExample.model_validate(e) for e in pages]
+
+    def label_example(self, dataset: str, example: str, label: str | None) -> DatasetExample:
+        path = f"/v1/{_named(dataset, 'datasets')}/examples/{example}"
+        return DatasetExample.model_validate(self._call("PATCH", path, json={"label": label}, safe=True))
+
+    def label_examples(self, dataset: str, labels: Mapping[str, str | None]) -> list[DatasetExample]:
+        body = {"updates": [{"example": example, "label": label} for example, label in labels.items()]}
+        answer = self._call("POST", f"/v1/{_named(dataset, 'datasets')}/examples:batchUpdate", json=body, safe=True)
+        return [DatasetExample.model_validate(e) for e in answer["examples"]]
+
+    def import_labels(self, dataset: str, rows: bytes) -> LabelImport:
+        path = f"/v1/{_named(dataset, 'datasets')}/examples:importLabels"
+        answer = self._call("POST", path, content=rows, headers={"Content-Type": "text/csv"}, safe=True)
+        return LabelImport.model_validate(answer)
 
     def audit_dataset(
         self,

@@ -65,6 +65,8 @@ class Dataset(BaseModel):
     example_count: int
     classes: list[str]
     examples_per_class: dict[str, int]
+    labelled_example_count: int = 0
+    unlabelled_example_count: int = 0
 
     @property
     def id(self) -> str:
@@ -72,18 +74,25 @@ class Dataset(BaseModel):
 
 
 class DatasetExample(BaseModel):
-    """One labelled image of a dataset, with the names its upload gave it."""
+    """One image of a dataset, its label (None: unlabelled) and the names its upload gave it."""
 
     name: str = Field(description="datasets/{dataset}/examples/{index}")
     index: int = Field(description="position in upload order")
     file_name: str | None = Field(None, description="as uploaded; None for examples uploaded before graft kept names")
     client_id: str | None = None
-    label: str
+    label: str | None = None
     image_sha256: str
 
     @property
     def display(self) -> str:
         return self.file_name or f"#{self.index}"
+
+
+class LabelImport(BaseModel):
+    """What a label import did: the rows it applied and the dataset after them."""
+
+    row_count: int
+    dataset: Dataset
 
 
 class AuditedExample(BaseModel):

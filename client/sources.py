@@ -26,17 +26,24 @@ class Example:
 
 
 def from_directory(root: Path) -> list[Example]:
-    """``root/label/image.jpg``: one class per sub-folder; hidden files and non-images are skipped."""
+    """``root/label/image.jpg``: one class per sub-folder; images directly in ``root`` are unlabelled (label "",
+    a pool labelled later). Hidden files and non-images are skipped."""
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
     examples = [
-        Example(f"{path.parent.name}/{path.name}", path.parent.name, path.stat().st_size, path.read_bytes)
-        for path in sorted(root.glob("*/*"))
+        Example(path.relative_to(root).as_posix(), "" if path.parent == root else path.parent.name, *_file(path))
+        for path in sorted([*root.glob("*"), *root.glob("*/*")])
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
     ]
     if not examples:
-        raise ValueError(f"{root} has no images in class folders (expected {root}/<label>/<image>.jpg)")
+        raise ValueError(
+            f"{root} has no images (expected {root}/<label>/<image>.jpg, or {root}/<image>.jpg unlabelled)"
+        )
     return examples
+
+
+def _file(path: Path) -> tuple[int, Callable[[], bytes]]:
+    return path.stat().st_size, path.read_bytes
 
 
 def from_csv(path: Path) -> list[Example]:

@@ -21,6 +21,7 @@ from adapters.audit import DEFAULT_DUPLICATE_SIMILARITY, LabelAudit, audit_label
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.errors import DeadlineExceeded, ResourceExhausted
+from service.labelled_set import labelled_set
 from service.store.datasets import DatasetStore, ExampleInfo
 from service.training import adapter_errors_translated
 
@@ -40,7 +41,8 @@ class AuditRequest(BaseModel):
 
 
 class AuditedDataset(BaseModel):
-    """The adapters' audit with what it was run on: the examples (images, labels and names), by position."""
+    """The adapters' audit with what it was run on: the labelled examples (images, labels, names and positions);
+    the audit's indices are into ``examples``, each of which knows its position in the dataset."""
 
     dataset_id: str
     backbone: str
@@ -77,7 +79,7 @@ class DatasetAuditor:
         DeadlineExceeded. ``slots`` are the serving worker's audit slots (its runtime's): with none free the audit
         is refused, and its slot is free again once this returns. Without them (a benchmark, a test of the core)
         nothing bounds how many run at once."""
-        dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound first, for another tenant's too
+        dataset = labelled_set(self.datasets, tenant, request.dataset_id)  # NotFound first, for another tenant's too
         backbone = self.backbone(request.backbone or self.default_backbone)
         if slots is not None and not slots.acquire(blocking=False):
             raise ResourceExhausted(
@@ -99,10 +101,8 @@ class DatasetAuditor:
             return False
 
         try:
-            examples = self.datasets.named_examples(tenant, request.dataset_id)
-            shas = [example.image_sha256 for example in examples]
-            class_index = {name: i for i, name in enumerate(dataset.classes)}
-            labels = torch.tensor([class_index[example.label] for example in examples])
+            shas = [example.image_sha256 for example in dataset.examples]
+            labels = torch.tensor(dataset.labels)
             features = self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
             audit = audit_labels(
                 features,
@@ -118,9 +118,9 @@ class DatasetAuditor:
             if slots is not None:
                 slots.release()
         return AuditedDataset(
-            dataset_id=dataset.id,
+            dataset_id=dataset.dataset_id,
             backbone=backbone.name,
             classes=dataset.classes,
-            examples=examples,
+            examples=dataset.examples,
             audit=audit,
         )

@@ -36,16 +36,19 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Backbone,
+    BatchUpdateExamplesResponse,
     CompareHeadVersionsResponse,
     Dataset,
     DatasetAudit,
     Example,
+    ExampleLabel,
     ExportedHead,
     ExportFormat,
     Head,
     HeadComparison,
     HeadMonitoring,
     HeadVersion,
+    ImportLabelsResponse,
     Job,
     ListBackbonesResponse,
     ListDatasetsResponse,
@@ -61,6 +64,7 @@ from service.resources import (
 )
 from service.store.datasets import DatasetInfo, DatasetUpload
 from service.store.images import image_content_type
+from service.store.labels import LabelUpdate
 from service.store.requests import ADMIN_SCOPE, fingerprint, seal, unseal
 from service.suggestions import SuggestRequest
 
@@ -356,6 +360,31 @@ class Calls:
         found = await self.in_thread(self.core.datasets.get_example, self.tenant, dataset_id, example)
         data = await self.in_thread(self.core.datasets.read_image, found.image_sha256)
         return image_content_type(data), data
+
+    async def update_example(self, dataset: str, example: str, label: str | None, update_mask: str) -> Example:
+        """Label one example (None or empty: unlabel it). ``update_mask``: empty, "*" or "label" (comma-separated
+        field paths, as AIP-134 writes them)."""
+        paths = {path.strip() for path in update_mask.split(",") if path.strip()}
+        if not paths <= {"label", "*"}:
+            raise InvalidArgument(
+                f"update_mask {update_mask[:200]!r} names fields that cannot change; of an example only 'label' can"
+            )
+        dataset_id = resource_id(dataset, "datasets")
+        update = LabelUpdate(example=example, label=label or None)
+        (updated,) = await self.in_thread(self.core.labels.update, self.tenant, dataset_id, [update])
+        return Example.of(dataset_id, updated)
+
+    async def batch_update_examples(self, parent: str, updates: list[ExampleLabel]) -> BatchUpdateExamplesResponse:
+        dataset_id = resource_id(parent, "datasets")
+        changes = [LabelUpdate(example=u.example, label=u.label or None) for u in updates]
+        updated = await self.in_thread(self.core.labels.update, self.tenant, dataset_id, changes)
+        return BatchUpdateExamplesResponse(examples=[Example.of(dataset_id, e) for e in updated])
+
+    async def import_labels(self, parent: str, csv: bytes) -> ImportLabelsResponse:
+        dataset_id = resource_id(parent, "datasets")
+        imported = await self.in_thread(self.core.labels.import_csv, self.tenant, dataset_id, csv)
+        dataset = await self.in_thread(self.core.datasets.get, self.tenant, dataset_id)
+        return ImportLabelsResponse(row_count=imported.rows, dataset=Dataset.of(dataset))
 
     async def delete_dataset(self, name: str) -> None:
         await self.in_thread(self.core.datasets.delete, self.tenant, resource_id(name, "datasets"))

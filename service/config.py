@@ -132,6 +132,14 @@ class Settings(BaseSettings):
     # Bounds on what one request can make the server hold or do (docs/architecture.md, decision 8, "No tenant can hurt
     # another"): each is checked before the work, from sizes and counts, never after buffering.
     max_classes: int = Field(1000, ge=2, description="Most classes a dataset (and so a head) may have.")
+    max_label_updates: int = Field(
+        1000, gt=0, description="Most examples one label call (PATCH or :batchUpdate) may change; bigger: import."
+    )
+    max_label_import_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        description="Largest CSV of file,label rows one label import (:importLabels) may send; it is parsed whole.",
+    )
     max_request_bytes: int = Field(
         64 * 1024 * 1024,
         gt=0,

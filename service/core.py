@@ -18,6 +18,7 @@ from service.store.datasets import DatasetStore
 from service.store.db import Database
 from service.store.features import FeatureCache
 from service.store.heads import HeadRegistry
+from service.store.labels import DatasetLabels
 from service.suggestions import ExampleSuggester
 from service.training import Trainer
 
@@ -36,6 +37,7 @@ class Core:
     trainer: Trainer
     auditor: DatasetAuditor
     suggester: ExampleSuggester
+    labels: DatasetLabels
 
     def backbone_info(self, name: str) -> BackboneInfo:
         """The ``backbones/{name}`` resource, for either door; NotFound if this service does not load it."""
@@ -71,7 +73,20 @@ class Core:
         auditor = DatasetAuditor(
             datasets, extractor, trainer.backbone, settings.default_backbone, settings.max_audit_seconds
         )
+        labels = DatasetLabels(db, settings)
         suggester = ExampleSuggester(datasets, heads, extractor, loaded, settings.max_audit_seconds)
         return cls(
-            settings, placement, db, quotas, blobs, datasets, heads, extractor, loaded, trainer, auditor, suggester
+            settings,
+            placement,
+            db,
+            quotas,
+            blobs,
+            datasets,
+            heads,
+            extractor,
+            loaded,
+            trainer,
+            auditor,
+            suggester,
+            labels,
         )

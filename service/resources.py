@@ -26,7 +26,7 @@ from service.engine.predictor import ImagePrediction, LabelScore
 from service.errors import InvalidArgument
 from service.jobs import JobInfo, JobState
 from service.kind_choice import AUTO_KIND, DEFAULT_TIME_BUDGET_S, MAX_TIME_BUDGET_S, auto_description
-from service.store.datasets import MAX_NAME_CHARS, DatasetInfo, ExampleInfo
+from service.store.datasets import MAX_CLIENT_ID_CHARS, MAX_LABEL_CHARS, MAX_NAME_CHARS, DatasetInfo, ExampleInfo
 from service.store.heads import MAX_VERSION, NAME_PATTERN, HeadInfo, HeadVersionInfo
 from service.store.observations import Comparison, Feedback
 from service.store.windows import DriftStatus, MonitorWindow
@@ -125,14 +125,16 @@ class Backbone(BackboneInfo):
 
 
 class Dataset(BaseModel):
-    """``datasets/{dataset}``: labelled images owned by one tenant."""
+    """``datasets/{dataset}``: images owned by one tenant, labelled or not yet (a pool)."""
 
     name: str = Field(description="datasets/{dataset}")
     display_name: str
     create_time: datetime
     example_count: int
-    classes: list[str]
+    classes: list[str] = Field(description="the labels its labelled examples have, sorted")
     examples_per_class: dict[str, int]
+    labelled_example_count: int = Field(description="examples with a label: what training and audits use")
+    unlabelled_example_count: int = Field(description="examples without a label yet, to label later")
 
     @classmethod
     def of(cls, info: DatasetInfo) -> "Dataset":
@@ -143,11 +145,14 @@ class Dataset(BaseModel):
             example_count=info.num_examples,
             classes=info.classes,
             examples_per_class=info.counts,
+            labelled_example_count=info.num_labelled,
+            unlabelled_example_count=info.num_unlabelled,
         )
 
 
 class Example(BaseModel):
-    """``datasets/{dataset}/examples/{index}``: one labelled image, with the names its upload gave it."""
+    """``datasets/{dataset}/examples/{index}``: one image, its label (null: unlabelled) and the names its upload
+    gave it."""
 
     name: str = Field(description="datasets/{dataset}/examples/{index}; the client id addresses it too")
     index: int = Field(description="its position in upload order, from 0")
@@ -156,7 +161,7 @@ class Example(BaseModel):
         "before graft kept names"
     )
     client_id: str | None = Field(description="the uploader's own id for it, unique within the dataset")
-    label: str
+    label: str | None = Field(description="null: not labelled yet")
     image_sha256: str
 
     @classmethod
@@ -260,7 +265,7 @@ class DatasetAudit(BaseModel):
         audit, classes = audited.audit, audited.classes
 
         def example(index: int) -> AuditedExample:
-            return AuditedExample(**audited.examples[index].model_dump(exclude={"index"}), index=index)
+            return AuditedExample(**audited.examples[index].model_dump())
 
         return cls(
             dataset=f"datasets/{audited.dataset_id}",
@@ -583,6 +588,32 @@ class ListDatasetsResponse(BaseModel):
 class ListExamplesResponse(BaseModel):
     examples: list[Example]
     next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ExampleUpdate(BaseModel):
+    """A PATCH of an example: of its fields only ``label`` can change (the others are ignored)."""
+
+    label: str | None = Field(max_length=MAX_LABEL_CHARS, description="null or empty: unlabel it")
+
+
+class ExampleLabel(BaseModel):
+    """One example's new label (:batchUpdate)."""
+
+    example: str = Field(max_length=MAX_CLIENT_ID_CHARS, description="its client id, or its position (from 0)")
+    label: str | None = Field(max_length=MAX_LABEL_CHARS, description="null or empty: unlabel it")
+
+
+class BatchUpdateExamplesRequest(BaseModel):
+    updates: list[ExampleLabel] = Field(description="at most GRAFT_MAX_LABEL_UPDATES; all apply or none")
+
+
+class BatchUpdateExamplesResponse(BaseModel):
+    examples: list[Example] = Field(description="as they are now, in the order of the updates")
+
+
+class ImportLabelsResponse(BaseModel):
+    row_count: int = Field(description="the rows applied")
+    dataset: Dataset = Field(description="the dataset after them")
 
 
 class ListJobsResponse(BaseModel):

@@ -63,7 +63,8 @@ from service.kind_choice import (
     kind_choice_metrics,
     kinds_to_try,
 )
-from service.store.datasets import DatasetInfo, DatasetStore
+from service.labelled_set import LabelledSet, labelled_set
+from service.store.datasets import DatasetStore, ExampleInfo
 from service.store.heads import HeadRegistry, HeadVersionInfo
 
 DEFAULT_FINETUNE_BLOCKS = 4
@@ -310,7 +311,9 @@ class Trainer:
         candidates = self.candidates(request)
         self.check_split_points(request, candidates)
         dataset = self.datasets.get(tenant, request.dataset_id)  # NotFound, for another tenant's too
-        images = dataset.num_examples
+        if len(dataset.classes) < 2:  # refused now rather than when the job runs (which checks again)
+            labelled_set(self.datasets, tenant, request.dataset_id)
+        images = dataset.num_examples  # labelled or not: a bound however the dataset is labelled meanwhile
         return TrainingCost(
             epochs=request.epochs,
             images=images,
@@ -352,10 +355,9 @@ class Trainer:
         report = progress or (lambda event: None)
         candidates = self.candidates(request)
         self.check_split_points(request, candidates)
-        dataset = self.datasets.get(tenant, request.dataset_id)
-        examples = self.datasets.named_examples(tenant, request.dataset_id)
-        class_index = {name: i for i, name in enumerate(dataset.classes)}
-        labels = torch.tensor([class_index[example.label] for example in examples])
+        dataset = labelled_set(self.datasets, tenant, request.dataset_id)  # what this version learns from
+        examples = dataset.examples
+        labels = torch.tensor(dataset.labels)
         train_idx, holdout_idx = stratified_split(labels.tolist(), request.holdout_fraction, request.seed)
         if len(holdout_idx) == 0 and all(get_kind(kind).searched for kind in request.kinds):  # before extracting
             raise FailedPrecondition(
@@ -401,8 +403,7 @@ class Trainer:
         def training_progress(event: ProgressEvent) -> None:
             report(event.model_copy(update={"fraction": EXTRACTION_SHARE + (1 - EXTRACTION_SHARE) * event.fraction}))
 
-        names = [(example.file_name, example.client_id) for example in examples]
-        data = _Examples(tenant, backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes), names)
+        data = _Examples(tenant, backbone, shas, labels, train_idx, holdout_idx, len(dataset.classes), examples)
         pooled_progress = extraction_progress(slices - 1, backbone.name)
         kind_choice = None
         if request.kind == AUTO_KIND:
@@ -460,8 +461,9 @@ class Trainer:
                     else {}
                 )
                 | ({"audit": audit} if audit else {})
+                | dataset.record()
             ),
-            dataset_id=dataset.id,
+            dataset_id=dataset.dataset_id,
             job_id=job_id,
             guard=guard,
             monitoring=data.monitoring(fitted.split, fitted.features, request.seed),
@@ -496,7 +498,7 @@ class Trainer:
         request: TrainRequest,
         data: "_Examples",
         fitted: "_Fitted",
-        dataset: DatasetInfo,
+        dataset: LabelledSet,
         report: Progress,
         cancelled: Callable[[], bool] | None,
     ) -> dict | None:
@@ -531,7 +533,12 @@ class Trainer:
         )
         summary = audit_summary(found, dataset.classes, AUDIT_TOP)
         for suspect in summary["suspects"]:  # named as uploaded, so a person can find the file to fix
-            suspect["file_name"], suspect["client_id"] = data.names[suspect["index"]]
+            example = data.examples[suspect["index"]]
+            suspect["index"], suspect["file_name"], suspect["client_id"] = (
+                example.index,
+                example.file_name,
+                example.client_id,
+            )
         return summary
 
     def _fit(
@@ -792,7 +799,7 @@ class _Examples:
     train_idx: np.ndarray
     holdout_idx: np.ndarray
     num_classes: int
-    names: list[tuple[str | None, str | None]]  # per example: (file name, client id), for the audit's findings
+    examples: list[ExampleInfo]  # position and names per example, for the audit's findings
 
     def monitoring(self, split: int, features: torch.Tensor, seed: int) -> dict[str, torch.Tensor] | None:
         """The version's monitoring reference (``MonitoringReference.to_tensors``), fitted on the pooled features

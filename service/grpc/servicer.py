@@ -20,7 +20,7 @@ from service.grpc.errors import mapped_errors, status_of
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
-from service.resources import Dataset
+from service.resources import Dataset, ExampleLabel
 from service.runtime import Runtime
 from service.store.datasets import IdentifiedExample, UploadBudget
 
@@ -162,6 +162,24 @@ class DatasetService(_Door, rpc.DatasetServiceServicer):
         dataset, example = _example_name(request.name)
         content_type, data = await calls.get_example_image(dataset, example)
         return api.ExampleImage(content_type=content_type, data=data)
+
+    @door_method
+    async def UpdateExample(self, request, context, calls: Calls):
+        dataset, example = _example_name(request.example.name)
+        mask = ",".join(request.update_mask.paths)
+        return convert.message(await calls.update_example(dataset, example, request.example.label, mask), pb.Example)
+
+    @door_method
+    async def BatchUpdateExamples(self, request, context, calls: Calls):
+        updates = [
+            ExampleLabel.model_construct(example=u.example, label=u.label) for u in request.updates
+        ]  # the store checks them
+        response = await calls.batch_update_examples(request.parent, updates)
+        return convert.message(response, api.BatchUpdateExamplesResponse)
+
+    @door_method
+    async def ImportLabels(self, request, context, calls: Calls):
+        return convert.message(await calls.import_labels(request.parent, request.csv), api.ImportLabelsResponse)
 
     @door_method
     async def DeleteDataset(self, request, context, calls: Calls):

@@ -1,4 +1,5 @@
-"""``/v1/datasets`` (DatasetService): labelled images, uploaded as multipart files + labels or as a class-folder zip."""
+"""``/v1/datasets`` (DatasetService): images, uploaded as multipart files (+ labels) or as a class-folder zip, and
+their labels, set one by one, in a batch or by a CSV import."""
 
 from typing import Annotated
 
@@ -17,9 +18,13 @@ from service.resources import (
     DISPLAY_NAME_PATTERN,
     ID_PATTERN,
     MAX_REF_CHARS,
+    BatchUpdateExamplesRequest,
+    BatchUpdateExamplesResponse,
     Dataset,
     DatasetAudit,
     Example,
+    ExampleUpdate,
+    ImportLabelsResponse,
     ListDatasetsResponse,
     ListExamplesResponse,
     SuggestExamplesResponse,
@@ -31,7 +36,8 @@ router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"], route_class=ResourceRoute, responses=error_responses(*COMMON_ERRORS)
 )
 
-Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS, pattern=DISPLAY_NAME_PATTERN)]
+# Empty: that file is unlabelled (a pool's image, labelled later).
+Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_CHARS, pattern=f"^$|{DISPLAY_NAME_PATTERN}")]
 DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="the id in datasets/{dataset}")]
 # Empty: that file has no client id. The store also refuses an all-digit one (it would read as a position).
 ClientId = Annotated[str, StringConstraints(max_length=MAX_CLIENT_ID_CHARS, pattern=r"^[A-Za-z0-9._~-]*$")]
@@ -50,7 +56,7 @@ ExampleRef = Annotated[
 # per-field schema cannot state, so the operation adds it beside the generated schema.
 _FILES_OR_ARCHIVE = {
     "oneOf": [
-        {"required": ["files", "labels"], "not": {"required": ["archive"]}},
+        {"required": ["files"], "not": {"required": ["archive"]}},
         {
             "required": ["archive"],
             "not": {"anyOf": [{"required": ["files"]}, {"required": ["labels"]}, {"required": ["client_ids"]}]},
@@ -68,18 +74,23 @@ _FILES_OR_ARCHIVE = {
 )
 async def create_dataset(
     display_name: str = Form(..., min_length=1, max_length=MAX_NAME_CHARS, pattern=DISPLAY_NAME_PATTERN),
-    files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order"),
-    labels: list[Label] = Form([], description="one label per file, in the same order"),
+    files: list[UploadFile] = File([], description="images; give one `labels` field per file, in order, or none"),
+    labels: list[Label] = Form(
+        [], description="one label per file, in the same order (empty: that file is unlabelled); none: all are"
+    ),
     client_ids: list[ClientId] = Form(
         [],
         description="optional: your own id per file, in the same order (empty: none for that file); unique within "
         "the dataset, addressable as datasets/{dataset}/examples/{client_id}",
     ),
-    archive: UploadFile = File(None, description="or: a zip in class-folder layout (label/image.jpg)"),
+    archive: UploadFile = File(
+        None, description="or: a zip in class-folder layout (label/image.jpg; images at its root are unlabelled)"
+    ),
     idempotency_key: IdempotencyKey = None,
     api: Calls = Depends(calls),
 ) -> Dataset:
-    """Upload a dataset: `files` with `labels`, or one zip `archive`. Every file is validated before anything is stored.
+    """Upload a dataset: `files` (with `labels`, or without: a pool), or one zip `archive`. Every file is validated
+    before anything is stored.
 
     The gate bounded the body (GRAFT_MAX_UPLOAD_BYTES) while it streamed to spooled files; the store reads
     those files one at a time, so the upload is never held in memory whole. With an ``Idempotency-Key``, a
@@ -185,6 +196,47 @@ async def get_example_image(dataset: DatasetId, example: ExampleRef, api: Calls 
 async def get_example(dataset: DatasetId, example: ExampleRef, api: Calls = Depends(calls)) -> Example:
     """One example, by its client id or by its position (all digits)."""
     return await api.get_example(dataset, example)
+
+
+@router.patch("/{dataset}/examples/{example}", response_model=Example, responses=error_responses(404))
+async def update_example(
+    dataset: DatasetId,
+    example: ExampleRef,
+    body: ExampleUpdate,
+    update_mask: str = Query("", max_length=256, description="optional: 'label' (the only field that can change)"),
+    api: Calls = Depends(calls),
+) -> Example:
+    """Label one example (`{"label": "cat"}`), or unlabel it (`{"label": null}`)."""
+    return await api.update_example(dataset, example, body.label, update_mask)
+
+
+@router.post(
+    "/{dataset}/examples:batchUpdate", response_model=BatchUpdateExamplesResponse, responses=error_responses(404)
+)
+async def batch_update_examples(
+    dataset: DatasetId, body: BatchUpdateExamplesRequest, api: Calls = Depends(calls)
+) -> BatchUpdateExamplesResponse:
+    """Label several examples, each by client id or position (at most GRAFT_MAX_LABEL_UPDATES): all or none."""
+    return await api.batch_update_examples(dataset, body.updates)
+
+
+@router.post(
+    "/{dataset}/examples:importLabels",
+    response_model=ImportLabelsResponse,
+    responses=error_responses(404),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/csv": {"schema": {"type": "string"}, "example": "file,label\ncat1.jpg,cat\n"}},
+        }
+    },
+)
+async def import_labels(dataset: DatasetId, request: Request, api: Calls = Depends(calls)) -> ImportLabelsResponse:
+    """Label examples from CSV rows `file,label` (a file name or client id; an empty label unlabels): all or none.
+
+    The body is bounded before it is read (GRAFT_MAX_JSON_BYTES at the gate, GRAFT_MAX_LABEL_IMPORT_BYTES here).
+    """
+    return await api.import_labels(dataset, await request.body())
 
 
 @router.get("/{dataset}", response_model=Dataset, responses=error_responses(404))

@@ -1,7 +1,8 @@
 """Read a class-folder dataset layout from a zip archive or a directory on disk.
 
 The layout is ``<class>/<image>``, optionally inside one common top folder
-(``photos/cats/1.jpg``). Structure and declared sizes are checked for the whole
+(``photos/cats/1.jpg``); images at the root (or directly in the top folder)
+are unlabelled, a pool labelled later. Structure and declared sizes are checked for the whole
 upload before a single image is read, so a zip bomb or a path like
 ``../../etc/passwd`` is refused without decompressing anything. Even before
 that, the number of entries is read from the end-of-central-directory record
@@ -22,10 +23,12 @@ from typing import BinaryIO
 from service.config import Settings
 from service.errors import InvalidArgument, reason
 
-# (name for messages, image bytes, label): what DatasetStore.create consumes.
-Example = tuple[str, bytes, str]
+# (name for messages, image bytes, label or None: unlabelled): what DatasetStore.create consumes.
+Example = tuple[str, bytes, str | None]
 
-LAYOUT_HINT = "lay images out as <class>/<image> (optionally inside one top folder)"
+LAYOUT_HINT = (
+    "lay images out as <class>/<image>, or <image> at the root for unlabelled ones (optionally inside one top folder)"
+)
 
 
 def examples_from_zip(zip_data: bytes | Path | BinaryIO, settings: Settings) -> Iterator[Example]:
@@ -229,17 +232,16 @@ def _is_junk(path: str) -> bool:
 # -- layout --------------------------------------------------------------------
 
 
-def _label_files(files: list[str], dirs: list[str]) -> list[tuple[str, str]]:
-    """Pair each file with its class (its folder); refuse root files, deep nesting and empty classes."""
+def _label_files(files: list[str], dirs: list[str]) -> list[tuple[str, str | None]]:
+    """Pair each file with its class (its folder), or None for a file at the root (unlabelled); refuse deep
+    nesting and empty classes."""
     top = _common_top_folder(files)
-    labelled: list[tuple[str, str]] = []
+    labelled: list[tuple[str, str | None]] = []
     for path in sorted(files):
         parts = _strip_top(path, top)
-        if len(parts) == 1:
-            raise InvalidArgument(f"'{path}' is not inside a class folder; {LAYOUT_HINT}")
         if len(parts) > 2:
             raise InvalidArgument(f"'{path}' is nested deeper than <class>/<image>; {LAYOUT_HINT}")
-        labelled.append((path, parts[0]))
+        labelled.append((path, parts[0] if len(parts) == 2 else None))
 
     classes = {label for _, label in labelled}
     for path in dirs:
@@ -252,10 +254,12 @@ def _label_files(files: list[str], dirs: list[str]) -> list[tuple[str, str]]:
 
 
 def _common_top_folder(files: list[str]) -> str | None:
-    """The one folder every file sits in at depth 3 (``top/class/image``), if there is one."""
+    """The one folder every file sits in, holding class folders (``top/class/image``, beside unlabelled
+    ``top/image``), if there is one. Files all at depth 2 are class folders (``class/image``), not a top."""
     split = [path.split("/") for path in files]
     tops = {parts[0] for parts in split}
-    if len(tops) == 1 and all(len(parts) == 3 for parts in split):
+    depths = {len(parts) for parts in split}
+    if len(tops) == 1 and 3 in depths and depths <= {2, 3}:
         return tops.pop()
     return None
 
@@ -285,7 +289,7 @@ def _check_total(total: int, settings: Settings, *, what: str) -> None:
 
 
 def _read_zip(
-    archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str]], settings: Settings
+    archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str | None]], settings: Settings
 ) -> Iterator[Example]:
     with archive:
         for info, label in members:
@@ -297,7 +301,7 @@ def _read_zip(
             yield info.filename, data, label
 
 
-def _read_folder(root: Path, labelled: list[tuple[str, str]], settings: Settings) -> Iterator[Example]:
+def _read_folder(root: Path, labelled: list[tuple[str, str | None]], settings: Settings) -> Iterator[Example]:
     for path, label in labelled:
         with open(root / path, "rb") as file:
             yield path, file.read(settings.max_image_bytes + 1), label

@@ -44,7 +44,7 @@ MAX_CLIENT_ID_CHARS = 128
 CLIENT_ID_PATTERN = rf"^[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}$"
 
 # An upload's image with the uploader's own id for it (None: none given).
-IdentifiedExample = tuple[str, bytes, str, str | None]
+IdentifiedExample = tuple[str, bytes, str | None, str | None]
 
 
 class DatasetInfo(BaseModel):
@@ -143,10 +143,12 @@ class DatasetStore:
         client_ids: Sequence[str] = (),
     ) -> DatasetInfo:
         """Multipart uploads: files (bytes, or file objects read one at a time), labels and, optionally, client ids
-        as parallel lists (an empty client id: that file has none)."""
-        if len(labels) != len(files):
+        as parallel lists (an empty client id: that file has none). No labels at all, or an empty one for a file,
+        leaves those files unlabelled (a pool, labelled later)."""
+        if labels and len(labels) != len(files):
             raise InvalidArgument(
-                f"{len(labels)} labels for {len(files)} files; send exactly one label per file, in the same order"
+                f"{len(labels)} labels for {len(files)} files; send exactly one label per file, in the same order "
+                "(an empty one for a file to leave unlabelled), or none for an unlabelled pool"
             )
         if client_ids and len(client_ids) != len(files):
             raise InvalidArgument(
@@ -154,7 +156,7 @@ class DatasetStore:
                 "same order (an empty one for a file without)"
             )
         ids = [client_id or None for client_id in client_ids] if client_ids else [None] * len(files)
-        return self.create(tenant, name, self._read_labelled(files, labels, ids))
+        return self.create(tenant, name, self._read_labelled(files, labels or [""] * len(files), ids))
 
     def _read_labelled(
         self, files: Sequence[tuple[str, bytes | BinaryIO]], labels: Sequence[str], client_ids: Sequence[str | None]
@@ -174,7 +176,7 @@ class DatasetStore:
 
     def get(self, tenant: str, id: str) -> DatasetInfo:
         with self.db.session() as session:
-            row = _owned(session, tenant, id)
+            row = owned_dataset(session, tenant, id)
             return _info(row, _counts(session, [row.id])[row.id])
 
     def list(
@@ -201,13 +203,6 @@ class DatasetStore:
         next_token = encode_token(page[-1].created_at.isoformat(), page[-1].id) if more else None
         return infos, next_token
 
-    def named_examples(self, tenant: str, id: str) -> builtins.list[ExampleInfo]:
-        """Every example with its names, in upload order (what an audit names its findings by)."""
-        with self.db.session() as session:
-            _owned(session, tenant, id)
-            query = select(ExampleRow).where(ExampleRow.dataset_id == id).order_by(ExampleRow.position)
-            return [_example(row) for row in session.scalars(query)]
-
     def labelled_examples(self, tenant: str, id: str) -> builtins.list[ExampleInfo]:
         """The examples that have a label, in upload order (what training and audits read)."""
         return self._examples_where(tenant, id, ExampleRow.label.is_not(None))
@@ -218,9 +213,9 @@ class DatasetStore:
 
     def _examples_where(self, tenant: str, id: str, condition: ColumnElement[bool]) -> builtins.list[ExampleInfo]:
         with self.db.session() as session:
-            _owned(session, tenant, id)
+            owned_dataset(session, tenant, id)
             query = select(ExampleRow).where(ExampleRow.dataset_id == id, condition).order_by(ExampleRow.position)
-            return [_example(row) for row in session.scalars(query)]
+            return [example_info(row) for row in session.scalars(query)]
 
     def list_examples(
         self, tenant: str, id: str, page_size: int = 50, page_token: str | None = None
@@ -230,23 +225,23 @@ class DatasetStore:
         query = select(ExampleRow).where(ExampleRow.dataset_id == id)
         if page_token:
             (last,) = decode_token(page_token, 1)
-            position = _position(last)
+            position = example_position(last)
             if position is None:
                 raise malformed_token(page_token)
             query = query.where(ExampleRow.position > position)
         with self.db.session() as session:
-            _owned(session, tenant, id)
+            owned_dataset(session, tenant, id)
             rows = list(session.scalars(query.order_by(ExampleRow.position).limit(page_size + 1)))
             page, more = rows[:page_size], len(rows) > page_size
-            infos = [_example(row) for row in page]
+            infos = [example_info(row) for row in page]
         return infos, encode_token(str(page[-1].position)) if more else None
 
     def get_example(self, tenant: str, id: str, example: str) -> ExampleInfo:
         """By its client id, or (all digits) by its position in upload order."""
-        position = _position(example)
+        position = example_position(example)
         where = ExampleRow.client_id == example if position is None else ExampleRow.position == position
         with self.db.session() as session:
-            _owned(session, tenant, id)
+            owned_dataset(session, tenant, id)
             row = session.scalar(select(ExampleRow).where(ExampleRow.dataset_id == id, where))
             if row is None:
                 raise NotFound(
@@ -254,7 +249,7 @@ class DatasetStore:
                     "list its examples to see them",
                     dataset_id=id,
                 )
-            return _example(row)
+            return example_info(row)
 
     def examples(self, tenant: str, id: str) -> builtins.list[tuple[str, str]]:
         """(image sha256, label) pairs of the labelled examples, in upload order."""
@@ -269,7 +264,7 @@ class DatasetStore:
     def delete(self, tenant: str, id: str) -> None:
         """Drop the dataset's rows, then collect its images that nothing refers to or pins any more."""
         with self.db.session() as session:
-            _owned(session, tenant, id)
+            owned_dataset(session, tenant, id)
             shas = set(session.scalars(select(ExampleRow.image_sha256).where(ExampleRow.dataset_id == id)))
             session.execute(delete(ExampleRow).where(ExampleRow.dataset_id == id))
             session.execute(delete(DatasetRow).where(DatasetRow.id == id))
@@ -368,7 +363,7 @@ class DatasetUpload:
             self.store.collector.abandon(list(self.pins.values()))
 
 
-def _owned(session: Session, tenant: str, id: str) -> DatasetRow:
+def owned_dataset(session: Session, tenant: str, id: str) -> DatasetRow:
     """The tenant's dataset; another tenant's id gets the same NotFound as an unknown one."""
     row = session.scalar(select(DatasetRow).where(DatasetRow.id == id, DatasetRow.tenant == tenant))
     if row is None:
@@ -376,7 +371,7 @@ def _owned(session: Session, tenant: str, id: str) -> DatasetRow:
     return row
 
 
-def _example(row: ExampleRow) -> ExampleInfo:
+def example_info(row: ExampleRow) -> ExampleInfo:
     return ExampleInfo(
         index=row.position,
         file_name=row.file_name,
@@ -386,7 +381,7 @@ def _example(row: ExampleRow) -> ExampleInfo:
     )
 
 
-def _position(text: str) -> int | None:
+def example_position(text: str) -> int | None:
     """A position written as ASCII digits, within the column's range; None for anything else."""
     if text.isascii() and text.isdigit() and len(text) <= 9:
         return int(text)
@@ -446,5 +441,6 @@ def _check_classes(counts: Counter[str | None]) -> None:
     if None not in counts and len(counts) < 2:
         (only,) = counts
         raise InvalidArgument(
-            f"the dataset has only one class ('{only}'); add examples of at least one more class to train a classifier"
+            f"the dataset has only one class ('{only}'); add examples of at least one more class to train a "
+            "classifier, or upload unlabelled images (no label; at a zip's root) to label later"
         )

@@ -22,6 +22,9 @@ SAME_FIELDS: dict[str, Descriptor] = {
     "AuditedExample": pb.AuditedExample.DESCRIPTOR,
     "Example": pb.Example.DESCRIPTOR,
     "ListExamplesResponse": api.ListExamplesResponse.DESCRIPTOR,
+    "ExampleLabel": api.ExampleLabel.DESCRIPTOR,
+    "BatchUpdateExamplesResponse": api.BatchUpdateExamplesResponse.DESCRIPTOR,
+    "ImportLabelsResponse": api.ImportLabelsResponse.DESCRIPTOR,
     "TrainingSpec": pb.TrainingSpec.DESCRIPTOR,
     "SearchSpace": pb.SearchSpace.DESCRIPTOR,
     "HyperParamOverrides": pb.HyperParams.DESCRIPTOR,
@@ -88,7 +91,7 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
 
 def _template(path: str) -> str:
     """'/v1/{name=heads/*}/aliases/{alias}' and '/v1/heads/{head}/aliases/{alias}' -> '/v1/heads/*/aliases/*'."""
-    path = re.sub(r"\{[a-z_]+=([^}]+)\}", r"\1", path)
+    path = re.sub(r"\{[a-z_.]+=([^}]+)\}", r"\1", path)
     return re.sub(r"\{[a-z_]+\}", "*", path)
 
 

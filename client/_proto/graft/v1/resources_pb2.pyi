@@ -92,7 +92,7 @@ class TrunkRuntime(_message.Message):
     def __init__(self, runtime: _Optional[str] = ..., precision: _Optional[str] = ..., images_per_second: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., min_cosine: _Optional[float] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "display_name", "create_time", "example_count", "classes", "examples_per_class")
+    __slots__ = ("name", "display_name", "create_time", "example_count", "classes", "examples_per_class", "labelled_example_count", "unlabelled_example_count")
     class ExamplesPerClassEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,13 +106,17 @@ class Dataset(_message.Message):
     EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNLABELLED_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     create_time: _timestamp_pb2.Timestamp
     example_count: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     examples_per_class: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., example_count: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., examples_per_class: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    labelled_example_count: int
+    unlabelled_example_count: int
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., example_count: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., examples_per_class: _Optional[_Mapping[str, int]] = ..., labelled_example_count: _Optional[int] = ..., unlabelled_example_count: _Optional[int] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("name", "index", "file_name", "client_id", "label", "image_sha256")

@@ -2,6 +2,7 @@ import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from service.grpc.gen.graft.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
@@ -135,6 +136,52 @@ class GetExampleRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UpdateExampleRequest(_message.Message):
+    __slots__ = ("example", "update_mask")
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    example: _resources_pb2.Example
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, example: _Optional[_Union[_resources_pb2.Example, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class ExampleLabel(_message.Message):
+    __slots__ = ("example", "label")
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    example: str
+    label: str
+    def __init__(self, example: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class BatchUpdateExamplesRequest(_message.Message):
+    __slots__ = ("parent", "updates")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    updates: _containers.RepeatedCompositeFieldContainer[ExampleLabel]
+    def __init__(self, parent: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[ExampleLabel, _Mapping]]] = ...) -> None: ...
+
+class BatchUpdateExamplesResponse(_message.Message):
+    __slots__ = ("examples",)
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    examples: _containers.RepeatedCompositeFieldContainer[_resources_pb2.Example]
+    def __init__(self, examples: _Optional[_Iterable[_Union[_resources_pb2.Example, _Mapping]]] = ...) -> None: ...
+
+class ImportLabelsRequest(_message.Message):
+    __slots__ = ("parent", "csv")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    CSV_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    csv: bytes
+    def __init__(self, parent: _Optional[str] = ..., csv: _Optional[bytes] = ...) -> None: ...
+
+class ImportLabelsResponse(_message.Message):
+    __slots__ = ("row_count", "dataset")
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    row_count: int
+    dataset: _resources_pb2.Dataset
+    def __init__(self, row_count: _Optional[int] = ..., dataset: _Optional[_Union[_resources_pb2.Dataset, _Mapping]] = ...) -> None: ...
 
 class AuditDatasetRequest(_message.Message):
     __slots__ = ("name", "backbone", "max_suspects", "max_duplicates", "duplicate_similarity")

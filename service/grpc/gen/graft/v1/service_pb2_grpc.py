@@ -201,6 +201,21 @@ class DatasetServiceStub:
                 request_serializer=graft_dot_v1_dot_service__pb2.GetExampleImageRequest.SerializeToString,
                 response_deserializer=graft_dot_v1_dot_service__pb2.ExampleImage.FromString,
                 _registered_method=True)
+        self.UpdateExample = channel.unary_unary(
+                '/graft.v1.DatasetService/UpdateExample',
+                request_serializer=graft_dot_v1_dot_service__pb2.UpdateExampleRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Example.FromString,
+                _registered_method=True)
+        self.BatchUpdateExamples = channel.unary_unary(
+                '/graft.v1.DatasetService/BatchUpdateExamples',
+                request_serializer=graft_dot_v1_dot_service__pb2.BatchUpdateExamplesRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.BatchUpdateExamplesResponse.FromString,
+                _registered_method=True)
+        self.ImportLabels = channel.unary_unary(
+                '/graft.v1.DatasetService/ImportLabels',
+                request_serializer=graft_dot_v1_dot_service__pb2.ImportLabelsRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ImportLabelsResponse.FromString,
+                _registered_method=True)
         self.AuditDataset = channel.unary_unary(
                 '/graft.v1.DatasetService/AuditDataset',
                 request_serializer=graft_dot_v1_dot_service__pb2.AuditDatasetRequest.SerializeToString,
@@ -266,6 +281,28 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateExample(self, request, context):
+        """Label one example (an empty label unlabels it); only `label` can change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchUpdateExamples(self, request, context):
+        """Label several examples at once (at most GRAFT_MAX_LABEL_UPDATES): all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportLabels(self, request, context):
+        """Label examples from CSV rows `file,label` (at most GRAFT_MAX_LABEL_IMPORT_BYTES); `file` is an
+        example's file name or client id, an empty label unlabels it. All rows or none. HTTP: a text/csv body.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AuditDataset(self, request, context):
         """Images whose label is probably wrong (out-of-fold probabilities of a
         linear probe against per-class thresholds), ranked, each with a suggested
@@ -322,6 +359,21 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.GetExampleImage,
                     request_deserializer=graft_dot_v1_dot_service__pb2.GetExampleImageRequest.FromString,
                     response_serializer=graft_dot_v1_dot_service__pb2.ExampleImage.SerializeToString,
+            ),
+            'UpdateExample': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateExample,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.UpdateExampleRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Example.SerializeToString,
+            ),
+            'BatchUpdateExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateExamples,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.BatchUpdateExamplesRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.BatchUpdateExamplesResponse.SerializeToString,
+            ),
+            'ImportLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportLabels,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ImportLabelsRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ImportLabelsResponse.SerializeToString,
             ),
             'AuditDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.AuditDataset,
@@ -523,6 +575,87 @@ class DatasetService:
             '/graft.v1.DatasetService/GetExampleImage',
             graft_dot_v1_dot_service__pb2.GetExampleImageRequest.SerializeToString,
             graft_dot_v1_dot_service__pb2.ExampleImage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateExample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/UpdateExample',
+            graft_dot_v1_dot_service__pb2.UpdateExampleRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Example.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/BatchUpdateExamples',
+            graft_dot_v1_dot_service__pb2.BatchUpdateExamplesRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.BatchUpdateExamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.DatasetService/ImportLabels',
+            graft_dot_v1_dot_service__pb2.ImportLabelsRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ImportLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
