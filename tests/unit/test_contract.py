@@ -22,6 +22,8 @@ SAME_FIELDS: dict[str, Descriptor] = {
     "AuditedExample": pb.AuditedExample.DESCRIPTOR,
     "Example": pb.Example.DESCRIPTOR,
     "ListExamplesResponse": api.ListExamplesResponse.DESCRIPTOR,
+    "SuggestExamplesResponse": api.SuggestExamplesResponse.DESCRIPTOR,
+    "ExampleSuggestion": api.ExampleSuggestion.DESCRIPTOR,
     "ExampleLabel": api.ExampleLabel.DESCRIPTOR,
     "BatchUpdateExamplesResponse": api.BatchUpdateExamplesResponse.DESCRIPTOR,
     "ImportLabelsResponse": api.ImportLabelsResponse.DESCRIPTOR,

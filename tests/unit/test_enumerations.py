@@ -16,6 +16,7 @@ import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from adapters.active import STRATEGIES
 from adapters.kinds import KINDS
 from adapters.recipe import CLASS_WEIGHTINGS, OBJECTIVES, SCALINGS
 from client import cli, models
@@ -26,8 +27,10 @@ from client.base import Client
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from service.config import Settings
+from service.errors import InvalidArgument
 from service.grpc import convert
 from service.grpc.gen.graft.v1 import resources_pb2 as server_pb
+from service.grpc.gen.graft.v1 import service_pb2 as server_api
 from service.http.app import create_app
 from service.jobs import JobState
 from service.kind_choice import AUTO_KIND, auto_description
@@ -39,6 +42,7 @@ NEWER_KIND, NEWER_STATE = "knn", "paused"  # what a newer server may answer over
 NEWER_NUMBER = 99  # ... and over gRPC, where an enum value this client does not know is only a number
 NEWER_OPTIONS = {"objective": "macro_f1", "class_weighting": "sqrt", "scaling": "pca"}  # a newer server's recipe
 NEWER_STATUS = "recovering"  # a drift status a newer server may answer
+NEWER_STRATEGY = "entropy"  # a suggestion strategy a newer server may answer
 
 
 class RecipeEnum(NamedTuple):
@@ -91,6 +95,23 @@ def test_the_grpc_door_converts_every_recipe_value_both_ways(recipe):
         assert getattr(request, recipe.field).value == name
         back = convert.message(TrainingSpec.of(request), server_pb.TrainingSpec)
         assert getattr(back, recipe.field) == number
+
+
+def test_the_suggestion_strategies_are_the_registrys_in_both_protos_the_client_and_the_cli():
+    names = [f"SUGGESTION_STRATEGY_{name.upper()}" for name in STRATEGIES]
+    for protos in (api, server_api):  # the client's generated copy and the server's
+        values = protos.DESCRIPTOR.enum_types_by_name["SuggestionStrategy"].values
+        assert [(v.number, v.name) for v in values] == list(enumerate(["SUGGESTION_STRATEGY_UNSPECIFIED", *names]))
+    assert models.SUGGESTION_STRATEGIES == tuple(STRATEGIES)
+    assert cli_choices("suggest", "--strategy") == models.SUGGESTION_STRATEGIES
+
+
+def test_the_grpc_door_reads_every_suggestion_strategy_and_refuses_an_unknown_number():
+    for number, name in enumerate(STRATEGIES, start=1):
+        assert convert.suggestion_strategy(number).value == name
+    assert convert.suggestion_strategy(0) is None  # UNSPECIFIED: the server's default
+    with pytest.raises(InvalidArgument, match="SUGGESTION_STRATEGY_DIVERSE_MARGIN"):
+        convert.suggestion_strategy(NEWER_NUMBER)
 
 
 def cli_choices(command: str, option: str) -> tuple[str, ...]:
@@ -166,6 +187,9 @@ def newer_http_server(request: httpx.Request) -> httpx.Response:
     state and with recipe choices, this client lacks."""
     if request.url.path.endswith(":monitor"):
         return httpx.Response(200, json={"head": "h", "version": 1, "status": NEWER_STATUS})
+    if request.url.path.endswith(":suggest"):
+        found = {"dataset": "datasets/ds_1", "head_version": "heads/h/versions/1", "strategy": NEWER_STRATEGY}
+        return httpx.Response(200, json=found)
     if request.url.path.startswith("/v1/jobs/"):
         spec = {"dataset": "datasets/ds_1", "head": "h", "kind": NEWER_KIND, **NEWER_OPTIONS}
         job = {"name": "jobs/j1", "state": NEWER_STATE, "done": False, "spec": spec, "create_time": CREATE_TIME}
@@ -204,12 +228,22 @@ class NewerHeads(rpc.HeadServiceServicer):
         )
 
 
+class NewerDatasets(rpc.DatasetServiceServicer):
+    def SuggestExamples(self, request, context):
+        return api.SuggestExamplesResponse(
+            dataset=request.name,
+            head_version="heads/h/versions/1",
+            strategy=NEWER_NUMBER,  # type: ignore[arg-type]
+        )
+
+
 @pytest.fixture
 def newer_grpc_server() -> Iterator[int]:
     """A newer server's gRPC door (the same answers, as numbers); its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     rpc.add_JobServiceServicer_to_server(NewerJobs(), server)
     rpc.add_HeadServiceServicer_to_server(NewerHeads(), server)
+    rpc.add_DatasetServiceServicer_to_server(NewerDatasets(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield port
@@ -260,3 +294,15 @@ def test_a_drift_status_newer_than_the_client_comes_through_over_http():
 def test_a_drift_status_newer_than_the_client_comes_through_over_grpc_as_its_number(newer_grpc_server):
     with GrpcClient(f"127.0.0.1:{newer_grpc_server}") as client:
         assert client.monitor("h").status == str(NEWER_NUMBER)
+
+
+def test_a_suggestion_strategy_newer_than_the_client_comes_through_over_http():
+    with HttpClient("http://newer.invalid") as client:
+        client._http.close()
+        client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(newer_http_server))
+        assert client.suggest_examples("ds_1", "h").strategy == NEWER_STRATEGY
+
+
+def test_a_suggestion_strategy_newer_than_the_client_comes_through_over_grpc_as_its_number(newer_grpc_server):
+    with GrpcClient(f"127.0.0.1:{newer_grpc_server}") as client:
+        assert client.suggest_examples("ds_1", "h").strategy == str(NEWER_NUMBER)
