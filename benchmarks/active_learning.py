@@ -38,6 +38,7 @@ from harness.sample_data import FASHION_MNIST_CLASSES, fashion_mnist_arrays, tex
 from service.config import Settings
 from service.core import Core
 from service.engine.head_cache import materialise
+from service.store.labels import LabelUpdate
 from service.suggestions import SuggestRequest, head_probabilities
 from service.training import TrainRequest
 
@@ -154,7 +155,7 @@ def run_arm(
         else:
             pool = [e.index for e in core.datasets.unlabelled_examples(TENANT, dataset.id)]
             chosen = sorted(int(i) for i in rng.choice(pool, per_round, replace=False))
-        core.datasets.update_labels(TENANT, dataset.id, {str(i): truth[i] for i in chosen})
+        core.labels.update(TENANT, dataset.id, [LabelUpdate(example=str(i), label=truth[i]) for i in chosen])
     return curve
 
 
