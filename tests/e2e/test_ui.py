@@ -329,3 +329,41 @@ def test_a_heads_shadow_comparison_and_drifting_traffic_show_on_its_card(page, s
     expect(monitoring.locator(".windows tbody tr")).to_have_count(2)
     expect(monitoring.locator(".windows tbody tr.drifting")).to_have_count(1)
     shoot(page, screenshots, "monitoring")
+
+
+def test_the_label_page_shows_the_suggested_images_labels_them_by_click_and_key_and_retrains(page, server, screenshots):
+    """A tenant of its own: a pool of textile images, 2 labelled per class, and head 'pool' trained on those."""
+    key = make_tenant_key(server, "labeller")
+    pairs = [(data, label if number % 20 < 2 else "") for number, (_, data, label) in enumerate(textile_files(20))]
+    with connect(server.http_url, key) as graft:
+        dataset = graft.create_dataset(pairs, "textile-pool")
+        job = graft.wait(graft.train(dataset.name, "pool", kind="linear").name)
+        assert job.state == "succeeded", job.error
+    sign_in(page, server, key)
+    open_page(page, "Label")
+    page.get_by_label("Dataset", exact=True).select_option(dataset.name.removeprefix("datasets/"))
+    page.get_by_label("Head that judges").select_option("pool")
+    page.get_by_label("Images to suggest").fill("6")
+    page.get_by_role("button", name="Suggest images to label").click()
+    cards = page.locator(".label-card")
+    expect(cards).to_have_count(6)
+    expect(cards.first.locator("img")).to_have_js_property("complete", True)
+    assert page.evaluate("() => [...document.querySelectorAll('.label-card img')].every(i => i.naturalWidth > 0)")
+    assert unlabelled_controls(page) == []
+    shoot(page, screenshots, "label")
+
+    cards.first.get_by_role("button", name=re.compile(f"^\\d {CLASSES[0]}$")).click()  # a click
+    expect(cards.first.get_by_role("button", name=re.compile(f"^\\d {CLASSES[0]}$"))).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    expect(cards.nth(1)).to_be_focused()  # labelling moves on to the next image
+    page.keyboard.press("2")  # a key: the second class
+    expect(cards.nth(1).locator(".label-done")).to_have_text(f"labelled {CLASSES[1]}")
+    with connect(server.http_url, key) as graft:
+        labelled = {e.index: e.label for e in graft.list_examples(dataset.name) if e.label is not None}
+    assert len(labelled) == 3 * 2 + 2
+    page.get_by_role("button", name="Retrain with 2 new labels").click()
+    expect(page.locator("#label-status")).to_contain_text("heads/pool/versions/2 trained", timeout=TIMEOUT_MS)
+    expect(cards).to_have_count(6)  # the next suggestions, judged by version 2
+    with connect(server.http_url, key) as graft:
+        assert graft.get_head_version("pool", 2).metrics["examples_used"] == 3 * 2 + 2

@@ -24,7 +24,7 @@ export async function showLabel() {
   try {
     const [datasets, heads] = await Promise.all([listAll("datasets"), listAll("heads")]);
     fillSelect($("label-dataset"), datasets.map((d) => [d.name.replace(/^datasets\//, ""),
-      `${d.display_name} (${d.num_unlabelled ?? 0} unlabelled)`]), wanted.get("dataset"));
+      `${d.display_name} (${d.unlabelled_example_count ?? 0} unlabelled)`]), wanted.get("dataset"));
     fillSelect($("label-head"), heads.map((h) => {
       const name = h.name.replace(/^heads\//, "");
       return [name, `${name} (latest, v${h.latest_version})`];
