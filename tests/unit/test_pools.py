@@ -8,6 +8,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from google.protobuf import field_mask_pb2
 
 from client import cli
@@ -25,6 +28,7 @@ from service.http.app import create_app
 from service.labelled_set import labelled_set
 from service.quotas import Quotas
 from service.runtime import Runtime
+from service.store import migrate
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database
@@ -237,6 +241,41 @@ def test_two_label_calls_at_once_both_apply_within_the_class_bound(registry_url,
     assert outcomes.count("ok") == 1  # one new class fits, the other is refused whole
     assert any("over the limit of 3" in outcome for outcome in outcomes)
     assert len(info.classes) == 3 and info.num_unlabelled == 1
+    db.close()
+
+
+# -- migration 0010 ----------------------------------------------------------------------------------------------------
+
+
+def test_migration_0010_keeps_existing_labels_and_lets_new_examples_be_unlabelled(registry_url, tmp_path):
+    engine = sa.create_engine(registry_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(migrate.MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0009")
+        connection.execute(
+            sa.text(
+                "INSERT INTO datasets (id, tenant, name, created_at, num_examples, classes, stored_bytes) "
+                "VALUES ('ds_1', 'acme', 'old', '2026-01-01 00:00:00', 2, '[\"a\", \"b\"]', 0)"
+            )
+        )
+        for position, label in enumerate(("a", "b")):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO examples (dataset_id, image_sha256, label, position, file_name) "
+                    "VALUES ('ds_1', :sha, :label, :position, :name)"
+                ),
+                {"sha": f"{position:064d}", "label": label, "position": position, "name": f"{label}.png"},
+            )
+    engine.dispose()
+    settings = Settings(data_dir=tmp_path, registry_url=registry_url)
+    db = Database(registry_url)  # migrates to the newest revision
+    store = DatasetStore(db, BlobStore(settings.blob_dir), settings, Quotas(settings))
+    DatasetLabels(db, settings).update("acme", "ds_1", [LabelUpdate(example="1", label=None)])
+    info = store.get("acme", "ds_1")
+    assert (info.classes, info.num_labelled, info.num_unlabelled) == (["a"], 1, 1)
+    assert [(e.file_name, e.label) for e in store.list_examples("acme", "ds_1")[0]] == [("a.png", "a"), ("b.png", None)]
     db.close()
 
 
