@@ -395,7 +395,7 @@ async def test_http_uploads_a_pool_and_labels_one_a_batch_and_an_import(runtime,
         after = await client.get(f"/v1/{dataset}", headers=auth())
     assert created.json()["unlabelled_example_count"] == 4 and created.json()["labelled_example_count"] == 0
     assert (one.status_code, one.json()["label"], masked.json()["label"]) == (200, "cat", "dog")
-    assert bad_mask.status_code == 400 and "only 'label'" in bad_mask.json()["message"]
+    assert bad_mask.status_code == 422 and "update_mask" in bad_mask.text  # the schema's pattern: 'label' or '*'
     assert [e["label"] for e in batch.json()["examples"]] == ["cat", None]
     assert imported.json()["row_count"] == 1
     assert unknown_row.status_code == 400 and "row 1" in unknown_row.json()["message"]
@@ -450,6 +450,16 @@ async def test_grpc_labels_one_a_batch_and_an_import_and_hides_other_tenants_dat
                     ),
                 ),
                 (
+                    "mask",
+                    lambda: stub.UpdateExample(
+                        api.UpdateExampleRequest(
+                            example=pb.Example(name=f"{name}/examples/a", label="x"),
+                            update_mask=field_mask_pb2.FieldMask(paths=["file_name"]),
+                        ),
+                        metadata=mine,
+                    ),
+                ),
+                (
                     "duplicated",
                     lambda: stub.ImportLabels(api.ImportLabelsRequest(parent=name, csv=b"a,x\na,y\n"), metadata=mine),
                 ),
@@ -467,6 +477,7 @@ async def test_grpc_labels_one_a_batch_and_an_import_and_hides_other_tenants_dat
         "theirs": grpc.StatusCode.NOT_FOUND,
         "unknown": grpc.StatusCode.NOT_FOUND,
         "long": grpc.StatusCode.INVALID_ARGUMENT,
+        "mask": grpc.StatusCode.INVALID_ARGUMENT,
         "duplicated": grpc.StatusCode.INVALID_ARGUMENT,
     }
 
