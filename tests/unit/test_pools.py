@@ -18,6 +18,7 @@ from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from harness.inprocess import serve_http
 from harness.sample_data import fashion_mnist_pngs
+from service.auditing import AuditRequest
 from service.config import Settings
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
@@ -27,6 +28,7 @@ from service.grpc.server import start_grpc_server
 from service.http.app import create_app
 from service.labelled_set import labelled_set
 from service.quotas import Quotas
+from service.resources import DatasetAudit
 from service.runtime import Runtime
 from service.store import migrate
 from service.store.blobs import BlobStore
@@ -327,6 +329,17 @@ def test_training_uses_only_labelled_examples_and_records_them_unchanged_by_rela
     assert (
         again["examples_digest"] == metrics["examples_digest"] != labelled_set(core.datasets, TENANT, dataset.id).digest
     )
+
+
+def test_an_audit_reads_only_the_labelled_examples_and_names_them_by_dataset_position(runtime):
+    core = runtime.core
+    images = garments()
+    given = ["" if i % 3 == 0 else label for i, (_, _, label) in enumerate(images)]
+    dataset = core.datasets.create_from_labelled(TENANT, "garments", [(n, d) for n, d, _ in images], given)
+    audit = DatasetAudit.of(core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=0.5)))
+    named = [s.example for s in audit.suspects] + [e for d in audit.duplicates for e in (d.first, d.second)]
+    assert audit.example_count == dataset.num_labelled
+    assert named and all(given[e.index] == e.label and e.file_name == images[e.index][0] for e in named)
 
 
 def test_training_a_dataset_without_two_labelled_classes_fails_clearly(runtime):
