@@ -604,7 +604,7 @@ class ExampleLabel(BaseModel):
 
 
 class BatchUpdateExamplesRequest(BaseModel):
-    updates: list[ExampleLabel] = Field(description="at most GRAFT_MAX_LABEL_UPDATES; all apply or none")
+    updates: list[ExampleLabel] = Field(min_length=1, description="at most GRAFT_MAX_LABEL_UPDATES; all apply or none")
 
 
 class BatchUpdateExamplesResponse(BaseModel):

@@ -203,7 +203,9 @@ async def update_example(
     dataset: DatasetId,
     example: ExampleRef,
     body: ExampleUpdate,
-    update_mask: str = Query("", max_length=256, description="optional: 'label' (the only field that can change)"),
+    update_mask: str = Query(
+        "", pattern=r"^(label|\*)?$", description="optional: 'label' (the only field that can change) or '*'"
+    ),
     api: Calls = Depends(calls),
 ) -> Example:
     """Label one example (`{"label": "cat"}`), or unlabel it (`{"label": null}`)."""
@@ -227,7 +229,7 @@ async def batch_update_examples(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"text/csv": {"schema": {"type": "string"}, "example": "file,label\ncat1.jpg,cat\n"}},
+            "content": {"text/csv": {"schema": {"type": "string", "description": "rows of file,label"}}},
         }
     },
 )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import defaultdict
 from collections.abc import Sequence
 
 from pydantic import BaseModel
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -156,29 +157,32 @@ def _check_distinct(targets: Sequence[tuple[str, ExampleRow]]) -> None:
 
 
 class _ExampleIndex:
-    """An import's lookup: a key is an example's client id, else its file name (which must name only one)."""
+    """An import's lookup, read once (a dataset holds at most GRAFT_MAX_IMAGES_PER_DATASET examples): a key is an
+    example's client id, else its file name, which must name only one."""
 
     def __init__(self, session: Session, dataset_id: str) -> None:
-        self.session = session
-        self.dataset_id = dataset_id
+        rows = session.scalars(select(ExampleRow).where(ExampleRow.dataset_id == dataset_id))
+        self.by_client_id: dict[str, ExampleRow] = {}
+        self.by_file_name: dict[str, list[ExampleRow]] = defaultdict(list)
+        for row in sorted(rows, key=lambda row: row.position):
+            if row.client_id is not None:
+                self.by_client_id[row.client_id] = row
+            if row.file_name is not None:
+                self.by_file_name[row.file_name].append(row)
 
     def find(self, line: int, key: str) -> ExampleRow:
-        query = select(ExampleRow).where(
-            ExampleRow.dataset_id == self.dataset_id, or_(ExampleRow.client_id == key, ExampleRow.file_name == key)
-        )
-        found = list(self.session.scalars(query.order_by(ExampleRow.position).limit(3)))
-        by_id = [row for row in found if row.client_id == key]
-        if by_id:
-            return by_id[0]
+        if key in self.by_client_id:
+            return self.by_client_id[key]
+        found = self.by_file_name.get(key, [])
         if not found:
             raise InvalidArgument(
                 f"row {line}: the dataset has no example with file name or client id '{key}'; nothing was changed. "
                 "List its examples to see their names"
             )
         if len(found) > 1:
+            positions = ", ".join(str(row.position) for row in found[:5]) + (", …" if len(found) > 5 else "")
             raise InvalidArgument(
-                f"row {line}: file name '{key}' names several examples (positions "
-                f"{', '.join(str(row.position) for row in found)}{'…' if len(found) > 2 else ''}); nothing was "
+                f"row {line}: file name '{key}' names several examples (positions {positions}); nothing was "
                 "changed. Label those by client id or position instead"
             )
         return found[0]

@@ -207,6 +207,7 @@ doomed-head = { values = ["$doomed_head"] }
 pruned-head = { values = ["$pruned_head"] }
 spare-alias = { values = ["spare"] }
 queued-job = { values = ["$queued_job"] }
+example = { values = ["0"] }  # the dataset's first example, by position
 
 # Half of the fuzzing phase's cases take a real resource, the other half a generated name (404, or 400/422 when
 # malformed); the coverage phase draws no dictionary, so it tries its boundary values on every operation.
@@ -222,6 +223,8 @@ queued-job = { values = ["$queued_job"] }
 "body.images[*]" = { dictionary = "image", probability = 0.5 }
 "body.files[*]" = { dictionary = "image-file", probability = 0.5 }
 "body.version" = { dictionary = "version", probability = 0.5 }
+"path.example" = { dictionary = "example", probability = 0.5 }
+"body.updates[*].example" = { dictionary = "example", probability = 0.5 }
 # A page token is minted by the service (opaque base64url of a sort key): a generated one is refused with 400,
 # rightly. Lists are fuzzed from the first page; tests/e2e/test_http_e2e.py follows real tokens.
 "query.page_token" = ""
@@ -279,6 +282,12 @@ include-name = [
     "POST /v1/predict:upload",
     "POST /v1/predictions/{prediction_id}:feedback",
 ]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
+# Labels name examples of the dataset, once each, in well-formed CSV rows: content, not shape. The fuzzer's made-up
+# rows and repeated examples are refused with 400, rightly; real labelling is in tests/unit/test_pools.py.
+[[operations]]
+include-name = ["POST /v1/datasets/{dataset}/examples:batchUpdate", "POST /v1/datasets/{dataset}/examples:importLabels"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """)
 

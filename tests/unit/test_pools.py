@@ -8,6 +8,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from google.protobuf import field_mask_pb2
 
 from client import cli
@@ -15,6 +18,7 @@ from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from harness.inprocess import serve_http
 from harness.sample_data import fashion_mnist_pngs
+from service.auditing import AuditRequest
 from service.config import Settings
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
@@ -24,7 +28,9 @@ from service.grpc.server import start_grpc_server
 from service.http.app import create_app
 from service.labelled_set import labelled_set
 from service.quotas import Quotas
+from service.resources import DatasetAudit
 from service.runtime import Runtime
+from service.store import migrate
 from service.store.blobs import BlobStore
 from service.store.datasets import DatasetStore
 from service.store.db import Database
@@ -240,6 +246,41 @@ def test_two_label_calls_at_once_both_apply_within_the_class_bound(registry_url,
     db.close()
 
 
+# -- migration 0010 ----------------------------------------------------------------------------------------------------
+
+
+def test_migration_0010_keeps_existing_labels_and_lets_new_examples_be_unlabelled(registry_url, tmp_path):
+    engine = sa.create_engine(registry_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(migrate.MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0009")
+        connection.execute(
+            sa.text(
+                "INSERT INTO datasets (id, tenant, name, created_at, num_examples, classes, stored_bytes) "
+                "VALUES ('ds_1', 'acme', 'old', '2026-01-01 00:00:00', 2, '[\"a\", \"b\"]', 0)"
+            )
+        )
+        for position, label in enumerate(("a", "b")):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO examples (dataset_id, image_sha256, label, position, file_name) "
+                    "VALUES ('ds_1', :sha, :label, :position, :name)"
+                ),
+                {"sha": f"{position:064d}", "label": label, "position": position, "name": f"{label}.png"},
+            )
+    engine.dispose()
+    settings = Settings(data_dir=tmp_path, registry_url=registry_url)
+    db = Database(registry_url)  # migrates to the newest revision
+    store = DatasetStore(db, BlobStore(settings.blob_dir), settings, Quotas(settings))
+    DatasetLabels(db, settings).update("acme", "ds_1", [LabelUpdate(example="1", label=None)])
+    info = store.get("acme", "ds_1")
+    assert (info.classes, info.num_labelled, info.num_unlabelled) == (["a"], 1, 1)
+    assert [(e.file_name, e.label) for e in store.list_examples("acme", "ds_1")[0]] == [("a.png", "a"), ("b.png", None)]
+    db.close()
+
+
 # -- training records what it used -------------------------------------------------------------------------------------
 
 
@@ -288,6 +329,17 @@ def test_training_uses_only_labelled_examples_and_records_them_unchanged_by_rela
     assert (
         again["examples_digest"] == metrics["examples_digest"] != labelled_set(core.datasets, TENANT, dataset.id).digest
     )
+
+
+def test_an_audit_reads_only_the_labelled_examples_and_names_them_by_dataset_position(runtime):
+    core = runtime.core
+    images = garments()
+    given = ["" if i % 3 == 0 else label for i, (_, _, label) in enumerate(images)]
+    dataset = core.datasets.create_from_labelled(TENANT, "garments", [(n, d) for n, d, _ in images], given)
+    audit = DatasetAudit.of(core.auditor.audit(TENANT, AuditRequest(dataset_id=dataset.id, duplicate_similarity=0.5)))
+    named = [s.example for s in audit.suspects] + [e for d in audit.duplicates for e in (d.first, d.second)]
+    assert audit.example_count == dataset.num_labelled
+    assert named and all(given[e.index] == e.label and e.file_name == images[e.index][0] for e in named)
 
 
 def test_training_a_dataset_without_two_labelled_classes_fails_clearly(runtime):
@@ -356,7 +408,7 @@ async def test_http_uploads_a_pool_and_labels_one_a_batch_and_an_import(runtime,
         after = await client.get(f"/v1/{dataset}", headers=auth())
     assert created.json()["unlabelled_example_count"] == 4 and created.json()["labelled_example_count"] == 0
     assert (one.status_code, one.json()["label"], masked.json()["label"]) == (200, "cat", "dog")
-    assert bad_mask.status_code == 400 and "only 'label'" in bad_mask.json()["message"]
+    assert bad_mask.status_code == 422 and "update_mask" in bad_mask.text  # the schema's pattern: 'label' or '*'
     assert [e["label"] for e in batch.json()["examples"]] == ["cat", None]
     assert imported.json()["row_count"] == 1
     assert unknown_row.status_code == 400 and "row 1" in unknown_row.json()["message"]
@@ -411,6 +463,16 @@ async def test_grpc_labels_one_a_batch_and_an_import_and_hides_other_tenants_dat
                     ),
                 ),
                 (
+                    "mask",
+                    lambda: stub.UpdateExample(
+                        api.UpdateExampleRequest(
+                            example=pb.Example(name=f"{name}/examples/a", label="x"),
+                            update_mask=field_mask_pb2.FieldMask(paths=["file_name"]),
+                        ),
+                        metadata=mine,
+                    ),
+                ),
+                (
                     "duplicated",
                     lambda: stub.ImportLabels(api.ImportLabelsRequest(parent=name, csv=b"a,x\na,y\n"), metadata=mine),
                 ),
@@ -428,6 +490,7 @@ async def test_grpc_labels_one_a_batch_and_an_import_and_hides_other_tenants_dat
         "theirs": grpc.StatusCode.NOT_FOUND,
         "unknown": grpc.StatusCode.NOT_FOUND,
         "long": grpc.StatusCode.INVALID_ARGUMENT,
+        "mask": grpc.StatusCode.INVALID_ARGUMENT,
         "duplicated": grpc.StatusCode.INVALID_ARGUMENT,
     }
 
