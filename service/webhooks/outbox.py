@@ -7,6 +7,7 @@ GRAFT_WEBHOOK_DELIVERIES_KEPT deliveries: a tenant's events can never make the r
 
 import json
 import uuid
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -17,10 +18,15 @@ from service.store.db import WebhookDeliveryRow, WebhookRow, utcnow
 from service.webhooks.events import EventType
 
 MAX_PAYLOAD_BYTES = 16 * 1024  # an event says what happened and names the resource; clients GET the rest
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-DELIVERY_STATES = (PENDING, DELIVERED, FAILED)
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"  # due at next_attempt_at (a claim may hold it)
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # every try spent (GRAFT_WEBHOOK_MAX_ATTEMPTS)
+
+
+PENDING, DELIVERED, FAILED = (state.value for state in DeliveryState)
 
 
 def emit(session: Session, tenant: str, event: EventType, data: dict[str, Any], *, kept: int) -> int:
