@@ -2,12 +2,14 @@
 endpoints' bounds and tenant isolation, the outbox (events in the transaction that caused them, claims under a
 lease) and the delivery worker against a real HTTP receiver on loopback, which each test allows explicitly."""
 
+import asyncio
 import http.server
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -15,15 +17,22 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from client import ReplayGuard, WebhookVerificationError, verify_webhook
+from client import Client, GrpcClient, HttpClient, ReplayGuard, WebhookVerificationError, models, verify_webhook
+from client.errors import InvalidArgument as ClientInvalidArgument
+from client.errors import NotFound as ClientNotFound
+from harness.inprocess import serve_http
 from service.config import Settings
+from service.core import Core
 from service.errors import InvalidArgument, NotFound, ResourceExhausted
+from service.grpc.server import start_grpc_server
 from service.jobs.store import JobState, JobStore
 from service.quotas import Quotas
+from service.runtime import Runtime
 from service.store.db import Database, WebhookDeliveryRow, utcnow
 from service.training import TrainRequest
 from service.webhooks.addresses import SETTING, AddressPolicy, parse_networks
 from service.webhooks.events import SUBSCRIBABLE, EventType
+from service.webhooks.outbox import DeliveryState
 from service.webhooks.signing import signed_headers
 from service.webhooks.store import WebhookStore
 from service.webhooks.worker import DeliveryWorker
@@ -516,11 +525,94 @@ def test_a_dead_replicas_claim_expires_and_another_takes_the_delivery(store, rec
     assert store.record("alive", retaken, 200, None)
 
 
-def test_the_event_registry_is_the_one_the_client_and_protos_name():
-    assert [e.value for e in SUBSCRIBABLE] == [
-        "job.succeeded",
-        "job.failed",
-        "job.cancelled",
-        "batch_prediction.finished",
-        "head_version.drifting",
-    ]
+# --- both doors, through both clients ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Runtime:
+    """A runtime with no backbone (webhooks need none) that allows the loopback receiver."""
+    runtime = Runtime.around(Core.open(settings_for(tmp_path, webhook_backoff_s=60.0), backbones=[]))
+    for tenant in (TENANT, OTHER):
+        runtime.tenants.create_tenant(tenant)
+    return runtime
+
+
+@pytest.fixture
+def keys(runtime: Runtime) -> dict[str, str]:
+    return {tenant: runtime.tenants.create_key(tenant).secret for tenant in (TENANT, OTHER)}
+
+
+@asynccontextmanager
+async def clients(runtime: Runtime, keys: dict[str, str], door: str) -> AsyncIterator[dict[str, Client]]:
+    """One client per tenant over ``door``."""
+    if door == "http":
+        with serve_http(runtime) as port:
+            opened = {t: HttpClient(f"http://127.0.0.1:{port}", key) for t, key in keys.items()}
+            try:
+                yield opened
+            finally:
+                for client in opened.values():
+                    client.close()
+        return
+    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
+    opened = {t: GrpcClient(f"127.0.0.1:{server.port}", key) for t, key in keys.items()}
+    try:
+        yield opened
+    finally:
+        for client in opened.values():
+            client.close()
+        await server.stop(grace=1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", ["http", "grpc"])
+async def test_both_doors_create_get_list_test_and_delete_a_webhook(runtime, keys, receiver, door):
+    async with clients(runtime, keys, door) as by_tenant:
+        client = by_tenant[TENANT]
+        created = await asyncio.to_thread(client.create_webhook, receiver.url, ["job.succeeded"], "ops")
+        assert created.secret and created.secret.startswith("whsec_") and created.event_types == ["job.succeeded"]
+        fetched = await asyncio.to_thread(client.get_webhook, created.name)
+        assert fetched.secret is None and fetched.url == receiver.url and fetched.description == "ops"
+        assert [w.name for w in await asyncio.to_thread(client.list_webhooks)] == [created.name]
+        ping = await asyncio.to_thread(client.test_webhook, created.name)
+        assert (ping.event_type, ping.state, ping.attempts, ping.last_status_code) == (
+            "webhook.test",
+            "pending",
+            0,
+            None,
+        )
+        assert await deliver(runtime.webhooks) == 1
+        [delivered] = await asyncio.to_thread(client.list_webhook_deliveries, created.name)
+        assert (delivered.name, delivered.state, delivered.last_status_code) == (ping.name, "delivered", 200)
+        verify_webhook(created.secret, receiver.requests[0].headers, receiver.requests[0].body)
+        await asyncio.to_thread(client.delete_webhook, created.name)
+        assert await asyncio.to_thread(client.list_webhooks) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", ["http", "grpc"])
+async def test_both_doors_refuse_an_internal_address_at_registration_with_the_setting_named(runtime, keys, door):
+    async with clients(runtime, keys, door) as by_tenant:
+        for url in ("http://10.0.0.1/x", "http://169.254.169.254/latest/meta-data", "http://127.0.0.2:3000/x"):
+            with pytest.raises(ClientInvalidArgument, match=SETTING):  # 127.0.0.2: outside the allowed 127.0.0.1/32
+                await asyncio.to_thread(by_tenant[TENANT].create_webhook, url, ["job.succeeded"])
+        with pytest.raises(ClientInvalidArgument, match="unknown webhook event"):
+            await asyncio.to_thread(by_tenant[TENANT].create_webhook, "http://127.0.0.1/x", ["job.exploded"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", ["http", "grpc"])
+async def test_another_tenants_webhook_answers_not_found_over_both_doors(runtime, keys, receiver, door):
+    async with clients(runtime, keys, door) as by_tenant:
+        created = await asyncio.to_thread(by_tenant[TENANT].create_webhook, receiver.url, ["job.failed"])
+        theirs = by_tenant[OTHER]
+        for call in (theirs.get_webhook, theirs.delete_webhook, theirs.test_webhook, theirs.list_webhook_deliveries):
+            with pytest.raises(ClientNotFound):
+                await asyncio.to_thread(call, created.name)
+        assert await asyncio.to_thread(theirs.list_webhooks) == []
+        assert len(await asyncio.to_thread(by_tenant[TENANT].list_webhooks)) == 1
+
+
+def test_the_clients_event_types_and_delivery_states_are_the_servers():
+    assert models.WEBHOOK_EVENTS == tuple(e.value for e in SUBSCRIBABLE)
+    assert models.DELIVERY_STATES == tuple(state.value for state in DeliveryState)
