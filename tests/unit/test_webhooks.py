@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from client import Client, GrpcClient, HttpClient, ReplayGuard, WebhookVerificationError, models, verify_webhook
+from client import Client, GrpcClient, HttpClient, ReplayGuard, WebhookVerificationError, cli, models, verify_webhook
 from client.errors import InvalidArgument as ClientInvalidArgument
 from client.errors import NotFound as ClientNotFound
 from harness.inprocess import serve_http
@@ -616,3 +616,37 @@ async def test_another_tenants_webhook_answers_not_found_over_both_doors(runtime
 def test_the_clients_event_types_and_delivery_states_are_the_servers():
     assert models.WEBHOOK_EVENTS == tuple(e.value for e in SUBSCRIBABLE)
     assert models.DELIVERY_STATES == tuple(state.value for state in DeliveryState)
+
+
+@pytest.mark.anyio
+async def test_the_cli_adds_lists_tests_shows_deliveries_and_deletes_a_webhook(
+    runtime, keys, receiver, monkeypatch, capsys
+):
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    monkeypatch.setenv("GRAFT_API_KEY", keys[TENANT])
+
+    async def graft(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(cli.main, ["--url", url, "webhooks", *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    with serve_http(runtime) as port:
+        url = f"http://127.0.0.1:{port}"
+        code, secret, note = await graft("add", receiver.url, "--event", "job.succeeded", "--event", "job.failed")
+        assert code == 0 and secret.strip().startswith("whsec_") and "not shown again" in note
+        name = note.split(":")[0]
+        code, listed, _ = await graft("list")
+        assert code == 0 and name in listed and "job.succeeded,job.failed" in listed
+        code, queued, _ = await graft("test", name)
+        assert code == 0 and "webhook.test queued" in queued
+        await deliver(runtime.webhooks)
+        code, log, _ = await graft("deliveries", name)
+        assert code == 0 and log.splitlines()[1].split()[1:5] == ["webhook.test", "delivered", "1", "200"]
+        verify_webhook(secret.strip(), receiver.requests[0].headers, receiver.requests[0].body)
+        code, _, refused = await graft("add", "http://169.254.169.254/", "--event", "job.failed")
+        assert code != 0 and SETTING in refused
+        with pytest.raises(SystemExit):
+            cli.main(["--url", url, "webhooks", "add", receiver.url, "--event", "job.exploded"])
+        assert "invalid choice: 'job.exploded'" in capsys.readouterr().err
+        assert (await graft("delete", name))[0] == 0
+        assert name not in (await graft("list"))[1]
