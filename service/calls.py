@@ -516,9 +516,11 @@ class Calls:
     # -- webhooks --------------------------------------------------------------------
 
     async def create_webhook(self, request: CreateWebhookRequest) -> Webhook:
-        """A new endpoint with its secret (shown this once); its host is resolved and vetted in the store pool."""
-        store = self.runtime.webhooks
-        created = await self.in_thread(store.create, self.tenant, request.url, request.event_types, request.description)
+        """A new endpoint with its secret (shown this once). Its host is resolved in the webhook pool: a slow name
+        server holds none of the store pool's threads, which every other call needs."""
+        store, pool = self.runtime.webhooks, self.runtime.deliveries.pool
+        args = (self.tenant, request.url, request.event_types, request.description)
+        created = await run_in(pool, store.create, *args)
         return Webhook.of(created.webhook, created.secret)
 
     async def get_webhook(self, name: str) -> Webhook:

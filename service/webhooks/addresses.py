@@ -86,7 +86,10 @@ class AddressPolicy:
             raise InvalidArgument(f"the webhook URL has {len(url):,} characters; the limit is {MAX_URL_CHARS:,}")
         if any(ord(c) <= 32 or ord(c) == 127 for c in url):
             raise InvalidArgument("the webhook URL has spaces or control characters; percent-encode them")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed IPv6 bracket, say
+            raise InvalidArgument(f"the webhook URL is malformed: {url[:64]!r}") from None
         if parts.scheme not in ("http", "https"):
             raise InvalidArgument(f"a webhook URL must start with http:// or https://, got {url[:64]!r}")
         if parts.username is not None or parts.password is not None:
@@ -94,9 +97,11 @@ class AddressPolicy:
         if parts.fragment:
             raise InvalidArgument("a webhook URL may not have a #fragment: it is never sent")
         try:
-            parts.port  # noqa: B018 (raises on a bad port)
+            port = parts.port
         except ValueError:
-            raise InvalidArgument(f"the webhook URL's port is not a number from 1 to 65535: {url[:64]!r}") from None
+            port = 0
+        if port == 0:
+            raise InvalidArgument(f"the webhook URL's port is not a number from 1 to 65535: {url[:64]!r}")
         if not parts.hostname:
             raise InvalidArgument(f"the webhook URL names no host: {url[:64]!r}")
         return parts

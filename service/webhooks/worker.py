@@ -1,8 +1,8 @@
 """Each replica's delivery worker: claims due deliveries under a lease, signs and sends them, records each try.
 
-Sends run in a pool of GRAFT_WEBHOOK_SENDERS threads of their own, so a slow receiver never holds a thread the
-store or the doors need; the URL is vetted again before each try (DNS rebinding), and a refused address fails
-the try with the policy's message in the log.
+Sends (and registrations, which resolve the URL's host) run in a pool of GRAFT_WEBHOOK_SENDERS threads of their
+own, so a slow receiver or name server never holds a thread the store or the doors need; the URL is vetted again
+before each try (DNS rebinding), and a refused address fails the try with the policy's message in the log.
 """
 
 import asyncio
@@ -27,7 +27,7 @@ class DeliveryWorker:
     def __init__(self, store: WebhookStore, owner: str | None = None) -> None:
         self.store = store
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pool = ThreadPoolExecutor(store.settings.webhook_senders, thread_name_prefix="webhook")
+        self.pool = ThreadPoolExecutor(store.settings.webhook_senders, thread_name_prefix="webhook")
 
     async def run(self) -> None:
         """Forever: claim, send, record; then wait GRAFT_WEBHOOK_POLL_S unless a full batch was claimed."""
@@ -43,8 +43,8 @@ class DeliveryWorker:
 
     async def deliver_due(self) -> int:
         """One round: the deliveries due now, sent at once; returns how many were tried."""
-        claimed = await run_in(self._pool, self.store.claim, self.owner, self.store.settings.webhook_senders)
-        await asyncio.gather(*(run_in(self._pool, self.attempt, c) for c in claimed))
+        claimed = await run_in(self.pool, self.store.claim, self.owner, self.store.settings.webhook_senders)
+        await asyncio.gather(*(run_in(self.pool, self.attempt, c) for c in claimed))
         return len(claimed)
 
     def attempt(self, claimed: Claimed) -> bool:
@@ -65,4 +65,4 @@ class DeliveryWorker:
         return error is None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -277,6 +277,8 @@ def test_a_malformed_allowed_network_stops_the_server_at_start_up():
         ("http://user:pw@93.184.216.34/x", "credentials"),
         ("http:///x", "no host"),
         ("http://93.184.216.34:99999/x", "port"),
+        ("http://93.184.216.34:0/x", "port"),
+        ("http://[::1/x", "malformed"),
         ("http://93.184.216.34/x#frag", "fragment"),
         ("http://93.184.216.34/a b", "spaces"),
         ("http://93.184.216.34/" + "a" * 2048, "limit is 2,048"),
