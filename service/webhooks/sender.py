@@ -8,6 +8,7 @@ an answer like any other non-2xx one: it is not followed, so a receiver cannot s
 import http.client
 import socket
 import ssl
+import threading
 
 from service.errors import reason
 from service.webhooks.addresses import Target
@@ -36,16 +37,41 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    """The response's status code; raises OSError or http.client.HTTPException when there was none."""
+    """The response's status code; raises OSError or http.client.HTTPException when there was none.
+
+    ``timeout_s`` bounds the whole try, not each read: a receiver that sends its answer a byte at a time has its
+    socket shut when the time is up (a socket timeout alone would wait that long for every byte)."""
     kind = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
     connection = kind(target, timeout_s)
+    expired = threading.Event()
+    deadline = threading.Timer(timeout_s, _shut, (connection, expired))
+    deadline.start()
     try:
         connection.request("POST", target.path, body=body, headers={**headers, "User-Agent": USER_AGENT})
         response = connection.getresponse()
         response.read(MAX_RESPONSE_BYTES)
-        return response.status
+        status = response.status
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():  # shut by the deadline: say so, not "connection reset"
+            raise TimeoutError("the receiver did not answer in time") from None
+        raise
     finally:
+        deadline.cancel()
         connection.close()
+    if expired.is_set():  # the answer was cut short: its status says nothing
+        raise TimeoutError("the receiver did not answer in time")
+    return status
+
+
+def _shut(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """Wake a read blocked on ``connection`` (closing alone would not): it fails or ends at once."""
+    expired.set()
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def describe(exc: BaseException) -> str:

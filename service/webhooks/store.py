@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import zip_longest
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,7 +30,7 @@ from service.webhooks.signing import new_secret
 
 MAX_DESCRIPTION_CHARS = 512
 MAX_ERROR_CHARS = 512
-CLAIM_BATCH = 32  # deliveries one claim looks at; the worker sends at most GRAFT_WEBHOOK_SENDERS of them at once
+CLAIM_BATCH = 64  # due deliveries one claim looks at, to share a round among tenants; it takes GRAFT_WEBHOOK_SENDERS
 
 
 class WebhookInfo(BaseModel):
@@ -191,15 +193,20 @@ class WebhookStore:
             WebhookDeliveryRow.next_attempt_at <= now,
             or_(WebhookDeliveryRow.lease_expires_at.is_(None), WebhookDeliveryRow.lease_expires_at < now),
         )
-        claimed = []
+        claimed: builtins.list[Claimed] = []
         with self.db.session() as session:
-            candidates = session.execute(
-                select(WebhookDeliveryRow.id, WebhookDeliveryRow.attempts)
-                .where(due)
-                .order_by(WebhookDeliveryRow.next_attempt_at)
-                .limit(min(limit, CLAIM_BATCH))
-            ).all()
-            for id, attempts in candidates:
+            candidates = [
+                (id, attempts, tenant)
+                for id, attempts, tenant in session.execute(
+                    select(WebhookDeliveryRow.id, WebhookDeliveryRow.attempts, WebhookDeliveryRow.tenant)
+                    .where(due)
+                    .order_by(WebhookDeliveryRow.next_attempt_at)
+                    .limit(CLAIM_BATCH)
+                )
+            ]
+            for id, attempts, _ in _taking_turns(candidates):
+                if len(claimed) >= limit:
+                    break
                 mine = and_(due, WebhookDeliveryRow.id == id, WebhookDeliveryRow.attempts == attempts)
                 if attempts >= self.settings.webhook_max_attempts:  # its holder died on the last try
                     session.execute(
@@ -246,6 +253,16 @@ class WebhookStore:
         """The wait after try ``attempt`` failed: GRAFT_WEBHOOK_BACKOFF_S doubled per try, capped."""
         settings = self.settings
         return min(settings.webhook_max_backoff_s, settings.webhook_backoff_s * 2.0 ** min(attempt - 1, 60))
+
+
+def _taking_turns(candidates: Sequence[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """Due deliveries, oldest first within each tenant, the tenants taking turns: one tenant's backlog (or slow
+    receivers) cannot fill a round while another tenant's deliveries wait."""
+    by_tenant: dict[str, list[tuple[str, int, str]]] = {}
+    for row in candidates:
+        by_tenant.setdefault(row[2], []).append(row)
+    turns = zip_longest(*by_tenant.values())
+    return [row for turn in turns for row in turn if row is not None]
 
 
 def check_events(events: list[str]) -> list[str]:

@@ -503,6 +503,39 @@ async def test_a_receiver_that_does_not_answer_is_a_failed_try(db, tmp_path):
     assert (delivery.state, delivery.last_error) == ("pending", "timed out")
 
 
+@pytest.mark.anyio
+async def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(db, tmp_path):
+    """GRAFT_WEBHOOK_TIMEOUT_S bounds the whole try: a socket timeout alone would wait that long per byte."""
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def dribble() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.is_set():
+                    try:
+                        connection.sendall(b"X")
+                    except OSError:
+                        return
+                    stop.wait(0.05)
+
+        thread = threading.Thread(target=dribble, daemon=True)
+        thread.start()
+        store = WebhookStore(db, settings_for(tmp_path, webhook_timeout_s=0.5))
+        hook = store.create(TENANT, f"http://127.0.0.1:{listener.getsockname()[1]}/", ["job.succeeded"]).webhook
+        store.ping(TENANT, hook.id)
+        try:
+            await deliver(store)
+        finally:
+            stop.set()
+            thread.join()
+    [delivery] = deliveries(store, TENANT, hook.id)
+    assert (delivery.state, delivery.last_error) == ("pending", "timed out")
+
+
 def test_two_replicas_never_claim_one_delivery(registry_url, tmp_path, receiver):
     replicas = [WebhookStore(Database(registry_url), settings_for(tmp_path)) for _ in range(2)]
     hook = replicas[0].create(TENANT, receiver.url, ["job.succeeded"]).webhook
@@ -512,6 +545,19 @@ def test_two_replicas_never_claim_one_delivery(registry_url, tmp_path, receiver)
         claims = list(pool.map(lambda pair: pair[1].claim(pair[0], 10), [("a", replicas[0]), ("b", replicas[1])]))
     ids = [c.id for claimed in claims for c in claimed]
     assert len(ids) == 10 and len(set(ids)) == 10
+
+
+def test_tenants_take_turns_in_a_round_of_claims(store, receiver):
+    """A tenant with a backlog of due deliveries does not fill a round while another tenant's wait."""
+    busy = store.create(TENANT, receiver.url, ["job.succeeded"]).webhook
+    quiet = store.create(OTHER, receiver.url, ["job.succeeded"]).webhook
+    for _ in range(6):
+        store.ping(TENANT, busy.id)
+    store.ping(OTHER, quiet.id)
+    claimed = store.claim("replica-a", 2)
+    assert sorted(c.payload["data"]["webhook"] for c in claimed) == sorted(
+        [f"webhooks/{busy.id}", f"webhooks/{quiet.id}"]
+    )
 
 
 def test_a_dead_replicas_claim_expires_and_another_takes_the_delivery(store, receiver):
