@@ -5,6 +5,7 @@ lease) and the delivery worker against a real HTTP receiver on loopback, which e
 import asyncio
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +37,7 @@ from service.webhooks.outbox import DeliveryState
 from service.webhooks.signing import signed_headers
 from service.webhooks.store import WebhookStore
 from service.webhooks.worker import DeliveryWorker
+from tests.unit.test_grpc_tls import self_signed
 
 TENANT, OTHER = "acme", "globex"
 LOOPBACK = "127.0.0.1/32"
@@ -534,6 +536,49 @@ async def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeou
             thread.join()
     [delivery] = deliveries(store, TENANT, hook.id)
     assert (delivery.state, delivery.last_error) == ("pending", "timed out")
+
+
+@pytest.fixture
+def tls_receiver(tmp_path: Path) -> Iterator[tuple[str, Path, list[bytes]]]:
+    """An HTTPS receiver on 127.0.0.1 with a self-signed certificate: (its URL, the certificate, bodies received)."""
+    cert, key = self_signed(tmp_path)
+    bodies: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/tls", cert, bodies
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.anyio
+async def test_https_checks_the_receivers_certificate(store, tls_receiver, monkeypatch):
+    url, cert, bodies = tls_receiver
+    hook = store.create(TENANT, url, ["job.succeeded"]).webhook
+    store.ping(TENANT, hook.id)
+    await deliver(store)
+    [refused] = deliveries(store, TENANT, hook.id)
+    assert refused.state == "pending" and "CERTIFICATE_VERIFY_FAILED" in (refused.last_error or "")
+    assert bodies == []
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the receiver's CA trusted, as a system root would be
+    make_due(store)
+    await deliver(store)
+    [delivered] = deliveries(store, TENANT, hook.id)
+    assert (delivered.state, delivered.last_status_code) == ("delivered", 204) and len(bodies) == 1
 
 
 def test_two_replicas_never_claim_one_delivery(registry_url, tmp_path, receiver):
