@@ -691,6 +691,8 @@ async def test_both_doors_refuse_an_internal_address_at_registration_with_the_se
                 await asyncio.to_thread(by_tenant[TENANT].create_webhook, url, ["job.succeeded"])
         with pytest.raises(ClientInvalidArgument, match="unknown webhook event"):
             await asyncio.to_thread(by_tenant[TENANT].create_webhook, "http://127.0.0.1/x", ["job.exploded"])
+        with pytest.raises(ClientInvalidArgument, match="description"):
+            await asyncio.to_thread(by_tenant[TENANT].create_webhook, "http://127.0.0.1/x", ["job.failed"], "x" * 513)
 
 
 @pytest.mark.anyio
