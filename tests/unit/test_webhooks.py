@@ -29,7 +29,7 @@ from service.grpc.server import start_grpc_server
 from service.jobs.store import JobState, JobStore
 from service.quotas import Quotas
 from service.runtime import Runtime
-from service.store.db import Database, WebhookDeliveryRow, utcnow
+from service.store.db import Database, JobRow, WebhookDeliveryRow, utcnow
 from service.training import TrainRequest
 from service.webhooks.addresses import SETTING, AddressPolicy, parse_networks
 from service.webhooks.events import SUBSCRIBABLE, EventType
@@ -378,6 +378,21 @@ def test_a_finished_job_queues_its_event_for_subscribed_endpoints_only(store, re
     with store.db.session() as session:
         payload = session.scalars(select(WebhookDeliveryRow.payload).where(WebhookDeliveryRow.id == delivery.id)).one()
     assert payload["type"] == "job.succeeded" and payload["data"]["job"] == f"jobs/{job_id}"
+
+
+def test_a_job_failed_for_its_replicas_deaths_queues_job_failed(store, receiver):
+    hook = store.create(TENANT, receiver.url, ["job.failed"]).webhook
+    jobs = jobs_of(store)
+    job = jobs.create(TENANT, TrainRequest(dataset_id="ds_1", head_name="h"))
+    assert jobs.claim_next("dead-replica", 60.0) is not None
+    with store.db.session() as session:
+        session.execute(update(JobRow).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert jobs.requeue_expired(max_attempts=1)
+    [delivery] = deliveries(store, TENANT, hook.id)
+    with store.db.session() as session:
+        payload = session.scalars(select(WebhookDeliveryRow.payload).where(WebhookDeliveryRow.id == delivery.id)).one()
+    assert payload["type"] == "job.failed" and payload["data"]["job"] == f"jobs/{job.id}"
+    assert "GRAFT_MAX_JOB_ATTEMPTS" in payload["data"]["error"]
 
 
 def test_a_version_turning_drifting_queues_its_event_once(tmp_path, receiver):
