@@ -12,8 +12,19 @@ from client.errors import GraftError
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from client.retry import DEFAULT_RETRY, RetryPolicy
+from client.webhooks import ReplayGuard, WebhookVerificationError, verify_webhook
 
-__all__ = ["Client", "GraftError", "GrpcClient", "HttpClient", "RetryPolicy", "connect"]
+__all__ = [
+    "Client",
+    "GraftError",
+    "GrpcClient",
+    "HttpClient",
+    "ReplayGuard",
+    "RetryPolicy",
+    "WebhookVerificationError",
+    "connect",
+    "verify_webhook",
+]
 
 
 def connect(

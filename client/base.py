@@ -36,6 +36,8 @@ from client.models import (
     SearchSpace,
     Suggestions,
     TrainingSpec,
+    Webhook,
+    WebhookDelivery,
 )
 from client.retry import RetryPolicy
 from client.sources import Example
@@ -312,6 +314,30 @@ class Client(ABC):
 
     @abstractmethod
     def _predict(self, images: list[bytes], heads: list[str], options: PredictOptions) -> list[ImagePrediction]: ...
+
+    # Webhooks -----------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def create_webhook(self, url: str, event_types: Sequence[str], description: str = "") -> Webhook:
+        """Register an endpoint; the answer's ``secret`` (verify deliveries with ``verify_webhook``) is never
+        shown again."""
+
+    @abstractmethod
+    def get_webhook(self, name: str) -> Webhook: ...
+
+    @abstractmethod
+    def list_webhooks(self) -> list[Webhook]: ...
+
+    @abstractmethod
+    def delete_webhook(self, name: str) -> None: ...
+
+    @abstractmethod
+    def list_webhook_deliveries(self, name: str) -> list[WebhookDelivery]:
+        """The webhook's deliveries, newest first."""
+
+    @abstractmethod
+    def test_webhook(self, name: str) -> WebhookDelivery:
+        """Queue a ``webhook.test`` event for this webhook alone."""
 
     # Backbones ----------------------------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from client.models import (
     SCALINGS,
     SUGGESTION_STRATEGIES,
     TRAINING_KINDS,
+    WEBHOOK_EVENTS,
     Head,
     HeadComparison,
     HeadMonitoring,
@@ -692,6 +693,46 @@ def admin(graft: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def webhooks(graft: Client, args: argparse.Namespace) -> int:
+    """Register, list, test and delete webhook endpoints, and read one's delivery log."""
+    if args.webhooks_command == "add":
+        created = graft.create_webhook(args.endpoint, args.event, args.description)
+        print(created.secret)
+        print(
+            f"{created.name}: {', '.join(created.event_types)} -> {created.url}; the line above is its signing "
+            "secret: store it now, it is not shown again (verify deliveries with client.verify_webhook)",
+            file=sys.stderr,
+        )
+    elif args.webhooks_command == "list":
+        rows = [[w.name, ",".join(w.event_types), w.url, w.description] for w in graft.list_webhooks()]
+        _table(["webhook", "events", "url", "description"], rows)
+    elif args.webhooks_command == "delete":
+        graft.delete_webhook(args.webhook)
+        print(f"{_webhook_name(args.webhook)} deleted")
+    elif args.webhooks_command == "test":
+        delivery = graft.test_webhook(args.webhook)
+        print(f"{delivery.name}: {delivery.event_type} queued")
+    else:
+        rows = [
+            [
+                d.name.rsplit("/", 1)[-1],
+                d.event_type,
+                d.state,
+                str(d.attempts),
+                "" if d.last_status_code is None else str(d.last_status_code),
+                d.last_error or "",
+                d.create_time.strftime("%Y-%m-%d %H:%M:%S"),
+            ]
+            for d in graft.list_webhook_deliveries(args.webhook)
+        ]
+        _table(["delivery", "event", "state", "attempts", "status", "error", "created"], rows)
+    return 0
+
+
+def _webhook_name(webhook: str) -> str:
+    return webhook if webhook.startswith("webhooks/") else f"webhooks/{webhook}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
@@ -898,6 +939,22 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("report", report, "draw a head version's evaluation as one PNG (needs graft-client[report])")
     sub.add_argument("head", help="HEAD, HEAD@3 or HEAD:alias")
     sub.add_argument("-o", "--output", default="report.png")
+
+    sub = command("webhooks", webhooks, "signed webhooks: endpoints for your events, and their delivery logs")
+    hooks = sub.add_subparsers(dest="webhooks_command", required=True, metavar="WEBHOOKS_COMMAND")
+    add = hooks.add_parser("add", help="register an endpoint; prints its signing secret once")
+    add.add_argument("endpoint", metavar="URL", help="http(s)://HOST/PATH; its host must resolve to a public address")
+    add.add_argument(
+        "--event", action="append", required=True, choices=WEBHOOK_EVENTS, help="an event to send (repeat for more)"
+    )
+    add.add_argument("--description", default="", help="a note for you (at most 512 characters)")
+    hooks.add_parser("list", help="your endpoints")
+    for name, about in (
+        ("delete", "delete an endpoint and its delivery log"),
+        ("deliveries", "an endpoint's deliveries, newest first"),
+        ("test", "send a webhook.test event to an endpoint"),
+    ):
+        hooks.add_parser(name, help=about).add_argument("webhook", help="webhooks/ID or an id")
 
     sub = command("admin", admin, "tenants and API keys (needs the admin key as --api-key)")
     admin_commands = sub.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")

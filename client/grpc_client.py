@@ -36,6 +36,8 @@ from client.models import (
     PredictionFeedback,
     Suggestions,
     TrainingSpec,
+    Webhook,
+    WebhookDelivery,
 )
 from client.retry import DEFAULT_RETRY, RetryPolicy
 from client.sources import Example, from_directory
@@ -54,7 +56,18 @@ _ENUM_FIELDS = {
 }
 _SPEC_ENUM_FIELDS = ("kind", "objective", "class_weighting", "scaling")  # TrainingSpec's
 # proto3 "" is HTTP's null for these fields
-_UNSET_WHEN_EMPTY = {"head_version", "error", "job", "backbone", "prediction_id", "file_name", "client_id", "label"}
+_UNSET_WHEN_EMPTY = {
+    "head_version",
+    "error",
+    "job",
+    "backbone",
+    "prediction_id",
+    "file_name",
+    "client_id",
+    "secret",
+    "last_error",
+    "label",
+}
 
 
 class GrpcClient(Client):
@@ -90,6 +103,7 @@ class GrpcClient(Client):
         self._jobs = rpc.JobServiceStub(self._channel)
         self._heads = rpc.HeadServiceStub(self._channel)
         self._predictions = rpc.PredictionServiceStub(self._channel)
+        self._webhooks = rpc.WebhookServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -365,6 +379,39 @@ class GrpcClient(Client):
                     answer.prediction_set = (answer.prediction_set or []) if options.coverage else None
         return predictions
 
+    def create_webhook(self, url: str, event_types: Sequence[str], description: str = "") -> Webhook:
+        request = api.CreateWebhookRequest(url=url, event_types=list(event_types), description=description)
+        return Webhook.model_validate(_json(self._call(self._webhooks.CreateWebhook, request, safe=False)))
+
+    def get_webhook(self, name: str) -> Webhook:
+        request = api.GetWebhookRequest(name=_named(name, "webhooks"))
+        return Webhook.model_validate(_json(self._call(self._webhooks.GetWebhook, request)))
+
+    def list_webhooks(self) -> list[Webhook]:
+        pages = self._pages(self._webhooks.ListWebhooks, api.ListWebhooksRequest, "webhooks")
+        return [Webhook.model_validate(_json(w)) for w in pages]
+
+    def delete_webhook(self, name: str) -> None:
+        request = api.DeleteWebhookRequest(name=_named(name, "webhooks"))
+        self._call(self._webhooks.DeleteWebhook, request, safe=False)
+
+    def list_webhook_deliveries(self, name: str) -> list[WebhookDelivery]:
+        items: list[WebhookDelivery] = []
+        token = ""
+        while True:
+            request = api.ListWebhookDeliveriesRequest(
+                parent=_named(name, "webhooks"), page_size=PAGE_SIZE, page_token=token
+            )
+            page = self._call(self._webhooks.ListWebhookDeliveries, request)
+            items += [_delivery(d) for d in page.deliveries]
+            token = page.next_page_token
+            if not token:
+                return items
+
+    def test_webhook(self, name: str) -> WebhookDelivery:
+        request = api.TestWebhookRequest(name=_named(name, "webhooks"))
+        return _delivery(self._call(self._webhooks.TestWebhook, request, safe=False))
+
     def list_backbones(self) -> list[Backbone]:
         reply = self._call(self._backbones.ListBackbones, api.ListBackbonesRequest())
         return [Backbone.model_validate(_json(b)) for b in reply.backbones]
@@ -406,3 +453,10 @@ def _enum_value(value: str | int, prefix: str) -> str | None:
         return str(value)
     value = value.removeprefix(prefix)
     return None if value.endswith("UNSPECIFIED") else value.lower()
+
+
+def _delivery(message: Message) -> WebhookDelivery:
+    """A delivery as over HTTP: status 0 (proto3's unset) is no answer, None."""
+    fields = _json(message)
+    fields["last_status_code"] = fields.get("last_status_code") or None
+    return WebhookDelivery.model_validate(fields)

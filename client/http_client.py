@@ -28,6 +28,8 @@ from client.models import (
     Suggestions,
     Tenant,
     TrainingSpec,
+    Webhook,
+    WebhookDelivery,
 )
 from client.multipart import MultipartBody
 from client.retry import DEFAULT_RETRY, RetryPolicy
@@ -270,6 +272,26 @@ class HttpClient(Client):
         data = {"heads": heads} | {key: str(value).lower() for key, value in fields.items()}
         answer = self._send("POST", "/v1/predict:upload", files=files, data=data).json()
         return [ImagePrediction.model_validate(p) for p in answer["predictions"]]
+
+    def create_webhook(self, url: str, event_types: Sequence[str], description: str = "") -> Webhook:
+        body = {"url": url, "event_types": list(event_types), "description": description}
+        return Webhook.model_validate(self._call("POST", "/v1/webhooks", json=body))
+
+    def get_webhook(self, name: str) -> Webhook:
+        return Webhook.model_validate(self._call("GET", f"/v1/{_named(name, 'webhooks')}"))
+
+    def list_webhooks(self) -> list[Webhook]:
+        return [Webhook.model_validate(w) for w in self._pages("/v1/webhooks", "webhooks")]
+
+    def delete_webhook(self, name: str) -> None:
+        self._call("DELETE", f"/v1/{_named(name, 'webhooks')}")
+
+    def list_webhook_deliveries(self, name: str) -> list[WebhookDelivery]:
+        pages = self._pages(f"/v1/{_named(name, 'webhooks')}/deliveries", "deliveries")
+        return [WebhookDelivery.model_validate(d) for d in pages]
+
+    def test_webhook(self, name: str) -> WebhookDelivery:
+        return WebhookDelivery.model_validate(self._call("POST", f"/v1/{_named(name, 'webhooks')}:test"))
 
     def list_backbones(self) -> list[Backbone]:
         return [Backbone.model_validate(b) for b in self._call("GET", "/v1/backbones")["backbones"]]

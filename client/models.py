@@ -34,6 +34,15 @@ CLASS_WEIGHTINGS = _json_values(resources_pb2.ClassWeighting.keys(), "CLASS_WEIG
 SCALINGS = _json_values(resources_pb2.FeatureScaling.keys(), "FEATURE_SCALING_")
 DRIFT_STATUSES = _json_values(service_pb2.DriftStatus.keys(), "DRIFT_STATUS_")
 SUGGESTION_STRATEGIES = _json_values(service_pb2.SuggestionStrategy.keys(), "SUGGESTION_STRATEGY_")
+DELIVERY_STATES = _json_values(resources_pb2.WebhookDelivery.State.keys(), "")
+# The event types a webhook may subscribe to (the server's registry, service/webhooks/events.py; a test checks it).
+WEBHOOK_EVENTS = (
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "batch_prediction.finished",
+    "head_version.drifting",
+)
 
 
 class TrunkRuntime(BaseModel):
@@ -417,3 +426,26 @@ class NewKey(BaseModel):
     key_id: str
     tenant: str
     secret: str = Field(description="shown once: store it now")
+
+
+class Webhook(BaseModel):
+    name: str = Field(description="webhooks/{webhook}")
+    url: str
+    event_types: list[str] = Field(description=f"{', '.join(WEBHOOK_EVENTS)}, or a type newer than this client")
+    description: str = ""
+    create_time: datetime
+    secret: str | None = Field(None, description="the signing secret: only in the answer to its creation")
+
+
+class WebhookDelivery(BaseModel):
+    name: str = Field(description="webhooks/{webhook}/deliveries/{delivery}")
+    event_id: str
+    event_type: str
+    state: str = Field(description=f"{', '.join(DELIVERY_STATES)}, or a state newer than this client")
+    attempts: int = 0
+    last_status_code: int | None = Field(None, description="the receiver's last HTTP status; None: no answer")
+    last_error: str | None = None
+    create_time: datetime
+    last_attempt_time: datetime | None = None
+    next_attempt_time: datetime | None = None
+    deliver_time: datetime | None = None

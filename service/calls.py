@@ -38,6 +38,7 @@ from service.resources import (
     Backbone,
     BatchUpdateExamplesResponse,
     CompareHeadVersionsResponse,
+    CreateWebhookRequest,
     Dataset,
     DatasetAudit,
     Example,
@@ -55,9 +56,13 @@ from service.resources import (
     ListExamplesResponse,
     ListHeadsResponse,
     ListJobsResponse,
+    ListWebhookDeliveriesResponse,
+    ListWebhooksResponse,
     PredictionFeedback,
     SuggestExamplesResponse,
     TrainingSpec,
+    Webhook,
+    WebhookDelivery,
     head_ref,
     head_version_ref,
     resource_id,
@@ -568,6 +573,42 @@ class Calls:
 
         data = await self.runtime.exports.run(self.tenant, load_and_build)
         return ExportedHead(file_name=f"{'+'.join(names)}.{format.value}", data=data)
+
+    # -- webhooks --------------------------------------------------------------------
+
+    async def create_webhook(self, request: CreateWebhookRequest) -> Webhook:
+        """A new endpoint with its secret (shown this once). Its host is resolved in the webhook pool: a slow name
+        server holds none of the store pool's threads, which every other call needs."""
+        store, pool = self.runtime.webhooks, self.runtime.deliveries.pool
+        args = (self.tenant, request.url, request.event_types, request.description)
+        created = await run_in(pool, store.create, *args)
+        return Webhook.of(created.webhook, created.secret)
+
+    async def get_webhook(self, name: str) -> Webhook:
+        return Webhook.of(await self.in_thread(self.runtime.webhooks.get, self.tenant, resource_id(name, "webhooks")))
+
+    async def list_webhooks(self, page_size: int, page_token: str) -> ListWebhooksResponse:
+        hooks, token = await self.in_thread(self.runtime.webhooks.list, self.tenant, *_page(page_size, page_token))
+        return ListWebhooksResponse(webhooks=[Webhook.of(h) for h in hooks], next_page_token=token or "")
+
+    async def delete_webhook(self, name: str) -> None:
+        await self.in_thread(self.runtime.webhooks.delete, self.tenant, resource_id(name, "webhooks"))
+
+    async def list_webhook_deliveries(
+        self, parent: str, page_size: int, page_token: str
+    ) -> ListWebhookDeliveriesResponse:
+        webhook_id = resource_id(parent, "webhooks")
+        found, token = await self.in_thread(
+            self.runtime.webhooks.deliveries, self.tenant, webhook_id, *_page(page_size, page_token)
+        )
+        return ListWebhookDeliveriesResponse(
+            deliveries=[WebhookDelivery.of(d) for d in found], next_page_token=token or ""
+        )
+
+    async def test_webhook(self, name: str) -> WebhookDelivery:
+        """A ``webhook.test`` event for this endpoint alone, sent by the next delivery round."""
+        delivery = await self.in_thread(self.runtime.webhooks.ping, self.tenant, resource_id(name, "webhooks"))
+        return WebhookDelivery.of(delivery)
 
     # -- predictions -----------------------------------------------------------------
 

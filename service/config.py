@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.monitoring import DEFAULT_WINDOW
 from service.engine.runtimes import RUNTIMES, Precision
+from service.webhooks.addresses import parse_networks
 
 MIN_ADMIN_KEY_CHARS = 32  # 'openssl rand -hex 32' gives 64
 MIN_KEY_DISTINCT_CHARS = 8  # refuses 'aaaa...' and short patterns repeated to length
@@ -310,6 +311,43 @@ class Settings(BaseSettings):
         "to GRAFT_MONITOR_WINDOW embeddings, GRAFT_MONITOR_WINDOW x D x 4 bytes (512 KB at 100 x 1280), so the "
         "memory bound is 2 x this x that (64 MB by default).",
     )
+
+    # Webhooks (service/webhooks, docs/webhooks.md): signed POSTs of a tenant's events to its endpoints.
+    webhook_allowed_networks: str = Field(
+        "",
+        description="Networks (CIDRs, comma-separated, e.g. '10.1.2.0/24,127.0.0.1/32') webhooks may be sent to "
+        "beyond the public internet. Empty: loopback, private (RFC 1918, fc00::/7), link-local (169.254.169.254 "
+        "included), multicast, unspecified and reserved addresses, IPv4-mapped or not, are refused, at "
+        "registration and at every delivery.",
+    )
+    max_webhooks_per_tenant: int = Field(10, gt=0, description="Webhook endpoints one tenant may register.")
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="One delivery's time to connect, send and get its response status."
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="Tries of one delivery (the first included) before it is marked failed."
+    )
+    webhook_backoff_s: float = Field(
+        10.0, gt=0, description="Wait before a delivery's first retry; each later one waits twice the one before."
+    )
+    webhook_max_backoff_s: float = Field(3600.0, gt=0, description="The longest wait between two tries.")
+    webhook_poll_s: float = Field(1.0, gt=0, description="How often a replica looks for deliveries due.")
+    webhook_lease_s: float = Field(
+        60.0, gt=0, description="How long a replica holds a delivery it claimed; past it another replica may send it."
+    )
+    webhook_senders: int = Field(4, ge=1, le=64, description="Deliveries one replica sends at once.")
+    webhook_deliveries_kept: int = Field(
+        1000,
+        gt=0,
+        description="Deliveries (the log, pending ones included) kept per endpoint, the newest; older ones are "
+        "dropped as new events come.",
+    )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
 
     @field_validator("trunk_runtime")
     @classmethod

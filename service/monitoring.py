@@ -83,7 +83,9 @@ class Monitor:
         self._flushing = asyncio.Lock()
         self.windows = OpenWindows(settings.monitor_window, settings.monitor_max_versions)
         replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.window_store = MonitorWindows(observations.db, replica, settings.monitor_windows_kept)
+        self.window_store = MonitorWindows(
+            observations.db, replica, settings.monitor_windows_kept, settings.webhook_deliveries_kept
+        )
 
     @property
     def keeps_embeddings(self) -> bool:

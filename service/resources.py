@@ -32,6 +32,10 @@ from service.store.observations import Comparison, Feedback
 from service.store.windows import DriftStatus, MonitorWindow
 from service.suggestions import Suggestions
 from service.training import HyperParamOverrides, TrainRequest
+from service.webhooks.addresses import MAX_URL_CHARS
+from service.webhooks.events import SUBSCRIBABLE
+from service.webhooks.outbox import DeliveryState
+from service.webhooks.store import MAX_DESCRIPTION_CHARS, DeliveryInfo, WebhookInfo
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -632,3 +636,87 @@ class PredictResponse(BaseModel):
 
 class PredictionFeedback(Feedback):
     """What a reported true label said of each head version (and its shadow) that answered the prediction."""
+
+
+class CreateWebhookRequest(BaseModel):
+    """A webhook to register: where to POST which events (docs/webhooks.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=MAX_URL_CHARS,
+        description="http:// or https://, no credentials; its host must resolve to public addresses unless the "
+        "operator allowed its network (GRAFT_WEBHOOK_ALLOWED_NETWORKS)",
+    )
+    event_types: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        min_length=1,
+        max_length=len(SUBSCRIBABLE),
+        description=f"any of: {', '.join(e.value for e in SUBSCRIBABLE)}",
+    )
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
+
+
+class Webhook(BaseModel):
+    """``webhooks/{webhook}``: a tenant's endpoint for its events, signed with ``secret``."""
+
+    name: str = Field(description="webhooks/{webhook}")
+    url: str
+    event_types: list[str]
+    description: str
+    create_time: datetime
+    secret: str | None = Field(
+        None, description="the signing secret: only in the answer to its creation, never again; keep it then"
+    )
+
+    @classmethod
+    def of(cls, info: WebhookInfo, secret: str | None = None) -> "Webhook":
+        return cls(
+            name=f"webhooks/{info.id}",
+            url=info.url,
+            event_types=info.events,
+            description=info.description,
+            create_time=info.created_at,
+            secret=secret,
+        )
+
+
+class WebhookDelivery(BaseModel):
+    """``webhooks/{webhook}/deliveries/{delivery}``: one event sent (or being sent) to one webhook."""
+
+    name: str = Field(description="webhooks/{webhook}/deliveries/{delivery}; {delivery} is the Graft-Delivery header")
+    event_id: str
+    event_type: str
+    state: DeliveryState
+    attempts: int
+    last_status_code: int | None = Field(description="the receiver's last HTTP status; null: no answer")
+    last_error: str | None
+    create_time: datetime
+    last_attempt_time: datetime | None
+    next_attempt_time: datetime | None = Field(description="when it is tried next, while pending")
+    deliver_time: datetime | None
+
+    @classmethod
+    def of(cls, info: DeliveryInfo) -> "WebhookDelivery":
+        return cls(
+            name=f"webhooks/{info.webhook_id}/deliveries/{info.id}",
+            event_id=info.event_id,
+            event_type=info.event_type,
+            state=DeliveryState(info.state),
+            attempts=info.attempts,
+            last_status_code=info.last_status_code,
+            last_error=info.last_error,
+            create_time=info.created_at,
+            last_attempt_time=info.last_attempt_at,
+            next_attempt_time=info.next_attempt_at,
+            deliver_time=info.delivered_at,
+        )
+
+
+class ListWebhooksResponse(BaseModel):
+    webhooks: list[Webhook]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListWebhookDeliveriesResponse(BaseModel):
+    deliveries: list[WebhookDelivery]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")

@@ -3,7 +3,7 @@
 Both doors (HTTP and gRPC) receive this object and call only its parts, so a
 behaviour exists once: the core (storage, backbones, trainer), the predictor
 (head cache + one batcher per backbone), background training jobs, and
-tenants with their API keys. It also probes the registry database, so both
+tenants with their API keys, and the webhook delivery worker. It also probes the registry database, so both
 doors' readiness says "not ready" while the database cannot be reached or
 while the worker drains (:meth:`Runtime.drain`), and it collects orphaned
 blobs every ``gc_interval_s``. A replica that only trains (``GRAFT_ROLE=train``)
@@ -35,6 +35,8 @@ from service.metrics import PrometheusMetrics
 from service.monitoring import Monitor
 from service.store.observations import Observations
 from service.store.requests import IdempotencyKeys
+from service.webhooks.store import WebhookStore
+from service.webhooks.worker import DeliveryWorker
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class Runtime:
     exports: ExportQueue = field(init=False, repr=False)  # model exports, one at a time
     audit_slots: threading.BoundedSemaphore = field(init=False, repr=False)  # label audits running at once
     monitor: Monitor = field(init=False, repr=False)  # what serving observed, flushed to the registry
+    webhooks: WebhookStore = field(init=False, repr=False)  # tenants' webhook endpoints and their deliveries
+    deliveries: DeliveryWorker = field(init=False, repr=False)  # sends this replica's share of the deliveries
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,8 @@ class Runtime:
         observations = Observations(self.core.db, settings.prediction_ttl_s, settings.max_prediction_records)
         self.monitor = Monitor(observations, settings, lambda fn: run_in(self.pools.store, fn), self.metrics)
         self.predictor.observer = self.monitor  # the predictor is built first (around): it reports from now on
+        self.webhooks = WebhookStore(self.core.db, settings)
+        self.deliveries = DeliveryWorker(self.webhooks)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -136,6 +142,7 @@ class Runtime:
             loop.create_task(self._probe_forever(), name="registry-probe"),
             loop.create_task(self._collect_forever(), name="blob-collector"),
             loop.create_task(self.monitor.run(), name="observation-flusher"),
+            loop.create_task(self.deliveries.run(), name="webhook-deliveries"),
         ]
 
     async def drain(self, grace_s: float) -> None:
@@ -162,6 +169,7 @@ class Runtime:
             await self.monitor.flush()  # what this replica observed last
         except Exception:
             log.exception("could not write the last observations to the registry")
+        self.deliveries.close()
         self.pools.shutdown()
         self.exports.shutdown()
 

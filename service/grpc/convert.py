@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from adapters.active import Strategy
 from adapters.kinds import HeadKind
@@ -22,8 +22,15 @@ from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
 from service.prediction_options import PredictOptions
-from service.resources import CompareHeadVersionsResponse, ExportFormat, TrainingKind, TrainingSpec
+from service.resources import (
+    CompareHeadVersionsResponse,
+    CreateWebhookRequest,
+    ExportFormat,
+    TrainingKind,
+    TrainingSpec,
+)
 from service.store.windows import DriftStatus
+from service.webhooks.outbox import DeliveryState
 
 M = TypeVar("M", bound=Message)
 
@@ -36,6 +43,7 @@ _ENUM_PREFIX: dict[type[Enum], str] = {
     Scaling: "FEATURE_SCALING_",
     DriftStatus: "DRIFT_STATUS_",
     Strategy: "SUGGESTION_STRATEGY_",
+    DeliveryState: "",
 }
 # TrainingSpec's enumerated fields: the resource's enum, what a refusal calls it, and the proto enum's values.
 _SPEC_ENUMS: dict[str, tuple[type[Enum], str, list[str]]] = {
@@ -130,3 +138,15 @@ def comparisons(response: CompareHeadVersionsResponse) -> api.CompareHeadVersion
     for comparison in fields["comparisons"]:
         comparison["confusion"] = [{"counts": row} for row in comparison["confusion"]]
     return api.CompareHeadVersionsResponse(**fields)
+
+
+def create_webhook_request(request: api.CreateWebhookRequest) -> CreateWebhookRequest:
+    """The request's fields, bounded as the HTTP door bounds its body."""
+    try:
+        return CreateWebhookRequest(
+            url=request.url, event_types=list(request.event_types), description=request.description
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise InvalidArgument(f"{field}: {error['msg']}") from None

@@ -397,4 +397,33 @@ class PredictionService(_Door, rpc.PredictionServiceServicer):
         await reader  # surfaces a broken request stream
 
 
-SERVICES = (BackboneService, DatasetService, JobService, HeadService, PredictionService)
+class WebhookService(_Door, rpc.WebhookServiceServicer):
+    @door_method
+    async def CreateWebhook(self, request, context, calls: Calls):
+        return convert.message(await calls.create_webhook(convert.create_webhook_request(request)), pb.Webhook)
+
+    @door_method
+    async def GetWebhook(self, request, context, calls: Calls):
+        return convert.message(await calls.get_webhook(request.name), pb.Webhook)
+
+    @door_method
+    async def ListWebhooks(self, request, context, calls: Calls):
+        found = await calls.list_webhooks(request.page_size, request.page_token)
+        return convert.message(found, api.ListWebhooksResponse)
+
+    @door_method
+    async def DeleteWebhook(self, request, context, calls: Calls):
+        await calls.delete_webhook(request.name)
+        return empty_pb2.Empty()
+
+    @door_method
+    async def ListWebhookDeliveries(self, request, context, calls: Calls):
+        found = await calls.list_webhook_deliveries(request.parent, request.page_size, request.page_token)
+        return convert.message(found, api.ListWebhookDeliveriesResponse)
+
+    @door_method
+    async def TestWebhook(self, request, context, calls: Calls):
+        return convert.message(await calls.test_webhook(request.name), pb.WebhookDelivery)
+
+
+SERVICES = (BackboneService, DatasetService, JobService, HeadService, PredictionService, WebhookService)

@@ -27,6 +27,8 @@ from service.quotas import Quotas
 from service.store.db import Database, JobRow, rows_changed, utcnow
 from service.store.pages import check_page_size, decode_time, decode_token, encode_token
 from service.training import TrainRequest
+from service.webhooks import outbox
+from service.webhooks.events import EventType
 
 # How often claim_next tries again when another replica took the job it picked.
 CLAIM_RACES = 5
@@ -43,6 +45,13 @@ class JobState(str, Enum):
     @property
     def done(self) -> bool:
         return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+JOB_EVENTS = {
+    JobState.SUCCEEDED: EventType.JOB_SUCCEEDED,
+    JobState.FAILED: EventType.JOB_FAILED,
+    JobState.CANCELLED: EventType.JOB_CANCELLED,
+}
 
 
 class JobInfo(BaseModel):
@@ -151,12 +160,15 @@ class JobStore:
         """Flag the job for its runner (which polls the flag), and end it at once if it is still queued."""
         with self.db.session() as session:
             session.execute(update(JobRow).where(JobRow.id == id).values(cancel_requested=True))
-            session.execute(
+            cancelled = session.execute(
                 update(JobRow)
                 .where(JobRow.id == id, JobRow.state == JobState.QUEUED.value)
                 .values(state=JobState.CANCELLED.value, message="cancelled before it started", finished_at=utcnow())
             )
-            return _info(session.get_one(JobRow, id, populate_existing=True))
+            job = _info(session.get_one(JobRow, id, populate_existing=True))
+            if rows_changed(cancelled) == 1:
+                self._emit_finished(session, job)
+            return job
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -248,6 +260,8 @@ class JobStore:
                 )
                 if done:
                     changed.append(f"{id}: {values.get('error') or values['message']}")
+                    if values["state"] == JobState.FAILED.value:
+                        self._emit_finished(session, _info(session.get_one(JobRow, id, populate_existing=True)))
         return changed
 
     # -- by the holder of a run ------------------------------------------------------------
@@ -311,6 +325,8 @@ class JobStore:
                 )
                 == 1
             )
+            if written and job.state.done:
+                self._emit_finished(session, job)
             return written, (job if written else _info(session.get_one(JobRow, job.id, populate_existing=True)))
 
     def hand_back(self, holder: Holder, message: str) -> bool:
@@ -324,6 +340,14 @@ class JobStore:
                 )
                 == 1
             )
+
+    def _emit_finished(self, session: Session, job: JobInfo) -> None:
+        """``job.succeeded`` / ``job.failed`` / ``job.cancelled`` for the tenant's webhooks, in the transaction
+        that wrote the final state."""
+        version = f"heads/{job.head}/versions/{job.head_version}" if job.head_version else None
+        data = {"job": f"jobs/{job.id}", "state": job.state.value, "head_version": version, "error": job.error}
+        kept = self.quotas.settings.webhook_deliveries_kept
+        outbox.emit(session, job.tenant, JOB_EVENTS[job.state], data, kept=kept)
 
     def check_holder(self, session: Session, holder: Holder) -> None:
         """Inside the transaction that publishes the job's head: raise LeaseLost unless ``holder`` still holds it.

@@ -344,6 +344,59 @@ class IdempotencyKeyRow(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class WebhookRow(Base):
+    """A tenant's webhook endpoint (service/webhooks): where its events are POSTed, signed with ``secret``.
+
+    The secret is kept as given (the server signs every delivery with it) and shown to the tenant only once."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_tenant_created_at", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]]
+    secret: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    deliveries: Mapped[list["WebhookDeliveryRow"]] = relationship(
+        back_populates="webhook", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class WebhookDeliveryRow(Base):
+    """One event for one endpoint: the outbox row a replica's delivery worker claims under a lease, and its log.
+
+    ``state`` is pending (due at ``next_attempt_at``), delivered or failed (``attempts`` spent); a claim holds it
+    until ``lease_expires_at``, after which another replica may take it (its holder died mid-send)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_created_at", "webhook_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the Graft-Delivery header
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str] = mapped_column(String(64))  # one per event, shared by its deliveries to every endpoint
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(300))
+    lease_expires_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+
+    webhook: Mapped[WebhookRow] = relationship(back_populates="deliveries")
+
+
 def rows_changed(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE changed (``Session.execute`` is typed as a plain Result)."""
     return cast(CursorResult[Any], result).rowcount

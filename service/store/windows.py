@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from adapters.monitoring import DriftTest
 from service.errors import NotFound
 from service.store.db import Database, HeadVersionRow, MonitorWindowRow, rows_changed
+from service.webhooks import outbox
+from service.webhooks.events import EventType
 
 
 class DriftStatus(str, Enum):
@@ -75,11 +77,13 @@ class ClosedWindow:
 class MonitorWindows:
     """The database side of service/monitoring.py's windows."""
 
-    def __init__(self, db: Database, replica: str, kept: int) -> None:
-        """``replica`` names the windows this process closes; ``kept``: GRAFT_MONITOR_WINDOWS_KEPT."""
+    def __init__(self, db: Database, replica: str, kept: int, webhook_deliveries_kept: int = 1000) -> None:
+        """``replica`` names the windows this process closes; ``kept``: GRAFT_MONITOR_WINDOWS_KEPT;
+        ``webhook_deliveries_kept``: GRAFT_WEBHOOK_DELIVERIES_KEPT (for the drifting event)."""
         self.db = db
         self.replica = replica
         self.kept = kept
+        self.webhook_deliveries_kept = webhook_deliveries_kept
 
     def add(self, windows: list[ClosedWindow]) -> None:
         """Write windows (those of versions deleted since are dropped), keep each version's newest, and mark a
@@ -103,7 +107,7 @@ class MonitorWindows:
                 )
                 if window.drifting:
                     evidence = MonitorWindow.of(window.end_time, window.summary).model_dump(mode="json")
-                    session.execute(
+                    marked = session.execute(
                         update(HeadVersionRow)
                         .where(*where, HeadVersionRow.drift_status == DriftStatus.OK.value)
                         .values(
@@ -112,9 +116,19 @@ class MonitorWindows:
                             drift_evidence=evidence,
                         )
                     )
+                    if rows_changed(marked) == 1:
+                        self._emit_drifting(session, window)
             session.flush()
             for tenant, name, version in sorted({(w.tenant, w.name, w.version) for w in windows}):
                 self._keep_newest(session, tenant, name, version)
+
+    def _emit_drifting(self, session: Session, window: ClosedWindow) -> None:
+        """``head_version.drifting`` for the tenant's webhooks, in the transaction that marked the version."""
+        data = {
+            "head_version": f"heads/{window.name}/versions/{window.version}",
+            "drifting_since": window.end_time.isoformat(),
+        }
+        outbox.emit(session, window.tenant, EventType.HEAD_VERSION_DRIFTING, data, kept=self.webhook_deliveries_kept)
 
     def _keep_newest(self, session: Session, tenant: str, name: str, version: int) -> None:
         where = _window_where(tenant, name, version)

@@ -38,6 +38,8 @@ from harness.sample_data import fashion_mnist_pngs
 from harness.servers import Server, make_tenant_key, start_server, wait_for_job
 
 FUZZ_EXAMPLES = int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "8"))
+WEBHOOK_NETWORK = "127.0.0.1/32"  # the fuzzed replica's only allowance: webhooks to a port nothing listens on
+WEBHOOK_URL = "http://127.0.0.1:9/hook"
 CLASSES = ("trouser", "sneaker", "bag")
 
 
@@ -54,6 +56,8 @@ class Resources:
     queued_job: str  # an id: a job no replica runs, for POST /v1/jobs/{job}:cancel alone
     image: str  # a base64 PNG, for JSON predictions
     image_file: str  # a BMP as text, for multipart uploads (see ascii_bmp)
+    webhook: str  # an id: a webhook to a closed loopback port, allowed (GRAFT_WEBHOOK_ALLOWED_NETWORKS)
+    doomed_webhook: str  # an id, for DELETE /v1/webhooks/{webhook} alone
 
 
 def ascii_bmp(png: bytes) -> str:
@@ -111,11 +115,15 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
                 assert api.put(f"/v1/heads/fuzzed/aliases/{alias}", json={"version": 1}).status_code == 200
     finally:
         trainer.stop()
-    server = start_server(data_dir, GRAFT_ROLE="serve")
+    server = start_server(data_dir, GRAFT_ROLE="serve", GRAFT_WEBHOOK_ALLOWED_NETWORKS=WEBHOOK_NETWORK)
     try:
         with client(server, key) as api:
             queued = api.post("/v1/jobs", json={"dataset": f"datasets/{dataset}", "head": "queued"})
             assert queued.status_code == 202, queued.text
+            webhook, doomed_webhook = (
+                api.post("/v1/webhooks", json={"url": WEBHOOK_URL, "event_types": ["job.failed"]}) for _ in range(2)
+            )
+            assert webhook.status_code == doomed_webhook.status_code == 201, webhook.text
         yield (
             server,
             key,
@@ -129,6 +137,8 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
                 queued_job=queued.json()["name"].removeprefix("jobs/"),
                 image=base64.b64encode(examples[0][0]).decode(),
                 image_file=ascii_bmp(examples[1][0]),
+                webhook=webhook.json()["name"].removeprefix("webhooks/"),
+                doomed_webhook=doomed_webhook.json()["name"].removeprefix("webhooks/"),
             ),
         )
     finally:
@@ -208,6 +218,10 @@ pruned-head = { values = ["$pruned_head"] }
 spare-alias = { values = ["spare"] }
 queued-job = { values = ["$queued_job"] }
 example = { values = ["0"] }  # the dataset's first example, by position
+webhook = { values = ["$webhook"] }
+doomed-webhook = { values = ["$doomed_webhook"] }
+webhook-url = { values = ["http://127.0.0.1:9/fuzzed"] }
+event-type = { values = ["job.succeeded"] }
 
 # Half of the fuzzing phase's cases take a real resource, the other half a generated name (404, or 400/422 when
 # malformed); the coverage phase draws no dictionary, so it tries its boundary values on every operation.
@@ -225,6 +239,9 @@ example = { values = ["0"] }  # the dataset's first example, by position
 "body.version" = { dictionary = "version", probability = 0.5 }
 "path.example" = { dictionary = "example", probability = 0.5 }
 "body.updates[*].example" = { dictionary = "example", probability = 0.5 }
+"path.webhook" = { dictionary = "webhook", probability = 0.5 }
+"body.url" = { dictionary = "webhook-url", probability = 0.5 }
+"body.event_types[*]" = { dictionary = "event-type", probability = 0.5 }
 # A page token is minted by the service (opaque base64url of a sort key): a generated one is refused with 400,
 # rightly. Lists are fuzzed from the first page; tests/e2e/test_http_e2e.py follows real tokens.
 "query.page_token" = ""
@@ -265,6 +282,12 @@ parameters."path.alias" = { dictionary = "spare-alias", probability = 1.0 }
 phases.coverage.extra-data-sources.responses = false
 phases.fuzzing.extra-data-sources.responses = false
 
+[[operations]]
+include-name = "DELETE /v1/webhooks/{webhook}"
+parameters."path.webhook" = { dictionary = "doomed-webhook", probability = 1.0 }
+phases.coverage.extra-data-sources.responses = false
+phases.fuzzing.extra-data-sources.responses = false
+
 # Cancelling is harmless to a finished job (409), so this one may also cancel the jobs the fuzzer queued.
 [[operations]]
 include-name = "POST /v1/jobs/{job}:cancel"
@@ -274,10 +297,13 @@ parameters."path.job" = { dictionary = "queued-job", probability = 1.0 }
 # bytes are refused with 400, rightly, and its real image (above) is accepted; a refusal of the shape (422) of
 # valid data still fails the check. Real uploads are in test_http_e2e. Feedback's label must be a class of the
 # heads that made the prediction (a real id from a stateful link, with a made-up label: 400, rightly); real
-# feedback is in test_shadows_e2e.
+# feedback is in test_shadows_e2e. A webhook's URL must resolve to an allowed address and its event types be known:
+# the fuzzer's are refused with 400, rightly, and past GRAFT_MAX_WEBHOOKS_PER_TENANT with 429; real ones are in
+# test_webhooks_e2e.
 [[operations]]
 include-name = [
     "POST /v1/datasets",
+    "POST /v1/webhooks",
     "POST /v1/predict",
     "POST /v1/predict:upload",
     "POST /v1/predictions/{prediction_id}:feedback",

@@ -50,6 +50,10 @@ SAME_FIELDS: dict[str, Descriptor] = {
     "ImagePrediction": api.ImagePrediction.DESCRIPTOR,
     "HeadPrediction": api.HeadPrediction.DESCRIPTOR,
     "LabelScore": api.LabelScore.DESCRIPTOR,
+    "Webhook": pb.Webhook.DESCRIPTOR,
+    "WebhookDelivery": pb.WebhookDelivery.DESCRIPTOR,
+    "ListWebhooksResponse": api.ListWebhooksResponse.DESCRIPTOR,
+    "ListWebhookDeliveriesResponse": api.ListWebhookDeliveriesResponse.DESCRIPTOR,
 }
 # RPCs HTTP/1.1 cannot carry (a bidirectional stream), said so in service.proto.
 GRPC_ONLY = {"graft.v1.PredictionService.StreamPredict"}

@@ -15,7 +15,7 @@ from service.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
-POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_", "export_", "watch_")
+POOL_PREFIXES = ("store_", "auth_", "probe_", "upload_", "export_", "watch_", "webhook_")
 
 
 def open_runtime(data_dir: Path, **settings) -> Runtime:
@@ -68,8 +68,17 @@ async def test_a_stopped_runtime_leaves_no_pool_threads_behind(tmp_path):
     await runtime.exports.run("acme", lambda: None)
     with pytest.raises(NotFound):  # read in a watch thread
         await anext(runtime.jobs.watch("default", "no-such-job"))
+    await runtime.deliveries.deliver_due()  # claims in a webhook thread
     started = pool_threads() - before
-    assert {thread.name.split("_")[0] for thread in started} == {"store", "auth", "probe", "upload", "export", "watch"}
+    assert {thread.name.split("_")[0] for thread in started} == {
+        "store",
+        "auth",
+        "probe",
+        "upload",
+        "export",
+        "watch",
+        "webhook",
+    }
     await runtime.stop()
     for thread in started:
         await asyncio.to_thread(thread.join, 5)

@@ -1742,3 +1742,298 @@ class PredictionService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WebhookServiceStub:
+    """Signed webhooks: a tenant's endpoints for its events (docs/webhooks.md).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateWebhook = channel.unary_unary(
+                '/graft.v1.WebhookService/CreateWebhook',
+                request_serializer=graft_dot_v1_dot_service__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Webhook.FromString,
+                _registered_method=True)
+        self.GetWebhook = channel.unary_unary(
+                '/graft.v1.WebhookService/GetWebhook',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetWebhookRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.Webhook.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/graft.v1.WebhookService/ListWebhooks',
+                request_serializer=graft_dot_v1_dot_service__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/graft.v1.WebhookService/DeleteWebhook',
+                request_serializer=graft_dot_v1_dot_service__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/graft.v1.WebhookService/ListWebhookDeliveries',
+                request_serializer=graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/graft.v1.WebhookService/TestWebhook',
+                request_serializer=graft_dot_v1_dot_service__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.WebhookDelivery.FromString,
+                _registered_method=True)
+
+
+class WebhookServiceServicer:
+    """Signed webhooks: a tenant's endpoints for its events (docs/webhooks.md).
+    """
+
+    def CreateWebhook(self, request, context):
+        """The URL's host must resolve to public addresses only, unless the operator
+        allowed its network (GRAFT_WEBHOOK_ALLOWED_NETWORKS): INVALID_ARGUMENT names
+        the address. The answer holds the signing secret, the only time it is shown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Newest first: each event's state, tries and the receiver's last answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestWebhook(self, request, context):
+        """Queue a "webhook.test" event for this webhook alone; returns its delivery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WebhookServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Webhook.SerializeToString,
+            ),
+            'GetWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhook,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetWebhookRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.Webhook.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.TestWebhookRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.WebhookDelivery.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'graft.v1.WebhookService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('graft.v1.WebhookService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WebhookService:
+    """Signed webhooks: a tenant's endpoints for its events (docs/webhooks.md).
+    """
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/CreateWebhook',
+            graft_dot_v1_dot_service__pb2.CreateWebhookRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Webhook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/GetWebhook',
+            graft_dot_v1_dot_service__pb2.GetWebhookRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.Webhook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/ListWebhooks',
+            graft_dot_v1_dot_service__pb2.ListWebhooksRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/DeleteWebhook',
+            graft_dot_v1_dot_service__pb2.DeleteWebhookRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/ListWebhookDeliveries',
+            graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.WebhookService/TestWebhook',
+            graft_dot_v1_dot_service__pb2.TestWebhookRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.WebhookDelivery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
