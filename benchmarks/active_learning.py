@@ -200,9 +200,8 @@ def draw(results: dict[str, dict], path: Path) -> None:
         labelled = [result["classes"] * 2 + r * result["labels_per_round"] for r in range(result["rounds"] + 1)]
         ax.plot(labelled, result["suggest_acc_by_round"], "o-", label=f"suggest ({result['strategy']})")
         ax.plot(labelled, result["random_acc_by_round"], "s--", label="random")
-        ax.set_title(
-            f"{name}: pool {result['pool']}, test {result['test']}, {result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
-        )
+        seeds = f"{result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
+        ax.set_title(f"{name}: pool {result['pool']}, test {result['test']}, {seeds}")
         ax.set_xlabel("labelled images")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
