@@ -11,7 +11,6 @@ between their steps.
 """
 
 import threading
-import time
 from collections.abc import Callable
 
 import torch
@@ -20,14 +19,13 @@ from pydantic import BaseModel, Field
 from adapters.audit import DEFAULT_DUPLICATE_SIMILARITY, LabelAudit, audit_labels
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
-from service.errors import DeadlineExceeded, ResourceExhausted
+from service.feature_work import audit_slot, stop_check
 from service.labelled_set import labelled_set
 from service.store.datasets import DatasetStore, ExampleInfo
 from service.training import adapter_errors_translated
 
 DEFAULT_AUDIT_ITEMS = 50
 MAX_AUDIT_ITEMS = 1000
-AUDIT_RETRY_S = 10.0
 
 
 class AuditRequest(BaseModel):
@@ -81,26 +79,13 @@ class DatasetAuditor:
         nothing bounds how many run at once."""
         dataset = labelled_set(self.datasets, tenant, request.dataset_id)  # NotFound first, for another tenant's too
         backbone = self.backbone(request.backbone or self.default_backbone)
-        if slots is not None and not slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                "this worker is already running as many audits as it may at once (GRAFT_MAX_CONCURRENT_AUDITS); "
-                "retry shortly",
-                retry_after_s=AUDIT_RETRY_S,
-            )
-        deadline = time.monotonic() + self.max_seconds
-
-        def stop() -> bool:
-            if cancel is not None and cancel.is_set():
-                return True
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"the audit ran longer than {self.max_seconds:g} s, the limit of one audit "
-                    "(GRAFT_MAX_AUDIT_SECONDS); features computed so far stay cached, so asking again goes on "
-                    "from there. A duplicate_similarity near 1 (the default 0.98) keeps the search short"
-                )
-            return False
-
-        try:
+        stop = stop_check(
+            cancel,
+            self.max_seconds,
+            "audit",
+            ". A duplicate_similarity near 1 (the default 0.98) keeps the search short",
+        )
+        with audit_slot(slots):
             shas = [example.image_sha256 for example in dataset.examples]
             labels = torch.tensor(dataset.labels)
             features = self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
@@ -114,9 +99,6 @@ class DatasetAuditor:
                 duplicate_similarity=request.duplicate_similarity,
                 cancelled=stop,
             )
-        finally:
-            if slots is not None:
-                slots.release()
         return AuditedDataset(
             dataset_id=dataset.dataset_id,
             backbone=backbone.name,

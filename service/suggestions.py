@@ -12,23 +12,19 @@ most ``GRAFT_MAX_AUDIT_SECONDS`` or until its caller goes away.
 """
 
 import threading
-import time
-from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, Field
 
 from adapters.active import DEFAULT_STRATEGY, Strategy, Suggestion, suggest
-from service.auditing import AUDIT_RETRY_S
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.engine.head_cache import LoadedHead, materialise
-from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.errors import FailedPrecondition, InvalidArgument
+from service.feature_work import Stop, audit_slot, check, stop_check
 from service.store.datasets import DatasetStore, ExampleInfo
 from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
 from service.training import adapter_errors_translated
-
-Stop = Callable[[], bool]  # True: the caller went away; raises past the deadline
 
 DEFAULT_SUGGESTIONS = 20
 MAX_SUGGESTIONS = 200
@@ -101,18 +97,14 @@ class ExampleSuggester:
                 "labels to it (a pool), or create a dataset of them"
             )
         labelled = self.datasets.labelled_examples(tenant, request.dataset_id)
-        if slots is not None and not slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                "this worker is already running as many audits and suggestions as it may at once "
-                "(GRAFT_MAX_CONCURRENT_AUDITS); retry shortly",
-                retry_after_s=AUDIT_RETRY_S,
-            )
-        try:
-            stop = self._stop(cancel)
+        stop = stop_check(cancel, self.max_seconds, "suggestion")
+        with audit_slot(slots):
             head = materialise(version, self.heads.load_tensors(version), backbone)
             pool_shas = [example.image_sha256 for example in pool]
             probabilities = self._probabilities(head, backbone, pool_shas, tenant, stop)
+            check(stop, "suggestion")
             pooled = self._pooled(backbone, pool_shas + [e.image_sha256 for e in labelled], tenant, stop)
+            check(stop, "suggestion")
             picked = suggest(
                 pooled[: len(pool)],
                 probabilities,
@@ -122,9 +114,6 @@ class ExampleSuggester:
                 classes=head.classes,
                 seed=request.seed,
             )
-        finally:
-            if slots is not None:
-                slots.release()
         return Suggestions(
             dataset_id=request.dataset_id,
             head=version,
@@ -141,21 +130,6 @@ class ExampleSuggester:
                 f"service does not load (it loads: {', '.join(sorted(self.backbones))})"
             )
         return self.backbones[version.backbone]
-
-    def _stop(self, cancel: threading.Event | None) -> Stop:
-        deadline = time.monotonic() + self.max_seconds
-
-        def stop() -> bool:
-            if cancel is not None and cancel.is_set():
-                return True
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"the suggestion ran longer than {self.max_seconds:g} s (GRAFT_MAX_AUDIT_SECONDS); features "
-                    "computed so far stay cached, so asking again goes on from there"
-                )
-            return False
-
-        return stop
 
     def _probabilities(
         self, head: LoadedHead, backbone: Backbone, shas: list[str], tenant: str, stop: Stop

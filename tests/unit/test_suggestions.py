@@ -2,6 +2,7 @@
 through the core, both doors, both clients and the CLI."""
 
 import asyncio
+import threading
 
 import grpc
 import httpx
@@ -11,13 +12,13 @@ from adapters.search_space import SearchSpace
 from client import cli
 from harness.inprocess import client_of, serve_http
 from harness.sample_data import fashion_mnist_pngs
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.grpc.gen.graft.v1 import service_pb2_grpc as rpc
 from service.grpc.server import start_grpc_server
 from service.http.app import create_app
 from service.runtime import Runtime
-from service.suggestions import SuggestRequest
+from service.suggestions import ExampleSuggester, SuggestRequest
 from service.training import TrainRequest
 
 TENANT = "acme"
@@ -239,3 +240,18 @@ async def test_graft_suggest_prints_the_files_to_label_first(runtime, keys, pool
     header = next(i for i, row in enumerate(printed) if row.startswith("file"))
     rows = printed[header + 1 :]
     assert len(rows) == 3 and all(row.split()[0] in truth for row in rows)
+
+
+def test_a_suggestion_needs_a_free_audit_slot_and_stops_at_the_time_limit(runtime, pool):
+    dataset_id, _ = pool
+    request = SuggestRequest(dataset_id=dataset_id, head="garments", count=3)
+    busy = threading.Semaphore(0)
+    with pytest.raises(ResourceExhausted, match="GRAFT_MAX_CONCURRENT_AUDITS"):
+        runtime.core.suggester.suggest(TENANT, request, slots=busy)
+    free = threading.Semaphore(1)
+    hasty = ExampleSuggester(
+        runtime.core.datasets, runtime.core.heads, runtime.core.extractor, runtime.core.backbones, max_seconds=0.0
+    )
+    with pytest.raises(DeadlineExceeded, match="GRAFT_MAX_AUDIT_SECONDS"):
+        hasty.suggest(TENANT, request, slots=free)
+    assert free.acquire(blocking=False)  # the slot was given back
