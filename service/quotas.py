@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import ResourceExhausted
-from service.store.db import DatasetRow, HeadVersionRow, JobRow, begin_immediate
+from service.store.db import BatchPredictionRow, DatasetRow, HeadVersionRow, JobRow, begin_immediate
 
 
 class Quotas:
@@ -104,6 +104,25 @@ class Quotas:
                 f"tenant '{tenant}' has {unfinished} jobs queued or running, its quota (GRAFT_QUOTA_QUEUED_JOBS); "
                 "wait for one to finish or cancel one",
                 quota="queued_jobs",
+                retry_after_s=30.0,
+            )
+
+    def check_new_batch_prediction(self, session: Session, tenant: str) -> None:
+        """Inside the transaction that stores a batch prediction: refuse one past the tenant's queued quota."""
+        self._serialise(session, tenant)
+        unfinished = (
+            session.scalar(
+                select(func.count())
+                .select_from(BatchPredictionRow)
+                .where(BatchPredictionRow.tenant == tenant, BatchPredictionRow.state.in_(("queued", "running")))
+            )
+            or 0
+        )
+        if unfinished >= self.settings.quota_queued_batch_predictions:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' has {unfinished} batch predictions queued or running, its quota "
+                "(GRAFT_QUOTA_QUEUED_BATCH_PREDICTIONS); wait for one to finish or cancel one",
+                quota="queued_batch_predictions",
                 retry_after_s=30.0,
             )
 
