@@ -20,6 +20,7 @@ from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
+from service.batch.store import BatchInfo, BatchOptions
 from service.engine.backbones import BACKBONES, BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
@@ -407,6 +408,56 @@ class Job(BaseModel):
         )
 
 
+class BatchPredictionSpec(BatchOptions):
+    """What a batch prediction answers: the body of ``POST /v1/batchPredictions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
+        description="datasets/{dataset}: every example of it is predicted, labelled or not"
+    )
+    heads: list[HeadRef] = Field(
+        min_length=1, description="head references: 'name', 'name@3' or 'name:prod' (GRAFT_MAX_BATCH_PREDICTION_HEADS)"
+    )
+
+    def options(self) -> BatchOptions:
+        return BatchOptions(top_k=self.top_k, min_score=self.min_score)
+
+
+class BatchPrediction(BaseModel):
+    """``batchPredictions/{batch_prediction}``: heads x a dataset, a long-running operation."""
+
+    name: str = Field(description="batchPredictions/{batch_prediction}")
+    spec: BatchPredictionSpec
+    head_versions: list[str] = Field(description="each head reference as the version it named at creation: name@N")
+    state: JobState
+    done: bool
+    images_done: int
+    images_total: int
+    error: str | None
+    create_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+
+    @classmethod
+    def of(cls, info: BatchInfo) -> "BatchPrediction":
+        return cls(
+            name=f"batchPredictions/{info.id}",
+            spec=BatchPredictionSpec(
+                dataset=f"datasets/{info.dataset_id}", heads=info.heads, **info.options.model_dump()
+            ),
+            head_versions=info.versions,
+            state=info.state,
+            done=info.done,
+            images_done=info.done_images,
+            images_total=info.total,
+            error=info.error,
+            create_time=info.created_at,
+            start_time=info.started_at,
+            end_time=info.finished_at,
+        )
+
+
 class HeadVersion(BaseModel):
     """``heads/{head}/versions/{version}``: one trained version of a head."""
 
@@ -542,6 +593,11 @@ class ListExamplesResponse(BaseModel):
 
 class ListJobsResponse(BaseModel):
     jobs: list[Job]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListBatchPredictionsResponse(BaseModel):
+    batch_predictions: list[BatchPrediction]
     next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
 
 

@@ -15,13 +15,20 @@ from pydantic import BaseModel
 
 from adapters.kinds import HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
+from service.batch.results import ResultsFormat
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
 from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
 from service.prediction_options import PredictOptions
-from service.resources import CompareHeadVersionsResponse, ExportFormat, TrainingKind, TrainingSpec
+from service.resources import (
+    BatchPredictionSpec,
+    CompareHeadVersionsResponse,
+    ExportFormat,
+    TrainingKind,
+    TrainingSpec,
+)
 from service.store.windows import DriftStatus
 
 M = TypeVar("M", bound=Message)
@@ -47,6 +54,11 @@ EXPORT_FORMATS = {
     api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
     api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
     api.EXPORT_FORMAT_PT2: ExportFormat.PT2,
+}
+RESULTS_FORMATS = {
+    api.BATCH_RESULTS_FORMAT_UNSPECIFIED: ResultsFormat.JSONL,
+    api.BATCH_RESULTS_FORMAT_JSONL: ResultsFormat.JSONL,
+    api.BATCH_RESULTS_FORMAT_CSV: ResultsFormat.CSV,
 }
 # Reserved in the proto; a client built on an older graft.v1 may still send it.
 REMOVED_EXPORT_FORMATS = {
@@ -97,6 +109,20 @@ def export_format(value: api.ExportFormat) -> ExportFormat:
             f"format {value} is not a known export format; use one of {', '.join(api.ExportFormat.keys()[1:])}"
         )
     return EXPORT_FORMATS[value]
+
+
+def results_format(value: api.BatchResultsFormat) -> ResultsFormat:
+    if value not in RESULTS_FORMATS:
+        raise InvalidArgument(
+            f"format {value} is not a known results format; use one of {', '.join(api.BatchResultsFormat.keys()[1:])}"
+        )
+    return RESULTS_FORMATS[value]
+
+
+def batch_prediction_spec(spec: pb.BatchPredictionSpec) -> BatchPredictionSpec:
+    """A BatchPredictionSpec message as the resource; top_k 0 (unset in proto3) takes the default."""
+    fields = {"dataset": spec.dataset, "heads": list(spec.heads), "min_score": spec.min_score}
+    return BatchPredictionSpec.model_validate(fields | ({"top_k": spec.top_k} if spec.top_k else {}))
 
 
 def predict_options(request: api.PredictRequest | api.StreamPredictRequest) -> PredictOptions:
