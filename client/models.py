@@ -33,6 +33,7 @@ OBJECTIVES = _json_values(resources_pb2.Objective.keys(), "OBJECTIVE_")
 CLASS_WEIGHTINGS = _json_values(resources_pb2.ClassWeighting.keys(), "CLASS_WEIGHTING_")
 SCALINGS = _json_values(resources_pb2.FeatureScaling.keys(), "FEATURE_SCALING_")
 DRIFT_STATUSES = _json_values(service_pb2.DriftStatus.keys(), "DRIFT_STATUS_")
+RESULTS_FORMATS = _json_values(service_pb2.BatchResultsFormat.keys(), "BATCH_RESULTS_FORMAT_")
 
 
 class TrunkRuntime(BaseModel):
@@ -182,6 +183,29 @@ class Job(BaseModel):
     spec: TrainingSpec
     metrics: dict[str, Any] = {}
     head_version: str | None = Field(None, description="heads/{head}/versions/{version} once succeeded")
+    error: str | None = None
+    create_time: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+class BatchPredictionSpec(BaseModel):
+    """What a batch prediction answers (the body of ``POST /v1/batchPredictions``)."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    heads: list[str] = Field(description="head references: 'name', 'name@3', 'name:prod'")
+    top_k: int = 5
+    min_score: float = 0.0
+
+
+class BatchPrediction(BaseModel):
+    name: str = Field(description="batchPredictions/{batch_prediction}")
+    spec: BatchPredictionSpec
+    head_versions: list[str] = Field([], description="each head reference as the version it named at creation")
+    state: str = Field(description=f"{', '.join(JOB_STATES)}, or a state newer than this client")
+    done: bool
+    images_done: int = 0
+    images_total: int = 0
     error: str | None = None
     create_time: datetime
     start_time: datetime | None = None

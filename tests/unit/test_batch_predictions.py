@@ -2,6 +2,7 @@
 equal online predictions of the same images; bad inputs, tenant isolation, and a job resumed after its replica's
 lease expired answers every image once."""
 
+import argparse
 import asyncio
 import csv
 import io
@@ -15,6 +16,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from adapters.search_space import SearchSpace
+from client import cli, models
+from client.errors import FailedPrecondition, NotFound
+from client.grpc_client import GrpcClient
+from client.http_client import HttpClient
+from harness.inprocess import serve_http
 from harness.sample_data import fashion_mnist_pngs
 from service.batch import BatchOptions, BatchRunner
 from service.batch.results import ResultsFormat
@@ -305,12 +311,17 @@ async def test_grpc_creates_gets_lists_streams_results_cancels_and_deletes(runti
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_the_results_formats_are_the_protos():
+def test_the_results_formats_are_the_protos_the_clients_and_the_clis():
     names = api.BatchResultsFormat.keys()
     assert names == [
         "BATCH_RESULTS_FORMAT_UNSPECIFIED",
         *(f"BATCH_RESULTS_FORMAT_{f.value.upper()}" for f in ResultsFormat),
     ]
+    assert models.RESULTS_FORMATS == tuple(f.value for f in ResultsFormat)
+    subcommands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    batch = next(a for a in subcommands.choices["batch"]._actions if isinstance(a, argparse._SubParsersAction))
+    results = batch.choices["results"]
+    assert tuple(next(a for a in results._actions if "--format" in a.option_strings).choices) == models.RESULTS_FORMATS
 
 
 # -- across replicas ------------------------------------------------------------------------------------------------
@@ -372,3 +383,72 @@ def test_a_second_replica_never_claims_a_job_another_holds(runtime):
     assert runtime.batches.store.claim_next("first", 30.0) is not None
     assert other.store.claim_next("second", 30.0) is None
     assert other.store.requeue_expired(3) == []
+
+
+# -- the clients and the CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("door", ["http", "grpc"])
+async def test_both_clients_create_follow_list_download_and_delete_batch_predictions(runtime, keys, images, door):
+    await runtime.start()
+    server = await start_grpc_server(runtime, 0, host="127.0.0.1")
+    try:
+        with serve_http(runtime) as port:
+            client = (
+                HttpClient(f"http://127.0.0.1:{port}", keys[TENANT])
+                if door == "http"
+                else GrpcClient(f"127.0.0.1:{server.port}", keys[TENANT])
+            )
+            with client:
+                created = await asyncio.to_thread(
+                    client.predict_dataset, dataset_of(runtime, TENANT), ["clothes:latest"], top_k=2
+                )
+                ended = await asyncio.to_thread(client.wait_batch_prediction, created.name, poll_s=0.05)
+                listed = await asyncio.to_thread(client.list_batch_predictions)
+                as_csv = await asyncio.to_thread(client.batch_prediction_results, created.name, "csv")
+                as_jsonl = await asyncio.to_thread(client.batch_prediction_results, created.name)
+                with pytest.raises(FailedPrecondition, match="already succeeded"):
+                    await asyncio.to_thread(client.cancel_batch_prediction, created.name)
+                await asyncio.to_thread(client.delete_batch_prediction, created.name)
+                with pytest.raises(NotFound):
+                    await asyncio.to_thread(client.get_batch_prediction, created.name)
+    finally:
+        await server.stop(None)
+        await runtime.stop()
+    assert (created.state, created.head_versions, created.spec.heads) == ("queued", ["clothes@1"], ["clothes:latest"])
+    assert (ended.state, ended.images_done, ended.images_total, ended.error) == ("succeeded", 9, 9, None)
+    assert [b.name for b in listed] == [created.name]
+    rows = [json.loads(line) for line in as_jsonl.decode().splitlines()]
+    table = list(csv.DictReader(io.StringIO(as_csv.decode())))
+    assert [line["1:clothes:latest label"] for line in table] == [row["heads"][0]["label"] for row in rows]
+    assert [int(line["index"]) for line in table] == list(range(len(images)))
+
+
+@pytest.mark.anyio
+async def test_graft_batch_creates_waits_lists_and_downloads_results(
+    runtime, keys, images, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    monkeypatch.setenv("GRAFT_API_KEY", keys[TENANT])
+    await runtime.start()
+    try:
+        with serve_http(runtime) as port:
+            url = f"http://127.0.0.1:{port}"
+
+            def graft(*args: str) -> int:
+                return cli.main(["--url", url, "batch", *args])
+
+            assert await asyncio.to_thread(graft, "create", "clothes", "clothes,clothes@1", "--wait", "--json") == 0
+            created = json.loads(capsys.readouterr().out)
+            assert await asyncio.to_thread(graft, "list") == 0
+            listed = capsys.readouterr().out.splitlines()
+            out = tmp_path / "results.csv"
+            assert await asyncio.to_thread(graft, "results", created["name"], "--format", "csv", "-o", str(out)) == 0
+    finally:
+        await runtime.stop()
+    assert created["state"] == "succeeded" and created["head_versions"] == ["clothes@1", "clothes@1"]
+    assert listed[0].split() == ["name", "state", "images", "heads", "created"]
+    assert listed[1].split()[:4] == [created["name"], "succeeded", "9/9", "clothes@1,clothes@1"]
+    table = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(table) == len(images) and table[0]["2:clothes@1 version"] == "1"
