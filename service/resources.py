@@ -21,6 +21,7 @@ from adapters.recipe import ClassWeighting, Objective, Scaling
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
 from service.batch.store import BatchInfo, BatchOptions
+from service.config import Settings
 from service.engine.backbones import BACKBONES, BackboneInfo
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
@@ -416,8 +417,11 @@ class BatchPredictionSpec(BatchOptions):
     dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
         description="datasets/{dataset}: every example of it is predicted, labelled or not"
     )
+    # The schema states the default limit; GRAFT_MAX_BATCH_PREDICTION_HEADS changes it.
     heads: list[HeadRef] = Field(
-        min_length=1, description="head references: 'name', 'name@3' or 'name:prod' (GRAFT_MAX_BATCH_PREDICTION_HEADS)"
+        min_length=1,
+        max_length=Settings.model_fields["max_batch_prediction_heads"].default,
+        description="head references: 'name', 'name@3' or 'name:prod'",
     )
 
     def options(self) -> BatchOptions:

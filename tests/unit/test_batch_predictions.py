@@ -179,7 +179,7 @@ def assert_no_results_left(runtime: Runtime, name: str) -> None:
     [
         ({"heads": ["nope"]}, 404, "nope"),
         ({"heads": ["clothes@7"]}, 404, "clothes"),
-        ({"heads": ["clothes"] * 9}, 400, "GRAFT_MAX_BATCH_PREDICTION_HEADS"),
+        ({"heads": ["clothes"] * 9}, 422, "heads"),
         ({"heads": []}, 422, "heads"),
         ({"heads": ["clothes"], "top_k": 0}, 422, "top_k"),
         ({"heads": ["clothes"], "dataset": "theirs"}, 404, "not found"),
@@ -284,6 +284,14 @@ async def test_grpc_creates_gets_lists_streams_results_cancels_and_deletes(runti
                 ("theirs", stub.GetBatchPrediction, api.GetBatchPredictionRequest(name=created.name), theirs),
                 ("done", stub.CancelBatchPrediction, api.CancelBatchPredictionRequest(name=created.name), mine),
                 (
+                    "too many heads",
+                    stub.CreateBatchPrediction,
+                    api.CreateBatchPredictionRequest(
+                        spec=pb.BatchPredictionSpec(dataset=spec.dataset, heads=["clothes"] * 9)
+                    ),
+                    mine,
+                ),
+                (
                     "unknown head",
                     stub.CreateBatchPrediction,
                     api.CreateBatchPredictionRequest(spec=pb.BatchPredictionSpec(dataset=spec.dataset, heads=["x"])),
@@ -306,6 +314,7 @@ async def test_grpc_creates_gets_lists_streams_results_cancels_and_deletes(runti
     assert refused == {
         "theirs": grpc.StatusCode.NOT_FOUND,
         "done": grpc.StatusCode.FAILED_PRECONDITION,
+        "too many heads": grpc.StatusCode.INVALID_ARGUMENT,
         "unknown head": grpc.StatusCode.NOT_FOUND,
     }
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
