@@ -82,7 +82,14 @@ class Runtime:
         self.predictor.observer = self.monitor  # the predictor is built first (around): it reports from now on
         core = self.core
         self.batches = BatchRunner(
-            core.db, core.datasets, self.predictor.heads, core.backbones, core.blobs, settings, core.quotas
+            core.db,
+            core.datasets,
+            self.predictor.heads,
+            core.backbones,
+            core.blobs,
+            settings,
+            core.quotas,
+            lambda: self.predictor.in_flight,
         )
 
     @classmethod

@@ -1,23 +1,23 @@
 """One chunk of a batch prediction: its examples' images through the trunk, below online predictions.
 
 Online predictions come first (docs/architecture.md, decision 10). A chunk is cut into
-serving-sized parts; before each part a worker waits, bounded, for a moment with no
-serving batch (``TrunkPriority.yield_to_serving``, as training's extraction does), so a
-part never starts while predictions wait for the trunk. The workers are also the
-lowest-priority threads of the process (niceness 19), so when a prediction arrives
-while a part runs, the operating system gives the cores to the prediction: a batch job
-takes what serving leaves. There are as many workers as serving batches run at once
-(one per core on a CPU, each single-threaded; one on a GPU), so an idle replica runs a
-batch job as fast as it serves.
+parts of one trunk micro-batch (2 images on a CPU, a serving batch on a GPU); before each
+part a worker waits, bounded, until no online prediction is in flight (admitted and not yet
+answered) and no serving batch runs, as training's extraction yields to serving batches.
+So a prediction that arrives while a part runs shares the cores with that one part only,
+and one that arrives between parts finds the trunk free; under constant prediction load
+the job still moves, one part per ``TrunkPriority.max_wait_s``. There are as many workers
+as serving batches run at once (one per core on a CPU, each single-threaded; one on a GPU),
+so an idle replica runs a batch job as fast as it serves (README, "Batch predictions":
+``benchmarks/batch.py``). The workers keep the process's CPU priority: a lower one
+(``nice``) would starve the job behind any other process of the host, and a worker
+descheduled while it holds the GIL would stall the predictions waiting for it.
 
 Each part runs the trunk once and every head of the job on its rows (``run_batch``, the
 serving path), and each head answers as an online prediction would (``head_prediction``).
 """
 
-import contextlib
-import logging
-import os
-import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,9 +36,7 @@ from service.errors import Cancelled
 from service.prediction_options import PredictOptions
 from service.store.blobs import BlobStore
 
-log = logging.getLogger(__name__)
-
-BACKGROUND_NICENESS = 19  # the lowest priority Linux gives a thread
+IDLE_POLL_S = 0.002  # how often a waiting part looks whether online predictions are still in flight
 
 
 @dataclass(frozen=True)
@@ -51,24 +49,21 @@ class BatchExample:
     image_sha256: str
 
 
-def lower_thread_priority() -> None:
-    """A worker's initializer: single-threaded torch, and the lowest CPU priority for this thread only."""
-    use_one_torch_thread()
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the trunk priority still orders the work
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
-
-
 class ChunkPredictor:
     """Answers a chunk of examples for a job's heads, in background threads of its own."""
 
-    def __init__(self, backbones: dict[str, Backbone], blobs: BlobStore, settings: Settings) -> None:
+    def __init__(
+        self, backbones: dict[str, Backbone], blobs: BlobStore, settings: Settings, serving: Callable[[], int]
+    ) -> None:
+        """``serving()``: the online prediction images in flight (admitted, not yet answered)."""
         self.backbones = backbones
+        self.serving = serving
         self.blobs = blobs
         self.settings = settings
         first = next(iter(backbones.values()))
-        self.part_size = settings.max_batch_size or first.placement.serving_batch
+        self.part_size = first.placement.micro_batch or settings.max_batch_size or first.placement.serving_batch
         self.workers = settings.trunk_workers or trunk_workers(first)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch", initializer=lower_thread_priority)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch", initializer=use_one_torch_thread)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -94,7 +89,7 @@ class ChunkPredictor:
             for name, group in by_backbone.items():
                 backbone = self.backbones[name]
                 images = torch.stack([self._prepare(backbone, example) for example in part])
-                backbone.priority.yield_to_serving()
+                self._yield_to_predictions(backbone)
                 output = run_batch(backbone, images, [group] * len(part), False)
                 for row, error in enumerate(output.errors):
                     if error is not None:
@@ -110,6 +105,14 @@ class ChunkPredictor:
         for part_rows in self._pool.map(answer, parts):
             rows += part_rows
         return rows
+
+    def _yield_to_predictions(self, backbone: Backbone) -> None:
+        """Wait (bounded: the job still moves under constant load) until no online prediction is in flight,
+        then until no serving batch runs."""
+        deadline = time.monotonic() + backbone.priority.max_wait_s
+        while self.serving() > 0 and time.monotonic() < deadline:
+            time.sleep(IDLE_POLL_S)
+        backbone.priority.yield_to_serving()
 
     def _prepare(self, backbone: Backbone, example: BatchExample) -> torch.Tensor:
         return prepare_image(

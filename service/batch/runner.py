@@ -77,6 +77,7 @@ class BatchRunner:
         blobs: BlobStore,
         settings: Settings,
         quotas: Quotas,
+        serving: Callable[[], int],
         *,
         on_finished: Callable[[BatchInfo], None] | None = None,
     ) -> None:
@@ -87,7 +88,7 @@ class BatchRunner:
         self.heads = heads
         self.settings = settings
         self.on_finished = on_finished
-        self.chunks = ChunkPredictor(backbones, blobs, settings)
+        self.chunks = ChunkPredictor(backbones, blobs, settings, serving)
         # Unique per runner, so two runners in one process (tests, benchmarks) are two replicas.
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(settings.max_concurrent_batch_predictions, thread_name_prefix="batch-job")

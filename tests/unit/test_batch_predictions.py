@@ -388,6 +388,7 @@ def test_a_second_replica_never_claims_a_job_another_holds(runtime):
         runtime.core.blobs,
         runtime.settings,
         runtime.core.quotas,
+        lambda: 0,
     )
     assert runtime.batches.store.claim_next("first", 30.0) is not None
     assert other.store.claim_next("second", 30.0) is None
