@@ -10,7 +10,8 @@ images (PNG, 28x28) stored as one dataset:
 - ``batch_over_online_ips``: their ratio (target >= 0.9);
 - ``online_p99_during_batch_over_idle``: the p99 latency of a light client
   (one image per request, one request every 100 ms) while a second batch job
-  over the dataset runs, over its p99 while the service is idle (target <= 2).
+  over the dataset runs, over its p99 while the service is idle (target <= 2;
+  half of the idle requests are sent before the job, half after it).
 
     python benchmarks/batch.py                  # prints one JSON object last
     python benchmarks/batch.py --images 500     # a quick run
@@ -36,7 +37,7 @@ OUT = Path(__file__).resolve().parent / "results"
 REQUEST_IMAGES = 10  # images per request of the saturating client
 CONCURRENCY = 8  # its requests in flight
 LIGHT_INTERVAL_S = 0.1  # the light client's pace: one image per request
-IDLE_SAMPLES = 150
+IDLE_SAMPLES = 200
 CLASSES = 10
 
 
@@ -101,10 +102,12 @@ async def measure(args: argparse.Namespace) -> dict:
         await online_ips(runtime.predictor, head, images[: REQUEST_IMAGES * CONCURRENCY * 4])  # warm-up
         online = await online_ips(runtime.predictor, head, images)
         batch = len(images) / await batch_seconds(runtime, head, dataset.id)
-        idle = await light_latencies(runtime.predictor, head, images, IDLE_SAMPLES)
+        # Idle before and after the batch, so that a change in the machine's other load weighs on both alike.
+        idle = await light_latencies(runtime.predictor, head, images, IDLE_SAMPLES // 2)
         running = asyncio.ensure_future(batch_seconds(runtime, head, dataset.id))
         during = await light_latencies(runtime.predictor, head, images, running)
         await running
+        idle += await light_latencies(runtime.predictor, head, images, IDLE_SAMPLES - IDLE_SAMPLES // 2)
     finally:
         await runtime.stop()
     return {
