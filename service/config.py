@@ -143,7 +143,9 @@ class Settings(BaseSettings):
         100_000, gt=0, description="Most images (dataset examples) one batch prediction job may predict."
     )
     max_batch_prediction_heads: int = Field(8, gt=0, description="Most head references one batch prediction may name.")
-    quota_queued_batch_predictions: int = Field(5, gt=0, description="Queued + running batch predictions per tenant.")
+    quota_batch_predictions: int = Field(
+        20, gt=0, description="Batch predictions kept per tenant, in any state (finished ones hold their results)."
+    )
     batch_results_ttl_s: float = Field(
         7 * 24 * 3600.0,
         gt=0,

@@ -108,21 +108,20 @@ class Quotas:
             )
 
     def check_new_batch_prediction(self, session: Session, tenant: str) -> None:
-        """Inside the transaction that stores a batch prediction: refuse one past the tenant's queued quota."""
+        """Inside the transaction that stores a batch prediction: refuse one past the tenant's quota of batch
+        predictions kept (in any state: finished ones hold their results until deleted or expired)."""
         self._serialise(session, tenant)
-        unfinished = (
+        kept = (
             session.scalar(
-                select(func.count())
-                .select_from(BatchPredictionRow)
-                .where(BatchPredictionRow.tenant == tenant, BatchPredictionRow.state.in_(("queued", "running")))
+                select(func.count()).select_from(BatchPredictionRow).where(BatchPredictionRow.tenant == tenant)
             )
             or 0
         )
-        if unfinished >= self.settings.quota_queued_batch_predictions:
+        if kept >= self.settings.quota_batch_predictions:
             raise ResourceExhausted(
-                f"tenant '{tenant}' has {unfinished} batch predictions queued or running, its quota "
-                "(GRAFT_QUOTA_QUEUED_BATCH_PREDICTIONS); wait for one to finish or cancel one",
-                quota="queued_batch_predictions",
+                f"tenant '{tenant}' keeps {kept} batch predictions, its quota (GRAFT_QUOTA_BATCH_PREDICTIONS); "
+                "delete finished ones (their results go with them) or cancel one",
+                quota="batch_predictions",
                 retry_after_s=30.0,
             )
 

@@ -27,12 +27,14 @@ from service.store.pages import check_page_size, decode_time, decode_token, enco
 
 CLAIM_RACES = 5  # how often claim_next tries again when another replica took the job it picked
 RESULT_PAGE = 500  # result rows read per query while a download streams
+MAX_TOP_K = 20
 
 
 class BatchOptions(BaseModel):
     """What every head answers per image (a subset of the predict options: no embeddings, no shadows)."""
 
-    top_k: int = Field(5, ge=1, le=1000, description="how many labels each head answers, best first")
+    # Bounded below predict's 1,000: every label of every head of every image is stored until the job is deleted.
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many labels each head answers, best first")
     min_score: float = Field(
         0.0, ge=0.0, le=1.0, description="a head whose top score is below this answers `abstained: true`"
     )

@@ -126,7 +126,7 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
     finally:
         trainer.stop()
     # The batch predictions the fuzzer creates stay queued (a serving replica runs none): room for all of them.
-    server = start_server(data_dir, GRAFT_ROLE="serve", GRAFT_QUOTA_QUEUED_BATCH_PREDICTIONS="1000")
+    server = start_server(data_dir, GRAFT_ROLE="serve", GRAFT_QUOTA_BATCH_PREDICTIONS="1000")
     try:
         with client(server, key) as api:
             queued = api.post("/v1/jobs", json={"dataset": f"datasets/{dataset}", "head": "queued"})

@@ -182,6 +182,7 @@ def assert_no_results_left(runtime: Runtime, name: str) -> None:
         ({"heads": ["clothes"] * 9}, 422, "heads"),
         ({"heads": []}, 422, "heads"),
         ({"heads": ["clothes"], "top_k": 0}, 422, "top_k"),
+        ({"heads": ["clothes"], "top_k": 21}, 422, "top_k"),
         ({"heads": ["clothes"], "dataset": "theirs"}, 404, "not found"),
         ({"heads": ["clothes"], "extra": 1}, 422, "extra"),
     ],
@@ -221,6 +222,42 @@ async def test_a_queued_batch_prediction_is_cancelled_at_once_and_has_no_results
 
 
 @pytest.mark.anyio
+async def test_a_repeated_create_with_one_idempotency_key_answers_the_same_batch_prediction(runtime, keys):
+    transport = httpx.ASGITransport(app=create_app(runtime.settings, lambda: runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
+        headers = {"Authorization": f"Bearer {keys[TENANT]}", "Idempotency-Key": "batch-1"}
+        spec = {"dataset": dataset_of(runtime, TENANT), "heads": ["clothes"]}
+        first = await client.post("/v1/batchPredictions", json=spec, headers=headers)
+        again = await client.post("/v1/batchPredictions", json=spec, headers=headers)
+        other = await client.post("/v1/batchPredictions", json={**spec, "top_k": 2}, headers=headers)
+    assert first.json()["name"] == again.json()["name"]
+    assert other.status_code == 409
+    assert len(runtime.batches.list(TENANT, 10, None)[0]) == 1
+
+
+@pytest.mark.anyio
+async def test_finished_batch_predictions_and_their_results_expire_after_the_ttl(runtime):
+    dataset_id = name_id(dataset_of(runtime, TENANT))
+    finished = await runtime.batches.create(TENANT, ["clothes"], dataset_id, BatchOptions())
+    queued = await runtime.batches.create(TENANT, ["clothes"], dataset_id, BatchOptions())
+    store = runtime.batches.store
+    claim = store.claim_next("replica", 30.0)
+    assert claim is not None and claim.batch.id == finished.id
+    store.write_chunk(claim.holder, 0, [{"index": 0}])
+    assert store.finish(claim.holder, JobState.SUCCEEDED)
+    assert store.delete_expired(ttl_s=3600.0) == 0
+    with runtime.core.db.session() as session:
+        session.execute(
+            update(BatchPredictionRow)
+            .where(BatchPredictionRow.id == finished.id)
+            .values(finished_at=utcnow() - timedelta(hours=2))
+        )
+    assert store.delete_expired(ttl_s=3600.0) == 1
+    assert [b.id for b in store.list(TENANT, 10, None)[0]] == [queued.id]
+    assert_no_results_left(runtime, f"batchPredictions/{finished.id}")
+
+
+@pytest.mark.anyio
 async def test_another_tenants_batch_prediction_answers_not_found_everywhere(runtime, keys):
     transport = httpx.ASGITransport(app=create_app(runtime.settings, lambda: runtime))
     async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
@@ -246,10 +283,10 @@ async def test_another_tenants_batch_prediction_answers_not_found_everywhere(run
 
 @pytest.mark.anyio
 async def test_a_tenant_may_have_only_its_quota_of_unfinished_batch_predictions(mobilenet, tmp_path, images):
-    runtime = make_runtime(mobilenet, tmp_path, quota_queued_batch_predictions=1)
+    runtime = make_runtime(mobilenet, tmp_path, quota_batch_predictions=1)
     dataset = runtime.core.datasets.create(TENANT, "clothes", images)
     await runtime.batches.create(TENANT, ["imagenet@mobilenet_v2"], dataset.id, BatchOptions())
-    with pytest.raises(Exception, match="GRAFT_QUOTA_QUEUED_BATCH_PREDICTIONS"):
+    with pytest.raises(Exception, match="GRAFT_QUOTA_BATCH_PREDICTIONS"):
         await runtime.batches.create(TENANT, ["imagenet@mobilenet_v2"], dataset.id, BatchOptions())
 
 
