@@ -92,6 +92,8 @@ class BatchRunner:
         # Unique per runner, so two runners in one process (tests, benchmarks) are two replicas.
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(settings.max_concurrent_batch_predictions, thread_name_prefix="batch-job")
+        # Each run's chunk writes, one at a time per run, beside its next chunk's trunk work.
+        self._writers = ThreadPoolExecutor(settings.max_concurrent_batch_predictions, thread_name_prefix="batch-write")
         self._live: dict[str, _LiveBatch] = {}
         self._runs: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()  # guards _live and _runs
@@ -133,6 +135,7 @@ class BatchRunner:
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
         self._pool.shutdown(wait=False)
+        self._writers.shutdown(wait=False)
         self.chunks.shutdown()
 
     # -- the API ----------------------------------------------------------------------------
@@ -260,6 +263,7 @@ class BatchRunner:
         """Answer every example from the checkpoint on; the final (state, error), or None to write nothing."""
         batch = live.batch
         options = PredictOptions(top_k=batch.options.top_k, min_score=batch.options.min_score)
+        writing: concurrent.futures.Future[None] | None = None  # the last chunk's rows, stored while the next runs
         try:
             heads = [self._load(batch.tenant, ref) for ref in batch.versions]
             done = batch.done_images
@@ -274,8 +278,12 @@ class BatchRunner:
                 rows = self.chunks.predict(heads, examples, options, live.stop.is_set)
                 if live.stop.is_set():
                     raise Cancelled("batch prediction stopped")
-                self.store.write_chunk(live.holder, done, rows)
+                if writing is not None:
+                    writing.result()
+                writing = self._writers.submit(self.store.write_chunk, live.holder, done, rows)
                 done += len(rows)
+            if writing is not None:
+                writing.result()
         except LeaseLost as exc:
             log.warning("%s", exc.message)
             return None
@@ -292,6 +300,9 @@ class BatchRunner:
         except Exception as exc:
             message, _ = log_internal_error(log, f"batch prediction {batch.id}", exc)
             return JobState.FAILED, message
+        finally:
+            if writing is not None:
+                concurrent.futures.wait([writing])  # ended before the outcome is written
         return JobState.SUCCEEDED, None
 
     def _finish(self, live: _LiveBatch, state: JobState, error: str | None) -> None:
