@@ -61,12 +61,12 @@ class ChunkPredictor:
         self.serving = serving
         self.blobs = blobs
         self.settings = settings
-        first = next(iter(backbones.values()))
-        micro = first.placement.micro_batch
-        self.part_size = (
-            PART_MICRO_BATCHES * micro if micro else settings.max_batch_size or first.placement.serving_batch
-        )
-        self.workers = settings.trunk_workers or trunk_workers(first)
+        # Every backbone shares one placement (one device per replica); a runtime may serve none (tests).
+        placement = next((backbone.placement for backbone in backbones.values()), None)
+        micro = placement.micro_batch if placement is not None else None
+        serving_batch = settings.max_batch_size or (placement.serving_batch if placement is not None else 1)
+        self.part_size = PART_MICRO_BATCHES * micro if micro else serving_batch
+        self.workers = settings.trunk_workers or max((trunk_workers(b) for b in backbones.values()), default=1)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch", initializer=use_one_torch_thread)
 
     def shutdown(self) -> None:
