@@ -99,6 +99,7 @@ bench: setup weights data
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/training_cost.py
 	$(PY) benchmarks/monitoring.py
+	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/runtime.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/latency.py

@@ -20,6 +20,8 @@ from client import sources
 from client.errors import InvalidArgument, Unavailable
 from client.models import (
     Backbone,
+    BatchPrediction,
+    BatchPredictionSpec,
     Dataset,
     DatasetAudit,
     DatasetExample,
@@ -214,6 +216,49 @@ class Client(ABC):
                 on_update(job)
         assert job is not None  # a watch yields the job at least once
         return job
+
+    # Batch predictions --------------------------------------------------------------------------------------------
+
+    def predict_dataset(
+        self, dataset: str, heads: Sequence[str], *, top_k: int = 5, min_score: float = 0.0
+    ) -> BatchPrediction:
+        """Queue a batch prediction of ``heads`` over every example of ``dataset`` (returns at once, ``queued``);
+        ``wait_batch_prediction`` follows it, ``batch_prediction_results`` downloads its results."""
+        name = dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
+        spec = BatchPredictionSpec(dataset=name, heads=list(heads), top_k=top_k, min_score=min_score)
+        return self.create_batch_prediction(spec)
+
+    @abstractmethod
+    def create_batch_prediction(self, spec: BatchPredictionSpec, request_id: str | None = None) -> BatchPrediction:
+        """Queue a batch prediction; its tries share one idempotency key, so the server creates one."""
+
+    @abstractmethod
+    def get_batch_prediction(self, name: str) -> BatchPrediction: ...
+
+    @abstractmethod
+    def list_batch_predictions(self) -> list[BatchPrediction]: ...
+
+    @abstractmethod
+    def cancel_batch_prediction(self, name: str) -> BatchPrediction: ...
+
+    @abstractmethod
+    def delete_batch_prediction(self, name: str) -> None: ...
+
+    @abstractmethod
+    def batch_prediction_results(self, name: str, format: str = "jsonl") -> bytes:
+        """The results file of a succeeded batch prediction: ``jsonl`` (one object per example) or ``csv``."""
+
+    def wait_batch_prediction(
+        self, name: str, on_update: Callable[[BatchPrediction], None] | None = None, poll_s: float = 0.5
+    ) -> BatchPrediction:
+        """Poll the batch prediction until it ends and return its last state (check ``state``: it may have failed)."""
+        while True:
+            batch = self.get_batch_prediction(name)
+            if on_update is not None:
+                on_update(batch)
+            if batch.done:
+                return batch
+            time.sleep(poll_s)
 
     # Heads --------------------------------------------------------------------------------------------------------
 

@@ -40,10 +40,12 @@ from client.models import (
     CLASS_WEIGHTINGS,
     EXPORT_FORMATS,
     OBJECTIVES,
+    RESULTS_FORMATS,
     SCALINGS,
     SUGGESTION_STRATEGIES,
     TRAINING_KINDS,
     WEBHOOK_EVENTS,
+    BatchPrediction,
     Head,
     HeadComparison,
     HeadMonitoring,
@@ -733,6 +735,48 @@ def _webhook_name(webhook: str) -> str:
     return webhook if webhook.startswith("webhooks/") else f"webhooks/{webhook}"
 
 
+def batch(graft: Client, args: argparse.Namespace) -> int:
+    """graft batch create|get|list|cancel|results: heads x a stored dataset, in the background."""
+    if args.batch_command == "create":
+        found = graft.predict_dataset(
+            _dataset_name(graft, args.dataset), args.heads.split(","), top_k=args.top_k, min_score=args.min_score
+        )
+        if args.wait:
+            found = graft.wait_batch_prediction(found.name)
+    elif args.batch_command == "get":
+        found = graft.get_batch_prediction(args.name)
+    elif args.batch_command == "cancel":
+        found = graft.cancel_batch_prediction(args.name)
+    elif args.batch_command == "results":
+        data = graft.batch_prediction_results(args.name, args.format)
+        if args.output:
+            Path(args.output).write_bytes(data)
+        else:
+            sys.stdout.write(data.decode())
+        return 0
+    else:
+        listed = graft.list_batch_predictions()
+        if args.json:
+            for item in listed:
+                print(item.model_dump_json())
+            return 0
+        _table(["name", "state", "images", "heads", "created"], [_batch_row(b) for b in listed])
+        return 0
+    if args.json:
+        print(found.model_dump_json())
+    else:
+        _table(["name", "state", "images", "heads", "created"], [_batch_row(found)])
+        if found.error:
+            print(f"error: {found.error}")
+    return 0 if found.state != "failed" else 1
+
+
+def _batch_row(found: BatchPrediction) -> list[str]:
+    heads = ",".join(found.head_versions or found.spec.heads)
+    created = found.create_time.strftime("%Y-%m-%d %H:%M:%S")
+    return [found.name, found.state, f"{found.images_done}/{found.images_total}", heads, created]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
@@ -955,6 +999,27 @@ def _parser() -> argparse.ArgumentParser:
         ("test", "send a webhook.test event to an endpoint"),
     ):
         hooks.add_parser(name, help=about).add_argument("webhook", help="webhooks/ID or an id")
+
+    sub = command("batch", batch, "batch predictions: heads x every image of a stored dataset, in the background")
+    batch_commands = sub.add_subparsers(dest="batch_command", required=True, metavar="BATCH_COMMAND")
+    create = batch_commands.add_parser("create", help="queue heads x a dataset (prints it; --wait to follow it)")
+    create.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    create.add_argument("heads", help="HEAD, HEAD@3 or HEAD:alias; several separated by commas")
+    create.add_argument("--top-k", type=int, default=5, help="labels per head (default 5)")
+    create.add_argument("--min-score", type=float, default=0.0, help="abstain below this top score (default 0)")
+    create.add_argument("--wait", action="store_true", help="poll it until it ends")
+    create.add_argument("--json", action="store_true")
+    for verb, help in (("get", "one batch prediction"), ("cancel", "stop one at its next chunk")):
+        one = batch_commands.add_parser(verb, help=help)
+        one.add_argument("name", help="batchPredictions/ID or an id")
+        one.add_argument("--json", action="store_true")
+    batch_commands.add_parser("list", help="your batch predictions, newest first").add_argument(
+        "--json", action="store_true"
+    )
+    results = batch_commands.add_parser("results", help="download a succeeded one's results")
+    results.add_argument("name", help="batchPredictions/ID or an id")
+    results.add_argument("--format", choices=RESULTS_FORMATS, default="jsonl")
+    results.add_argument("-o", "--output", help="file to write (default: standard output)")
 
     sub = command("admin", admin, "tenants and API keys (needs the admin key as --api-key)")
     admin_commands = sub.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")

@@ -23,6 +23,8 @@ from client.base import AUDIT_TIMEOUT_S, IDEMPOTENCY_METADATA, Client, PredictOp
 from client.errors import DeadlineExceeded, GraftError, Unavailable, error_for
 from client.models import (
     Backbone,
+    BatchPrediction,
+    BatchPredictionSpec,
     Dataset,
     DatasetAudit,
     DatasetExample,
@@ -101,6 +103,7 @@ class GrpcClient(Client):
         self._backbones = rpc.BackboneServiceStub(self._channel)
         self._datasets = rpc.DatasetServiceStub(self._channel)
         self._jobs = rpc.JobServiceStub(self._channel)
+        self._batches = rpc.BatchPredictionServiceStub(self._channel)
         self._heads = rpc.HeadServiceStub(self._channel)
         self._predictions = rpc.PredictionServiceStub(self._channel)
         self._webhooks = rpc.WebhookServiceStub(self._channel)
@@ -285,6 +288,45 @@ class GrpcClient(Client):
             raise self._error(exc) from None
         finally:
             stream.cancel()
+
+    # Batch predictions --------------------------------------------------------------------------------------------
+
+    def create_batch_prediction(self, spec: BatchPredictionSpec, request_id: str | None = None) -> BatchPrediction:
+        request = api.CreateBatchPredictionRequest(spec=pb.BatchPredictionSpec(**spec.model_dump()))
+        answer = self._call(self._batches.CreateBatchPrediction, request, request_id=request_id or new_request_id())
+        return BatchPrediction.model_validate(_json(answer))
+
+    def get_batch_prediction(self, name: str) -> BatchPrediction:
+        request = api.GetBatchPredictionRequest(name=_named(name, "batchPredictions"))
+        return BatchPrediction.model_validate(_json(self._call(self._batches.GetBatchPrediction, request)))
+
+    def list_batch_predictions(self) -> list[BatchPrediction]:
+        pages = self._pages(self._batches.ListBatchPredictions, api.ListBatchPredictionsRequest, "batch_predictions")
+        return [BatchPrediction.model_validate(_json(b)) for b in pages]
+
+    def cancel_batch_prediction(self, name: str) -> BatchPrediction:
+        request = api.CancelBatchPredictionRequest(name=_named(name, "batchPredictions"))
+        return BatchPrediction.model_validate(
+            _json(self._call(self._batches.CancelBatchPrediction, request, safe=False))
+        )
+
+    def delete_batch_prediction(self, name: str) -> None:
+        request = api.DeleteBatchPredictionRequest(name=_named(name, "batchPredictions"))
+        self._call(self._batches.DeleteBatchPrediction, request, safe=False)
+
+    def batch_prediction_results(self, name: str, format: str = "jsonl") -> bytes:
+        request = api.GetBatchPredictionResultsRequest(
+            name=_named(name, "batchPredictions"),
+            format=api.BatchResultsFormat.Value(f"BATCH_RESULTS_FORMAT_{format.upper()}"),
+        )
+
+        def download() -> bytes:
+            try:
+                return b"".join(part.chunk for part in self._invoke(self._batches.GetBatchPredictionResults, request))
+            except grpc.RpcError as exc:
+                raise self._error(exc) from None
+
+        return self.retry.call(download)
 
     # Heads --------------------------------------------------------------------------------------------------------
 

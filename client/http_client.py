@@ -13,6 +13,8 @@ from client.base import AUDIT_TIMEOUT_S, Client, PredictOptions, UploadProgress,
 from client.errors import DeadlineExceeded, Unavailable, error_for_status
 from client.models import (
     Backbone,
+    BatchPrediction,
+    BatchPredictionSpec,
     Dataset,
     DatasetAudit,
     DatasetExample,
@@ -209,6 +211,31 @@ class HttpClient(Client):
                 yield from _server_sent_jobs(response.iter_lines())
         except httpx.TransportError as exc:
             raise Unavailable(f"the watch of {name} from {self.url} broke off ({exc or type(exc).__name__})") from None
+
+    # Batch predictions --------------------------------------------------------------------------------------------
+
+    def create_batch_prediction(self, spec: BatchPredictionSpec, request_id: str | None = None) -> BatchPrediction:
+        headers = {"Idempotency-Key": request_id or new_request_id()}
+        body = spec.model_dump(mode="json")
+        return BatchPrediction.model_validate(self._call("POST", "/v1/batchPredictions", json=body, headers=headers))
+
+    def get_batch_prediction(self, name: str) -> BatchPrediction:
+        return BatchPrediction.model_validate(self._call("GET", f"/v1/{_named(name, 'batchPredictions')}"))
+
+    def list_batch_predictions(self) -> list[BatchPrediction]:
+        pages = self._pages("/v1/batchPredictions", "batch_predictions")
+        return [BatchPrediction.model_validate(b) for b in pages]
+
+    def cancel_batch_prediction(self, name: str) -> BatchPrediction:
+        path = f"/v1/{_named(name, 'batchPredictions')}:cancel"
+        return BatchPrediction.model_validate(self._call("POST", path))
+
+    def delete_batch_prediction(self, name: str) -> None:
+        self._call("DELETE", f"/v1/{_named(name, 'batchPredictions')}")
+
+    def batch_prediction_results(self, name: str, format: str = "jsonl") -> bytes:
+        path = f"/v1/{_named(name, 'batchPredictions')}/results"
+        return self.retry.call(lambda: self._send("GET", path, params={"format": format})).content
 
     # Heads --------------------------------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ WEBHOOK_EVENTS = (
     "batch_prediction.finished",
     "head_version.drifting",
 )
+RESULTS_FORMATS = _json_values(service_pb2.BatchResultsFormat.keys(), "BATCH_RESULTS_FORMAT_")
 
 
 class TrunkRuntime(BaseModel):
@@ -201,6 +202,29 @@ class Job(BaseModel):
     spec: TrainingSpec
     metrics: dict[str, Any] = {}
     head_version: str | None = Field(None, description="heads/{head}/versions/{version} once succeeded")
+    error: str | None = None
+    create_time: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+class BatchPredictionSpec(BaseModel):
+    """What a batch prediction answers (the body of ``POST /v1/batchPredictions``)."""
+
+    dataset: str = Field(description="datasets/{dataset}")
+    heads: list[str] = Field(description="head references: 'name', 'name@3', 'name:prod'")
+    top_k: int = 5
+    min_score: float = 0.0
+
+
+class BatchPrediction(BaseModel):
+    name: str = Field(description="batchPredictions/{batch_prediction}")
+    spec: BatchPredictionSpec
+    head_versions: list[str] = Field([], description="each head reference as the version it named at creation")
+    state: str = Field(description=f"{', '.join(JOB_STATES)}, or a state newer than this client")
+    done: bool
+    images_done: int = 0
+    images_total: int = 0
     error: str | None = None
     create_time: datetime
     start_time: datetime | None = None

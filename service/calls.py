@@ -27,6 +27,7 @@ from adapters.active import Strategy
 from service import export
 from service.auditing import DEFAULT_AUDIT_ITEMS, AuditRequest
 from service.auth import NewKey
+from service.batch.results import ResultsFormat, render
 from service.config import Settings
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument, ResourceExhausted, Unauthenticated
@@ -36,6 +37,8 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Backbone,
+    BatchPrediction,
+    BatchPredictionSpec,
     BatchUpdateExamplesResponse,
     CompareHeadVersionsResponse,
     CreateWebhookRequest,
@@ -52,6 +55,7 @@ from service.resources import (
     ImportLabelsResponse,
     Job,
     ListBackbonesResponse,
+    ListBatchPredictionsResponse,
     ListDatasetsResponse,
     ListExamplesResponse,
     ListHeadsResponse,
@@ -478,6 +482,64 @@ class Calls:
                 await updates.aclose()  # ends the watch (and frees its place) now, not when collected
 
         return jobs()
+
+    # -- batch predictions -------------------------------------------------------------
+
+    async def create_batch_prediction(
+        self, spec: BatchPredictionSpec, request_id: str | None = None
+    ) -> BatchPrediction:
+        """A queued batch prediction; with ``request_id``, the same one for every repeat of the same spec."""
+        batches = self.runtime.batches
+
+        async def submit() -> BatchPrediction:
+            refs = [head_ref(ref) for ref in spec.heads]
+            dataset_id = resource_id(spec.dataset, "datasets")
+            return BatchPrediction.of(await batches.create(self.tenant, refs, dataset_id, spec.options()))
+
+        request = fingerprint(spec.model_dump_json())
+        return await once(
+            self.runtime,
+            self.tenant,
+            request_id,
+            "create_batch_prediction",
+            request,
+            submit,
+            lambda batch: batch.name,
+            self.get_batch_prediction,
+        )
+
+    async def get_batch_prediction(self, name: str) -> BatchPrediction:
+        found = await self.in_thread(self.runtime.batches.get, self.tenant, resource_id(name, "batchPredictions"))
+        return BatchPrediction.of(found)
+
+    async def list_batch_predictions(self, page_size: int, page_token: str) -> ListBatchPredictionsResponse:
+        found, token = await self.in_thread(self.runtime.batches.list, self.tenant, *_page(page_size, page_token))
+        return ListBatchPredictionsResponse(
+            batch_predictions=[BatchPrediction.of(b) for b in found], next_page_token=token or ""
+        )
+
+    async def cancel_batch_prediction(self, name: str) -> BatchPrediction:
+        found = await self.in_thread(self.runtime.batches.cancel, self.tenant, resource_id(name, "batchPredictions"))
+        return BatchPrediction.of(found)
+
+    async def delete_batch_prediction(self, name: str) -> None:
+        await self.in_thread(self.runtime.batches.delete, self.tenant, resource_id(name, "batchPredictions"))
+
+    async def batch_prediction_results(self, name: str, format: ResultsFormat) -> AsyncIterator[bytes]:
+        """The results file in pieces (NotFound, or FailedPrecondition before it succeeded, before the first);
+        each piece's rows are read in the store pool, never on the event loop."""
+        id = resource_id(name, "batchPredictions")
+        store = self.runtime.batches.store
+        batch = await self.in_thread(store.get, self.tenant, id)
+        pieces = render(await self.in_thread(store.results, self.tenant, id), format, batch.heads)
+        end = object()
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (piece := await self.in_thread(next, pieces, end)) is not end:
+                assert isinstance(piece, bytes)
+                yield piece
+
+        return stream()
 
     # -- heads -----------------------------------------------------------------------
 

@@ -130,6 +130,29 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(1, ge=1, description="Training jobs run at once per worker; the rest wait queued.")
 
+    # Batch predictions (service/batch): heads x a stored dataset, run in the background below online predictions.
+    max_concurrent_batch_predictions: int = Field(
+        1, ge=1, description="Batch prediction jobs run at once per worker; the rest wait queued."
+    )
+    batch_chunk_images: int = Field(
+        256,
+        gt=0,
+        description="Images per checkpoint of a batch prediction: a job resumed on another replica redoes at most "
+        "this many; a cancel takes effect at the next one.",
+    )
+    max_batch_prediction_images: int = Field(
+        100_000, gt=0, description="Most images (dataset examples) one batch prediction job may predict."
+    )
+    max_batch_prediction_heads: int = Field(8, gt=0, description="Most head references one batch prediction may name.")
+    quota_batch_predictions: int = Field(
+        20, gt=0, description="Batch predictions kept per tenant, in any state (finished ones hold their results)."
+    )
+    batch_results_ttl_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="How long a finished batch prediction and its results are kept before they are deleted.",
+    )
+
     # Bounds on what one request can make the server hold or do (docs/architecture.md, decision 8, "No tenant can hurt
     # another"): each is checked before the work, from sizes and counts, never after buffering.
     max_classes: int = Field(1000, ge=2, description="Most classes a dataset (and so a head) may have.")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import ResourceExhausted
-from service.store.db import DatasetRow, HeadVersionRow, JobRow, begin_immediate
+from service.store.db import BatchPredictionRow, DatasetRow, HeadVersionRow, JobRow, begin_immediate
 
 
 class Quotas:
@@ -104,6 +104,24 @@ class Quotas:
                 f"tenant '{tenant}' has {unfinished} jobs queued or running, its quota (GRAFT_QUOTA_QUEUED_JOBS); "
                 "wait for one to finish or cancel one",
                 quota="queued_jobs",
+                retry_after_s=30.0,
+            )
+
+    def check_new_batch_prediction(self, session: Session, tenant: str) -> None:
+        """Inside the transaction that stores a batch prediction: refuse one past the tenant's quota of batch
+        predictions kept (in any state: finished ones hold their results until deleted or expired)."""
+        self._serialise(session, tenant)
+        kept = (
+            session.scalar(
+                select(func.count()).select_from(BatchPredictionRow).where(BatchPredictionRow.tenant == tenant)
+            )
+            or 0
+        )
+        if kept >= self.settings.quota_batch_predictions:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' keeps {kept} batch predictions, its quota (GRAFT_QUOTA_BATCH_PREDICTIONS); "
+                "delete finished ones (their results go with them) or cancel one",
+                quota="batch_predictions",
                 retry_after_s=30.0,
             )
 

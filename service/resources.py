@@ -21,6 +21,8 @@ from adapters.kinds import AUTO_FINETUNE_MIN_PER_CLASS, KINDS, HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
 from adapters.search_space import SearchSpace
 from service.auditing import AuditedDataset
+from service.batch.store import BatchInfo, BatchOptions
+from service.config import Settings
 from service.engine.backbones import BACKBONES, BackboneInfo
 from service.engine.predictor import ImagePrediction, LabelScore
 from service.errors import InvalidArgument
@@ -461,6 +463,59 @@ class Job(BaseModel):
         )
 
 
+class BatchPredictionSpec(BatchOptions):
+    """What a batch prediction answers: the body of ``POST /v1/batchPredictions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, StringConstraints(pattern=rf"^(datasets/)?{ID_PATTERN.strip('^$')}$")] = Field(
+        description="datasets/{dataset}: every example of it is predicted, labelled or not"
+    )
+    # The schema states the default limit; GRAFT_MAX_BATCH_PREDICTION_HEADS changes it.
+    heads: list[HeadRef] = Field(
+        min_length=1,
+        max_length=Settings.model_fields["max_batch_prediction_heads"].default,
+        description="head references: 'name', 'name@3' or 'name:prod'",
+    )
+
+    def options(self) -> BatchOptions:
+        return BatchOptions(top_k=self.top_k, min_score=self.min_score)
+
+
+class BatchPrediction(BaseModel):
+    """``batchPredictions/{batch_prediction}``: heads x a dataset, a long-running operation."""
+
+    name: str = Field(description="batchPredictions/{batch_prediction}")
+    spec: BatchPredictionSpec
+    head_versions: list[str] = Field(description="each head reference as the version it named at creation: name@N")
+    state: JobState
+    done: bool
+    images_done: int
+    images_total: int
+    error: str | None
+    create_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+
+    @classmethod
+    def of(cls, info: BatchInfo) -> "BatchPrediction":
+        return cls(
+            name=f"batchPredictions/{info.id}",
+            spec=BatchPredictionSpec(
+                dataset=f"datasets/{info.dataset_id}", heads=info.heads, **info.options.model_dump()
+            ),
+            head_versions=info.versions,
+            state=info.state,
+            done=info.done,
+            images_done=info.done_images,
+            images_total=info.total,
+            error=info.error,
+            create_time=info.created_at,
+            start_time=info.started_at,
+            end_time=info.finished_at,
+        )
+
+
 class HeadVersion(BaseModel):
     """``heads/{head}/versions/{version}``: one trained version of a head."""
 
@@ -622,6 +677,11 @@ class ImportLabelsResponse(BaseModel):
 
 class ListJobsResponse(BaseModel):
     jobs: list[Job]
+    next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
+
+
+class ListBatchPredictionsResponse(BaseModel):
+    batch_predictions: list[BatchPrediction]
     next_page_token: str = Field("", description="pass as page_token for the next page; empty on the last")
 
 

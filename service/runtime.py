@@ -25,6 +25,7 @@ from typing import ParamSpec, TypeVar
 from sqlalchemy import text
 
 from service.auth import Tenants
+from service.batch import BatchRunner
 from service.calls import ExportQueue, InflightBytes, Pools, run_in
 from service.config import Settings
 from service.core import Core
@@ -66,6 +67,7 @@ class Runtime:
     monitor: Monitor = field(init=False, repr=False)  # what serving observed, flushed to the registry
     webhooks: WebhookStore = field(init=False, repr=False)  # tenants' webhook endpoints and their deliveries
     deliveries: DeliveryWorker = field(init=False, repr=False)  # sends this replica's share of the deliveries
+    batches: BatchRunner = field(init=False, repr=False)  # batch predictions, claimed and run like training jobs
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +86,17 @@ class Runtime:
         self.predictor.observer = self.monitor  # the predictor is built first (around): it reports from now on
         self.webhooks = WebhookStore(self.core.db, settings)
         self.deliveries = DeliveryWorker(self.webhooks)
+        core = self.core
+        self.batches = BatchRunner(
+            core.db,
+            core.datasets,
+            self.predictor.heads,
+            core.backbones,
+            core.blobs,
+            settings,
+            core.quotas,
+            lambda: self.predictor.in_flight,
+        )
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Runtime":
@@ -137,6 +150,7 @@ class Runtime:
     async def start(self) -> None:
         """Call from inside the serving event loop."""
         await self.jobs.start()
+        await self.batches.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._probe_forever(), name="registry-probe"),
@@ -154,7 +168,7 @@ class Runtime:
         # Stay up, not ready, for a moment even when idle: a replica that vanished the instant it was
         # asked to stop would give no readiness probe (a load balancer's, a test's) the chance to see it go.
         notice = asyncio.sleep(min(DRAIN_NOTICE_S, grace_s))
-        await asyncio.gather(self.jobs.stop(), self._http_idle(deadline), notice)
+        await asyncio.gather(self.jobs.stop(), self.batches.stop(), self._http_idle(deadline), notice)
 
     async def stop(self) -> None:
         """Call after the doors stopped: nothing submits work to the pools any more."""
@@ -164,6 +178,7 @@ class Runtime:
                 await task
         await self.jobs.stop()
         self.jobs.close()
+        await self.batches.stop()
         await self.predictor.stop()
         try:
             await self.monitor.flush()  # what this replica observed last

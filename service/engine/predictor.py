@@ -214,6 +214,11 @@ class Predictor:
         with self.holding(len(images)):
             return await self._predict(tenant, images, head_refs, options, door)
 
+    @property
+    def in_flight(self) -> int:
+        """Images admitted and not yet answered: background work (batch predictions) waits while there are any."""
+        return self._admitted
+
     def check_serving(self) -> None:
         """Raise Unavailable on a replica that only trains (GRAFT_ROLE=train): it takes no predictions."""
         if self.settings.role == "train":

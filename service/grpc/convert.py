@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from adapters.active import Strategy
 from adapters.kinds import HeadKind
 from adapters.recipe import ClassWeighting, Objective, Scaling
+from service.batch.results import ResultsFormat
 from service.engine.predictor import ImagePrediction
 from service.errors import InvalidArgument
 from service.grpc.gen.graft.v1 import resources_pb2 as pb
@@ -23,6 +24,7 @@ from service.grpc.gen.graft.v1 import service_pb2 as api
 from service.jobs import JobState
 from service.prediction_options import PredictOptions
 from service.resources import (
+    BatchPredictionSpec,
     CompareHeadVersionsResponse,
     CreateWebhookRequest,
     ExportFormat,
@@ -57,6 +59,11 @@ EXPORT_FORMATS = {
     api.EXPORT_FORMAT_SAFETENSORS: ExportFormat.SAFETENSORS,
     api.EXPORT_FORMAT_ONNX: ExportFormat.ONNX,
     api.EXPORT_FORMAT_PT2: ExportFormat.PT2,
+}
+RESULTS_FORMATS = {
+    api.BATCH_RESULTS_FORMAT_UNSPECIFIED: ResultsFormat.JSONL,
+    api.BATCH_RESULTS_FORMAT_JSONL: ResultsFormat.JSONL,
+    api.BATCH_RESULTS_FORMAT_CSV: ResultsFormat.CSV,
 }
 # Reserved in the proto; a client built on an older graft.v1 may still send it.
 REMOVED_EXPORT_FORMATS = {
@@ -119,6 +126,20 @@ def suggestion_strategy(value: int) -> Strategy | None:
             f"{', '.join(api.SuggestionStrategy.keys()[1:])}"
         )
     return Strategy(api.SuggestionStrategy.Name(value).removeprefix("SUGGESTION_STRATEGY_").lower())
+
+
+def results_format(value: api.BatchResultsFormat) -> ResultsFormat:
+    if value not in RESULTS_FORMATS:
+        raise InvalidArgument(
+            f"format {value} is not a known results format; use one of {', '.join(api.BatchResultsFormat.keys()[1:])}"
+        )
+    return RESULTS_FORMATS[value]
+
+
+def batch_prediction_spec(spec: pb.BatchPredictionSpec) -> BatchPredictionSpec:
+    """A BatchPredictionSpec message as the resource; top_k 0 (unset in proto3) takes the default."""
+    fields = {"dataset": spec.dataset, "heads": list(spec.heads), "min_score": spec.min_score}
+    return BatchPredictionSpec.model_validate(fields | ({"top_k": spec.top_k} if spec.top_k else {}))
 
 
 def predict_options(request: api.PredictRequest | api.StreamPredictRequest) -> PredictOptions:

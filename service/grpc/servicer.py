@@ -270,6 +270,37 @@ class JobService(_Door, rpc.JobServiceServicer):
             yield convert.message(job, pb.Job)
 
 
+class BatchPredictionService(_Door, rpc.BatchPredictionServiceServicer):
+    @door_method
+    async def CreateBatchPrediction(self, request, context, calls: Calls):
+        spec = convert.batch_prediction_spec(request.spec)
+        return convert.message(await calls.create_batch_prediction(spec, _request_id(context)), pb.BatchPrediction)
+
+    @door_method
+    async def GetBatchPrediction(self, request, context, calls: Calls):
+        return convert.message(await calls.get_batch_prediction(request.name), pb.BatchPrediction)
+
+    @door_method
+    async def ListBatchPredictions(self, request, context, calls: Calls):
+        found = await calls.list_batch_predictions(request.page_size, request.page_token)
+        return convert.message(found, api.ListBatchPredictionsResponse)
+
+    @door_method
+    async def CancelBatchPrediction(self, request, context, calls: Calls):
+        return convert.message(await calls.cancel_batch_prediction(request.name), pb.BatchPrediction)
+
+    @door_method
+    async def DeleteBatchPrediction(self, request, context, calls: Calls):
+        await calls.delete_batch_prediction(request.name)
+        return empty_pb2.Empty()
+
+    @door_method
+    async def GetBatchPredictionResults(self, request, context, calls: Calls):
+        format = convert.results_format(request.format)
+        async for piece in await calls.batch_prediction_results(request.name, format):
+            yield api.BatchPredictionResultsChunk(chunk=piece)
+
+
 class HeadService(_Door, rpc.HeadServiceServicer):
     @door_method
     async def GetHead(self, request, context, calls: Calls):
@@ -426,4 +457,12 @@ class WebhookService(_Door, rpc.WebhookServiceServicer):
         return convert.message(await calls.test_webhook(request.name), pb.WebhookDelivery)
 
 
-SERVICES = (BackboneService, DatasetService, JobService, HeadService, PredictionService, WebhookService)
+SERVICES = (
+    BackboneService,
+    DatasetService,
+    JobService,
+    BatchPredictionService,
+    HeadService,
+    PredictionService,
+    WebhookService,
+)

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.config import Settings
-from service.http import admin, backbones, datasets, heads, jobs, predict, predictions, webhooks
+from service.http import admin, backbones, batch_predictions, datasets, heads, jobs, predict, predictions, webhooks
 from service.http.errors import HideInternalErrors, install_error_handlers
 from service.http.gate import Gate
 from service.http.headers import SecurityHeaders
@@ -26,13 +26,13 @@ def create_app(settings: Settings, runtime: Callable[[], Runtime]) -> FastAPI:
         separate_input_output_schemas=False,
     )
     app.state.runtime = runtime
-    for module in (backbones, jobs, heads, predict, predictions, webhooks, admin):
+    for module in (backbones, jobs, batch_predictions, heads, predict, predictions, webhooks, admin):
         app.include_router(module.router)
     # A multipart upload has one file and one label field per image: Starlette's default of 1,000 would
     # refuse uploads the dataset limit allows (the gate bounds their bytes).
     images = settings.max_images_per_dataset
     app.include_router(datasets.router, form_limits={"max_files": images + 1, "max_fields": images + 2})
-    routers = (backbones, datasets, jobs, heads, predict, predictions, webhooks, admin)
+    routers = (backbones, datasets, jobs, batch_predictions, heads, predict, predictions, webhooks, admin)
     install_error_handlers(app, [route for module in routers for route in module.router.routes])
     add_metrics_route(app, settings)  # /metrics: only with GRAFT_METRICS_KEY (service/http/telemetry.py)
     mount_ui(app)  # the web page at /ui (static files; it calls the /v1 API like any client)

@@ -310,6 +310,46 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None]
 
 
+class BatchPredictionRow(Base):
+    """A batch prediction job (service/batch): heads x a dataset's examples, run in chunks under a lease.
+
+    ``heads`` are the references as asked, ``versions`` the ``name@N`` each resolved to when the job was
+    created (every chunk, on every replica, runs the same versions); ``done`` is the checkpoint: the examples
+    before it have their result rows, written in the same transaction that moved it.
+    """
+
+    __tablename__ = "batch_predictions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    heads: Mapped[list[str]]
+    versions: Mapped[list[str]]
+    dataset_id: Mapped[str] = mapped_column(String(64))
+    options: Mapped[dict[str, Any]]
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class BatchResultRow(Base):
+    """One example's answers in a batch prediction; (batch, position) is unique, so a resumed job never
+    writes an example twice."""
+
+    __tablename__ = "batch_prediction_results"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batch_predictions.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    row: Mapped[dict[str, Any]]
+
+
 class TenantRow(Base):
     __tablename__ = "tenants"
 

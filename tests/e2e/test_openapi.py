@@ -54,6 +54,9 @@ class Resources:
     pruned_head: str  # its version 1 is for DELETE /v1/heads/{head}/versions/{version} alone
     job: str  # an id: the head's finished training job
     queued_job: str  # an id: a job no replica runs, for POST /v1/jobs/{job}:cancel alone
+    batch_prediction: str  # an id: a succeeded batch prediction, read and its results downloaded
+    doomed_batch_prediction: str  # an id: a succeeded one, for DELETE /v1/batchPredictions/{id} alone
+    queued_batch_prediction: str  # an id: one no replica runs, for POST /v1/batchPredictions/{id}:cancel alone
     image: str  # a base64 PNG, for JSON predictions
     image_file: str  # a BMP as text, for multipart uploads (see ascii_bmp)
     webhook: str  # an id: a webhook to a closed loopback port, allowed (GRAFT_WEBHOOK_ALLOWED_NETWORKS)
@@ -88,6 +91,15 @@ def upload(api: httpx.Client, examples: list[tuple[bytes, str]], display_name: s
     return response.json()["name"].removeprefix("datasets/")
 
 
+def predict_in_batch(api: httpx.Client, dataset: str, head: str) -> str:
+    """A batch prediction of ``head`` over ``dataset`` run to completion; returns its id."""
+    response = api.post("/v1/batchPredictions", json={"dataset": f"datasets/{dataset}", "heads": [head]})
+    assert response.status_code == 202, response.text
+    batch = wait_for_job(api, response.json()["name"], timeout_s=300)
+    assert batch["state"] == "succeeded", batch
+    return batch["name"].removeprefix("batchPredictions/")
+
+
 def train(api: httpx.Client, dataset: str, head: str) -> str:
     """A new version of ``head`` trained to completion; returns its job's id."""
     response = api.post("/v1/jobs", json={"dataset": f"datasets/{dataset}", "head": head})
@@ -113,9 +125,17 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
             train(api, dataset, "pruned")
             for alias in ("prod", "spare"):
                 assert api.put(f"/v1/heads/fuzzed/aliases/{alias}", json={"version": 1}).status_code == 200
+            batch_prediction = predict_in_batch(api, doomed_dataset, "fuzzed")
+            doomed_batch_prediction = predict_in_batch(api, doomed_dataset, "fuzzed")
     finally:
         trainer.stop()
-    server = start_server(data_dir, GRAFT_ROLE="serve", GRAFT_WEBHOOK_ALLOWED_NETWORKS=WEBHOOK_NETWORK)
+    # The batch predictions the fuzzer creates stay queued (a serving replica runs none): room for all of them.
+    server = start_server(
+        data_dir,
+        GRAFT_ROLE="serve",
+        GRAFT_WEBHOOK_ALLOWED_NETWORKS=WEBHOOK_NETWORK,
+        GRAFT_QUOTA_BATCH_PREDICTIONS="1000",
+    )
     try:
         with client(server, key) as api:
             queued = api.post("/v1/jobs", json={"dataset": f"datasets/{dataset}", "head": "queued"})
@@ -124,6 +144,10 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
                 api.post("/v1/webhooks", json={"url": WEBHOOK_URL, "event_types": ["job.failed"]}) for _ in range(2)
             )
             assert webhook.status_code == doomed_webhook.status_code == 201, webhook.text
+            queued_batch = api.post(
+                "/v1/batchPredictions", json={"dataset": f"datasets/{dataset}", "heads": ["fuzzed"]}
+            )
+            assert queued_batch.status_code == 202, queued_batch.text
         yield (
             server,
             key,
@@ -135,6 +159,9 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, str, Resources]]:
                 pruned_head="pruned",
                 job=job,
                 queued_job=queued.json()["name"].removeprefix("jobs/"),
+                batch_prediction=batch_prediction,
+                doomed_batch_prediction=doomed_batch_prediction,
+                queued_batch_prediction=queued_batch.json()["name"].removeprefix("batchPredictions/"),
                 image=base64.b64encode(examples[0][0]).decode(),
                 image_file=ascii_bmp(examples[1][0]),
                 webhook=webhook.json()["name"].removeprefix("webhooks/"),
@@ -222,6 +249,9 @@ webhook = { values = ["$webhook"] }
 doomed-webhook = { values = ["$doomed_webhook"] }
 webhook-url = { values = ["http://127.0.0.1:9/fuzzed"] }
 event-type = { values = ["job.succeeded"] }
+batch-prediction = { values = ["$batch_prediction"] }
+doomed-batch-prediction = { values = ["$doomed_batch_prediction"] }
+queued-batch-prediction = { values = ["$queued_batch_prediction"] }
 
 # Half of the fuzzing phase's cases take a real resource, the other half a generated name (404, or 400/422 when
 # malformed); the coverage phase draws no dictionary, so it tries its boundary values on every operation.
@@ -230,6 +260,7 @@ event-type = { values = ["job.succeeded"] }
 "path.head" = { dictionary = "head", probability = 0.5 }
 "path.alias" = { dictionary = "alias", probability = 0.5 }
 "path.job" = { dictionary = "job", probability = 0.5 }
+"path.batch_prediction" = { dictionary = "batch-prediction", probability = 0.5 }
 "path.backbone" = { dictionary = "backbone", probability = 0.5 }
 "query.backbone" = { dictionary = "backbone", probability = 0.5 }
 "body.dataset" = { dictionary = "dataset-name", probability = 0.5 }
@@ -287,6 +318,16 @@ include-name = "DELETE /v1/webhooks/{webhook}"
 parameters."path.webhook" = { dictionary = "doomed-webhook", probability = 1.0 }
 phases.coverage.extra-data-sources.responses = false
 phases.fuzzing.extra-data-sources.responses = false
+
+[[operations]]
+include-name = "DELETE /v1/batchPredictions/{batch_prediction}"
+parameters."path.batch_prediction" = { dictionary = "doomed-batch-prediction", probability = 1.0 }
+phases.coverage.extra-data-sources.responses = false
+phases.fuzzing.extra-data-sources.responses = false
+
+[[operations]]
+include-name = "POST /v1/batchPredictions/{batch_prediction}:cancel"
+parameters."path.batch_prediction" = { dictionary = "queued-batch-prediction", probability = 1.0 }
 
 # Cancelling is harmless to a finished job (409), so this one may also cancel the jobs the fuzzer queued.
 [[operations]]

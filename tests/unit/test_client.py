@@ -117,6 +117,8 @@ def test_graft_report_without_matplotlib_says_how_to_install_it(monkeypatch, cap
         (models.Dataset, pb.Dataset),
         (models.Job, pb.Job),
         (models.TrainingSpec, pb.TrainingSpec),
+        (models.BatchPredictionSpec, pb.BatchPredictionSpec),
+        (models.BatchPrediction, pb.BatchPrediction),
         (models.HyperParams, pb.HyperParams),
         (models.SearchSpace, pb.SearchSpace),
         (models.HeadVersion, pb.HeadVersion),

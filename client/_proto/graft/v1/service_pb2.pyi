@@ -33,6 +33,12 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
     EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
     EXPORT_FORMAT_PT2: _ClassVar[ExportFormat]
+
+class BatchResultsFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCH_RESULTS_FORMAT_UNSPECIFIED: _ClassVar[BatchResultsFormat]
+    BATCH_RESULTS_FORMAT_JSONL: _ClassVar[BatchResultsFormat]
+    BATCH_RESULTS_FORMAT_CSV: _ClassVar[BatchResultsFormat]
 SUGGESTION_STRATEGY_UNSPECIFIED: SuggestionStrategy
 SUGGESTION_STRATEGY_DIVERSE_MARGIN: SuggestionStrategy
 SUGGESTION_STRATEGY_MARGIN: SuggestionStrategy
@@ -44,6 +50,9 @@ EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 EXPORT_FORMAT_SAFETENSORS: ExportFormat
 EXPORT_FORMAT_ONNX: ExportFormat
 EXPORT_FORMAT_PT2: ExportFormat
+BATCH_RESULTS_FORMAT_UNSPECIFIED: BatchResultsFormat
+BATCH_RESULTS_FORMAT_JSONL: BatchResultsFormat
+BATCH_RESULTS_FORMAT_CSV: BatchResultsFormat
 
 class GetBackboneRequest(_message.Message):
     __slots__ = ("name",)
@@ -495,6 +504,60 @@ class HeadMonitoring(_message.Message):
     live: LiveAccuracy
     windows: _containers.RepeatedCompositeFieldContainer[MonitorWindow]
     def __init__(self, head: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[_Union[DriftStatus, str]] = ..., drifting_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., evidence: _Optional[_Union[MonitorWindow, _Mapping]] = ..., reference: _Optional[bool] = ..., reference_note: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., training_label_distribution: _Optional[_Iterable[float]] = ..., live: _Optional[_Union[LiveAccuracy, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[MonitorWindow, _Mapping]]] = ...) -> None: ...
+
+class CreateBatchPredictionRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _resources_pb2.BatchPredictionSpec
+    def __init__(self, spec: _Optional[_Union[_resources_pb2.BatchPredictionSpec, _Mapping]] = ...) -> None: ...
+
+class GetBatchPredictionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListBatchPredictionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListBatchPredictionsResponse(_message.Message):
+    __slots__ = ("batch_predictions", "next_page_token")
+    BATCH_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    batch_predictions: _containers.RepeatedCompositeFieldContainer[_resources_pb2.BatchPrediction]
+    next_page_token: str
+    def __init__(self, batch_predictions: _Optional[_Iterable[_Union[_resources_pb2.BatchPrediction, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelBatchPredictionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteBatchPredictionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetBatchPredictionResultsRequest(_message.Message):
+    __slots__ = ("name", "format")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: BatchResultsFormat
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[BatchResultsFormat, str]] = ...) -> None: ...
+
+class BatchPredictionResultsChunk(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
 
 class ExportHeadRequest(_message.Message):
     __slots__ = ("head", "format", "additional_heads")

@@ -969,6 +969,298 @@ class JobService:
             _registered_method=True)
 
 
+class BatchPredictionServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateBatchPrediction = channel.unary_unary(
+                '/graft.v1.BatchPredictionService/CreateBatchPrediction',
+                request_serializer=graft_dot_v1_dot_service__pb2.CreateBatchPredictionRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+                _registered_method=True)
+        self.GetBatchPrediction = channel.unary_unary(
+                '/graft.v1.BatchPredictionService/GetBatchPrediction',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetBatchPredictionRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+                _registered_method=True)
+        self.ListBatchPredictions = channel.unary_unary(
+                '/graft.v1.BatchPredictionService/ListBatchPredictions',
+                request_serializer=graft_dot_v1_dot_service__pb2.ListBatchPredictionsRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.ListBatchPredictionsResponse.FromString,
+                _registered_method=True)
+        self.CancelBatchPrediction = channel.unary_unary(
+                '/graft.v1.BatchPredictionService/CancelBatchPrediction',
+                request_serializer=graft_dot_v1_dot_service__pb2.CancelBatchPredictionRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+                _registered_method=True)
+        self.DeleteBatchPrediction = channel.unary_unary(
+                '/graft.v1.BatchPredictionService/DeleteBatchPrediction',
+                request_serializer=graft_dot_v1_dot_service__pb2.DeleteBatchPredictionRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GetBatchPredictionResults = channel.unary_stream(
+                '/graft.v1.BatchPredictionService/GetBatchPredictionResults',
+                request_serializer=graft_dot_v1_dot_service__pb2.GetBatchPredictionResultsRequest.SerializeToString,
+                response_deserializer=graft_dot_v1_dot_service__pb2.BatchPredictionResultsChunk.FromString,
+                _registered_method=True)
+
+
+class BatchPredictionServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def CreateBatchPrediction(self, request, context):
+        """Queues heads x a dataset's examples; idempotent with the `idempotency-key`
+        metadata, as CreateJob. The heads are pinned to the versions they name now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchPrediction(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatchPredictions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatchPrediction(self, request, context):
+        """A queued one ends at once; a running one at its next chunk, on whichever replica runs it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBatchPrediction(self, request, context):
+        """A finished one, with its results (a queued or running one: cancel it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchPredictionResults(self, request, context):
+        """The results of a succeeded batch prediction, one row per example in upload order, as a file in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatchPredictionServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateBatchPrediction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBatchPrediction,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.CreateBatchPredictionRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.SerializeToString,
+            ),
+            'GetBatchPrediction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchPrediction,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetBatchPredictionRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.SerializeToString,
+            ),
+            'ListBatchPredictions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchPredictions,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.ListBatchPredictionsRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.ListBatchPredictionsResponse.SerializeToString,
+            ),
+            'CancelBatchPrediction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatchPrediction,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.CancelBatchPredictionRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_resources__pb2.BatchPrediction.SerializeToString,
+            ),
+            'DeleteBatchPrediction': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBatchPrediction,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.DeleteBatchPredictionRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'GetBatchPredictionResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBatchPredictionResults,
+                    request_deserializer=graft_dot_v1_dot_service__pb2.GetBatchPredictionResultsRequest.FromString,
+                    response_serializer=graft_dot_v1_dot_service__pb2.BatchPredictionResultsChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'graft.v1.BatchPredictionService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('graft.v1.BatchPredictionService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BatchPredictionService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CreateBatchPrediction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/CreateBatchPrediction',
+            graft_dot_v1_dot_service__pb2.CreateBatchPredictionRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchPrediction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/GetBatchPrediction',
+            graft_dot_v1_dot_service__pb2.GetBatchPredictionRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchPredictions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/ListBatchPredictions',
+            graft_dot_v1_dot_service__pb2.ListBatchPredictionsRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.ListBatchPredictionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatchPrediction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/CancelBatchPrediction',
+            graft_dot_v1_dot_service__pb2.CancelBatchPredictionRequest.SerializeToString,
+            graft_dot_v1_dot_resources__pb2.BatchPrediction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBatchPrediction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/DeleteBatchPrediction',
+            graft_dot_v1_dot_service__pb2.DeleteBatchPredictionRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchPredictionResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/graft.v1.BatchPredictionService/GetBatchPredictionResults',
+            graft_dot_v1_dot_service__pb2.GetBatchPredictionResultsRequest.SerializeToString,
+            graft_dot_v1_dot_service__pb2.BatchPredictionResultsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class HeadServiceStub:
     """Missing associated documentation comment in .proto file."""
 

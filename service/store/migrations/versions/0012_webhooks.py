@@ -1,7 +1,7 @@
 """Signed webhooks (issue 26).
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 
 ``webhooks``: each tenant's endpoints (URL, event types, signing secret). ``webhook_deliveries``: the outbox and
 its log, one row per event per endpoint, claimed by each replica's delivery worker under a lease; deleted with
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

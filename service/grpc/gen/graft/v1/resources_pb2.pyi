@@ -311,6 +311,44 @@ class Job(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., phase: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., head_version: _Optional[str] = ..., error: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class BatchPredictionSpec(_message.Message):
+    __slots__ = ("dataset", "heads", "top_k", "min_score")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    heads: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    min_score: float
+    def __init__(self, dataset: _Optional[str] = ..., heads: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class BatchPrediction(_message.Message):
+    __slots__ = ("name", "spec", "head_versions", "state", "done", "images_done", "images_total", "error", "create_time", "start_time", "end_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    HEAD_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: BatchPredictionSpec
+    head_versions: _containers.RepeatedScalarFieldContainer[str]
+    state: Job.State
+    done: bool
+    images_done: int
+    images_total: int
+    error: str
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[BatchPredictionSpec, _Mapping]] = ..., head_versions: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[bool] = ..., images_done: _Optional[int] = ..., images_total: _Optional[int] = ..., error: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class HeadVersion(_message.Message):
     __slots__ = ("name", "version", "backbone", "split_point", "kind", "classes", "hyperparams", "metrics", "dataset", "job", "param_bytes", "aliases", "create_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
