@@ -18,12 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field, computed_field
 from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
+from sqlalchemy.orm import Session
 
 from service.errors import FailedPrecondition, NotFound
 from service.jobs.store import JobState, LeaseLost
 from service.quotas import Quotas
 from service.store.db import BatchPredictionRow, BatchResultRow, Database, rows_changed, utcnow
 from service.store.pages import check_page_size, decode_time, decode_token, encode_token
+from service.webhooks import outbox
 
 CLAIM_RACES = 5  # how often claim_next tries again when another replica took the job it picked
 RESULT_PAGE = 500  # result rows read per query while a download streams
@@ -184,12 +186,15 @@ class BatchStore:
         table = BatchPredictionRow
         with self.db.session() as session:
             session.execute(update(table).where(table.id == id).values(cancel_requested=True))
-            session.execute(
+            cancelled = session.execute(
                 update(table)
                 .where(table.id == id, table.state == JobState.QUEUED.value)
                 .values(state=JobState.CANCELLED.value, finished_at=utcnow())
             )
-            return _info(session.get_one(table, id, populate_existing=True))
+            row = session.get_one(table, id, populate_existing=True)
+            if rows_changed(cancelled) == 1:
+                self._emit_finished(session, row)
+            return _info(row)
 
     def delete(self, tenant: str, id: str) -> None:
         """Delete a finished batch prediction and its results; a queued or running one must be cancelled first."""
@@ -292,6 +297,8 @@ class BatchStore:
                 )
                 if rows_changed(session.execute(update(table).where(where).values(**values))) == 1:
                     changed.append(f"{id}: {line}")
+                    if values["state"] == JobState.FAILED.value:
+                        self._emit_finished(session, session.get_one(table, id, populate_existing=True))
         return changed
 
     # -- by the holder of a run --------------------------------------------------------------
@@ -345,16 +352,28 @@ class BatchStore:
     def finish(self, holder: BatchHolder, state: JobState, error: str | None = None) -> bool:
         """Write the final state if ``holder`` still holds the run; False when it no longer does."""
         with self.db.session() as session:
-            return (
-                rows_changed(
-                    session.execute(
-                        update(BatchPredictionRow)
-                        .where(_holds(holder))
-                        .values(state=state.value, error=error, finished_at=utcnow(), lease_expires_at=None)
-                    )
-                )
-                == 1
+            written = session.execute(
+                update(BatchPredictionRow)
+                .where(_holds(holder))
+                .values(state=state.value, error=error, finished_at=utcnow(), lease_expires_at=None)
             )
+            if rows_changed(written) != 1:
+                return False
+            self._emit_finished(session, session.get_one(BatchPredictionRow, holder.batch_id, populate_existing=True))
+            return True
+
+    def _emit_finished(self, session: Session, row: BatchPredictionRow) -> None:
+        """``batch_prediction.finished`` for the tenant's webhooks, in the transaction that wrote the final state."""
+        data = {
+            "dataset": f"datasets/{row.dataset_id}",
+            "head_versions": list(row.versions),
+            "images_done": row.done,
+            "images_total": row.total,
+            "error": row.error,
+        }
+        name = f"batchPredictions/{row.id}"
+        kept = self.quotas.settings.webhook_deliveries_kept
+        outbox.batch_prediction_finished(session, row.tenant, name, row.state, data, kept=kept)
 
     def hand_back(self, holder: BatchHolder) -> bool:
         """Requeue a run this replica interrupted (shutdown) at its checkpoint; it does not count as an attempt."""

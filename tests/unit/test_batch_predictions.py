@@ -34,7 +34,7 @@ from service.http.app import create_app
 from service.jobs import JobState, LeaseLost
 from service.prediction_options import PredictOptions
 from service.runtime import Runtime
-from service.store.db import BatchPredictionRow, BatchResultRow, utcnow
+from service.store.db import BatchPredictionRow, BatchResultRow, WebhookDeliveryRow, utcnow
 from service.training import TrainRequest
 
 TENANT, OTHER = "acme", "globex"
@@ -499,3 +499,39 @@ async def test_graft_batch_creates_waits_lists_and_downloads_results(
     assert listed[1].split()[:4] == [created["name"], "succeeded", "9/9", "clothes@1,clothes@1"]
     table = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(table) == len(images) and table[0]["2:clothes@1 version"] == "1"
+
+
+@pytest.mark.anyio
+async def test_a_batch_prediction_that_ends_queues_batch_prediction_finished_for_subscribed_webhooks(
+    mobilenet, tmp_path, images
+):
+    runtime = make_runtime(mobilenet, tmp_path, webhook_allowed_networks="127.0.0.1/32")
+    dataset = runtime.core.datasets.create(TENANT, "clothes", images)
+    hook = runtime.webhooks.create(TENANT, "http://127.0.0.1:9/hooks", ["batch_prediction.finished"]).webhook
+    deaf = runtime.webhooks.create(TENANT, "http://127.0.0.1:9/hooks", ["job.succeeded"]).webhook
+    cancelled = await runtime.batches.create(TENANT, ["imagenet@mobilenet_v2"], dataset.id, BatchOptions())
+    runtime.batches.cancel(TENANT, cancelled.id)  # queued: it ends at once
+    finished = await runtime.batches.create(TENANT, ["imagenet@mobilenet_v2"], dataset.id, BatchOptions())
+    await runtime.start()
+    try:
+
+        async def read(id: str) -> dict:
+            return runtime.batches.get(TENANT, id).model_dump()
+
+        await until_done(read, finished.id)
+    finally:
+        await runtime.stop()
+    with runtime.core.db.session() as session:
+        rows = session.scalars(
+            select(WebhookDeliveryRow).where(WebhookDeliveryRow.webhook_id == hook.id).order_by(WebhookDeliveryRow.id)
+        ).all()
+        payloads = {row.payload["data"]["batch"]: row.payload for row in rows}
+        deaf_rows = session.scalars(select(WebhookDeliveryRow).where(WebhookDeliveryRow.webhook_id == deaf.id)).all()
+    assert {name: p["data"]["state"] for name, p in payloads.items()} == {
+        f"batchPredictions/{cancelled.id}": "cancelled",
+        f"batchPredictions/{finished.id}": "succeeded",
+    }
+    done = payloads[f"batchPredictions/{finished.id}"]
+    assert done["type"] == "batch_prediction.finished"
+    assert done["data"]["images_done"] == done["data"]["images_total"] == len(images)
+    assert done["data"]["dataset"] == f"datasets/{dataset.id}" and deaf_rows == []
