@@ -739,7 +739,7 @@ def batch(graft: Client, args: argparse.Namespace) -> int:
     """graft batch create|get|list|cancel|results: heads x a stored dataset, in the background."""
     if args.batch_command == "create":
         found = graft.predict_dataset(
-            _dataset_name(graft, args.dataset), args.heads.split(","), top_k=args.top_k, min_score=args.min_score
+            _batch_input(graft, args.dataset), args.heads.split(","), top_k=args.top_k, min_score=args.min_score
         )
         if args.wait:
             found = graft.wait_batch_prediction(found.name)
@@ -769,6 +769,17 @@ def batch(graft: Client, args: argparse.Namespace) -> int:
         if found.error:
             print(f"error: {found.error}")
     return 0 if found.state != "failed" else 1
+
+
+def _batch_input(graft: Client, given: str) -> str:
+    """A stored dataset (name, id or display name), or a .zip or folder of images uploaded now as one (its images
+    unlabelled at its root, or in class folders: a batch prediction answers every image, labelled or not)."""
+    path = Path(given)
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+        return _dataset_name(graft, given)
+    dataset = graft.create_dataset(path, path.stem)
+    print(f"{path}: uploaded as {dataset.name} ({dataset.example_count} images)", file=sys.stderr)
+    return dataset.name
 
 
 def _batch_row(found: BatchPrediction) -> list[str]:
@@ -1003,7 +1014,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("batch", batch, "batch predictions: heads x every image of a stored dataset, in the background")
     batch_commands = sub.add_subparsers(dest="batch_command", required=True, metavar="BATCH_COMMAND")
     create = batch_commands.add_parser("create", help="queue heads x a dataset (prints it; --wait to follow it)")
-    create.add_argument("dataset", help="datasets/ID, an id, or a display name (the newest)")
+    create.add_argument(
+        "dataset", help="datasets/ID, an id, a display name (the newest), or a .zip or folder of images to upload first"
+    )
     create.add_argument("heads", help="HEAD, HEAD@3 or HEAD:alias; several separated by commas")
     create.add_argument("--top-k", type=int, default=5, help="labels per head (default 5)")
     create.add_argument("--min-score", type=float, default=0.0, help="abstain below this top score (default 0)")

@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -535,3 +536,29 @@ async def test_a_batch_prediction_that_ends_queues_batch_prediction_finished_for
     assert done["type"] == "batch_prediction.finished"
     assert done["data"]["images_done"] == done["data"]["images_total"] == len(images)
     assert done["data"]["dataset"] == f"datasets/{dataset.id}" and deaf_rows == []
+
+
+@pytest.mark.anyio
+async def test_graft_batch_create_of_a_zip_uploads_it_unlabelled_and_predicts_every_image(
+    runtime, keys, images, monkeypatch, capsys, tmp_path
+):
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data, _ in images:  # a flat zip: no class folders, no labels
+            zf.writestr(name, data)
+    monkeypatch.setenv("GRAFT_CONFIG", "/nonexistent/graft.toml")
+    monkeypatch.setenv("GRAFT_API_KEY", keys[TENANT])
+    await runtime.start()
+    try:
+        with serve_http(runtime) as port:
+            argv = ["--url", f"http://127.0.0.1:{port}", "batch", "create", str(archive), "clothes", "--wait", "--json"]
+            assert await asyncio.to_thread(cli.main, argv) == 0
+    finally:
+        await runtime.stop()
+    printed = capsys.readouterr()
+    created = json.loads(printed.out)
+    assert created["state"] == "succeeded" and created["images_done"] == len(images)
+    uploaded = created["spec"]["dataset"]
+    assert f"uploaded as {uploaded}" in printed.err
+    dataset = runtime.core.datasets.get(TENANT, uploaded.removeprefix("datasets/"))
+    assert (dataset.name, dataset.num_unlabelled) == ("photos", len(images))
