@@ -56,6 +56,7 @@ class _Pool:
     first: Tensor  # [P] the likeliest class
     second: Tensor  # [P] the runner-up
     classes: Sequence[str] | None
+    set_size: Tensor | None  # [P] labels in each image's conformal prediction set; None: the head has no calibration
 
     def confusion(self, i: int) -> str:
         """'margin 0.04 between 'shirt' and 't-shirt'' for pool row i."""
@@ -123,6 +124,19 @@ def _margin(pool: _Pool, count: int, generator: torch.Generator) -> list[_Pick]:
     return [_Pick(int(i), 1 - float(pool.margin[i]), "among the least sure") for i in pool.margin.argsort()]
 
 
+def _set_size(pool: _Pool, count: int, generator: torch.Generator) -> list[_Pick]:
+    if pool.set_size is None:
+        raise InvalidInput(
+            "strategy 'set_size' needs the head's conformal calibration (a threshold on 1 - p); this head has none"
+        )
+    by_margin = pool.margin.argsort(stable=True)
+    order = by_margin[pool.set_size[by_margin].argsort(descending=True, stable=True)]  # largest sets, then margin
+    return [
+        _Pick(int(i), float(pool.set_size[i]), f"its prediction set holds {int(pool.set_size[i])} labels")
+        for i in order
+    ]
+
+
 def _random(pool: _Pool, count: int, generator: torch.Generator) -> list[_Pick]:
     return [
         _Pick(int(i), 0.0, "drawn at random") for i in torch.randperm(len(pool.margin), generator=generator).tolist()
@@ -139,6 +153,11 @@ STRATEGIES = {
         ),
         StrategySpec("margin", "the images with the smallest margin between the head's two likeliest classes", _margin),
         StrategySpec("random", "images drawn at random: the baseline the others must beat", _random),
+        StrategySpec(
+            "set_size",
+            "the images whose conformal prediction set (90 % coverage) holds the most labels, smallest margin first",
+            _set_size,
+        ),
     )
 }
 DEFAULT_STRATEGY = "diverse_margin"
@@ -165,13 +184,16 @@ def suggest(
     strategy: str = DEFAULT_STRATEGY,
     classes: Sequence[str] | None = None,
     seed: int = 0,
+    set_threshold: float | None = None,
 ) -> list[Suggestion]:
     """Up to ``count`` pool images to label next, best first, none a near-duplicate of another or of a labelled one.
 
     ``pool_x`` [P, D]: the unlabelled images' pooled embeddings; ``pool_probs``
     [P, C]: the head's probabilities for them; ``labelled_x`` [L, D] (L may be
     0): the embeddings of the images it was trained on; ``classes``: C names for
-    the reasons. The same inputs and seed give the same answer.
+    the reasons; ``set_threshold``: the head's conformal threshold on 1 - p (what
+    ``set_size`` ranks by; None: the head has no calibration). The same inputs
+    and seed give the same answer.
     """
     spec = get_strategy(strategy)
     _check(pool_x, pool_probs, labelled_x, count, classes)
@@ -183,6 +205,9 @@ def suggest(
         first=top2.indices[:, 0],
         second=top2.indices[:, 1],
         classes=classes,
+        set_size=None
+        if set_threshold is None
+        else ((1 - pool_probs.double()) <= set_threshold).sum(dim=1).clamp(min=1),
     )
     generator = torch.Generator().manual_seed(seed)
     picks = spec.rank(pool, count, generator)
@@ -197,6 +222,12 @@ def suggest(
         )
         for p in kept
     ]
+
+
+def _set_sizes(probs: Tensor, threshold: float) -> Tensor:
+    """Labels in each row's conformal set: those whose 1 - p passes the threshold, and always the likeliest
+    (adapters/calibration.py's prediction_set)."""
+    return ((1 - probs.double()) <= threshold).sum(dim=1).clamp(min=1)
 
 
 def _check(pool_x: Tensor, pool_probs: Tensor, labelled_x: Tensor, count: int, classes: Sequence[str] | None) -> None:

@@ -11,7 +11,12 @@ images (PNG, 28x28) stored as one dataset:
 - ``online_p99_during_batch_over_idle``: the p99 latency of a light client
   (one image per request, one request every 100 ms) while a second batch job
   over the dataset runs, over its p99 while the service is idle (target <= 2;
-  half of the idle requests are sent before the job, half after it).
+  half of the idle requests are sent before the job, half after it);
+- ``online_p99_during_training_over_idle``: the same light client's p99 while
+  a training job runs (a linear head on ``--train-images`` Fashion-MNIST
+  training images the service has not seen: their features are extracted
+  first, as in any first training) over idle: what a batch job is compared
+  with ("online p99 must not suffer more than it does during training").
 
     python benchmarks/batch.py                  # prints one JSON object last
     python benchmarks/batch.py --images 500     # a quick run
@@ -32,6 +37,7 @@ from harness.sample_data import fashion_mnist_pngs
 from service.batch import BatchOptions
 from service.engine.predictor import Predictor
 from service.runtime import Runtime
+from service.training import TrainRequest
 
 OUT = Path(__file__).resolve().parent / "results"
 REQUEST_IMAGES = 10  # images per request of the saturating client
@@ -61,6 +67,16 @@ async def batch_seconds(runtime: Runtime, head: str, dataset_id: str) -> float:
     batch = await runtime.batches.create(TENANT, [head], dataset_id, BatchOptions())
     while not (found := runtime.batches.get(TENANT, batch.id)).done:
         await asyncio.sleep(0.02)
+    assert found.state.value == "succeeded", found
+    return time.perf_counter() - started
+
+
+async def training_seconds(runtime: Runtime, dataset_id: str) -> float:
+    """Seconds from submitting a training job (a linear head on the dataset) until it succeeded."""
+    started = time.perf_counter()
+    job = await runtime.jobs.submit(TENANT, TrainRequest(dataset_id=dataset_id, head_name="trained", kind="linear"))
+    while not (found := runtime.jobs.get(TENANT, job.id)).state.done:
+        await asyncio.sleep(0.05)
     assert found.state.value == "succeeded", found
     return time.perf_counter() - started
 
@@ -95,6 +111,10 @@ async def measure(args: argparse.Namespace) -> dict:
     dataset = core.datasets.create(
         TENANT, "fashion", [(f"{i}.png", data, label) for i, (data, label) in enumerate(files)]
     )
+    train_files = fashion_mnist_pngs("train", per_class=args.train_images // CLASSES, seed=args.seed)
+    to_train = core.datasets.create(
+        TENANT, "fashion-train", [(f"{i}.png", data, label) for i, (data, label) in enumerate(train_files)]
+    )
     (head,) = create_linear_heads(core, 1)
     runtime = Runtime.around(core)
     await runtime.start()
@@ -107,6 +127,9 @@ async def measure(args: argparse.Namespace) -> dict:
         running = asyncio.ensure_future(batch_seconds(runtime, head, dataset.id))
         during = await light_latencies(runtime.predictor, head, images, running)
         await running
+        training = asyncio.ensure_future(training_seconds(runtime, to_train.id))
+        while_training = await light_latencies(runtime.predictor, head, images, training)
+        await training
         idle += await light_latencies(runtime.predictor, head, images, IDLE_SAMPLES - IDLE_SAMPLES // 2)
     finally:
         await runtime.stop()
@@ -124,12 +147,16 @@ async def measure(args: argparse.Namespace) -> dict:
         "during_batch_p99_ms": round(p99_ms(during), 2),
         "during_batch_samples": len(during),
         "online_p99_during_batch_over_idle": round(p99_ms(during) / p99_ms(idle), 3),
+        "during_training_p99_ms": round(p99_ms(while_training), 2),
+        "during_training_samples": len(while_training),
+        "online_p99_during_training_over_idle": round(p99_ms(while_training) / p99_ms(idle), 3),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="Fashion-MNIST test images (a multiple of 10)")
+    parser.add_argument("--train-images", type=int, default=1000, help="images of the training job (a multiple of 10)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result = asyncio.run(measure(args))

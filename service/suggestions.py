@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from adapters.active import DEFAULT_STRATEGY, Strategy, Suggestion, suggest
+from adapters.kinds import HeadConfig
 from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.engine.head_cache import LoadedHead, materialise
@@ -27,6 +28,7 @@ from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
 from service.training import adapter_errors_translated
 
 DEFAULT_SUGGESTIONS = 20
+SET_COVERAGE = 0.9  # the prediction sets set_size ranks by (a head calibrated on fewer images: the most it can)
 MAX_SUGGESTIONS = 200
 
 
@@ -90,6 +92,12 @@ class ExampleSuggester:
             )
         version = self.heads.resolve(tenant, request.head)
         backbone = self._backbone(version)
+        if request.strategy.value == "set_size" and HeadConfig.model_validate(version.config).calibration is None:
+            raise FailedPrecondition(
+                f"head '{version.name}' version {version.version} has no conformal calibration (trained before "
+                "graft calibrated heads), so strategy set_size cannot rank by prediction sets; train it again, or "
+                "ask for diverse_margin"
+            )
         pool = self.datasets.unlabelled_examples(tenant, request.dataset_id)
         if not pool:
             raise FailedPrecondition(
@@ -113,6 +121,7 @@ class ExampleSuggester:
                 strategy=request.strategy.value,
                 classes=head.classes,
                 seed=request.seed,
+                set_threshold=_set_threshold(head),
             )
         return Suggestions(
             dataset_id=request.dataset_id,
@@ -159,3 +168,11 @@ def head_probabilities(head: LoadedHead, features: torch.Tensor, device: torch.d
         else:
             logits = head.layers(features.to(device))
     return logits.float().softmax(dim=1).cpu()
+
+
+def _set_threshold(head: LoadedHead) -> float | None:
+    """The head's conformal threshold at SET_COVERAGE (or the most its hold-out can promise); None: uncalibrated."""
+    calibration = head.calibration
+    if calibration is None:
+        return None
+    return calibration.threshold(min(SET_COVERAGE, calibration.max_coverage))

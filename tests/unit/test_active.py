@@ -29,7 +29,8 @@ def uniform_probs(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_every_strategy_returns_count_distinct_suggestions_with_reasons(strategy: str) -> None:
     x, y = blobs(50, 0)
-    out = suggest(x, head_probs(x[::25], y[::25], x), x[::25], 12, strategy=strategy, classes=CLASSES)
+    probs = head_probs(x[::25], y[::25], x)
+    out = suggest(x, probs, x[::25], 12, strategy=strategy, classes=CLASSES, set_threshold=0.9)
     assert len(out) == 12
     assert len({s.index for s in out}) == 12
     assert all(s.reason.startswith("margin ") and "between '" in s.reason for s in out)
@@ -43,7 +44,7 @@ def test_exact_copies_of_labelled_images_and_of_each_other_are_not_suggested() -
     probs = uniform_probs(len(pool))
     probs[:10] = probs[120:130] = probs[130:] = torch.tensor([0.3, 0.3, 0.2, 0.2])  # equally unsure everywhere
     for strategy in STRATEGIES:
-        out = suggest(pool, probs, labelled, 40, strategy=strategy)
+        out = suggest(pool, probs, labelled, 40, strategy=strategy, set_threshold=0.9)
         chosen = [s.index for s in out]
         assert not {i for i in chosen if 10 <= i < 20}, strategy  # the labelled images themselves
         originals = [i % 120 if i >= 120 else i for i in chosen]
@@ -77,8 +78,8 @@ def test_the_same_seed_gives_the_same_suggestions_and_another_seed_may_differ() 
     x, y = blobs(50, 4)
     probs = head_probs(x[::20], y[::20], x)
     for strategy in STRATEGIES:
-        first = suggest(x, probs, x[::20], 10, strategy=strategy, seed=7)
-        assert first == suggest(x, probs, x[::20], 10, strategy=strategy, seed=7)
+        first = suggest(x, probs, x[::20], 10, strategy=strategy, seed=7, set_threshold=0.9)
+        assert first == suggest(x, probs, x[::20], 10, strategy=strategy, seed=7, set_threshold=0.9)
     assert suggest(x, probs, x[:0], 10, strategy="random", seed=1) != suggest(
         x, probs, x[:0], 10, strategy="random", seed=2
     )
@@ -87,9 +88,8 @@ def test_the_same_seed_gives_the_same_suggestions_and_another_seed_may_differ() 
 def test_a_pool_smaller_than_count_gives_every_image_once() -> None:
     x, _ = blobs(2, 5)
     for strategy in STRATEGIES:
-        assert sorted(s.index for s in suggest(x, uniform_probs(len(x)), x[:0], 20, strategy=strategy)) == list(
-            range(len(x))
-        )
+        out = suggest(x, uniform_probs(len(x)), x[:0], 20, strategy=strategy, set_threshold=0.9)
+        assert sorted(s.index for s in out) == list(range(len(x)))
 
 
 @pytest.mark.parametrize(
@@ -129,3 +129,16 @@ def test_the_default_learns_faster_than_random_choice_in_a_small_labelling_loop(
                 )
                 labelled += [rest[s.index] for s in out]
     assert totals[DEFAULT_STRATEGY] > totals["random"]
+
+
+def test_set_size_ranks_the_largest_conformal_sets_first_and_needs_a_threshold() -> None:
+    x, _ = blobs(10, 4)
+    probs = torch.tensor([0.97, 0.01, 0.01, 0.01]).repeat(len(x), 1)
+    probs[5] = torch.tensor([0.3, 0.3, 0.2, 0.2])  # four labels within the threshold
+    probs[7] = torch.tensor([0.5, 0.45, 0.03, 0.02])  # two, and the smallest margin of all the two-label sets
+    probs[9] = torch.tensor([0.6, 0.38, 0.01, 0.01])  # two
+    out = suggest(x, probs, x[:0], 3, strategy="set_size", set_threshold=0.9)
+    assert [s.index for s in out] == [5, 7, 9]
+    assert out[0].reason.endswith("its prediction set holds 4 labels") and out[0].score == 4
+    with pytest.raises(InvalidInput, match="conformal calibration"):
+        suggest(x, probs, x[:0], 3, strategy="set_size")

@@ -255,3 +255,11 @@ def test_a_suggestion_needs_a_free_audit_slot_and_stops_at_the_time_limit(runtim
     with pytest.raises(DeadlineExceeded, match="GRAFT_MAX_AUDIT_SECONDS"):
         hasty.suggest(TENANT, request, slots=free)
     assert free.acquire(blocking=False)  # the slot was given back
+
+
+def test_set_size_ranks_by_the_heads_conformal_sets(runtime, pool):
+    dataset_id, _ = pool
+    found = suggest(runtime, dataset_id, count=4, strategy="set_size")
+    sizes = [int(s.suggestion.score) for s in found.suggestions]
+    assert len(sizes) == 4 and sizes == sorted(sizes, reverse=True) and sizes[0] >= 1
+    assert all(s.suggestion.reason.endswith(f"holds {n} labels") for s, n in zip(found.suggestions, sizes, strict=True))

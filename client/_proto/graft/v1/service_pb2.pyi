@@ -20,6 +20,7 @@ class SuggestionStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUGGESTION_STRATEGY_DIVERSE_MARGIN: _ClassVar[SuggestionStrategy]
     SUGGESTION_STRATEGY_MARGIN: _ClassVar[SuggestionStrategy]
     SUGGESTION_STRATEGY_RANDOM: _ClassVar[SuggestionStrategy]
+    SUGGESTION_STRATEGY_SET_SIZE: _ClassVar[SuggestionStrategy]
 
 class DriftStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ SUGGESTION_STRATEGY_UNSPECIFIED: SuggestionStrategy
 SUGGESTION_STRATEGY_DIVERSE_MARGIN: SuggestionStrategy
 SUGGESTION_STRATEGY_MARGIN: SuggestionStrategy
 SUGGESTION_STRATEGY_RANDOM: SuggestionStrategy
+SUGGESTION_STRATEGY_SET_SIZE: SuggestionStrategy
 DRIFT_STATUS_UNSPECIFIED: DriftStatus
 DRIFT_STATUS_OK: DriftStatus
 DRIFT_STATUS_DRIFTING: DriftStatus
