@@ -17,7 +17,7 @@ from service.resources import (
     DEFAULT_PAGE_SIZE,
     DISPLAY_NAME_PATTERN,
     ID_PATTERN,
-    MAX_REF_CHARS,
+    STORED_HEAD_REF_PATTERN,
     BatchUpdateExamplesRequest,
     BatchUpdateExamplesResponse,
     Dataset,
@@ -149,10 +149,7 @@ async def suggest_examples(
     dataset: DatasetId,
     request: Request,
     head: str = Query(
-        ...,
-        min_length=1,
-        max_length=MAX_REF_CHARS,
-        description="the head version that judges: name, name@3, name:alias",
+        ..., pattern=STORED_HEAD_REF_PATTERN, description="the judging head version: name, name@3 or name:alias"
     ),
     count: int = Query(0, ge=0, le=MAX_SUGGESTIONS, description="0: the default, 20"),
     strategy: Strategy | None = Query(None, description="default: diverse_margin"),
