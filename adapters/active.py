@@ -7,9 +7,11 @@ about the rest. The default strategy keeps the uncertain candidates, groups them
 in embedding space, and takes from each group its most typical image weighted
 by its uncertainty (margin sampling diversified by k-means, with TypiClust's
 typicality), so one request covers several confusions with images that stand
-for many others. Offline, on frozen MobileNetV2 features of Fashion-MNIST, it
-gained about 2.5 accuracy points over random choice after 8 rounds of 20 labels (a 4,000-image
-pool; margin alone about 1.4).
+for many others. Below COLD_START_PER_CLASS labels per class the head's
+uncertainty is uninformed (its unsure images bunch on one boundary), so the
+default covers the pool first: the most typical image of each of ``count``
+groups of the whole pool (TypiClust's low-budget regime).
+benchmarks/active_learning.py measures it against random labels.
 
 Every strategy skips near-duplicates of the labelled images and of its own
 picks. Embeddings are compared as unit rows (cosine geometry); a near-duplicate
@@ -33,6 +35,7 @@ KMEANS_STEPS = 20
 AXES = 64  # the diverse strategy compares images on the pool's leading principal axes: denoised, and cheap
 AXES_ROWS = 2000  # evenly spaced pool rows the axes are estimated from
 DUPLICATE_FRACTION = 0.5  # of the candidates' median nearest-neighbour distance: closer is the same image
+COLD_START_PER_CLASS = 3  # fewer labelled images per class than this: the default covers the pool first
 PROBABILITY_SLACK = 1e-3  # pool_probs rows must sum to 1 within this (logits passed by mistake do not)
 
 
@@ -56,6 +59,7 @@ class _Pool:
     first: Tensor  # [P] the likeliest class
     second: Tensor  # [P] the runner-up
     classes: Sequence[str] | None
+    num_classes: int
     set_size: Tensor | None  # [P] labels in each image's conformal prediction set; None: the head has no calibration
 
     def confusion(self, i: int) -> str:
@@ -89,7 +93,10 @@ class StrategySpec:
 
 def _diverse_margin(pool: _Pool, count: int, generator: torch.Generator) -> list[_Pick]:
     """The CANDIDATES_PER_PICK x count least sure images in ``count`` k-means groups; from each group, the one
-    with the largest typicality x uncertainty; groups in order of their summed uncertainty."""
+    with the largest typicality x uncertainty; groups in order of their summed uncertainty. With fewer than
+    COLD_START_PER_CLASS labelled images per class: ``_cover`` instead."""
+    if len(pool.labelled) < COLD_START_PER_CLASS * pool.num_classes:
+        return _cover(pool, count, generator)
     candidates = pool.margin.argsort()[: CANDIDATES_PER_PICK * count]
     projected = _principal(pool.z, generator)
     z = projected[candidates]
@@ -116,6 +123,30 @@ def _diverse_margin(pool: _Pool, count: int, generator: torch.Generator) -> list
     chosen = {p.index for p in picks}
     picks += [  # reserves, should near-duplicates take some picks out
         _Pick(int(i), 0.0, "among the least sure beyond the groups' picks") for i in candidates if int(i) not in chosen
+    ]
+    return picks
+
+
+def _cover(pool: _Pool, count: int, generator: torch.Generator) -> list[_Pick]:
+    """The whole pool in ``count`` k-means groups; from each, its most typical image; largest groups first."""
+    projected = _principal(pool.z, generator)
+    k = min(count, len(projected))
+    groups = _kmeans(projected, k, generator)
+    typical = _typicality(projected, projected)
+    sizes = torch.bincount(groups, minlength=k)
+    picks = []
+    for g in sizes.argsort(descending=True).tolist():
+        members = torch.nonzero(groups == g)[:, 0]
+        if len(members) == 0:
+            continue
+        best = int(members[typical[members].argmax()])
+        note = f"few labels yet, so the pool is covered first: the most typical of {len(members)} images in its group"
+        picks.append(_Pick(best, float(sizes[g]), note, cluster=g))
+    chosen = {p.index for p in picks}
+    picks += [  # reserves, should near-duplicates take some picks out
+        _Pick(int(i), 0.0, "among the most typical images beyond the groups' picks")
+        for i in typical.argsort(descending=True)
+        if int(i) not in chosen
     ]
     return picks
 
@@ -148,7 +179,8 @@ STRATEGIES = {
     for spec in (
         StrategySpec(
             "diverse_margin",
-            "the least sure images, grouped in embedding space; from each group its most typical unsure image",
+            "the least sure images, grouped in embedding space; from each group its most typical unsure image "
+            f"(below {COLD_START_PER_CLASS} labels per class: the most typical image of each group of the whole pool)",
             _diverse_margin,
         ),
         StrategySpec("margin", "the images with the smallest margin between the head's two likeliest classes", _margin),
@@ -205,6 +237,7 @@ def suggest(
         first=top2.indices[:, 0],
         second=top2.indices[:, 1],
         classes=classes,
+        num_classes=pool_probs.shape[1],
         set_size=None
         if set_threshold is None
         else ((1 - pool_probs.double()) <= set_threshold).sum(dim=1).clamp(min=1),

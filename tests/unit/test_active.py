@@ -57,8 +57,9 @@ def test_unsure_images_are_preferred_to_confident_ones() -> None:
     probs = torch.tensor([0.97, 0.01, 0.01, 0.01]).repeat(len(x), 1)
     unsure = torch.arange(0, len(x), 2)  # 100 images over every blob: the default groups the 10 x count least sure
     probs[unsure] = torch.tensor([0.4, 0.35, 0.15, 0.1])
+    labelled = x[1::10]  # 20 confident images: enough labels per class for the default to rank by uncertainty
     for strategy in ("diverse_margin", "margin"):
-        out = suggest(x, probs, x[:0], 10, strategy=strategy)
+        out = suggest(x, probs, labelled, 10, strategy=strategy)
         assert {s.index for s in out} <= set(unsure.tolist()), strategy
         assert all(s.margin == pytest.approx(0.05, abs=1e-6) for s in out)
 
@@ -142,3 +143,14 @@ def test_set_size_ranks_the_largest_conformal_sets_first_and_needs_a_threshold()
     assert out[0].reason.endswith("its prediction set holds 4 labels") and out[0].score == 4
     with pytest.raises(InvalidInput, match="conformal calibration"):
         suggest(x, probs, x[:0], 3, strategy="set_size")
+
+
+def test_with_few_labels_the_default_covers_the_pool_by_typical_images_whatever_the_margins() -> None:
+    x, y = blobs(50, 6, spread=0.5)
+    probs = torch.tensor([0.97, 0.01, 0.01, 0.01]).repeat(len(x), 1)
+    probs[y == 0] = torch.tensor([0.4, 0.35, 0.15, 0.1])  # only blob 0 unsure: uncertainty would stay there
+    out = suggest(x, probs, x[::50], 8, strategy=DEFAULT_STRATEGY)  # 4 labels: 1 per class, below the cold start
+    assert {int(y[s.index]) for s in out} == set(range(len(CLASSES)))
+    assert all("covered first" in s.reason for s in out)
+    warm = suggest(x, probs, x[::4], 8, strategy=DEFAULT_STRATEGY)  # 50 labels: past it, the unsure blob first
+    assert int(y[warm[0].index]) == 0 and not any("covered first" in s.reason for s in warm)
