@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from engine_setup import TENANT, create_linear_heads, open_core
+from engine_setup import CONCURRENCY, REQUEST_IMAGES, TENANT, create_linear_heads, images_per_second, open_core
 
 from harness.sample_data import fashion_mnist_pngs
 from service.batch import BatchOptions
@@ -40,25 +40,9 @@ from service.runtime import Runtime
 from service.training import TrainRequest
 
 OUT = Path(__file__).resolve().parent / "results"
-REQUEST_IMAGES = 10  # images per request of the saturating client
-CONCURRENCY = 8  # its requests in flight
 LIGHT_INTERVAL_S = 0.1  # the light client's pace: one image per request
 IDLE_SAMPLES = 200
 CLASSES = 10
-
-
-async def online_ips(predictor: Predictor, head: str, images: list[bytes]) -> float:
-    """Images/s of ``images`` sent to ``head`` in requests of REQUEST_IMAGES, CONCURRENCY at a time."""
-    requests = [images[i : i + REQUEST_IMAGES] for i in range(0, len(images), REQUEST_IMAGES)]
-    slots = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(batch: list[bytes]) -> None:
-        async with slots:
-            await predictor.predict(TENANT, batch, [head])
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(batch) for batch in requests))
-    return len(images) / (time.perf_counter() - started)
 
 
 async def batch_seconds(runtime: Runtime, head: str, dataset_id: str) -> float:
@@ -119,8 +103,8 @@ async def measure(args: argparse.Namespace) -> dict:
     runtime = Runtime.around(core)
     await runtime.start()
     try:
-        await online_ips(runtime.predictor, head, images[: REQUEST_IMAGES * CONCURRENCY * 4])  # warm-up
-        online = await online_ips(runtime.predictor, head, images)
+        await images_per_second(runtime.predictor, head, images[: REQUEST_IMAGES * CONCURRENCY * 4])  # warm-up
+        online = await images_per_second(runtime.predictor, head, images)
         batch = len(images) / await batch_seconds(runtime, head, dataset.id)
         # Idle before and after the batch, so that a change in the machine's other load weighs on both alike.
         idle = await light_latencies(runtime.predictor, head, images, IDLE_SAMPLES // 2)

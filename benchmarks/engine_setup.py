@@ -3,7 +3,9 @@
 Heads get random weights: serving cost does not depend on what a head learnt.
 """
 
+import asyncio
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +17,12 @@ from adapters.kinds import HeadConfig, HeadKind, build_head
 from service.config import Settings
 from service.core import Core
 from service.engine.backbones import Backbone
+from service.engine.predictor import Predictor
 
 TENANT = "bench"
 CLASSES = 10
+REQUEST_IMAGES = 10  # images per request of a saturating client
+CONCURRENCY = 8  # its requests in flight
 
 
 def published_trunk(backbone: Backbone, micro_batch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -66,3 +71,18 @@ def create_linear_heads(core: Core, count: int, prefix: str = "h", tenant: str =
 def head_param_bytes() -> int:
     """Bytes of one linear head's parameters as served (weight + bias, float32)."""
     return (1280 * CLASSES + CLASSES) * 4
+
+
+async def images_per_second(predictor: Predictor, head: str, images: list[bytes]) -> float:
+    """Images/s of ``images`` sent to ``head`` as online predictions in requests of REQUEST_IMAGES, CONCURRENCY at
+    a time: a client that keeps the service saturated."""
+    requests = [images[i : i + REQUEST_IMAGES] for i in range(0, len(images), REQUEST_IMAGES)]
+    slots = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(batch: list[bytes]) -> None:
+        async with slots:
+            await predictor.predict(TENANT, batch, [head])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(batch) for batch in requests))
+    return len(images) / (time.perf_counter() - started)

@@ -28,11 +28,10 @@ import asyncio
 import json
 import random
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from engine_setup import TENANT, open_core
+from engine_setup import CONCURRENCY, REQUEST_IMAGES, TENANT, images_per_second, open_core
 
 from adapters.kinds import HeadKind
 from adapters.monitoring import MonitoringReference
@@ -45,8 +44,6 @@ from service.store.windows import MonitorWindow
 from service.training import TrainRequest
 
 OUT = Path(__file__).resolve().parent / "results"
-REQUEST_IMAGES = 10  # images per request
-CONCURRENCY = 8  # requests in flight while throughput is measured
 TRAINING_IMAGES = 300
 
 
@@ -61,20 +58,6 @@ def train(core: Core, head: str, dataset_id: str, seed: int) -> int:
     """A linear head version trained by graft on the dataset; its version number."""
     request = TrainRequest(dataset_id=dataset_id, head_name=head, kind=HeadKind("linear"), seed=seed)
     return core.trainer.train(TENANT, request).version
-
-
-async def images_per_second(predictor: Predictor, head: str, images: list[bytes]) -> float:
-    """Images/s of ``images`` sent to ``head`` in requests of REQUEST_IMAGES, CONCURRENCY at a time."""
-    requests = [images[i : i + REQUEST_IMAGES] for i in range(0, len(images), REQUEST_IMAGES)]
-    slots = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(batch: list[bytes]) -> None:
-        async with slots:
-            await predictor.predict(TENANT, batch, [head])
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(batch) for batch in requests))
-    return len(images) / (time.perf_counter() - started)
 
 
 async def alternating(arms: dict[str, tuple[Predictor, str]], images: list[bytes], rounds: int) -> dict[str, float]:
