@@ -22,7 +22,7 @@ from service.engine.backbones import Backbone
 from service.engine.extraction import FeatureExtractor
 from service.engine.head_cache import LoadedHead, materialise
 from service.errors import FailedPrecondition, InvalidArgument
-from service.feature_work import Stop, audit_slot, check, stop_check
+from service.feature_work import audit_slot, check, stop_check
 from service.store.datasets import DatasetStore, ExampleInfo
 from service.store.heads import HeadRegistry, ServedVersion, imagenet_backbone
 from service.training import adapter_errors_translated
@@ -109,10 +109,15 @@ class ExampleSuggester:
         with audit_slot(slots):
             head = materialise(version, self.heads.load_tensors(version), backbone)
             pool_shas = [example.image_sha256 for example in pool]
-            probabilities = self._probabilities(head, backbone, pool_shas, tenant, stop)
+            shas = pool_shas + [e.image_sha256 for e in labelled]
+            pooled = self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
             check(stop, "suggestion")
-            pooled = self._pooled(backbone, pool_shas + [e.image_sha256 for e in labelled], tenant, stop)
-            check(stop, "suggestion")
+            if head.split_point == backbone.num_blocks:  # the head reads the pooled features: read them once
+                at_split = pooled[: len(pool)]
+            else:
+                at_split = self.extractor.features(backbone, head.split_point, pool_shas, tenant=tenant, cancelled=stop)
+                check(stop, "suggestion")
+            probabilities = head_probabilities(head, at_split, backbone.placement.device)
             picked = suggest(
                 pooled[: len(pool)],
                 probabilities,
@@ -139,15 +144,6 @@ class ExampleSuggester:
                 f"service does not load (it loads: {', '.join(sorted(self.backbones))})"
             )
         return self.backbones[version.backbone]
-
-    def _probabilities(
-        self, head: LoadedHead, backbone: Backbone, shas: list[str], tenant: str, stop: Stop
-    ) -> torch.Tensor:
-        features = self.extractor.features(backbone, head.split_point, shas, tenant=tenant, cancelled=stop)
-        return head_probabilities(head, features, backbone.placement.device)
-
-    def _pooled(self, backbone: Backbone, shas: list[str], tenant: str, stop: Stop) -> torch.Tensor:
-        return self.extractor.features(backbone, backbone.num_blocks, shas, tenant=tenant, cancelled=stop)
 
 
 def _suggested(
