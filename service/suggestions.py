@@ -155,15 +155,9 @@ def _suggested(
 
 
 def head_probabilities(head: LoadedHead, features: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """[N, C] calibrated probabilities of ``features`` (at the head's split point), as serving computes them:
-    the gathered matmul, or the head's module."""
+    """[N, C] calibrated probabilities of ``features`` (at the head's split point), as serving computes them."""
     with torch.inference_mode():
-        if head.gathered:
-            weight, bias = head.linear
-            logits = head.inputs(features.to(device, weight.dtype)) @ weight.T + bias
-        else:
-            logits = head.layers(features.to(device))
-    return logits.float().softmax(dim=1).cpu()
+        return head.logits(features.to(device)).float().softmax(dim=1).cpu()
 
 
 def _set_threshold(head: LoadedHead) -> float | None:

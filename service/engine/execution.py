@@ -87,7 +87,7 @@ def run_batch(
                 inputs = stem[rows]
             else:
                 inputs = backbone.features(stem[rows], head.split_point, start=first)
-            return head.layers(inputs.float())
+            return head.logits(inputs)
 
         out = _guarded(head, len(places), forward, failures)
         if out is not None:
@@ -143,8 +143,7 @@ def _run_linear_chunk(
             rows = torch.tensor([row for row, _ in places], device=pooled.device)
 
             def forward(head: LoadedHead = head, rows: torch.Tensor = rows) -> torch.Tensor:
-                weight, bias = head.linear
-                return head.inputs(pooled[rows]) @ weight.T + bias
+                return head.logits(pooled[rows])
 
             out = _guarded(head, len(places), forward, failures)
             if out is not None:

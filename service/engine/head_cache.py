@@ -99,6 +99,13 @@ class LoadedHead:
             return pooled
         return normalised(pooled.float(), self.centre.float()).to(pooled.dtype)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits of ``features`` at the head's split point, on its device, one head alone (the engine
+        gathers linear heads of a batch into one matmul instead)."""
+        if self.weight is not None and self.bias is not None:
+            return self.inputs(features.to(self.weight.dtype)) @ self.weight.T + self.bias
+        return self.layers(features.float())
+
     @property
     def layers(self) -> nn.Module:
         """The module of a head the engine does not gather (mlp, finetune)."""
