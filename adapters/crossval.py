@@ -16,10 +16,19 @@ x weight decay (SearchSpace), all folds of a scaling solved side by side
 best value sits on its edge, then is refined by half a decade around the best
 of the recipes still in contention. It keeps the chosen candidate's
 out-of-fold logits, which the label audit reads instead of fitting its own folds.
+
+Why a search has a key: it is a pure function of its features, labels and
+options, and its report (every candidate's fold scores) is kept with the head
+version it chose. A retrain on the same features with the same options (the key,
+a digest of all of them, matches) rereads that evidence and solves only the
+chosen recipe's folds again, for their out-of-fold logits.
 """
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +43,7 @@ DEFAULT_FOLDS = 5
 CV_TOLERANCE = 1e-4  # the folds only rank candidates: a looser fit than the final head's ranks them the same
 MIN_WEIGHT_DECAY, MAX_WEIGHT_DECAY = 1e-7, 10.0  # HyperParams' bounds (0 excluded: an unpenalised fit may not exist)
 MAX_EXTENSIONS = 4  # grid steps added beyond an edge, per recipe
+SEARCH_FORMAT = 1  # part of every search's key: raise it when a change to the search changes its verdicts
 
 
 def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:
@@ -182,21 +192,28 @@ class RecipeSearch(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
+    key: str  # `search_key` of its features, labels and options
     objective: str
     folds: int
     candidates: list[RecipeCandidate]  # in the order they were scored
     chosen: RecipeCandidate
     rule: str
     out_of_fold_logits: Tensor  # [N, C]: the chosen candidate's, each example's from the fold that left it out
+    fold_average: Solution  # the chosen candidate's fold fits averaged: where its fit on every row starts
     axes: PrincipalAxes  # of the chosen scaling's features (float64): the final fit on the same rows reuses them
+    reread: bool = False  # its candidates' scores are a kept report's (`reread`), not searched again
 
     def report(self) -> dict:
         """JSON for the version's metrics: every candidate's mean and spread, the choice and the rule."""
         return {
+            "key": self.key,
             "objective": self.objective,
             "folds": self.folds,
             "chosen": self.chosen.model_dump(mode="json"),
             "rule": self.rule,
+            "evidence": "reread: a kept search with the same key (the same features, labels and options)"
+            if self.reread
+            else "searched",
             "candidates": [
                 {"scaling": c.scaling, "class_weighting": c.class_weighting, "weight_decay": c.weight_decay}
                 | c.scores.model_dump()
@@ -206,6 +223,40 @@ class RecipeSearch(BaseModel):
 
 
 Progress = Callable[[str], None]
+# A stored search's report (`RecipeSearch.report`) with this key, if one was kept; None if none.
+Evidence = Callable[[str], dict | None]
+
+
+def search_key(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    scalings: Sequence[str],
+    class_weightings: Sequence[str],
+    weight_decays: Sequence[float],
+    objective: str,
+    folds: int,
+    seed: int,
+    extend: bool,
+) -> str:
+    """A digest of everything `search_linear` reads: the same key, the same verdict."""
+    options = {
+        "format": SEARCH_FORMAT,
+        "shape": list(x.shape),
+        "classes": num_classes,
+        "scalings": list(scalings),
+        "class_weightings": list(class_weightings),
+        "weight_decays": sorted(set(weight_decays)),
+        "objective": objective,
+        "folds": folds,
+        "seed": seed,
+        "extend": extend,
+    }
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def search_linear(
@@ -220,6 +271,7 @@ def search_linear(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     extend: bool = True,
+    evidence: Evidence | None = None,
     cancelled: Callable[[], bool] | None = None,
     progress: Progress | None = None,
 ) -> RecipeSearch:
@@ -230,14 +282,31 @@ def search_linear(
     recipe's grid grows past an edge that holds its best weight decay (by the
     grid's own step, within HyperParams' bounds) and is refined by half a step
     around the best of every recipe within one standard error of the best.
+    ``evidence`` looks up a kept report by this search's key: found, its
+    verdict is reread (`reread`) instead of searched again.
     """
     x = x.float()
     y = y.to(torch.int64)
     k = fold_count(y, folds)
+    key = search_key(
+        x,
+        y,
+        num_classes,
+        scalings=scalings,
+        class_weightings=class_weightings,
+        weight_decays=weight_decays,
+        objective=objective,
+        folds=k,
+        seed=seed,
+        extend=extend,
+    )
+    kept = evidence(key) if evidence is not None else None
+    if kept is not None:
+        return reread(kept, x, y, num_classes, seed=seed, cancelled=cancelled)
     assignment = fold_of(y, k, seed)
     preferred = get_objective(objective).class_weighting
     weightings = sorted(class_weightings, key=lambda w: w != preferred)  # stable: the objective's first
-    scored: dict[tuple[str, str, float], tuple[FoldScores, Tensor]] = {}
+    scored: dict[tuple[str, str, float], _Scored] = {}
     features: dict[str, tuple[Tensor, PrincipalAxes]] = {}  # each scaling's features and their float64 axes
     # A weighting that weighs every fold's examples the same as the first weighting poses the same problems:
     # solved once, scored under both names (balanced weights on classes of equal size are all 1).
@@ -267,7 +336,7 @@ def search_linear(
             for j, (weighting, decay) in enumerate(solved):
                 logits = out_of_fold_logits(z, solution, assignment, k, j, len(solved))
                 scores = fold_scores(logits.argmax(1), y, assignment, k, num_classes, objective)
-                scored[(scaling, weighting, decay)] = (scores, logits)
+                scored[(scaling, weighting, decay)] = _Scored(scores, logits, fold_average(solution, k, j, len(solved)))
             if progress is not None:
                 progress(f"{scaling}: {len(solved) * k} fits over {k} folds")
         for weighting, decay in wanted:
@@ -276,7 +345,7 @@ def search_linear(
     def best_decay(scaling: str, weighting: str) -> tuple[list[float], float]:
         """The weight decays tried for a recipe, in order, and the one with the best mean."""
         tried = sorted(d for (s, w, d) in scored if s == scaling and w == weighting)
-        return tried, max(tried, key=lambda d: scored[(scaling, weighting, d)][0].mean)
+        return tried, max(tried, key=lambda d: scored[(scaling, weighting, d)].scores.mean)
 
     grid = sorted(set(weight_decays))
     for scaling in scalings:
@@ -297,12 +366,12 @@ def search_linear(
                     break
                 run(scaling, additions)
         leader, keys = _choice(scored, scalings, weightings)
-        lead_scores = scored[keys[leader.best]][0]
+        lead_scores = scored[keys[leader.best]].scores
         for scaling in scalings:
             refinements = []
             for weighting in weightings:
                 _, best = best_decay(scaling, weighting)
-                if _paired_gap(lead_scores, scored[(scaling, weighting, best)][0]) <= 0:
+                if _paired_gap(lead_scores, scored[(scaling, weighting, best)].scores) <= 0:
                     half = math.sqrt(step)
                     refinements += [(weighting, _rounded(best / half)), (weighting, _rounded(best * half))]
             run(scaling, [(w, d) for w, d in refinements if MIN_WEIGHT_DECAY <= d <= MAX_WEIGHT_DECAY])
@@ -310,17 +379,72 @@ def search_linear(
     choice, keys = _choice(scored, scalings, weightings)
     candidates = [
         RecipeCandidate(scaling=s, class_weighting=w, weight_decay=d, scores=scores)
-        for (s, w, d), (scores, _) in scored.items()
+        for (s, w, d), (scores, _, _) in scored.items()
     ]
     chosen = next(c for c in candidates if c.name == choice.chosen)
     return RecipeSearch(
+        key=key,
         objective=objective,
         folds=k,
         candidates=candidates,
         chosen=chosen,
         rule=choice.reason,
-        out_of_fold_logits=scored[keys[choice.chosen]][1],
+        out_of_fold_logits=scored[keys[choice.chosen]].logits,
+        fold_average=scored[keys[choice.chosen]].average,
         axes=features[chosen.scaling][1],
+    )
+
+
+def reread(
+    report: dict, x: Tensor, y: Tensor, num_classes: int, *, seed: int, cancelled: Callable[[], bool] | None = None
+) -> RecipeSearch:
+    """The search a kept ``report`` describes, on the features and labels it was run on (its key says so).
+
+    Candidates, verdict and rule are the report's; the chosen recipe's folds are
+    solved again, since its out-of-fold logits are not kept (N x C numbers the
+    calibration and the label audit read).
+    """
+    candidates = [
+        RecipeCandidate(
+            scaling=c["scaling"],
+            class_weighting=c["class_weighting"],
+            weight_decay=c["weight_decay"],
+            scores=FoldScores.model_validate({name: c[name] for name in FoldScores.model_fields}),
+        )
+        for c in report["candidates"]
+    ]
+    wanted = report["chosen"]
+    chosen = next(
+        c
+        for c in candidates
+        if (c.scaling, c.class_weighting, c.weight_decay)
+        == (wanted["scaling"], wanted["class_weighting"], wanted["weight_decay"])
+    )
+    k = int(report["folds"])
+    assignment = fold_of(y, k, seed)
+    z = scaled(x, chosen.scaling, *scaling_stats(x, chosen.scaling))
+    axes = PrincipalAxes.of(z.double())
+    solution = solve(
+        z,
+        y,
+        num_classes,
+        fold_row_weights(y, assignment, k, num_classes, [chosen.class_weighting]),
+        torch.full((k,), chosen.weight_decay),
+        axes=axes,
+        tolerance=CV_TOLERANCE,
+        cancelled=cancelled,
+    )
+    return RecipeSearch(
+        key=report["key"],
+        objective=report["objective"],
+        folds=k,
+        candidates=candidates,
+        chosen=chosen,
+        rule=report["rule"],
+        out_of_fold_logits=out_of_fold_logits(z, solution, assignment, k, 0, 1),
+        fold_average=fold_average(solution, k, 0, 1),
+        axes=axes,
+        reread=True,
     )
 
 
@@ -363,6 +487,25 @@ def out_of_fold_logits(z: Tensor, solution: Solution, assignment: Tensor, k: int
     return logits
 
 
+def fold_average(solution: Solution, k: int, j: int, per_fold: int) -> Solution:
+    """The j-th of ``per_fold`` problems stacked fold by fold (`fold_row_weights`), its k fits averaged: near the
+    same recipe's fit on every row, each fold having seen (k - 1) / k of them."""
+    problems = [f * per_fold + j for f in range(k)]
+    return Solution(
+        weight=solution.weight[problems].mean(0, keepdim=True),
+        bias=solution.bias[problems].mean(0, keepdim=True),
+        iterations=torch.zeros(1, dtype=torch.int64),
+    )
+
+
+class _Scored(NamedTuple):
+    """One recipe's fold scores, out-of-fold logits [N, C] and fold average, as the search keeps them."""
+
+    scores: FoldScores
+    logits: Tensor
+    average: Solution
+
+
 def _same_rows(y: Tensor, assignment: Tensor, k: int, num_classes: int, first: str, other: str) -> bool:
     """Whether ``other`` weighs every fold's fitting examples as ``first`` does (up to a common factor)."""
     for f in range(k):
@@ -388,13 +531,13 @@ def _grid_step(grid: Sequence[float]) -> float:
 
 
 def _choice(
-    scored: dict[tuple[str, str, float], tuple[FoldScores, Tensor]], scalings: Sequence[str], weightings: Sequence[str]
+    scored: dict[tuple[str, str, float], "_Scored"], scalings: Sequence[str], weightings: Sequence[str]
 ) -> tuple[Choice, dict[str, tuple[str, str, float]]]:
     """The one-standard-error rule over every scored recipe (the objective's weighting, then the simpler scaling,
     then the stronger penalty, is simpler), and each candidate's key by name."""
     keys = {
-        RecipeCandidate(scaling=s, class_weighting=w, weight_decay=d, scores=v[0]).name: (s, w, d)
+        RecipeCandidate(scaling=s, class_weighting=w, weight_decay=d, scores=v.scores).name: (s, w, d)
         for (s, w, d), v in scored.items()
     }
     order = sorted(keys, key=lambda n: (weightings.index(keys[n][1]), scalings.index(keys[n][0]), -keys[n][2]))
-    return one_standard_error({n: scored[keys[n]][0] for n in keys}, order), keys
+    return one_standard_error({n: scored[keys[n]].scores for n in keys}, order), keys

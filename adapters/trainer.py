@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from adapters.errors import InvalidInput, TrainingCancelled
 from adapters.heads import FinetuneHead, LinearHead, MLPHead
-from adapters.logistic import PrincipalAxes, solve
+from adapters.logistic import FINAL_GRADIENT_TOLERANCE, FINAL_TOLERANCE, PrincipalAxes, Solution, solve
 from adapters.recipe import scaling_stats
 
 # A linear fit's L-BFGS steps per `epochs` (HyperParams): its bound on the work, never reached in practice.
@@ -114,6 +114,7 @@ def fit_linear(
     cancelled: CancelCheck | None = None,
     seed: int = 0,
     axes: PrincipalAxes | None = None,
+    start: LinearHead | None = None,
 ) -> FitResult:
     """A linear head on pooled features [N, D]: its scaling's statistics from x_train, then logistic regression.
 
@@ -124,7 +125,11 @@ def fit_linear(
     TrainingCancelled as soon as `cancelled()` is true, checked at every step
     (every mini-batch for AdamW), so a stop takes effect well within an epoch.
     ``axes``: `PrincipalAxes` of exactly these scaled features, from a search on
-    the same rows, spare the fit its eigendecomposition.
+    the same rows, spare the fit its eigendecomposition. ``start``: a linear head
+    of the same scaling and shape to start from (its function, re-expressed in
+    this head's statistics). Converged means a gradient norm below
+    FINAL_GRADIENT_TOLERANCE, so a start already at the optimum costs one
+    gradient and no eigendecomposition.
     """
     with _fitting(head, x_train.device, seed):
         examples = _checked(head.num_classes, 2, x_train, y_train, x_val, y_val, class_weights)
@@ -138,8 +143,11 @@ def fit_linear(
             head.num_classes,
             (row / row.sum())[None],
             torch.tensor([hp.weight_decay]),
+            start=None if start is None else _start_in(head, start),
             axes=axes,
             dtype=torch.float64,
+            tolerance=FINAL_TOLERANCE,
+            gradient_tolerance=FINAL_GRADIENT_TOLERANCE,
             max_iterations=hp.epochs * LBFGS_STEPS_PER_EPOCH,
             cancelled=cancelled,
         )
@@ -152,6 +160,23 @@ def fit_linear(
     train_loss = F.cross_entropy(predict_logits(head, examples.x_train), examples.y_train).item()
     _report(progress, "fit", 1.0, "done", **_summary(train_loss, val_accuracy))
     return FitResult(epochs_run=int(solution.iterations[0]), best_val_accuracy=val_accuracy, train_loss=train_loss)
+
+
+def _start_in(head: LinearHead, start: LinearHead) -> Solution:
+    """``start``'s weights for the scaled features ``head`` reads: the same logits from the same raw features."""
+    if start.scaling != head.scaling or start.linear.weight.shape != head.linear.weight.shape:
+        raise InvalidInput(
+            f"a {start.scaling} head of shape {list(start.linear.weight.shape)} cannot start a {head.scaling} head "
+            f"of shape {list(head.linear.weight.shape)}"
+        )
+    with torch.no_grad():  # on the CPU, where the solver works
+        weight = start.linear.weight.cpu() / start.std.cpu()  # on the unscaled features (rows at unit length for l2)
+        bias = start.linear.bias.cpu() - weight @ start.mean.cpu()
+        return Solution(
+            weight=(weight * head.std.cpu())[None],
+            bias=(bias + weight @ head.mean.cpu())[None],
+            iterations=torch.zeros(1, dtype=torch.int64),
+        )
 
 
 def fit_mlp(

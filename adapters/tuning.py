@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from adapters.crossval import RecipeSearch, search_linear
+from adapters.crossval import Evidence, RecipeSearch, search_linear
 from adapters.errors import InvalidInput
 from adapters.heads import LinearHead
 from adapters.kinds import HeadConfig, build_head, get_kind
 from adapters.logistic import PrincipalAxes
-from adapters.recipe import Scaling, class_weights
+from adapters.recipe import Scaling, class_weights, scaling_stats
 from adapters.search_space import SearchSpace
 from adapters.trainer import (
     CancelCheck,
@@ -83,6 +83,7 @@ def tune(
     scalings: Sequence[str] = (),
     class_weightings: Sequence[str] = (),
     known: RecipeSearch | None = None,
+    evidence: Evidence | None = None,
     progress: Progress | None = None,
     cancelled: CancelCheck | None = None,
     seed: int = 0,
@@ -91,7 +92,8 @@ def tune(
 
     ``known`` is a k-fold search already run on these training examples with
     these options and seed (backbone or kind 'auto' ran it to compare): its
-    verdict is fitted instead of searching again.
+    verdict is fitted instead of searching again; ``evidence`` looks up a kept
+    search by its key (`search_linear`).
     ``scalings`` and ``class_weightings`` are the recipes to try, simplest first
     (adapters/recipe.py); a kind that does not cross-validate trains with the
     config's scaling and the first weighting (none given: no class weights).
@@ -129,6 +131,7 @@ def tune(
                 scalings or [config.scaling.value if config.scaling else "standardise"],
                 class_weightings or ["none"],
                 known=known,
+                evidence=evidence,
                 progress=progress,
                 cancelled=cancelled,
                 seed=seed,
@@ -218,6 +221,7 @@ def _tune_by_kfold(
     class_weightings: Sequence[str],
     *,
     known: RecipeSearch | None,
+    evidence: Evidence | None,
     progress: Progress | None,
     cancelled: CancelCheck | None,
     seed: int,
@@ -237,6 +241,7 @@ def _tune_by_kfold(
         weight_decays=space.weight_decay,
         objective=objective,
         seed=seed,
+        evidence=evidence,
         cancelled=cancelled,
         progress=searched,
     )
@@ -250,6 +255,7 @@ def _tune_by_kfold(
         best,
         chosen.class_weighting,
         axes=search.axes,
+        start=_fold_average_head(chosen_config, x_train, search),
         cancelled=cancelled,
         seed=seed,
     )
@@ -285,14 +291,16 @@ def fit_recipe(
     class_weighting: str,
     *,
     axes: PrincipalAxes | None = None,
+    start: LinearHead | None = None,
     cancelled: CancelCheck | None = None,
     seed: int = 0,
 ) -> LinearHead:
     """A searched linear recipe (scaling in ``config``, ``hp.weight_decay``, ``class_weighting``) fit on x, y.
 
     ``axes``: the search's principal axes of the same rows (`fit_linear`), so the
-    fit on the training split skips its eigendecomposition. Both the fit on the
-    training split and the refit on every example come here.
+    fit on the training split skips its eigendecomposition; ``start``: a head to
+    start from (`fit_linear`). Both the fit on the training split and the refit
+    on every example come here.
     """
     torch.manual_seed(seed)
     head = build_head(config)
@@ -308,8 +316,22 @@ def fit_recipe(
         cancelled=cancelled,
         seed=seed,
         axes=axes,
+        start=start,
     )
     return head.eval()
+
+
+def _fold_average_head(config: HeadConfig, x_train: Tensor, search: RecipeSearch) -> LinearHead:
+    """The chosen recipe's fold fits averaged, as a head on the training split's scaling: where its fit on the
+    whole training split starts (about a quarter fewer steps than from zero)."""
+    head = build_head(config)
+    if not isinstance(head, LinearHead):
+        raise InvalidInput(f"a searched recipe is a linear head's, not a {config.kind.value} head's")
+    head.set_scaling_stats(*scaling_stats(x_train.cpu(), head.scaling))
+    with torch.no_grad():
+        head.linear.weight.copy_(search.fold_average.weight[0])
+        head.linear.bias.copy_(search.fold_average.bias[0])
+    return head
 
 
 def _candidates(space: SearchSpace, base: HyperParams) -> list[HyperParams]:

@@ -24,6 +24,7 @@ from adapters.audit import OutOfFold, audit_labels, audit_summary
 from adapters.calibration import Calibration, calibrate, calibration_report
 from adapters.crossval import (
     Choice,
+    Evidence,
     FoldScores,
     RecipeSearch,
     fold_count,
@@ -34,7 +35,7 @@ from adapters.crossval import (
 )
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
 from adapters.heads import LinearHead, head_state
-from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind
+from adapters.kinds import KINDS, HeadConfig, HeadKind, HeadKindSpec, build_head, get_kind, load_head
 from adapters.metrics import evaluate, finite
 from adapters.monitoring import MonitoringReference
 from adapters.recipe import ClassWeighting, Objective, Scaling, class_weights, get_objective
@@ -420,7 +421,7 @@ class Trainer:
                 known if get_kind(kind).cross_validate else None,
             )
         result = fitted.result
-        served = self._served_head(request, data, fitted, cancelled)
+        served = self._served_head(request, data, fitted, dataset.classes, cancelled)
         calibration = fitted.calibration(data, request.seed, refit=served is not result.head)
         metrics = fitted.metrics(data, dataset.classes, calibration)
         audit = self._audit(request, data, fitted, dataset, report, cancelled)
@@ -470,7 +471,12 @@ class Trainer:
         )
 
     def _served_head(
-        self, request: TrainRequest, data: "_Examples", fitted: "_Fitted", cancelled: Callable[[], bool] | None
+        self,
+        request: TrainRequest,
+        data: "_Examples",
+        fitted: "_Fitted",
+        classes: list[str],
+        cancelled: Callable[[], bool] | None,
     ) -> torch.nn.Module:
         """The head to store: a cross-validated kind's chosen recipe refit on every example, else the head as fit.
 
@@ -489,9 +495,39 @@ class Trainer:
             data.labels.to(fitted.features.device),
             result.best,
             result.class_weighting or "none",
+            start=self._previous_linear_head(data, request.head_name, fitted, classes) or result.head,
             cancelled=cancelled,
             seed=request.seed,
         )
+
+    def _previous_linear_head(
+        self, data: "_Examples", head_name: str, fitted: "_Fitted", classes: list[str]
+    ) -> LinearHead | None:
+        """The head's latest version if it is a linear head of the same scaling on the same features and classes:
+        where a refit starts, since a retrain's optimum is the same or near it. None otherwise."""
+        try:
+            latest = self.heads.resolve(data.tenant, head_name)
+        except NotFound:
+            return None
+        config = fitted.result.config
+        same = (latest.backbone, latest.split_point, latest.classes) == (data.backbone.name, fitted.split, classes)
+        if not same or latest.kind != config.kind.value or latest.config.get("scaling") != config.scaling:
+            return None
+        head = load_head(HeadConfig.model_validate(latest.config), self.heads.load_tensors(latest))
+        return head if isinstance(head, LinearHead) and head.linear.in_features == config.in_features else None
+
+    def _kept_search(self, tenant: str, head_name: str) -> Evidence:
+        """Looks up the recipe search kept in the head's latest version by its key (`search_linear`): a retrain on
+        the same features with the same options rereads its evidence instead of searching again."""
+
+        def lookup(key: str) -> dict | None:
+            try:
+                recipe = self.heads.describe(tenant, head_name).metrics.get("recipe") or {}
+            except NotFound:
+                return None
+            return recipe if recipe.get("key") == key else None
+
+        return lookup
 
     def _audit(
         self,
@@ -586,6 +622,7 @@ class Trainer:
             scalings=request.scalings(kind),
             class_weightings=request.class_weightings(kind),
             known=known,
+            evidence=self._kept_search(data.tenant, request.head_name),
             progress=progress,
             cancelled=cancelled,
             seed=request.seed,  # the folds 'auto' chose by: a named backbone and 'auto' get the same head
@@ -696,6 +733,7 @@ class Trainer:
                 weight_decays=(request.search or spec.search_space).weight_decay,
                 objective=request.objective.value,
                 seed=request.seed,
+                evidence=self._kept_search(data.tenant, request.head_name),
                 cancelled=cancelled,
             )
             return search.chosen.scores, search
@@ -772,6 +810,7 @@ class Trainer:
                 weight_decays=space.weight_decay,
                 objective=request.objective.value,
                 seed=request.seed,
+                evidence=self._kept_search(tenant, request.head_name),
                 cancelled=cancelled,
             )
         cheapest_first = [backbone.name for backbone in sorted(candidates, key=lambda b: (b.spec.gflops, b.name))]

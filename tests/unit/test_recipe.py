@@ -113,6 +113,19 @@ def test_a_warm_start_at_the_answer_stops_at_once(digits):
     torch.testing.assert_close(warm.logits(x), cold.logits(x), atol=1e-3, rtol=1e-3)
 
 
+def test_a_final_fit_stops_on_its_gradient_so_a_warm_start_reaches_the_cold_answer(digits):
+    x, y = digits
+    decay, rule = torch.tensor([1e-2]), {"dtype": torch.float64, "tolerance": 1e-12, "gradient_tolerance": 3e-4}
+    cold = solve(x, y, 10, uniform(len(y)), decay, **rule)
+    near = solve(x[:500], y[:500], 10, uniform(500), decay, **rule)  # the answer on most of the same rows
+    warm = solve(x, y, 10, uniform(len(y)), decay, start=near, **rule)
+    assert 0 < int(warm.iterations[0]) < int(cold.iterations[0])
+    values = [objective(x, y, s.weight[0], s.bias[0], 1e-2) for s in (cold, warm)]
+    assert values[1] == pytest.approx(values[0], rel=1e-4)
+    again = solve(x, y, 10, uniform(len(y)), decay, start=warm, **rule)
+    assert int(again.iterations[0]) == 0 and torch.equal(again.weight, warm.weight)
+
+
 def test_the_solver_stops_when_cancelled(digits):
     x, y = digits
     with pytest.raises(TrainingCancelled):
@@ -155,6 +168,31 @@ def test_a_search_reports_every_candidate_with_its_folds_and_the_rule(digits):
     assert all(len(c["folds"]) == 5 and c["mean"] == pytest.approx(np.mean(c["folds"])) for c in report["candidates"])
     assert "one standard error" in report["rule"]
     assert search.out_of_fold_logits.shape == (len(y), 10)
+
+
+def test_a_kept_search_with_the_same_key_is_reread_not_searched_again(digits):
+    x, y = digits
+    options = {"scalings": ["none", "l2"], "class_weightings": ["none"], "weight_decays": [1e-2, 1.0]}
+    searched = search_linear(x, y, 10, objective="accuracy", **options)
+    kept = {searched.key: searched.report()}
+    asked: list[str] = []
+
+    def evidence(key: str) -> dict | None:
+        asked.append(key)
+        return kept.get(key)
+
+    reread = search_linear(x, y, 10, objective="accuracy", evidence=evidence, **options)
+    assert asked == [searched.key] and reread.reread and not searched.reread
+    assert reread.report()["evidence"].startswith("reread") and searched.report()["evidence"] == "searched"
+    assert reread.chosen == searched.chosen and reread.candidates == searched.candidates
+    assert reread.rule == searched.rule
+    torch.testing.assert_close(reread.out_of_fold_logits, searched.out_of_fold_logits, atol=1e-3, rtol=1e-3)
+    relabelled = y.clone()
+    relabelled[0] = (relabelled[0] + 1) % 10
+    other = search_linear(x, relabelled, 10, objective="accuracy", evidence=evidence, **options)
+    stronger = search_linear(x, y, 10, objective="accuracy", evidence=evidence, **options | {"weight_decays": [1.0]})
+    assert len({searched.key, other.key, stronger.key}) == 3
+    assert not other.reread and not stronger.reread
 
 
 def test_balanced_weights_on_classes_of_equal_size_pose_the_same_problems_once(digits):

@@ -70,6 +70,24 @@ def test_retraining_reads_cached_features_instead_of_running_the_trunk(core, fas
     assert core.heads.get(TENANT, "cached").latest_version == 2
 
 
+def test_retraining_the_same_examples_rereads_the_kept_search_and_refits_from_the_last_version(core, fashion):
+    request = TrainRequest(dataset_id=fashion.id, head_name="retrained")
+    first = core.trainer.train(TENANT, request)
+    again = core.trainer.train(TENANT, request)
+    assert first.metrics["recipe"]["evidence"] == "searched"
+    assert again.metrics["recipe"]["evidence"].startswith("reread")
+    for key in ("key", "candidates", "chosen", "rule"):
+        assert again.metrics["recipe"][key] == first.metrics["recipe"][key]
+    assert again.metrics["accuracy"] == first.metrics["accuracy"]
+    # The served refit started at the last version's head, already converged there: the same weights.
+    old, new = (core.heads.load_tensors(version) for version in (first, again))
+    assert all(torch.equal(old[name], new[name]) for name in old)
+    # Other folds, or another head, search again.
+    reseeded = core.trainer.train(TENANT, request.model_copy(update={"seed": 1}))
+    elsewhere = core.trainer.train(TENANT, request.model_copy(update={"head_name": "retrained-elsewhere"}))
+    assert reseeded.metrics["recipe"]["evidence"] == elsewhere.metrics["recipe"]["evidence"] == "searched"
+
+
 def test_progress_messages_do_not_tell_a_tenant_which_images_another_tenant_uploaded(core):
     """A second tenant with the same images reads the same messages (and its own cache was cold either way)."""
     files = fashion_mnist_pngs("test", per_class=3, seed=11)
