@@ -415,11 +415,16 @@ def reread(
     ]
     wanted = report["chosen"]
     chosen = next(
-        c
-        for c in candidates
-        if (c.scaling, c.class_weighting, c.weight_decay)
-        == (wanted["scaling"], wanted["class_weighting"], wanted["weight_decay"])
+        (
+            c
+            for c in candidates
+            if (c.scaling, c.class_weighting) == (wanted["scaling"], wanted["class_weighting"])
+            and math.isclose(c.weight_decay, wanted["weight_decay"], rel_tol=1e-9)
+        ),
+        None,
     )
+    if chosen is None:
+        raise InvalidInput(f"the kept search {report['key'][:12]} chose a recipe it did not score: {wanted}")
     k = int(report["folds"])
     assignment = fold_of(y, k, seed)
     z = scaled(x, chosen.scaling, *scaling_stats(x, chosen.scaling))

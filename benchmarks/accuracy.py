@@ -51,7 +51,13 @@ from service.training import TrainRequest
 
 TENANT = "bench"
 # Tenant policy, lifted: every run adds datasets and head versions, and --data-dir keeps them for the next run.
-QUOTAS = {"quota_datasets": 100_000, "quota_heads": 100_000, "quota_head_versions": 100_000}
+QUOTAS = {
+    "quota_datasets": 100_000,
+    "quota_heads": 100_000,
+    "quota_head_versions": 100_000,
+    "quota_stored_bytes": 1 << 40,
+    "quota_feature_bytes": 1 << 40,
+}
 
 
 def sklearn_reference_accuracy(x_train, y_train, x_test, y_test) -> tuple[float, float]:
