@@ -516,6 +516,32 @@ class Trainer:
         head = load_head(HeadConfig.model_validate(latest.config), self.heads.load_tensors(latest))
         return head if isinstance(head, LinearHead) and head.linear.in_features == config.in_features else None
 
+    def _linear_search(
+        self,
+        request: TrainRequest,
+        tenant: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        cancelled: Callable[[], bool] | None,
+    ) -> RecipeSearch:
+        """The linear recipe's k-fold search of x, y as ``request`` asks for it: what 'auto' compares kinds and
+        backbones by, with the options a named linear head searches with (tune), so its verdict serves both."""
+        linear = HeadKind("linear")
+        space = request.search if request.kind == linear and request.search else get_kind(linear).search_space
+        return search_linear(
+            x,
+            y,
+            num_classes,
+            scalings=request.scalings(linear),
+            class_weightings=request.class_weightings(linear),
+            weight_decays=space.weight_decay,
+            objective=request.objective.value,
+            seed=request.seed,
+            evidence=self._kept_search(tenant, request.head_name),
+            cancelled=cancelled,
+        )
+
     def _kept_search(self, tenant: str, head_name: str) -> Evidence:
         """Looks up the recipe search kept in the head's latest version by its key (`search_linear`): a retrain on
         the same features with the same options rereads its evidence instead of searching again."""
@@ -724,18 +750,7 @@ class Trainer:
         features = self.extractor.features(backbone, split, data.shas, tenant=data.tenant, cancelled=cancelled)
         x, y = features[data.train_idx], data.labels[data.train_idx]
         if spec.cross_validate:
-            search = known or search_linear(
-                x,
-                y,
-                data.num_classes,
-                scalings=request.scalings(kind),
-                class_weightings=request.class_weightings(kind),
-                weight_decays=(request.search or spec.search_space).weight_decay,
-                objective=request.objective.value,
-                seed=request.seed,
-                evidence=self._kept_search(data.tenant, request.head_name),
-                cancelled=cancelled,
-            )
+            search = known or self._linear_search(request, data.tenant, x, y, data.num_classes, cancelled)
             return search.chosen.scores, search
         config = _head_config(request, backbone, kind, split, int(features.shape[1]), data.num_classes)
         weightings = request.class_weightings(kind)
@@ -789,8 +804,6 @@ class Trainer:
                     f"no backbone runs one image within latency_budget_ms={request.latency_budget_ms:g} here "
                     f"(measured: {shown}); raise the budget or name a backbone"
                 )
-        linear = HeadKind("linear")
-        space = request.search if request.kind == linear and request.search else get_kind(linear).search_space
         searches = {}
         for part, backbone in enumerate(candidates):
             pooled = self.extractor.features(
@@ -801,17 +814,8 @@ class Trainer:
                 progress=extraction_progress(part, backbone.name),
                 cancelled=cancelled,
             )
-            searches[backbone.name] = search_linear(
-                pooled[train_idx],
-                y_train,
-                num_classes,
-                scalings=request.scalings(linear),
-                class_weightings=request.class_weightings(linear),
-                weight_decays=space.weight_decay,
-                objective=request.objective.value,
-                seed=request.seed,
-                evidence=self._kept_search(tenant, request.head_name),
-                cancelled=cancelled,
+            searches[backbone.name] = self._linear_search(
+                request, tenant, pooled[train_idx], y_train, num_classes, cancelled
             )
         cheapest_first = [backbone.name for backbone in sorted(candidates, key=lambda b: (b.spec.gflops, b.name))]
         scores = {name: search.chosen.scores for name, search in searches.items()}
