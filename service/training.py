@@ -27,10 +27,10 @@ from adapters.crossval import (
     Evidence,
     FoldScores,
     RecipeSearch,
+    best_mean,
     fold_count,
     fold_of,
     fold_scores,
-    one_standard_error,
     search_linear,
 )
 from adapters.errors import AdapterError, InvalidInput, TrainingCancelled
@@ -788,7 +788,7 @@ class Trainer:
         cancelled: Callable[[], bool] | None,
     ) -> tuple[Choice, RecipeSearch]:
         """'auto': each candidate's linear recipe searched by k folds of its pooled features of the training split;
-        the cheapest backbone (GFLOPs) within one standard error of the best wins.
+        the backbone with the best mean wins, the cheapest (GFLOPs) on a tie (`best_mean`).
 
         The hold-out split stays out of it, so the metrics reported for the
         winner are as honest as with a named backbone. The features land in the
@@ -819,7 +819,7 @@ class Trainer:
             )
         cheapest_first = [backbone.name for backbone in sorted(candidates, key=lambda b: (b.spec.gflops, b.name))]
         scores = {name: search.chosen.scores for name, search in searches.items()}
-        choice = one_standard_error(scores, cheapest_first, what="cheapest")
+        choice = best_mean(scores, cheapest_first, what="cheapest")
         report(
             ProgressEvent(
                 phase="choose",

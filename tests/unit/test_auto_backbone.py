@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
-from adapters.crossval import FoldScores, one_standard_error, search_linear, stratified_folds
+from adapters.crossval import FoldScores, best_mean, one_standard_error, search_linear, stratified_folds
 from adapters.errors import InvalidInput
 from harness.sample_data import fashion_mnist_pngs, textile_files
 from service.config import Settings
@@ -60,6 +60,16 @@ def test_a_lead_within_one_standard_error_goes_to_the_cheaper_backbone():
     )
     assert (choice.chosen, choice.best) == ("cheap", "big")
     assert "within one standard error" in choice.reason and "it is the cheapest such candidate" in choice.reason
+
+
+def test_a_backbone_is_chosen_by_its_mean_even_when_its_lead_is_within_one_standard_error():
+    scores = {"cheap": score(0.80, 0.76, 0.83, 0.78, 0.81), "big": score(0.79, 0.80, 0.82, 0.80, 0.80)}
+    choice = best_mean(scores, ["cheap", "big"], what="cheapest")
+    assert (choice.chosen, choice.best) == ("big", "big")
+    assert choice.reason.startswith("big has the best mean (0.802") and "cheap (0.796" in choice.reason
+    assert "standard error" in choice.reason and "the cheapest on a tie" in choice.reason
+    same = score(0.8, 0.7, 0.9)
+    assert best_mean({"big": same, "cheap": same}, ["cheap", "big"]).chosen == "cheap"
 
 
 def test_equal_means_go_to_the_simpler_candidate():
@@ -141,8 +151,9 @@ def test_auto_picks_efficientnet_lite2_on_the_textile_images(textile_auto):
 
 
 def test_auto_picks_mobilenet_v2_on_fashion_mnist(two_backbone_core, fashion_auto):
-    """40 images per class: the two backbones tie within the per-fold spread, so the cheaper MobileNetV2 wins."""
+    """40 images per class: MobileNetV2's cross-validated mean is at least EfficientNet-Lite2's."""
     assert fashion_auto.backbone == "mobilenet_v2", fashion_auto.metrics["backbone_choice"]["reason"]
+    assert fashion_auto.metrics["cv_score_mobilenet_v2"] >= fashion_auto.metrics["cv_score_efficientnet_lite2"]
     assert fashion_auto.split_point == two_backbone_core.backbones["mobilenet_v2"].num_blocks
 
 

@@ -170,6 +170,21 @@ def test_a_search_reports_every_candidate_with_its_folds_and_the_rule(digits):
     assert search.out_of_fold_logits.shape == (len(y), 10)
 
 
+def test_the_rule_judges_each_configuration_at_its_own_best_weight_decay(digits):
+    x, y = digits
+    decays = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    search = search_linear(
+        x, y, 10, scalings=list(SCALINGS), class_weightings=["none"], weight_decays=decays, objective="accuracy"
+    )
+    by_configuration: dict[str, list] = {}
+    for candidate in search.candidates:
+        by_configuration.setdefault(candidate.scaling, []).append(candidate)
+    best = {scaling: max(c.scores.mean for c in group) for scaling, group in by_configuration.items()}
+    assert search.chosen.scores.mean == best[search.chosen.scaling]  # the weight decay is tuned, not judged
+    simpler = list(SCALINGS)[: list(SCALINGS).index(search.chosen.scaling)]
+    assert all(best[scaling] < max(best.values()) for scaling in simpler)  # a simpler one is chosen only if it ties
+
+
 def test_a_kept_search_with_the_same_key_is_reread_not_searched_again(digits):
     x, y = digits
     options = {"scalings": ["none", "l2"], "class_weightings": ["none"], "weight_decays": [1e-2, 1.0]}
