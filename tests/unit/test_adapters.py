@@ -522,7 +522,10 @@ def test_a_cross_validated_search_returns_the_winner_fitted_on_the_whole_trainin
     assert result.class_weighting == "balanced"
     refit = build_head(result.config)
     fit_linear(refit, x_train, y_train, result.best, class_weights=class_weights(y_train, 10, "balanced"))
-    torch.testing.assert_close(predict_logits(result.head, x_val), predict_logits(refit, x_val))
+    # The same convex problem, fit from another start (the folds' average) to the same gradient tolerance.
+    fitted, again = predict_logits(result.head, x_val), predict_logits(refit, x_val)
+    torch.testing.assert_close(fitted, again, atol=0.1, rtol=0)
+    assert torch.equal(fitted.argmax(1), again.argmax(1))
 
 
 def test_the_hold_out_chooses_nothing_in_a_cross_validated_search(digits: Digits) -> None:
