@@ -349,24 +349,12 @@ def search_linear(
         wanted = [(w, d) for w, d in pairs if (scaling, w, d) not in scored]
         solved = list(dict.fromkeys((solved_as[w], d) for w, d in wanted if (scaling, solved_as[w], d) not in scored))
         if solved:
-            if scaling not in features:  # unsupervised statistics of the whole training split
-                z = scaled(x, scaling, *scaling_stats(x, scaling))
-                features[scaling] = (z, PrincipalAxes.of(z.double()))
+            if scaling not in features:
+                features[scaling] = _scaled_features(x, scaling)
             z, axes = features[scaling]
-            solution = solve(
-                z,
-                y,
-                num_classes,
-                fold_row_weights(y, assignment, k, num_classes, [w for w, _ in solved]),
-                torch.tensor([decay for _ in range(k) for _, decay in solved]),
-                axes=axes,
-                tolerance=CV_TOLERANCE,
-                cancelled=cancelled,
-            )
-            for j, (weighting, decay) in enumerate(solved):
-                logits = out_of_fold_logits(z, solution, assignment, k, j, len(solved))
-                scores = fold_scores(logits.argmax(1), y, assignment, k, num_classes, objective)
-                scored[(scaling, weighting, decay)] = _Scored(scores, logits, fold_average(solution, k, j, len(solved)))
+            fits = _fold_fits(z, axes, y, assignment, k, num_classes, objective, solved, cancelled)
+            for (weighting, decay), fit in zip(solved, fits, strict=True):
+                scored[(scaling, weighting, decay)] = fit
             if progress is not None:
                 progress(f"{scaling}: {len(solved) * k} fits over {k} folds")
         for weighting, decay in wanted:
@@ -457,17 +445,17 @@ def reread(
         raise InvalidInput(f"the kept search {report['key'][:12]} chose a recipe it did not score: {wanted}")
     k = int(report["folds"])
     assignment = fold_of(y, k, seed)
-    z = scaled(x, chosen.scaling, *scaling_stats(x, chosen.scaling))
-    axes = PrincipalAxes.of(z.double())
-    solution = solve(
+    z, axes = _scaled_features(x, chosen.scaling)
+    (fit,) = _fold_fits(
         z,
+        axes,
         y,
+        assignment,
+        k,
         num_classes,
-        fold_row_weights(y, assignment, k, num_classes, [chosen.class_weighting]),
-        torch.full((k,), chosen.weight_decay),
-        axes=axes,
-        tolerance=CV_TOLERANCE,
-        cancelled=cancelled,
+        report["objective"],
+        [(chosen.class_weighting, chosen.weight_decay)],
+        cancelled,
     )
     return RecipeSearch(
         key=report["key"],
@@ -476,11 +464,48 @@ def reread(
         candidates=candidates,
         chosen=chosen,
         rule=report["rule"],
-        out_of_fold_logits=out_of_fold_logits(z, solution, assignment, k, 0, 1),
-        fold_average=fold_average(solution, k, 0, 1),
+        out_of_fold_logits=fit.logits,
+        fold_average=fit.average,
         axes=axes,
         reread=True,
     )
+
+
+def _scaled_features(x: Tensor, scaling: str) -> tuple[Tensor, PrincipalAxes]:
+    """x as a head of ``scaling`` reads it (statistics of all of x: unsupervised), and its float64 axes."""
+    z = scaled(x, scaling, *scaling_stats(x, scaling))
+    return z, PrincipalAxes.of(z.double())
+
+
+def _fold_fits(
+    z: Tensor,
+    axes: PrincipalAxes,
+    y: Tensor,
+    assignment: Tensor,
+    k: int,
+    num_classes: int,
+    objective: str,
+    recipes: Sequence[tuple[str, float]],
+    cancelled: Callable[[], bool] | None,
+) -> list["_Scored"]:
+    """Each (class weighting, weight decay) of ``recipes`` fit on every fold of z, all side by side: each one's fold
+    scores, out-of-fold logits and fold average."""
+    solution = solve(
+        z,
+        y,
+        num_classes,
+        fold_row_weights(y, assignment, k, num_classes, [weighting for weighting, _ in recipes]),
+        torch.tensor([decay for _ in range(k) for _, decay in recipes]),
+        axes=axes,
+        tolerance=CV_TOLERANCE,
+        cancelled=cancelled,
+    )
+    fits = []
+    for j in range(len(recipes)):
+        logits = out_of_fold_logits(z, solution, assignment, k, j, len(recipes))
+        scores = fold_scores(logits.argmax(1), y, assignment, k, num_classes, objective)
+        fits.append(_Scored(scores, logits, fold_average(solution, k, j, len(recipes))))
+    return fits
 
 
 def fold_scores(
